@@ -1,0 +1,14 @@
+"""The Mamba runtime: checkpoints, Mamba1/Mamba2 models, per-sequence scale sets, recurrent state."""
+
+from .config import MAMBA1, MAMBA2, ModelConfig
+from .errors import BackendUnavailableError, CheckpointError, ScaleSetError
+from .loader import LoadedModel, fingerprint, load_model
+from .model import MambaLM
+from .scales import BatchScales, LayerScales, ScaleMethod, ScaleSet, batch_scales
+from .state import InferenceState
+
+__all__ = [
+    "MAMBA1", "MAMBA2", "BackendUnavailableError", "BatchScales", "CheckpointError", "InferenceState", "LayerScales",
+    "LoadedModel", "MambaLM", "ModelConfig", "ScaleMethod", "ScaleSet", "ScaleSetError", "batch_scales", "fingerprint",
+    "load_model",
+]

@@ -1,0 +1,55 @@
+"""Kernel back-ends, chosen once when a model loads.
+
+- `torch`: `runtime.ops.torch_ops`, pure PyTorch, any device; the CPU path.
+- `mamba_ssm`: `runtime.ops.cuda_ops`, the `mamba_ssm` kernels (and `causal_conv1d` when installed); CUDA only.
+- `auto`: `mamba_ssm` on CUDA when it imports, `torch` otherwise. The choice is logged.
+Asking for `mamba_ssm` by name where it cannot run is an error, not a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "torch", "mamba_ssm")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    ops: ModuleType  # causal_conv1d(_step), mamba1_scan/_step, mamba2_scan/_step with torch_ops' contracts
+    conv_kernels: bool  # causal_conv1d's kernels are in use (else a PyTorch convolution)
+
+
+def _load_cuda_ops() -> ModuleType:
+    return importlib.import_module("runtime.ops.cuda_ops")
+
+
+def select_backend(name: str, device: torch.device | str) -> Backend:
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown back-end {name!r} (known: {', '.join(BACKENDS)})")
+    if name == "mamba_ssm" and device.type != "cuda":
+        raise BackendUnavailableError(f"back-end 'mamba_ssm' needs a CUDA device, not {device}")
+    if name in ("auto", "mamba_ssm") and device.type == "cuda":
+        try:
+            ops = _load_cuda_ops()
+        except ImportError as missing:
+            if name == "mamba_ssm":
+                raise BackendUnavailableError(
+                    f"back-end 'mamba_ssm' requested but it does not import ({missing}); pip install '.[cuda]'"
+                ) from None
+            log.warning("mamba_ssm is not installed (%s): using the PyTorch back-end on %s", missing, device)
+        else:
+            backend = Backend("mamba_ssm", ops, ops.HAS_CONV_KERNELS)
+            log.info("back-end: mamba_ssm kernels, causal_conv1d kernels %s", "on" if backend.conv_kernels else "off")
+            return backend
+    log.info("back-end: PyTorch on %s", device)
+    return Backend("torch", importlib.import_module("runtime.ops.torch_ops"), False)

@@ -1,0 +1,136 @@
+"""The Mamba language model: embedding, residual blocks of Mamba1 or Mamba2 mixers, final norm, LM head.
+
+Shape glossary: b batch, l sequence, D d_model, V vocabulary (padded).
+
+The model holds no per-request state. Callers say what they do:
+- `prefill(tokens, state, scales)`: a prompt (optionally continuing from `state`), returning the last
+  token's logits and a new state; `chunk_len` bounds memory on long prompts;
+- `step(tokens, state, scales)`: one token per sequence, the state updated in place;
+- `hidden_states(...)` + `logits(...)` / `token_logprobs(...)`: every position's output, its logits taken in
+  slices so a 64k prompt's full (l, V) logits never exist at once.
+`scales` is a `BatchScales` (one `LayerScales` per layer, each sequence its own row) or None for identity.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backend import Backend
+from .config import MAMBA1, ModelConfig
+from .mamba1 import Mamba1Mixer
+from .mamba2 import Mamba2Mixer
+from .scales import BatchScales
+from .state import InferenceState
+
+LOGITS_SLICE = 2048  # positions per slice of logits: (2048, V) float32 is 400 MB at V = 50k
+
+
+class Norm(nn.Module):
+    """RMSNorm (or LayerNorm with bias when `rms_norm` is false), computed in float32."""
+
+    def __init__(self, d: int, eps: float, rms: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = None if rms else nn.Parameter(torch.zeros(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.bias is None:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return F.layer_norm(x, x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+
+
+class Block(nn.Module):
+    """x -> x + mixer(norm(x)); the residual stream stays float32 when `residual_in_fp32`."""
+
+    def __init__(self, config: ModelConfig, backend: Backend):
+        super().__init__()
+        self.norm = Norm(config.d_model, config.norm_eps, config.rms_norm)
+        self.mixer = (Mamba1Mixer if config.arch == MAMBA1 else Mamba2Mixer)(config, backend)
+
+
+class MambaLM(nn.Module):
+    def __init__(self, config: ModelConfig, backend: Backend):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.n_layer))
+        self.norm_f = Norm(config.d_model, config.norm_eps, config.rms_norm)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def _residual_dtype(self) -> torch.dtype:
+        return torch.float32 if self.config.residual_in_fp32 else self.dtype
+
+    def new_state(self, batch: int) -> InferenceState:
+        return InferenceState.zeros(self.config, batch, self.device, self.dtype)
+
+    def hidden_states(self, tokens: torch.Tensor, state: InferenceState | None = None,
+                      scales: BatchScales | None = None) -> tuple[torch.Tensor, InferenceState]:
+        """tokens: (b, l). Returns the final-normed hidden states (b, l, D) float32 and the new state."""
+        residual = self.embedding(tokens).to(self._residual_dtype())  # (b, l, D)
+        conv_states, ssm_states = [], []
+        for i, block in enumerate(self.layers):
+            out, (conv, ssm) = block.mixer(
+                block.norm(residual).to(self.dtype),
+                None if state is None else state.conv[i],
+                None if state is None else state.ssm[i],
+                None if scales is None else scales[i],
+            )
+            residual = residual + out
+            conv_states.append(conv.to(self.dtype))
+            ssm_states.append(ssm)
+        return self.norm_f(residual), InferenceState(conv_states, ssm_states)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (..., D) -> (..., V) float32."""
+        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden.to(weight.dtype), weight).float()
+
+    def iter_logits(self, hidden: torch.Tensor, slice_len: int = LOGITS_SLICE) -> Iterator[tuple[int, torch.Tensor]]:
+        """hidden: (b, l, D). Yields (start, logits (b, slice, V)) so that full logits never exist at once."""
+        for start in range(0, hidden.shape[1], slice_len):
+            yield start, self.logits(hidden[:, start:start + slice_len])
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int = LOGITS_SLICE) -> torch.Tensor:
+        """log p(targets[:, t] | prefix up to t) from hidden (b, l, D) and targets (b, l). Returns (b, l)."""
+        parts = []
+        for start, logits in self.iter_logits(hidden, slice_len):
+            logp = torch.log_softmax(logits, dim=-1)  # (b, s, V)
+            parts.append(logp.gather(-1, targets[:, start:start + logits.shape[1], None]).squeeze(-1))
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, state: InferenceState | None = None, scales: BatchScales | None = None,
+                chunk_len: int | None = None) -> tuple[torch.Tensor, InferenceState]:
+        """tokens: (b, l). Returns the last position's logits (b, V) float32 and the new state.
+
+        With `chunk_len`, the prompt runs in chunks of that many tokens, each continuing from the last
+        one's state: same result, activations bounded by the chunk instead of the prompt."""
+        chunk_len = chunk_len or tokens.shape[1]
+        for start in range(0, tokens.shape[1], chunk_len):
+            hidden, state = self.hidden_states(tokens[:, start:start + chunk_len], state, scales)
+        return self.logits(hidden[:, -1]), state
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: InferenceState, scales: BatchScales | None = None) -> torch.Tensor:
+        """tokens: (b,), one per sequence; `state` (batch b) is updated in place. Returns logits (b, V)."""
+        residual = self.embedding(tokens).to(self._residual_dtype())  # (b, D)
+        for i, block in enumerate(self.layers):
+            residual = residual + block.mixer.step(
+                block.norm(residual).to(self.dtype), state.conv[i], state.ssm[i], None if scales is None else scales[i]
+            )
+        return self.logits(self.norm_f(residual))

@@ -1,0 +1,104 @@
+"""`mamba_ssm` (and optionally `causal_conv1d`) kernels behind the signatures of `torch_ops`.
+
+Imported only when the CUDA back-end is chosen, so a missing package is an error at load time, never a
+silent fallback inside `forward`.
+
+Scales reach the unchanged kernels as DESIGN.md §2 says: Δ is passed already softplus'ed, clamped and
+scaled (`delta_softplus=False`), which is exact for any per-sequence Δ scale. A per-sequence A' = s·A
+(A-spectrum) is folded into the kernel's shared A one sequence at a time in prefill; in decode, where a
+kernel would need one A per sequence, the PyTorch step (a few element-wise ops) runs instead.
+Mamba1 prefill from a carried state also runs the PyTorch scan: `selective_scan_fn` takes no initial state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+from . import torch_ops
+
+try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+except ImportError:
+    causal_conv1d_fn = causal_conv1d_update = None
+
+HAS_CONV_KERNELS = causal_conv1d_fn is not None
+SSD_CHUNK = 256  # chunk length of mamba_chunk_scan_combined; the result does not depend on it
+
+
+def causal_conv1d(x, weight, bias, state):
+    """Same contract as `torch_ops.causal_conv1d`. x: (b, c, l); state: (b, c, k-1) or None."""
+    if not HAS_CONV_KERNELS:
+        return torch_ops.causal_conv1d(x, weight, bias, state)
+    k = weight.shape[-1]
+    if state is not None:
+        x = torch.cat((state.to(x.dtype), x), dim=-1)  # (b, c, k-1+l)
+    y = causal_conv1d_fn(x, weight, bias, activation="silu")  # (b, c, l or k-1+l)
+    if state is not None:
+        y = y[..., k - 1:]
+    new_state = F.pad(x[..., -(k - 1):], (max(0, k - 1 - x.shape[-1]), 0))  # (b, c, k-1)
+    return y, new_state.contiguous()
+
+
+def causal_conv1d_step(x, state, weight, bias):
+    if not HAS_CONV_KERNELS:
+        return torch_ops.causal_conv1d_step(x, state, weight, bias)
+    return causal_conv1d_update(x.to(state.dtype), state, weight, bias, activation="silu")
+
+
+def _row(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if t is None else t[i:i + 1]
+
+
+def _stack(outs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([y for y, _ in outs]), torch.cat([h for _, h in outs])
+
+
+def mamba1_scan(x, delta, A, B, C, D, z, h0):
+    """x, delta, z: (b, l, d); A: (d, n) or (b, d, n); B, C: (b, l, n). Returns y (b, l, d), h (b, d, n)."""
+    if h0 is not None:
+        return torch_ops.mamba1_scan(x, delta, A, B, C, D, z, h0)
+    if A.dim() == 3:
+        return _stack([mamba1_scan(_row(x, i), _row(delta, i), A[i], _row(B, i), _row(C, i), D, _row(z, i), None)
+                       for i in range(A.shape[0])])
+    y, h = selective_scan_fn(
+        x.transpose(1, 2), delta.transpose(1, 2).contiguous(), A,  # (b, d, l), (b, d, l), (d, n)
+        B.transpose(1, 2), C.transpose(1, 2),  # (b, n, l)
+        D.float(), None if z is None else z.transpose(1, 2), None, False, return_last_state=True,
+    )
+    return y.transpose(1, 2), h.float()  # (b, l, d), (b, d, n)
+
+
+def mamba1_step(h, x, delta, A, B, C, D, z):
+    """Same contract as `torch_ops.mamba1_step`; h (b, d, n) float32 updated in place."""
+    if A.dim() == 3:
+        return torch_ops.mamba1_step(h, x, delta, A, B, C, D, z)
+    return selective_state_update(h, x, delta, A, B, C, D.float(), z, None, False)
+
+
+def mamba2_scan(x, dt, A, B, C, D, h0):
+    """x: (b, l, h, p); dt: (b, l, h); A: (h,) or (b, h); B, C: (b, l, g, n). Returns y, h (b, h, p, n)."""
+    if A.dim() == 2:
+        return _stack([mamba2_scan(_row(x, i), _row(dt, i), A[i], _row(B, i), _row(C, i), D, _row(h0, i))
+                       for i in range(A.shape[0])])
+    y, h = mamba_chunk_scan_combined(
+        x, dt, A, B, C, SSD_CHUNK, D=D.float(), initial_states=h0, dt_softplus=False, return_final_states=True
+    )
+    return y, h.float()
+
+
+def mamba2_step(h, x, dt, A, B, C, D):
+    """Same contract as `torch_ops.mamba2_step`; h (b, h, p, n) float32 updated in place."""
+    if A.dim() == 2:
+        return torch_ops.mamba2_step(h, x, dt, A, B, C, D)
+    heads, p, n = h.shape[1:]
+    # The kernel takes per-(head, channel) parameters; stride-0 views make it treat them per head.
+    # A zero dt_bias is passed because the kernel reads its stride to detect that tying.
+    tie = lambda t: t[:, None].expand(heads, p)  # noqa: E731  (h,) -> (h, p)
+    return selective_state_update(
+        h, x, dt[..., None].expand(-1, heads, p), A[:, None, None].expand(heads, p, n), B, C,
+        tie(D.float()), None, tie(dt.new_zeros(heads)), False,
+    )

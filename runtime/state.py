@@ -1,0 +1,59 @@
+"""Recurrent state of a batch of sequences. The model holds none: callers own states (or a pool of them).
+
+Per layer: `conv` holds the last k-1 inputs of the causal convolution (b, c, k-1) in the model's dtype;
+`ssm` holds the SSM state in float32, (b, d, n) for Mamba1 and (b, h, p, n) for Mamba2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import MAMBA1, ModelConfig
+
+
+@dataclass
+class InferenceState:
+    conv: list[torch.Tensor]  # per layer (b, conv_dim, d_conv - 1)
+    ssm: list[torch.Tensor]  # per layer (b, d_inner, d_state) or (b, nheads, headdim, d_state), float32
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, device, dtype: torch.dtype) -> "InferenceState":
+        if config.arch == MAMBA1:
+            ssm_shape = (batch, config.d_inner, config.d_state)
+        else:
+            ssm_shape = (batch, config.nheads, config.headdim, config.d_state)
+        conv_shape = (batch, config.conv_dim, config.d_conv - 1)
+        return cls(
+            [torch.zeros(conv_shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            [torch.zeros(ssm_shape, device=device, dtype=torch.float32) for _ in range(config.n_layer)],
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.ssm[0].shape[0]
+
+    def rows(self, index: torch.Tensor | list[int]) -> "InferenceState":
+        """A copy of the states of the sequences at `index` (a gather: the pool is not aliased)."""
+        index = torch.as_tensor(index, device=self.ssm[0].device)
+        return InferenceState([t.index_select(0, index) for t in self.conv], [t.index_select(0, index) for t in self.ssm])
+
+    def write_rows(self, index: torch.Tensor | list[int], source: "InferenceState") -> None:
+        """Copies `source`'s sequences into the rows at `index`."""
+        index = torch.as_tensor(index, device=self.ssm[0].device)
+        for mine, theirs in zip(self.conv + self.ssm, source.conv + source.ssm):
+            mine.index_copy_(0, index, theirs.to(mine.dtype))
+
+    def clone(self) -> "InferenceState":
+        return InferenceState([t.clone() for t in self.conv], [t.clone() for t in self.ssm])
+
+    @classmethod
+    def cat(cls, states: list["InferenceState"]) -> "InferenceState":
+        return cls(
+            [torch.cat(layer) for layer in zip(*(s.conv for s in states))],
+            [torch.cat(layer) for layer in zip(*(s.ssm for s in states))],
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.conv + self.ssm)

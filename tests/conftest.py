@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import hf_mamba1, hf_mamba2, to_mamba_ssm_layout  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints: {'mamba1', 'mamba2'} in the Hugging Face layout and '<arch>_ssm' in mamba_ssm's."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for name, maker in (("mamba1", hf_mamba1), ("mamba2", hf_mamba2)):
+        maker(root / name)
+        out[name] = root / name
+        out[name + "_ssm"] = to_mamba_ssm_layout(root / name, root / (name + "_ssm"))
+    return out

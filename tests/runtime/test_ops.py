@@ -1,0 +1,94 @@
+"""Every fast operator against its sequential reference twin, over sizes, states and decay regimes."""
+
+import pytest
+import torch
+
+from runtime.ops import torch_ops
+from runtime.ops.reference import mamba1_scan_ref, mamba2_scan_ref
+
+
+def _mamba1_inputs(b, l, d, n, seed, decay=1.0, per_sequence_a=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, d, generator=g)
+    delta = torch.nn.functional.softplus(torch.randn(b, l, d, generator=g) - 1) * decay
+    A = -(torch.rand(b if per_sequence_a else 1, d, n, generator=g) * 4 + 0.1)
+    A = A if per_sequence_a else A[0]
+    B, C = torch.randn(b, l, n, generator=g), torch.randn(b, l, n, generator=g)
+    D, z = torch.randn(d, generator=g), torch.randn(b, l, d, generator=g)
+    h0 = torch.randn(b, d, n, generator=g)
+    return x, delta, A, B, C, D, z, h0
+
+
+@pytest.mark.parametrize("l", [1, 7, 64, 200])
+@pytest.mark.parametrize("decay", [0.05, 1.0, 30.0])  # 30: blocks must split down to single steps
+@pytest.mark.parametrize("with_state", [False, True])
+def test_mamba1_scan_matches_reference(l, decay, with_state):
+    x, delta, A, B, C, D, z, h0 = _mamba1_inputs(2, l, 12, 5, seed=l, decay=decay)
+    h0 = h0 if with_state else None
+    y, h = torch_ops.mamba1_scan(x, delta, A, B, C, D, z, h0)
+    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, D, z, h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba1_scan_with_per_sequence_a_and_small_blocks():
+    x, delta, A, B, C, D, z, h0 = _mamba1_inputs(3, 50, 8, 4, seed=3, per_sequence_a=True)
+    y, h = torch_ops.mamba1_scan(x, delta, A, B, C, D, None, h0, block=8)
+    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, D, None, h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba1_steps_continue_the_scan():
+    x, delta, A, B, C, D, z, h0 = _mamba1_inputs(2, 9, 6, 3, seed=4)
+    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, D, z, h0)
+    h = h0.clone()
+    ys = [torch_ops.mamba1_step(h, x[:, t], delta[:, t], A, B[:, t], C[:, t], D, z[:, t]) for t in range(9)]
+    torch.testing.assert_close(torch.stack(ys, 1), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+def _mamba2_inputs(b, l, h, p, g, n, seed, per_sequence_a=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, h, p, generator=gen)
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, generator=gen) - 1)
+    A = -(torch.rand(b if per_sequence_a else 1, h, generator=gen) * 4 + 0.1)
+    A = A if per_sequence_a else A[0]
+    B, C = torch.randn(b, l, g, n, generator=gen), torch.randn(b, l, g, n, generator=gen)
+    D, h0 = torch.randn(h, generator=gen), torch.randn(b, h, p, n, generator=gen)
+    return x, dt, A, B, C, D, h0
+
+
+@pytest.mark.parametrize("l", [1, 13, 64, 150])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("per_sequence_a", [False, True])
+def test_mamba2_scan_matches_reference(l, with_state, per_sequence_a):
+    x, dt, A, B, C, D, h0 = _mamba2_inputs(2, l, 4, 3, 2, 5, seed=l, per_sequence_a=per_sequence_a)
+    h0 = h0 if with_state else None
+    y, h = torch_ops.mamba2_scan(x, dt, A, B, C, D, h0, block=32)
+    y_ref, h_ref = mamba2_scan_ref(x, dt, A, B, C, D, h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba2_steps_continue_the_scan():
+    x, dt, A, B, C, D, h0 = _mamba2_inputs(2, 6, 4, 3, 2, 5, seed=9)
+    y_ref, h_ref = mamba2_scan_ref(x, dt, A, B, C, D, h0)
+    h = h0.clone()
+    ys = [torch_ops.mamba2_step(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(6)]
+    torch.testing.assert_close(torch.stack(ys, 1), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_prefill_from_state_and_steps_agree():
+    g = torch.Generator().manual_seed(5)
+    x, w, bias = torch.randn(2, 6, 11, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    whole, state = torch_ops.causal_conv1d(x, w, bias, None)
+    first, mid = torch_ops.causal_conv1d(x[..., :2], w, bias, None)  # shorter than the kernel width
+    rest, end = torch_ops.causal_conv1d(x[..., 2:], w, bias, mid)
+    torch.testing.assert_close(torch.cat((first, rest), -1), whole)
+    torch.testing.assert_close(end, state)
+    stepped = mid.clone()
+    outs = [torch_ops.causal_conv1d_step(x[..., t], stepped, w, bias) for t in range(2, 11)]
+    torch.testing.assert_close(torch.stack(outs, -1), rest)
+    torch.testing.assert_close(stepped, state)
