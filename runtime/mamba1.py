@@ -46,8 +46,7 @@ class Mamba1Mixer(nn.Module):
         Returns out (b, l, D) and the new (conv_state, ssm_state)."""
         ops = self.backend.ops
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
-        x, conv_state = ops.causal_conv1d(x.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-        x = x.transpose(1, 2)  # (b, l, d)
+        x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
         delta, A, B, C = self._ssm_inputs(x, scales)
         y, ssm_state = ops.mamba1_scan(x, delta, A, B, C, self.D, z, ssm_state)  # (b, l, d), (b, d, n)
         return self.out_proj(y.to(hidden.dtype)), (conv_state, ssm_state)

@@ -71,8 +71,8 @@ class Mamba2Mixer(nn.Module):
         """Prefill. hidden: (b, l, D). Returns out (b, l, D) and the new (conv_state, ssm_state)."""
         ops = self.backend.ops
         z, xBC, dt = self._split(self.in_proj(hidden))  # (b, l, d), (b, l, conv_dim), (b, l, h)
-        xBC, conv_state = ops.causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-        x, delta, A, B, C = self._ssm_inputs(xBC.transpose(1, 2), dt, scales)
+        xBC, conv_state = ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        x, delta, A, B, C = self._ssm_inputs(xBC, dt, scales)
         y, ssm_state = ops.mamba2_scan(x, delta, A, B, C, self.D, ssm_state)  # (b, l, h, p), (b, h, p, n)
         y = self.norm(y.flatten(-2).float(), z)  # (b, l, d)
         return self.out_proj(y.to(hidden.dtype)), (conv_state, ssm_state)

@@ -30,17 +30,18 @@ SSD_CHUNK = 256  # chunk length of mamba_chunk_scan_combined; the result does no
 
 
 def causal_conv1d(x, weight, bias, state):
-    """Same contract as `torch_ops.causal_conv1d`. x: (b, c, l); state: (b, c, k-1) or None."""
+    """Same contract as `torch_ops.causal_conv1d`. x: (b, l, c); state: (b, c, k-1) or None."""
     if not HAS_CONV_KERNELS:
         return torch_ops.causal_conv1d(x, weight, bias, state)
     k = weight.shape[-1]
+    x = x.transpose(1, 2)  # (b, c, l), channel-last in memory, which the kernel accepts
     if state is not None:
         x = torch.cat((state.to(x.dtype), x), dim=-1)  # (b, c, k-1+l)
     y = causal_conv1d_fn(x, weight, bias, activation="silu")  # (b, c, l or k-1+l)
     if state is not None:
         y = y[..., k - 1:]
     new_state = F.pad(x[..., -(k - 1):], (max(0, k - 1 - x.shape[-1]), 0))  # (b, c, k-1)
-    return y, new_state.contiguous()
+    return y.transpose(1, 2), new_state.contiguous()
 
 
 def causal_conv1d_step(x, state, weight, bias):

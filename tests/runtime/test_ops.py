@@ -82,13 +82,17 @@ def test_mamba2_steps_continue_the_scan():
 
 def test_conv_prefill_from_state_and_steps_agree():
     g = torch.Generator().manual_seed(5)
-    x, w, bias = torch.randn(2, 6, 11, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    x, w, bias = torch.randn(2, 11, 6, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    expected = torch.nn.functional.silu(torch.nn.functional.conv1d(
+        torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), w[:, None], bias, groups=6)).transpose(1, 2)
     whole, state = torch_ops.causal_conv1d(x, w, bias, None)
-    first, mid = torch_ops.causal_conv1d(x[..., :2], w, bias, None)  # shorter than the kernel width
-    rest, end = torch_ops.causal_conv1d(x[..., 2:], w, bias, mid)
-    torch.testing.assert_close(torch.cat((first, rest), -1), whole)
+    torch.testing.assert_close(whole, expected)
+    torch.testing.assert_close(state, x[:, -3:].transpose(1, 2))
+    first, mid = torch_ops.causal_conv1d(x[:, :2], w, bias, None)  # shorter than the kernel width
+    rest, end = torch_ops.causal_conv1d(x[:, 2:], w, bias, mid)
+    torch.testing.assert_close(torch.cat((first, rest), 1), whole)
     torch.testing.assert_close(end, state)
     stepped = mid.clone()
-    outs = [torch_ops.causal_conv1d_step(x[..., t], stepped, w, bias) for t in range(2, 11)]
-    torch.testing.assert_close(torch.stack(outs, -1), rest)
+    outs = [torch_ops.causal_conv1d_step(x[:, t], stepped, w, bias) for t in range(2, 11)]
+    torch.testing.assert_close(torch.stack(outs, 1), rest)
     torch.testing.assert_close(stepped, state)
