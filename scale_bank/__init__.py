@@ -1,0 +1,13 @@
+"""The scale bank (DESIGN.md §4): on-disk format, validation, and the bucket selection policy."""
+
+from .bank import MANIFEST, Bank, model_info
+from .buckets import bucket_name, parse_buckets, parse_length
+from .errors import BankError, UnknownBucketError
+from .manifest import CHOICES, FORMAT_VERSION, GRANULARITIES, METHODS, TENSOR_METHODS, BankEntry, BankManifest
+from .selection import Selection, select
+
+__all__ = [
+    "CHOICES", "FORMAT_VERSION", "GRANULARITIES", "MANIFEST", "METHODS", "TENSOR_METHODS", "Bank", "BankEntry",
+    "BankError", "BankManifest", "Selection", "UnknownBucketError", "bucket_name", "model_info", "parse_buckets",
+    "parse_length", "select",
+]
