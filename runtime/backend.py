@@ -26,6 +26,9 @@ class Backend:
     name: str
     ops: ModuleType  # causal_conv1d(_step), mamba1_scan/_step, mamba2_scan/_step with torch_ops' contracts
     conv_kernels: bool  # causal_conv1d's kernels are in use (else a PyTorch convolution)
+    # Mamba1 prefill tensors laid out (b, channels, l) in memory, as the CUDA scan reads them: projections
+    # then write that layout directly instead of the scan copying (l, d) tensors at 64k tokens.
+    channels_first: bool
 
 
 def _load_cuda_ops() -> ModuleType:
@@ -48,8 +51,8 @@ def select_backend(name: str, device: torch.device | str) -> Backend:
                 ) from None
             log.warning("mamba_ssm is not installed (%s): using the PyTorch back-end on %s", missing, device)
         else:
-            backend = Backend("mamba_ssm", ops, ops.HAS_CONV_KERNELS)
+            backend = Backend("mamba_ssm", ops, ops.HAS_CONV_KERNELS, channels_first=True)
             log.info("back-end: mamba_ssm kernels, causal_conv1d kernels %s", "on" if backend.conv_kernels else "off")
             return backend
     log.info("back-end: PyTorch on %s", device)
-    return Backend("torch", importlib.import_module("runtime.ops.torch_ops"), False)
+    return Backend("torch", importlib.import_module("runtime.ops.torch_ops"), False, channels_first=False)

@@ -28,27 +28,34 @@ class Mamba1Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, config.d_model, bias=config.proj_bias)
 
+    def _project(self, x: torch.Tensor, layer: nn.Linear | torch.Tensor) -> torch.Tensor:
+        """x @ W.T (+ bias) for x (b, l, in) -> (b, l, out). With a channels-first back-end the result is a
+        (b, l, out) view of (b, out, l) storage, the layout its scan reads without copying."""
+        weight, bias = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else (layer, None)
+        if not self.backend.channels_first or x.dim() != 3:
+            return F.linear(x, weight, bias)
+        out = torch.matmul(weight, x.transpose(1, 2))  # (b, out, l)
+        return (out if bias is None else out + bias[:, None]).transpose(1, 2)
+
     def _ssm_inputs(self, x: torch.Tensor, scales: LayerScales | None):
-        """x: (..., d) after the conv. Returns Δ (..., d) float32 scaled, A, B, C (..., n)."""
+        """x: (..., d) after the conv. Returns dt (..., d) before bias and softplus, A, B and C (..., n)."""
         r, n = self.config.dt_rank, self.config.d_state
-        dt_low, B, C = self.x_proj(x).split([r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
-        delta = F.softplus(F.linear(dt_low, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (..., d)
+        dt_low, B, C = self._project(x, self.x_proj).split([r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
+        dt = self._project(dt_low, self.dt_proj.weight)  # (..., d)
         A = -torch.exp(self.A_log.float())  # (d, n)
-        if scales is not None and scales.delta is not None:
-            # scales.delta: (b, d); Δ is (b, l, d) in prefill and (b, d) in decode
-            delta = delta * (scales.delta if delta.dim() == 2 else scales.delta[:, None, :])
         if scales is not None and scales.a is not None:
             A = A * scales.a  # (b, d, n)
-        return delta, A, B, C
+        return dt, A, B, C
 
     def forward(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None):
         """Prefill. hidden: (b, l, D); conv_state (b, d, k-1) and ssm_state (b, d, n) or None for zeros.
         Returns out (b, l, D) and the new (conv_state, ssm_state)."""
         ops = self.backend.ops
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
+        x, z = self._project(hidden, self.in_proj).chunk(2, dim=-1)  # (b, l, d) each
         x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
-        delta, A, B, C = self._ssm_inputs(x, scales)
-        y, ssm_state = ops.mamba1_scan(x, delta, A, B, C, self.D, z, ssm_state)  # (b, l, d), (b, d, n)
+        dt, A, B, C = self._ssm_inputs(x, scales)
+        delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself
+        y, ssm_state = ops.mamba1_scan(x, dt, self.dt_proj.bias, delta_scale, A, B, C, self.D, z, ssm_state)
         return self.out_proj(y.to(hidden.dtype)), (conv_state, ssm_state)
 
     def step(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None) -> torch.Tensor:
@@ -56,6 +63,7 @@ class Mamba1Mixer(nn.Module):
         ops = self.backend.ops
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d) each
         x = ops.causal_conv1d_step(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias)  # (b, d)
-        delta, A, B, C = self._ssm_inputs(x, scales)
-        y = ops.mamba1_step(ssm_state, x, delta, A, B, C, self.D, z)  # (b, d)
+        dt, A, B, C = self._ssm_inputs(x, scales)
+        delta_scale = None if scales is None else scales.delta  # (b, d)
+        y = ops.mamba1_step(ssm_state, x, dt, self.dt_proj.bias, delta_scale, A, B, C, self.D, z)  # (b, d)
         return self.out_proj(y.to(hidden.dtype))

@@ -58,26 +58,48 @@ def _stack(outs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
     return torch.cat([y for y, _ in outs]), torch.cat([h for _, h in outs])
 
 
-def mamba1_scan(x, delta, A, B, C, D, z, h0):
-    """x, delta, z: (b, l, d); A: (d, n) or (b, d, n); B, C: (b, l, n). Returns y (b, l, d), h (b, d, n)."""
+def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0):
+    """Same contract as `torch_ops.mamba1_scan`; inputs are (b, l, ·) views of (b, ·, l) storage.
+
+    The kernel discretises Δ itself (softplus of dt + bias, in float32) as in raw mamba_ssm. A Δ scale s
+    is folded, one sequence at a time (DESIGN.md §2): with A' = s·A and D' = D/s the kernel's state is
+    h/s, so its output and last state are multiplied by s."""
     if h0 is not None:
-        return torch_ops.mamba1_scan(x, delta, A, B, C, D, z, h0)
-    if A.dim() == 3:
-        return _stack([mamba1_scan(_row(x, i), _row(delta, i), A[i], _row(B, i), _row(C, i), D, _row(z, i), None)
-                       for i in range(A.shape[0])])
+        return torch_ops.mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0)
+    if delta_scale is None and A.dim() == 2:
+        return _selective_scan(x, dt, dt_bias, A, B, C, D.float(), z)
+    outs = []
+    for i in range(x.shape[0]):
+        A_i = A if A.dim() == 2 else A[i]  # (d, n)
+        if delta_scale is None:
+            outs.append(_selective_scan(_row(x, i), _row(dt, i), dt_bias, A_i, _row(B, i), _row(C, i), D.float(),
+                                        _row(z, i)))
+            continue
+        s = delta_scale[i]  # (d,)
+        y, h = _selective_scan(_row(x, i), _row(dt, i), dt_bias, A_i * s[:, None], _row(B, i), _row(C, i),
+                               D.float() / s, _row(z, i))
+        outs.append((y * s, h * s[:, None]))
+    return _stack(outs)
+
+
+def _selective_scan(x, dt, dt_bias, A, B, C, D, z):
+    """selective_scan_fn on (b, l, ·) views; returns y (b, l, d) and the last state (b, d, n) float32."""
     y, h = selective_scan_fn(
-        x.transpose(1, 2), delta.transpose(1, 2).contiguous(), A,  # (b, d, l), (b, d, l), (d, n)
-        B.transpose(1, 2), C.transpose(1, 2),  # (b, n, l)
-        D.float(), None if z is None else z.transpose(1, 2), None, False, return_last_state=True,
+        x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),  # (b, ·, l)
+        D, None if z is None else z.transpose(1, 2), dt_bias.float(), True, return_last_state=True,
     )
     return y.transpose(1, 2), h.float()  # (b, l, d), (b, d, n)
 
 
-def mamba1_step(h, x, delta, A, B, C, D, z):
+def mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z):
     """Same contract as `torch_ops.mamba1_step`; h (b, d, n) float32 updated in place."""
     if A.dim() == 3:
-        return torch_ops.mamba1_step(h, x, delta, A, B, C, D, z)
-    return selective_state_update(h, x, delta, A, B, C, D.float(), z, None, False)
+        return torch_ops.mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z)
+    if delta_scale is None:  # the kernel discretises Δ, as in raw mamba_ssm
+        return selective_state_update(h, x, dt, A, B, C, D.float(), z, dt_bias.float(), True)
+    delta = torch_ops.discretise(dt, dt_bias, delta_scale)  # (b, d)
+    # The kernel needs a dt_bias tensor (it reads its strides), so a zero one goes with the ready Δ.
+    return selective_state_update(h, x, delta, A, B, C, D.float(), z, torch.zeros_like(dt_bias, dtype=delta.dtype), False)
 
 
 def mamba2_scan(x, dt, A, B, C, D, h0):

@@ -54,6 +54,14 @@ def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tenso
     return F.silu(y)
 
 
+def discretise(dt: torch.Tensor, dt_bias: torch.Tensor, delta_scale: torch.Tensor | None) -> torch.Tensor:
+    """Mamba1's Δ = softplus(dt + dt_bias) · s, float32. dt: (b, d) or (b, l, d); delta_scale: (b, d) or None."""
+    delta = F.softplus(dt.float() + dt_bias.float())
+    if delta_scale is None:
+        return delta
+    return delta * (delta_scale if delta.dim() == 2 else delta_scale[:, None, :])
+
+
 def _mamba1_superblock(dx, delta, A, B, C, h, T: int):
     """Blocks of T tokens, all at once: a loop over the T positions inside the blocks, vectorised across
     the blocks, then a loop across the blocks that carries the state from each block's start.
@@ -79,14 +87,16 @@ def _mamba1_superblock(dx, delta, A, B, C, h, T: int):
     return y, h
 
 
-def mamba1_scan(x, delta, A, B, C, D, z, h0, block: int = SCAN_BLOCK):
-    """Selective scan of a Mamba1 layer.
+def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, block: int = SCAN_BLOCK):
+    """Selective scan of a Mamba1 layer, discretising Δ = softplus(dt + dt_bias) · delta_scale itself.
 
-    x, delta, z: (b, l, d); A: (d, n) or (b, d, n); B, C: (b, l, n); D: (d,); h0: (b, d, n) or None.
+    x, dt, z: (b, l, d); dt_bias: (d,); delta_scale: (b, d) or None; A: (d, n) or (b, d, n); B, C: (b, l, n);
+    D: (d,); h0: (b, d, n) or None.
     Returns y (b, l, d) float32 (D skip and SiLU(z) gate applied) and the last state (b, d, n) float32.
     """
     b, l, d = x.shape
     n = A.shape[-1]
+    delta = discretise(dt, dt_bias, delta_scale)  # (b, l, d)
     x, B, C = x.float(), B.float(), C.float()
     A = A.expand(b, d, n)  # (b, d, n)
     h = x.new_zeros(b, d, n) if h0 is None else h0.float()
@@ -106,9 +116,10 @@ def mamba1_scan(x, delta, A, B, C, D, z, h0, block: int = SCAN_BLOCK):
     return y, h
 
 
-def mamba1_step(h, x, delta, A, B, C, D, z):
-    """One token. h: (b, d, n) float32, updated in place; x, delta, z: (b, d); A: (d, n) or (b, d, n);
-    B, C: (b, n). Returns y (b, d) float32."""
+def mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z):
+    """One token. h: (b, d, n) float32, updated in place; x, dt, z: (b, d); dt_bias: (d,); delta_scale: (b, d)
+    or None; A: (d, n) or (b, d, n); B, C: (b, n). Returns y (b, d) float32."""
+    delta = discretise(dt, dt_bias, delta_scale)  # (b, d)
     x, B, C = x.float(), B.float(), C.float()
     h.mul_(torch.exp(delta[..., None] * A)).add_((delta * x)[..., None] * B[:, None, :])  # (b, d, n)
     y = (h @ C[..., None]).squeeze(-1) + x * D.float()  # (b, d)

@@ -8,42 +8,58 @@ from runtime.ops.reference import mamba1_scan_ref, mamba2_scan_ref
 
 
 def _mamba1_inputs(b, l, d, n, seed, decay=1.0, per_sequence_a=False):
+    """Raw dt, dt_bias and a per-sequence Δ scale for the fast scan; the discretised Δ for the reference."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, l, d, generator=g)
-    delta = torch.nn.functional.softplus(torch.randn(b, l, d, generator=g) - 1) * decay
+    dt, dt_bias = torch.randn(b, l, d, generator=g), torch.randn(d, generator=g) - 1
+    delta_scale = (torch.rand(b, d, generator=g) + 0.5) * decay
+    delta = torch.nn.functional.softplus(dt + dt_bias) * delta_scale[:, None]
     A = -(torch.rand(b if per_sequence_a else 1, d, n, generator=g) * 4 + 0.1)
     A = A if per_sequence_a else A[0]
     B, C = torch.randn(b, l, n, generator=g), torch.randn(b, l, n, generator=g)
     D, z = torch.randn(d, generator=g), torch.randn(b, l, d, generator=g)
     h0 = torch.randn(b, d, n, generator=g)
-    return x, delta, A, B, C, D, z, h0
+    return dict(x=x, dt=dt, dt_bias=dt_bias, delta_scale=delta_scale, delta=delta, A=A, B=B, C=C, D=D, z=z, h0=h0)
+
+
+def _fast_and_reference(v, z, h0, **kw):
+    fast = torch_ops.mamba1_scan(v["x"], v["dt"], v["dt_bias"], v["delta_scale"], v["A"], v["B"], v["C"], v["D"],
+                                 z, h0, **kw)
+    return fast, mamba1_scan_ref(v["x"], v["delta"], v["A"], v["B"], v["C"], v["D"], z, h0)
 
 
 @pytest.mark.parametrize("l", [1, 7, 64, 200])
-@pytest.mark.parametrize("decay", [0.05, 1.0, 30.0])  # 30: blocks must split down to single steps
+@pytest.mark.parametrize("decay", [0.05, 1.0, 30.0])  # 30: a channel's state is forgotten within a step
 @pytest.mark.parametrize("with_state", [False, True])
 def test_mamba1_scan_matches_reference(l, decay, with_state):
-    x, delta, A, B, C, D, z, h0 = _mamba1_inputs(2, l, 12, 5, seed=l, decay=decay)
-    h0 = h0 if with_state else None
-    y, h = torch_ops.mamba1_scan(x, delta, A, B, C, D, z, h0)
-    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, D, z, h0)
+    v = _mamba1_inputs(2, l, 12, 5, seed=l, decay=decay)
+    (y, h), (y_ref, h_ref) = _fast_and_reference(v, v["z"], v["h0"] if with_state else None)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_mamba1_scan_with_per_sequence_a_and_small_blocks():
-    x, delta, A, B, C, D, z, h0 = _mamba1_inputs(3, 50, 8, 4, seed=3, per_sequence_a=True)
-    y, h = torch_ops.mamba1_scan(x, delta, A, B, C, D, None, h0, block=8)
-    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, D, None, h0)
+    v = _mamba1_inputs(3, 50, 8, 4, seed=3, per_sequence_a=True)
+    (y, h), (y_ref, h_ref) = _fast_and_reference(v, None, v["h0"], block=8)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba1_scan_super_blocks_carry_the_state(monkeypatch):
+    monkeypatch.setattr(torch_ops, "SUPERBLOCK_ELEMENTS", 2 * 4 * 8 * 4)  # 2 blocks of 4 tokens per super-block
+    v = _mamba1_inputs(1, 37, 8, 4, seed=11)
+    (y, h), (y_ref, h_ref) = _fast_and_reference(v, v["z"], v["h0"], block=4)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_mamba1_steps_continue_the_scan():
-    x, delta, A, B, C, D, z, h0 = _mamba1_inputs(2, 9, 6, 3, seed=4)
-    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, D, z, h0)
+    v = _mamba1_inputs(2, 9, 6, 3, seed=4)
+    x, dt, A, B, C, D, z, h0 = (v[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "h0"))
+    y_ref, h_ref = mamba1_scan_ref(x, v["delta"], A, B, C, D, z, h0)
     h = h0.clone()
-    ys = [torch_ops.mamba1_step(h, x[:, t], delta[:, t], A, B[:, t], C[:, t], D, z[:, t]) for t in range(9)]
+    ys = [torch_ops.mamba1_step(h, x[:, t], dt[:, t], v["dt_bias"], v["delta_scale"], A, B[:, t], C[:, t], D, z[:, t])
+          for t in range(9)]
     torch.testing.assert_close(torch.stack(ys, 1), y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
 

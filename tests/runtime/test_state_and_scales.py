@@ -113,3 +113,18 @@ def test_bad_scale_sets_are_refused(checkpoints, bad, fault):
     config = load_model(checkpoints["mamba1"]).config
     with pytest.raises(ScaleSetError, match=fault):
         ScaleSet(ScaleMethod.DELTA, tuple(bad(config))).validate(config)
+
+
+def test_channels_first_projections_change_nothing(checkpoints):
+    """The layout the CUDA back-end asks for ((b, channels, l) storage) gives the same numbers."""
+    import dataclasses
+
+    loaded = load_model(checkpoints["mamba1"])
+    tokens = _tokens(30, seed=10)
+    scales = batch_scales([_random_set(loaded.config, "delta", "channel", 3)], loaded.config, "cpu")
+    expected = loaded.model.logits(loaded.model.hidden_states(tokens, scales=scales)[0])
+    backend = dataclasses.replace(loaded.model.backend, channels_first=True)
+    for layer in loaded.model.layers:
+        layer.mixer.backend = backend
+    got = loaded.model.logits(loaded.model.hidden_states(tokens, scales=scales)[0])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,99 @@
+"""GPU prefill: this runtime against raw `mamba_ssm` (`MambaLMHeadModel`) on the same random weights.
+
+Both are measured in one run, alternating per length, the way `shared/device/reference_bench.py` measures
+the peer (bf16, batch 1, last-token logits, one warm-up then the mean of 3): time, tokens/s and peak
+memory, plus this runtime with a per-channel Δ scale set (the cost of scales against identity).
+
+    python -m bench.gpu_prefill --shapes 130m --lengths 2048,8192,32768,65536 --json $OUT/prefill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from runtime import ScaleMethod, ScaleSet, batch_scales, load_model
+
+SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
+VOCAB = 50280
+
+
+def _measure(fn, repeats: int = 3) -> tuple[float, float]:
+    """(seconds per call, peak GiB) after one warm-up call."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() / 2**30
+
+
+def _save_mamba_ssm_layout(peer, config: dict, directory: Path) -> None:
+    (directory / "config.json").write_text(json.dumps(config))
+    torch.save(peer.state_dict(), directory / "pytorch_model.bin")
+
+
+def bench_shape(name: str, lengths: list[int]) -> list[dict]:
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    d_model, n_layer = SHAPES[name]
+    config = dict(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={}, rms_norm=True,
+                  residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    torch.manual_seed(0)
+    peer = MambaLMHeadModel(MambaConfig(**config), device="cuda", dtype=torch.bfloat16).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        _save_mamba_ssm_layout(peer, config, Path(directory))
+        loaded = load_model(directory, device="cuda", dtype="bfloat16", backend="mamba_ssm")
+    ours = loaded.model
+    scale_set = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(loaded.config.d_inner) + 0.5 for _ in range(n_layer)))
+    scales = batch_scales([scale_set], loaded.config, "cuda")
+    rows = []
+    with torch.no_grad():
+        for length in lengths:
+            tokens = torch.randint(0, 50000, (1, length), device="cuda")
+            peer_s, peer_gib = _measure(lambda: peer(tokens, num_last_tokens=1))
+            ours_s, ours_gib = _measure(lambda: ours.prefill(tokens))
+            scaled_s, scaled_gib = _measure(lambda: ours.prefill(tokens, scales=scales))
+            row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
+                   "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),
+                   "time_ratio": round(ours_s / peer_s, 3), "scale_overhead": round(scaled_s / ours_s - 1, 4),
+                   "mamba_ssm_peak_gib": round(peer_gib, 3), "runtime_peak_gib": round(ours_gib, 3),
+                   "runtime_scaled_peak_gib": round(scaled_gib, 3), "memory_ratio": round(ours_gib / peer_gib, 3)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    del peer, ours
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="130m", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--lengths", default="2048,8192,32768,65536")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, lengths)]
+    print(f"\n{torch.cuda.get_device_name()}, bf16, batch 1")
+    print(f"{'shape':>6} {'tokens':>7} {'mamba_ssm ms':>13} {'runtime ms':>11} {'ratio':>6} {'scaled':>7} "
+          f"{'peak GiB peer':>14} {'ours':>6} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['shape']:>6} {r['tokens']:>7} {r['mamba_ssm_ms']:>13.2f} {r['runtime_ms']:>11.2f} "
+              f"{r['time_ratio']:>6.3f} {r['scale_overhead']:>+7.1%} {r['mamba_ssm_peak_gib']:>14.2f} "
+              f"{r['runtime_peak_gib']:>6.2f} {r['memory_ratio']:>6.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

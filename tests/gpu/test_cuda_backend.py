@@ -1,0 +1,59 @@
+"""The mamba_ssm back-end against the PyTorch back-end on the same weights (runs only where CUDA and
+mamba_ssm are; the GPU machine runs it with `python -m pytest tests/gpu`)."""
+
+import pytest
+import torch
+
+pytest.importorskip("mamba_ssm")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from checkpoints import VOCAB  # noqa: E402
+
+from runtime import ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
+
+TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}
+
+
+def _relative(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _scale_sets(config):
+    g = torch.Generator().manual_seed(0)
+    delta = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(config.scale_channels, generator=g) + 0.5
+                                              for _ in range(config.n_layer)))
+    a = ScaleSet(ScaleMethod.A_SPECTRUM, tuple(torch.rand((), generator=g) + 0.5 for _ in range(config.n_layer)))
+    return [delta, None, a]
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernels_match_pytorch_prefill_and_decode(checkpoints, arch, dtype):
+    cuda = load_model(checkpoints[arch], device="cuda", dtype=dtype, backend="mamba_ssm")
+    ref = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="torch")
+    assert cuda.model.backend.name == "mamba_ssm"
+    sets = _scale_sets(cuda.config)
+    tokens = torch.randint(0, VOCAB, (3, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    for scales in (None, batch_scales(sets, cuda.config, "cuda")):
+        got, got_state = cuda.model.prefill(tokens, scales=scales)
+        want, want_state = ref.model.prefill(tokens, scales=scales)
+        assert _relative(got, want) < TOLERANCE[dtype]
+        for mine, theirs in zip(got_state.ssm, want_state.ssm):
+            assert _relative(mine, theirs) < TOLERANCE[dtype]
+        nxt = tokens[:, 0]
+        for _ in range(5):
+            got = cuda.model.step(nxt, got_state, scales)
+            want = ref.model.step(nxt, want_state, scales)
+            assert _relative(got, want) < TOLERANCE[dtype]
+            nxt = want.argmax(-1)
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch):
+    cuda = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="mamba_ssm")
+    tokens = torch.randint(0, VOCAB, (1, 500), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    scales = batch_scales(_scale_sets(cuda.config)[:1], cuda.config, "cuda")
+    whole, _ = cuda.model.prefill(tokens, scales=scales)
+    chunked, _ = cuda.model.prefill(tokens, scales=scales, chunk_len=128)
+    assert _relative(chunked, whole) < TOLERANCE["float32"]
