@@ -55,8 +55,9 @@ class Mamba1Mixer(nn.Module):
         x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
         dt, A, B, C = self._ssm_inputs(x, scales)
         delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself
-        y, ssm_state = ops.mamba1_scan(x, dt, self.dt_proj.bias, delta_scale, A, B, C, self.D, z, ssm_state)
-        return self.out_proj(y.to(hidden.dtype)), (conv_state, ssm_state)
+        out, ssm_state = ops.mamba1_scan(x, dt, self.dt_proj.bias, delta_scale, A, B, C, self.D, z, ssm_state,
+                                         self.out_proj.weight, self.out_proj.bias)  # (b, l, D), (b, d, n)
+        return out, (conv_state, ssm_state)
 
     def step(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None) -> torch.Tensor:
         """Decode one token. hidden: (b, D); states updated in place. Returns (b, D)."""

@@ -55,30 +55,30 @@ def _row(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
 
 
 def _stack(outs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(outs) == 1:  # no copy: a cat would also rewrite a channels-first view into (b, l, d) memory
+        return outs[0]
     return torch.cat([y for y, _ in outs]), torch.cat([h for _, h in outs])
 
 
-def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0):
+def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_bias):
     """Same contract as `torch_ops.mamba1_scan`; inputs are (b, l, ·) views of (b, ·, l) storage.
 
     The kernel discretises Δ itself (softplus of dt + bias, in float32) as in raw mamba_ssm. A Δ scale s
     is folded, one sequence at a time (DESIGN.md §2): with A' = s·A and D' = D/s the kernel's state is
-    h/s, so its output and last state are multiplied by s."""
+    h/s and its output y/s, so the last state is multiplied by s and s goes into the output projection's
+    columns (W·diag(s), a weight-sized product instead of a pass over the (l, d) output)."""
     if h0 is not None:
-        return torch_ops.mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0)
+        return torch_ops.mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_bias)
     if delta_scale is None and A.dim() == 2:
-        return _selective_scan(x, dt, dt_bias, A, B, C, D.float(), z)
+        y, h = _selective_scan(x, dt, dt_bias, A, B, C, D.float(), z)
+        return F.linear(y, out_weight, out_bias), h
     outs = []
     for i in range(x.shape[0]):
         A_i = A if A.dim() == 2 else A[i]  # (d, n)
-        if delta_scale is None:
-            outs.append(_selective_scan(_row(x, i), _row(dt, i), dt_bias, A_i, _row(B, i), _row(C, i), D.float(),
-                                        _row(z, i)))
-            continue
-        s = delta_scale[i]  # (d,)
+        s = delta_scale[i] if delta_scale is not None else torch.ones_like(D, dtype=torch.float32)  # (d,)
         y, h = _selective_scan(_row(x, i), _row(dt, i), dt_bias, A_i * s[:, None], _row(B, i), _row(C, i),
                                D.float() / s, _row(z, i))
-        outs.append((y * s, h * s[:, None]))
+        outs.append((F.linear(y, (out_weight.float() * s).to(out_weight.dtype), out_bias), h * s[:, None]))
     return _stack(outs)
 
 

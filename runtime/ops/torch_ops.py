@@ -87,12 +87,13 @@ def _mamba1_superblock(dx, delta, A, B, C, h, T: int):
     return y, h
 
 
-def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, block: int = SCAN_BLOCK):
-    """Selective scan of a Mamba1 layer, discretising Δ = softplus(dt + dt_bias) · delta_scale itself.
+def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_bias, block: int = SCAN_BLOCK):
+    """Selective scan of a Mamba1 layer and its output projection; Δ = softplus(dt + dt_bias) · delta_scale.
 
     x, dt, z: (b, l, d); dt_bias: (d,); delta_scale: (b, d) or None; A: (d, n) or (b, d, n); B, C: (b, l, n);
-    D: (d,); h0: (b, d, n) or None.
-    Returns y (b, l, d) float32 (D skip and SiLU(z) gate applied) and the last state (b, d, n) float32.
+    D: (d,); h0: (b, d, n) or None; out_weight: (D, d); out_bias: (D,) or None.
+    Returns out_proj(y) (b, l, D) in out_weight's dtype, y gated by SiLU(z) with the D skip, and the last
+    state (b, d, n) float32. (The projection is part of the op so that kernels may fold a Δ scale into it.)
     """
     b, l, d = x.shape
     n = A.shape[-1]
@@ -113,7 +114,7 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, block: int = SCA
         y[:, start:stop] += scanned[:, : stop - start]
     if z is not None:
         y = y * F.silu(z.float())
-    return y, h
+    return F.linear(y.to(out_weight.dtype), out_weight, out_bias), h
 
 
 def mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z):

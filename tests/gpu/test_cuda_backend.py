@@ -57,3 +57,17 @@ def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch):
     whole, _ = cuda.model.prefill(tokens, scales=scales)
     chunked, _ = cuda.model.prefill(tokens, scales=scales, chunk_len=128)
     assert _relative(chunked, whole) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_kernels_match_transformers_on_cuda(checkpoints, arch):
+    from transformers import Mamba2ForCausalLM, MambaForCausalLM
+
+    hf_cls = MambaForCausalLM if arch == "mamba1" else Mamba2ForCausalLM
+    reference = hf_cls.from_pretrained(checkpoints[arch]).to("cuda").eval()
+    ours = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="mamba_ssm").model
+    tokens = torch.randint(0, VOCAB, (2, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    with torch.no_grad():
+        expected = reference(tokens, use_cache=False).logits
+    got = ours.logits(ours.hidden_states(tokens)[0])
+    assert _relative(got, expected) < TOLERANCE["float32"]
