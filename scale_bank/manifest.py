@@ -30,7 +30,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _STR, _INT, _DICT, _LIST, _NONE = (str,), (int,), (dict,), (list,), (type(None),)
 _MODEL_FIELDS = {"fingerprint": _STR, "arch": _STR, "n_layer": _INT, "d_inner": _INT, "d_state": _INT,
                  "scale_channels": _INT, "training_context_length": _INT + _NONE, "quantization": _STR + _NONE}
-_DATA_FILE_FIELDS = {"path": _STR, "sha256": _STR, "documents": _INT}
+_DATA_FILE_FIELDS = {"path": _STR, "sha256": _STR, "documents": _LIST}  # documents: the ids used from the file
 
 
 def _now() -> str:
@@ -51,7 +51,8 @@ class BankEntry:
     params: dict = field(default_factory=dict)  # method parameters (decimate: layer, l_base, beta, ...), kept as given
     calibrator: dict = field(default_factory=lambda: {"name": "none"})  # name + hyper-parameters
     seed: int | None = None
-    data: dict = field(default_factory=lambda: {"calibration": [], "held_out": []})  # lists of {path, sha256, documents}
+    # lists of {path, sha256, documents: [document ids]}; one file may feed both parts, never one document
+    data: dict = field(default_factory=lambda: {"calibration": [], "held_out": []})
     metrics: dict = field(default_factory=dict)  # {"identity"|"previous"|"calibrated": {metric: number}} on held-out data
     chosen: str = "calibrated"  # which of CHOICES the entry serves; "identity" means no scales are applied
     created: str = field(default_factory=_now)  # ISO 8601
@@ -178,17 +179,20 @@ def _check_model(model: dict, path) -> None:
 
 
 def _check_data(data: dict, path, where: str) -> None:
-    """Calibration and held-out files, each {path, sha256, documents}; the two parts share no file."""
+    """Calibration and held-out files, each {path, sha256, documents}; the two parts share no document."""
     _check_fields(data, {"calibration": _LIST, "held_out": _LIST}, path, where)
     for part in ("calibration", "held_out"):
         for i, item in enumerate(data[part]):
             _check_fields(item, _DATA_FILE_FIELDS, path, f"{where}.{part}[{i}]")
-            if item["documents"] < 0:
-                raise BankError(path, f"{where}.{part}[{i}].documents: must be ≥ 0, got {item['documents']}")
-    calibration = {(item["path"], item["sha256"]) for item in data["calibration"]}
+            if not all(isinstance(doc, str) for doc in item["documents"]):
+                raise BankError(path, f"{where}.{part}[{i}].documents: expected a list of document ids (strings)")
     for i, item in enumerate(data["held_out"]):
-        if any(item["path"] == p or item["sha256"] == h for p, h in calibration):
-            raise BankError(path, f"{where}.held_out[{i}]: {item['path']!r} is also calibration data")
+        for other in data["calibration"]:
+            same_file = item["path"] == other["path"] or item["sha256"] == other["sha256"]
+            shared = set(item["documents"]) & set(other["documents"]) if same_file else set()
+            if shared:
+                raise BankError(path, f"{where}.held_out[{i}]: {item['path']!r} shares documents with the calibration "
+                                      f"data ({', '.join(sorted(shared)[:3])})")
 
 
 def _check_metrics(metrics: dict, chosen: str, path, where: str) -> None:

@@ -35,8 +35,8 @@ def make_entry(bucket: str, method: str = "delta", granularity: str = "layer", *
     fields.setdefault("params", DECIMATE_PARAMS if method == "decimate" else {})
     fields.setdefault("calibrator", {"name": "zo", "lr": 0.001, "c": 0.1, "steps": 50})
     fields.setdefault("seed", 1234)
-    fields.setdefault("data", {"calibration": [{"path": "data/cal.txt", "sha256": "a" * 64, "documents": 20}],
-                               "held_out": [{"path": "data/held.txt", "sha256": "b" * 64, "documents": 50}]})
+    fields.setdefault("data", {"calibration": [{"path": "data/cal.txt", "sha256": "a" * 64, "documents": ["a", "b"]}],
+                               "held_out": [{"path": "data/held.txt", "sha256": "b" * 64, "documents": ["c"]}]})
     fields.setdefault("metrics", {"identity": {"ppl": 444.0}, "calibrated": {"ppl": 12.5}})
     return BankEntry(bucket, parse_length(bucket), method, granularity, VERSION, **fields)
 

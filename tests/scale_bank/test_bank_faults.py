@@ -113,7 +113,9 @@ FILE_FAULTS = [
     ("metric not a number", _entry_field("metrics", {"identity": {"ppl": "high"}, "calibrated": {"ppl": 1.0}}),
      "bank.json", r"entries\[0\]\.metrics\.identity\.ppl: expected a finite number"),
     ("held-out overlaps calibration", _first_entry(lambda e: e["data"]["held_out"].append(e["data"]["calibration"][0])),
-     "bank.json", r"entries\[0\]\.data\.held_out\[1\]: 'data/cal\.txt' is also calibration data"),
+     "bank.json", r"entries\[0\]\.data\.held_out\[1\]: 'data/cal\.txt' shares documents with the calibration data \(a, b\)"),
+    ("documents not ids", _first_entry(lambda e: e["data"]["calibration"][0].update(documents=3)), "bank.json",
+     r"entries\[0\]\.data\.calibration\[0\]\.documents: expected list"),
     ("data file without hash", _first_entry(lambda e: e["data"]["calibration"][0].pop("sha256")), "bank.json",
      r"entries\[0\]\.data\.calibration\[0\]\.sha256: missing field"),
 ]

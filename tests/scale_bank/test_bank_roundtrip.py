@@ -132,3 +132,12 @@ def _info(model):
     from scale_bank import model_info
 
     return model_info(model.config, model.fingerprint)
+
+
+def test_one_file_may_feed_both_parts_with_different_documents(loaded, tmp_path):
+    model = loaded["mamba1"]
+    bank = Bank.create(tmp_path / "bank", _info(model))
+    shared = {"path": "books.jsonl.xz", "sha256": "c" * 64}
+    data = {"calibration": [{**shared, "documents": ["1", "2"]}], "held_out": [{**shared, "documents": ["3"]}]}
+    add(bank, model.config, "4k", data=data)
+    assert Bank.load(tmp_path / "bank").entry("4k").data == data
