@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .backend import Backend
@@ -78,20 +79,31 @@ class MambaLM(nn.Module):
     def new_state(self, batch: int) -> InferenceState:
         return InferenceState.zeros(self.config, batch, self.device, self.dtype)
 
+    def _layer(self, i: int, residual: torch.Tensor, state: InferenceState | None, scales: BatchScales | None):
+        block = self.layers[i]
+        out, (conv, ssm) = block.mixer(
+            block.norm(residual).to(self.dtype),
+            None if state is None else state.conv[i],
+            None if state is None else state.ssm[i],
+            None if scales is None else scales[i],
+        )
+        return residual + out, conv.to(self.dtype), ssm
+
     def hidden_states(self, tokens: torch.Tensor, state: InferenceState | None = None,
-                      scales: BatchScales | None = None) -> tuple[torch.Tensor, InferenceState]:
-        """tokens: (b, l). Returns the final-normed hidden states (b, l, D) float32 and the new state."""
+                      scales: BatchScales | None = None, checkpoint: bool = False) -> tuple[torch.Tensor, InferenceState]:
+        """tokens: (b, l). Returns the final-normed hidden states (b, l, D) float32 and the new state.
+
+        `checkpoint` recomputes each layer in the backward pass instead of keeping its activations: what
+        calibrating scales by back-propagation at 16k-64k tokens needs to fit in memory."""
         residual = self.embedding(tokens).to(self._residual_dtype())  # (b, l, D)
         conv_states, ssm_states = [], []
-        for i, block in enumerate(self.layers):
-            out, (conv, ssm) = block.mixer(
-                block.norm(residual).to(self.dtype),
-                None if state is None else state.conv[i],
-                None if state is None else state.ssm[i],
-                None if scales is None else scales[i],
-            )
-            residual = residual + out
-            conv_states.append(conv.to(self.dtype))
+        for i in range(len(self.layers)):
+            if checkpoint:
+                residual, conv, ssm = torch.utils.checkpoint.checkpoint(
+                    self._layer, i, residual, state, scales, use_reentrant=False)
+            else:
+                residual, conv, ssm = self._layer(i, residual, state, scales)
+            conv_states.append(conv)
             ssm_states.append(ssm)
         return self.norm_f(residual), InferenceState(conv_states, ssm_states)
 
@@ -105,12 +117,23 @@ class MambaLM(nn.Module):
         for start in range(0, hidden.shape[1], slice_len):
             yield start, self.logits(hidden[:, start:start + slice_len])
 
-    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int = LOGITS_SLICE) -> torch.Tensor:
-        """log p(targets[:, t] | prefix up to t) from hidden (b, l, D) and targets (b, l). Returns (b, l)."""
+    def _slice_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(self.logits(hidden), dim=-1)  # (b, s, V)
+        return logp.gather(-1, targets[..., None]).squeeze(-1)  # (b, s)
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int = LOGITS_SLICE,
+                       checkpoint: bool = False) -> torch.Tensor:
+        """log p(targets[:, t] | prefix up to t) from hidden (b, l, D) and targets (b, l). Returns (b, l).
+
+        Logits exist one slice at a time; with `checkpoint` a slice's logits are also not kept for the
+        backward pass but recomputed (a (l, V) float32 tensor is 6 GB at 32k tokens and V = 50k)."""
         parts = []
-        for start, logits in self.iter_logits(hidden, slice_len):
-            logp = torch.log_softmax(logits, dim=-1)  # (b, s, V)
-            parts.append(logp.gather(-1, targets[:, start:start + logits.shape[1], None]).squeeze(-1))
+        for start in range(0, hidden.shape[1], slice_len):
+            args = (hidden[:, start:start + slice_len], targets[:, start:start + slice_len])
+            if checkpoint:
+                parts.append(torch.utils.checkpoint.checkpoint(self._slice_logprobs, *args, use_reentrant=False))
+            else:
+                parts.append(self._slice_logprobs(*args))
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()

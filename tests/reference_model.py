@@ -78,4 +78,4 @@ def reference_logits(config, weights: dict[str, torch.Tensor], tokens: list[int]
         residual = residual + y @ p("out_proj.weight").T
     hidden = _rms(residual, W["norm_f.weight"], eps)
     head = W.get("lm_head.weight", W["embedding.weight"])
-    return (hidden @ head.T).float()
+    return hidden @ head.T  # float64, differentiable in the scales

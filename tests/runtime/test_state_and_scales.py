@@ -63,7 +63,7 @@ def test_scaled_forward_equals_literal_reference(checkpoints, arch, method, gran
                                 a_scales=(per_layer if method == "a_spectrum" else None))
     hidden, _ = loaded.model.hidden_states(tokens, scales=batch_scales([scale_set], config, "cpu"))
     got = loaded.model.logits(hidden)[0]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
     unscaled = loaded.model.logits(loaded.model.hidden_states(tokens)[0])[0]
     assert (unscaled - got).abs().max() > 1e-2, "the scales must change the output"
 

@@ -1,0 +1,1 @@
+"""Offline tooling: data, objectives, ZO and BP calibration, bank building, evaluation, the training recipe."""

@@ -1,0 +1,105 @@
+"""What calibration minimises and evaluation reports, for a model under a scale set.
+
+- language modelling: mean token negative log-likelihood of windows of the bucket length;
+- passkey: cross-entropy of the answer tokens, and whether every answer token is the greedy choice.
+
+Each objective draws its batch for step k from its own seed, so the two evaluations of one SPSA step
+see the same text, and a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from runtime import MambaLM, ScaleSet, batch_scales
+from runtime.tokenizer import Tokenizer
+
+from .passkey import PasskeyBatch, make_batch
+from .tokens import TokenSource
+
+
+def _scales(model: MambaLM, scale_set: ScaleSet | None, batch: int):
+    return batch_scales([scale_set] * batch, model.config, model.device)
+
+
+def lm_nll(model: MambaLM, tokens: torch.Tensor, scale_set: ScaleSet | None, checkpoint: bool = False) -> torch.Tensor:
+    """tokens: (b, L). Mean NLL of tokens 1..L-1 given their prefixes, per sequence: (b,) float32."""
+    tokens = tokens.to(model.device)
+    hidden, _ = model.hidden_states(tokens[:, :-1], scales=_scales(model, scale_set, len(tokens)), checkpoint=checkpoint)
+    return -model.token_logprobs(hidden, tokens[:, 1:], checkpoint=checkpoint).mean(dim=1)
+
+
+def passkey_scores(model: MambaLM, batch: PasskeyBatch, scale_set: ScaleSet | None,
+                   checkpoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: mean cross-entropy of the answer tokens (b,), and retrieved (b,) bool."""
+    batch = batch.to(model.device)
+    b = len(batch.tokens)
+    hidden, _ = model.hidden_states(batch.tokens[:, :-1], scales=_scales(model, scale_set, b), checkpoint=checkpoint)
+    mask = batch.answer_mask[:, 1:]  # (b, L-1): positions whose next token is an answer token
+    rows = mask.nonzero()[:, 0]  # (a,) sample of each answer token
+    logits = model.logits(hidden[mask])  # (a, V): only the answer positions, never (L, V)
+    targets = batch.tokens[:, 1:][mask]  # (a,)
+    ce = F.cross_entropy(logits, targets, reduction="none")  # (a,)
+    counts = mask.sum(1)  # (b,)
+    loss = torch.zeros(b, device=ce.device).index_add(0, rows, ce) / counts
+    misses = torch.zeros(b, device=ce.device).index_add(0, rows, (logits.argmax(-1) != targets).float())
+    return loss, misses == 0
+
+
+@dataclass
+class Objective:
+    """loss(scale_set, step) -> scalar tensor, differentiable in the scale set's tensors."""
+
+    name: str
+    length: int
+    loss: Callable[[ScaleSet | None, int], torch.Tensor]
+
+
+def language_model_objective(model: MambaLM, source: TokenSource, length: int, batch_size: int, seed: int,
+                             checkpoint: bool = True) -> Objective:
+    def loss(scale_set: ScaleSet | None, step: int) -> torch.Tensor:
+        tokens = source.batch(length, batch_size, random.Random(f"{seed}:{step}"))
+        return lm_nll(model, tokens, scale_set, checkpoint).mean()
+
+    return Objective("ppl", length, loss)
+
+
+def passkey_objective(model: MambaLM, tokenizer: Tokenizer, haystack, length: int, batch_size: int, seed: int,
+                      checkpoint: bool = True) -> Objective:
+    def loss(scale_set: ScaleSet | None, step: int) -> torch.Tensor:
+        rng = random.Random(f"{seed}:{step}")
+        batch = make_batch(tokenizer, length, batch_size, rng, haystack, [rng.random() for _ in range(batch_size)])
+        return passkey_scores(model, batch, scale_set, checkpoint)[0].mean()
+
+    return Objective("passkey", length, loss)
+
+
+@torch.no_grad()
+def perplexity(model: MambaLM, source: TokenSource, length: int, samples: int, scale_set: ScaleSet | None,
+               seed: int, batch_size: int = 1) -> float:
+    """exp of the mean NLL over `samples` windows of `length` tokens drawn with `seed`."""
+    rng = random.Random(f"ppl:{seed}:{length}")
+    windows = source.batch(length, samples, rng)
+    nll = torch.cat([lm_nll(model, windows[i:i + batch_size], scale_set) for i in range(0, samples, batch_size)])
+    return math.exp(nll.mean().item())
+
+
+@torch.no_grad()
+def passkey_accuracy(model: MambaLM, tokenizer: Tokenizer, haystack, length: int, samples: int,
+                     scale_set: ScaleSet | None, seed: int, batch_size: int = 1) -> tuple[float, float]:
+    """(fraction retrieved, mean answer cross-entropy) over `samples` samples at depths spread over 0-100%."""
+    rng = random.Random(f"passkey:{seed}:{length}")
+    batch = make_batch(tokenizer, length, samples, rng, haystack)
+    losses, hits = [], []
+    for i in range(0, samples, batch_size):
+        part = PasskeyBatch(batch.tokens[i:i + batch_size], batch.answer_mask[i:i + batch_size], [])
+        loss, hit = passkey_scores(model, part, scale_set)
+        losses.append(loss)
+        hits.append(hit)
+    return torch.cat(hits).float().mean().item(), torch.cat(losses).mean().item()
