@@ -1,5 +1,7 @@
 """The Mamba runtime: checkpoints, Mamba1/Mamba2 models, per-sequence scale sets, recurrent state."""
 
+__version__ = "0.1.0"  # the project's one version; pyproject.toml reads it from here
+
 from .config import MAMBA1, MAMBA2, ModelConfig
 from .errors import BackendUnavailableError, CheckpointError, ScaleSetError
 from .loader import LoadedModel, fingerprint, load_model

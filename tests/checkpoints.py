@@ -86,3 +86,25 @@ def save_safetensors_copy(src: Path, dst: Path, tensors: dict[str, torch.Tensor]
     (dst / "config.json").write_text((src / "config.json").read_text())
     save_file(tensors if tensors is not None else load_file(src / "model.safetensors"), dst / "model.safetensors")
     return dst
+
+
+TOKENIZER_TEXT = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    "The pass key is 12345. Remember it. 67890 is the pass key. What is the pass key? "
+    "It was a bright cold day in April, and the clocks were striking thirteen. "
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little money in my purse. "
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"-()\n"
+)
+
+
+def tiny_tokenizer(path: Path, vocab_size: int = VOCAB) -> Path:
+    """A real BPE tokenizer.json small enough for the tiny models' vocabulary (character alphabet, not bytes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "[UNK]"], show_progress=False)
+    tokenizer.train_from_iterator([TOKENIZER_TEXT] * 20, trainer)
+    tokenizer.save(str(path))
+    return path

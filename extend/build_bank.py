@@ -1,0 +1,178 @@
+"""Build a bank of calibrated scale sets, one per context-length bucket.
+
+    python -m extend.build_bank --model DIR --buckets 4k,8k,16k,32k,64k --task passkey --calibrator bp \
+        --granularity channel --method delta --data BOOKS... --out BANK [--resume]
+
+For each bucket, shortest first: calibrate on the calibration documents at the bucket length, starting
+from the previous bucket's scales (a curriculum: calibrating a long bucket from identity learns little,
+FINDINGS.md 3); score identity, the previous bucket's scales and the new ones on the held-out documents;
+keep the best (never worse than identity) and record all three in the manifest. Each finished bucket is
+written at once, so `--resume` carries on after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from runtime import MAMBA1, MAMBA2, ScaleMethod, ScaleSet, __version__, load_model
+from runtime.errors import RuntimeErrorBase
+from runtime.tokenizer import find_tokenizer
+from scale_bank import Bank, BankEntry, BankError, bucket_name, model_info, parse_buckets
+
+from .calibrate import calibrate_bp, calibrate_zo
+from .data import DataError, DataSplit, read_documents
+from .objectives import language_model_objective, passkey_objective
+from .passkey import filler_haystack
+from .scoring import HeldOut, choose, score
+from .tokens import TokenSource
+
+log = logging.getLogger("extend.build_bank")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m extend.build_bank", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the model directory)")
+    p.add_argument("--buckets", required=True, help="comma-separated lengths, e.g. 4k,8k,16k,32k,64k")
+    p.add_argument("--task", choices=("ppl", "passkey"), default="ppl")
+    p.add_argument("--calibrator", choices=("zo", "bp"), default="zo")
+    p.add_argument("--granularity", choices=("layer", "channel", "head", "channel_state"), default="layer")
+    p.add_argument("--method", choices=("delta", "a_spectrum"), default="delta")
+    p.add_argument("--data", nargs="+", required=True, help=".txt/.jsonl/.jsonl.xz files or folders")
+    p.add_argument("--out", required=True, type=Path, help="bank directory (created, or resumed)")
+    p.add_argument("--resume", action="store_true", help="keep the buckets already in --out and build the rest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out-fraction", type=float, default=0.5)
+    p.add_argument("--steps", type=int, help="calibration steps (ZO default 50, BP 200)")
+    p.add_argument("--lr", type=float, help="ZO η (default 0.001) or BP Adam lr (default 0.05)")
+    p.add_argument("--c", type=float, default=0.1, help="ZO perturbation size")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per calibration step")
+    p.add_argument("--eval-samples", type=int, default=20, help="held-out samples per candidate and bucket")
+    p.add_argument("--eval-batch-size", type=int, default=1)
+    p.add_argument("--init", choices=("previous", "identity"), default="previous",
+                   help="start each bucket from the previous bucket's scales, or from identity")
+    p.add_argument("--haystack", choices=("data", "filler"), default="data", help="passkey haystack text")
+    p.add_argument("--training-length", type=int, help="the model's training context (if its config lacks it)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--log", type=Path, help="log file (default: BANK/build.log)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.granularity == "head" and args.calibrator == "zo" or args.calibrator == "zo" and args.granularity != "layer":
+        p.error("--calibrator zo calibrates one scale per layer: use --granularity layer")
+    return args
+
+
+def _open_bank(args, loaded) -> Bank:
+    info = model_info(loaded.config, loaded.fingerprint)
+    if args.training_length:
+        info["training_context_length"] = args.training_length
+    if (args.out / "bank.json").exists():
+        if not args.resume:
+            raise BankError(args.out, "a bank is already there; pass --resume to complete it, or choose another --out")
+        return Bank.load(args.out, loaded.config, loaded.fingerprint)
+    return Bank.create(args.out, info)
+
+
+def _served(bank: Bank, name: str) -> ScaleSet | None:
+    """What the server applies for bucket `name`: None when the entry kept identity."""
+    entry = bank.entry(name)
+    return None if entry.chosen == "identity" else bank.scale_set(name)
+
+
+def _start(args, config, previous: ScaleSet | None) -> ScaleSet:
+    identity = ScaleSet.identity(config, ScaleMethod(args.method), "channel" if args.granularity == "head"
+                                 else args.granularity)
+    fits = previous is not None and previous.method is identity.method and all(
+        p.shape == i.shape for p, i in zip(previous.layers, identity.layers))
+    return previous if args.init == "previous" and fits else identity
+
+
+def build(args) -> Bank:
+    device = torch.device(args.device)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    model, config = loaded.model, loaded.config
+    tokenizer = find_tokenizer(args.model, args.tokenizer)
+    split = DataSplit.of(read_documents(args.data), args.seed, args.held_out_fraction)
+    calibration, held_source = TokenSource(split.calibration, tokenizer), TokenSource(split.held_out, tokenizer)
+    if config.arch == MAMBA2 and args.granularity == "channel":
+        args.granularity = "head"  # Mamba2's Δ is per head: its "channel" scales are per head
+    if config.arch == MAMBA1 and args.granularity == "head":
+        raise ValueError("--granularity head is for Mamba2 models; Mamba1 scales are per channel")
+    bank = _open_bank(args, loaded)
+    log.info("model %s (%s), fingerprint %s; %d calibration and %d held-out documents; bank %s",
+             args.model, config.arch, loaded.fingerprint, len(split.calibration), len(split.held_out), args.out)
+    filler = filler_haystack(tokenizer)
+    haystacks = {"calibration": filler if args.haystack == "filler" else calibration.window,
+                 "held_out": filler if args.haystack == "filler" else held_source.window}
+    held_out = HeldOut(held_source, tokenizer, haystacks["held_out"], args.eval_samples, args.seed,
+                       args.eval_batch_size)
+    previous: ScaleSet | None = None
+    for length in parse_buckets(args.buckets):
+        name = bucket_name(length)
+        if name in bank.buckets:
+            log.info("bucket %s: already in the bank, kept (--resume)", name)
+            previous = _served(bank, name)
+            continue
+        if args.task == "ppl":
+            objective = language_model_objective(model, calibration, length, args.batch_size, args.seed)
+        else:
+            objective = passkey_objective(model, tokenizer, haystacks["calibration"], length, args.batch_size,
+                                          args.seed)
+        init = _start(args, config, previous)
+        if args.calibrator == "zo":
+            result = calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed,
+                                  not args.no_progress)
+        else:
+            result = calibrate_bp(objective, init, args.steps or 200, args.lr or 0.05, not args.no_progress)
+        candidates = {"identity": None, "calibrated": result.scales}
+        if previous is not None:
+            candidates["previous"] = previous
+        metrics = {key: score(model, args.task, length, scales, held_out) for key, scales in candidates.items()}
+        chosen = choose(args.task, metrics)
+        kept = candidates[chosen] or ScaleSet.identity(config, init.method, init.granularity)
+        entry = BankEntry(
+            bucket=name, length=length, method=args.method, granularity=args.granularity, version=__version__,
+            calibrator={**result.hyper, "init": "previous" if init is previous else "identity",
+                        "batch_size": args.batch_size, "task": args.task, "final_loss": result.losses[-1]},
+            seed=args.seed, data=split.record, metrics=metrics, chosen=chosen,
+        )
+        bank.add_entry(entry, kept)
+        previous = candidates[chosen]
+        log.info("bucket %s: kept %s; held-out %s", name, chosen,
+                 "; ".join(f"{k} {', '.join(f'{m} {v:.4g}' for m, v in vals.items())}" for k, vals in metrics.items()))
+    return bank
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(), logging.FileHandler(args.log or args.out / "build.log")]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:
+        bank = build(args)
+    except (RuntimeErrorBase, BankError, DataError, ValueError) as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+    print(f"bank {args.out}: {', '.join(bank.buckets)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""`python -m extend.build_bank` end to end on a tiny model, on CPU."""
+
+import json
+import shutil
+
+import pytest
+from checkpoints import TOKENIZER_TEXT, tiny_tokenizer
+
+from extend.build_bank import main
+from runtime import load_model
+from scale_bank import Bank, select
+
+
+@pytest.fixture(params=["mamba1"])
+def model_dir(checkpoints, tmp_path, request):
+    directory = shutil.copytree(checkpoints[request.param], tmp_path / "model")
+    tiny_tokenizer(directory / "tokenizer.json")
+    return directory
+
+
+@pytest.fixture()
+def books(tmp_path):
+    path = tmp_path / "books.jsonl"
+    sentences = TOKENIZER_TEXT.split(". ")
+    with open(path, "w") as f:
+        for i in range(6):
+            text = " ".join(sentences[(i + j) % len(sentences)] + "." for j in range(60))
+            f.write(json.dumps({"id": f"book{i}", "text": text}) + "\n")
+    return path
+
+
+def _run(model_dir, books, out, *extra):
+    return main(["--model", str(model_dir), "--data", str(books), "--out", str(out), "--device", "cpu",
+                 "--steps", "3", "--batch-size", "2", "--eval-samples", "2", "--training-length", "48",
+                 "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("model_dir,task,calibrator,granularity", [
+    ("mamba1", "ppl", "zo", "layer"), ("mamba1", "passkey", "bp", "channel"), ("mamba2", "passkey", "bp", "head"),
+], indirect=["model_dir"])
+def test_build_bank_end_to_end(model_dir, books, tmp_path, task, calibrator, granularity):
+    out = tmp_path / "bank"
+    asked = "channel" if granularity == "head" else granularity  # "channel" on a Mamba2 means per head
+    assert _run(model_dir, books, out, "--buckets", "96,128", "--task", task, "--calibrator", calibrator,
+                "--granularity", asked) == 0
+    loaded = load_model(model_dir)
+    bank = Bank.load(out, loaded.config, loaded.fingerprint)
+    assert bank.buckets == ["96", "128"]
+    for name in bank.buckets:
+        entry = bank.entry(name)
+        assert entry.calibrator["name"] == calibrator and entry.granularity == granularity  # Mamba2: per head
+        assert set(entry.metrics) >= {"identity", "calibrated"}
+        assert entry.chosen in entry.metrics
+        kept, identity = entry.metrics[entry.chosen], entry.metrics["identity"]
+        if task == "ppl":
+            assert kept["ppl"] <= identity["ppl"]  # never worse than identity on held-out data
+        else:
+            assert kept["passkey_acc"] >= identity["passkey_acc"]
+        held, calibration = entry.data["held_out"], entry.data["calibration"]
+        assert not set(held[0]["documents"]) & set(calibration[0]["documents"])
+    assert "previous" in bank.entry("128").metrics
+    assert select(bank, 100, training_length=48).name == "128"
+    assert (out / "build.log").read_text().count("kept") == 2
+
+
+def test_resume_keeps_finished_buckets_and_refuses_overwrite(model_dir, books, tmp_path):
+    out = tmp_path / "bank"
+    assert _run(model_dir, books, out, "--buckets", "96") == 0
+    first = Bank.load(out).entry("96")
+    assert _run(model_dir, books, out, "--buckets", "96,128") == 2  # exists, no --resume
+    assert _run(model_dir, books, out, "--buckets", "96,128", "--resume") == 0
+    bank = Bank.load(out)
+    assert bank.buckets == ["96", "128"] and bank.entry("96") == first
+
+
+def test_bad_data_is_a_clear_error(model_dir, tmp_path, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    assert _run(model_dir, missing, tmp_path / "bank", "--buckets", "96") == 2
+    assert "nowhere.jsonl: no such file" in capsys.readouterr().err
