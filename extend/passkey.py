@@ -43,6 +43,12 @@ def filler_haystack(tokenizer: Tokenizer) -> Callable[[int, random.Random], list
     return haystack
 
 
+def minimum_length(tokenizer: Tokenizer) -> int:
+    """Tokens a sample needs besides its haystack (needle, question and a 5-digit answer)."""
+    return len(tokenizer.encode("\n" + NEEDLE.format(key="00000") + "\n")) + len(
+        tokenizer.encode("\n" + QUESTION)) + len(tokenizer.encode(" 00000"))
+
+
 def make_sample(tokenizer: Tokenizer, length: int, depth: float, rng: random.Random,
                 haystack: Callable[[int, random.Random], list[int]]) -> PasskeySample:
     """A sample of exactly `length` tokens with a random key at `depth` of the haystack."""

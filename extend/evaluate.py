@@ -1,0 +1,139 @@
+"""Evaluate a model with and without its bank over context lengths: a table and a plot.
+
+    python -m extend.evaluate --model DIR --bank BANK --task passkey,ppl --lengths 512,1k,2k,4k,8k,16k,32k \
+        --data ../shared/data/gutenberg/eval.jsonl.xz --samples 50 --out results/
+
+Writes `results.json`, `results.md` and `results.png` under --out and prints the table. The bank's scales
+are chosen per length exactly as the server chooses them (scale_bank.select with n = the length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from runtime import load_model  # noqa: E402
+from runtime.tokenizer import find_tokenizer  # noqa: E402
+from scale_bank import Bank, bucket_name, parse_buckets, select  # noqa: E402
+
+from .data import read_documents  # noqa: E402
+from .objectives import passkey_accuracy, perplexity  # noqa: E402
+from .passkey import filler_haystack  # noqa: E402
+from .tokens import TokenSource  # noqa: E402
+
+METRIC = {"passkey": "passkey accuracy", "ppl": "perplexity"}
+
+
+def evaluate(args) -> list[dict]:
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    tokenizer = find_tokenizer(args.model, args.tokenizer)
+    bank = Bank.load(args.bank, loaded.config, loaded.fingerprint) if args.bank else None
+    source = TokenSource(read_documents(args.data), tokenizer)
+    haystack = filler_haystack(tokenizer) if args.haystack == "filler" else source.window
+    training_length = args.training_length or loaded.config.training_context_length
+    rows = []
+    for length in parse_buckets(args.lengths):
+        choice = select(bank, length, "auto", training_length)
+        variants = {"base": None} | ({"bank": choice.scales} if bank is not None else {})
+        for task in args.task.split(","):
+            row = {"length": length, "task": task, "bucket": choice.name}
+            for variant, scales in variants.items():
+                if task == "passkey":
+                    accuracy, ce = passkey_accuracy(loaded.model, tokenizer, haystack, length, args.samples, scales,
+                                                    args.seed, args.batch_size)
+                    row[variant], row[f"{variant}_answer_ce"] = accuracy, ce
+                else:
+                    row[variant] = perplexity(loaded.model, source, length, args.samples, scales, args.seed,
+                                              args.batch_size)
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def _line(row: dict) -> str:
+    cells = [f"{row['task']:>8}", f"{bucket_name(row['length']):>6}", f"base {row['base']:.4g}"]
+    if "bank" in row:
+        cells.append(f"bank {row['bank']:.4g} ({row['bucket']})")
+    return "  ".join(cells)
+
+
+def markdown(rows: list[dict]) -> str:
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        subset = [r for r in rows if r["task"] == task]
+        fmt = (lambda v: f"{v:.0%}") if task == "passkey" else (lambda v: f"{v:.2f}")
+        out.append(f"**{METRIC[task]}**\n")
+        out.append("| context | " + " | ".join(bucket_name(r["length"]) for r in subset) + " |")
+        out.append("|---" * (len(subset) + 1) + "|")
+        for variant in ("base", "bank"):
+            if variant in subset[0]:
+                label = "base model" if variant == "base" else "with bank"
+                out.append(f"| {label} | " + " | ".join(fmt(r[variant]) for r in subset) + " |")
+        if "bank" in subset[0]:
+            out.append("| bucket used | " + " | ".join(r["bucket"] for r in subset) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        subset = [r for r in rows if r["task"] == task]
+        lengths = [r["length"] for r in subset]
+        for variant, style in (("base", "o--"), ("bank", "s-")):
+            if variant in subset[0]:
+                ax.plot(lengths, [r[variant] for r in subset], style, label="base" if variant == "base" else "bank")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [bucket_name(n) for n in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(METRIC[task])
+        if task == "ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m extend.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokenizer")
+    p.add_argument("--bank")
+    p.add_argument("--task", default="passkey,ppl", help="comma-separated: passkey, ppl")
+    p.add_argument("--lengths", default="512,1k,2k,4k,8k,16k,32k")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--haystack", choices=("data", "filler"), default="data")
+    p.add_argument("--training-length", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--backend", default="auto")
+    args = p.parse_args(argv)
+    for task in args.task.split(","):
+        if task not in METRIC:
+            p.error(f"--task: unknown task {task!r} (known: {', '.join(METRIC)})")
+    rows = evaluate(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    table = markdown(rows)
+    (args.out / "results.md").write_text(table)
+    plot(rows, args.out / "results.png", f"{Path(args.model).name}: {args.samples} samples per point")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

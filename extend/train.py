@@ -1,0 +1,178 @@
+"""The embedded model's training recipe: a small Mamba1 trained at 512 tokens on language modelling mixed
+with the synthetic passkey task at 64-512 tokens, written in the Hugging Face layout the runtime loads.
+
+    python -m extend.train --tokenizer tokenizer.json --data TRAIN_SHARDS... --out models/NAME \
+        --d-model 256 --n-layer 8 --steps 4000 --batch-size 64 --seed 0
+
+Runs on CUDA with the mamba_ssm kernels (bf16 autocast, float32 master weights); on CPU for tests.
+The weights are stored in bfloat16 (`model.safetensors`) with `config.json` (recording
+`training_context_length`) and a copy of the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from runtime import MAMBA1, ModelConfig, MambaLM
+from runtime.backend import select_backend
+from runtime.tokenizer import Tokenizer
+
+from .data import read_documents
+from .passkey import make_batch, minimum_length
+
+PASSKEY_MIN_LENGTH = 64
+
+
+def init_weights(model: MambaLM, seed: int) -> None:
+    """mamba_ssm's initialisation: S4D-real A, Δ bias for Δ in [0.001, 0.1], rescaled out_proj."""
+    torch.manual_seed(seed)
+    c = model.config
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.reset_parameters()
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.Conv1d):
+                module.reset_parameters()
+        torch.nn.init.normal_(model.embedding.weight, std=0.02)
+        for block in model.layers:
+            mixer = block.mixer
+            block.norm.weight.fill_(1.0)
+            std = c.dt_rank ** -0.5
+            torch.nn.init.uniform_(mixer.dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(c.d_inner) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+            mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+            mixer.A_log.copy_(torch.log(torch.arange(1, c.d_state + 1, dtype=torch.float32)).expand(c.d_inner, -1))
+            mixer.D.fill_(1.0)
+            mixer.out_proj.weight.div_(math.sqrt(c.n_layer))
+        model.norm_f.weight.fill_(1.0)
+
+
+def hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
+    return {
+        "architectures": ["MambaForCausalLM"], "model_type": "mamba", "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer, "vocab_size": config.vocab_size, "state_size": config.d_state,
+        "expand": config.expand, "conv_kernel": config.d_conv, "time_step_rank": config.dt_rank,
+        "use_bias": config.proj_bias, "use_conv_bias": config.conv_bias, "layer_norm_epsilon": config.norm_eps,
+        "residual_in_fp32": config.residual_in_fp32, "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu", "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id, "training_context_length": config.training_context_length,
+    }
+
+
+def save_hf(model: MambaLM, tokenizer_path: Path, eos_token_id: int | None, out: Path) -> None:
+    """config.json + model.safetensors (bfloat16, transformers' tensor names) + tokenizer.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(model.config, eos_token_id), indent=1) + "\n")
+    tensors = {"backbone." + name.replace("embedding.", "embeddings.", 1) if name.startswith("embedding.")
+               else "backbone." + name: t.detach().to("cpu", torch.bfloat16).contiguous()
+               for name, t in model.state_dict().items()}
+    save_file(tensors, out / "model.safetensors")
+    if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
+        shutil.copy(tokenizer_path, out / "tokenizer.json")
+
+
+def token_stream(texts: list[str], tokenizer: Tokenizer) -> torch.Tensor:
+    """All texts encoded and joined by end-of-text: one (N,) int64 tensor."""
+    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    ids = [token for doc in tokenizer.encode_batch(texts) for token in separator + doc]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _windows(stream: torch.Tensor, length: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - length, (count,), generator=generator)
+    return torch.stack([stream[s:s + length] for s in starts.tolist()])  # (count, length)
+
+
+def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args) -> tuple[MambaLM, list[float]]:
+    """Trains and saves; returns the model and the training loss of every step."""
+    device = torch.device(args.device)
+    tokenizer = Tokenizer(args.tokenizer)
+    config = ModelConfig(arch=MAMBA1, d_model=args.d_model, n_layer=args.n_layer, vocab_size=tokenizer.vocab_size,
+                         d_state=args.d_state, training_context_length=args.length)
+    with torch.device(device):
+        model = MambaLM(config, select_backend(args.backend, device))
+    init_weights(model, args.seed)
+    model.train()
+    stream = token_stream([doc.text for doc in read_documents(args.data)], tokenizer)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {len(stream) / 1e6:.1f}M training tokens")
+    generator = torch.Generator().manual_seed(args.seed)
+    rng = random.Random(args.seed)
+
+    def haystack(length: int, _rng: random.Random) -> list[int]:
+        return _windows(stream, length, 1, generator)[0].tolist()
+
+    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    half = args.batch_size // 2
+    shortest = max(PASSKEY_MIN_LENGTH, minimum_length(tokenizer) + 8)  # some haystack in every sample
+    start = time.perf_counter()
+    losses = []
+    for step in range(args.steps):
+        for group in optimiser.param_groups:
+            group["lr"] = _lr(step, args.steps, args.lr, args.warmup)
+        text = _windows(stream, args.length + 1, half, generator).to(device)  # (half, L+1)
+        passkey = make_batch(tokenizer, rng.randint(shortest, args.length + 1), half, rng, haystack,
+                             [rng.random() for _ in range(half)]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            text_loss = F.cross_entropy(model.logits(model.hidden_states(text[:, :-1])[0]).flatten(0, 1),
+                                        text[:, 1:].flatten())
+            logits = model.logits(model.hidden_states(passkey.tokens[:, :-1])[0])  # (half, L-1, V)
+            targets, answer = passkey.tokens[:, 1:], passkey.answer_mask[:, 1:]
+            all_ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+            passkey_loss = all_ce.mean() + args.answer_weight * all_ce[answer].mean()
+        loss = text_loss + passkey_loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        losses.append(loss.item())
+        if step % args.log_every == 0 or step == args.steps - 1:
+            hits = ((logits.argmax(-1) != targets) & answer).sum(1) == 0
+            print(f"step {step:5d}  lm {text_loss.item():.3f}  passkey answer ce {all_ce[answer].mean().item():.3f}  "
+                  f"retrieved {hits.float().mean().item():.2f}  {time.perf_counter() - start:.0f}s", flush=True)
+    model.eval()
+    save_hf(model, Path(args.tokenizer), tokenizer.eos_token_id, args.out)
+    return model, losses
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m extend.train", description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizer", required=True, type=Path)
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=8)
+    p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--length", type=int, default=512, help="training context length")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=64, help="half language modelling, half passkey")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--answer-weight", type=float, default=1.0, help="extra weight of the passkey answer tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--log-every", type=int, default=100)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args())

@@ -1,0 +1,32 @@
+"""`python -m extend.evaluate` on a tiny model and bank: table, JSON and plot, base beside bank."""
+
+import json
+import shutil
+
+from checkpoints import TOKENIZER_TEXT, tiny_tokenizer
+
+from extend.build_bank import main as build_bank
+from extend.evaluate import main as evaluate
+
+
+def test_evaluate_writes_table_json_and_plot(checkpoints, tmp_path, capsys):
+    model = shutil.copytree(checkpoints["mamba1"], tmp_path / "model")
+    tiny_tokenizer(model / "tokenizer.json")
+    books = tmp_path / "books.jsonl"
+    books.write_text("".join(json.dumps({"id": i, "text": TOKENIZER_TEXT * 6}) + "\n" for i in range(4)))
+    assert build_bank(["--model", str(model), "--data", str(books), "--out", str(tmp_path / "bank"), "--buckets",
+                       "128", "--steps", "2", "--eval-samples", "2", "--training-length", "80", "--device", "cpu",
+                       "--no-progress"]) == 0
+    out = tmp_path / "results"
+    evaluate(["--model", str(model), "--bank", str(tmp_path / "bank"), "--lengths", "80,128,256", "--data", str(books),
+              "--samples", "3", "--out", str(out), "--device", "cpu"])
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["task"], r["length"]) for r in rows] == [(t, n) for n in (80, 128, 256) for t in ("passkey", "ppl")]
+    assert [r["bucket"] for r in rows if r["task"] == "ppl"] == ["none", "128", "128"]  # identity within training length
+    assert all(0 <= r["base"] <= 1 for r in rows if r["task"] == "passkey")
+    assert all(r["base"] > 1 for r in rows if r["task"] == "ppl")
+    ppl_80 = next(r for r in rows if r["task"] == "ppl" and r["length"] == 80)
+    assert ppl_80["bank"] == ppl_80["base"]  # no scales at or below the training length
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| with bank |" in (out / "results.md").read_text()
+    assert "perplexity" in capsys.readouterr().out

@@ -1,0 +1,32 @@
+"""The training recipe on CPU at toy size: it learns, and what it writes loads in the runtime and in transformers."""
+
+import json
+
+import torch
+from checkpoints import TOKENIZER_TEXT, tiny_tokenizer
+from transformers import MambaForCausalLM
+
+from extend.train import parse_args, train
+from runtime import load_model
+
+
+def test_train_learns_and_writes_a_loadable_hugging_face_checkpoint(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.json")
+    books = tmp_path / "books.jsonl"
+    books.write_text("".join(json.dumps({"id": i, "text": TOKENIZER_TEXT * 8}) + "\n" for i in range(3)))
+    out = tmp_path / "model"
+    args = parse_args(["--tokenizer", str(tokenizer), "--data", str(books), "--out", str(out), "--d-model", "16",
+                       "--n-layer", "2", "--d-state", "4", "--length", "80", "--steps", "60", "--batch-size", "4",
+                       "--warmup", "5", "--lr", "1e-2", "--device", "cpu", "--log-every", "1000"])
+    model, losses = train(args)
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+
+    loaded = load_model(out)
+    assert loaded.config.training_context_length == 80 and loaded.layout == "hf"
+    assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
+    reference = MambaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, loaded.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(tokens, use_cache=False).logits
+    got = loaded.model.logits(loaded.model.hidden_states(tokens)[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
