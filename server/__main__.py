@@ -1,0 +1,31 @@
+"""`python -m server` / `mamba-extend-server`: load the model, tokenizer and bank once, then serve."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from runtime.errors import RuntimeErrorBase
+from scale_bank import BankError
+
+from .app import build_app
+from .components import load_components
+from .config import ConfigError, parse_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Exits with status 2 and the fault's message (no traceback) when the start fails."""
+    try:
+        config, log_level = parse_args(argv)
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        components = load_components(config.model)
+    except (ConfigError, RuntimeErrorBase, BankError) as bad:
+        print(f"mamba-extend-server: error: {bad}", file=sys.stderr)
+        raise SystemExit(2) from None
+    uvicorn.run(build_app(config, components), host=config.http.host, port=config.http.port, log_level=log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The HTTP routes (DESIGN §5): OpenAI completions and models, health, Prometheus metrics.
+
+Routes stay thin: parse the body (pydantic), hand it to `CompletionService`, and shape the HTTP response.
+Every ServerError raised below, and every HTTP fault Starlette raises (unknown route, wrong method), leaves
+as OpenAI error JSON through the handlers here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+
+from .components import Components
+from .config import ServerConfig
+from .engine import Engine
+from .errors import AuthenticationError, ServerError, UnavailableError
+from .metrics import Metrics
+from .protocol import parse_completion_request
+from .serving import CompletionService
+
+log = logging.getLogger(__name__)
+HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
+
+
+def error_response(error: ServerError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after)} if hasattr(error, "retry_after") else None
+    return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
+
+
+def build_app(config: ServerConfig, components: Components) -> FastAPI:
+    """One app per engine: the engine thread starts and stops with the app's lifespan."""
+    metrics = Metrics(torch.device(config.model.device))
+    engine = Engine(components.loaded.model, components.tokenizer, config.engine, metrics)
+    service = CompletionService(engine, components, config.http, config.engine.request_timeout)
+    http = config.http
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="mamba-extend-server", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    def require_key(request: HttpRequest) -> None:
+        if http.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {http.api_key}".encode()):
+            raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @v1.post("/completions")
+    async def completions(request: HttpRequest) -> Response:
+        body = parse_completion_request(await request.body())
+        submission = service.submit(body)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return EventSourceResponse(service.stream(submission, include_usage), ping=http.heartbeat, sep="\n")
+        completion = await service.complete(submission, request)
+        return JSONResponse(completion) if completion is not None else Response(status_code=499)
+
+    @v1.get("/models")
+    async def models() -> dict:
+        loaded, bank = components.loaded, components.bank
+        buckets = [] if bank is None else [{"name": e.bucket, "length": e.length, "method": e.method,
+                                            "granularity": e.granularity} for e in bank.manifest.entries]
+        card = {"id": http.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "mamba-extend-server", "root": str(loaded.path), "arch": loaded.config.arch,
+                "max_model_len": http.max_context, "training_context_length": components.training_length,
+                "scale_buckets": buckets}
+        return {"object": "list", "data": [card]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.alive:
+            return error_response(UnavailableError("the engine is not running"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.exception_handler(ServerError)
+    async def on_server_error(_request: HttpRequest, error: ServerError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_request: HttpRequest, error: HTTPException) -> JSONResponse:
+        body = {"error": {"message": str(error.detail), "type": HTTP_ERROR_TYPES.get(error.status_code, "server_error"),
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    return app

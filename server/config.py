@@ -1,0 +1,121 @@
+"""The server's settings: one dataclass per concern, built once from the command line by `parse_args`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+# The embedded default model and its bank, served when no --model is given (built by extend/, committed).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "mamba-extend-default"
+BANK_DIRNAME = "bank"  # a model directory may carry its bank here
+DEFAULT_MAX_CONTEXT = 131072  # tokens; a recurrent model has no positional limit, so this only bounds work per request
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load at start: everything fails there or not at all."""
+
+    path: Path  # checkpoint directory
+    tokenizer: Path | None  # tokenizer.json; None: the one in the checkpoint directory
+    bank: Path | None  # bank directory; None: serve without scales
+    device: str
+    dtype: str | None  # None: the runtime's default for the device
+    backend: str  # auto | torch | mamba_ssm
+    training_length: int | None  # overrides the checkpoint's; state-spaces checkpoints record none
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine loop schedules work; DESIGN §5."""
+
+    max_batch_size: int = 8  # state slots: sequences that decode together in one batched step
+    max_queue: int = 64  # requests waiting for a slot; one more is refused (429) rather than queued without bound
+    prefill_chunk: int = 2048  # prompt tokens per step: bounds how long a long prompt holds back other streams
+    request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
+    step_log_size: int = 4096  # engine steps kept in the step log (tests and debugging read it)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP front."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # bearer token for /v1/*; None: open. /health and /metrics stay open
+    served_model_name: str = "mamba"  # the `model` clients name
+    max_context: int = DEFAULT_MAX_CONTEXT  # prompt + max_tokens limit per request
+    heartbeat: float = 15.0  # seconds between SSE pings on a stream, so proxies keep it open during a long prefill
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: ModelSpec
+    engine: EngineConfig
+    http: HttpConfig
+
+
+class ConfigError(Exception):
+    """A command line that names nothing servable (e.g. the default model is not built yet)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mamba-extend-server", description="OpenAI-compatible server for Mamba "
+                                "models with per-request Δ-scale buckets (MambaExtend).")
+    p.add_argument("--model", type=Path, help=f"checkpoint directory (default: the embedded {DEFAULT_MODEL_DIR})")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in the model directory)")
+    p.add_argument("--bank", type=Path, help=f"scale bank directory (default: <model>/{BANK_DIRNAME} if it exists)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--backend", choices=("auto", "torch", "mamba_ssm"), default="auto")
+    p.add_argument("--training-length", type=_positive_int,
+                   help="the model's training context length, overriding the checkpoint's (state-spaces "
+                        "checkpoints record none; theirs is 2048)")
+    p.add_argument("--host", default=HttpConfig.host)
+    p.add_argument("--port", type=int, default=HttpConfig.port)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/*")
+    p.add_argument("--served-model-name", help="model name in the API (default: the model directory's name)")
+    p.add_argument("--max-context", type=_positive_int, default=HttpConfig.max_context,
+                   help="most tokens (prompt + max_tokens) one request may reach")
+    p.add_argument("--heartbeat", type=_positive_float, default=HttpConfig.heartbeat, help="seconds between SSE pings")
+    p.add_argument("--max-batch-size", type=_positive_int, default=EngineConfig.max_batch_size)
+    p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
+    p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
+                   help="prompt tokens per engine step")
+    p.add_argument("--request-timeout", type=_positive_float, help="seconds a request may take (default: no limit)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
+    """The server's config and the log level. Raises ConfigError when no --model is given and the embedded
+    default model is not there."""
+    args = build_parser().parse_args(argv)
+    model = args.model
+    if model is None:
+        if not DEFAULT_MODEL_DIR.is_dir():
+            raise ConfigError(f"no --model given and the embedded default model is missing: {DEFAULT_MODEL_DIR} "
+                              "does not exist; pass --model <checkpoint directory>")
+        model = DEFAULT_MODEL_DIR
+    bank = args.bank
+    if bank is None and (model / BANK_DIRNAME).is_dir():
+        bank = model / BANK_DIRNAME
+    spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length)
+    engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout)
+    http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
+                      args.max_context, args.heartbeat)
+    return ServerConfig(spec, engine, http), args.log_level

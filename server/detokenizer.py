@@ -1,0 +1,75 @@
+"""Incremental detokenisation with stop strings.
+
+Text is released only when it is final:
+- never a broken UTF-8 character: while the decoded tail ends in U+FFFD (a multi-byte character split across
+  tokens) it is held until the next token completes it, or until the request ends;
+- never part of a stop string: text that could be the start of a stop string is held until it is known not
+  to be one; a stop string found (also one split across tokens) ends the request and is not emitted.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+REPLACEMENT = "\ufffd"
+MAX_HELD_TOKENS = 4  # a UTF-8 character has at most 4 bytes: past that the bytes are invalid, not incomplete
+
+
+class Decoder(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class OutputText:
+    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = ()):
+        self._tokenizer = tokenizer
+        self._stop = tuple(s for s in stop if s)
+        self._ids: list[int] = []
+        self._prefix = 0  # ids[prefix:read] decode to text already taken into `text`; kept as context
+        self._read = 0
+        self.text = ""  # decoded so far (complete characters), up to a stop string
+        self._emitted = 0  # characters of `text` handed out
+        self.stopped = False  # a stop string was found
+
+    def push(self, token_id: int) -> str:
+        """Adds one generated token; returns the text that became final (possibly empty)."""
+        assert not self.stopped, "no tokens after a stop string"
+        self._ids.append(token_id)
+        known = self._tokenizer.decode(self._ids[self._prefix:self._read])
+        full = self._tokenizer.decode(self._ids[self._prefix:])
+        if full.endswith(REPLACEMENT) and len(self._ids) - self._read < MAX_HELD_TOKENS:
+            return ""  # an incomplete character: wait for its next bytes
+        self.text += full[len(known):]
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._release()
+
+    def finish(self) -> str:
+        """The request ends (length, end of text, timeout): hand out whatever is held, broken characters too."""
+        if not self.stopped:
+            tail = self._tokenizer.decode(self._ids[self._prefix:])
+            self.text += tail[len(self._tokenizer.decode(self._ids[self._prefix:self._read])):]
+            self._read = len(self._ids)
+        out = self.text[self._emitted:]
+        self._emitted = len(self.text)
+        return out
+
+    def _release(self) -> str:
+        start = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
+        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+            return self.finish()
+        end = len(self.text) - self._partial_stop_len()
+        out = self.text[self._emitted:end]
+        self._emitted = max(self._emitted, end)
+        return out
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self._stop:
+            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

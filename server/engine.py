@@ -1,0 +1,251 @@
+"""The engine: one thread owns the model and a pool of recurrent states, and runs the scheduler's steps.
+
+Threads: the HTTP side calls `submit` and `abort` (they only touch the scheduler under `_cond`, and raise
+QueueFullError at once when the queue is full); the engine thread loops schedule → run the model → update →
+hand each request's output to its `sink`. The model runs outside the lock, so submitting never waits on it.
+
+Each request owns one row (slot) of the state pool from admission to finish. A prefill chunk continues the
+slot's state; a decode step gathers the decoding rows, steps them as one batch with a per-row scale set
+(every request its own bucket), and writes them back.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from runtime import MambaLM, batch_scales
+from runtime.tokenizer import Tokenizer
+
+from .config import EngineConfig
+from .errors import UnavailableError
+from .metrics import Metrics
+from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
+from .sampling import logprob_entries, sample
+from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int  # engine step index
+    kind: str  # "prefill" (one chunk) or "decode" (one token for each request)
+    request_ids: tuple[str, ...]
+    tokens: int  # prompt tokens in the chunk, or sequences in the decode batch
+    last_chunk: bool = False  # prefill only: the chunk ended the prompt
+
+
+class Engine:
+    def __init__(self, model: MambaLM, tokenizer: Tokenizer, config: EngineConfig, metrics: Metrics):
+        assert tokenizer.vocab_size <= model.config.vocab_size, "tokenizer larger than the model's vocabulary"
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.metrics = metrics
+        self.pool = model.new_state(config.max_batch_size)  # one row per slot
+        self.scheduler = Scheduler(config)
+        self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._decode_scales_key: tuple[str, ...] | None = None  # request ids the cached BatchScales belong to
+        self._decode_scales = None
+
+    # --- the HTTP side -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mamba-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, request: Request) -> None:
+        """Queues `request`; raises QueueFullError when --max-queue requests already wait."""
+        with self._cond:
+            if not self.alive:
+                raise UnavailableError("the engine is not running")
+            self.scheduler.add(request)
+            self.metrics.waiting.set(len(self.scheduler.waiting))
+            self._cond.notify()
+
+    def abort(self, request: Request) -> None:
+        """Cancels `request` (no-op once finished); its slot is freed at the next step."""
+        with self._cond:
+            request.abort_requested = True
+            self._cond.notify()
+
+    @property
+    def free_slots(self) -> int:
+        with self._cond:
+            return len(self.scheduler.free_slots)
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self.scheduler.has_work():
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                output = self.scheduler.schedule(time.monotonic())
+            finished, outputs = self._run(output)
+            with self._cond:
+                self.scheduler.update(output, finished)
+                self.metrics.running.set(len(self.scheduler.running))
+                self.metrics.waiting.set(len(self.scheduler.waiting))
+            self._report(outputs)
+        self._drain()
+
+    def _drain(self) -> None:
+        """On stop: every request still queued or running ends with an error."""
+        with self._cond:
+            left = [*self.scheduler.waiting, *self.scheduler.running]
+            for request in left:
+                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+        self._report({r: self._new_output(r, error="the server is shutting down") for r in left})
+
+    def _run(self, output: SchedulerOutput) -> tuple[dict[Request, RequestStatus], dict[Request, RequestOutput]]:
+        """Runs one step's model work; returns the requests it finished and every request's new output."""
+        finished: dict[Request, RequestStatus] = {}
+        outputs = {request: self._new_output(request) for request in output.finished}
+        now = time.monotonic()
+        for request in output.admitted:
+            request.admitted_time = now
+            request.generator = torch.Generator(self.model.device)
+            seed = request.params.seed
+            request.generator.manual_seed(secrets.randbits(63) if seed is None else seed % 2**64)
+            self.metrics.queue_time.observe(now - request.arrival_time)
+        chunk = output.prefill
+        if chunk is not None:
+            record = StepRecord(output.step, "prefill", (chunk.request.request_id,), chunk.end - chunk.start, chunk.last)
+            self._guarded(record, [chunk.request], finished, outputs, self._prefill, chunk)
+        if output.decode:
+            record = StepRecord(output.step, "decode", tuple(r.request_id for r in output.decode), len(output.decode))
+            self._guarded(record, output.decode, finished, outputs, self._decode, output.decode)
+        return finished, outputs
+
+    def _guarded(self, record: StepRecord, requests: list[Request], finished: dict, outputs: dict, run, work) -> None:
+        """Runs `run(work, finished, outputs)`, timed and logged; if the model raises, ends `requests` with an
+        error and keeps serving the others."""
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                run(work, finished, outputs)
+        except Exception as bad:
+            log.exception("engine step %d (%s) failed", record.step, record.kind)
+            for request in requests:
+                finished[request] = RequestStatus.FINISHED_ERROR
+                outputs.setdefault(request, self._new_output(request)).error = f"{type(bad).__name__}: {bad}"
+        self.metrics.step_time.labels(record.kind).observe(time.perf_counter() - started)
+        self.step_log.append(record)
+
+    def _prefill(self, chunk: PrefillChunk, finished: dict, outputs: dict) -> None:
+        request = chunk.request
+        prompt = request.prompt_ids
+        tokens = torch.tensor([prompt[chunk.start:chunk.end]], device=self.model.device)  # (1, c)
+        state = None if chunk.start == 0 else self.pool.rows([request.slot])  # None: zeros, a fresh sequence
+        scales = batch_scales([request.scales], self.model.config, self.model.device)
+        hidden, state = self.model.hidden_states(tokens, state, scales)  # (1, c, D)
+        self.pool.write_rows([request.slot], state)
+        self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
+        if request.params.prompt_logprobs:
+            self._score_prompt(request, chunk, hidden)
+        if not chunk.last:
+            return
+        self.metrics.prefill_time.observe(time.monotonic() - request.admitted_time)
+        out = outputs.setdefault(request, self._new_output(request))
+        if request.params.prompt_logprobs:
+            out.prompt_logprobs = request.prompt_logprobs
+        if request.params.max_tokens == 0:
+            finished[request] = RequestStatus.FINISHED_LENGTH
+            return
+        logits = self.model.logits(hidden[:, -1])  # (1, V)
+        self._take_tokens([request], logits, finished, outputs)
+
+    def _score_prompt(self, request: Request, chunk: PrefillChunk, hidden: torch.Tensor) -> None:
+        """Logprob of each prompt token given the ones before it, for the positions of this chunk; the first
+        prompt token has none (as in OpenAI's echo)."""
+        prompt = request.prompt_ids
+        if chunk.start == 0:
+            request.prompt_logprobs = [None]
+        scored = min(chunk.end, len(prompt) - 1) - chunk.start  # positions whose next token is in the prompt
+        targets = torch.tensor(prompt[chunk.start + 1:chunk.start + 1 + scored], device=hidden.device)  # (s,)
+        for start, logits in self.model.iter_logits(hidden[:, :scored]):  # (1, slice, V)
+            request.prompt_logprobs += logprob_entries(logits[0, :, :self.tokenizer.vocab_size],
+                                                       targets[start:start + logits.shape[1]], request.params.logprobs)
+
+    def _decode(self, requests: list[Request], finished: dict, outputs: dict) -> None:
+        slots = [r.slot for r in requests]
+        tokens = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)  # (b,)
+        state = self.pool.rows(slots)  # (b, ...) gathered copy
+        key = tuple(r.request_id for r in requests)
+        if key != self._decode_scales_key:
+            self._decode_scales_key = key
+            self._decode_scales = batch_scales([r.scales for r in requests], self.model.config, self.model.device)
+        logits = self.model.step(tokens, state, self._decode_scales)  # (b, V)
+        self.pool.write_rows(slots, state)
+        self._take_tokens(requests, logits, finished, outputs)
+
+    def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: dict, outputs: dict) -> None:
+        """logits: (b, V) of the model. Samples one token per request and applies every finish rule."""
+        logits = logits[:, :self.tokenizer.vocab_size]  # (b, V'): ids past the tokenizer are padding
+        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        now = time.monotonic()
+        self.metrics.generation_tokens.inc(len(tokens))
+        for i, (request, token) in enumerate(zip(requests, tokens)):
+            out = outputs.setdefault(request, self._new_output(request))
+            request.output_ids.append(token)
+            out.token_ids.append(token)
+            if request.params.logprobs is not None:
+                out.logprobs += logprob_entries(logits[i:i + 1], torch.tensor([token], device=logits.device),
+                                                request.params.logprobs)
+            if request.first_token_time is None:
+                request.first_token_time = now
+                self.metrics.time_to_first_token.observe(now - request.arrival_time)
+            else:
+                self.metrics.inter_token_latency.observe(now - request.last_token_time)
+            request.last_token_time = now
+            if token == self.tokenizer.eos_token_id:
+                finished[request] = RequestStatus.FINISHED_STOPPED
+                continue
+            out.text += request.text.push(token)
+            if request.text.stopped:
+                finished[request] = RequestStatus.FINISHED_STOPPED
+            elif len(request.output_ids) >= request.params.max_tokens:
+                finished[request] = RequestStatus.FINISHED_LENGTH
+
+    def _new_output(self, request: Request, error: str | None = None) -> RequestOutput:
+        return RequestOutput(request.request_id, "", [], [], None, request.status, len(request.prompt_ids), 0, error)
+
+    def _report(self, outputs: dict[Request, RequestOutput]) -> None:
+        """Completes each output with the request's status (set by the scheduler) and hands it over."""
+        now = time.monotonic()
+        for request, out in outputs.items():
+            out.status = request.status
+            out.num_output_tokens = len(request.output_ids)
+            if request.status.finished:
+                out.text += request.text.finish()
+                self.metrics.e2e_latency.observe(now - request.arrival_time)
+                self.metrics.requests.labels(FINISH_REASON[request.status]).inc()
+                self.metrics.scale_buckets.labels(request.scale_bucket).inc()
+            try:
+                request.sink(out)
+            except Exception:  # a sink belongs to one client; its fault must not stop the engine
+                log.exception("output sink of %s failed", request.request_id)

@@ -1,0 +1,119 @@
+"""A request's whole life in the engine: its parameters, scale set, state slot, tokens and timing.
+
+Life cycle: WAITING → PREFILLING → DECODING → one FINISHED_* status. Only the engine thread changes a
+request after it is submitted, except `abort_requested`, which the HTTP side sets (under the engine lock).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from runtime import ScaleSet
+
+from .detokenizer import OutputText
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # in the bounded queue, no state slot yet
+    PREFILLING = "prefilling"  # holds a slot; its prompt runs chunk by chunk
+    DECODING = "decoding"  # prompt done; one token per engine step
+    FINISHED_STOPPED = "stopped"  # end of text or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens reached
+    FINISHED_ABORTED = "aborted"  # the client went away
+    FINISHED_TIMEOUT = "timeout"  # ran past --request-timeout
+    FINISHED_ERROR = "error"  # the model raised
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISH_REASON
+
+
+# The OpenAI `finish_reason` of each finished status (vLLM's names where OpenAI has none).
+FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_TIMEOUT: "timeout",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int  # ≥ 0; 0 runs the prompt only (prompt logprobs)
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # ≤ 0: off
+    seed: int | None = None  # same seed, same text
+    stop: tuple[str, ...] = ()  # stop strings, not emitted
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs
+    prompt_logprobs: bool = False  # also score the prompt's tokens (echo with logprobs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the `k` most likely tokens and their logprobs, best first
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step adds to a request, handed to the request's sink."""
+
+    request_id: str
+    text: str  # text that became final this step (held-back text comes later or never)
+    token_ids: list[int]  # tokens generated this step
+    logprobs: list[TokenLogprob]  # of `token_ids`, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None  # first output only, when asked; None for the first token
+    status: RequestStatus
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    scales: ScaleSet | None  # applied in the prefill and every decode step; None: identity
+    scale_bucket: str  # the bucket reported to the client and in metrics ("none" for identity)
+    text: OutputText  # incremental detokeniser with the stop strings
+    sink: Callable[[RequestOutput], None]  # receives every output; called on the engine thread
+    timeout: float | None = None  # seconds from arrival
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    abort_requested: bool = False
+    slot: int | None = None  # row of the engine's state pool while PREFILLING or DECODING
+    num_computed: int = 0  # prompt tokens prefilled so far
+    output_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # filled chunk by chunk when asked
+    generator: torch.Generator | None = None  # per-request sampling randomness, made at admission
+    admitted_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    def __post_init__(self):
+        assert self.prompt_ids, "a request needs at least one prompt token"
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.arrival_time + self.timeout
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.num_computed == len(self.prompt_ids)

@@ -1,0 +1,48 @@
+"""Choosing the next token and reporting logprobs. Shapes: b batch, l positions, V vocabulary.
+
+Logits arrive already cut to the tokenizer's vocabulary (the model's rows past it are padding, never tokens).
+Each sequence samples with its own `torch.Generator`, so a seed gives the same text whatever else is batched.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .request import SamplingParams, TokenLogprob
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
+    """logits: (b, V) float32. Returns one token id per row."""
+    tokens = logits.argmax(dim=-1).tolist()  # (b,): the greedy choice, kept for temperature 0
+    for i, (p, generator) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            probs = torch.softmax(_filtered(logits[i] / p.temperature, p.top_k, p.top_p), dim=-1)  # (V,)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=generator))
+    return tokens
+
+
+def _filtered(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """scores: (V,). Sets to -inf every token outside the top k and outside the smallest set of most likely
+    tokens whose probability reaches top_p (the most likely token always stays)."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)  # (V,)
+        probs = torch.softmax(ordered, dim=-1)
+        before = probs.cumsum(-1) - probs  # (V,): probability mass of the tokens ranked above each one
+        drop = torch.zeros_like(scores, dtype=torch.bool).scatter(0, order, before >= top_p)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def logprob_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logits: (l, V) of the positions that predict `targets` (l,). Returns each target's logprob under the
+    model's distribution and the k most likely tokens there."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (l, V)
+    chosen = logp.gather(-1, targets[:, None]).squeeze(-1).tolist()  # (l,)
+    top_values, top_ids = torch.topk(logp, k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())  # (l, k)
+    return [TokenLogprob(int(t), lp, tuple(zip(ids, values)))
+            for t, lp, ids, values in zip(targets.tolist(), chosen, top_ids.tolist(), top_values.tolist())]

@@ -1,0 +1,33 @@
+"""Tiny real byte-level BPE tokenizers for the tests, trained on a few paragraphs written here.
+
+The text uses few distinct characters (lower case, some punctuation, "é" and "€" for multi-byte UTF-8) so
+that the whole vocabulary fits the tiny test models' 96 ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"
+TEXT = """\
+the river ran past the old mill, and the miller's daughter sat on the bank to watch the water go by.
+she counted the boats: one, two, three. each boat carried grain to the town, and each boatman waved.
+in the town the baker made bread from the grain; the bread cost one euro, or 1 €, at the café.
+a long context is a long road: the model must remember the start while it reads the end.
+when the road is longer than any road it was trained on, the model forgets, and the answer is lost.
+so we scale the step of each layer, and the model remembers again. the pass key is 4821. remember it.
+what is the pass key? the pass key is 4821. the river ran on, and the mill turned, and the day ended.
+"""
+
+
+def train_tokenizer(path: Path, vocab_size: int = 96) -> Path:
+    """Trains on TEXT and saves tokenizer.json at `path`; the vocabulary has exactly `vocab_size` ids."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False)
+    tokenizer.train_from_iterator(TEXT.splitlines(), trainer)
+    assert tokenizer.get_vocab_size() == vocab_size, f"trained {tokenizer.get_vocab_size()} ids, wanted {vocab_size}"
+    tokenizer.save(str(path))
+    return path
