@@ -84,11 +84,10 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
 
 def _selective_scan(x, dt, dt_bias, A, B, C, D, z):
     """selective_scan_fn on (b, l, ·) views; returns y (b, l, d) and the last state (b, d, n) float32.
-    The kernel wants Δ and z in x's dtype (under autocast the PyTorch conv leaves x in float32)."""
-    y, h = selective_scan_fn(
-        x.transpose(1, 2), dt.to(x.dtype).transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),  # (b, ·, l)
-        D, None if z is None else z.to(x.dtype).transpose(1, 2), dt_bias.float(), True, return_last_state=True,
-    )
+    The kernel wants Δ, B, C and z in x's dtype (under autocast the PyTorch conv leaves x in float32)."""
+    same = lambda t: None if t is None else t.to(x.dtype).transpose(1, 2)  # noqa: E731  (b, l, ·) -> (b, ·, l)
+    y, h = selective_scan_fn(x.transpose(1, 2), same(dt), A, same(B), same(C), D, same(z), dt_bias.float(), True,
+                             return_last_state=True)
     return y.transpose(1, 2), h.float()  # (b, l, d), (b, d, n)
 
 
