@@ -1,0 +1,200 @@
+"""POST /v1/completions against the real tiny model over loopback HTTP: shapes, streaming, sampling,
+stop strings, echo and logprobs, and the scale bucket each request uses (in its prefill and every step)."""
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from runtime import batch_scales, load_model
+from runtime.tokenizer import Tokenizer
+from scale_bank import Bank
+
+from conftest import SERVER_FLAGS, TRAINING_LENGTH, LiveServer
+
+PROMPT = "the river ran past the old mill"
+
+
+def complete(client, **body) -> dict:
+    response = client.post("/v1/completions", json={"max_tokens": 12, "temperature": 0, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stream(client, **body) -> list:
+    """The decoded `data:` events of a streamed completion, "[DONE]" kept as a string."""
+    events = []
+    with client.stream("POST", "/v1/completions", json={"max_tokens": 12, "temperature": 0, **body,
+                                                         "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_completion_object_and_usage(client, live):
+    body = complete(client, prompt=PROMPT, max_tokens=7)
+    prompt_tokens = len(live.components.tokenizer.encode(PROMPT))
+    assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None and isinstance(choice["text"], str)
+    assert choice["finish_reason"] in ("length", "stop")
+    completion_tokens = body["usage"]["completion_tokens"]
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+    assert completion_tokens == 7 or choice["finish_reason"] == "stop"
+
+
+def test_stream_is_ordered_chunks_then_usage_then_done_and_equals_the_non_streamed_text(client):
+    events = stream(client, prompt=PROMPT, max_tokens=10, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    *chunks, usage = events[:-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+    assert all(c["object"] == "text_completion" and len(c["choices"]) == 1 for c in chunks)
+    assert len({c["id"] for c in events[:-1]}) == 1
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert all("usage" not in c for c in chunks)
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == complete(client, prompt=PROMPT, max_tokens=10)["choices"][0]["text"]
+    assert stream(client, prompt=PROMPT, max_tokens=3)[-2].get("usage") is None  # not asked: no usage chunk
+
+
+def test_max_tokens_zero_and_echo(client):
+    body = complete(client, prompt=PROMPT, max_tokens=0)
+    assert body["choices"][0]["text"] == "" and body["usage"]["completion_tokens"] == 0
+    assert body["choices"][0]["finish_reason"] == "length"
+    echoed = complete(client, prompt=PROMPT, max_tokens=5, echo=True)
+    plain = complete(client, prompt=PROMPT, max_tokens=5)
+    assert echoed["choices"][0]["text"] == PROMPT + plain["choices"][0]["text"]
+    chunks = stream(client, prompt=PROMPT, max_tokens=5, echo=True)[:-1]
+    assert chunks[0]["choices"][0]["text"].startswith(PROMPT)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == echoed["choices"][0]["text"]
+
+
+def test_stop_string_split_across_tokens_is_not_emitted(client):
+    baseline = complete(client, prompt=PROMPT, max_tokens=20, logprobs=0)
+    text, tokens = baseline["choices"][0]["text"], baseline["choices"][0]["logprobs"]["tokens"]
+    assert "".join(tokens) == text
+    # the last character of one token and the first of the next, first found at that boundary in the text
+    ends = [len("".join(tokens[:i + 1])) for i in range(len(tokens))]
+    stop = next(text[end - 1:end + 1] for end in ends[2:-1] if text.index(text[end - 1:end + 1]) == end - 1)
+    expected = text[:text.index(stop)]
+    stopped = complete(client, prompt=PROMPT, max_tokens=20, stop=[stop, "never there"])
+    assert stopped["choices"][0]["text"] == expected and stopped["choices"][0]["finish_reason"] == "stop"
+    chunks = stream(client, prompt=PROMPT, max_tokens=20, stop=stop)[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    unmet = complete(client, prompt=PROMPT, max_tokens=20, stop="never there")
+    assert unmet["choices"][0]["text"] == text
+
+
+def test_same_seed_same_text_different_seeds_differ(client):
+    def sampled(seed):
+        return complete(client, prompt=PROMPT, max_tokens=24, temperature=1.0, seed=seed)["choices"][0]["text"]
+
+    first = sampled(7)
+    assert sampled(7) == first
+    assert len({first, sampled(8), sampled(9)}) == 3
+    streamed = stream(client, prompt=PROMPT, max_tokens=24, temperature=1.0, seed=7)[:-1]
+    assert "".join(c["choices"][0]["text"] for c in streamed) == first
+
+
+def test_generated_logprobs_name_the_chosen_tokens(client):
+    body = complete(client, prompt=PROMPT, max_tokens=6, logprobs=3)
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == body["usage"]["completion_tokens"]
+    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        assert 1 <= len(top) <= 3 and logprob <= 0
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+
+
+@pytest.mark.parametrize("prompt_text, bucket", [(PROMPT, "none"), (" ".join([PROMPT] * 6), "128")])
+def test_echo_logprobs_equal_the_runtimes_token_logprobs(client, model_dirs, prompt_text, bucket):
+    """lm-evaluation-harness scoring: echo + logprobs + max_tokens 0, over several prefill chunks."""
+    model_dir = model_dirs["mamba1"]
+    ids = Tokenizer(model_dir / "tokenizer.json").encode(prompt_text)
+    body = complete(client, prompt=ids, max_tokens=0, echo=True, logprobs=1, scale_bucket=bucket)
+    assert body["scale_bucket"] == bucket
+    logprobs = body["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    model = load_model(model_dir).model
+    scales = None if bucket == "none" else batch_scales([Bank.load(model_dir / "bank").scale_set(bucket)],
+                                                        model.config, "cpu")
+    tokens = torch.tensor([ids])
+    hidden, _ = model.hidden_states(tokens, scales=scales)
+    expected = model.token_logprobs(hidden[:, :-1], tokens[:, 1:], slice_len=7)[0]
+    assert len(ids) > 16 or bucket == "none"
+    assert torch.allclose(torch.tensor(logprobs["token_logprobs"][1:]), expected, atol=1e-4)
+    assert body["choices"][0]["text"] == prompt_text
+
+
+def greedy_reference(model_dir, prompt_ids, max_tokens, bucket, in_decode=True) -> str:
+    """A direct runtime greedy loop with `bucket`'s scales in the prefill and (when `in_decode`) every step."""
+    model = load_model(model_dir).model
+    tokenizer = Tokenizer(model_dir / "tokenizer.json")
+    scales = batch_scales([Bank.load(model_dir / "bank").scale_set(bucket)], model.config, "cpu")
+    logits, state = model.prefill(torch.tensor([prompt_ids]), scales=scales)
+    out = []
+    for _ in range(max_tokens):
+        token = int(logits[0, :tokenizer.vocab_size].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        out.append(token)
+        logits = model.step(torch.tensor([token]), state, scales if in_decode else None)
+    return tokenizer.decode(out)
+
+
+@pytest.fixture(scope="module")
+def mamba2_live(model_dirs):
+    with LiveServer(["--model", str(model_dirs["mamba2"]), *SERVER_FLAGS]) as server:
+        yield server
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_bucket_scales_are_used_in_prefill_and_every_decode_step(arch, live, mamba2_live, model_dirs):
+    server = live if arch == "mamba1" else mamba2_live
+    ids = Tokenizer(model_dirs[arch] / "tokenizer.json").encode(" ".join([PROMPT] * 2))
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        scaled = complete(client, prompt=ids, max_tokens=24, scale_bucket="128")
+        identity = complete(client, prompt=ids, max_tokens=24, scale_bucket="none")
+    assert scaled["scale_bucket"] == "128" and scaled["scale_method"] == "delta"
+    assert identity["scale_bucket"] == "none" and identity["scale_method"] is None
+    text = scaled["choices"][0]["text"]
+    assert text == greedy_reference(model_dirs[arch], ids, 24, "128")
+    assert text != identity["choices"][0]["text"]
+    assert text != greedy_reference(model_dirs[arch], ids, 24, "128", in_decode=False)  # the reference code's bug
+
+
+@pytest.mark.parametrize("prompt_tokens, max_tokens, bucket, beyond", [
+    (10, 20, "none", False),  # n = 30 ≤ training length 64
+    (10, 54, "none", False),  # n = 64
+    (10, 55, "128", False),
+    (100, 100, "256", False),
+    (300, 100, "512", False),
+    (600, 10, "512", True),  # beyond every bucket: the largest, and said so
+])
+def test_auto_bucket_follows_prompt_plus_max_tokens(client, prompt_tokens, max_tokens, bucket, beyond):
+    assert TRAINING_LENGTH == 64
+    body = complete(client, prompt=[5] * prompt_tokens, max_tokens=max_tokens)
+    assert (body["scale_bucket"], body["scale_beyond_largest"]) == (bucket, beyond)
+    chunks = stream(client, prompt=[5] * prompt_tokens, max_tokens=max_tokens)[:-1]
+    for chunk in (chunks[0], chunks[-1]):
+        assert (chunk["scale_bucket"], chunk["scale_beyond_largest"]) == (bucket, beyond)
+
+
+def test_decimate_bucket_is_reported_and_served_as_identity(client):
+    decimate = complete(client, prompt=PROMPT, max_tokens=12, scale_bucket="512")
+    identity = complete(client, prompt=PROMPT, max_tokens=12, scale_bucket="none")
+    assert decimate["scale_bucket"] == "512" and decimate["scale_method"] is None
+    assert decimate["choices"][0]["text"] == identity["choices"][0]["text"]
+
+
+def test_models_lists_the_bank_and_health_is_open(client):
+    [card] = client.get("/v1/models").json()["data"]
+    assert card["id"] == "tiny" and card["max_model_len"] == 4096 and card["training_context_length"] == TRAINING_LENGTH
+    assert [(b["name"], b["length"], b["method"]) for b in card["scale_buckets"]] == [
+        ("128", 128, "delta"), ("256", 256, "delta"), ("512", 512, "decimate")]
+    assert client.get("/health").json() == {"status": "ok"}

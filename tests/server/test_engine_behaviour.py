@@ -1,0 +1,150 @@
+"""The engine under concurrent clients, seen from outside (HTTP) and from its own step log and metrics:
+chunked prefill interleaves with decode, a client that leaves frees its slot, metrics count what was sent."""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.tokenizer import Tokenizer
+from server.config import EngineConfig
+from server.detokenizer import OutputText
+from server.engine import Engine
+from server.metrics import Metrics
+from server.request import Request, SamplingParams
+
+from conftest import LiveServer
+from tokenizers_for_tests import train_tokenizer
+
+
+def wait_for(condition, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def metric(client, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_a_long_prefill_does_not_hold_back_another_requests_tokens(live):
+    """The short request's first decode step comes before the long prompt's last prefill chunk."""
+    live.wait_idle()
+    results = {}
+
+    def post(name, body):
+        with httpx.Client(base_url=live.url, timeout=60) as c:
+            results[name] = c.post("/v1/completions", json={"temperature": 0, **body}).json()
+
+    long = threading.Thread(target=post, args=("long", {"prompt": [7] * 3000, "max_tokens": 2}))
+    long.start()
+    wait_for(lambda: any(r.kind == "prefill" for r in list(live.engine.step_log)[-3:]), what="the long prefill")
+    post("short", {"prompt": "the river", "max_tokens": 4})
+    long.join()
+    log = list(live.engine.step_log)
+    long_id, short_id = results["long"]["id"], results["short"]["id"]
+    long_chunks = [i for i, r in enumerate(log) if r.kind == "prefill" and r.request_ids == (long_id,)]
+    short_decodes = [i for i, r in enumerate(log) if r.kind == "decode" and short_id in r.request_ids]
+    assert log[long_chunks[-1]].last_chunk and sum(log[i].tokens for i in long_chunks) == 3000
+    assert all(log[i].tokens <= 16 for i in long_chunks)
+    assert short_decodes and short_decodes[0] < long_chunks[-1]
+    assert results["short"]["usage"]["completion_tokens"] >= 1
+
+
+def test_a_client_that_disconnects_mid_stream_is_cancelled_and_frees_its_slot(live):
+    live.wait_idle()
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        aborted = metric(c, "mamba_server_requests_total", finish_reason="abort")
+        body = {"prompt": "the river", "max_tokens": 3000, "temperature": 0, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as response:
+            chunks = 0
+            for line in response.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 2:
+                    break
+            assert live.engine.free_slots == live.config.engine.max_batch_size - 1
+        wait_for(lambda: live.engine.free_slots == live.config.engine.max_batch_size, what="the slot to be freed")
+        assert metric(c, "mamba_server_requests_total", finish_reason="abort") == aborted + 1
+
+
+def test_token_counters_move_by_exactly_what_was_sent(live):
+    live.wait_idle()
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        before = {name: metric(c, name) for name in ("mamba_server_prompt_tokens_total",
+                                                    "mamba_server_generation_tokens_total")}
+        length_before = metric(c, "mamba_server_requests_total", finish_reason="length")
+        bucket_before = metric(c, "mamba_server_scale_bucket_requests_total", bucket="128")
+        bodies = [c.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                                  "scale_bucket": "128"}).json()
+                  for prompt, max_tokens in (("the river", 5), ("a long road", 9), ([3] * 40, 0))]
+        usages = [body["usage"] for body in bodies]
+        live.wait_idle()
+        assert metric(c, "mamba_server_prompt_tokens_total") - before["mamba_server_prompt_tokens_total"] == sum(
+            u["prompt_tokens"] for u in usages)
+        assert metric(c, "mamba_server_generation_tokens_total") - before["mamba_server_generation_tokens_total"] == sum(
+            u["completion_tokens"] for u in usages)
+        assert metric(c, "mamba_server_scale_bucket_requests_total", bucket="128") == bucket_before + 3
+        finished_by_length = sum(body["choices"][0]["finish_reason"] == "length" for body in bodies)
+        assert metric(c, "mamba_server_requests_total", finish_reason="length") == length_before + finished_by_length
+        text = c.get("/metrics").text
+        for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                     "request_queue_time_seconds", "request_prefill_time_seconds", "engine_step_seconds"):
+            assert f'mamba_server_{name}_bucket{{' in text and 'le="0.0001"' in text
+        assert metric(c, "mamba_server_requests_running") == 0 and metric(c, "mamba_server_requests_waiting") == 0
+        assert metric(c, "mamba_server_process_resident_memory_bytes") > 0
+        assert metric(c, "mamba_server_peak_accelerator_memory_bytes") == 0  # CPU
+
+
+def test_the_openai_sdk_works_unchanged(live):
+    sdk = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    plain = sdk.completions.create(model="tiny", prompt="the river", max_tokens=8, temperature=0,
+                                   extra_body={"scale_bucket": "128"})
+    assert plain.choices[0].finish_reason in ("length", "stop") and plain.usage.prompt_tokens == 6
+    assert plain.model_extra["scale_bucket"] == "128"
+    chunks = list(sdk.completions.create(model="tiny", prompt="the river", max_tokens=8, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"scale_bucket": "128"}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    with pytest.raises(openai.NotFoundError):
+        sdk.completions.create(model="gpt-4", prompt="the river", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="unknown scale bucket"):
+        sdk.completions.create(model="tiny", prompt="the river", max_tokens=2, extra_body={"scale_bucket": "9k"})
+
+
+def test_a_stream_gets_heartbeat_pings_while_a_long_prompt_runs(live):
+    """--heartbeat 0.05 s; a 3000-token prompt in 16-token chunks takes longer than that."""
+    body = {"prompt": [9] * 3000, "max_tokens": 1, "stream": True}
+    with httpx.Client(base_url=live.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as response:
+        lines = list(response.iter_lines())
+    assert any(line.startswith(":") for line in lines)  # an SSE comment: clients skip it
+    assert lines[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in lines
+
+
+def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp_path, live):
+    """A 72-id tokenizer on the 96-id model: sampling at temperature 2 stays below 72."""
+    loaded = live.components.loaded
+    tokenizer = Tokenizer(train_tokenizer(tmp_path / "tokenizer.json", vocab_size=72))
+    engine = Engine(loaded.model, tokenizer, EngineConfig(max_batch_size=2), Metrics(loaded.model.device))
+    outputs = []
+    engine.start()
+    try:
+        for seed in range(100):
+            request = Request(f"r{seed}", tokenizer.encode("the river"), SamplingParams(100, temperature=2.0, seed=seed),
+                              None, "none", OutputText(tokenizer), outputs.append)
+            engine.submit(request)
+            wait_for(lambda: outputs[-1].request_id == request.request_id and outputs[-1].finished
+                     if outputs else False, what="the request to finish")
+            if sum(len(out.token_ids) for out in outputs) >= 200:
+                break
+    finally:
+        engine.stop()
+    tokens = [t for out in outputs for t in out.token_ids]
+    assert len(tokens) >= 200 and max(tokens) < tokenizer.vocab_size == 72

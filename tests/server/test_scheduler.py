@@ -1,0 +1,101 @@
+"""The scheduler alone, driven with fake model outputs (no model): chunking, round-robin prefill, slots,
+queue bound, abort and timeout."""
+
+import pytest
+
+from server.config import EngineConfig
+from server.detokenizer import OutputText
+from server.errors import QueueFullError
+from server.request import Request, RequestStatus, SamplingParams
+from server.scheduler import Scheduler
+
+
+def make_request(name: str, prompt_len: int, max_tokens: int = 4, timeout: float | None = None,
+                 arrival: float = 0.0) -> Request:
+    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), None, "none",
+                   OutputText(None), lambda output: None, timeout, arrival_time=arrival)
+
+
+def run_step(scheduler: Scheduler, now: float = 0.0):
+    """One step with fake outputs: every decoding request generates a token and finishes at max_tokens."""
+    output = scheduler.schedule(now)
+    finished = {}
+    chunk = output.prefill
+    if chunk is not None and chunk.last:
+        chunk.request.output_ids.append(0)
+    for request in output.decode:
+        request.output_ids.append(0)
+    for request in ([chunk.request] if chunk is not None and chunk.last else []) + output.decode:
+        if len(request.output_ids) >= request.params.max_tokens:
+            finished[request] = RequestStatus.FINISHED_LENGTH
+    scheduler.update(output, finished)
+    return output
+
+
+def test_prompt_runs_in_chunks_of_at_most_prefill_chunk_tokens():
+    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=16))
+    request = make_request("a", 40)
+    scheduler.add(request)
+    chunks = [(out.prefill.start, out.prefill.end) for out in (run_step(scheduler) for _ in range(3))]
+    assert chunks == [(0, 16), (16, 32), (32, 40)]
+    assert request.status is RequestStatus.DECODING and request.num_computed == 40
+
+
+def test_short_prompt_decodes_before_a_long_prompt_finishes_its_prefill():
+    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=8))
+    long, short = make_request("long", 80, max_tokens=2), make_request("short", 5, max_tokens=3)
+    scheduler.add(long)
+    run_step(scheduler)  # long's first chunk
+    scheduler.add(short)
+    log = []
+    while scheduler.has_work():
+        out = run_step(scheduler)
+        if out.prefill is not None:
+            log.append(("prefill", out.prefill.request.request_id, out.prefill.last))
+        log += [("decode", r.request_id, False) for r in out.decode]
+    first_short_decode = log.index(("decode", "short", False))
+    long_last_chunk = log.index(("prefill", "long", True))
+    assert first_short_decode < long_last_chunk
+    assert short.status is RequestStatus.FINISHED_LENGTH and long.status is RequestStatus.FINISHED_LENGTH
+
+
+def test_every_decoding_request_steps_together_and_slots_are_bounded():
+    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=64))
+    requests = [make_request(str(i), 4, max_tokens=50) for i in range(3)]
+    for request in requests:
+        scheduler.add(request)
+    out = run_step(scheduler)
+    assert [r.request_id for r in out.admitted] == ["0", "1"]  # two slots: the third waits
+    assert requests[2].status is RequestStatus.WAITING and requests[2].slot is None
+    run_step(scheduler)
+    out = run_step(scheduler)
+    assert out.prefill is None and [r.request_id for r in out.decode] == ["0", "1"]
+    assert sorted(r.slot for r in requests[:2]) == [0, 1]
+
+
+def test_queue_full_raises_and_a_finished_request_frees_its_slot():
+    scheduler = Scheduler(EngineConfig(max_batch_size=1, max_queue=1, prefill_chunk=64))
+    first, second = make_request("1", 4, max_tokens=2), make_request("2", 4, max_tokens=2)
+    scheduler.add(first)
+    run_step(scheduler)  # first takes the slot
+    scheduler.add(second)
+    with pytest.raises(QueueFullError):
+        scheduler.add(make_request("3", 4))
+    run_step(scheduler)  # first decodes its second token and finishes
+    assert first.status is RequestStatus.FINISHED_LENGTH and first.slot is None
+    out = run_step(scheduler)
+    assert out.admitted == [second] and second.slot == 0
+
+
+def test_abort_and_timeout_finish_requests_wherever_they_are():
+    scheduler = Scheduler(EngineConfig(max_batch_size=1, prefill_chunk=4))
+    running = make_request("running", 40, timeout=None)
+    queued = make_request("queued", 4, timeout=1.0, arrival=0.0)
+    scheduler.add(running)
+    scheduler.add(queued)
+    run_step(scheduler, now=0.0)
+    running.abort_requested = True
+    out = run_step(scheduler, now=2.0)  # past queued's deadline
+    assert {r.request_id: r.status for r in out.finished} == {
+        "running": RequestStatus.FINISHED_ABORTED, "queued": RequestStatus.FINISHED_TIMEOUT}
+    assert scheduler.free_slots == [0] and not scheduler.has_work()

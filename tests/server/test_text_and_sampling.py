@@ -1,0 +1,91 @@
+"""Incremental detokenisation (UTF-8 hold-back, stop strings split across tokens) with the real test
+tokenizer, and the sampling filters."""
+
+import math
+
+import pytest
+import torch
+
+from runtime.tokenizer import Tokenizer
+from server.detokenizer import MAX_HELD_TOKENS, OutputText
+from server.request import SamplingParams
+from server.sampling import _filtered, logprob_entries, sample
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dirs) -> Tokenizer:
+    return Tokenizer(model_dirs["mamba1"] / "tokenizer.json")
+
+
+def pushes(tokenizer, text: str, stop=()) -> tuple[list[str], OutputText]:
+    out, parts = OutputText(tokenizer, tuple(stop)), []
+    for token in tokenizer.encode(text):
+        if out.stopped:
+            break
+        parts.append(out.push(token))
+    return parts, out
+
+
+def test_a_character_split_across_tokens_is_held_until_complete(tokenizer):
+    ids = tokenizer.encode(" €")
+    assert len(ids) == 4, "the test text must split € into its three UTF-8 bytes"
+    parts, _ = pushes(tokenizer, " €")
+    assert parts == [" ", "", "", "€"]
+
+
+def test_invalid_bytes_are_released_rather_than_held_forever(tokenizer):
+    lead = tokenizer.encode("€")[0]  # a lead byte with no continuation is never a character
+    out = OutputText(tokenizer)
+    parts = [out.push(lead) for _ in range(MAX_HELD_TOKENS)]
+    assert parts[:-1] == [""] * (MAX_HELD_TOKENS - 1) and parts[-1] == tokenizer.decode([lead] * MAX_HELD_TOKENS)
+
+
+def test_stop_string_across_a_token_boundary_is_not_emitted(tokenizer):
+    assert [tokenizer.decode([t]) for t in tokenizer.encode("the river")] == ["t", "he", " r", "i", "v", "er"]
+    parts, out = pushes(tokenizer, "the river", stop=["e r"])
+    assert parts[:2] == ["t", "h"]  # "e" could start "e r": held
+    assert "".join(parts) + out.finish() == "th" and out.stopped
+
+
+def test_held_text_that_never_becomes_a_stop_string_is_released(tokenizer):
+    parts, out = pushes(tokenizer, "the river", stop=["rx", "ivy"])
+    assert parts == ["t", "he", " ", "r", "", "ive"]  # "r", "i", "iv", "r" each could start "rx" or "ivy"
+    assert out.finish() == "r" and not out.stopped  # the request ended: the held "r" goes out
+
+
+def test_the_earliest_stop_string_wins(tokenizer):
+    parts, out = pushes(tokenizer, "the pass key is 4821", stop=["key", "pass"])
+    assert "".join(parts) + out.finish() == "the "
+
+
+def test_top_k_and_top_p_keep_the_most_likely_tokens():
+    scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(_filtered(scores, 2, 1.0)).tolist() == [True, True, False, False]
+    assert torch.isfinite(_filtered(scores, 0, 0.6)).tolist() == [True, True, False, False]
+    assert torch.isfinite(_filtered(scores, 0, 0.5)).tolist() == [True, False, False, False]
+    assert torch.isfinite(_filtered(scores, 0, 0.01)).tolist() == [True, False, False, False]
+    assert torch.isfinite(_filtered(scores, 3, 0.9)).tolist() == [True, True, True, False]
+
+
+def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(8, temperature=0.0), SamplingParams(8, temperature=1.0), SamplingParams(8, top_k=1)]
+
+    def draw(seed):
+        gens = [torch.Generator().manual_seed(seed) for _ in params]
+        return [sample(logits, params, gens) for _ in range(20)]
+
+    first = draw(1)
+    assert all(row[0] == int(logits[0].argmax()) for row in first)
+    assert all(row[2] == int(logits[2].argmax()) for row in first)  # top_k 1 is greedy too
+    assert draw(1) == first and [r[1] for r in draw(2)] != [r[1] for r in first]
+
+
+def test_logprob_entries_match_log_softmax():
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([1, 2, 3, 9])
+    entries = logprob_entries(logits, targets, 3)
+    expected = torch.log_softmax(logits, -1)
+    for row, (entry, target) in enumerate(zip(entries, targets.tolist())):
+        assert entry.token_id == target and math.isclose(entry.logprob, expected[row, target].item(), abs_tol=1e-6)
+        assert [i for i, _ in entry.top] == expected[row].topk(3).indices.tolist()
