@@ -33,8 +33,7 @@ HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
 
 
 def error_response(error: ServerError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if hasattr(error, "retry_after") else None
-    return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
+    return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers())
 
 
 def build_app(config: ServerConfig, components: Components) -> FastAPI:

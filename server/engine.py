@@ -98,28 +98,33 @@ class Engine:
     # --- the engine thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not self.scheduler.has_work():
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                output = self.scheduler.schedule(time.monotonic())
-            finished, outputs = self._run(output)
-            with self._cond:
-                self.scheduler.update(output, finished)
-                self.metrics.running.set(len(self.scheduler.running))
-                self.metrics.waiting.set(len(self.scheduler.waiting))
-            self._report(outputs)
-        self._drain()
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.scheduler.has_work():
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    output = self.scheduler.schedule(time.monotonic())
+                finished, outputs = self._run(output)
+                with self._cond:
+                    self.scheduler.update(output, finished)
+                    self.metrics.running.set(len(self.scheduler.running))
+                    self.metrics.waiting.set(len(self.scheduler.waiting))
+                self._report(outputs)
+        except Exception:  # a fault outside the model (bookkeeping): nothing after it can be trusted
+            log.exception("the engine loop failed; the engine stops")
+        finally:
+            self._drain()
 
     def _drain(self) -> None:
-        """On stop: every request still queued or running ends with an error."""
+        """On stop: the engine takes no more requests, and every one still queued or running ends with an error."""
         with self._cond:
+            self._stopping = True
             left = [*self.scheduler.waiting, *self.scheduler.running]
             for request in left:
                 self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-        self._report({r: self._new_output(r, error="the server is shutting down") for r in left})
+        self._report({r: self._new_output(r, error="the engine stopped") for r in left})
 
     def _run(self, output: SchedulerOutput) -> tuple[dict[Request, RequestStatus], dict[Request, RequestOutput]]:
         """Runs one step's model work; returns the requests it finished and every request's new output."""

@@ -19,6 +19,9 @@ class ServerError(Exception):
     def to_json(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
 
 class InvalidRequestError(ServerError):
     status = 400
@@ -51,6 +54,9 @@ class QueueFullError(ServerError):
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class UnavailableError(ServerError):

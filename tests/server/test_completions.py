@@ -198,3 +198,11 @@ def test_models_lists_the_bank_and_health_is_open(client):
     assert [(b["name"], b["length"], b["method"]) for b in card["scale_buckets"]] == [
         ("128", 128, "delta"), ("256", 256, "delta"), ("512", 512, "decimate")]
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_training_length_flag_overrides_the_recorded_one(model_dirs):
+    argv = ["--model", str(model_dirs["mamba1"]), "--training-length", "200", *SERVER_FLAGS]
+    with LiveServer(argv) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/v1/models").json()["data"][0]["training_context_length"] == 200
+        assert complete(client, prompt=[5] * 100, max_tokens=100)["scale_bucket"] == "none"  # n = 200
+        assert complete(client, prompt=[5] * 100, max_tokens=101)["scale_bucket"] == "256"

@@ -59,19 +59,25 @@ def test_a_long_prefill_does_not_hold_back_another_requests_tokens(live):
     assert results["short"]["usage"]["completion_tokens"] >= 1
 
 
-def test_a_client_that_disconnects_mid_stream_is_cancelled_and_frees_its_slot(live):
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_client_that_disconnects_is_cancelled_and_frees_its_slot(live, streamed):
     live.wait_idle()
+    slots = live.config.engine.max_batch_size
     with httpx.Client(base_url=live.url, timeout=60) as c:
         aborted = metric(c, "mamba_server_requests_total", finish_reason="abort")
-        body = {"prompt": "the river", "max_tokens": 3000, "temperature": 0, "stream": True}
-        with c.stream("POST", "/v1/completions", json=body) as response:
-            chunks = 0
-            for line in response.iter_lines():
-                chunks += line.startswith("data: ")
-                if chunks == 2:
-                    break
-            assert live.engine.free_slots == live.config.engine.max_batch_size - 1
-        wait_for(lambda: live.engine.free_slots == live.config.engine.max_batch_size, what="the slot to be freed")
+        body = {"prompt": "the river", "max_tokens": 3000, "temperature": 0, "stream": streamed}
+        if streamed:
+            with c.stream("POST", "/v1/completions", json=body) as response:
+                chunks = 0
+                for line in response.iter_lines():
+                    chunks += line.startswith("data: ")
+                    if chunks == 2:
+                        break
+                assert live.engine.free_slots == slots - 1
+        else:  # the client gives up waiting and closes the connection
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        wait_for(lambda: live.engine.free_slots == slots, what="the slot to be freed")
         assert metric(c, "mamba_server_requests_total", finish_reason="abort") == aborted + 1
 
 
@@ -148,3 +154,20 @@ def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp
         engine.stop()
     tokens = [t for out in outputs for t in out.token_ids]
     assert len(tokens) >= 200 and max(tokens) < tokenizer.vocab_size == 72
+
+
+def test_stopping_the_engine_ends_what_it_holds_with_an_error(live):
+    loaded, tokenizer = live.components.loaded, live.components.tokenizer
+    engine = Engine(loaded.model, tokenizer, EngineConfig(max_batch_size=1), Metrics(loaded.model.device))
+    outputs = []
+    requests = [Request(name, [5, 6, 7], SamplingParams(100000, temperature=0.0), None, "none", OutputText(tokenizer), outputs.append)
+                for name in ("running", "queued")]
+    engine.start()
+    for request in requests:
+        engine.submit(request)
+    wait_for(lambda: len(outputs) > 2, what="the first tokens")
+    engine.stop()
+    finals = {out.request_id: out for out in outputs if out.finished}
+    assert set(finals) == {"running", "queued"}
+    assert all(out.status.value == "error" and out.error == "the engine stopped" for out in finals.values())
+    assert engine.free_slots == 1 and not engine.alive
