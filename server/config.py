@@ -56,7 +56,8 @@ class ServerConfig:
 
 
 class ConfigError(Exception):
-    """A command line that names nothing servable (e.g. the default model is not built yet)."""
+    """Settings that cannot be served: no model (the default one is not built yet), a tokenizer larger than
+    the model's vocabulary, a device this machine lacks."""
 
 
 def _positive_int(text: str) -> int:

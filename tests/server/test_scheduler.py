@@ -1,6 +1,10 @@
 """The scheduler alone, driven with fake model outputs (no model): chunking, round-robin prefill, slots,
 queue bound, abort and timeout."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from server.config import EngineConfig
@@ -99,3 +103,12 @@ def test_abort_and_timeout_finish_requests_wherever_they_are():
     assert {r.request_id: r.status for r in out.finished} == {
         "running": RequestStatus.FINISHED_ABORTED, "queued": RequestStatus.FINISHED_TIMEOUT}
     assert scheduler.free_slots == [0] and not scheduler.has_work()
+
+
+def test_the_engine_layers_import_no_http_framework():
+    """DESIGN §7: pydantic and fastapi stay at the HTTP boundary."""
+    code = ("import sys, server.engine, server.scheduler; "
+            "print(sorted(m for m in ('fastapi', 'pydantic', 'starlette', 'sse_starlette') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
