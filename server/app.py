@@ -8,7 +8,6 @@ as OpenAI error JSON through the handlers here.
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -28,7 +27,6 @@ from .metrics import Metrics
 from .protocol import parse_completion_request
 from .serving import CompletionService
 
-log = logging.getLogger(__name__)
 HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
 
 

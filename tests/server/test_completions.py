@@ -11,7 +11,7 @@ from runtime import batch_scales, load_model
 from runtime.tokenizer import Tokenizer
 from scale_bank import Bank
 
-from conftest import SERVER_FLAGS, TRAINING_LENGTH, LiveServer
+from server_helpers import SERVER_FLAGS, TRAINING_LENGTH, LiveServer
 
 PROMPT = "the river ran past the old mill"
 

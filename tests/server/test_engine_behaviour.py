@@ -2,7 +2,6 @@
 chunked prefill interleaves with decode, a client that leaves frees its slot, metrics count what was sent."""
 
 import threading
-import time
 
 import httpx
 import openai
@@ -16,15 +15,8 @@ from server.engine import Engine
 from server.metrics import Metrics
 from server.request import Request, SamplingParams
 
-from conftest import LiveServer
+from server_helpers import wait_for
 from tokenizers_for_tests import train_tokenizer
-
-
-def wait_for(condition, timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def metric(client, name: str, **labels) -> float:

@@ -13,8 +13,7 @@ import pytest
 import server.config
 from server.__main__ import main
 
-from conftest import SERVER_FLAGS, LiveServer
-from test_engine_behaviour import wait_for
+from server_helpers import SERVER_FLAGS, LiveServer, wait_for
 
 GOOD = {"prompt": "the river", "max_tokens": 3, "temperature": 0}
 

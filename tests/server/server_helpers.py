@@ -1,0 +1,87 @@
+"""Helpers of the server tests: the test bank, a live server (uvicorn on loopback in a thread), waiting."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from runtime import ScaleMethod, ScaleSet, load_model
+from scale_bank import Bank, BankEntry, model_info
+from server.app import build_app
+from server.components import load_components
+from server.config import parse_args
+
+TRAINING_LENGTH = 64  # recorded in the test bank: auto requests up to 64 tokens use no scales
+# bucket → (method, granularity, scale per layer): "128" is far from 1 so its text differs from identity's
+BUCKETS = {"128": ("delta", "layer", 6.0), "256": ("delta", "per-channel", 0.3), "512": ("decimate", "none", None)}
+SERVER_FLAGS = ["--max-batch-size", "4", "--prefill-chunk", "16", "--max-context", "4096", "--heartbeat", "0.05",
+                "--served-model-name", "tiny"]
+
+
+def make_bank(path: Path, model_dir: Path) -> Bank:
+    loaded = load_model(model_dir)
+    config = loaded.config
+    bank = Bank.create(path, {**model_info(config, loaded.fingerprint), "training_context_length": TRAINING_LENGTH})
+    for bucket, (method, granularity, value) in BUCKETS.items():
+        if granularity == "per-channel":
+            granularity = "channel" if config.arch == "mamba1" else "head"
+        scales = None
+        if value is not None:
+            shape = () if granularity == "layer" else (config.scale_channels,)
+            g = torch.Generator().manual_seed(len(bucket))
+            scales = ScaleSet(ScaleMethod(method), tuple(value * (0.8 + 0.4 * torch.rand(shape, generator=g))
+                                                         for _ in range(config.n_layer)))
+        params = {"layer": 1, "l_base": 64} if method == "decimate" else {}
+        bank.add_entry(BankEntry(bucket, int(bucket), method, granularity, "0.1.0-test", params=params), scales)
+    return bank
+
+
+class LiveServer:
+    """The app of `python -m server <argv>` served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, argv: list[str]):
+        config, _ = parse_args(argv)
+        self.config = config
+        self.components = load_components(config.model)
+        self.app = build_app(config, self.components)
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def __enter__(self) -> "LiveServer":
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            assert time.monotonic() < deadline and self._thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=20)
+        self._socket.close()
+
+    def wait_idle(self, timeout: float = 20) -> None:
+        """Until the engine has nothing queued or running (earlier tests' aborted requests included)."""
+        deadline = time.monotonic() + timeout
+        while self.engine.scheduler.has_work() or self.engine.free_slots != self.config.engine.max_batch_size:
+            assert time.monotonic() < deadline, "the engine did not become idle"
+            time.sleep(0.01)
+
+
+def wait_for(condition, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
