@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", choices=("previous", "identity"), default="previous",
                    help="start each bucket from the previous bucket's scales, or from identity")
     p.add_argument("--haystack", choices=("data", "filler"), default="data", help="passkey haystack text")
+    p.add_argument("--ppl-weight", type=float, default=10.0,
+                   help="passkey task: weight of the perplexity hinge (0: retrieval alone)")
+    p.add_argument("--ppl-slack", type=float, default=0.02,
+                   help="passkey task: relative perplexity increase the hinge lets pass free")
     p.add_argument("--training-length", type=int, help="the model's training context (if its config lacks it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
@@ -125,7 +129,8 @@ def build(args) -> Bank:
             objective = language_model_objective(model, calibration, length, args.batch_size, args.seed)
         else:
             objective = passkey_objective(model, tokenizer, haystacks["calibration"], length, args.batch_size,
-                                          args.seed)
+                                          args.seed, text=calibration, ppl_weight=args.ppl_weight,
+                                          ppl_slack=args.ppl_slack)
         init = _start(args, config, previous)
         if args.calibrator == "zo":
             result = calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed,
@@ -141,7 +146,9 @@ def build(args) -> Bank:
         entry = BankEntry(
             bucket=name, length=length, method=args.method, granularity=args.granularity, version=__version__,
             calibrator={**result.hyper, "init": "previous" if init is previous else "identity",
-                        "batch_size": args.batch_size, "task": args.task, "final_loss": result.losses[-1]},
+                        "batch_size": args.batch_size, "task": args.task, "final_loss": result.losses[-1],
+                        **({"ppl_weight": args.ppl_weight, "ppl_slack": args.ppl_slack} if args.task == "passkey"
+                           else {})},
             seed=args.seed, data=split.record, metrics=metrics, chosen=chosen,
         )
         bank.add_entry(entry, kept)

@@ -71,11 +71,27 @@ def language_model_objective(model: MambaLM, source: TokenSource, length: int, b
 
 
 def passkey_objective(model: MambaLM, tokenizer: Tokenizer, haystack, length: int, batch_size: int, seed: int,
-                      checkpoint: bool = True) -> Objective:
+                      checkpoint: bool = True, text: TokenSource | None = None, ppl_weight: float = 0.0,
+                      ppl_slack: float = 0.02) -> Objective:
+    """Answer cross-entropy, plus — when `ppl_weight` > 0 — a hinge on language modelling: on text windows
+    of the same length, ppl_weight · max(0, NLL(scales) − NLL(identity) − log(1 + ppl_slack)).
+
+    Retrieval alone is repaired by scales that cost perplexity badly (on our small model, +36% at 4k,
+    ×2.9 at 8k); the hinge lets scales move freely while perplexity stays within the slack, and
+    pushes back hard beyond it."""
+    slack = math.log1p(ppl_slack)
+
     def loss(scale_set: ScaleSet | None, step: int) -> torch.Tensor:
         rng = random.Random(f"{seed}:{step}")
         batch = make_batch(tokenizer, length, batch_size, rng, haystack, [rng.random() for _ in range(batch_size)])
-        return passkey_scores(model, batch, scale_set, checkpoint)[0].mean()
+        answer = passkey_scores(model, batch, scale_set, checkpoint)[0].mean()
+        if not ppl_weight:
+            return answer
+        windows = text.batch(length, max(1, batch_size // 4), rng)
+        with torch.no_grad():
+            reference = lm_nll(model, windows, None).mean()
+        excess = lm_nll(model, windows, scale_set, checkpoint).mean() - reference - slack
+        return answer + ppl_weight * torch.relu(excess)
 
     return Objective("passkey", length, loss)
 
