@@ -16,6 +16,7 @@ import argparse
 import logging
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -132,11 +133,17 @@ def build(args) -> Bank:
                                           args.seed, text=calibration, ppl_weight=args.ppl_weight,
                                           ppl_slack=args.ppl_slack)
         init = _start(args, config, previous)
+        started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if args.calibrator == "zo":
             result = calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed,
                                   not args.no_progress)
         else:
             result = calibrate_bp(objective, init, args.steps or 200, args.lr or 0.05, not args.no_progress)
+        cost = {"seconds": round(time.perf_counter() - started, 1)}
+        if device.type == "cuda":
+            cost["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         candidates = {"identity": None, "calibrated": result.scales}
         if previous is not None:
             candidates["previous"] = previous
@@ -146,14 +153,14 @@ def build(args) -> Bank:
         entry = BankEntry(
             bucket=name, length=length, method=args.method, granularity=args.granularity, version=__version__,
             calibrator={**result.hyper, "init": "previous" if init is previous else "identity",
-                        "batch_size": args.batch_size, "task": args.task, "final_loss": result.losses[-1],
+                        "batch_size": args.batch_size, "task": args.task, "final_loss": result.losses[-1], **cost,
                         **({"ppl_weight": args.ppl_weight, "ppl_slack": args.ppl_slack} if args.task == "passkey"
                            else {})},
             seed=args.seed, data=split.record, metrics=metrics, chosen=chosen,
         )
         bank.add_entry(entry, kept)
         previous = candidates[chosen]
-        log.info("bucket %s: kept %s; held-out %s", name, chosen,
+        log.info("bucket %s: calibrated in %s; kept %s; held-out %s", name, cost, chosen,
                  "; ".join(f"{k} {', '.join(f'{m} {v:.4g}' for m, v in vals.items())}" for k, vals in metrics.items()))
     return bank
 
