@@ -95,7 +95,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xticks(lengths, [bucket_name(n) for n in lengths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(METRIC[task])
-        if task == "ppl":
+        values = [r[v] for r in subset for v in ("base", "bank") if v in r]
+        if task == "ppl" and max(values) > 3 * min(values):  # a collapse spans decades; a flat curve does not
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()

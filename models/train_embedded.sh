@@ -7,7 +7,7 @@
 set -euo pipefail
 seed=$1 data=$2 out=$3 steps=${4:-4000}
 model=$out/model bank=$out/model/bank
-python3 -m extend.train --tokenizer models/tokenizer.json --data "$data"/train-00.jsonl.xz "$data"/train-01.jsonl.xz \
+python3 -m extend.train --tokenizer models/mamba-extend-default/tokenizer.json --data "$data"/train-00.jsonl.xz "$data"/train-01.jsonl.xz \
   --out "$model" --d-model 256 --n-layer 8 --length 512 --steps "$steps" --batch-size 64 --seed "$seed"
 python3 -m extend.build_bank --model "$model" --buckets 1k,2k,4k,8k,16k,32k --task passkey --calibrator bp \
   --granularity channel --method delta --data "$data"/train-01.jsonl.xz --out "$bank" --seed "$seed" \
