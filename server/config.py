@@ -34,6 +34,7 @@ class EngineConfig:
     prefill_chunk: int = 2048  # prompt tokens per step: bounds how long a long prompt holds back other streams
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
     step_log_size: int = 4096  # engine steps kept in the step log (tests and debugging read it)
+    threads: int | None = None  # intra-op threads of the engine thread; None: what torch uses by default
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
                    help="prompt tokens per engine step")
     p.add_argument("--request-timeout", type=_positive_float, help="seconds a request may take (default: no limit)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for the model (default: torch's default)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -116,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     if bank is None and (model / BANK_DIRNAME).is_dir():
         bank = model / BANK_DIRNAME
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length)
-    engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout)
+    engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
+                          threads=args.threads)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat)
     return ServerConfig(spec, engine, http), args.log_level

@@ -61,6 +61,7 @@ class Engine:
     # --- the HTTP side -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._default_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="mamba-engine", daemon=True)
         self._thread.start()
 
@@ -98,6 +99,8 @@ class Engine:
     # --- the engine thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # OpenMP's thread count is per OS thread: the engine thread sets its own (see server/__main__.py).
+        torch.set_num_threads(self.config.threads or self._default_threads)
         try:
             while True:
                 with self._cond:
