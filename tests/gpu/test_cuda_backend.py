@@ -59,7 +59,11 @@ def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch):
     assert _relative(chunked, whole) < TOLERANCE["float32"]
 
 
-@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+# Mamba1 only: on the GPU machine (transformers 5.17, mamba_ssm 2.3.2, no causal_conv1d) transformers'
+# Mamba2ForCausalLM on CUDA differs from this runtime by 0.92 relative on every position, while this runtime's
+# CUDA and PyTorch back-ends agree within 2e-3 there and its PyTorch back-end equals transformers on CPU within
+# 1e-6 (tests/runtime/test_parity.py). The Mamba2 kernels are checked against the PyTorch back-end above.
+@pytest.mark.parametrize("arch", ["mamba1"])
 def test_kernels_match_transformers_on_cuda(checkpoints, arch):
     from transformers import Mamba2ForCausalLM, MambaForCausalLM
 
