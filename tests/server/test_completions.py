@@ -131,6 +131,21 @@ def test_echo_logprobs_equal_the_runtimes_token_logprobs(client, model_dirs, pro
     assert body["choices"][0]["text"] == prompt_text
 
 
+def test_echo_logprobs_equal_transformers(client, model_dirs):
+    """The served checkpoint was saved by transformers; its own float32 forward scores the prompt the same."""
+    from transformers import MambaForCausalLM
+
+    model_dir = model_dirs["mamba1"]
+    ids = Tokenizer(model_dir / "tokenizer.json").encode(" ".join([PROMPT] * 3))
+    body = complete(client, prompt=ids, max_tokens=0, echo=True, logprobs=1, scale_bucket="none")
+    reference = MambaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(torch.tensor([ids]), use_cache=False).logits[0, :-1].float(), -1)
+    expected = logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    got = torch.tensor(body["choices"][0]["logprobs"]["token_logprobs"][1:])
+    assert torch.allclose(got, expected, atol=1e-3)
+
+
 def greedy_reference(model_dir, prompt_ids, max_tokens, bucket, in_decode=True) -> str:
     """A direct runtime greedy loop with `bucket`'s scales in the prefill and (when `in_decode`) every step."""
     model = load_model(model_dir).model
