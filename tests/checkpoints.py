@@ -88,7 +88,8 @@ def save_safetensors_copy(src: Path, dst: Path, tensors: dict[str, torch.Tensor]
     return dst
 
 
-TOKENIZER_TEXT = (
+# A few sentences that tests cut into "books" for calibration and evaluation data.
+BOOK_TEXT = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
     "The pass key is 12345. Remember it. 67890 is the pass key. What is the pass key? "
     "It was a bright cold day in April, and the clocks were striking thirteen. "
@@ -97,14 +98,8 @@ TOKENIZER_TEXT = (
 )
 
 
-def tiny_tokenizer(path: Path, vocab_size: int = VOCAB) -> Path:
-    """A real BPE tokenizer.json small enough for the tiny models' vocabulary (character alphabet, not bytes)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(path: Path) -> Path:
+    """A real tokenizer.json whose vocabulary fits the tiny models (see tokenizers_for_tests)."""
+    from tokenizers_for_tests import train_tokenizer
 
-    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "[UNK]"], show_progress=False)
-    tokenizer.train_from_iterator([TOKENIZER_TEXT] * 20, trainer)
-    tokenizer.save(str(path))
-    return path
+    return train_tokenizer(path, VOCAB)

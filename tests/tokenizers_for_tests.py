@@ -1,7 +1,7 @@
 """Tiny real byte-level BPE tokenizers for the tests, trained on a few paragraphs written here.
 
-The text uses few distinct characters (lower case, some punctuation, "é" and "€" for multi-byte UTF-8) so
-that the whole vocabulary fits the tiny test models' 96 ids."""
+The text uses few distinct characters (lower case, some punctuation, "é" and "€" for multi-byte UTF-8, every
+digit and the capitals of the passkey template) so that the whole vocabulary fits the tiny test models' 96 ids."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ a long context is a long road: the model must remember the start while it reads 
 when the road is longer than any road it was trained on, the model forgets, and the answer is lost.
 so we scale the step of each layer, and the model remembers again. the pass key is 4821. remember it.
 what is the pass key? the pass key is 4821. the river ran on, and the mill turned, and the day ended.
+The pass key is 35079. Remember it. What is the pass key? Here we go. There and back again. 0123456789
 """
 
 

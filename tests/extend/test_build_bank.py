@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from checkpoints import TOKENIZER_TEXT, tiny_tokenizer
+from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.build_bank import main
 from runtime import load_model
@@ -21,7 +21,7 @@ def model_dir(checkpoints, tmp_path, request):
 @pytest.fixture()
 def books(tmp_path):
     path = tmp_path / "books.jsonl"
-    sentences = TOKENIZER_TEXT.split(". ")
+    sentences = BOOK_TEXT.split(". ")
     with open(path, "w") as f:
         for i in range(6):
             text = " ".join(sentences[(i + j) % len(sentences)] + "." for j in range(60))

@@ -3,7 +3,7 @@
 import json
 import shutil
 
-from checkpoints import TOKENIZER_TEXT, tiny_tokenizer
+from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.build_bank import main as build_bank
 from extend.evaluate import main as evaluate
@@ -13,7 +13,7 @@ def test_evaluate_writes_table_json_and_plot(checkpoints, tmp_path, capsys):
     model = shutil.copytree(checkpoints["mamba1"], tmp_path / "model")
     tiny_tokenizer(model / "tokenizer.json")
     books = tmp_path / "books.jsonl"
-    books.write_text("".join(json.dumps({"id": i, "text": TOKENIZER_TEXT * 6}) + "\n" for i in range(4)))
+    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 6}) + "\n" for i in range(4)))
     assert build_bank(["--model", str(model), "--data", str(books), "--out", str(tmp_path / "bank"), "--buckets",
                        "128", "--steps", "2", "--eval-samples", "2", "--training-length", "80", "--device", "cpu",
                        "--no-progress"]) == 0

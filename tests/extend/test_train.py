@@ -3,7 +3,7 @@
 import json
 
 import torch
-from checkpoints import TOKENIZER_TEXT, tiny_tokenizer
+from checkpoints import BOOK_TEXT, tiny_tokenizer
 from transformers import MambaForCausalLM
 
 from extend.train import parse_args, train
@@ -13,7 +13,7 @@ from runtime import load_model
 def test_train_learns_and_writes_a_loadable_hugging_face_checkpoint(tmp_path):
     tokenizer = tiny_tokenizer(tmp_path / "tok.json")
     books = tmp_path / "books.jsonl"
-    books.write_text("".join(json.dumps({"id": i, "text": TOKENIZER_TEXT * 8}) + "\n" for i in range(3)))
+    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 8}) + "\n" for i in range(3)))
     out = tmp_path / "model"
     args = parse_args(["--tokenizer", str(tokenizer), "--data", str(books), "--out", str(out), "--d-model", "16",
                        "--n-layer", "2", "--d-state", "4", "--length", "80", "--steps", "60", "--batch-size", "4",
