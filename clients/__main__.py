@@ -1,0 +1,7 @@
+"""`python -m clients complete|bench ...`; see clients/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
