@@ -13,7 +13,7 @@ ARG UBUNTU=ubuntu24.04
 # CUDA and Python where the projects publish one, and compiles otherwise.
 FROM nvidia/cuda:${CUDA}-cudnn-devel-${UBUNTU} AS build
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev \
     && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv && pip install --no-cache-dir --upgrade pip setuptools wheel packaging ninja
