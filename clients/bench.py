@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
@@ -74,8 +74,8 @@ class BenchReport:
     completion_tokens: int  # all requests together
     output_tokens_per_s: float
     total_tokens_per_s: float  # prompt and completion tokens
-    # "ttft", "itl", "e2e" → {"p50": ms, "p90": ms, "p99": ms}
-    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    # "ttft", "itl", "e2e" → {"p50": ms, "p90": ms, "p99": ms}; nan where no request succeeded
+    latency_ms: dict[str, dict[str, float]]
 
     @classmethod
     def from_timings(cls, concurrency: int, requests: int, failed: Counter, duration: float, target: int,
@@ -90,7 +90,11 @@ class BenchReport:
                    completion / duration, (prompt + completion) / duration, latency)
 
     def as_json(self) -> dict:
-        return asdict(self)
+        """JSON-ready: a nan percentile (no sample) becomes None, which JSON can say."""
+        report = asdict(self)
+        report["latency_ms"] = {name: {q: None if math.isnan(ms) else ms for q, ms in row.items()}
+                                for name, row in self.latency_ms.items()}
+        return report
 
     def as_text(self) -> str:
         ok = self.requests - sum(self.failed.values())

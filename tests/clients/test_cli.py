@@ -130,3 +130,12 @@ def test_bench_json_counts_every_token(live):
     assert report["output_tokens_per_s"] == pytest.approx(report["completion_tokens"] / report["duration_s"])
     assert set(report["latency_ms"]) == {"ttft", "itl", "e2e"}
     assert all(set(v) == {"p50", "p90", "p99"} for v in report["latency_ms"].values())
+
+
+def test_bench_with_failing_requests_reports_them_and_exits_1(live):
+    done = run_cli(live, "bench", "--concurrency", "2", "--prompt-tokens", "20", "--requests", "2", "--max-tokens", "3",
+                   "--bucket", "9k", "--json")
+    assert done.returncode == 1
+    report = json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert report["failed"] == {"400 invalid_request_error": 2} and report["completion_tokens"] == 0
+    assert report["latency_ms"]["ttft"] == {"p50": None, "p90": None, "p99": None}
