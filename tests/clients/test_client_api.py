@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -154,3 +157,13 @@ def test_backoff_without_retry_after_doubles_up_to_its_cap():
     delays = [policy.delay(retry, 503, {}) for retry in range(5)]
     for delay, full in zip(delays, (0.5, 1.0, 2.0, 3.0, 3.0)):
         assert full / 2 <= delay <= full  # jittered by up to half
+
+
+def test_clients_import_nothing_of_the_server_side():
+    """DESIGN §3: `clients` runs where only httpx and tqdm are installed."""
+    code = ("import sys, clients, clients.cli, clients.bench; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'runtime', 'server', 'scale_bank', 'extend', "
+            "'torch', 'fastapi', 'pydantic'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "[]"
