@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--backend", default="auto")
+    p.add_argument("--quantize", choices=("int8", "int6"), help="calibrate/evaluate the weight-quantised model")
+    p.add_argument("--quantize-embedding", action="store_true")
     p.add_argument("--log", type=Path, help="log file (default: BANK/build.log)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -76,13 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _open_bank(args, loaded) -> Bank:
-    info = model_info(loaded.config, loaded.fingerprint)
+    info = model_info(loaded.config, loaded.fingerprint, loaded.quantization)
     if args.training_length:
         info["training_context_length"] = args.training_length
     if (args.out / "bank.json").exists():
         if not args.resume:
             raise BankError(args.out, "a bank is already there; pass --resume to complete it, or choose another --out")
-        return Bank.load(args.out, loaded.config, loaded.fingerprint)
+        return Bank.load(args.out, loaded.config, loaded.fingerprint, loaded.quantization)
     return Bank.create(args.out, info)
 
 
@@ -102,7 +104,8 @@ def _start(args, config, previous: ScaleSet | None) -> ScaleSet:
 
 def build(args) -> Bank:
     device = torch.device(args.device)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                        quantize=args.quantize, quantize_embedding=args.quantize_embedding)
     model, config = loaded.model, loaded.config
     tokenizer = find_tokenizer(args.model, args.tokenizer)
     split = DataSplit.of(read_documents(args.data), args.seed, args.held_out_fraction)

@@ -32,9 +32,10 @@ METRIC = {"passkey": "passkey accuracy", "ppl": "perplexity"}
 
 
 def evaluate(args) -> list[dict]:
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                        quantize=args.quantize, quantize_embedding=args.quantize_embedding)
     tokenizer = find_tokenizer(args.model, args.tokenizer)
-    bank = Bank.load(args.bank, loaded.config, loaded.fingerprint) if args.bank else None
+    bank = Bank.load(args.bank, loaded.config, loaded.fingerprint, loaded.quantization) if args.bank else None
     source = TokenSource(read_documents(args.data), tokenizer)
     haystack = filler_haystack(tokenizer) if args.haystack == "filler" else source.window
     training_length = args.training_length or loaded.config.training_context_length
@@ -123,6 +124,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--backend", default="auto")
+    p.add_argument("--quantize", choices=("int8", "int6"), help="calibrate/evaluate the weight-quantised model")
+    p.add_argument("--quantize-embedding", action="store_true")
     args = p.parse_args(argv)
     for task in args.task.split(","):
         if task not in METRIC:

@@ -34,9 +34,21 @@ class Checkpoint:
     layout: str  # "mamba_ssm" or "hf"
     tensors: dict[str, torch.Tensor]  # canonical name -> tensor, as stored (dtype unchanged)
     weight_files: list[Path]
+    quantization: str | None = None  # "int8", "int6" (+ "+embedding"): a checkpoint saved quantised
 
 
-def read_config(directory: Path) -> tuple[ModelConfig, str]:
+def _quantization(raw: dict, path: Path) -> str | None:
+    """config.json's "quantization": {"scheme": "int8"|"int6", "embedding": bool}, as "int8[+embedding]"."""
+    record = raw.get("quantization")
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("scheme") not in ("int8", "int6") or not isinstance(
+            record.get("embedding", False), bool):
+        raise CheckpointError(path, f"bad quantization record {record!r} (expected scheme int8 or int6, embedding bool)")
+    return record["scheme"] + ("+embedding" if record.get("embedding") else "")
+
+
+def read_config(directory: Path) -> tuple[ModelConfig, str, str | None]:
     path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise CheckpointError(directory, "not a directory")
@@ -48,7 +60,7 @@ def read_config(directory: Path) -> tuple[ModelConfig, str]:
         raise CheckpointError(path, f"not valid JSON: {bad}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(path, "not a JSON object")
-    return parse_config(raw, path)
+    return (*parse_config(raw, path), _quantization(raw, path))
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -95,21 +107,23 @@ def _canonical_name(name: str) -> str:
 def read_checkpoint(directory: str | Path) -> Checkpoint:
     """Reads config and every weight file; renames tensors; checks values are finite."""
     directory = Path(directory)
-    config, layout = read_config(directory)
+    config, layout, quantization = read_config(directory)
     files = _weight_files(directory)
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         for name, tensor in _read_tensors(path).items():
-            if not torch.is_floating_point(tensor):
+            integer = quantization is not None and name.endswith(".qweight")  # quantised values
+            if not integer and not torch.is_floating_point(tensor):
                 raise CheckpointError(path, f"tensor {name!r} has non-float dtype {tensor.dtype}")
-            if not torch.isfinite(tensor).all():
+            if not integer and not torch.isfinite(tensor).all():
                 raise CheckpointError(path, f"tensor {name!r} holds NaN or Inf values")
             tensors[_canonical_name(name)] = tensor
-    return Checkpoint(directory, config, layout, tensors, files)
+    return Checkpoint(directory, config, layout, tensors, files, quantization)
 
 
-def check_against(checkpoint: Checkpoint, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Tensors of `checkpoint` that fill exactly the `expected` names and shapes, or a CheckpointError."""
+def check_against(checkpoint: Checkpoint, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Tensors of `checkpoint` that fill exactly the `expected` names and shapes (and integer dtypes), or a
+    CheckpointError."""
     where = checkpoint.weight_files[0] if len(checkpoint.weight_files) == 1 else checkpoint.path
     tensors = dict(checkpoint.tensors)
     if checkpoint.config.tie_embeddings and "lm_head.weight" in tensors and "lm_head.weight" not in expected:
@@ -124,7 +138,9 @@ def check_against(checkpoint: Checkpoint, expected: dict[str, torch.Size]) -> di
         raise CheckpointError(where, f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     if extra:
         raise CheckpointError(where, f"unexpected tensors: {', '.join(extra[:8])}" + (" ..." if len(extra) > 8 else ""))
-    for name, shape in expected.items():
+    for name, (shape, dtype) in expected.items():
+        if not dtype.is_floating_point and tensors[name].dtype != dtype:
+            raise CheckpointError(where, f"dtype mismatch for {name!r}: file has {tensors[name].dtype}, expected {dtype}")
         if tensors[name].shape != shape:
             raise CheckpointError(
                 where, f"shape mismatch for {name!r}: file has {tuple(tensors[name].shape)}, config implies {tuple(shape)}"

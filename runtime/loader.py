@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .backend import select_backend
 from .checkpoint import check_against, read_checkpoint
 from .config import ModelConfig
+from .errors import CheckpointError
 from .model import MambaLM
+from .quant import QuantizedWeight, quantize_model
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +31,7 @@ class LoadedModel:
     fingerprint: str
     path: Path
     layout: str  # "mamba_ssm" or "hf"
+    quantization: str | None = None  # "int8", "int6", with "+embedding" when the embedding is quantised too
 
 
 def fingerprint(config: ModelConfig, tensors: dict[str, torch.Tensor], variant: str = "") -> str:
@@ -53,18 +58,63 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, backend: str = "auto") -> LoadedModel:
-    """Reads, checks and places a checkpoint; raises CheckpointError naming the file on any fault."""
+def _place(model: MambaLM, dtype: torch.dtype) -> None:
+    """Float parameters to `dtype`; quantised weights keep their integers and float32 row scales and
+    dequantise to `dtype`."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    for module in model.modules():
+        if isinstance(module, QuantizedWeight):
+            module.compute_dtype = dtype
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, backend: str = "auto",
+               quantize: str | None = None, quantize_embedding: bool = False) -> LoadedModel:
+    """Reads, checks and places a checkpoint; raises CheckpointError naming the file on any fault.
+
+    `quantize` ("int8" or "int6") quantises the weights as they load (from the checkpoint's own precision, so
+    the result does not depend on `dtype`); a checkpoint saved quantised loads as it was saved."""
     device = torch.device(device)
     checkpoint = read_checkpoint(path)
+    requested = None if quantize is None else quantize + ("+embedding" if quantize_embedding else "")
+    if checkpoint.quantization and requested and requested != checkpoint.quantization:
+        raise CheckpointError(checkpoint.path, f"saved quantised as {checkpoint.quantization}; cannot load as {requested}")
+    quantization = checkpoint.quantization or requested
+    scheme, _, with_embedding = (quantization or "").partition("+")
     with torch.device("meta"):
         skeleton = MambaLM(checkpoint.config, select_backend(backend, device))
-    expected = {name: p.shape for name, p in skeleton.state_dict().items()}
+        if checkpoint.quantization:
+            quantize_model(skeleton, scheme, bool(with_embedding))
+    expected = {name: (t.shape, t.dtype) for name, t in skeleton.state_dict().items()}
     tensors = check_against(checkpoint, expected)
     model = skeleton.to_empty(device=device)
     model.load_state_dict(tensors, strict=True)
-    model.to(resolve_dtype(dtype, device)).eval().requires_grad_(False)
-    log.info("loaded %s (%s layout, %s, %d layers, d_model %d) on %s as %s with back-end %s", checkpoint.path,
+    if requested and not checkpoint.quantization:
+        quantize_model(model, scheme, bool(with_embedding))
+    # The fingerprint of a quantised model hashes its integers and scales: the same whether quantised now or
+    # loaded from a quantised save, and never that of the full-precision weights.
+    hashed = {k: v for k, v in model.state_dict().items()} if quantization else tensors
+    _place(model, resolve_dtype(dtype, device))
+    model.eval().requires_grad_(False)
+    log.info("loaded %s (%s layout, %s, %d layers, d_model %d) on %s as %s%s with back-end %s", checkpoint.path,
              checkpoint.layout, checkpoint.config.arch, checkpoint.config.n_layer, checkpoint.config.d_model,
-             device, model.dtype, model.backend.name)
-    return LoadedModel(model, checkpoint.config, fingerprint(checkpoint.config, tensors), checkpoint.path, checkpoint.layout)
+             device, model.dtype, f", weights {quantization}" if quantization else "", model.backend.name)
+    return LoadedModel(model, checkpoint.config, fingerprint(checkpoint.config, hashed, quantization or ""),
+                       checkpoint.path, checkpoint.layout, quantization)
+
+
+def save_quantized(loaded: LoadedModel, out: str | Path) -> Path:
+    """A quantised model as a checkpoint: its config.json plus a "quantization" record, model.safetensors
+    with the int8 / packed int6 weights and float32 row scales, and the tokenizer.json if there is one."""
+    assert loaded.quantization, "the model is not quantised"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((loaded.path / "config.json").read_text())
+    scheme, _, with_embedding = loaded.quantization.partition("+")
+    config["quantization"] = {"scheme": scheme, "embedding": bool(with_embedding)}
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    state = {name: t.detach().to("cpu").contiguous() for name, t in loaded.model.state_dict().items()}
+    save_file(state, out / "model.safetensors")
+    if (loaded.path / "tokenizer.json").is_file():
+        shutil.copy(loaded.path / "tokenizer.json", out / "tokenizer.json")
+    return out

@@ -28,10 +28,9 @@ class Mamba1Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, config.d_model, bias=config.proj_bias)
 
-    def _project(self, x: torch.Tensor, layer: nn.Linear | torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias) for x (b, l, in) -> (b, l, out). With a channels-first back-end the result is a
         (b, l, out) view of (b, out, l) storage, the layout its scan reads without copying."""
-        weight, bias = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else (layer, None)
         if not self.backend.channels_first or x.dim() != 3:
             return F.linear(x, weight, bias)
         out = torch.matmul(weight, x.transpose(1, 2))  # (b, out, l)
@@ -40,7 +39,7 @@ class Mamba1Mixer(nn.Module):
     def _ssm_inputs(self, x: torch.Tensor, scales: LayerScales | None):
         """x: (..., d) after the conv. Returns dt (..., d) before bias and softplus, A, B and C (..., n)."""
         r, n = self.config.dt_rank, self.config.d_state
-        dt_low, B, C = self._project(x, self.x_proj).split([r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
+        dt_low, B, C = self._project(x, self.x_proj.weight).split([r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
         dt = self._project(dt_low, self.dt_proj.weight)  # (..., d)
         A = -torch.exp(self.A_log.float())  # (d, n)
         if scales is not None and scales.a is not None:
@@ -51,7 +50,7 @@ class Mamba1Mixer(nn.Module):
         """Prefill. hidden: (b, l, D); conv_state (b, d, k-1) and ssm_state (b, d, n) or None for zeros.
         Returns out (b, l, D) and the new (conv_state, ssm_state)."""
         ops = self.backend.ops
-        x, z = self._project(hidden, self.in_proj).chunk(2, dim=-1)  # (b, l, d) each
+        x, z = self._project(hidden, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
         x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
         dt, A, B, C = self._ssm_inputs(x, scales)
         delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself

@@ -66,12 +66,12 @@ class MambaLM(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.embedding.weight.dtype
+    def dtype(self) -> torch.dtype:  # read off norm_f: a quantised embedding's .weight dequantises the table
+        return self.norm_f.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embedding.weight.device
+        return self.norm_f.weight.device
 
     def _residual_dtype(self) -> torch.dtype:
         return torch.float32 if self.config.residual_in_fp32 else self.dtype

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("bucket", help="bucket name, e.g. 8k")
         if name == "verify":
             sub.add_argument("--model", help="checkpoint directory the bank must belong to")
+            sub.add_argument("--quantize", choices=("int8", "int6"), help="with --model: the model quantised so")
+            sub.add_argument("--quantize-embedding", action="store_true", help="with --quantize: the embedding too")
         sub.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
@@ -83,11 +85,11 @@ def _show(args) -> int:
 
 
 def _verify(args) -> int:
-    config = fingerprint = None
+    config = fingerprint = quantization = None
     if args.model is not None:
-        loaded = load_model(args.model)  # the runtime loads unquantised weights, so the bank must record none
-        config, fingerprint = loaded.config, loaded.fingerprint
-    bank = Bank.load(args.bank, config, fingerprint)
+        loaded = load_model(args.model, quantize=args.quantize, quantize_embedding=args.quantize_embedding)
+        config, fingerprint, quantization = loaded.config, loaded.fingerprint, loaded.quantization
+    bank = Bank.load(args.bank, config, fingerprint, quantization)
     if args.json:
         print(json.dumps({"ok": True, "path": str(bank.path), "fingerprint": bank.manifest.model["fingerprint"],
                           "model": args.model, "buckets": bank.buckets}))

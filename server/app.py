@@ -77,7 +77,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
                                             "granularity": e.granularity} for e in bank.manifest.entries]
         card = {"id": http.served_model_name, "object": "model", "created": int(time.time()),
                 "owned_by": "mamba-extend-server", "root": str(loaded.path), "arch": loaded.config.arch,
-                "max_model_len": http.max_context, "training_context_length": components.training_length,
+                "quantization": loaded.quantization, "max_model_len": http.max_context, "training_context_length": components.training_length,
                 "scale_buckets": buckets}
         return {"object": "list", "data": [card]}
 

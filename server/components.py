@@ -30,14 +30,15 @@ def load_components(spec: ModelSpec) -> Components:
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {spec.device}: CUDA is not available on this machine")
-    loaded = load_model(spec.path, spec.device, spec.dtype, spec.backend)
+    loaded = load_model(spec.path, spec.device, spec.dtype, spec.backend, spec.quantize, spec.quantize_embedding)
     tokenizer = find_tokenizer(spec.path, spec.tokenizer)
     if tokenizer.vocab_size > loaded.config.vocab_size:
         raise ConfigError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, more than the model's vocabulary "
                           f"({loaded.config.vocab_size}): wrong tokenizer for {loaded.path}")
     bank = None
     if spec.bank is not None:
-        bank = Bank.load(spec.bank, config=loaded.config, fingerprint=loaded.fingerprint)
+        bank = Bank.load(spec.bank, config=loaded.config, fingerprint=loaded.fingerprint,
+                         quantization=loaded.quantization)
         for entry in bank.manifest.entries:
             if entry.method not in APPLICABLE_METHODS:
                 log.warning("bank %s: bucket %s uses method %r, which the runtime cannot apply yet; requests "

@@ -23,6 +23,8 @@ class ModelSpec:
     dtype: str | None  # None: the runtime's default for the device
     backend: str  # auto | torch | mamba_ssm
     training_length: int | None  # overrides the checkpoint's; state-spaces checkpoints record none
+    quantize: str | None = None  # int8 | int6: quantise the weights as they load (a bank must match it)
+    quantize_embedding: bool = False  # the embedding (and an untied LM head) too
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--backend", choices=("auto", "torch", "mamba_ssm"), default="auto")
+    p.add_argument("--quantize", choices=("int8", "int6"), help="weight-only quantisation of the linear layers")
+    p.add_argument("--quantize-embedding", action="store_true", help="with --quantize: the embedding too")
     p.add_argument("--training-length", type=_positive_int,
                    help="the model's training context length, overriding the checkpoint's (state-spaces "
                         "checkpoints record none; theirs is 2048)")
@@ -117,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     bank = args.bank
     if bank is None and (model / BANK_DIRNAME).is_dir():
         bank = model / BANK_DIRNAME
-    spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length)
+    spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
+                     args.quantize, args.quantize_embedding)
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
                           threads=args.threads)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,

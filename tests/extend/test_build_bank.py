@@ -8,7 +8,7 @@ from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.build_bank import main
 from runtime import load_model
-from scale_bank import Bank, select
+from scale_bank import Bank, BankError, select
 
 
 @pytest.fixture(params=["mamba1"])
@@ -77,3 +77,14 @@ def test_bad_data_is_a_clear_error(model_dir, tmp_path, capsys):
     missing = tmp_path / "nowhere.jsonl"
     assert _run(model_dir, missing, tmp_path / "bank", "--buckets", "96") == 2
     assert "nowhere.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_a_quantised_model_gets_a_bank_of_its_own(model_dir, books, tmp_path):
+    out = tmp_path / "bank"
+    assert _run(model_dir, books, out, "--buckets", "96", "--quantize", "int8", "--calibrator", "zo") == 0
+    quantised = load_model(model_dir, quantize="int8")
+    bank = Bank.load(out, quantised.config, quantised.fingerprint, quantised.quantization)
+    assert bank.manifest.model["quantization"] == "int8" and bank.buckets == ["96"]
+    full = load_model(model_dir)
+    with pytest.raises(BankError, match="quantization mismatch"):
+        Bank.load(out, full.config, full.fingerprint, full.quantization)

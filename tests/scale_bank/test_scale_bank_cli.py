@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from bank_helpers import full_bank
 
+from runtime import load_model
+from scale_bank import Bank, model_info
 from scale_bank.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,3 +108,13 @@ def test_verify_refuses_another_models_bank(bank, checkpoints, capsys):
 def test_verify_refuses_a_model_that_does_not_load(bank, tmp_path, capsys):
     assert main(["verify", str(bank.path), "--model", str(tmp_path / "nowhere")]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_verify_matches_the_quantisation(bank, checkpoints, tmp_path, capsys):
+    model = str(checkpoints["mamba1"])
+    assert main(["verify", str(bank.path), "--model", model, "--quantize", "int8"]) == 1
+    assert "quantization mismatch: bank calibrated on the unquantised model, this model is int8" in capsys.readouterr().err
+    quantised = load_model(model, quantize="int8")
+    Bank.create(tmp_path / "int8", model_info(quantised.config, quantised.fingerprint, quantised.quantization))
+    assert main(["verify", str(tmp_path / "int8"), "--model", model, "--quantize", "int8"]) == 0
+    assert main(["verify", str(tmp_path / "int8"), "--model", model]) == 1

@@ -23,10 +23,11 @@ SERVER_FLAGS = ["--max-batch-size", "4", "--prefill-chunk", "16", "--max-context
                 "--served-model-name", "tiny"]
 
 
-def make_bank(path: Path, model_dir: Path) -> Bank:
-    loaded = load_model(model_dir)
+def make_bank(path: Path, model_dir: Path, quantize: str | None = None) -> Bank:
+    loaded = load_model(model_dir, quantize=quantize)
     config = loaded.config
-    bank = Bank.create(path, {**model_info(config, loaded.fingerprint), "training_context_length": TRAINING_LENGTH})
+    bank = Bank.create(path, {**model_info(config, loaded.fingerprint, loaded.quantization),
+                              "training_context_length": TRAINING_LENGTH})
     for bucket, (method, granularity, value) in BUCKETS.items():
         if granularity == "per-channel":
             granularity = "channel" if config.arch == "mamba1" else "head"

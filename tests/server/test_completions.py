@@ -2,6 +2,7 @@
 stop strings, echo and logprobs, and the scale bucket each request uses (in its prefill and every step)."""
 
 import json
+import shutil
 
 import httpx
 import pytest
@@ -11,7 +12,7 @@ from runtime import batch_scales, load_model
 from runtime.tokenizer import Tokenizer
 from scale_bank import Bank
 
-from server_helpers import SERVER_FLAGS, TRAINING_LENGTH, LiveServer
+from server_helpers import SERVER_FLAGS, TRAINING_LENGTH, LiveServer, make_bank
 
 PROMPT = "the river ran past the old mill"
 
@@ -129,6 +130,30 @@ def test_echo_logprobs_equal_the_runtimes_token_logprobs(client, model_dirs, pro
     assert len(ids) > 16 or bucket == "none"
     assert torch.allclose(torch.tensor(logprobs["token_logprobs"][1:]), expected, atol=1e-4)
     assert body["choices"][0]["text"] == prompt_text
+
+
+def test_a_quantised_model_is_served_with_its_own_bank(model_dirs, tmp_path):
+    """--quantize int8: the served log-probabilities are the INT8 runtime's (with the INT8 bank's scales), not
+    the full-precision model's."""
+    model_dir = shutil.copytree(model_dirs["mamba1"], tmp_path / "model", ignore=shutil.ignore_patterns("bank"))
+    make_bank(model_dir / "bank", model_dir, quantize="int8")
+    ids = Tokenizer(model_dir / "tokenizer.json").encode(" ".join([PROMPT] * 6))
+    with LiveServer(["--model", str(model_dir), "--quantize", "int8", *SERVER_FLAGS]) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/v1/models").json()["data"][0]["quantization"] == "int8"
+        body = complete(client, prompt=ids, max_tokens=0, echo=True, logprobs=1, scale_bucket="128")
+    served = torch.tensor(body["choices"][0]["logprobs"]["token_logprobs"][1:])
+    tokens = torch.tensor([ids])
+
+    def runtime_logprobs(quantize):
+        loaded = load_model(model_dir, quantize=quantize)
+        bank = Bank.load(model_dir / "bank")
+        scales = batch_scales([bank.scale_set("128")], loaded.config, "cpu")
+        hidden, _ = loaded.model.hidden_states(tokens, scales=scales)
+        return loaded.model.token_logprobs(hidden[:, :-1], tokens[:, 1:])[0]
+
+    torch.testing.assert_close(served, runtime_logprobs("int8"), atol=1e-4, rtol=0)
+    assert (served - runtime_logprobs(None)).abs().max() > 1e-3
 
 
 def test_echo_logprobs_equal_transformers(client, model_dirs):

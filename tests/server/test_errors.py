@@ -120,6 +120,8 @@ def test_a_request_past_the_timeout_ends_with_an_error(model_dirs):
     (lambda d, t: ["--model", str(d["mamba1"]), "--bank", str(t)], "bank.json: missing file"),
     (lambda d, t: ["--model", str(d["mamba1"]), "--bank", str(d["mamba2"] / "bank")], "bank is for another model"),
     (lambda d, t: ["--model", str(d["mamba1"]), "--tokenizer", str(t / "none.json")], "missing tokenizer file"),
+    (lambda d, t: ["--model", str(d["mamba1"]), "--quantize", "int8"],
+     "quantization mismatch: bank calibrated on the unquantised model, this model is int8"),
 ])
 def test_a_bad_model_or_bank_stops_the_start_with_its_message(model_dirs, tmp_path, capsys, flags, match):
     with pytest.raises(SystemExit) as stopped:
