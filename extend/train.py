@@ -102,6 +102,17 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def passkey_length_limit(step: int, args, shortest: int) -> int:
+    """The longest passkey sample at `step`: from `shortest` + 64 up to the full training length over the
+    first `curriculum` fraction of the steps. Copying across a short haystack is found first and then
+    stretched; without it, some seeds never learn retrieval at all."""
+    ramp = int(args.curriculum * args.steps)
+    start = min(args.length + 1, shortest + 64)
+    if step >= ramp:
+        return args.length + 1
+    return start + (args.length + 1 - start) * step // ramp
+
+
 def train(args) -> tuple[MambaLM, list[float]]:
     """Trains and saves; returns the model and the training loss of every step."""
     device = torch.device(args.device)
@@ -129,7 +140,8 @@ def train(args) -> tuple[MambaLM, list[float]]:
         for group in optimiser.param_groups:
             group["lr"] = _lr(step, args.steps, args.lr, args.warmup)
         text = _windows(stream, args.length + 1, half, generator).to(device)  # (half, L+1)
-        passkey = make_batch(tokenizer, rng.randint(shortest, args.length + 1), half, rng, haystack,
+        length = rng.randint(shortest, passkey_length_limit(step, args, shortest))
+        passkey = make_batch(tokenizer, length, half, rng, haystack,
                              [rng.random() for _ in range(half)]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             text_loss = F.cross_entropy(model.logits(model.hidden_states(text[:, :-1])[0]).flatten(0, 1),
@@ -147,7 +159,8 @@ def train(args) -> tuple[MambaLM, list[float]]:
         if step % args.log_every == 0 or step == args.steps - 1:
             hits = ((logits.argmax(-1) != targets) & answer).sum(1) == 0
             print(f"step {step:5d}  lm {text_loss.item():.3f}  passkey answer ce {all_ce[answer].mean().item():.3f}  "
-                  f"retrieved {hits.float().mean().item():.2f}  {time.perf_counter() - start:.0f}s", flush=True)
+                  f"retrieved {hits.float().mean().item():.2f} at {length} tokens  {time.perf_counter() - start:.0f}s",
+                  flush=True)
     model.eval()
     save_hf(model, Path(args.tokenizer), tokenizer.eos_token_id, args.out)
     return model, losses
@@ -166,7 +179,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="half language modelling, half passkey")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--answer-weight", type=float, default=1.0, help="extra weight of the passkey answer tokens")
+    p.add_argument("--answer-weight", type=float, default=3.0, help="extra weight of the passkey answer tokens")
+    p.add_argument("--curriculum", type=float, default=0.3,
+                   help="fraction of the steps over which the longest passkey sample grows to --length (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto")

@@ -6,7 +6,7 @@ import torch
 from checkpoints import BOOK_TEXT, tiny_tokenizer
 from transformers import MambaForCausalLM
 
-from extend.train import parse_args, train
+from extend.train import parse_args, passkey_length_limit, train
 from runtime import load_model
 
 
@@ -30,3 +30,13 @@ def test_train_learns_and_writes_a_loadable_hugging_face_checkpoint(tmp_path):
         expected = reference(tokens, use_cache=False).logits
     got = loaded.model.logits(loaded.model.hidden_states(tokens)[0])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_passkey_curriculum_grows_the_longest_sample_to_the_training_length():
+    args = parse_args(["--tokenizer", "t", "--data", "d", "--out", "o", "--length", "512", "--steps", "1000",
+                       "--curriculum", "0.3"])
+    limits = [passkey_length_limit(step, args, shortest=64) for step in range(1000)]
+    assert limits[0] == 128 and limits[150] == 128 + (513 - 128) // 2 and limits[300] == limits[-1] == 513
+    assert limits == sorted(limits)
+    args.curriculum = 0
+    assert passkey_length_limit(0, args, shortest=64) == 513
