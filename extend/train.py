@@ -71,15 +71,15 @@ def hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
     }
 
 
-def save_hf(model: MambaLM, tokenizer_path: Path, eos_token_id: int | None, out: Path) -> None:
-    """config.json + model.safetensors (bfloat16, transformers' tensor names) + tokenizer.json."""
+def save_hf(model: MambaLM, tokenizer_path: Path | None, eos_token_id: int | None, out: Path) -> None:
+    """config.json + model.safetensors (bfloat16, transformers' tensor names) + tokenizer.json (if given)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config(model.config, eos_token_id), indent=1) + "\n")
     tensors = {"backbone." + name.replace("embedding.", "embeddings.", 1) if name.startswith("embedding.")
                else "backbone." + name: t.detach().to("cpu", torch.bfloat16).contiguous()
                for name, t in model.state_dict().items()}
     save_file(tensors, out / "model.safetensors")
-    if tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
+    if tokenizer_path is not None and tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
         shutil.copy(tokenizer_path, out / "tokenizer.json")
 
 

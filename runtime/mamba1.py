@@ -6,11 +6,11 @@ Shapes: b batch, l sequence, D d_model, d d_inner, n d_state, r dt_rank, k d_con
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backend import Backend
 from .config import ModelConfig
+from .quant import linear
 from .scales import LayerScales
 
 
@@ -28,19 +28,20 @@ class Mamba1Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, config.d_model, bias=config.proj_bias)
 
-    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W.T (+ bias) for x (b, l, in) -> (b, l, out). With a channels-first back-end the result is a
-        (b, l, out) view of (b, out, l) storage, the layout its scan reads without copying."""
+    def _project(self, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias) for x (b, l, in) -> (b, l, out), `layer` an nn.Linear or a quantised one. With a
+        channels-first back-end the result is a (b, l, out) view of (b, out, l) storage, the layout its scan
+        reads without copying."""
         if not self.backend.channels_first or x.dim() != 3:
-            return F.linear(x, weight, bias)
-        out = torch.matmul(weight, x.transpose(1, 2))  # (b, out, l)
+            return linear(x, layer, bias)
+        out = torch.matmul(layer.weight, x.transpose(1, 2))  # (b, out, l)
         return (out if bias is None else out + bias[:, None]).transpose(1, 2)
 
     def _ssm_inputs(self, x: torch.Tensor, scales: LayerScales | None):
         """x: (..., d) after the conv. Returns dt (..., d) before bias and softplus, A, B and C (..., n)."""
         r, n = self.config.dt_rank, self.config.d_state
-        dt_low, B, C = self._project(x, self.x_proj.weight).split([r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
-        dt = self._project(dt_low, self.dt_proj.weight)  # (..., d)
+        dt_low, B, C = self._project(x, self.x_proj).split([r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
+        dt = self._project(dt_low, self.dt_proj)  # (..., d)
         A = -torch.exp(self.A_log.float())  # (d, n)
         if scales is not None and scales.a is not None:
             A = A * scales.a  # (b, d, n)
@@ -50,7 +51,7 @@ class Mamba1Mixer(nn.Module):
         """Prefill. hidden: (b, l, D); conv_state (b, d, k-1) and ssm_state (b, d, n) or None for zeros.
         Returns out (b, l, D) and the new (conv_state, ssm_state)."""
         ops = self.backend.ops
-        x, z = self._project(hidden, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
+        x, z = self._project(hidden, self.in_proj, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
         x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
         dt, A, B, C = self._ssm_inputs(x, scales)
         delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself

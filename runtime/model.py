@@ -24,6 +24,7 @@ from .backend import Backend
 from .config import MAMBA1, ModelConfig
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
+from .quant import linear
 from .scales import BatchScales
 from .state import InferenceState
 
@@ -109,8 +110,8 @@ class MambaLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., D) -> (..., V) float32."""
-        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden.to(weight.dtype), weight).float()
+        head = self.embedding if self.lm_head is None else self.lm_head  # tied: the embedding table
+        return linear(hidden.to(self.dtype), head).float()
 
     def iter_logits(self, hidden: torch.Tensor, slice_len: int = LOGITS_SLICE) -> Iterator[tuple[int, torch.Tensor]]:
         """hidden: (b, l, D). Yields (start, logits (b, slice, V)) so that full logits never exist at once."""

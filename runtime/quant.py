@@ -6,6 +6,10 @@ most s_r / 2. Storage is real: INT8 as int8, INT6 packed four values in three by
 float32 row scales. Compute dequantises one layer at a time (W ≈ q · s), in the layer's compute dtype;
 the Δ-scale path is untouched (scales stay float32).
 
+A product with few rows (a decode step) runs through PyTorch's int8 weight-only kernel
+(`torch._weight_int8pack_mm`, CPU and CUDA), which reads the int8 weights directly: dequantising first would
+read and write the weights in the compute dtype on every token, slower than the unquantised model.
+
 Quantised: the linear layers of the mixers (Mamba1 in_proj, x_proj, dt_proj, out_proj; Mamba2 in_proj,
 out_proj) and optionally the embedding (which is also the LM head when tied).
 """
@@ -17,6 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 Q_MAX = {8: 127, 6: 31}
+FUSED_MAX_ROWS = 64  # above this (prefill), dequantise once and use the dense matmul
+# torch 2.13's CPU int8 kernel crashes (segmentation fault, nothing to catch) in bfloat16 when in_features is
+# not a multiple of 8; narrower layers (Mamba1's dt_proj in small models) take the dequantising path.
+FUSED_IN_MULTIPLE = 16
 SCHEMES = {"int8": 8, "int6": 6}
 LINEAR_NAMES = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
@@ -38,11 +46,12 @@ def pack_int6(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int6(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int6`: (out, 3·in/4) uint8 -> (out, in) int8."""
-    b = packed.to(torch.int32).view(packed.shape[0], -1, 3)  # (out, in/4, 3)
-    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # (out, in/4)
-    u = torch.stack([(word >> shift) & 0x3F for shift in (0, 6, 12, 18)], dim=-1)  # (out, in/4, 4)
-    return (u - 32).to(torch.int8).view(packed.shape[0], -1)
+    """Inverse of `pack_int6`: (out, 3·in/4) uint8 -> (out, in) int8. Byte arithmetic only (no int32
+    temporaries): it runs on every decode step."""
+    b = packed.view(packed.shape[0], -1, 3)  # (out, in/4, 3)
+    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+    u = torch.stack((b0 & 0x3F, (b0 >> 6) | ((b1 & 0x0F) << 2), (b1 >> 4) | ((b2 & 0x03) << 4), b2 >> 2), dim=-1)
+    return (u.view(torch.int8) - 32).view(packed.shape[0], -1)  # each u in [1, 63]: the same as int8
 
 
 class QuantizedWeight(nn.Module):
@@ -56,19 +65,53 @@ class QuantizedWeight(nn.Module):
         stored = (out_features, in_features) if bits == 8 else (out_features, in_features * 3 // 4)
         self.register_buffer("qweight", torch.zeros(stored, dtype=torch.int8 if bits == 8 else torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
+        self._fused: dict[tuple[str, torch.dtype], bool] = {}
+        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # `scale` cast once, not per token
 
     def set_from(self, weight: torch.Tensor) -> "QuantizedWeight":
         q, scale = quantize_rows(weight, self.bits)
         self.qweight.copy_(q if self.bits == 8 else pack_int6(q))
         self.scale.copy_(scale)
+        self._scales.clear()
         return self
+
+    def _scale_as(self, dtype: torch.dtype) -> torch.Tensor:
+        key = (self.scale.device, dtype)
+        if key not in self._scales:
+            self._scales[key] = self.scale.to(dtype)
+        return self._scales[key]
 
     def integers(self) -> torch.Tensor:
         return self.qweight if self.bits == 8 else unpack_int6(self.qweight)
 
     @property
     def weight(self) -> torch.Tensor:
-        return (self.integers().float() * self.scale[:, None]).to(self.compute_dtype)  # (out, in)
+        return self.integers().to(self.compute_dtype) * self.scale.to(self.compute_dtype)[:, None]  # (out, in)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) in the compute dtype -> x Wᵀ (+ bias): (..., out)."""
+        rows = x.numel() // self.in_features
+        differentiable = torch.is_grad_enabled() and x.requires_grad  # the int8 kernel has no backward
+        fits = rows <= FUSED_MAX_ROWS and self.in_features % FUSED_IN_MULTIPLE == 0
+        if fits and not differentiable and self._fused_kernel_works(x):
+            flat = x.reshape(rows, self.in_features).contiguous()  # the kernel assumes dense rows
+            out = torch._weight_int8pack_mm(flat, self.integers(), self._scale_as(x.dtype)).view(*x.shape[:-1], -1)
+            return out if bias is None else out + bias
+        return F.linear(x, self.weight, bias)
+
+    def _fused_kernel_works(self, x: torch.Tensor) -> bool:
+        """Whether this PyTorch build has the int8 kernel for x's device and dtype (tried once per layer)."""
+        key = (x.device.type, x.dtype)
+        known = self._fused.get(key)
+        if known is None:
+            try:
+                probe = x.reshape(-1, self.in_features)[:1].contiguous()
+                torch._weight_int8pack_mm(probe, self.integers(), self._scale_as(x.dtype))
+                known = True
+            except (RuntimeError, NotImplementedError):
+                known = False
+            self._fused[key] = known
+        return known
 
     def nbytes(self) -> int:
         return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * 4
@@ -82,7 +125,7 @@ class QuantizedLinear(QuantizedWeight):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.bias)
 
 
 class QuantizedEmbedding(QuantizedWeight):
@@ -114,6 +157,13 @@ def quantize_model(model: nn.Module, scheme: str, embedding: bool = False) -> No
         if model.lm_head is not None:  # an untied head is the embedding's twin: quantised with it
             head = model.lm_head.weight
             model.lm_head = QuantizedLinear(*head.shape, bits, head.dtype, False).to(head.device).set_from(head)
+
+
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ (+ bias) for an nn.Linear's or nn.Embedding's weight, or a quantised one: (..., in) -> (..., out)."""
+    if isinstance(layer, QuantizedWeight):
+        return layer.linear(x, bias)
+    return F.linear(x, layer.weight, bias)
 
 
 def weight_bytes(model: nn.Module) -> int:

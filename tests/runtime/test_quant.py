@@ -6,7 +6,7 @@ from checkpoints import VOCAB
 
 from runtime import CheckpointError, load_model
 from runtime.loader import save_quantized
-from runtime.quant import (Q_MAX, QuantizedEmbedding, QuantizedLinear, pack_int6, quantize_rows, unpack_int6,
+from runtime.quant import (FUSED_IN_MULTIPLE, Q_MAX, QuantizedEmbedding, QuantizedLinear, pack_int6, quantize_rows, unpack_int6,
                            weight_bytes)
 from scale_bank import Bank, BankError, model_info
 
@@ -72,3 +72,24 @@ def test_bank_of_the_quantised_model_is_refused_on_full_precision_and_back(check
         Bank.load(tmp_path / "q", full.config, full.fingerprint, full.quantization)
     with pytest.raises(BankError, match="fingerprint|quantization"):
         Bank.load(tmp_path / "f", quant.config, quant.fingerprint, quant.quantization)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_int8_decode_runs_the_int8_kernel_and_agrees_with_the_dequantised_prefill(checkpoints, arch, dtype):
+    """Decode steps (few rows) go through torch._weight_int8pack_mm; the prefill dequantises; same model."""
+    quant = load_model(checkpoints[arch], dtype=dtype, quantize="int8", quantize_embedding=True)
+    model = quant.model
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    prefill_logits = model.logits(model.hidden_states(tokens)[0])  # (2, 12, V): dequantised weights
+    logits, state = model.prefill(tokens[:, :4])
+    stepped = [model.step(tokens[:, t], state) for t in range(4, 12)]
+    tolerance = 1e-4 if dtype == "float32" else 0.05
+    for t, step_logits in zip(range(4, 12), stepped):
+        torch.testing.assert_close(step_logits, prefill_logits[:, t], atol=tolerance * prefill_logits.abs().max().item(), rtol=0)
+    linears = [m for m in model.layers.modules()
+               if isinstance(m, QuantizedLinear) and m.in_features % FUSED_IN_MULTIPLE == 0]
+    assert len(linears) >= 2 * model.config.n_layer
+    assert all(m._fused == {("cpu", model.dtype): True} for m in linears), "the int8 kernel was not used"
+    head = model.embedding if model.lm_head is None else model.lm_head
+    assert head._fused == {("cpu", model.dtype): True}  # the LM head too

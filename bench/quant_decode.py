@@ -1,0 +1,104 @@
+"""Weight memory and batch-1 decode speed of the INT8 / INT6 runtime against bfloat16, in one run.
+
+One random Mamba1 model per shape (mamba_ssm's initialisation), saved once in bfloat16 and loaded three ways:
+unquantised, `--quantize int8` and `--quantize int6` (linear layers and the embedding / tied LM head). For
+each it reports the bytes the weights occupy (`runtime.quant.weight_bytes`, the tensors as stored) and the
+device memory allocated after loading, then the mean time of a greedy decode step at batch 1 after a
+64-token prefill (a decode step reads every weight once, so INT8 should not be slower than bfloat16).
+
+    python -m bench.quant_decode --shapes 130m,1.4b --device cuda --json $OUT/quant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from extend.train import init_weights, save_hf
+from runtime import MAMBA1, MambaLM, ModelConfig, load_model
+from runtime.backend import select_backend
+from runtime.quant import QuantizedWeight, weight_bytes
+
+SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
+VOCAB = 50288  # GPT-NeoX-20B's 50,280 padded to a multiple of 16
+SCHEMES = (None, "int8", "int6")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _allocated(device: torch.device) -> float:
+    return torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def decode_ms(model: MambaLM, device: torch.device, steps: int) -> float:
+    """Mean ms per greedy batch-1 decode step after a 64-token prefill (after 8 warm-up steps)."""
+    with torch.no_grad():
+        tokens = torch.randint(0, VOCAB, (1, 64), device=device, generator=torch.Generator(device).manual_seed(0))
+        logits, state = model.prefill(tokens)
+        token = logits.argmax(-1)  # (1,)
+        for _ in range(8):
+            token = model.step(token, state).argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model.step(token, state).argmax(-1)
+        _sync(device)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def bench_shape(name: str, device: torch.device, steps: int) -> list[dict]:
+    d_model, n_layer = SHAPES[name]
+    config = ModelConfig(arch=MAMBA1, d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
+    model = MambaLM(config, select_backend("torch", torch.device("cpu")))
+    init_weights(model, seed=0)
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        save_hf(model.to(torch.bfloat16), None, None, Path(directory))
+        del model
+        for scheme in SCHEMES:
+            loaded = load_model(directory, device=str(device), dtype="bfloat16", quantize=scheme,
+                                quantize_embedding=scheme is not None)
+            row = {"shape": name, "weights": scheme or "bfloat16", "weight_gib": weight_bytes(loaded.model) / 2**30,
+                   "allocated_gib": _allocated(device), "decode_ms": decode_ms(loaded.model, device, steps)}
+            quantized = [m for m in loaded.model.modules() if isinstance(m, QuantizedWeight)]
+            row["int8_kernel_layers"] = sum(any(m._fused.values()) for m in quantized)  # of len(quantized)
+            row["quantized_layers"] = len(quantized)
+            rows.append(row)
+            del loaded
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    base = rows[0]
+    for row in rows:
+        row["weight_ratio"] = row["weight_gib"] / base["weight_gib"]
+        row["decode_ratio"] = row["decode_ms"] / base["decode_ms"]
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="130m", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=100, help="timed decode steps")
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = [row for name in args.shapes.split(",") for row in bench_shape(name, device, args.steps)]
+    print("\n| shape | weights | weight GiB | ratio | decode ms/token | ratio |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['weights']} | {r['weight_gib']:.3f} | {r['weight_ratio']:.3f} | "
+              f"{r['decode_ms']:.2f} | {r['decode_ratio']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
