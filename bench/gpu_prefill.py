@@ -11,58 +11,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from runtime import ScaleMethod, ScaleSet, batch_scales, load_model
-
-SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
-VOCAB = 50280
-
-
-def _measure(fn, repeats: int = 3) -> tuple[float, float]:
-    """(seconds per call, peak GiB) after one warm-up call."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() / 2**30
-
-
-def _save_mamba_ssm_layout(peer, config: dict, directory: Path) -> None:
-    (directory / "config.json").write_text(json.dumps(config))
-    torch.save(peer.state_dict(), directory / "pytorch_model.bin")
+from .gpu_models import SHAPES, measure, peer_and_runtime, random_delta_scales
 
 
 def bench_shape(name: str, lengths: list[int]) -> list[dict]:
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
-    d_model, n_layer = SHAPES[name]
-    config = dict(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={}, rms_norm=True,
-                  residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
-    torch.manual_seed(0)
-    peer = MambaLMHeadModel(MambaConfig(**config), device="cuda", dtype=torch.bfloat16).eval()
-    with tempfile.TemporaryDirectory() as directory:
-        _save_mamba_ssm_layout(peer, config, Path(directory))
-        loaded = load_model(directory, device="cuda", dtype="bfloat16", backend="mamba_ssm")
+    peer, loaded = peer_and_runtime(name)
     ours = loaded.model
-    scale_set = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(loaded.config.d_inner) + 0.5 for _ in range(n_layer)))
-    scales = batch_scales([scale_set], loaded.config, "cuda")
+    scales = random_delta_scales(loaded)
     rows = []
     with torch.no_grad():
         for length in lengths:
             tokens = torch.randint(0, 50000, (1, length), device="cuda")
-            peer_s, peer_gib = _measure(lambda: peer(tokens, num_last_tokens=1))
-            ours_s, ours_gib = _measure(lambda: ours.prefill(tokens))
-            scaled_s, scaled_gib = _measure(lambda: ours.prefill(tokens, scales=scales))
+            peer_s, peer_gib = measure(lambda: peer(tokens, num_last_tokens=1))
+            ours_s, ours_gib = measure(lambda: ours.prefill(tokens))
+            scaled_s, scaled_gib = measure(lambda: ours.prefill(tokens, scales=scales))
             row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
                    "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),
                    "time_ratio": round(ours_s / peer_s, 3), "scale_overhead": round(scaled_s / ours_s - 1, 4),

@@ -37,6 +37,7 @@ class EngineConfig:
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
     step_log_size: int = 4096  # engine steps kept in the step log (tests and debugging read it)
     threads: int | None = None  # intra-op threads of the engine thread; None: what torch uses by default
+    cuda_graphs: bool = True  # on CUDA, decode through captured graphs (runtime.decode_graph); False: eager
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per engine step")
     p.add_argument("--request-timeout", type=_positive_float, help="seconds a request may take (default: no limit)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for the model (default: torch's default)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -124,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
                      args.quantize, args.quantize_embedding)
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
-                          threads=args.threads)
+                          threads=args.threads, cuda_graphs=not args.enforce_eager)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat)
     return ServerConfig(spec, engine, http), args.log_level

@@ -6,7 +6,8 @@ hand each request's output to its `sink`. The model runs outside the lock, so su
 
 Each request owns one row (slot) of the state pool from admission to finish. A prefill chunk continues the
 slot's state; a decode step gathers the decoding rows, steps them as one batch with a per-row scale set
-(every request its own bucket), and writes them back.
+(every request its own bucket), and writes them back. On CUDA that step is a captured graph replayed per
+token (runtime.decode_graph); the pool then has one more row, the graphs' scratch row.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime import MambaLM, batch_scales
+from runtime.decode_graph import DecodeGraphs
 from runtime.tokenizer import Tokenizer
 
 from .config import EngineConfig
@@ -49,7 +51,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.metrics = metrics
-        self.pool = model.new_state(config.max_batch_size)  # one row per slot
+        graphed = config.cuda_graphs and model.device.type == "cuda"
+        self.pool = model.new_state(config.max_batch_size + graphed)  # one row per slot (+ the graphs' scratch)
+        self.graphs = DecodeGraphs(model, self.pool) if graphed else None
         self.scheduler = Scheduler(config)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
         self._cond = threading.Condition()
@@ -200,15 +204,18 @@ class Engine:
                                                        targets[start:start + logits.shape[1]], request.params.logprobs)
 
     def _decode(self, requests: list[Request], finished: dict, outputs: dict) -> None:
-        slots = [r.slot for r in requests]
+        slots = torch.tensor([r.slot for r in requests], device=self.model.device)  # (b,)
         tokens = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)  # (b,)
-        state = self.pool.rows(slots)  # (b, ...) gathered copy
         key = tuple(r.request_id for r in requests)
         if key != self._decode_scales_key:
             self._decode_scales_key = key
             self._decode_scales = batch_scales([r.scales for r in requests], self.model.config, self.model.device)
-        logits = self.model.step(tokens, state, self._decode_scales)  # (b, V)
-        self.pool.write_rows(slots, state)
+        if self.graphs is not None:
+            logits = self.graphs.step(tokens, slots, self._decode_scales)  # (b, V)
+        else:
+            state = self.pool.rows(slots)  # (b, ...) gathered copy
+            logits = self.model.step(tokens, state, self._decode_scales)  # (b, V)
+            self.pool.write_rows(slots, state)
         self._take_tokens(requests, logits, finished, outputs)
 
     def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: dict, outputs: dict) -> None:

@@ -1,0 +1,107 @@
+"""GPU decode: this runtime's decode step (eager and as a CUDA graph) against raw `mamba_ssm`'s
+`generate(cg=True)`, on the same random weights, in one run.
+
+Peer: as `shared/device/reference_bench.py` measures it, batch 1, a 1,024-token prompt, 256 new tokens, the
+prefill's time subtracted. Runtime: after the same prefill, the mean of 256 steps of
+`DecodeGraphs.step` (greedy, the argmax on the GPU; the token never leaves the device), at batch 1 with
+identity and with a per-channel Δ scale set, the eager `MambaLM.step` at batch 1, and the graph at batch 64
+(tokens/s against batch 1's).
+
+    python -m bench.gpu_decode --shapes 130m,1.4b --json $OUT/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.decode_graph import DecodeGraphs
+
+from .gpu_models import SHAPES, VOCAB, peer_and_runtime, random_delta_scales
+
+PROMPT, NEW = 1024, 256
+
+
+def peer_ms_per_token(peer) -> float:
+    x = torch.randint(0, 50000, (1, PROMPT), device="cuda")
+    with torch.no_grad():
+        peer.generate(x, max_length=PROMPT + 16, cg=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        peer.generate(x, max_length=PROMPT + NEW + 1, cg=True)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        start = time.perf_counter()
+        peer(x, num_last_tokens=1)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - start
+    return (total - prefill) / NEW * 1e3
+
+
+def runtime_ms_per_token(model, batch: int, scales, graphed: bool) -> float:
+    """Mean ms per decode step of `batch` sequences after a PROMPT-token prefill of each."""
+    pool = model.new_state(batch + 1)
+    prompt = torch.randint(0, 50000, (batch, PROMPT), device="cuda")
+    with torch.no_grad():
+        _, state = model.prefill(prompt, scales=scales)
+        slots = torch.arange(batch, device="cuda")
+        pool.write_rows(slots, state)
+        tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
+        if graphed:
+            graphs = DecodeGraphs(model, pool)
+            step = lambda t: graphs.step(t, slots, scales)  # noqa: E731
+        else:
+            step = lambda t: model.step(t, state, scales)  # noqa: E731
+        for _ in range(8):  # capture and warm-up
+            tokens = step(tokens).argmax(-1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(NEW):
+            tokens = step(tokens).argmax(-1)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / NEW * 1e3
+
+
+def bench_shape(name: str, big_batch: int) -> dict:
+    peer, loaded = peer_and_runtime(name)
+    model = loaded.model
+    row = {"shape": name, "mamba_ssm_cg_ms": peer_ms_per_token(peer)}
+    del peer
+    torch.cuda.empty_cache()
+    row["eager_ms"] = runtime_ms_per_token(model, 1, None, graphed=False)
+    row["graph_ms"] = runtime_ms_per_token(model, 1, None, graphed=True)
+    row["graph_scaled_ms"] = runtime_ms_per_token(model, 1, random_delta_scales(loaded), graphed=True)
+    big = runtime_ms_per_token(model, big_batch, None, graphed=True)
+    row.update({"batch": big_batch, f"graph_b{big_batch}_ms": big,
+                "time_ratio_vs_peer": row["graph_ms"] / row["mamba_ssm_cg_ms"],
+                "scale_overhead": row["graph_scaled_ms"] / row["graph_ms"] - 1,
+                "batch_speedup": big_batch / big * row["graph_ms"]})  # tokens/s at big batch over batch 1's
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    del model, loaded
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="130m", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--batch", type=int, default=64, help="the large decode batch")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    rows = [bench_shape(name, args.batch) for name in args.shapes.split(",")]
+    print(f"\n{torch.cuda.get_device_name()}, bf16, vocabulary {VOCAB}")
+    print("| shape | mamba_ssm cg ms/token | runtime eager | runtime graph | ratio | graph, Δ scales | "
+          f"batch {args.batch} tokens/s ÷ batch 1 |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['mamba_ssm_cg_ms']:.3f} | {r['eager_ms']:.3f} | {r['graph_ms']:.3f} | "
+              f"{r['time_ratio_vs_peer']:.3f} | {r['scale_overhead']:+.1%} | {r['batch_speedup']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The models the GPU benchmarks compare: raw `mamba_ssm` (`MambaLMHeadModel`) and this runtime, loaded from
+the peer's own weights (saved in the mamba_ssm layout), both bf16 on the GPU."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from runtime import LoadedModel, ScaleMethod, ScaleSet, batch_scales, load_model
+
+SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
+VOCAB = 50280
+
+
+def measure(fn, repeats: int = 3) -> tuple[float, float]:
+    """(seconds per call, peak GiB) after one warm-up call."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() / 2**30
+
+
+def peer_and_runtime(name: str):
+    """(peer MambaLMHeadModel, this runtime's LoadedModel) of shape `name` with the same random weights."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    d_model, n_layer = SHAPES[name]
+    config = dict(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={}, rms_norm=True,
+                  residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    torch.manual_seed(0)
+    peer = MambaLMHeadModel(MambaConfig(**config), device="cuda", dtype=torch.bfloat16).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "config.json").write_text(json.dumps(config))
+        torch.save(peer.state_dict(), Path(directory) / "pytorch_model.bin")
+        loaded = load_model(directory, device="cuda", dtype="bfloat16", backend="mamba_ssm")
+    return peer, loaded
+
+
+def random_delta_scales(loaded: LoadedModel, batch: int = 1):
+    """A per-channel Δ scale set for every sequence of a batch: what a bank bucket costs."""
+    config = loaded.config
+    scale_set = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(config.scale_channels) + 0.5 for _ in range(config.n_layer)))
+    return batch_scales([scale_set] * batch, config, "cuda")
