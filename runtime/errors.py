@@ -20,3 +20,7 @@ class BackendUnavailableError(RuntimeErrorBase):
 
 class ScaleSetError(RuntimeErrorBase):
     """A scale set whose method, shape or values do not fit the model."""
+
+
+class DecimationError(RuntimeErrorBase):
+    """A decimation spec (DeciMamba) with a bad parameter, or applied where it cannot be."""

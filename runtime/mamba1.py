@@ -10,6 +10,7 @@ from torch import nn
 
 from .backend import Backend
 from .config import ModelConfig
+from .ops.torch_ops import discretise
 from .quant import linear
 from .scales import LayerScales
 
@@ -47,9 +48,11 @@ class Mamba1Mixer(nn.Module):
             A = A * scales.a  # (b, d, n)
         return dt, A, B, C
 
-    def forward(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None):
+    def forward(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
+                return_delta: bool = False):
         """Prefill. hidden: (b, l, D); conv_state (b, d, k-1) and ssm_state (b, d, n) or None for zeros.
-        Returns out (b, l, D) and the new (conv_state, ssm_state)."""
+        Returns out (b, l, D) and the new (conv_state, ssm_state); with `return_delta` also Δ (b, l, d)
+        float32 as the scan discretises it (what a decimating layer ranks positions by)."""
         ops = self.backend.ops
         x, z = self._project(hidden, self.in_proj, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
         x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
@@ -57,6 +60,8 @@ class Mamba1Mixer(nn.Module):
         delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself
         out, ssm_state = ops.mamba1_scan(x, dt, self.dt_proj.bias, delta_scale, A, B, C, self.D, z, ssm_state,
                                          self.out_proj.weight, self.out_proj.bias)  # (b, l, D), (b, d, n)
+        if return_delta:  # the scan kernels discretise Δ internally and do not return it: recomputed here
+            return out, (conv_state, ssm_state), discretise(dt, self.dt_proj.bias, delta_scale)  # (b, l, d)
         return out, (conv_state, ssm_state)
 
     def step(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None) -> torch.Tensor:

@@ -67,15 +67,18 @@ class Mamba2Mixer(nn.Module):
             A = A * scales.a  # (b, h)
         return x, delta, A, B, C
 
-    def forward(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None):
-        """Prefill. hidden: (b, l, D). Returns out (b, l, D) and the new (conv_state, ssm_state)."""
+    def forward(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
+                return_delta: bool = False):
+        """Prefill. hidden: (b, l, D). Returns out (b, l, D) and the new (conv_state, ssm_state); with
+        `return_delta` also the scan's Δ (b, l, h) float32 (what a decimating layer ranks positions by)."""
         ops = self.backend.ops
         z, xBC, dt = self._split(self.in_proj(hidden))  # (b, l, d), (b, l, conv_dim), (b, l, h)
         xBC, conv_state = ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
         x, delta, A, B, C = self._ssm_inputs(xBC, dt, scales)
         y, ssm_state = ops.mamba2_scan(x, delta, A, B, C, self.D, ssm_state)  # (b, l, h, p), (b, h, p, n)
         y = self.norm(y.flatten(-2).float(), z)  # (b, l, d)
-        return self.out_proj(y.to(hidden.dtype)), (conv_state, ssm_state)
+        out = self.out_proj(y.to(hidden.dtype))  # (b, l, D)
+        return (out, (conv_state, ssm_state), delta) if return_delta else (out, (conv_state, ssm_state))
 
     def step(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None) -> torch.Tensor:
         """Decode one token. hidden: (b, D); states updated in place. Returns (b, D)."""

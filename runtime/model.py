@@ -9,6 +9,8 @@ The model holds no per-request state. Callers say what they do:
 - `hidden_states(...)` + `logits(...)` / `token_logprobs(...)`: every position's output, its logits taken in
   slices so a 64k prompt's full (l, V) logits never exist at once.
 `scales` is a `BatchScales` (one `LayerScales` per layer, each sequence its own row) or None for identity.
+`decimation` (runtime.decimation) drops prompt positions after one layer in `hidden_states` and `prefill`;
+None, or a prompt short enough that it drops nothing, is exactly the base model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import nn
 
 from .backend import Backend
 from .config import MAMBA1, ModelConfig
+from .decimation import Decimation
+from .errors import DecimationError
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .quant import linear
@@ -80,30 +84,47 @@ class MambaLM(nn.Module):
     def new_state(self, batch: int) -> InferenceState:
         return InferenceState.zeros(self.config, batch, self.device, self.dtype)
 
-    def _layer(self, i: int, residual: torch.Tensor, state: InferenceState | None, scales: BatchScales | None):
+    def _layer(self, i: int, residual: torch.Tensor, state: InferenceState | None, scales: BatchScales | None,
+               decimation: Decimation | None = None):
+        """residual (b, l, D) -> (b, l, D), or (b, k, D) at the kept positions when this layer decimates."""
         block = self.layers[i]
-        out, (conv, ssm) = block.mixer(
+        out, (conv, ssm), *delta = block.mixer(
             block.norm(residual).to(self.dtype),
             None if state is None else state.conv[i],
             None if state is None else state.ssm[i],
             None if scales is None else scales[i],
+            return_delta=decimation is not None,
         )
-        return residual + out, conv.to(self.dtype), ssm
+        residual = residual + out  # (b, l, D)
+        if decimation is not None:  # the layer's own state is the full sequence's; later layers see k positions
+            kept = decimation.kept_positions(delta[0])  # (b, k)
+            residual = residual.gather(1, kept[..., None].expand(-1, -1, residual.shape[-1]))  # (b, k, D)
+        return residual, conv.to(self.dtype), ssm
 
     def hidden_states(self, tokens: torch.Tensor, state: InferenceState | None = None,
-                      scales: BatchScales | None = None, checkpoint: bool = False) -> tuple[torch.Tensor, InferenceState]:
+                      scales: BatchScales | None = None, checkpoint: bool = False,
+                      decimation: Decimation | None = None) -> tuple[torch.Tensor, InferenceState]:
         """tokens: (b, l). Returns the final-normed hidden states (b, l, D) float32 and the new state.
 
         `checkpoint` recomputes each layer in the backward pass instead of keeping its activations: what
-        calibrating scales by back-propagation at 16k-64k tokens needs to fit in memory."""
+        calibrating scales by back-propagation at 16k-64k tokens needs to fit in memory.
+
+        With `decimation`, the hidden states are those of the kept positions only, (b, k, D) in order,
+        ending with the last `keep_last` positions: logits of every prompt position (`token_logprobs`,
+        echo) do not exist for a decimated prompt, only those of its last `keep_last` positions."""
+        if decimation is not None:
+            decimation.check(len(self.layers))
+            if not decimation.drops(tokens.shape[1]):
+                decimation = None  # nothing to drop: run exactly the base model
         residual = self.embedding(tokens).to(self._residual_dtype())  # (b, l, D)
         conv_states, ssm_states = [], []
         for i in range(len(self.layers)):
+            decimating = decimation if decimation is not None and i == decimation.layer else None
             if checkpoint:
                 residual, conv, ssm = torch.utils.checkpoint.checkpoint(
-                    self._layer, i, residual, state, scales, use_reentrant=False)
+                    self._layer, i, residual, state, scales, decimating, use_reentrant=False)
             else:
-                residual, conv, ssm = self._layer(i, residual, state, scales)
+                residual, conv, ssm = self._layer(i, residual, state, scales, decimating)
             conv_states.append(conv)
             ssm_states.append(ssm)
         return self.norm_f(residual), InferenceState(conv_states, ssm_states)
@@ -128,6 +149,10 @@ class MambaLM(nn.Module):
 
         Logits exist one slice at a time; with `checkpoint` a slice's logits are also not kept for the
         backward pass but recomputed (a (l, V) float32 tensor is 6 GB at 32k tokens and V = 50k)."""
+        if hidden.shape[:2] != targets.shape:
+            raise ValueError(f"hidden states of {tuple(hidden.shape[:2])} (batch, positions) for targets of "
+                             f"{tuple(targets.shape)}: one target per position (a decimated prefill keeps only "
+                             f"some positions; score its last keep_last ones)")
         parts = []
         for start in range(0, hidden.shape[1], slice_len):
             args = (hidden[:, start:start + slice_len], targets[:, start:start + slice_len])
@@ -139,14 +164,19 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, state: InferenceState | None = None, scales: BatchScales | None = None,
-                chunk_len: int | None = None) -> tuple[torch.Tensor, InferenceState]:
+                chunk_len: int | None = None, decimation: Decimation | None = None) -> tuple[torch.Tensor, InferenceState]:
         """tokens: (b, l). Returns the last position's logits (b, V) float32 and the new state.
 
         With `chunk_len`, the prompt runs in chunks of that many tokens, each continuing from the last
-        one's state: same result, activations bounded by the chunk instead of the prompt."""
+        one's state: same result, activations bounded by the chunk instead of the prompt. A `decimation`
+        ranks the whole prompt's positions, so it takes the prompt in one piece (no `chunk_len` below l)."""
         chunk_len = chunk_len or tokens.shape[1]
+        if decimation is not None and chunk_len < tokens.shape[1]:
+            raise DecimationError(f"decimation needs the whole prompt in one piece: chunk_len {chunk_len} is "
+                                  f"shorter than the prompt's {tokens.shape[1]} tokens")
         for start in range(0, tokens.shape[1], chunk_len):
-            hidden, state = self.hidden_states(tokens[:, start:start + chunk_len], state, scales)
+            hidden, state = self.hidden_states(tokens[:, start:start + chunk_len], state, scales,
+                                               decimation=decimation)
         return self.logits(hidden[:, -1]), state
 
     @torch.no_grad()

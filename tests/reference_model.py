@@ -14,10 +14,22 @@ def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def _decimate(residual, deltas, decimation):
+    """DeciMamba's rule, literally: keep the last R positions and, of the ones before, the K whose Δ has the
+    largest norm, K = max(min(L - R, L_base), min_len) capped at L - R; original order."""
+    L = len(residual)
+    R = min(decimation.keep_last, L)
+    K = min(L - R, max(min(L - R, decimation.l_base), decimation.min_len))
+    norms = [float(torch.linalg.norm(delta)) for delta in deltas[:L - R]]
+    top = sorted(range(L - R), key=lambda t: -norms[t])[:K]
+    return residual[sorted(top) + list(range(L - R, L))]
+
+
 def reference_logits(config, weights: dict[str, torch.Tensor], tokens: list[int],
-                     delta_scales=None, a_scales=None) -> torch.Tensor:
+                     delta_scales=None, a_scales=None, decimation=None) -> torch.Tensor:
     """Logits (l, V) for one sequence. delta_scales / a_scales: per layer a tensor broadcastable to
-    (d_inner,) / (d_inner, d_state) for Mamba1 and (nheads,) for Mamba2, or None."""
+    (d_inner,) / (d_inner, d_state) for Mamba1 and (nheads,) for Mamba2, or None. `decimation` (read for its
+    layer, l_base, min_len and keep_last only) drops positions after that layer: logits (k, V) of the kept."""
     W = {k: v.double() for k, v in weights.items()}
     c = config
     eps = c.norm_eps
@@ -41,13 +53,14 @@ def reference_logits(config, weights: dict[str, torch.Tensor], tokens: list[int]
             if s_a is not None:
                 A = (s_a[:, None] if s_a.dim() == 1 else s_a) * A  # per channel, or per channel and state
             h = torch.zeros(d, n, dtype=x.dtype)
-            ys = []
+            ys, deltas = [], []
             for t in range(L):
                 dbl = p("x_proj.weight") @ x[t]
                 dt, B, C = dbl[:r], dbl[r:r + n], dbl[r + n:]
                 delta = F.softplus(p("dt_proj.weight") @ dt + p("dt_proj.bias"))  # (d,)
                 if s_delta is not None:
                     delta = s_delta * delta
+                deltas.append(delta)
                 h = torch.exp(delta[:, None] * A) * h + delta[:, None] * B[None, :] * x[t][:, None]
                 ys.append((h @ C + p("D") * x[t]) * F.silu(z[t]))
             y = torch.stack(ys)
@@ -60,7 +73,7 @@ def reference_logits(config, weights: dict[str, torch.Tensor], tokens: list[int]
             if s_a is not None:
                 A = s_a * A
             h = torch.zeros(H, P, n, dtype=xBC.dtype)
-            ys = []
+            ys, deltas = [], []
             for t in range(L):
                 x = xBC[t, :d].reshape(H, P)
                 B = xBC[t, d:d + g * n].reshape(g, n).repeat_interleave(H // g, 0)  # (H, n)
@@ -68,6 +81,7 @@ def reference_logits(config, weights: dict[str, torch.Tensor], tokens: list[int]
                 delta = F.softplus(dt[t] + p("dt_bias")).clamp(*c.dt_limit)  # (H,)
                 if s_delta is not None:
                     delta = s_delta * delta
+                deltas.append(delta)
                 h = torch.exp(delta * A)[:, None, None] * h + (delta[:, None] * x)[..., None] * B[:, None, :]
                 yt = (h @ C[..., None]).squeeze(-1) + p("D")[:, None] * x  # (H, P)
                 yt = yt.reshape(d) * F.silu(z[t])
@@ -76,6 +90,9 @@ def reference_logits(config, weights: dict[str, torch.Tensor], tokens: list[int]
                 ys.append(yt.reshape(d) * p("norm.weight"))
             y = torch.stack(ys)
         residual = residual + y @ p("out_proj.weight").T
+        if decimation is not None and i == decimation.layer:
+            residual = _decimate(residual, deltas, decimation)
+            L = len(residual)
     hidden = _rms(residual, W["norm_f.weight"], eps)
     head = W.get("lm_head.weight", W["embedding.weight"])
     return hidden @ head.T  # float64, differentiable in the scales
