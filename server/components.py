@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime import LoadedModel, ScaleMethod, load_model
+from runtime import Decimation, DecimationError, LoadedModel, load_model
 from runtime.tokenizer import Tokenizer, find_tokenizer
-from scale_bank import Bank
+from scale_bank import Bank, BankError
 
 from .config import ConfigError, ModelSpec
 
 log = logging.getLogger(__name__)
-APPLICABLE_METHODS = {m.value for m in ScaleMethod}  # bank methods the runtime applies; others serve as identity
 
 
 @dataclass(frozen=True)
@@ -23,6 +22,7 @@ class Components:
     tokenizer: Tokenizer
     bank: Bank | None
     training_length: int | None  # bucket selection uses no scales at or below it; None: unknown
+    decimations: dict[str, Decimation]  # bucket → the decimation of each of the bank's decimate entries
 
 
 def load_components(spec: ModelSpec) -> Components:
@@ -39,12 +39,22 @@ def load_components(spec: ModelSpec) -> Components:
     if spec.bank is not None:
         bank = Bank.load(spec.bank, config=loaded.config, fingerprint=loaded.fingerprint,
                          quantization=loaded.quantization)
-        for entry in bank.manifest.entries:
-            if entry.method not in APPLICABLE_METHODS:
-                log.warning("bank %s: bucket %s uses method %r, which the runtime cannot apply yet; requests "
-                            "choosing it are served without scales", bank.path, entry.bucket, entry.method)
         log.info("bank %s: buckets %s", bank.path, ", ".join(bank.buckets) or "(none)")
     training_length = spec.training_length or loaded.config.training_context_length
     if training_length is None and bank is not None:
         training_length = bank.manifest.model["training_context_length"]
-    return Components(loaded, tokenizer, bank, training_length)
+    return Components(loaded, tokenizer, bank, training_length, _decimations(bank, loaded.config.n_layer,
+                                                                             training_length))
+
+
+def _decimations(bank: Bank | None, n_layer: int, training_length: int | None) -> dict[str, Decimation]:
+    """The bank's decimate entries, each checked against the model now so that a bad one stops the start;
+    `l_base` defaults to the training length."""
+    out = {}
+    for entry in [] if bank is None else bank.manifest.entries:
+        if entry.method == "decimate":
+            try:
+                out[entry.bucket] = Decimation.from_params(entry.params, n_layer, training_length)
+            except DecimationError as bad:
+                raise BankError(bank.path / "bank.json", f"bucket {entry.bucket}: {bad}") from None
+    return out

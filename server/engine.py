@@ -174,7 +174,8 @@ class Engine:
         tokens = torch.tensor([prompt[chunk.start:chunk.end]], device=self.model.device)  # (1, c)
         state = None if chunk.start == 0 else self.pool.rows([request.slot])  # None: zeros, a fresh sequence
         scales = batch_scales([request.scales], self.model.config, self.model.device)
-        hidden, state = self.model.hidden_states(tokens, state, scales)  # (1, c, D)
+        # (1, c, D); decimated: (1, k, D), the kept positions, ending with the prompt's last (one chunk: c = prompt)
+        hidden, state = self.model.hidden_states(tokens, state, scales, decimation=request.decimation)
         self.pool.write_rows([request.slot], state)
         self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
         if request.params.prompt_logprobs:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from runtime import ScaleSet
+from runtime import Decimation, ScaleSet
 
 from .detokenizer import OutputText
 
@@ -95,6 +95,7 @@ class Request:
     text: OutputText  # incremental detokeniser with the stop strings
     sink: Callable[[RequestOutput], None]  # receives every output; called on the engine thread
     timeout: float | None = None  # seconds from arrival
+    decimation: Decimation | None = None  # a decimate bucket's: drops prompt positions in the prefill, in one piece
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     abort_requested: bool = False

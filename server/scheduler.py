@@ -3,7 +3,8 @@
 Each step runs at most one prefill chunk of ≤ `prefill_chunk` prompt tokens, then one batched decode step
 for every DECODING request. Waiting requests take free state slots in arrival order; requests that are
 prefilling share the chunks round-robin, so a short prompt that arrives during a long prefill starts decoding
-after one chunk of the long one, not after all of them.
+after one chunk of the long one, not after all of them. A decimated request's prompt is one chunk, whatever
+its length: decimation ranks the positions of the whole prompt at once.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Scheduler:
         chunk = None
         if self.prefilling:
             request = self.prefilling.popleft()
-            end = min(request.num_computed + self.config.prefill_chunk, len(request.prompt_ids))
+            chunk_len = len(request.prompt_ids) if request.decimation is not None else self.config.prefill_chunk
+            end = min(request.num_computed + chunk_len, len(request.prompt_ids))
             chunk = PrefillChunk(request, request.num_computed, end)
             if not chunk.last:
                 self.prefilling.append(request)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, Pro
                      UnavailableError)
 from .protocol import CompletionRequest
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +41,7 @@ class CompletionService:
         self.tokenizer = components.tokenizer
         self.bank = components.bank
         self.training_length = components.training_length
+        self.decimations = components.decimations
         self.http = http
         self.request_timeout = request_timeout
 
@@ -80,9 +78,12 @@ class CompletionService:
             selection = select(self.bank, n_tokens, body.scale_bucket, self.training_length)
         except UnknownBucketError as bad:
             raise InvalidRequestError(str(bad), param="scale_bucket", code="unknown_scale_bucket") from None
-        if selection.method is not None and selection.scales is None:
-            log.info("bucket %s: method %s is not applied by the runtime; serving without scales",
-                     selection.name, selection.method)
+        decimation = self.decimations[selection.name] if selection.method == "decimate" else None
+        if decimation is not None and params.prompt_logprobs:
+            raise InvalidRequestError(f"bucket {selection.name} decimates the prompt (drops positions in one layer), "
+                                      "so it has no logprobs of the prompt's tokens: ask for echo with logprobs "
+                                      "with scale_bucket 'none' or a bucket of another method", param="scale_bucket",
+                                      code="decimated_prompt_logprobs")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -93,7 +94,7 @@ class CompletionService:
                 pass
 
         request = Request(f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, selection.scales, selection.name,
-                          OutputText(self.tokenizer, params.stop), sink, self.request_timeout)
+                          OutputText(self.tokenizer, params.stop), sink, self.request_timeout, decimation=decimation)
         self.engine.submit(request)
         return Submission(request, outputs, prompt_text, body.echo, selection, int(time.time()))
 
@@ -190,7 +191,7 @@ class CompletionService:
         return {"id": request.request_id, "object": "text_completion", "created": submission.created,
                 "model": self.http.served_model_name, "choices": [choice],
                 "scale_bucket": selection.name, "scale_beyond_largest": selection.beyond_largest,
-                "scale_method": selection.method if selection.scales is not None else None}
+                "scale_method": selection.method}
 
     def _logprobs_json(self, token_ids: list[int], entries: list[TokenLogprob | None]) -> dict:
         """OpenAI's legacy logprobs object; text offsets count from the start of this choice's text."""

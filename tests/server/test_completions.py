@@ -8,7 +8,7 @@ import httpx
 import pytest
 import torch
 
-from runtime import batch_scales, load_model
+from runtime import Decimation, batch_scales, load_model
 from runtime.tokenizer import Tokenizer
 from scale_bank import Bank
 
@@ -171,12 +171,13 @@ def test_echo_logprobs_equal_transformers(client, model_dirs):
     assert torch.allclose(got, expected, atol=1e-3)
 
 
-def greedy_reference(model_dir, prompt_ids, max_tokens, bucket, in_decode=True) -> str:
-    """A direct runtime greedy loop with `bucket`'s scales in the prefill and (when `in_decode`) every step."""
+def greedy_reference(model_dir, prompt_ids, max_tokens, bucket, in_decode=True, decimation=None) -> str:
+    """A direct runtime greedy loop with `bucket`'s scales in the prefill and (when `in_decode`) every step,
+    and `decimation` in the prefill."""
     model = load_model(model_dir).model
     tokenizer = Tokenizer(model_dir / "tokenizer.json")
     scales = batch_scales([Bank.load(model_dir / "bank").scale_set(bucket)], model.config, "cpu")
-    logits, state = model.prefill(torch.tensor([prompt_ids]), scales=scales)
+    logits, state = model.prefill(torch.tensor([prompt_ids]), scales=scales, decimation=decimation)
     out = []
     for _ in range(max_tokens):
         token = int(logits[0, :tokenizer.vocab_size].argmax())
@@ -225,11 +226,35 @@ def test_auto_bucket_follows_prompt_plus_max_tokens(client, prompt_tokens, max_t
         assert (chunk["scale_bucket"], chunk["scale_beyond_largest"]) == (bucket, beyond)
 
 
-def test_decimate_bucket_is_reported_and_served_as_identity(client):
-    decimate = complete(client, prompt=PROMPT, max_tokens=12, scale_bucket="512")
-    identity = complete(client, prompt=PROMPT, max_tokens=12, scale_bucket="none")
-    assert decimate["scale_bucket"] == "512" and decimate["scale_method"] is None
-    assert decimate["choices"][0]["text"] == identity["choices"][0]["text"]
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_a_decimate_bucket_decimates_the_whole_prompt_in_one_prefill(arch, live, mamba2_live, model_dirs):
+    """Bucket "512" is decimate {"layer": 1, "l_base": 64}: its text is the runtime's decimated greedy text."""
+    server = live if arch == "mamba1" else mamba2_live
+    ids = Tokenizer(model_dirs[arch] / "tokenizer.json").encode(" ".join([PROMPT] * 8))
+    assert len(ids) > 2 * 64 > 16  # L_base + R = 65 of them go on past layer 1; and more than one chunk
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        decimated = complete(client, prompt=ids, max_tokens=16, scale_bucket="512")
+        identity = complete(client, prompt=ids, max_tokens=16, scale_bucket="none")
+        streamed = stream(client, prompt=ids, max_tokens=16, scale_bucket="512")[:-1]
+    assert (decimated["scale_bucket"], decimated["scale_method"]) == ("512", "decimate")
+    assert identity["scale_method"] is None
+    text = decimated["choices"][0]["text"]
+    assert text == greedy_reference(model_dirs[arch], ids, 16, "512", decimation=Decimation(layer=1, l_base=64))
+    assert text != identity["choices"][0]["text"]
+    assert "".join(c["choices"][0]["text"] for c in streamed) == text
+    assert {c["scale_method"] for c in streamed} == {"decimate"}
+    [prefill] = [r for r in server.engine.step_log if r.kind == "prefill" and decimated["id"] in r.request_ids]
+    assert prefill.tokens == len(ids) and prefill.last_chunk  # one piece, though --prefill-chunk is 16
+
+
+def test_a_decimated_prompt_has_no_prompt_logprobs(client):
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1,
+                                                    "scale_bucket": "512"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("scale_bucket", "decimated_prompt_logprobs")
+    assert "bucket 512 decimates the prompt" in error["message"]
+    assert complete(client, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)["choices"][0]["logprobs"]
 
 
 def test_models_lists_the_bank_and_health_is_open(client):

@@ -2,6 +2,7 @@
 queue, timeouts, and a start that fails on a bad model or bank."""
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -115,6 +116,17 @@ def test_a_request_past_the_timeout_ends_with_an_error(model_dirs):
         assert c.post("/v1/completions", json=GOOD).status_code == 200
 
 
+def _bank_with_decimate_layer(model_dirs, tmp_path, layer: int) -> list[str]:
+    """Flags serving the tiny Mamba1 with a copy of its bank whose decimate entry names `layer`."""
+    bank = shutil.copytree(model_dirs["mamba1"] / "bank", tmp_path / "bank")
+    manifest = json.loads((bank / "bank.json").read_text())
+    for entry in manifest["entries"]:
+        if entry["method"] == "decimate":
+            entry["params"]["layer"] = layer
+    (bank / "bank.json").write_text(json.dumps(manifest))
+    return ["--model", str(model_dirs["mamba1"]), "--bank", str(bank)]
+
+
 @pytest.mark.parametrize("flags, match", [
     (lambda d, t: ["--model", str(t / "absent")], "absent"),
     (lambda d, t: ["--model", str(d["mamba1"]), "--bank", str(t)], "bank.json: missing file"),
@@ -122,6 +134,8 @@ def test_a_request_past_the_timeout_ends_with_an_error(model_dirs):
     (lambda d, t: ["--model", str(d["mamba1"]), "--tokenizer", str(t / "none.json")], "missing tokenizer file"),
     (lambda d, t: ["--model", str(d["mamba1"]), "--quantize", "int8"],
      "quantization mismatch: bank calibrated on the unquantised model, this model is int8"),
+    (lambda d, t: _bank_with_decimate_layer(d, t, 7),
+     "bank.json: bucket 512: decimation layer 7 does not exist: the model has 3 layers"),
 ])
 def test_a_bad_model_or_bank_stops_the_start_with_its_message(model_dirs, tmp_path, capsys, flags, match):
     with pytest.raises(SystemExit) as stopped:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime import Decimation
 from server.config import EngineConfig
 from server.detokenizer import OutputText
 from server.errors import QueueFullError
@@ -43,6 +44,17 @@ def test_prompt_runs_in_chunks_of_at_most_prefill_chunk_tokens():
     chunks = [(out.prefill.start, out.prefill.end) for out in (run_step(scheduler) for _ in range(3))]
     assert chunks == [(0, 16), (16, 32), (32, 40)]
     assert request.status is RequestStatus.DECODING and request.num_computed == 40
+
+
+def test_a_decimated_prompt_is_one_chunk_however_long():
+    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=16))
+    decimated, plain = make_request("decimated", 40), make_request("plain", 20)
+    decimated.decimation = Decimation(layer=0, l_base=8)  # ranks the positions of the whole prompt at once
+    scheduler.add(decimated)
+    scheduler.add(plain)
+    chunks = [(out.prefill.request.request_id, out.prefill.start, out.prefill.end)
+              for out in (run_step(scheduler) for _ in range(3))]
+    assert chunks == [("decimated", 0, 40), ("plain", 0, 16), ("plain", 16, 20)]
 
 
 def test_short_prompt_decodes_before_a_long_prompt_finishes_its_prefill():
