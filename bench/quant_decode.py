@@ -4,7 +4,8 @@ One random Mamba1 model per shape (mamba_ssm's initialisation), saved once in bf
 unquantised, `--quantize int8` and `--quantize int6` (linear layers and the embedding / tied LM head). For
 each it reports the bytes the weights occupy (`runtime.quant.weight_bytes`, the tensors as stored) and the
 device memory allocated after loading, then the mean time of a greedy decode step at batch 1 after a
-64-token prefill (a decode step reads every weight once, so INT8 should not be slower than bfloat16).
+64-token prefill (a decode step reads every weight once, so INT8 should not be slower than bfloat16); on
+CUDA the step is replayed as a CUDA graph, as the server runs it, so that launches do not hide the weights.
 
     python -m bench.quant_decode --shapes 130m,1.4b --device cuda --json $OUT/quant.json
 """
@@ -22,6 +23,7 @@ import torch
 from extend.train import init_weights, save_hf
 from runtime import MAMBA1, MambaLM, ModelConfig, load_model
 from runtime.backend import select_backend
+from runtime.decode_graph import DecodeGraphs
 from runtime.quant import QuantizedWeight, weight_bytes
 
 SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
@@ -43,13 +45,20 @@ def decode_ms(model: MambaLM, device: torch.device, steps: int) -> float:
     with torch.no_grad():
         tokens = torch.randint(0, VOCAB, (1, 64), device=device, generator=torch.Generator(device).manual_seed(0))
         logits, state = model.prefill(tokens)
+        if device.type == "cuda":
+            pool, slot = model.new_state(2), torch.zeros(1, dtype=torch.long, device=device)  # a slot and scratch
+            pool.write_rows(slot, state)
+            graphs = DecodeGraphs(model, pool)
+            step = lambda t: graphs.step(t, slot, None)  # noqa: E731
+        else:
+            step = lambda t: model.step(t, state)  # noqa: E731
         token = logits.argmax(-1)  # (1,)
         for _ in range(8):
-            token = model.step(token, state).argmax(-1)
+            token = step(token).argmax(-1)
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            token = model.step(token, state).argmax(-1)
+            token = step(token).argmax(-1)
         _sync(device)
     return (time.perf_counter() - start) / steps * 1e3
 

@@ -1,0 +1,144 @@
+"""Time to first token of a long prompt through HTTP, against the runtime's own tokenisation + prefill.
+
+Starts `python -m server` (a subprocess on a free loopback port), streams one completion of a prompt of
+about `--tokens` tokens (text, so the server tokenises it) and records the time to the first streamed token.
+With `--race`, a short request is sent `--race-delay` seconds later and its first token time is recorded too
+(it must not wait for the long prompt's prefill). The peer, measured in this process on the same model and
+device after the server has finished: the tokenizer's encode of the same text plus `MambaLM.prefill` of the
+whole prompt (last-token logits), after a warm-up.
+
+    python -m bench.http_ttft --tokens 60000 --race                          # the embedded model, on CPU
+    python -m bench.http_ttft --model DIR --tokenizer T --device cuda --tokens 60000 --text BOOKS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from clients.client import Client
+from extend.data import read_documents
+from runtime import load_model
+from runtime.tokenizer import find_tokenizer
+from server.config import DEFAULT_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prompt_text(tokenizer, source: Path | None, tokens: int) -> str:
+    """About `tokens` tokens of text: the documents of `source`, or this repository's README repeated."""
+    text = "\n\n".join(d.text for d in read_documents(source)) if source else (REPO / "README.md").read_text()
+    ids = tokenizer.encode(text)
+    while len(ids) < tokens:
+        text, ids = text + "\n\n" + text, ids + ids
+    return tokenizer.decode(ids[:tokens])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "server", "--port", str(port), "--device", args.device, *args.server_args]
+    for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--dtype", args.dtype)):
+        if value is not None:
+            command += [flag, str(value)]
+    server = subprocess.Popen(command, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode}")
+        time.sleep(0.2)
+    server.kill()
+    raise SystemExit("the server did not come up in 300 s")
+
+
+def first_token_seconds(client: Client, prompt: str, sent: float) -> float:
+    """Seconds from `sent` to the first stream chunk that carries generated text."""
+    for chunk in client.stream(prompt, max_tokens=4, temperature=0):
+        if chunk.choices:
+            return time.perf_counter() - sent
+    raise RuntimeError("the stream ended without a token")
+
+
+def measure_http(args, prompt: str) -> dict:
+    port = _free_port()
+    server = start_server(args, port)
+    try:
+        with Client(f"http://127.0.0.1:{port}", timeout=600) as client:
+            first_token_seconds(client, "warm up", time.perf_counter())
+            results = {}
+            racer = None
+            if args.race:
+                def race():
+                    time.sleep(args.race_delay)
+                    with Client(f"http://127.0.0.1:{port}", timeout=600) as other:
+                        results["short_first_token_s"] = args.race_delay + first_token_seconds(
+                            other, "The river ran past the mill", time.perf_counter())
+                racer = threading.Thread(target=race)
+                racer.start()
+            results["long_first_token_s"] = first_token_seconds(client, prompt, time.perf_counter())
+            if racer is not None:
+                racer.join()
+            return results
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def measure_runtime(args, prompt: str) -> dict:
+    loaded = load_model(args.model or DEFAULT_MODEL_DIR, device=args.device, dtype=args.dtype)
+    tokenizer = find_tokenizer(loaded.path, args.tokenizer)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    tokens = torch.tensor([tokenizer.encode(prompt)], device=args.device)
+    loaded.model.prefill(tokens[:, :2048])  # warm-up
+    sync()
+    start = time.perf_counter()
+    ids = tokenizer.encode(prompt)
+    encoded = time.perf_counter()
+    loaded.model.prefill(torch.tensor([ids], device=args.device))
+    sync()
+    done = time.perf_counter()
+    return {"prompt_tokens": len(ids), "tokenise_s": encoded - start, "prefill_s": done - encoded}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded model)")
+    parser.add_argument("--tokenizer", type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--tokens", type=int, default=60000)
+    parser.add_argument("--text", type=Path, help="documents to take the prompt from (default: README.md repeated)")
+    parser.add_argument("--race", action="store_true", help="also send a short request --race-delay s later")
+    parser.add_argument("--race-delay", type=float, default=1.0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("server_args", nargs="*", help="more flags for the server, after --")
+    args = parser.parse_args(argv)
+    tokenizer = find_tokenizer(args.model or DEFAULT_MODEL_DIR, args.tokenizer)
+    prompt = prompt_text(tokenizer, args.text, args.tokens)
+    row = {**measure_http(args, prompt), **measure_runtime(args, prompt)}
+    row["ratio"] = row["long_first_token_s"] / (row["tokenise_s"] + row["prefill_s"])
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+    if args.json:
+        args.json.write_text(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
