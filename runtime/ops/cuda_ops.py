@@ -5,8 +5,9 @@ silent fallback inside `forward`.
 
 Scales reach the unchanged kernels as DESIGN.md §2 says: Δ is passed already softplus'ed, clamped and
 scaled (`delta_softplus=False`), which is exact for any per-sequence Δ scale. A per-sequence A' = s·A
-(A-spectrum) is folded into the kernel's shared A one sequence at a time in prefill; in decode, where a
-kernel would need one A per sequence, the PyTorch step (a few element-wise ops) runs instead.
+(A-spectrum) is folded into the kernel's shared A one sequence at a time in prefill. In Mamba1 decode, where
+mamba_ssm's kernel would need one A per sequence and computes Δ itself, a fused Triton step that takes both
+per sequence runs instead (`triton_decode`), and so does the convolution step without `causal_conv1d`.
 Mamba1 prefill from a carried state also runs the PyTorch scan: `selective_scan_fn` takes no initial state.
 """
 
@@ -18,7 +19,7 @@ from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-from . import torch_ops
+from . import torch_ops, triton_decode
 
 try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
@@ -46,7 +47,7 @@ def causal_conv1d(x, weight, bias, state):
 
 def causal_conv1d_step(x, state, weight, bias):
     if not HAS_CONV_KERNELS:
-        return torch_ops.causal_conv1d_step(x, state, weight, bias)
+        return triton_decode.causal_conv1d_step(x, state, weight, bias)
     return causal_conv1d_update(x.to(state.dtype), state, weight, bias, activation="silu")
 
 
@@ -93,13 +94,9 @@ def _selective_scan(x, dt, dt_bias, A, B, C, D, z):
 
 def mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z):
     """Same contract as `torch_ops.mamba1_step`; h (b, d, n) float32 updated in place."""
-    if A.dim() == 3:
-        return torch_ops.mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z)
-    if delta_scale is None:  # the kernel discretises Δ, as in raw mamba_ssm
+    if A.dim() == 2 and delta_scale is None:  # the kernel discretises Δ, as in raw mamba_ssm
         return selective_state_update(h, x, dt, A, B, C, D.float(), z, dt_bias.float(), True)
-    delta = torch_ops.discretise(dt, dt_bias, delta_scale)  # (b, d)
-    # The kernel needs a dt_bias tensor (it reads its strides), so a zero one goes with the ready Δ.
-    return selective_state_update(h, x, delta, A, B, C, D.float(), z, torch.zeros_like(dt_bias, dtype=delta.dtype), False)
+    return triton_decode.mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z)  # per-sequence scales
 
 
 def mamba2_scan(x, dt, A, B, C, D, h0):

@@ -1,0 +1,113 @@
+"""Fused Triton kernels for one decode step, behind the signatures of `torch_ops`.
+
+In a captured decode graph what is left of a step's time is the GPU time of its small kernels, one per
+element-wise op. Two pieces of the Mamba1 step are one kernel each here:
+  - `causal_conv1d_step`: the depthwise convolution over the last k inputs, bias, SiLU and the state shift
+    (six PyTorch ops), for machines without the `causal_conv1d` package;
+  - `mamba1_step`: the selective state update with a per-sequence Δ scale and a per-sequence A (A-spectrum),
+    which mamba_ssm's kernel cannot take (it has one A for the batch and computes Δ itself): Δ, exp(Δ·A),
+    the state update, the read-out, the D skip and the z gate, with the state updated in place.
+The maths is that of `torch_ops` (Δ = softplus(dt + dt_bias)·s with softplus's threshold of 20, float32
+throughout); tests compare them. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, softplus(v) = v
+BLOCK_CHANNELS = 64
+
+
+@triton.jit
+def _conv_step_kernel(x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr, channels,
+                      stride_xb, stride_sb, stride_sc, stride_ob,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
+    live = c < channels
+    x = tl.load(x_ptr + b * stride_xb + c, mask=live, other=0.0).to(tl.float32)
+    acc = x * tl.load(weight_ptr + c * K + (K - 1), mask=live, other=0.0).to(tl.float32)
+    row = state_ptr + b * stride_sb + c * stride_sc
+    for j in tl.static_range(K - 1):  # state[j] is the input j + 1 steps before the last k - 1 ... 1
+        past = tl.load(row + j, mask=live, other=0.0)
+        acc += past.to(tl.float32) * tl.load(weight_ptr + c * K + j, mask=live, other=0.0).to(tl.float32)
+        if j > 0:
+            tl.store(row + (j - 1), past, mask=live)  # shift left by one
+    tl.store(row + (K - 2), x.to(state_ptr.dtype.element_ty), mask=live)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=live, other=0.0).to(tl.float32)
+    out = acc / (1.0 + tl.exp(-acc))  # SiLU
+    tl.store(out_ptr + b * stride_ob + c, out.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """One token of the causal convolution. x: (b, c); state: (b, c, k-1), updated in place; weight (c, k).
+    Returns silu(conv + bias) (b, c) in the state's dtype."""
+    b, channels = x.shape
+    k = weight.shape[-1]
+    assert state.stride(2) == 1 and weight.is_contiguous() and x.stride(1) == 1
+    out = torch.empty(b, channels, dtype=state.dtype, device=x.device)
+    grid = (triton.cdiv(channels, BLOCK_CHANNELS), b)
+    _conv_step_kernel[grid](x, state, weight, bias if bias is not None else weight, out, channels,
+                            x.stride(0), state.stride(0), state.stride(1), out.stride(0),
+                            K=k, HAS_BIAS=bias is not None, BLOCK=BLOCK_CHANNELS)
+    return out
+
+
+@triton.jit
+def _mamba1_step_kernel(h_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr,
+                        channels, n_state,
+                        stride_hb, stride_hd, stride_xb, stride_dtb, stride_sb, stride_Ab, stride_Ad,
+                        stride_Bb, stride_Cb, stride_zb, stride_yb,
+                        HAS_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr,
+                        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(1)
+    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
+    n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
+    live = d < channels
+    live2 = live[:, None] & (n[None, :] < n_state)  # (BLOCK, BLOCK_N)
+    v = tl.load(dt_ptr + b * stride_dtb + d, mask=live, other=0.0).to(tl.float32)
+    v += tl.load(dt_bias_ptr + d, mask=live, other=0.0).to(tl.float32)
+    u = tl.exp(tl.minimum(v, THRESHOLD))
+    w = 1.0 + u  # log1p(u) = log(w)·u/(w − 1) keeps full precision when u is tiny (Goldberg's trick)
+    tiny = w == 1.0
+    delta = tl.where(v > THRESHOLD, v, tl.where(tiny, u, tl.log(w) * u / tl.where(tiny, 1.0, w - 1.0)))  # softplus
+    if HAS_SCALE:
+        delta *= tl.load(scale_ptr + b * stride_sb + d, mask=live, other=1.0)
+    x = tl.load(x_ptr + b * stride_xb + d, mask=live, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + b * stride_Ab + d[:, None] * stride_Ad + n[None, :], mask=live2, other=0.0)
+    B = tl.load(B_ptr + b * stride_Bb + n, mask=n < n_state, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + b * stride_Cb + n, mask=n < n_state, other=0.0).to(tl.float32)
+    h_at = h_ptr + b * stride_hb + d[:, None] * stride_hd + n[None, :]
+    h = tl.load(h_at, mask=live2, other=0.0)
+    h = h * tl.exp(delta[:, None] * A) + (delta * x)[:, None] * B[None, :]
+    tl.store(h_at, h, mask=live2)
+    y = tl.sum(h * C[None, :], axis=1) + x * tl.load(D_ptr + d, mask=live, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * stride_zb + d, mask=live, other=0.0).to(tl.float32)
+        y = y * z / (1.0 + tl.exp(-z))  # SiLU gate
+    tl.store(y_ptr + b * stride_yb + d, y, mask=live)
+
+
+def mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z):
+    """Same contract as `torch_ops.mamba1_step`: h (b, d, n) float32 updated in place; x, dt, z (b, d);
+    dt_bias, D (d,); delta_scale (b, d) float32 or None; A (d, n) or (b, d, n) float32; B, C (b, n).
+    Returns y (b, d) float32."""
+    b, d, n = h.shape
+    A = A.float()
+    A_batch_stride = A.stride(0) if A.dim() == 3 else 0  # a shared A is read by every sequence
+    A_rows = A if A.dim() == 3 else A[None]
+    assert h.stride(2) == 1 and A_rows.stride(2) == 1 and B.stride(1) == 1 and C.stride(1) == 1
+    y = torch.empty(b, d, dtype=torch.float32, device=h.device)
+    grid = (triton.cdiv(d, BLOCK_CHANNELS), b)
+    _mamba1_step_kernel[grid](
+        h, x, dt, dt_bias, delta_scale if delta_scale is not None else h, A_rows, B, C, D,
+        z if z is not None else x, y, d, n,
+        h.stride(0), h.stride(1), x.stride(0), dt.stride(0), delta_scale.stride(0) if delta_scale is not None else 0,
+        A_batch_stride, A_rows.stride(1), B.stride(0), C.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
+        HAS_SCALE=delta_scale is not None, HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD,
+        BLOCK=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n))
+    return y
