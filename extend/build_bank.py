@@ -8,6 +8,13 @@ from the previous bucket's scales (a curriculum: calibrating a long bucket from 
 FINDINGS.md 3); score identity, the previous bucket's scales and the new ones on the held-out documents;
 keep the best (never worse than identity) and record all three in the manifest. Each finished bucket is
 written at once, so `--resume` carries on after an interruption.
+
+    python -m extend.build_bank --model DIR --buckets 4k,8k --task passkey --method decimate \
+        [--decimate-layers 10,12,14] [--decimate-l-base 2048] --data BOOKS... --out BANK
+
+`--method decimate` (DeciMamba, training-free) calibrates nothing: per bucket it sweeps the candidate
+layers on the calibration documents and keeps the best one if it beats identity on the held-out ones
+(extend.decimate); the sweep's scores go into the entry's `calibrator` record.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from runtime import MAMBA1, MAMBA2, ScaleMethod, ScaleSet, __version__, load_model
+from runtime import MAMBA1, MAMBA2, Decimation, ScaleMethod, ScaleSet, __version__, load_model
 from runtime.errors import RuntimeErrorBase
 from runtime.tokenizer import find_tokenizer
 from scale_bank import Bank, BankEntry, BankError, bucket_name, model_info, parse_buckets
 
 from .calibrate import calibrate_bp, calibrate_zo
 from .data import DataError, DataSplit, read_documents
+from .decimate import sweep_and_choose
 from .objectives import language_model_objective, passkey_objective
 from .passkey import filler_haystack
 from .scoring import HeldOut, choose, score
@@ -42,9 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the model directory)")
     p.add_argument("--buckets", required=True, help="comma-separated lengths, e.g. 4k,8k,16k,32k,64k")
     p.add_argument("--task", choices=("ppl", "passkey"), default="ppl")
-    p.add_argument("--calibrator", choices=("zo", "bp"), default="zo")
-    p.add_argument("--granularity", choices=("layer", "channel", "head", "channel_state"), default="layer")
-    p.add_argument("--method", choices=("delta", "a_spectrum"), default="delta")
+    p.add_argument("--calibrator", choices=("zo", "bp"), help="delta and a_spectrum (default zo)")
+    p.add_argument("--granularity", choices=("layer", "channel", "head", "channel_state"),
+                   help="delta and a_spectrum (default layer)")
+    p.add_argument("--method", choices=("delta", "a_spectrum", "decimate"), default="delta")
+    p.add_argument("--decimate-layers", type=_layer_list,
+                   help="decimate: candidate layers, e.g. 8,10,12 (default: all but the last)")
+    p.add_argument("--decimate-l-base", type=int,
+                   help="decimate: L_base, tokens the later layers keep (default: the training length)")
+    p.add_argument("--decimate-keep-last", type=int, help="decimate: last prompt tokens always kept (default 64)")
+    p.add_argument("--decimate-min-len", type=int, help="decimate: fewest tokens kept before those (default 0)")
     p.add_argument("--data", nargs="+", required=True, help=".txt/.jsonl/.jsonl.xz files or folders")
     p.add_argument("--out", required=True, type=Path, help="bank directory (created, or resumed)")
     p.add_argument("--resume", action="store_true", help="keep the buckets already in --out and build the rest")
@@ -72,9 +87,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log", type=Path, help="log file (default: BANK/build.log)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.granularity == "head" and args.calibrator == "zo" or args.calibrator == "zo" and args.granularity != "layer":
+    decimate_flags = ("decimate_layers", "decimate_l_base", "decimate_keep_last", "decimate_min_len")
+    if args.method == "decimate":
+        if args.calibrator or args.granularity:
+            p.error("--method decimate calibrates nothing (it sweeps --decimate-layers): leave out --calibrator "
+                    "and --granularity")
+        args.granularity = "none"
+        args.decimate_keep_last = 64 if args.decimate_keep_last is None else args.decimate_keep_last
+        args.decimate_min_len = args.decimate_min_len or 0
+        return args
+    given = [f"--{name.replace('_', '-')}" for name in decimate_flags if getattr(args, name) is not None]
+    if given:
+        p.error(f"{', '.join(given)}: only for --method decimate")
+    args.calibrator, args.granularity = args.calibrator or "zo", args.granularity or "layer"
+    if args.calibrator == "zo" and args.granularity != "layer":
         p.error("--calibrator zo calibrates one scale per layer: use --granularity layer")
     return args
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return list(dict.fromkeys(int(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
 def _open_bank(args, loaded) -> Bank:
@@ -102,6 +137,52 @@ def _start(args, config, previous: ScaleSet | None) -> ScaleSet:
     return previous if args.init == "previous" and fits else identity
 
 
+def _decimation_template(args, config) -> tuple[Decimation, list[int]]:
+    """The decimation every bucket's sweep varies the layer of, and the candidate layers (checked)."""
+    l_base = args.decimate_l_base if args.decimate_l_base is not None else (
+        args.training_length or config.training_context_length)
+    if l_base is None:
+        raise ValueError("--method decimate needs L_base: pass --decimate-l-base or --training-length")
+    # Decimating after the last layer would only drop outputs nobody reads: the same as identity.
+    layers = args.decimate_layers or list(range(config.n_layer - 1))
+    if not layers:
+        raise ValueError(f"--method decimate: a {config.n_layer}-layer model has no layer with one after it")
+    for layer in layers:
+        template = Decimation(layer, l_base, args.decimate_min_len, args.decimate_keep_last)
+        template.check(config.n_layer)
+    return template, layers
+
+
+def _cost(started: float, device: torch.device) -> dict:
+    """Seconds since `started` and, on CUDA, the peak memory since the last reset."""
+    cost = {"seconds": round(time.perf_counter() - started, 1)}
+    if device.type == "cuda":
+        cost["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return cost
+
+
+def _decimate_entry(args, model, name: str, length: int, template: Decimation, layers: list[int],
+                    calibration: HeldOut, held_out: HeldOut, record: dict, started: float) -> BankEntry:
+    if not template.drops(length - 1):
+        log.warning("bucket %s: decimation drops nothing from %d tokens (L_base %d + keep_last %d cover them): "
+                    "every layer scores as identity", name, length, template.l_base, template.keep_last)
+    result = sweep_and_choose(model, args.task, length, layers, template, calibration, held_out)
+    cost = _cost(started, model.device)
+    log.info("bucket %s: swept layers %s in %s; best layer %d; kept %s; held-out %s", name, layers, cost,
+             result.decimation.layer, result.chosen, _metrics_text(result.metrics))
+    return BankEntry(
+        bucket=name, length=length, method="decimate", granularity="none", version=__version__,
+        params=result.decimation.to_params(),
+        calibrator={"name": "layer_sweep", "task": args.task, "layers": layers, "samples": args.eval_samples,
+                    "ppl_tail": template.keep_last, "sweep": result.sweep, **cost},
+        seed=args.seed, data=record, metrics=result.metrics, chosen=result.chosen,
+    )
+
+
+def _metrics_text(metrics: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{k} {', '.join(f'{m} {v:.4g}' for m, v in vals.items())}" for k, vals in metrics.items())
+
+
 def build(args) -> Bank:
     device = torch.device(args.device)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
@@ -122,12 +203,23 @@ def build(args) -> Bank:
                  "held_out": filler if args.haystack == "filler" else held_source.window}
     held_out = HeldOut(held_source, tokenizer, haystacks["held_out"], args.eval_samples, args.seed,
                        args.eval_batch_size)
+    if args.method == "decimate":
+        template, layers = _decimation_template(args, config)
+        sweep_data = HeldOut(calibration, tokenizer, haystacks["calibration"], args.eval_samples, args.seed,
+                             args.eval_batch_size)
     previous: ScaleSet | None = None
     for length in parse_buckets(args.buckets):
         name = bucket_name(length)
         if name in bank.buckets:
             log.info("bucket %s: already in the bank, kept (--resume)", name)
             previous = _served(bank, name)
+            continue
+        started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if args.method == "decimate":
+            bank.add_entry(_decimate_entry(args, model, name, length, template, layers, sweep_data, held_out,
+                                           split.record, started), None)
             continue
         if args.task == "ppl":
             objective = language_model_objective(model, calibration, length, args.batch_size, args.seed)
@@ -136,17 +228,12 @@ def build(args) -> Bank:
                                           args.seed, text=calibration, ppl_weight=args.ppl_weight,
                                           ppl_slack=args.ppl_slack)
         init = _start(args, config, previous)
-        started = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         if args.calibrator == "zo":
             result = calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed,
                                   not args.no_progress)
         else:
             result = calibrate_bp(objective, init, args.steps or 200, args.lr or 0.05, not args.no_progress)
-        cost = {"seconds": round(time.perf_counter() - started, 1)}
-        if device.type == "cuda":
-            cost["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        cost = _cost(started, device)
         candidates = {"identity": None, "calibrated": result.scales}
         if previous is not None:
             candidates["previous"] = previous
@@ -163,8 +250,7 @@ def build(args) -> Bank:
         )
         bank.add_entry(entry, kept)
         previous = candidates[chosen]
-        log.info("bucket %s: calibrated in %s; kept %s; held-out %s", name, cost, chosen,
-                 "; ".join(f"{k} {', '.join(f'{m} {v:.4g}' for m, v in vals.items())}" for k, vals in metrics.items()))
+        log.info("bucket %s: calibrated in %s; kept %s; held-out %s", name, cost, chosen, _metrics_text(metrics))
     return bank
 
 

@@ -42,6 +42,9 @@ def evaluate(args) -> list[dict]:
     rows = []
     for length in parse_buckets(args.lengths):
         choice = select(bank, length, "auto", training_length)
+        if choice.method == "decimate":  # its perplexity is a different metric (the last keep_last tokens)
+            raise SystemExit(f"extend.evaluate: bucket {choice.name} is a decimate entry, which this evaluation "
+                             f"does not apply yet; evaluate lengths that other buckets serve")
         variants = {"base": None} | ({"bank": choice.scales} if bank is not None else {})
         for task in args.task.split(","):
             row = {"length": length, "task": task, "bucket": choice.name}

@@ -5,6 +5,10 @@
 
 Each objective draws its batch for step k from its own seed, so the two evaluations of one SPSA step
 see the same text, and a run is reproducible.
+
+Under a decimation (DeciMamba) only the last `keep_last` positions of a prompt keep their place, so the
+metrics score those: the answer of a passkey sample must lie within them, and language modelling scores
+the last `tail` tokens of each window (identity is then scored on the same tail, to compare like with like).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime import MambaLM, ScaleSet, batch_scales
+from runtime import Decimation, MambaLM, ScaleSet, batch_scales
 from runtime.tokenizer import Tokenizer
 
 from .passkey import PasskeyBatch, make_batch
@@ -28,23 +32,45 @@ def _scales(model: MambaLM, scale_set: ScaleSet | None, batch: int):
     return batch_scales([scale_set] * batch, model.config, model.device)
 
 
-def lm_nll(model: MambaLM, tokens: torch.Tensor, scale_set: ScaleSet | None, checkpoint: bool = False) -> torch.Tensor:
-    """tokens: (b, L). Mean NLL of tokens 1..L-1 given their prefixes, per sequence: (b,) float32."""
+def _last_hidden(model: MambaLM, inputs: torch.Tensor, scale_set: ScaleSet | None, checkpoint: bool,
+                 decimation: Decimation | None, tail: int | None) -> torch.Tensor:
+    """inputs: (b, l). Hidden states (b, t, D) of the last t = `tail` positions (None: all of them, or the
+    `keep_last` that a decimation which drops positions keeps in place)."""
+    hidden, _ = model.hidden_states(inputs, scales=_scales(model, scale_set, len(inputs)), checkpoint=checkpoint,
+                                    decimation=decimation)  # (b, k ≤ l, D)
+    if hidden.shape[1] < inputs.shape[1]:  # decimated: the positions before the last keep_last moved
+        tail = decimation.keep_last if tail is None else tail
+        if tail > decimation.keep_last:
+            raise ValueError(f"scoring the last {tail} positions of a decimated prompt, which keeps only its last "
+                             f"{decimation.keep_last} in place: raise keep_last or score fewer")
+    return hidden if tail is None else hidden[:, -tail:]
+
+
+def lm_nll(model: MambaLM, tokens: torch.Tensor, scale_set: ScaleSet | None, checkpoint: bool = False,
+           decimation: Decimation | None = None, tail: int | None = None) -> torch.Tensor:
+    """tokens: (b, L). Mean NLL of tokens 1..L-1 given their prefixes, per sequence: (b,) float32; with
+    `tail`, of the last `tail` tokens only (under a decimation that drops positions, its last keep_last)."""
     tokens = tokens.to(model.device)
-    hidden, _ = model.hidden_states(tokens[:, :-1], scales=_scales(model, scale_set, len(tokens)), checkpoint=checkpoint)
-    return -model.token_logprobs(hidden, tokens[:, 1:], checkpoint=checkpoint).mean(dim=1)
+    hidden = _last_hidden(model, tokens[:, :-1], scale_set, checkpoint, decimation, tail)  # (b, t, D)
+    targets = tokens[:, tokens.shape[1] - hidden.shape[1]:]  # (b, t): the token after each of those positions
+    return -model.token_logprobs(hidden, targets, checkpoint=checkpoint).mean(dim=1)
 
 
-def passkey_scores(model: MambaLM, batch: PasskeyBatch, scale_set: ScaleSet | None,
-                   checkpoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def passkey_scores(model: MambaLM, batch: PasskeyBatch, scale_set: ScaleSet | None, checkpoint: bool = False,
+                   decimation: Decimation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: mean cross-entropy of the answer tokens (b,), and retrieved (b,) bool."""
     batch = batch.to(model.device)
     b = len(batch.tokens)
-    hidden, _ = model.hidden_states(batch.tokens[:, :-1], scales=_scales(model, scale_set, b), checkpoint=checkpoint)
+    hidden = _last_hidden(model, batch.tokens[:, :-1], scale_set, checkpoint, decimation, None)  # (b, t, D)
     mask = batch.answer_mask[:, 1:]  # (b, L-1): positions whose next token is an answer token
+    scored = mask.shape[1] - hidden.shape[1]  # first position `hidden` holds
+    if mask[:, :scored].any():
+        raise ValueError(f"the answer starts before the last {hidden.shape[1]} positions, the ones a decimated "
+                         f"prompt keeps in place: raise keep_last")
+    mask = mask[:, scored:]  # (b, t)
     rows = mask.nonzero()[:, 0]  # (a,) sample of each answer token
     logits = model.logits(hidden[mask])  # (a, V): only the answer positions, never (L, V)
-    targets = batch.tokens[:, 1:][mask]  # (a,)
+    targets = batch.tokens[:, 1 + scored:][mask]  # (a,)
     ce = F.cross_entropy(logits, targets, reduction="none")  # (a,)
     counts = mask.sum(1)  # (b,)
     loss = torch.zeros(b, device=ce.device).index_add(0, rows, ce) / counts
@@ -98,24 +124,27 @@ def passkey_objective(model: MambaLM, tokenizer: Tokenizer, haystack, length: in
 
 @torch.no_grad()
 def perplexity(model: MambaLM, source: TokenSource, length: int, samples: int, scale_set: ScaleSet | None,
-               seed: int, batch_size: int = 1) -> float:
-    """exp of the mean NLL over `samples` windows of `length` tokens drawn with `seed`."""
+               seed: int, batch_size: int = 1, decimation: Decimation | None = None, tail: int | None = None) -> float:
+    """exp of the mean NLL over `samples` windows of `length` tokens drawn with `seed` (of the last `tail`
+    tokens of each, with `tail`)."""
     rng = random.Random(f"ppl:{seed}:{length}")
     windows = source.batch(length, samples, rng)
-    nll = torch.cat([lm_nll(model, windows[i:i + batch_size], scale_set) for i in range(0, samples, batch_size)])
+    nll = torch.cat([lm_nll(model, windows[i:i + batch_size], scale_set, decimation=decimation, tail=tail)
+                     for i in range(0, samples, batch_size)])
     return math.exp(nll.mean().item())
 
 
 @torch.no_grad()
 def passkey_accuracy(model: MambaLM, tokenizer: Tokenizer, haystack, length: int, samples: int,
-                     scale_set: ScaleSet | None, seed: int, batch_size: int = 1) -> tuple[float, float]:
+                     scale_set: ScaleSet | None, seed: int, batch_size: int = 1,
+                     decimation: Decimation | None = None) -> tuple[float, float]:
     """(fraction retrieved, mean answer cross-entropy) over `samples` samples at depths spread over 0-100%."""
     rng = random.Random(f"passkey:{seed}:{length}")
     batch = make_batch(tokenizer, length, samples, rng, haystack)
     losses, hits = [], []
     for i in range(0, samples, batch_size):
         part = PasskeyBatch(batch.tokens[i:i + batch_size], batch.answer_mask[i:i + batch_size], [])
-        loss, hit = passkey_scores(model, part, scale_set)
+        loss, hit = passkey_scores(model, part, scale_set, decimation=decimation)
         losses.append(loss)
         hits.append(hit)
     return torch.cat(hits).float().mean().item(), torch.cat(losses).mean().item()

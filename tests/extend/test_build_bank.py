@@ -7,7 +7,8 @@ import pytest
 from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.build_bank import main
-from runtime import load_model
+from extend.scoring import best_variant, choose
+from runtime import Decimation, load_model
 from scale_bank import Bank, BankError, select
 
 
@@ -88,3 +89,47 @@ def test_a_quantised_model_gets_a_bank_of_its_own(model_dir, books, tmp_path):
     full = load_model(model_dir)
     with pytest.raises(BankError, match="quantization mismatch"):
         Bank.load(out, full.config, full.fingerprint, full.quantization)
+
+
+@pytest.mark.parametrize("model_dir,task", [("mamba1", "passkey"), ("mamba2", "ppl")], indirect=["model_dir"])
+def test_decimate_entry_is_the_best_layer_of_a_sweep_and_never_worse_than_identity(model_dir, books, tmp_path, task):
+    out = tmp_path / "bank"
+    assert _run(model_dir, books, out, "--buckets", "96,128", "--task", task, "--method", "decimate",
+                "--decimate-keep-last", "16") == 0
+    loaded = load_model(model_dir)
+    bank = Bank.load(out, loaded.config, loaded.fingerprint)
+    for name in ("96", "128"):
+        entry = bank.entry(name)
+        assert (entry.method, entry.granularity, entry.file) == ("decimate", "none", None)
+        decimation = Decimation.from_params(entry.params, loaded.config.n_layer)
+        assert decimation == Decimation(layer=decimation.layer, l_base=48, keep_last=16)  # L_base: training length
+        sweep = entry.calibrator["sweep"]  # on the calibration documents
+        assert entry.calibrator["name"] == "layer_sweep" and set(sweep) == {"identity", "0", "1"}  # not the last
+        layers = {int(layer): metrics for layer, metrics in sweep.items() if layer != "identity"}
+        assert decimation.layer == best_variant(task, layers, sweep["identity"])
+        assert set(entry.metrics) == {"identity", "calibrated"} and entry.chosen == choose(task, entry.metrics)
+        kept, identity = entry.metrics[entry.chosen], entry.metrics["identity"]
+        if task == "ppl":
+            assert kept["ppl"] <= identity["ppl"]
+        else:
+            assert kept["passkey_acc"] >= identity["passkey_acc"]
+        picked = select(bank, entry.length, training_length=48)
+        assert picked.method == ("decimate" if entry.chosen == "calibrated" else None)
+
+
+def test_decimate_sweeps_only_the_layers_asked_for_and_checks_its_flags(model_dir, books, tmp_path, capsys):
+    out = tmp_path / "bank"
+    assert _run(model_dir, books, out, "--buckets", "128", "--method", "decimate", "--decimate-layers", "1",
+                "--decimate-l-base", "40", "--decimate-keep-last", "8", "--decimate-min-len", "2") == 0
+    entry = Bank.load(out).entry("128")
+    assert entry.params == {"layer": 1, "l_base": 40, "min_len": 2, "keep_last": 8}
+    assert set(entry.calibrator["sweep"]) == {"identity", "1"} and entry.calibrator["ppl_tail"] == 8
+    assert _run(model_dir, books, tmp_path / "b2", "--buckets", "128", "--method", "decimate",
+                "--decimate-layers", "0,7") == 2
+    assert "decimation layer 7 does not exist: the model has 3 layers" in capsys.readouterr().err
+    for flags, message in ((["--method", "decimate", "--calibrator", "bp"], "leave out --calibrator"),
+                           (["--decimate-keep-last", "8"], "--decimate-keep-last: only for --method decimate"),
+                           (["--method", "decimate", "--decimate-layers", "1,x"], "comma-separated layer indices")):
+        with pytest.raises(SystemExit):
+            _run(model_dir, books, tmp_path / "b3", "--buckets", "128", *flags)
+        assert message in capsys.readouterr().err

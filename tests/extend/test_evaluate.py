@@ -3,10 +3,13 @@
 import json
 import shutil
 
+import pytest
 from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.build_bank import main as build_bank
 from extend.evaluate import main as evaluate
+from runtime import load_model
+from scale_bank import Bank, BankEntry, model_info
 
 
 def test_evaluate_writes_table_json_and_plot(checkpoints, tmp_path, capsys):
@@ -30,3 +33,17 @@ def test_evaluate_writes_table_json_and_plot(checkpoints, tmp_path, capsys):
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "| with bank |" in (out / "results.md").read_text()
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_decimate_bucket_it_cannot_apply(checkpoints, tmp_path):
+    loaded = load_model(checkpoints["mamba1"])
+    bank = Bank.create(tmp_path / "bank", {**model_info(loaded.config, loaded.fingerprint),
+                                           "training_context_length": 80})
+    bank.add_entry(BankEntry("128", 128, "decimate", "none", "test", params={"layer": 0, "l_base": 40}), None)
+    model = shutil.copytree(checkpoints["mamba1"], tmp_path / "model")
+    tiny_tokenizer(model / "tokenizer.json")
+    books = tmp_path / "books.jsonl"
+    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 6}) + "\n" for i in range(4)))
+    with pytest.raises(SystemExit, match="bucket 128 is a decimate entry"):
+        evaluate(["--model", str(model), "--bank", str(bank.path), "--lengths", "128", "--data", str(books),
+                  "--samples", "1", "--out", str(tmp_path / "results"), "--device", "cpu"])
