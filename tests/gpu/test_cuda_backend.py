@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 from checkpoints import VOCAB  # noqa: E402
 
-from runtime import ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
+from runtime import Decimation, ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}
 
@@ -57,6 +57,21 @@ def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch):
     whole, _ = cuda.model.prefill(tokens, scales=scales)
     chunked, _ = cuda.model.prefill(tokens, scales=scales, chunk_len=128)
     assert _relative(chunked, whole) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_kernels_decimate_as_pytorch_does(checkpoints, arch):
+    """The Δ the kernels' layer ranks positions by (recomputed beside the Mamba1 scan) is PyTorch's: same kept
+    positions, so the same shortened sequence through the later layers."""
+    cuda = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="mamba_ssm")
+    ref = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="torch")
+    decimation = Decimation(layer=1, l_base=100, keep_last=8)
+    tokens = torch.randint(0, VOCAB, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    scales = batch_scales(_scale_sets(cuda.config)[:2], cuda.config, "cuda")
+    got, _ = cuda.model.hidden_states(tokens, scales=scales, decimation=decimation)
+    want, _ = ref.model.hidden_states(tokens, scales=scales, decimation=decimation)
+    assert got.shape == want.shape == (2, 108, cuda.config.d_model)
+    assert _relative(got, want) < TOLERANCE["float32"]
 
 
 # Mamba1 only: on the GPU machine (transformers 5.17, mamba_ssm 2.3.2, no causal_conv1d) transformers'
