@@ -33,7 +33,8 @@ class EngineConfig:
 
     max_batch_size: int = 8  # state slots: sequences that decode together in one batched step
     max_queue: int = 64  # requests waiting for a slot; one more is refused (429) rather than queued without bound
-    prefill_chunk: int = 2048  # prompt tokens per step: bounds how long a long prompt holds back other streams
+    prefill_chunk: int | None = 2048  # prompt tokens per step: bounds how long a long prompt holds back other
+    # streams; None: each prompt in one piece (the engine's choice where continuing a prefill would be slow)
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
     step_log_size: int = 4096  # engine steps kept in the step log (tests and debugging read it)
     threads: int | None = None  # intra-op threads of the engine thread; None: what torch uses by default

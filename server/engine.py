@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,6 +49,10 @@ class Engine:
         assert tokenizer.vocab_size <= model.config.vocab_size, "tokenizer larger than the model's vocabulary"
         self.model = model
         self.tokenizer = tokenizer
+        if not model.continues_prefill_on_kernels:  # prompts run whole: a continued chunk would be far slower
+            log.info("prefill: whole prompts (the %s back-end's %s scan takes no initial state)", model.backend.name,
+                     model.config.arch)
+            config = replace(config, prefill_chunk=None)
         self.config = config
         self.metrics = metrics
         graphed = config.cuda_graphs and model.device.type == "cuda"

@@ -1,7 +1,7 @@
 """Which work the next engine step does: pure bookkeeping, no model (tests drive it with fake outputs).
 
-Each step runs at most one prefill chunk of ≤ `prefill_chunk` prompt tokens, then one batched decode step
-for every DECODING request. Waiting requests take free state slots in arrival order; requests that are
+Each step runs at most one prefill chunk of ≤ `prefill_chunk` prompt tokens (None: whole prompts), then one
+batched decode step for every DECODING request. Waiting requests take free state slots in arrival order; requests that are
 prefilling share the chunks round-robin, so a short prompt that arrives during a long prefill starts decoding
 after one chunk of the long one, not after all of them. A decimated request's prompt is one chunk, whatever
 its length: decimation ranks the positions of the whole prompt at once.
@@ -76,7 +76,8 @@ class Scheduler:
         chunk = None
         if self.prefilling:
             request = self.prefilling.popleft()
-            chunk_len = len(request.prompt_ids) if request.decimation is not None else self.config.prefill_chunk
+            whole = request.decimation is not None or self.config.prefill_chunk is None
+            chunk_len = len(request.prompt_ids) if whole else self.config.prefill_chunk
             end = min(request.num_computed + chunk_len, len(request.prompt_ids))
             chunk = PrefillChunk(request, request.num_computed, end)
             if not chunk.last:

@@ -46,6 +46,16 @@ def test_prompt_runs_in_chunks_of_at_most_prefill_chunk_tokens():
     assert request.status is RequestStatus.DECODING and request.num_computed == 40
 
 
+def test_without_a_chunk_size_every_prompt_runs_whole():
+    """What the engine asks where a continued prefill would leave the kernels (Mamba1 on mamba_ssm)."""
+    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=None))
+    for name, length in (("long", 5000), ("short", 3)):
+        scheduler.add(make_request(name, length))
+    chunks = [(out.prefill.request.request_id, out.prefill.start, out.prefill.end)
+              for out in (run_step(scheduler) for _ in range(2))]
+    assert chunks == [("long", 0, 5000), ("short", 0, 3)]
+
+
 def test_a_decimated_prompt_is_one_chunk_however_long():
     scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=16))
     decimated, plain = make_request("decimated", 40), make_request("plain", 20)
