@@ -4,7 +4,9 @@
         --data ../shared/data/gutenberg/eval.jsonl.xz --samples 50 --out results/
 
 Writes `results.json`, `results.md` and `results.png` under --out and prints the table. The bank's scales
-are chosen per length exactly as the server chooses them (scale_bank.select with n = the length).
+are chosen per length exactly as the server chooses them (scale_bank.select with n = the length). A decimate
+bucket decimates the prefill; its perplexity, and the base model's beside it, is then that of the last
+`keep_last` tokens of each window (the positions a decimation keeps in place), and the row says so (`tail`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from runtime import load_model  # noqa: E402
+from runtime import Decimation, load_model  # noqa: E402
 from runtime.tokenizer import find_tokenizer  # noqa: E402
 from scale_bank import Bank, bucket_name, parse_buckets, select  # noqa: E402
 
@@ -42,20 +44,23 @@ def evaluate(args) -> list[dict]:
     rows = []
     for length in parse_buckets(args.lengths):
         choice = select(bank, length, "auto", training_length)
-        if choice.method == "decimate":  # its perplexity is a different metric (the last keep_last tokens)
-            raise SystemExit(f"extend.evaluate: bucket {choice.name} is a decimate entry, which this evaluation "
-                             f"does not apply yet; evaluate lengths that other buckets serve")
-        variants = {"base": None} | ({"bank": choice.scales} if bank is not None else {})
+        decimation = None
+        if choice.method == "decimate":
+            decimation = Decimation.from_params(bank.entry(choice.name).params, loaded.config.n_layer, training_length)
+        variants = {"base": (None, None)} | ({"bank": (choice.scales, decimation)} if bank is not None else {})
+        tail = None if decimation is None else decimation.keep_last
         for task in args.task.split(","):
             row = {"length": length, "task": task, "bucket": choice.name}
-            for variant, scales in variants.items():
+            if task == "ppl" and tail is not None:
+                row["tail"] = tail
+            for variant, (scales, decimate) in variants.items():
                 if task == "passkey":
                     accuracy, ce = passkey_accuracy(loaded.model, tokenizer, haystack, length, args.samples, scales,
-                                                    args.seed, args.batch_size)
+                                                    args.seed, args.batch_size, decimation=decimate)
                     row[variant], row[f"{variant}_answer_ce"] = accuracy, ce
                 else:
                     row[variant] = perplexity(loaded.model, source, length, args.samples, scales, args.seed,
-                                              args.batch_size)
+                                              args.batch_size, decimation=decimate, tail=tail)
             rows.append(row)
             print(_line(row), flush=True)
     return rows
@@ -82,6 +87,10 @@ def markdown(rows: list[dict]) -> str:
                 out.append(f"| {label} | " + " | ".join(fmt(r[variant]) for r in subset) + " |")
         if "bank" in subset[0]:
             out.append("| bucket used | " + " | ".join(r["bucket"] for r in subset) + " |")
+        tails = {bucket_name(r["length"]): r["tail"] for r in subset if "tail" in r}
+        if tails:
+            out.append("\n(decimate buckets, base and bank alike: perplexity of the last " + ", ".join(
+                f"{n} tokens at {name}" for name, n in tails.items()) + " of each window)")
         out.append("")
     return "\n".join(out)
 

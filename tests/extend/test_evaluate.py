@@ -3,12 +3,15 @@
 import json
 import shutil
 
-import pytest
 from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.build_bank import main as build_bank
 from extend.evaluate import main as evaluate
-from runtime import load_model
+from extend.data import read_documents
+from extend.objectives import perplexity
+from extend.tokens import TokenSource
+from runtime import Decimation, load_model
+from runtime.tokenizer import Tokenizer
 from scale_bank import Bank, BankEntry, model_info
 
 
@@ -35,15 +38,24 @@ def test_evaluate_writes_table_json_and_plot(checkpoints, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
-def test_evaluate_refuses_a_decimate_bucket_it_cannot_apply(checkpoints, tmp_path):
+def test_a_decimate_bucket_is_applied_and_both_perplexities_score_the_kept_tail(checkpoints, tmp_path):
     loaded = load_model(checkpoints["mamba1"])
     bank = Bank.create(tmp_path / "bank", {**model_info(loaded.config, loaded.fingerprint),
                                            "training_context_length": 80})
-    bank.add_entry(BankEntry("128", 128, "decimate", "none", "test", params={"layer": 0, "l_base": 40}), None)
+    params = {"layer": 0, "l_base": 40, "keep_last": 16}
+    bank.add_entry(BankEntry("128", 128, "decimate", "none", "test", params=params), None)
     model = shutil.copytree(checkpoints["mamba1"], tmp_path / "model")
-    tiny_tokenizer(model / "tokenizer.json")
+    tokenizer = tiny_tokenizer(model / "tokenizer.json")
     books = tmp_path / "books.jsonl"
     books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 6}) + "\n" for i in range(4)))
-    with pytest.raises(SystemExit, match="bucket 128 is a decimate entry"):
-        evaluate(["--model", str(model), "--bank", str(bank.path), "--lengths", "128", "--data", str(books),
-                  "--samples", "1", "--out", str(tmp_path / "results"), "--device", "cpu"])
+    out = tmp_path / "results"
+    evaluate(["--model", str(model), "--bank", str(bank.path), "--lengths", "128", "--data", str(books),
+              "--samples", "2", "--out", str(out), "--device", "cpu"])
+    passkey, ppl = json.loads((out / "results.json").read_text())
+    assert passkey["bucket"] == ppl["bucket"] == "128" and ppl["tail"] == 16 and "tail" not in passkey
+    source = TokenSource(read_documents([books]), Tokenizer(tokenizer))
+    decimation = Decimation(layer=0, l_base=40, keep_last=16)
+    assert ppl["bank"] == perplexity(loaded.model, source, 128, 2, None, 0, 1, decimation=decimation, tail=16)
+    assert ppl["base"] == perplexity(loaded.model, source, 128, 2, None, 0, 1, tail=16)
+    assert ppl["bank"] != ppl["base"]  # 40 + 16 of 128 positions go on past layer 0
+    assert "perplexity of the last 16 tokens at 128" in (out / "results.md").read_text()
