@@ -33,7 +33,8 @@ from .tokens import TokenSource  # noqa: E402
 METRIC = {"passkey": "passkey accuracy", "ppl": "perplexity"}
 
 
-def evaluate(args) -> list[dict]:
+def evaluate(args, base: bool = True) -> list[dict]:
+    """Rows {length, task, bucket, base, bank, …}; without `base`, only the bank's values."""
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                         quantize=args.quantize, quantize_embedding=args.quantize_embedding)
     tokenizer = find_tokenizer(args.model, args.tokenizer)
@@ -47,7 +48,8 @@ def evaluate(args) -> list[dict]:
         decimation = None
         if choice.method == "decimate":
             decimation = Decimation.from_params(bank.entry(choice.name).params, loaded.config.n_layer, training_length)
-        variants = {"base": (None, None)} | ({"bank": (choice.scales, decimation)} if bank is not None else {})
+        variants = ({"base": (None, None)} if base else {}) | (
+            {"bank": (choice.scales, decimation)} if bank is not None else {})
         tail = None if decimation is None else decimation.keep_last
         for task in args.task.split(","):
             row = {"length": length, "task": task, "bucket": choice.name}
@@ -67,7 +69,9 @@ def evaluate(args) -> list[dict]:
 
 
 def _line(row: dict) -> str:
-    cells = [f"{row['task']:>8}", f"{bucket_name(row['length']):>6}", f"base {row['base']:.4g}"]
+    cells = [f"{row['task']:>8}", f"{bucket_name(row['length']):>6}"]
+    if "base" in row:
+        cells.append(f"base {row['base']:.4g}")
     if "bank" in row:
         cells.append(f"bank {row['bank']:.4g} ({row['bucket']})")
     return "  ".join(cells)
