@@ -14,13 +14,21 @@ from .request import SamplingParams, TokenLogprob
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
-    """logits: (b, V) float32. Returns one token id per row."""
-    tokens = logits.argmax(dim=-1).tolist()  # (b,): the greedy choice, kept for temperature 0
-    for i, (p, generator) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            probs = torch.softmax(_filtered(logits[i] / p.temperature, p.top_k, p.top_p), dim=-1)  # (V,)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=generator))
-    return tokens
+    """logits: (b, V) float32. Returns one token id per row, read back from the device once for the batch.
+
+    A sampled row draws u ~ U[0, 1) from its own generator and takes the first token whose cumulative
+    probability exceeds u (inverse CDF): all on the logits' device, no per-row synchronisation."""
+    tokens = logits.argmax(dim=-1)  # (b,): the greedy choice, kept for temperature 0
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        probs = torch.stack([torch.softmax(_filtered(logits[i] / params[i].temperature, params[i].top_k,
+                                                     params[i].top_p), dim=-1) for i in sampled])  # (r, V)
+        cdf = probs.cumsum(dim=-1)  # (r, V)
+        u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in sampled])  # (r,)
+        # u scaled by the row's total: rounding can leave the last cumulative value just under 1
+        choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
+        tokens[torch.tensor(sampled, device=logits.device)] = choice.clamp(max=logits.shape[-1] - 1)
+    return tokens.tolist()
 
 
 def _filtered(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

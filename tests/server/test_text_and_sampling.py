@@ -81,6 +81,17 @@ def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise():
     assert draw(1) == first and [r[1] for r in draw(2)] != [r[1] for r in first]
 
 
+def test_sampled_tokens_follow_the_filtered_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.log(probs).repeat(4000, 1)  # (4000, 4): many rows, each its own generator
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    counts = torch.bincount(torch.tensor(sample(logits, [SamplingParams(8, temperature=1.0)] * 4000, gens)),
+                            minlength=4)
+    assert ((counts / 4000 - probs).abs() < 0.03).all(), counts
+    top_p = sample(logits[:500], [SamplingParams(8, temperature=1.0, top_p=0.6)] * 500, gens[:500])
+    assert set(top_p) == {0, 1}  # 0.5 + 0.3 reach 0.6: the rest is never drawn
+
+
 def test_logprob_entries_match_log_softmax():
     logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))
     targets = torch.tensor([1, 2, 3, 9])
