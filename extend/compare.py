@@ -20,15 +20,11 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from scale_bank import bucket_name
 
-from scale_bank import bucket_name  # noqa: E402
-
-from . import build_bank, evaluate  # noqa: E402
+from . import build_bank, evaluate
 
 METHODS = {  # method -> extend.build_bank flags
     "delta-zo": ["--method", "delta", "--calibrator", "zo", "--granularity", "layer", "--task", "ppl"],
@@ -102,28 +98,6 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        subset = [r for r in rows if r["task"] == task]
-        lengths = [r["length"] for r in subset]
-        for name in ("base", *methods):
-            ax.plot(lengths, [r[name] for r in subset], "o--" if name == "base" else "s-", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [bucket_name(n) for n in lengths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(evaluate.METRIC[task])
-        if task == "ppl":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m extend.compare", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=Path)
@@ -153,7 +127,8 @@ def main(argv=None):
     (args.out / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown(rows, args.methods)
     (args.out / "compare.md").write_text(table)
-    plot(rows, args.methods, args.out / "compare.png", f"{args.model.name}: {args.samples} samples per point")
+    evaluate.plot(rows, args.out / "compare.png", f"{args.model.name}: {args.samples} samples per point",
+                  [("base", "base")] + [(m, m) for m in args.methods])
     print("\n" + table)
 
 

@@ -99,20 +99,22 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, series: list[tuple[str, str]] | None = None) -> None:
+    """A panel per task, a line per series (row key, label): by default base and bank."""
+    series = series or [("base", "base"), ("bank", "bank")]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         subset = [r for r in rows if r["task"] == task]
         lengths = [r["length"] for r in subset]
-        for variant, style in (("base", "o--"), ("bank", "s-")):
-            if variant in subset[0]:
-                ax.plot(lengths, [r[variant] for r in subset], style, label="base" if variant == "base" else "bank")
+        present = [(key, label) for key, label in series if key in subset[0]]
+        for key, label in present:
+            ax.plot(lengths, [r[key] for r in subset], "o--" if key == "base" else "s-", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [bucket_name(n) for n in lengths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(METRIC[task])
-        values = [r[v] for r in subset for v in ("base", "bank") if v in r]
+        values = [r[key] for r in subset for key, _ in present]
         if task == "ppl" and max(values) > 3 * min(values):  # a collapse spans decades; a flat curve does not
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
