@@ -8,7 +8,10 @@ device after the server has finished: the tokenizer's encode of the same text pl
 whole prompt (last-token logits), after a warm-up.
 
     python -m bench.http_ttft --tokens 60000 --race                          # the embedded model, on CPU
+    python -m bench.http_ttft --shape 130m --device cuda --tokens 60000      # a random 130m-shaped model
     python -m bench.http_ttft --model DIR --tokenizer T --device cuda --tokens 60000 --text BOOKS
+
+`--shape` serves a random model of that shape (bench.random_model) with the embedded model's tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +34,8 @@ from extend.data import read_documents
 from runtime import load_model
 from runtime.tokenizer import find_tokenizer
 from server.config import DEFAULT_MODEL_DIR
+
+from .random_model import SHAPES, save_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,6 +127,7 @@ def measure_runtime(args, prompt: str) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded model)")
+    parser.add_argument("--shape", choices=SHAPES, help="instead of --model: a random model of this shape")
     parser.add_argument("--tokenizer", type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
@@ -131,9 +138,12 @@ def main(argv=None):
     parser.add_argument("--json", type=Path)
     parser.add_argument("server_args", nargs="*", help="more flags for the server, after --")
     args = parser.parse_args(argv)
-    tokenizer = find_tokenizer(args.model or DEFAULT_MODEL_DIR, args.tokenizer)
-    prompt = prompt_text(tokenizer, args.text, args.tokens)
-    row = {**measure_http(args, prompt), **measure_runtime(args, prompt)}
+    with tempfile.TemporaryDirectory() as directory:
+        if args.shape:
+            args.model = save_random_model(args.shape, Path(directory), DEFAULT_MODEL_DIR / "tokenizer.json")
+        tokenizer = find_tokenizer(args.model or DEFAULT_MODEL_DIR, args.tokenizer)
+        prompt = prompt_text(tokenizer, args.text, args.tokens)
+        row = {"shape": args.shape, **measure_http(args, prompt), **measure_runtime(args, prompt)}
     row["ratio"] = row["long_first_token_s"] / (row["tokenise_s"] + row["prefill_s"])
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
     if args.json:

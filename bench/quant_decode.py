@@ -20,14 +20,11 @@ from pathlib import Path
 
 import torch
 
-from extend.train import init_weights, save_hf
-from runtime import MAMBA1, MambaLM, ModelConfig, load_model
-from runtime.backend import select_backend
+from runtime import MambaLM, load_model
 from runtime.decode_graph import DecodeGraphs
 from runtime.quant import QuantizedWeight, weight_bytes
 
-SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
-VOCAB = 50288  # GPT-NeoX-20B's 50,280 padded to a multiple of 16
+from .random_model import SHAPES, VOCAB, save_random_model
 SCHEMES = (None, "int8", "int6")
 
 
@@ -64,14 +61,9 @@ def decode_ms(model: MambaLM, device: torch.device, steps: int) -> float:
 
 
 def bench_shape(name: str, device: torch.device, steps: int) -> list[dict]:
-    d_model, n_layer = SHAPES[name]
-    config = ModelConfig(arch=MAMBA1, d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
-    model = MambaLM(config, select_backend("torch", torch.device("cpu")))
-    init_weights(model, seed=0)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        save_hf(model.to(torch.bfloat16), None, None, Path(directory))
-        del model
+        save_random_model(name, Path(directory))
         for scheme in SCHEMES:
             loaded = load_model(directory, device=str(device), dtype="bfloat16", quantize=scheme,
                                 quantize_embedding=scheme is not None)

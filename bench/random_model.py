@@ -1,0 +1,24 @@
+"""A random Mamba1 checkpoint of a published shape, for benchmarks that need a model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from extend.train import init_weights, save_hf
+from runtime import MAMBA1, MambaLM, ModelConfig
+from runtime.backend import select_backend
+
+SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
+VOCAB = 50288  # GPT-NeoX-20B's 50,280 padded to a multiple of 16
+
+
+def save_random_model(shape: str, directory: Path, tokenizer: Path | None = None) -> Path:
+    """mamba_ssm's initialisation, seed 0, saved in bfloat16 (Hugging Face layout) with `tokenizer` if given."""
+    d_model, n_layer = SHAPES[shape]
+    model = MambaLM(ModelConfig(arch=MAMBA1, d_model=d_model, n_layer=n_layer, vocab_size=VOCAB),
+                    select_backend("torch", torch.device("cpu")))
+    init_weights(model, seed=0)
+    save_hf(model.to(torch.bfloat16), tokenizer, None, directory)
+    return directory
