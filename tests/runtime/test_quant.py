@@ -93,3 +93,14 @@ def test_int8_decode_runs_the_int8_kernel_and_agrees_with_the_dequantised_prefil
     assert all(m._fused == {("cpu", model.dtype): True} for m in linears), "the int8 kernel was not used"
     head = model.embedding if model.lm_head is None else model.lm_head
     assert head._fused == {("cpu", model.dtype): True}  # the LM head too
+
+
+def test_quantize_command_writes_a_checkpoint_that_loads_with_the_same_fingerprint(checkpoints, tmp_path, capsys):
+    from runtime.quantize import main
+    out = tmp_path / "int8"
+    assert main(["--model", str(checkpoints["mamba1"]), "--scheme", "int8", "--out", str(out)]) == 0
+    assert load_model(out).fingerprint == load_model(checkpoints["mamba1"], quantize="int8").fingerprint
+    assert main(["--model", str(checkpoints["mamba1"]), "--scheme", "int8", "--out", str(out)]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "absent"), "--scheme", "int6", "--out", str(tmp_path / "x")]) == 2
+    assert "absent" in capsys.readouterr().err
