@@ -58,7 +58,13 @@ class Mamba1Mixer(nn.Module):
         x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
         dt, A, B, C = self._ssm_inputs(x, scales)
         delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself
-        out, ssm_state = ops.mamba1_scan(x, dt, self.dt_proj.bias, delta_scale, A, B, C, self.D, z, ssm_state,
+        scan_x, scan_A, scan_D, scan_scale = x, A, self.D, delta_scale
+        if delta_scale is not None and x.shape[0] == 1 and A.dim() == 2:
+            # One sequence: Δ' = s·Δ is exactly A' = s·A with input x' = s·x and skip D' = D/s (the state
+            # stays h), so the scan runs unscaled, the kernels' fastest path, for one pass over x.
+            scan_A, scan_D = scales.folded(A, self.D)
+            scan_x, scan_scale = x * delta_scale[:, None, :].to(x.dtype), None  # (1, l, d), layout kept
+        out, ssm_state = ops.mamba1_scan(scan_x, dt, self.dt_proj.bias, scan_scale, scan_A, B, C, scan_D, z, ssm_state,
                                          self.out_proj.weight, self.out_proj.bias)  # (b, l, D), (b, d, n)
         if return_delta:  # the scan kernels discretise Δ internally and do not return it: recomputed here
             return out, (conv_state, ssm_state), discretise(dt, self.dt_proj.bias, delta_scale)  # (b, l, d)

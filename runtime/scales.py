@@ -15,7 +15,7 @@ Shapes: b batch, d d_inner (Mamba1 channels), h nheads (Mamba2), n d_state.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -79,6 +79,18 @@ class LayerScales:
 
     delta: torch.Tensor | None = None  # (b, d) Mamba1 / (b, h) Mamba2, float32
     a: torch.Tensor | None = None  # (b, d, n) Mamba1 / (b, h) Mamba2, float32
+    _folded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def folded(self, A: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch of one sequence (Mamba1): (s·A, D/s) with s = delta[0]; A (d, n), D (d,) -> float32.
+        Kept after the first call (A and D are a frozen layer's), unless s is being calibrated."""
+        if self._folded is not None:
+            return self._folded
+        s = self.delta[0]  # (d,)
+        folded = (A * s[:, None], D.float() / s)
+        if not s.requires_grad:
+            self._folded = folded
+        return folded
 
 
 BatchScales = list[LayerScales]  # one entry per layer

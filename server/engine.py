@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from runtime import MambaLM, batch_scales
+from runtime import BatchScales, MambaLM, ScaleSet, batch_scales
 from runtime.decode_graph import DecodeGraphs
 from runtime.tokenizer import Tokenizer
 
@@ -65,6 +65,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._decode_scales_key: tuple[str, ...] | None = None  # request ids the cached BatchScales belong to
         self._decode_scales = None
+        # id(ScaleSet) -> (the set, kept so that its id is never reused; its batch-of-one scales)
+        self._one_sequence_scales: dict[int, tuple[ScaleSet, BatchScales]] = {}
 
     # --- the HTTP side -------------------------------------------------------------------------------
 
@@ -177,7 +179,7 @@ class Engine:
         prompt = request.prompt_ids
         tokens = torch.tensor([prompt[chunk.start:chunk.end]], device=self.model.device)  # (1, c)
         state = None if chunk.start == 0 else self.pool.rows([request.slot])  # None: zeros, a fresh sequence
-        scales = batch_scales([request.scales], self.model.config, self.model.device)
+        scales = self._prefill_scales(request)
         # (1, c, D); decimated: (1, k, D), the kept positions, ending with the prompt's last (one chunk: c = prompt)
         hidden, state = self.model.hidden_states(tokens, state, scales, decimation=request.decimation)
         self.pool.write_rows([request.slot], state)
@@ -195,6 +197,17 @@ class Engine:
             return
         logits = self.model.logits(hidden[:, -1])  # (1, V)
         self._take_tokens([request], logits, finished, outputs)
+
+    def _prefill_scales(self, request: Request) -> BatchScales | None:
+        """A prefill's scales, made once per bank entry (the bank's ScaleSets live as long as the server): the
+        scan's folded per-layer constants are then computed once, not per chunk."""
+        if request.scales is None:
+            return None
+        key = id(request.scales)
+        if key not in self._one_sequence_scales:
+            scales = batch_scales([request.scales], self.model.config, self.model.device)
+            self._one_sequence_scales[key] = (request.scales, scales)
+        return self._one_sequence_scales[key][1]
 
     def _score_prompt(self, request: Request, chunk: PrefillChunk, hidden: torch.Tensor) -> None:
         """Logprob of each prompt token given the ones before it, for the positions of this chunk; the first
