@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.decode_graph import DecodeGraphs
-
+from .decode_timing import decode_ms_per_token
 from .gpu_models import SHAPES, VOCAB, peer_and_runtime, random_delta_scales
 
 PROMPT, NEW = 1024, 256
@@ -42,40 +41,16 @@ def peer_ms_per_token(peer) -> float:
     return (total - prefill) / NEW * 1e3
 
 
-def runtime_ms_per_token(model, batch: int, scales, graphed: bool) -> float:
-    """Mean ms per decode step of `batch` sequences after a PROMPT-token prefill of each."""
-    pool = model.new_state(batch + 1)
-    prompt = torch.randint(0, 50000, (batch, PROMPT), device="cuda")
-    with torch.no_grad():
-        _, state = model.prefill(prompt, scales=scales)
-        slots = torch.arange(batch, device="cuda")
-        pool.write_rows(slots, state)
-        tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
-        if graphed:
-            graphs = DecodeGraphs(model, pool)
-            step = lambda t: graphs.step(t, slots, scales)  # noqa: E731
-        else:
-            step = lambda t: model.step(t, state, scales)  # noqa: E731
-        for _ in range(8):  # capture and warm-up
-            tokens = step(tokens).argmax(-1)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(NEW):
-            tokens = step(tokens).argmax(-1)
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / NEW * 1e3
-
-
 def bench_shape(name: str, big_batch: int) -> dict:
     peer, loaded = peer_and_runtime(name)
     model = loaded.model
     row = {"shape": name, "mamba_ssm_cg_ms": peer_ms_per_token(peer)}
     del peer
     torch.cuda.empty_cache()
-    row["eager_ms"] = runtime_ms_per_token(model, 1, None, graphed=False)
-    row["graph_ms"] = runtime_ms_per_token(model, 1, None, graphed=True)
-    row["graph_scaled_ms"] = runtime_ms_per_token(model, 1, random_delta_scales(loaded), graphed=True)
-    big = runtime_ms_per_token(model, big_batch, None, graphed=True)
+    row["eager_ms"] = decode_ms_per_token(model, 1, PROMPT, NEW, graphed=False)
+    row["graph_ms"] = decode_ms_per_token(model, 1, PROMPT, NEW)
+    row["graph_scaled_ms"] = decode_ms_per_token(model, 1, PROMPT, NEW, random_delta_scales(loaded))
+    big = decode_ms_per_token(model, big_batch, PROMPT, NEW)
     row.update({"batch": big_batch, f"graph_b{big_batch}_ms": big,
                 "time_ratio_vs_peer": row["graph_ms"] / row["mamba_ssm_cg_ms"],
                 "scale_overhead": row["graph_scaled_ms"] / row["graph_ms"] - 1,

@@ -15,49 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from runtime import MambaLM, load_model
-from runtime.decode_graph import DecodeGraphs
+from runtime import load_model
 from runtime.quant import QuantizedWeight, weight_bytes
 
-from .random_model import SHAPES, VOCAB, save_random_model
+from .decode_timing import decode_ms_per_token
+from .random_model import SHAPES, save_random_model
 SCHEMES = (None, "int8", "int6")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _allocated(device: torch.device) -> float:
     return torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-
-
-def decode_ms(model: MambaLM, device: torch.device, steps: int) -> float:
-    """Mean ms per greedy batch-1 decode step after a 64-token prefill (after 8 warm-up steps)."""
-    with torch.no_grad():
-        tokens = torch.randint(0, VOCAB, (1, 64), device=device, generator=torch.Generator(device).manual_seed(0))
-        logits, state = model.prefill(tokens)
-        if device.type == "cuda":
-            pool, slot = model.new_state(2), torch.zeros(1, dtype=torch.long, device=device)  # a slot and scratch
-            pool.write_rows(slot, state)
-            graphs = DecodeGraphs(model, pool)
-            step = lambda t: graphs.step(t, slot, None)  # noqa: E731
-        else:
-            step = lambda t: model.step(t, state)  # noqa: E731
-        token = logits.argmax(-1)  # (1,)
-        for _ in range(8):
-            token = step(token).argmax(-1)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = step(token).argmax(-1)
-        _sync(device)
-    return (time.perf_counter() - start) / steps * 1e3
 
 
 def bench_shape(name: str, device: torch.device, steps: int) -> list[dict]:
@@ -68,7 +39,7 @@ def bench_shape(name: str, device: torch.device, steps: int) -> list[dict]:
             loaded = load_model(directory, device=str(device), dtype="bfloat16", quantize=scheme,
                                 quantize_embedding=scheme is not None)
             row = {"shape": name, "weights": scheme or "bfloat16", "weight_gib": weight_bytes(loaded.model) / 2**30,
-                   "allocated_gib": _allocated(device), "decode_ms": decode_ms(loaded.model, device, steps)}
+                   "allocated_gib": _allocated(device), "decode_ms": decode_ms_per_token(loaded.model, 1, 64, steps, graphed=device.type == "cuda")}
             quantized = [m for m in loaded.model.modules() if isinstance(m, QuantizedWeight)]
             row["int8_kernel_layers"] = sum(any(m._fused.values()) for m in quantized)  # of len(quantized)
             row["quantized_layers"] = len(quantized)
