@@ -80,14 +80,9 @@ def compare(args) -> list[dict]:
 
 def markdown(rows: list[dict], methods: list[str]) -> str:
     out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        subset = [r for r in rows if r["task"] == task]
-        fmt = (lambda v: f"{v:.0%}") if task == "passkey" else (lambda v: f"{v:.2f}")
-        out.append(f"**{evaluate.METRIC[task]}**\n")
-        out.append("| method | " + " | ".join(bucket_name(r["length"]) for r in subset) + " |")
-        out.append("|---" * (len(subset) + 1) + "|")
-        for name in ("base", *methods):
-            out.append(f"| {name} | " + " | ".join(fmt(r[name]) for r in subset) + " |")
+    for task, subset in evaluate.by_task(rows).items():
+        fmt = evaluate.value_format(task)
+        out += evaluate.task_table(task, subset, "method", [(name, name) for name in ("base", *methods)])
         for method in methods:
             tails = [r for r in subset if f"{method}_tail" in r]
             if tails:

@@ -77,18 +77,28 @@ def _line(row: dict) -> str:
     return "  ".join(cells)
 
 
+def by_task(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of each task, tasks and rows in their order."""
+    return {task: [r for r in rows if r["task"] == task] for task in dict.fromkeys(r["task"] for r in rows)}
+
+
+def value_format(task: str):
+    return (lambda v: f"{v:.0%}") if task == "passkey" else (lambda v: f"{v:.2f}")
+
+
+def task_table(task: str, subset: list[dict], corner: str, series: list[tuple[str, str]]) -> list[str]:
+    """One task's heading and markdown table: a column per length, a row per (label, row key) of `series`."""
+    fmt = value_format(task)
+    return [f"**{METRIC[task]}**\n", f"| {corner} | " + " | ".join(bucket_name(r["length"]) for r in subset) + " |",
+            "|---" * (len(subset) + 1) + "|",
+            *(f"| {label} | " + " | ".join(fmt(r[key]) for r in subset) + " |" for label, key in series)]
+
+
 def markdown(rows: list[dict]) -> str:
     out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        subset = [r for r in rows if r["task"] == task]
-        fmt = (lambda v: f"{v:.0%}") if task == "passkey" else (lambda v: f"{v:.2f}")
-        out.append(f"**{METRIC[task]}**\n")
-        out.append("| context | " + " | ".join(bucket_name(r["length"]) for r in subset) + " |")
-        out.append("|---" * (len(subset) + 1) + "|")
-        for variant in ("base", "bank"):
-            if variant in subset[0]:
-                label = "base model" if variant == "base" else "with bank"
-                out.append(f"| {label} | " + " | ".join(fmt(r[variant]) for r in subset) + " |")
+    for task, subset in by_task(rows).items():
+        variants = [("base model", "base"), ("with bank", "bank")]
+        out += task_table(task, subset, "context", [(label, key) for label, key in variants if key in subset[0]])
         if "bank" in subset[0]:
             out.append("| bucket used | " + " | ".join(r["bucket"] for r in subset) + " |")
         tails = {bucket_name(r["length"]): r["tail"] for r in subset if "tail" in r}
@@ -102,10 +112,9 @@ def markdown(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path, title: str, series: list[tuple[str, str]] | None = None) -> None:
     """A panel per task, a line per series (row key, label): by default base and bank."""
     series = series or [("base", "base"), ("bank", "bank")]
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    tasks = by_task(rows)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        subset = [r for r in rows if r["task"] == task]
+    for ax, (task, subset) in zip(axes[0], tasks.items()):
         lengths = [r["length"] for r in subset]
         present = [(key, label) for key, label in series if key in subset[0]]
         for key, label in present:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import MAMBA1
 from .model import MambaLM
 from .scales import BatchScales, LayerScales
 from .state import InferenceState
@@ -53,7 +54,7 @@ class DecodeGraphs:
         biggest, config, device = self.sizes[-1], model.config, model.device
         self.tokens = torch.zeros(biggest, dtype=torch.long, device=device)  # (B,)
         self.slots = torch.full((biggest,), self.scratch, dtype=torch.long, device=device)  # (B,)
-        a_shape = (config.d_inner, config.d_state) if config.arch == "mamba1" else (config.nheads,)
+        a_shape = (config.d_inner, config.d_state) if config.arch == MAMBA1 else (config.nheads,)
         # Static scale fields (identity rows hold ones); a graph captured "with delta" reads delta_rows[i][:B].
         self.delta_rows = [torch.ones(biggest, config.scale_channels, device=device) for _ in range(config.n_layer)]
         self.a_rows = [torch.ones(biggest, *a_shape, device=device) for _ in range(config.n_layer)]

@@ -93,7 +93,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, 
         quantize_model(model, scheme, bool(with_embedding))
     # The fingerprint of a quantised model hashes its integers and scales: the same whether quantised now or
     # loaded from a quantised save, and never that of the full-precision weights.
-    hashed = {k: v for k, v in model.state_dict().items()} if quantization else tensors
+    hashed = model.state_dict() if quantization else tensors
     _place(model, resolve_dtype(dtype, device))
     model.eval().requires_grad_(False)
     log.info("loaded %s (%s layout, %s, %d layers, d_model %d) on %s as %s%s with back-end %s", checkpoint.path,

@@ -86,7 +86,7 @@ class QuantizedWeight(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.integers().to(self.compute_dtype) * self.scale.to(self.compute_dtype)[:, None]  # (out, in)
+        return self.integers().to(self.compute_dtype) * self._scale_as(self.compute_dtype)[:, None]  # (out, in)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., in) in the compute dtype -> x Wᵀ (+ bias): (..., out)."""

@@ -77,8 +77,8 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
                                             "granularity": e.granularity} for e in bank.manifest.entries]
         card = {"id": http.served_model_name, "object": "model", "created": int(time.time()),
                 "owned_by": "mamba-extend-server", "root": str(loaded.path), "arch": loaded.config.arch,
-                "quantization": loaded.quantization, "max_model_len": http.max_context, "training_context_length": components.training_length,
-                "scale_buckets": buckets}
+                "quantization": loaded.quantization, "max_model_len": http.max_context,
+                "training_context_length": components.training_length, "scale_buckets": buckets}
         return {"object": "list", "data": [card]}
 
     app.include_router(v1)
