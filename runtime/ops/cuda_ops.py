@@ -65,9 +65,8 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
     """Same contract as `torch_ops.mamba1_scan`; inputs are (b, l, ·) views of (b, ·, l) storage.
 
     The kernel discretises Δ itself (softplus of dt + bias, in float32) as in raw mamba_ssm. A Δ scale s
-    is folded, one sequence at a time (DESIGN.md §2): with A' = s·A and D' = D/s the kernel's state is
-    h/s and its output y/s, so the last state is multiplied by s and s goes into the output projection's
-    columns (W·diag(s), a weight-sized product instead of a pass over the (l, d) output)."""
+    is folded exactly, one sequence at a time (DESIGN.md §2): Δ' = s·Δ is A' = s·A with input x' = s·x and
+    skip D' = D/s, so the kernel's state and output are the scaled model's own."""
     if h0 is not None:
         return torch_ops.mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_bias)
     if delta_scale is None and A.dim() == 2:
@@ -77,9 +76,10 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
     for i in range(x.shape[0]):
         A_i = A if A.dim() == 2 else A[i]  # (d, n)
         s = delta_scale[i] if delta_scale is not None else torch.ones_like(D, dtype=torch.float32)  # (d,)
-        y, h = _selective_scan(_row(x, i), _row(dt, i), dt_bias, A_i * s[:, None], _row(B, i), _row(C, i),
-                               D.float() / s, _row(z, i))
-        outs.append((F.linear(y, (out_weight.float() * s).to(out_weight.dtype), out_bias), h * s[:, None]))
+        x_i = _row(x, i) * s.to(x.dtype)  # (1, l, d)
+        y, h = _selective_scan(x_i, _row(dt, i), dt_bias, A_i * s[:, None], _row(B, i), _row(C, i), D.float() / s,
+                               _row(z, i))
+        outs.append((F.linear(y, out_weight, out_bias), h))
     return _stack(outs)
 
 
