@@ -9,15 +9,18 @@ Methods (`--methods`, default all):
   a_spectrum-bp   A scale per channel, back-propagation, same objective
   decimate        DeciMamba: the decimating layer chosen per bucket by a sweep on passkey retrieval
 Each bank is built by `extend.build_bank` into OUT/banks/METHOD (an existing one is resumed, so a stopped
-run goes on where it was), then evaluated by `extend.evaluate`'s code: passkey accuracy and perplexity at
-every length, the base model once. Writes OUT/compare.json, compare.md (a table per task: a row per method)
-and compare.png, and prints the tables.
+run goes on where it was; `--jobs N` builds N at once), then evaluated by `extend.evaluate`'s code: passkey
+accuracy and perplexity at every length, the base model once. Writes OUT/compare.json, compare.md (a table
+per task: a row per method) and compare.png, and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,24 +37,50 @@ METHODS = {  # method -> extend.build_bank flags
 }
 
 
+def _build_bank_argv(args, method: str, out: Path) -> list[str]:
+    argv = ["--model", str(args.model), "--data", *map(str, args.train_data), "--out", str(out), "--resume",
+            "--buckets", args.buckets, "--seed", str(args.seed), "--device", args.device, "--no-progress",
+            "--batch-size", str(args.batch_size), "--eval-samples", str(args.eval_samples)]
+    for flag, value in (("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
+                        ("--training-length", args.training_length)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if method != "decimate" and args.steps is not None:
+        argv += ["--steps", str(args.steps)]
+    return argv + METHODS[method]
+
+
 def build_banks(args) -> dict[str, Path]:
-    """Builds (or completes) each method's bank; returns method -> bank directory."""
-    banks = {}
-    for method in args.methods:
-        out = args.out / "banks" / method
-        common = ["--model", str(args.model), "--data", *map(str, args.train_data), "--out", str(out), "--resume",
-                  "--buckets", args.buckets, "--seed", str(args.seed), "--device", args.device, "--no-progress",
-                  "--batch-size", str(args.batch_size), "--eval-samples", str(args.eval_samples)]
-        for flag, value in (("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
-                            ("--training-length", args.training_length)):
-            if value is not None:
-                common += [flag, str(value)]
-        if method != "decimate" and args.steps is not None:
-            common += ["--steps", str(args.steps)]
-        if build_bank.main(common + METHODS[method]) != 0:
-            raise SystemExit(f"extend.compare: building the {method} bank failed (see {out / 'build.log'})")
-        banks[method] = out
+    """Builds (or completes) each method's bank, `args.jobs` at a time (separate processes when more than
+    one: a small model leaves a GPU mostly idle); returns method -> bank directory."""
+    banks = {method: args.out / "banks" / method for method in args.methods}
+    if args.jobs == 1:
+        failed = [m for m, out in banks.items() if build_bank.main(_build_bank_argv(args, m, out)) != 0]
+    else:
+        running, failed = {}, []
+        for method, out in banks.items():
+            while len(running) >= args.jobs:
+                failed += _reap(running)
+            out.mkdir(parents=True, exist_ok=True)  # build_bank logs to out/build.log; stderr goes beside it
+            with open(out.parent / f"{method}.stderr", "w") as stderr:
+                running[method] = subprocess.Popen([sys.executable, "-m", "extend.build_bank",
+                                                    *_build_bank_argv(args, method, out)], stderr=stderr)
+        while running:
+            failed += _reap(running)
+    if failed:
+        raise SystemExit(f"extend.compare: building the {', '.join(failed)} bank(s) failed (see "
+                         + ", ".join(str(banks[m] / "build.log") for m in failed) + ")")
     return banks
+
+
+def _reap(running: dict[str, subprocess.Popen]) -> list[str]:
+    """Waits for one of the running builds to end; returns [its method] if it failed."""
+    while True:
+        for method, process in running.items():
+            if process.poll() is not None:
+                del running[method]
+                return [method] if process.returncode != 0 else []
+        time.sleep(0.5)
 
 
 def _evaluation_args(args, bank: Path | None) -> argparse.Namespace:
@@ -107,6 +136,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="calibration steps per bucket (build_bank's defaults otherwise)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration samples per step")
     p.add_argument("--eval-samples", type=int, default=20, help="held-out samples per candidate and bucket")
+    p.add_argument("--jobs", type=int, default=1, help="banks built at once, each in its own process")
     p.add_argument("--training-length", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
@@ -114,6 +144,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")
+    if args.jobs < 1:
+        p.error(f"--jobs: must be at least 1, got {args.jobs}")
     for method in args.methods:
         if method not in METHODS:
             p.error(f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})")
