@@ -16,17 +16,19 @@ SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-sp
 VOCAB = 50280
 
 
-def measure(fn, repeats: int = 3) -> tuple[float, float]:
-    """(seconds per call, peak GiB) after one warm-up call."""
+def measure(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> tuple[float, float]:
+    """(seconds per call, peak GiB) after one warm-up call; calls repeat until `min_seconds` have passed
+    (at least `min_repeats`), so that short prefills are timed over enough calls to be steady."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    start, calls = time.perf_counter(), 0
+    while calls < min_repeats or time.perf_counter() - start < min_seconds:
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() / 2**30
+        calls += 1
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls, torch.cuda.max_memory_allocated() / 2**30
 
 
 def peer_and_runtime(name: str):

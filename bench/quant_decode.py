@@ -24,6 +24,7 @@ from runtime.quant import QuantizedWeight, weight_bytes
 
 from .decode_timing import decode_ms_per_token
 from .random_model import SHAPES, save_random_model
+
 SCHEMES = (None, "int8", "int6")
 
 
@@ -39,9 +40,9 @@ def bench_shape(name: str, device: torch.device, steps: int) -> list[dict]:
             loaded = load_model(directory, device=str(device), dtype="bfloat16", quantize=scheme,
                                 quantize_embedding=scheme is not None)
             row = {"shape": name, "weights": scheme or "bfloat16", "weight_gib": weight_bytes(loaded.model) / 2**30,
-                   "allocated_gib": _allocated(device), "decode_ms": decode_ms_per_token(loaded.model, 1, 64, steps, graphed=device.type == "cuda")}
+                   "allocated_gib": _allocated(device),
+                   "decode_ms": decode_ms_per_token(loaded.model, 1, 64, steps, graphed=device.type == "cuda")}
             quantized = [m for m in loaded.model.modules() if isinstance(m, QuantizedWeight)]
-            row["int8_kernel_layers"] = sum(any(m._fused.values()) for m in quantized)  # of len(quantized)
             row["quantized_layers"] = len(quantized)
             rows.append(row)
             del loaded

@@ -12,8 +12,9 @@ maths as eager decode, scales included), scatters them back, and leaves the logi
 
 A batch of b sequences runs in the graph of the smallest captured size B ≥ b (1, 2, 4, 8, … up to the pool);
 its B − b padding rows read and write the pool's last row, a scratch row no request owns, with token 0 and
-identity scales, and their logits are ignored. Graphs are captured lazily, the first time a size and scale
-combination is needed, and share one memory pool.
+identity scales, and their logits are ignored. Graphs are captured by `capture` (a server does it at start,
+so that no request waits for one), or else the first time a size and scale combination is needed; they
+share one memory pool.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ class DecodeGraphs:
             if size >= batch:
                 return size
         raise ValueError(f"decode batch {batch} is larger than the pool's {self.sizes[-1]} slots")
+
+    def capture(self, scale_fields: list[tuple[bool, bool]]) -> None:
+        """Captures the graph of every batch size for each (has delta, has a) combination not yet captured."""
+        for has_delta, has_a in scale_fields:
+            for size in self.sizes:
+                if (size, has_delta, has_a) not in self.graphs:
+                    self.graphs[size, has_delta, has_a] = self._capture(size, has_delta, has_a)
 
     def step(self, tokens: torch.Tensor, slots: torch.Tensor, scales: BatchScales | None) -> torch.Tensor:
         """tokens (b,), slots (b,) on the model's device; the pool rows at `slots` advance one token in place.

@@ -6,15 +6,18 @@ most s_r / 2. Storage is real: INT8 as int8, INT6 packed four values in three by
 float32 row scales. Compute dequantises one layer at a time (W ≈ q · s), in the layer's compute dtype;
 the Δ-scale path is untouched (scales stay float32).
 
-A product with few rows (a decode step) runs through PyTorch's int8 weight-only kernel
-(`torch._weight_int8pack_mm`, CPU and CUDA), which reads the int8 weights directly: dequantising first would
-read and write the weights in the compute dtype on every token, slower than the unquantised model.
+A product with few rows (a decode step) reads the int8 weights directly: on a GPU through a Triton kernel
+(`ops.triton_int8`), on CPU through PyTorch's int8 weight-only kernel (`torch._weight_int8pack_mm`).
+Dequantising first would read and write the weights in the compute dtype on every token, slower than the
+unquantised model.
 
 Quantised: the linear layers of the mixers (Mamba1 in_proj, x_proj, dt_proj, out_proj; Mamba2 in_proj,
 out_proj) and optionally the embedding (which is also the LM head when tied).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,16 @@ def unpack_int6(packed: torch.Tensor) -> torch.Tensor:
     b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
     u = torch.stack((b0 & 0x3F, (b0 >> 6) | ((b1 & 0x0F) << 2), (b1 >> 4) | ((b2 & 0x03) << 4), b2 >> 2), dim=-1)
     return (u.view(torch.int8) - 32).view(packed.shape[0], -1)  # each u in [1, 63]: the same as int8
+
+
+@functools.cache
+def _triton_int8():
+    """The Triton kernel module, or None where Triton is not installed (it comes with CUDA builds of torch)."""
+    try:
+        from .ops import triton_int8
+    except ImportError:
+        return None
+    return triton_int8
 
 
 class QuantizedWeight(nn.Module):
@@ -92,6 +105,9 @@ class QuantizedWeight(nn.Module):
         """x (..., in) in the compute dtype -> x Wᵀ (+ bias): (..., out)."""
         rows = x.numel() // self.in_features
         differentiable = torch.is_grad_enabled() and x.requires_grad  # the int8 kernel has no backward
+        if rows <= FUSED_MAX_ROWS and not differentiable and self.bits == 8 and x.is_cuda and _triton_int8():
+            flat = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
+            return _triton_int8().int8_matmul(flat, self.qweight, self.scale, bias).view(*x.shape[:-1], -1)
         fits = rows <= FUSED_MAX_ROWS and self.in_features % FUSED_IN_MULTIPLE == 0
         if fits and not differentiable and self._fused_kernel_works(x):
             flat = x.reshape(rows, self.in_features).contiguous()  # the kernel assumes dense rows

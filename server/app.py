@@ -43,6 +43,8 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        bank_sets = [] if components.bank is None else list(components.bank.scale_sets.values())
+        await asyncio.to_thread(engine.warm_up, bank_sets)  # before the first request is taken
         engine.start()
         yield
         await asyncio.to_thread(engine.stop)

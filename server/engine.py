@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from runtime import BatchScales, MambaLM, ScaleSet, batch_scales
+from runtime import BatchScales, MambaLM, ScaleMethod, ScaleSet, batch_scales
 from runtime.decode_graph import DecodeGraphs
 from runtime.tokenizer import Tokenizer
 
@@ -33,6 +33,7 @@ from .sampling import logprob_entries, sample
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
+WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt runs
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,24 @@ class Engine:
         self._decode_scales = None
         # id(ScaleSet) -> (the set, kept so that its id is never reused; its batch-of-one scales)
         self._one_sequence_scales: dict[int, tuple[ScaleSet, BatchScales]] = {}
+
+    def warm_up(self, scale_sets: list[ScaleSet]) -> None:
+        """What a first request would otherwise wait for, done before the server takes requests (as vLLM
+        captures its graphs at start): a short prefill (kernel loading, the BLAS and convolution libraries'
+        set-up) and, on CUDA, the decode graph of every batch size for every combination of scale fields
+        that batches of the bank's sets (and identity) make."""
+        with torch.no_grad():
+            self.model.prefill(torch.zeros(1, WARM_UP_TOKENS, dtype=torch.long, device=self.model.device))
+        if self.graphs is None:
+            return
+        methods = {s.method for s in scale_sets}
+        fields = {(False, False)} | {(m is ScaleMethod.DELTA, m is ScaleMethod.A_SPECTRUM) for m in methods}
+        if {ScaleMethod.DELTA, ScaleMethod.A_SPECTRUM} <= methods:
+            fields.add((True, True))  # a batch with requests of both
+        started = time.monotonic()
+        self.graphs.capture(sorted(fields))
+        log.info("decode graphs captured: %d (batch sizes %s × scale fields %s) in %.1f s", len(self.graphs.graphs),
+                 self.graphs.sizes, sorted(fields), time.monotonic() - started)
 
     # --- the HTTP side -------------------------------------------------------------------------------
 

@@ -31,14 +31,19 @@ SSD_CHUNK = 256  # chunk length of mamba_chunk_scan_combined; the result does no
 
 
 def causal_conv1d(x, weight, bias, state):
-    """Same contract as `torch_ops.causal_conv1d`. x: (b, l, c); state: (b, c, k-1) or None."""
-    if not HAS_CONV_KERNELS:
-        return torch_ops.causal_conv1d(x, weight, bias, state)
+    """Same contract as `torch_ops.causal_conv1d`. x: (b, l, c); state: (b, c, k-1) or None.
+    Runs on the channels-first layout the projections produce and returns that layout's (b, l, c) view,
+    which the scan reads without a copy; without `causal_conv1d`, as cuDNN's grouped convolution (what raw
+    mamba_ssm runs then too) rather than the PyTorch ops' shifted multiply-adds, which suit CPUs."""
     k = weight.shape[-1]
-    x = x.transpose(1, 2)  # (b, c, l), channel-last in memory, which the kernel accepts
+    x = x.transpose(1, 2)  # (b, c, l)
     if state is not None:
         x = torch.cat((state.to(x.dtype), x), dim=-1)  # (b, c, k-1+l)
-    y = causal_conv1d_fn(x, weight, bias, activation="silu")  # (b, c, l or k-1+l)
+    if HAS_CONV_KERNELS:
+        y = causal_conv1d_fn(x, weight, bias, activation="silu")  # (b, c, l or k-1+l)
+    else:
+        y = F.silu(F.conv1d(x, weight[:, None].to(x.dtype), None if bias is None else bias.to(x.dtype),
+                            padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]])  # (b, c, l or k-1+l)
     if state is not None:
         y = y[..., k - 1:]
     new_state = F.pad(x[..., -(k - 1):], (max(0, k - 1 - x.shape[-1]), 0))  # (b, c, k-1)

@@ -60,3 +60,15 @@ def test_graph_decode_equals_eager_and_touches_only_its_rows(checkpoints, arch, 
     state = eager_pool.rows([1])
     assert _relative(single, model.step(torch.tensor([5], device="cuda"), state, None)) < TOLERANCE[dtype]
     assert (1, False, False) in graphs.graphs
+
+
+def test_capture_at_start_covers_every_size_and_step_then_captures_nothing(checkpoints):
+    model = load_model(checkpoints["mamba1"], device="cuda", dtype="float32").model
+    graphs = DecodeGraphs(model, model.new_state(7))  # 6 slots: sizes 1, 2, 4, 6
+    graphs.capture([(False, False), (True, False)])
+    assert sorted(graphs.graphs) == sorted((s, d, False) for s in (1, 2, 4, 6) for d in (False, True))
+    config = model.config
+    delta = ScaleSet(ScaleMethod.DELTA, tuple(torch.full((config.scale_channels,), 1.5) for _ in range(config.n_layer)))
+    graphs.step(torch.tensor([1, 2, 3], device="cuda"), torch.tensor([0, 1, 2], device="cuda"),
+                batch_scales([delta, None, delta], config, "cuda"))
+    assert len(graphs.graphs) == 8
