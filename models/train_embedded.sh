@@ -15,7 +15,7 @@ for stage in $stages; do
              --data "$data"/train-00.jsonl.xz "$data"/train-01.jsonl.xz --out "$model" --d-model 256 --n-layer 8 \
              --length 512 --steps 4000 --batch-size 64 $train_flags --seed "$seed" ;;
     bank) python3 -m extend.build_bank --model "$model" --buckets 1k,2k,4k,8k,16k,32k --task passkey --calibrator bp \
-            --granularity channel --method delta --data "$data"/train-01.jsonl.xz --out "$bank" --seed "$seed" \
+            --granularity channel --method a_spectrum --data "$data"/train-01.jsonl.xz --out "$bank" --seed "$seed" \
             --steps 150 --lr 0.05 --batch-size 8 --eval-samples 20 --ppl-weight 10 --ppl-slack 0.02 --no-progress \
             --resume ;;
     eval) python3 -m extend.evaluate --model "$model" --bank "$bank" --task passkey,ppl \
