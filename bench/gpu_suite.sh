@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU measurement of bench/RESULTS.md in one run (about 6 minutes on one H100), JSON under OUT:
 #   bash bench/gpu_suite.sh OUT [SHAPES]
-# Needs mamba_ssm importable. Runs the GPU tests first; each step is independent and the run goes on if one fails.
+# Needs mamba_ssm importable, and the server's packages for the HTTP step (on a machine without them, install
+# the wheels that bench/server_wheels.sh downloads). Runs the GPU tests first; each step is independent and the
+# run goes on if one fails.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT [SHAPES]} shapes=${2:-130m,1.4b}
 mkdir -p "$out"
 python3 -c "import torch, mamba_ssm; print(torch.__version__, torch.cuda.get_device_name(), mamba_ssm.__version__)"
-timeout 300 python3 -m pytest -q -x tests/gpu tests/runtime/test_triton_decode.py 2>&1 | tail -15
+timeout 300 python3 -m pytest -q -x tests/gpu tests/runtime/test_triton_decode.py tests/runtime/test_triton_int8.py 2>&1 | tail -15
 python3 -m bench.gpu_decode --shapes "$shapes" --json "$out/decode.json" 2>&1 | grep -v Warning | tail -6
 python3 -m bench.gpu_prefill --shapes "$shapes" --lengths 2048,8192,32768,65536 --json "$out/prefill.json" | tail -10
 python3 -m bench.quant_decode --shapes "$shapes" --device cuda --json "$out/quant.json" | tail -8
