@@ -13,7 +13,6 @@ identity and with a per-channel Δ scale set, the eager `MambaLM.step` at batch 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from .decode_timing import decode_ms_per_token
 from .gpu_models import SHAPES, VOCAB, peer_and_runtime, random_delta_scales
+from .report import print_row, print_table, save_json
 
 PROMPT, NEW = 1024, 256
 
@@ -55,7 +55,7 @@ def bench_shape(name: str, big_batch: int) -> dict:
                 "time_ratio_vs_peer": row["graph_ms"] / row["mamba_ssm_cg_ms"],
                 "scale_overhead": row["graph_scaled_ms"] / row["graph_ms"] - 1,
                 "batch_speedup": big_batch / big * row["graph_ms"]})  # tokens/s at big batch over batch 1's
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    print_row(row)
     del model, loaded
     torch.cuda.empty_cache()
     return row
@@ -69,13 +69,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = [bench_shape(name, args.batch) for name in args.shapes.split(",")]
     print(f"\n{torch.cuda.get_device_name()}, bf16, vocabulary {VOCAB}")
-    print("| shape | mamba_ssm cg ms/token | runtime eager | runtime graph | ratio | graph, Δ scales | "
-          f"batch {args.batch} tokens/s ÷ batch 1 |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['mamba_ssm_cg_ms']:.3f} | {r['eager_ms']:.3f} | {r['graph_ms']:.3f} | "
-              f"{r['time_ratio_vs_peer']:.3f} | {r['scale_overhead']:+.1%} | {r['batch_speedup']:.1f} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    print_table(["shape", "mamba_ssm cg ms/token", "runtime eager", "runtime graph", "ratio", "graph, Δ scales",
+                 f"batch {args.batch} tokens/s ÷ batch 1"],
+                [[r["shape"], f"{r['mamba_ssm_cg_ms']:.3f}", f"{r['eager_ms']:.3f}", f"{r['graph_ms']:.3f}",
+                  f"{r['time_ratio_vs_peer']:.3f}", f"{r['scale_overhead']:+.1%}", f"{r['batch_speedup']:.1f}"]
+                 for r in rows])
+    save_json(rows, args.json)
 
 
 if __name__ == "__main__":

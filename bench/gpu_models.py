@@ -12,8 +12,9 @@ import torch
 
 from runtime import LoadedModel, ScaleMethod, ScaleSet, batch_scales, load_model
 
-SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
-VOCAB = 50280
+from .random_model import SHAPES
+
+VOCAB = 50280  # GPT-NeoX-20B's vocabulary, padded by MambaLMHeadModel itself
 
 
 def measure(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> tuple[float, float]:

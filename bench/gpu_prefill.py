@@ -1,7 +1,7 @@
 """GPU prefill: this runtime against raw `mamba_ssm` (`MambaLMHeadModel`) on the same random weights.
 
 Both are measured in one run, alternating per length, the way `shared/device/reference_bench.py` measures
-the peer (bf16, batch 1, last-token logits, one warm-up then the mean of 3): time, tokens/s and peak
+the peer (bf16, batch 1, last-token logits, one warm-up, then the mean of calls repeated for at least 0.5 s): time, tokens/s and peak
 memory, plus this runtime with a per-channel Δ scale set (the cost of scales against identity).
 
     python -m bench.gpu_prefill --shapes 130m --lengths 2048,8192,32768,65536 --json $OUT/prefill.json
@@ -10,12 +10,12 @@ memory, plus this runtime with a per-channel Δ scale set (the cost of scales ag
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from .gpu_models import SHAPES, measure, peer_and_runtime, random_delta_scales
+from .report import print_row, save_json
 
 
 def bench_shape(name: str, lengths: list[int]) -> list[dict]:
@@ -35,7 +35,7 @@ def bench_shape(name: str, lengths: list[int]) -> list[dict]:
                    "mamba_ssm_peak_gib": round(peer_gib, 3), "runtime_peak_gib": round(ours_gib, 3),
                    "runtime_scaled_peak_gib": round(scaled_gib, 3), "memory_ratio": round(ours_gib / peer_gib, 3)}
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print_row(row)
     del peer, ours
     torch.cuda.empty_cache()
     return rows
@@ -57,8 +57,7 @@ def main(argv=None):
         print(f"{r['shape']:>6} {r['tokens']:>7} {r['mamba_ssm_ms']:>13.2f} {r['runtime_ms']:>11.2f} "
               f"{r['time_ratio']:>6.3f} {r['scale_overhead']:>+7.1%} {r['mamba_ssm_peak_gib']:>14.2f} "
               f"{r['runtime_peak_gib']:>6.2f} {r['memory_ratio']:>6.3f}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    save_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ whole prompt (last-token logits), after a warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from runtime.tokenizer import find_tokenizer
 from server.config import DEFAULT_MODEL_DIR
 
 from .random_model import SHAPES, save_random_model
+from .report import print_row, save_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,9 +145,8 @@ def main(argv=None):
         prompt = prompt_text(tokenizer, args.text, args.tokens)
         row = {"shape": args.shape, **measure_http(args, prompt), **measure_runtime(args, prompt)}
     row["ratio"] = row["long_first_token_s"] / (row["tokenise_s"] + row["prefill_s"])
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
-    if args.json:
-        args.json.write_text(json.dumps(row, indent=1))
+    print_row(row, digits=3)
+    save_json(row, args.json)
 
 
 if __name__ == "__main__":

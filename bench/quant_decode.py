@@ -13,7 +13,6 @@ CUDA the step is replayed as a CUDA graph, as the server runs it, so that launch
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from runtime.quant import QuantizedWeight, weight_bytes
 
 from .decode_timing import decode_ms_per_token
 from .random_model import SHAPES, save_random_model
+from .report import print_row, print_table, save_json
 
 SCHEMES = (None, "int8", "int6")
 
@@ -52,7 +52,7 @@ def bench_shape(name: str, device: torch.device, steps: int) -> list[dict]:
     for row in rows:
         row["weight_ratio"] = row["weight_gib"] / base["weight_gib"]
         row["decode_ratio"] = row["decode_ms"] / base["decode_ms"]
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        print_row(row)
     return rows
 
 
@@ -65,12 +65,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = [row for name in args.shapes.split(",") for row in bench_shape(name, device, args.steps)]
-    print("\n| shape | weights | weight GiB | ratio | decode ms/token | ratio |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['weights']} | {r['weight_gib']:.3f} | {r['weight_ratio']:.3f} | "
-              f"{r['decode_ms']:.2f} | {r['decode_ratio']:.3f} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    print()
+    print_table(["shape", "weights", "weight GiB", "ratio", "decode ms/token", "ratio"],
+                [[r["shape"], r["weights"], f"{r['weight_gib']:.3f}", f"{r['weight_ratio']:.3f}", f"{r['decode_ms']:.2f}",
+                  f"{r['decode_ratio']:.3f}"] for r in rows])
+    save_json(rows, args.json)
 
 
 if __name__ == "__main__":
