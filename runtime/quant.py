@@ -105,14 +105,14 @@ class QuantizedWeight(nn.Module):
         """x (..., in) in the compute dtype -> x Wᵀ (+ bias): (..., out)."""
         rows = x.numel() // self.in_features
         differentiable = torch.is_grad_enabled() and x.requires_grad  # the int8 kernel has no backward
-        if rows <= FUSED_MAX_ROWS and not differentiable and self.bits == 8 and x.is_cuda and _triton_int8():
-            flat = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
-            return _triton_int8().int8_matmul(flat, self.qweight, self.scale, bias).view(*x.shape[:-1], -1)
-        fits = rows <= FUSED_MAX_ROWS and self.in_features % FUSED_IN_MULTIPLE == 0
-        if fits and not differentiable and self._fused_kernel_works(x):
-            flat = x.reshape(rows, self.in_features).contiguous()  # the kernel assumes dense rows
-            out = torch._weight_int8pack_mm(flat, self.integers(), self._scale_as(x.dtype)).view(*x.shape[:-1], -1)
-            return out if bias is None else out + bias
+        if rows <= FUSED_MAX_ROWS and not differentiable:
+            flat = x.reshape(rows, self.in_features).contiguous()  # (rows, in): the kernels assume dense rows
+            if self.bits == 8 and x.is_cuda and _triton_int8():
+                return _triton_int8().int8_matmul(flat, self.qweight, self.scale, bias).view(*x.shape[:-1], -1)
+            if self.in_features % FUSED_IN_MULTIPLE == 0 and self._fused_kernel_works(x):
+                out = torch._weight_int8pack_mm(flat, self.integers(), self._scale_as(x.dtype))
+                out = out.view(*x.shape[:-1], -1)
+                return out if bias is None else out + bias
         return F.linear(x, self.weight, bias)
 
     def _fused_kernel_works(self, x: torch.Tensor) -> bool:

@@ -79,11 +79,11 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
         return F.linear(y, out_weight, out_bias), h
     outs = []
     for i in range(x.shape[0]):
-        A_i = A if A.dim() == 2 else A[i]  # (d, n)
-        s = delta_scale[i] if delta_scale is not None else torch.ones_like(D, dtype=torch.float32)  # (d,)
-        x_i = _row(x, i) * s.to(x.dtype)  # (1, l, d)
-        y, h = _selective_scan(x_i, _row(dt, i), dt_bias, A_i * s[:, None], _row(B, i), _row(C, i), D.float() / s,
-                               _row(z, i))
+        x_i, A_i, D_i = _row(x, i), A if A.dim() == 2 else A[i], D.float()  # (1, l, d), (d, n), (d,)
+        if delta_scale is not None:  # (an A-spectrum scale alone is already in A_i)
+            s = delta_scale[i]  # (d,)
+            x_i, A_i, D_i = x_i * s.to(x.dtype), A_i * s[:, None], D_i / s
+        y, h = _selective_scan(x_i, _row(dt, i), dt_bias, A_i, _row(B, i), _row(C, i), D_i, _row(z, i))
         outs.append((F.linear(y, out_weight, out_bias), h))
     return _stack(outs)
 
