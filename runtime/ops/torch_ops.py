@@ -9,6 +9,8 @@ all blocks at once), keeping the running product of its decays; a loop over bloc
 state into each block, and h_t = local_t + decay_t · h_start. Only products of decays ≤ 1: no exponent is
 ever negated, so there is no overflow to guard against whatever Δ does, and the result is the sequential
 recurrence up to float32 rounding. Python loops run T + tokens/T times per super-block, not once per token.
+Without autograd (prefill), the same arithmetic runs in place in two buffers reused by every super-block:
+no per-step tensors to stack, no allocation per super-block (the scan is memory-bound on CPUs).
 
 Mamba2 scan (SSD). A is a scalar per head, so within a block the decays exp(S_t - S_s), t ≥ s, form a
 (T, T) matrix per head and the block is two matrix products plus the carried state (Dao & Gu, 2024).
@@ -89,6 +91,27 @@ def _mamba1_superblock(dx, delta, A, B, C, h, T: int):
     return y, h
 
 
+def _mamba1_superblock_inplace(dx, delta, A, B, C, h, T: int, step_buffer, state_buffer):
+    """`_mamba1_superblock` without autograd, the same operations in the same order (so the same result)
+    written in place: exp(Δ_t A) becomes the running decay product in `step_buffer`, the inputs become the
+    states in `state_buffer` (flat buffers of at least b·m·d·n float32, reused across super-blocks)."""
+    b, m, d = delta.shape
+    n = A.shape[-1]
+    g = m // T
+    step = step_buffer[: b * m * d * n].view(b, g, T, d, n)
+    torch.mul(delta.view(b, g, T, d, 1), A[:, None, None], out=step).exp_()  # exp(Δ_t A)
+    states = state_buffer[: b * m * d * n].view(b, g, T, d, n)
+    torch.mul(dx.view(b, g, T, d, 1), B.view(b, g, T, 1, n), out=states)  # Δ_t B_t x_t
+    for t in range(1, T):
+        states[:, :, t].addcmul_(step[:, :, t], states[:, :, t - 1])  # from a zero block start
+        step[:, :, t].mul_(step[:, :, t - 1])  # Π_{s≤t} exp(Δ_s A)
+    for k in range(g):  # carry the true state into each block
+        states[:, k].addcmul_(step[:, k], h[:, None])
+        h = states[:, k, -1]
+    y = torch.einsum("bgtdn,bgtn->bgtd", states, C.view(b, g, T, n)).reshape(b, m, d)  # (b, m, d)
+    return y, h.clone()  # h is a view of the buffer the next super-block overwrites
+
+
 def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_bias, block: int = SCAN_BLOCK):
     """Selective scan of a Mamba1 layer and its output projection; Δ = softplus(dt + dt_bias) · delta_scale.
 
@@ -106,13 +129,20 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
     dx = delta * x  # (b, l, d)
     # Tokens per super-block: its (tokens, d, n) intermediates stay near SUPERBLOCK_ELEMENTS (cache-sized).
     span = block * max(1, SUPERBLOCK_ELEMENTS // (block * b * d * n))
+    differentiable = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (dx, delta, A, B, C, h))
+    if not differentiable:
+        buffers = [x.new_empty(b * min(span, l + block) * d * n) for _ in range(2)]  # step, states
     scanned = []
     for start in range(0, l, span):
         stop = min(start + span, l)
         # Pad to whole blocks with Δ = 0: exp(0·A) = 1 and no input, so the state passes through unchanged.
         pad = -(stop - start) % block
-        parts = [F.pad(t[:, start:stop], (0, 0, 0, pad)) for t in (dx, delta, B, C)]
-        y, h = _mamba1_superblock(parts[0], parts[1], A, parts[2], parts[3], h, block)
+        parts = [t[:, start:stop] if pad == 0 else F.pad(t[:, start:stop], (0, 0, 0, pad)) for t in (dx, delta, B, C)]
+        if differentiable:
+            y, h = _mamba1_superblock(parts[0], parts[1], A, parts[2], parts[3], h, block)
+        else:
+            y, h = _mamba1_superblock_inplace(parts[0], parts[1], A, parts[2], parts[3], h, block, *buffers)
         scanned.append(y[:, : stop - start])
     y = torch.cat(scanned, dim=1) + x * D.float()  # (b, l, d) with the D skip
     if z is not None:
