@@ -33,8 +33,9 @@ from .passkey import make_batch, minimum_length
 PASSKEY_MIN_LENGTH = 64
 
 
-def init_weights(model: MambaLM, seed: int) -> None:
-    """mamba_ssm's initialisation: S4D-real A, Δ bias for Δ in [0.001, 0.1], rescaled out_proj."""
+def init_weights(model: MambaLM, seed: int, dt_min: float = 0.001, dt_max: float = 0.1) -> None:
+    """mamba_ssm's initialisation: S4D-real A, Δ bias for Δ log-uniform in [dt_min, dt_max], rescaled out_proj.
+    dt_min bounds the longest memory a channel starts with (about 1/dt_min tokens for A = −1)."""
     torch.manual_seed(seed)
     c = model.config
     with torch.no_grad():
@@ -51,7 +52,8 @@ def init_weights(model: MambaLM, seed: int) -> None:
             block.norm.weight.fill_(1.0)
             std = c.dt_rank ** -0.5
             torch.nn.init.uniform_(mixer.dt_proj.weight, -std, std)
-            dt = torch.exp(torch.rand(c.d_inner) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+            log_dt = torch.rand(c.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (d,)
+            dt = torch.exp(log_dt).clamp(min=1e-4)
             mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
             mixer.A_log.copy_(torch.log(torch.arange(1, c.d_state + 1, dtype=torch.float32)).expand(c.d_inner, -1))
             mixer.D.fill_(1.0)
@@ -121,7 +123,7 @@ def train(args) -> tuple[MambaLM, list[float]]:
                          d_state=args.d_state, training_context_length=args.length)
     with torch.device(device):
         model = MambaLM(config, select_backend(args.backend, device))
-    init_weights(model, args.seed)
+    init_weights(model, args.seed, args.dt_min, args.dt_max)
     model.train()
     stream = token_stream([doc.text for doc in read_documents(args.data)], tokenizer)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {len(stream) / 1e6:.1f}M training tokens")
@@ -182,11 +184,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer-weight", type=float, default=3.0, help="extra weight of the passkey answer tokens")
     p.add_argument("--curriculum", type=float, default=0.3,
                    help="fraction of the steps over which the longest passkey sample grows to --length (0: none)")
+    p.add_argument("--dt-min", type=float, default=0.001, help="smallest initial Δ (longest initial memory)")
+    p.add_argument("--dt-max", type=float, default=0.1, help="largest initial Δ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto")
     p.add_argument("--log-every", type=int, default=100)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.dt_min <= args.dt_max:
+        p.error(f"--dt-min {args.dt_min} and --dt-max {args.dt_max}: need 0 < dt-min <= dt-max")
+    return args
 
 
 if __name__ == "__main__":

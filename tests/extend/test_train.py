@@ -6,8 +6,12 @@ import torch
 from checkpoints import BOOK_TEXT, tiny_tokenizer
 from transformers import MambaForCausalLM
 
-from extend.train import parse_args, passkey_length_limit, train
+import pytest
+from extend.train import init_weights, parse_args, passkey_length_limit, train
 from runtime import load_model
+from runtime.backend import select_backend
+from runtime.config import MAMBA1, ModelConfig
+from runtime.model import MambaLM
 
 
 def test_train_learns_and_writes_a_loadable_hugging_face_checkpoint(tmp_path):
@@ -40,3 +44,16 @@ def test_passkey_curriculum_grows_the_longest_sample_to_the_training_length():
     assert limits == sorted(limits)
     args.curriculum = 0
     assert passkey_length_limit(0, args, shortest=64) == 513
+
+
+def test_initial_delta_spans_the_asked_range():
+    model = MambaLM(ModelConfig(arch=MAMBA1, d_model=32, n_layer=2, vocab_size=64, d_state=4),
+                    select_backend("torch", "cpu"))
+    init_weights(model, seed=0, dt_min=0.01, dt_max=0.1)
+    delta = torch.nn.functional.softplus(torch.cat([b.mixer.dt_proj.bias for b in model.layers]))  # Δ at dt = 0
+    assert 0.0099 < delta.min() < 0.012 and 0.08 < delta.max() < 0.1001
+
+
+def test_initial_delta_range_must_be_positive_and_ordered():
+    with pytest.raises(SystemExit):
+        parse_args(["--tokenizer", "t", "--data", "d", "--out", "o", "--dt-min", "0.1", "--dt-max", "0.01"])
