@@ -1,18 +1,18 @@
 """Decode as captured CUDA graphs: one graph per (padded batch size, scale fields present), replayed per token.
 
-A decode step launches hundreds of small kernels (about fifteen per layer); launched one by one from Python,
+A decode step launches hundreds of small kernels (seven per Mamba1 layer); launched one by one from Python,
 batch-1 decode is bound by launch overhead, not by the GPU. A captured graph replays them all at once.
 
 Everything a graph touches has a fixed address: the state pool (the engine's, never reallocated), and the
 static inputs below, which `step` fills before each replay:
   tokens (B,) int64, slots (B,) int64: the rows of the pool each sequence owns;
   per layer, the scale fields of the batch: delta (B, channels), a (B, d, n) / (B, h), float32.
-The graph gathers the sequences' rows from the pool, steps them (runtime.MambaLM.step, unchanged: the same
-maths as eager decode, scales included), scatters them back, and leaves the logits (B, V) in its output.
+The graph steps the sequences' rows of the pool in place (runtime.MambaLM.step with `slots`, the same maths
+as eager decode, scales included; no gather or scatter of rows) and leaves the logits (B, V) in its output.
 
 A batch of b sequences runs in the graph of the smallest captured size B ≥ b (1, 2, 4, 8, … up to the pool);
-its B − b padding rows read and write the pool's last row, a scratch row no request owns, with token 0 and
-identity scales, and their logits are ignored. Graphs are captured by `capture` (a server does it at start,
+its B − b padding rows all read and write the pool's last row, a scratch row no request owns, with token 0
+and identity scales; what they leave there and their logits are ignored. Graphs are captured by `capture` (a server does it at start,
 so that no request waits for one), or else the first time a size and scale combination is needed; they
 share one memory pool.
 """
@@ -104,16 +104,12 @@ class DecodeGraphs:
         return captured.logits[:b]
 
     def _body(self, size: int, has_delta: bool, has_a: bool) -> torch.Tensor:
-        """One decode step of the static inputs' first `size` rows: gather, step, scatter. Returns (size, V)."""
-        slots = self.slots[:size]
-        state = self.pool.rows(slots)  # (size, ...) gathered copy
+        """One decode step of the static inputs' first `size` rows, in the pool. Returns (size, V)."""
         scales = None
         if has_delta or has_a:
             scales = [LayerScales(delta=self.delta_rows[i][:size] if has_delta else None,
                                   a=self.a_rows[i][:size] if has_a else None) for i in range(self.model.config.n_layer)]
-        logits = self.model.step(self.tokens[:size], state, scales)  # (size, V)
-        self.pool.write_rows(slots, state)
-        return logits
+        return self.model.step(self.tokens[:size], self.pool, scales, self.slots[:size])  # (size, V)
 
     def _capture(self, size: int, has_delta: bool, has_a: bool) -> _Graph:
         # Warm-up steps really run, so they step the scratch row only; the real rows advance once, in the

@@ -10,7 +10,7 @@ from torch import nn
 
 from .backend import Backend
 from .config import ModelConfig
-from .ops.torch_ops import discretise
+from .ops.torch_ops import discretise, mamba1_A
 from .quant import linear
 from .scales import LayerScales
 
@@ -38,15 +38,11 @@ class Mamba1Mixer(nn.Module):
         out = torch.matmul(layer.weight, x.transpose(1, 2))  # (b, out, l)
         return (out if bias is None else out + bias[:, None]).transpose(1, 2)
 
-    def _ssm_inputs(self, x: torch.Tensor, scales: LayerScales | None):
-        """x: (..., d) after the conv. Returns dt (..., d) before bias and softplus, A, B and C (..., n)."""
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x: (..., d) after the conv. Returns dt (..., d) before bias and softplus, B and C (..., n)."""
         r, n = self.config.dt_rank, self.config.d_state
         dt_low, B, C = self._project(x, self.x_proj).split([r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
-        dt = self._project(dt_low, self.dt_proj)  # (..., d)
-        A = -torch.exp(self.A_log.float())  # (d, n)
-        if scales is not None and scales.a is not None:
-            A = A * scales.a  # (b, d, n)
-        return dt, A, B, C
+        return self._project(dt_low, self.dt_proj), B, C  # (..., d), (..., n), (..., n)
 
     def forward(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
                 return_delta: bool = False):
@@ -56,7 +52,8 @@ class Mamba1Mixer(nn.Module):
         ops = self.backend.ops
         x, z = self._project(hidden, self.in_proj, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
         x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
-        dt, A, B, C = self._ssm_inputs(x, scales)
+        dt, B, C = self._ssm_inputs(x)
+        A = mamba1_A(self.A_log, None if scales is None else scales.a)  # (d, n) or (b, d, n)
         delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself
         scan_x, scan_A, scan_D, scan_scale = x, A, self.D, delta_scale
         if delta_scale is not None and x.shape[0] == 1 and A.dim() == 2:
@@ -70,12 +67,15 @@ class Mamba1Mixer(nn.Module):
             return out, (conv_state, ssm_state), discretise(dt, self.dt_proj.bias, delta_scale)  # (b, l, d)
         return out, (conv_state, ssm_state)
 
-    def step(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None) -> torch.Tensor:
-        """Decode one token. hidden: (b, D); states updated in place. Returns (b, D)."""
+    def step(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
+             slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode one token. hidden: (b, D); the states (b, ...), or with `slots` (b,) a pool's (whose row
+        slots[i] is sequence i's), are updated in place. Returns (b, D)."""
         ops = self.backend.ops
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d) each
-        x = ops.causal_conv1d_step(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias)  # (b, d)
-        dt, A, B, C = self._ssm_inputs(x, scales)
-        delta_scale = None if scales is None else scales.delta  # (b, d)
-        y = ops.mamba1_step(ssm_state, x, dt, self.dt_proj.bias, delta_scale, A, B, C, self.D, z)  # (b, d)
+        x = ops.causal_conv1d_step(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, slots)  # (b, d)
+        dt, B, C = self._ssm_inputs(x)
+        delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, d), (b, d, n)
+        y = ops.mamba1_step(ssm_state, x, dt, self.dt_proj.bias, delta_scale, self.A_log, a_scale, B, C, self.D, z,
+                            slots)  # (b, d)
         return self.out_proj(y.to(hidden.dtype))

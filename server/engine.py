@@ -250,9 +250,7 @@ class Engine:
         if self.graphs is not None:
             logits = self.graphs.step(tokens, slots, self._decode_scales)  # (b, V)
         else:
-            state = self.pool.rows(slots)  # (b, ...) gathered copy
-            logits = self.model.step(tokens, state, self._decode_scales)  # (b, V)
-            self.pool.write_rows(slots, state)
+            logits = self.model.step(tokens, self.pool, self._decode_scales, slots)  # (b, V), the pool's rows advanced
         self._take_tokens(requests, logits, finished, outputs)
 
     def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: dict, outputs: dict) -> None:

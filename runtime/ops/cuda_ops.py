@@ -5,10 +5,11 @@ silent fallback inside `forward`.
 
 Scales reach the unchanged kernels as DESIGN.md §2 says: Δ is passed already softplus'ed, clamped and
 scaled (`delta_softplus=False`), which is exact for any per-sequence Δ scale. A per-sequence A' = s·A
-(A-spectrum) is folded into the kernel's shared A one sequence at a time in prefill. In Mamba1 decode, where
-mamba_ssm's kernel would need one A per sequence and computes Δ itself, a fused Triton step that takes both
-per sequence runs instead (`triton_decode`), and so does the convolution step without `causal_conv1d`.
-Mamba1 prefill from a carried state also runs the PyTorch scan: `selective_scan_fn` takes no initial state.
+(A-spectrum) is folded into the kernel's shared A one sequence at a time in prefill. Mamba1 decode runs the
+fused Triton kernels of `triton_decode` (one kernel each for the convolution step, the state update with its
+per-sequence scales, and the residual + RMSNorm; states read and written in the pool's rows), fewer kernels
+than mamba_ssm's own step, which also could not take one A per sequence. Mamba1 prefill from a carried state
+runs the PyTorch scan: `selective_scan_fn` takes no initial state.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 from . import torch_ops, triton_decode
 
 try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
-    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    from causal_conv1d import causal_conv1d_fn
 except ImportError:
-    causal_conv1d_fn = causal_conv1d_update = None
+    causal_conv1d_fn = None
 
 HAS_CONV_KERNELS = causal_conv1d_fn is not None
 SSD_CHUNK = 256  # chunk length of mamba_chunk_scan_combined; the result does not depend on it
@@ -50,10 +51,9 @@ def causal_conv1d(x, weight, bias, state):
     return y.transpose(1, 2), new_state.contiguous()
 
 
-def causal_conv1d_step(x, state, weight, bias):
-    if not HAS_CONV_KERNELS:
-        return triton_decode.causal_conv1d_step(x, state, weight, bias)
-    return causal_conv1d_update(x.to(state.dtype), state, weight, bias, activation="silu")
+causal_conv1d_step = triton_decode.causal_conv1d_step  # one kernel that reads and writes the pool's rows
+add_rms_norm = triton_decode.add_rms_norm
+mamba1_step = triton_decode.mamba1_step  # per-sequence Δ and A scales, and identity, in one kernel
 
 
 def _row(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
@@ -97,13 +97,6 @@ def _selective_scan(x, dt, dt_bias, A, B, C, D, z):
     return y.transpose(1, 2), h.float()  # (b, l, d), (b, d, n)
 
 
-def mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z):
-    """Same contract as `torch_ops.mamba1_step`; h (b, d, n) float32 updated in place."""
-    if A.dim() == 2 and delta_scale is None:  # the kernel discretises Δ, as in raw mamba_ssm
-        return selective_state_update(h, x, dt, A, B, C, D.float(), z, dt_bias.float(), True)
-    return triton_decode.mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z)  # per-sequence scales
-
-
 def mamba2_scan(x, dt, A, B, C, D, h0):
     """x: (b, l, h, p); dt: (b, l, h); A: (h,) or (b, h); B, C: (b, l, g, n). Returns y, h (b, h, p, n)."""
     if A.dim() == 2:
@@ -115,15 +108,15 @@ def mamba2_scan(x, dt, A, B, C, D, h0):
     return y, h.float()
 
 
-def mamba2_step(h, x, dt, A, B, C, D):
-    """Same contract as `torch_ops.mamba2_step`; h (b, h, p, n) float32 updated in place."""
+def mamba2_step(h, x, dt, A, B, C, D, slots=None):
+    """Same contract as `torch_ops.mamba2_step`; h (b, h, p, n) float32 (or a pool, with `slots`) updated in place."""
     if A.dim() == 2:
-        return torch_ops.mamba2_step(h, x, dt, A, B, C, D)
+        return torch_ops.mamba2_step(h, x, dt, A, B, C, D, slots)
     heads, p, n = h.shape[1:]
     # The kernel takes per-(head, channel) parameters; stride-0 views make it treat them per head.
     # A zero dt_bias is passed because the kernel reads its stride to detect that tying.
     tie = lambda t: t[:, None].expand(heads, p)  # noqa: E731  (h,) -> (h, p)
-    return selective_state_update(
-        h, x, dt[..., None].expand(-1, heads, p), A[:, None, None].expand(heads, p, n), B, C,
+    return torch_ops.on_rows(h, slots, lambda rows: selective_state_update(
+        rows, x, dt[..., None].expand(-1, heads, p), A[:, None, None].expand(heads, p, n), B, C,
         tie(D.float()), None, tie(dt.new_zeros(heads)), False,
-    )
+    ))

@@ -46,14 +46,29 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.silu(y), padded[:, l:].transpose(1, 2).contiguous()
 
 
-def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """One token of `causal_conv1d`. x: (b, c); state: (b, c, k-1), updated in place. Returns (b, c)."""
-    window = torch.cat((state, x[..., None].to(state.dtype)), dim=-1)  # (b, c, k)
-    y = (window * weight).sum(-1)  # (b, c)
-    if bias is not None:
-        y = y + bias
-    state.copy_(window[..., 1:])
-    return F.silu(y)
+def on_rows(state: torch.Tensor, slots: torch.Tensor | None, step):
+    """`step(rows)` on the rows of `state` at `slots` ((b,) int64; all rows when None), written back in place:
+    a decode step on sequences that own rows of a state pool."""
+    if slots is None:
+        return step(state)
+    rows = state.index_select(0, slots)
+    out = step(rows)
+    state.index_copy_(0, slots, rows)
+    return out
+
+
+def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       slots: torch.Tensor | None = None):
+    """One token of `causal_conv1d`. x: (b, c); state: (b, c, k-1), or with `slots` (b,) a pool whose row
+    slots[i] is sequence i's; updated in place. Returns (b, c)."""
+    def conv(rows: torch.Tensor) -> torch.Tensor:
+        window = torch.cat((rows, x[..., None].to(rows.dtype)), dim=-1)  # (b, c, k)
+        y = (window * weight).sum(-1)  # (b, c)
+        if bias is not None:
+            y = y + bias
+        rows.copy_(window[..., 1:])
+        return F.silu(y)
+    return on_rows(state, slots, conv)
 
 
 def discretise(dt: torch.Tensor, dt_bias: torch.Tensor, delta_scale: torch.Tensor | None) -> torch.Tensor:
@@ -150,16 +165,27 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
     return F.linear(y.to(out_weight.dtype), out_weight, out_bias), h
 
 
-def mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z):
-    """One token. h: (b, d, n) float32, updated in place; x, dt, z: (b, d); dt_bias: (d,); delta_scale: (b, d)
-    or None; A: (d, n) or (b, d, n); B, C: (b, n). Returns y (b, d) float32."""
+def mamba1_A(A_log: torch.Tensor, a_scale: torch.Tensor | None) -> torch.Tensor:
+    """Mamba1's A = −exp(A_log) (d, n) float32, times an A-spectrum scale (b, d, n) when given: (b, d, n)."""
+    A = -torch.exp(A_log.float())
+    return A if a_scale is None else A * a_scale
+
+
+def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slots=None):
+    """One token. h: (b, d, n) float32, or with `slots` (b,) a pool whose row slots[i] is sequence i's;
+    updated in place; x, dt, z: (b, d); dt_bias: (d,); delta_scale: (b, d) or None; A_log: (d, n); a_scale:
+    (b, d, n) or None; B, C: (b, n). Returns y (b, d) in x's dtype."""
     delta = discretise(dt, dt_bias, delta_scale)  # (b, d)
-    x, B, C = x.float(), B.float(), C.float()
-    h.mul_(torch.exp(delta[..., None] * A)).add_((delta * x)[..., None] * B[:, None, :])  # (b, d, n)
-    y = (h @ C[..., None]).squeeze(-1) + x * D.float()  # (b, d)
+    A = mamba1_A(A_log, a_scale)  # (d, n) or (b, d, n)
+    xf, B, C = x.float(), B.float(), C.float()
+
+    def update(rows: torch.Tensor) -> torch.Tensor:
+        rows.mul_(torch.exp(delta[..., None] * A)).add_((delta * xf)[..., None] * B[:, None, :])  # (b, d, n)
+        return (rows @ C[..., None]).squeeze(-1)  # (b, d)
+    y = on_rows(h, slots, update) + xf * D.float()  # (b, d)
     if z is not None:
         y = y * F.silu(z.float())
-    return y
+    return y.to(x.dtype)
 
 
 def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -207,11 +233,23 @@ def mamba2_scan(x, dt, A, B, C, D, h0, block: int = SSD_BLOCK):
     return y, h
 
 
-def mamba2_step(h, x, dt, A, B, C, D):
-    """One token. h: (b, h, p, n) float32, updated in place; x: (b, h, p); dt: (b, h); A: (h,) or (b, h);
-    B, C: (b, g, n). Returns y (b, h, p) float32 with the D skip."""
+def mamba2_step(h, x, dt, A, B, C, D, slots=None):
+    """One token. h: (b, h, p, n) float32, or with `slots` (b,) a pool whose row slots[i] is sequence i's;
+    updated in place; x: (b, h, p); dt: (b, h); A: (h,) or (b, h); B, C: (b, g, n).
+    Returns y (b, h, p) float32 with the D skip."""
     heads = x.shape[1]
     x = x.float()
     B, C = _per_head(B.float(), heads), _per_head(C.float(), heads)  # (b, h, n)
-    h.mul_(torch.exp(dt * A)[..., None, None]).add_((x * dt[..., None])[..., None] * B[:, :, None, :])
-    return (h @ C[..., None]).squeeze(-1) + x * D.float()[:, None]  # (b, h, p)
+
+    def update(rows: torch.Tensor) -> torch.Tensor:
+        rows.mul_(torch.exp(dt * A)[..., None, None]).add_((x * dt[..., None])[..., None] * B[:, :, None, :])
+        return (rows @ C[..., None]).squeeze(-1)  # (b, h, p)
+    return on_rows(h, slots, update) + x * D.float()[:, None]  # (b, h, p)
+
+
+def add_rms_norm(residual: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's residual connection and the next RMSNorm: residual (b, D) + update (b, D), in the
+    residual's dtype, and its norm (float32 maths, weight (D,)) in `dtype`."""
+    residual = residual + update
+    return residual, F.rms_norm(residual.float(), residual.shape[-1:], weight.float(), eps).to(dtype)

@@ -1,14 +1,17 @@
 """Fused Triton kernels for one decode step, behind the signatures of `torch_ops`.
 
 In a captured decode graph what is left of a step's time is the GPU time of its small kernels, one per
-element-wise op. Two pieces of the Mamba1 step are one kernel each here:
+element-wise op, so every piece of a step that PyTorch runs as several kernels is one kernel here:
   - `causal_conv1d_step`: the depthwise convolution over the last k inputs, bias, SiLU and the state shift
-    (six PyTorch ops), for machines without the `causal_conv1d` package;
-  - `mamba1_step`: the selective state update with a per-sequence Δ scale and a per-sequence A (A-spectrum),
-    which mamba_ssm's kernel cannot take (it has one A for the batch and computes Δ itself): Δ, exp(Δ·A),
-    the state update, the read-out, the D skip and the z gate, with the state updated in place.
-The maths is that of `torch_ops` (Δ = softplus(dt + dt_bias)·s with softplus's threshold of 20, float32
-throughout); tests compare them. Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors.
+    (six PyTorch ops);
+  - `mamba1_step`: A = −exp(A_log) (times a per-sequence A-spectrum scale), Δ = softplus(dt + dt_bias)
+    (times a per-sequence Δ scale), exp(Δ·A), the state update, the read-out, the D skip and the z gate,
+    which mamba_ssm's kernel cannot take per sequence (it has one A for the batch and computes Δ itself);
+  - `add_rms_norm`: a block's residual connection and the next block's RMSNorm.
+The state kernels take `slots`: sequence i's state is row slots[i] of a pool, read and written there, so a
+decode step needs no gather of the batch's rows before and no scatter after (four copies per layer).
+The maths is that of `torch_ops` (Δ with softplus's threshold of 20, float32 throughout); tests compare them.
+Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors.
 """
 
 from __future__ import annotations
@@ -22,15 +25,25 @@ BLOCK_CHANNELS = 64
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr, channels,
+def _state_row(slots_ptr, b, HAS_SLOTS: tl.constexpr):
+    """The state row of batch row b: slots[b] in a pool, else b itself."""
+    if HAS_SLOTS:
+        row = tl.load(slots_ptr + b).to(tl.int64)
+    else:
+        row = b.to(tl.int64)
+    return row
+
+
+@triton.jit
+def _conv_step_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, out_ptr, channels,
                       stride_xb, stride_sb, stride_sc, stride_ob,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1)
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     live = c < channels
     x = tl.load(x_ptr + b * stride_xb + c, mask=live, other=0.0).to(tl.float32)
     acc = x * tl.load(weight_ptr + c * K + (K - 1), mask=live, other=0.0).to(tl.float32)
-    row = state_ptr + b * stride_sb + c * stride_sc
+    row = state_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_sb + c * stride_sc
     for j in tl.static_range(K - 1):  # state[j] is the input j + 1 steps before the last k - 1 ... 1
         past = tl.load(row + j, mask=live, other=0.0)
         acc += past.to(tl.float32) * tl.load(weight_ptr + c * K + j, mask=live, other=0.0).to(tl.float32)
@@ -43,27 +56,29 @@ def _conv_step_kernel(x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr, channels,
     tl.store(out_ptr + b * stride_ob + c, out.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """One token of the causal convolution. x: (b, c); state: (b, c, k-1), updated in place; weight (c, k).
+def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       slots: torch.Tensor | None = None):
+    """One token of the causal convolution. x: (b, c); state: (b, c, k-1), or a pool (P, c, k-1) whose row
+    slots[i] is sequence i's with `slots` (b,) int64; updated in place; weight (c, k).
     Returns silu(conv + bias) (b, c) in the state's dtype."""
     b, channels = x.shape
     k = weight.shape[-1]
     assert state.stride(2) == 1 and weight.is_contiguous() and x.stride(1) == 1
     out = torch.empty(b, channels, dtype=state.dtype, device=x.device)
     grid = (triton.cdiv(channels, BLOCK_CHANNELS), b)
-    _conv_step_kernel[grid](x, state, weight, bias if bias is not None else weight, out, channels,
-                            x.stride(0), state.stride(0), state.stride(1), out.stride(0),
-                            K=k, HAS_BIAS=bias is not None, BLOCK=BLOCK_CHANNELS)
+    _conv_step_kernel[grid](x, state, slots if slots is not None else x, weight, bias if bias is not None else weight,
+                            out, channels, x.stride(0), state.stride(0), state.stride(1), out.stride(0),
+                            K=k, HAS_BIAS=bias is not None, HAS_SLOTS=slots is not None, BLOCK=BLOCK_CHANNELS)
     return out
 
 
 @triton.jit
-def _mamba1_step_kernel(h_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr,
-                        channels, n_state,
-                        stride_hb, stride_hd, stride_xb, stride_dtb, stride_sb, stride_Ab, stride_Ad,
+def _mamba1_step_kernel(h_ptr, slots_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr, A_log_ptr, a_ptr, B_ptr, C_ptr,
+                        D_ptr, z_ptr, y_ptr, channels, n_state,
+                        stride_hb, stride_hd, stride_xb, stride_dtb, stride_sb, stride_Ad, stride_ab, stride_ad,
                         stride_Bb, stride_Cb, stride_zb, stride_yb,
-                        HAS_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr,
-                        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HAS_SLOTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr,
+                        HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
@@ -78,10 +93,13 @@ def _mamba1_step_kernel(h_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr, A_ptr, B_p
     if HAS_SCALE:
         delta *= tl.load(scale_ptr + b * stride_sb + d, mask=live, other=1.0)
     x = tl.load(x_ptr + b * stride_xb + d, mask=live, other=0.0).to(tl.float32)
-    A = tl.load(A_ptr + b * stride_Ab + d[:, None] * stride_Ad + n[None, :], mask=live2, other=0.0)
+    A_log = tl.load(A_log_ptr + d[:, None] * stride_Ad + n[None, :], mask=live2, other=0.0).to(tl.float32)
+    A = -tl.exp(A_log)  # (BLOCK, BLOCK_N)
+    if HAS_A_SCALE:
+        A *= tl.load(a_ptr + b * stride_ab + d[:, None] * stride_ad + n[None, :], mask=live2, other=1.0)
     B = tl.load(B_ptr + b * stride_Bb + n, mask=n < n_state, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + b * stride_Cb + n, mask=n < n_state, other=0.0).to(tl.float32)
-    h_at = h_ptr + b * stride_hb + d[:, None] * stride_hd + n[None, :]
+    h_at = h_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_hb + d[:, None] * stride_hd + n[None, :]
     h = tl.load(h_at, mask=live2, other=0.0)
     h = h * tl.exp(delta[:, None] * A) + (delta * x)[:, None] * B[None, :]
     tl.store(h_at, h, mask=live2)
@@ -89,25 +107,54 @@ def _mamba1_step_kernel(h_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr, A_ptr, B_p
     if HAS_Z:
         z = tl.load(z_ptr + b * stride_zb + d, mask=live, other=0.0).to(tl.float32)
         y = y * z / (1.0 + tl.exp(-z))  # SiLU gate
-    tl.store(y_ptr + b * stride_yb + d, y, mask=live)
+    tl.store(y_ptr + b * stride_yb + d, y.to(y_ptr.dtype.element_ty), mask=live)
 
 
-def mamba1_step(h, x, dt, dt_bias, delta_scale, A, B, C, D, z):
-    """Same contract as `torch_ops.mamba1_step`: h (b, d, n) float32 updated in place; x, dt, z (b, d);
-    dt_bias, D (d,); delta_scale (b, d) float32 or None; A (d, n) or (b, d, n) float32; B, C (b, n).
-    Returns y (b, d) float32."""
-    b, d, n = h.shape
-    A = A.float()
-    A_batch_stride = A.stride(0) if A.dim() == 3 else 0  # a shared A is read by every sequence
-    A_rows = A if A.dim() == 3 else A[None]
-    assert h.stride(2) == 1 and A_rows.stride(2) == 1 and B.stride(1) == 1 and C.stride(1) == 1
-    y = torch.empty(b, d, dtype=torch.float32, device=h.device)
+def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slots=None):
+    """Same contract as `torch_ops.mamba1_step`: h (b, d, n) float32, or a pool (P, d, n) whose row slots[i] is
+    sequence i's with `slots` (b,) int64, updated in place; x, dt, z (b, d); dt_bias, D (d,); delta_scale (b, d)
+    float32 or None; A_log (d, n); a_scale (b, d, n) float32 or None; B, C (b, n). Returns y (b, d), x's dtype."""
+    b, d = x.shape
+    n = h.shape[-1]
+    assert all(t is None or t.stride(-1) == 1 for t in (h, x, dt, delta_scale, A_log, a_scale, B, C, z))
+    y = torch.empty(b, d, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(d, BLOCK_CHANNELS), b)
+    unused = h  # a placeholder pointer where an optional input is absent (its constexpr flag is off)
     _mamba1_step_kernel[grid](
-        h, x, dt, dt_bias, delta_scale if delta_scale is not None else h, A_rows, B, C, D,
-        z if z is not None else x, y, d, n,
+        h, slots if slots is not None else unused, x, dt, dt_bias, delta_scale if delta_scale is not None else unused,
+        A_log, a_scale if a_scale is not None else unused, B, C, D, z if z is not None else unused, y, d, n,
         h.stride(0), h.stride(1), x.stride(0), dt.stride(0), delta_scale.stride(0) if delta_scale is not None else 0,
-        A_batch_stride, A_rows.stride(1), B.stride(0), C.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
-        HAS_SCALE=delta_scale is not None, HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD,
-        BLOCK=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n))
+        A_log.stride(0), a_scale.stride(0) if a_scale is not None else 0, a_scale.stride(1) if a_scale is not None else 0,
+        B.stride(0), C.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
+        HAS_SLOTS=slots is not None, HAS_SCALE=delta_scale is not None, HAS_A_SCALE=a_scale is not None,
+        HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n))
     return y
+
+
+@triton.jit
+def _add_rms_norm_kernel(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, out_ptr, width, eps,
+                         stride_rb, stride_ub, stride_nb, stride_ob, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    live = i < width
+    r = tl.load(residual_ptr + b * stride_rb + i, mask=live, other=0.0).to(tl.float32)
+    r += tl.load(update_ptr + b * stride_ub + i, mask=live, other=0.0).to(tl.float32)
+    r = r.to(new_residual_ptr.dtype.element_ty)  # the residual stream's own precision, as PyTorch's sum rounds it
+    tl.store(new_residual_ptr + b * stride_nb + i, r, mask=live)
+    r = r.to(tl.float32)
+    inverse_rms = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / width + eps)
+    out = r * inverse_rms * tl.load(weight_ptr + i, mask=live, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_ob + i, out.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def add_rms_norm(residual, update, weight, eps: float, dtype: torch.dtype):
+    """Same contract as `torch_ops.add_rms_norm`: residual (b, D), update (b, D), weight (D,).
+    Returns residual + update (residual's dtype) and its RMSNorm in `dtype`."""
+    b, width = residual.shape
+    assert residual.stride(1) == 1 and update.stride(1) == 1 and weight.is_contiguous()
+    new_residual = torch.empty_like(residual)
+    out = torch.empty(b, width, dtype=dtype, device=residual.device)
+    _add_rms_norm_kernel[(b,)](residual, update, weight, new_residual, out, width, eps,
+                               residual.stride(0), update.stride(0), new_residual.stride(0), out.stride(0),
+                               BLOCK=triton.next_power_of_2(width))
+    return new_residual, out

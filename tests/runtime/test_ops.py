@@ -77,9 +77,9 @@ def test_mamba1_steps_continue_the_scan():
     v = _mamba1_inputs(2, 9, 6, 3, seed=4)
     x, dt, A, B, C, D, z, h0 = (v[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "h0"))
     y_ref, h_ref = mamba1_scan_ref(x, v["delta"], A, B, C, D, z, h0)
-    h = h0.clone()
-    ys = [torch_ops.mamba1_step(h, x[:, t], dt[:, t], v["dt_bias"], v["delta_scale"], A, B[:, t], C[:, t], D, z[:, t])
-          for t in range(9)]
+    h, A_log = h0.clone(), torch.log(-A)
+    ys = [torch_ops.mamba1_step(h, x[:, t], dt[:, t], v["dt_bias"], v["delta_scale"], A_log, None, B[:, t], C[:, t],
+                                D, z[:, t]) for t in range(9)]
     torch.testing.assert_close(torch.stack(ys, 1), y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
 
@@ -132,3 +132,32 @@ def test_conv_prefill_from_state_and_steps_agree():
     outs = [torch_ops.causal_conv1d_step(x[:, t], stepped, w, bias) for t in range(2, 11)]
     torch.testing.assert_close(torch.stack(outs, 1), rest)
     torch.testing.assert_close(stepped, state)
+
+
+def test_steps_on_pool_rows_equal_steps_on_the_gathered_batch():
+    """With `slots`, a step reads and writes those rows of a pool and leaves the other rows alone."""
+    g = torch.Generator().manual_seed(5)
+    slots = torch.tensor([3, 0])
+    b, d, n, k = 2, 6, 3, 4
+    x, dt, z = (torch.randn(b, d, generator=g) for _ in range(3))
+    B, C = torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    A_log, a_scale = torch.randn(d, n, generator=g), torch.rand(b, d, n, generator=g) + 0.5
+    weight = torch.randn(d, k, generator=g)
+    steps = {
+        "conv": (torch.randn(5, d, k - 1, generator=g),
+                 lambda state, rows: torch_ops.causal_conv1d_step(x, state, weight, None, rows)),
+        "mamba1": (torch.randn(5, d, n, generator=g),
+                   lambda state, rows: torch_ops.mamba1_step(state, x, dt, torch.zeros(d), None, A_log, a_scale, B, C,
+                                                             torch.ones(d), z, rows)),
+        "mamba2": (torch.randn(5, 2, 3, n, generator=g),
+                   lambda state, rows: torch_ops.mamba2_step(state, x.view(b, 2, 3), dt[:, :2].abs(), -A_log[0, :2].exp(),
+                                                             B[:, None], C[:, None], torch.ones(2), rows)),
+    }
+    for name, (pool, step) in steps.items():
+        batch, stepped = pool[slots].clone(), pool.clone()
+        want = step(batch, None)
+        got = step(stepped, slots)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(stepped[slots], batch, rtol=0, atol=0, msg=name)
+        others = torch.tensor([1, 2, 4])
+        assert torch.equal(stepped[others], pool[others]), name

@@ -1,12 +1,17 @@
 """The fused Triton decode kernels against the PyTorch step they replace (on CPU through Triton's
 interpreter; compiled on a GPU)."""
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
 
+from runtime import load_model  # noqa: E402
 from runtime.ops import torch_ops, triton_decode  # noqa: E402
+from runtime.scales import LayerScales  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,10 +38,39 @@ def test_conv_step_equals_pytorch_and_shifts_the_state(dtype, k):
         assert torch.equal(got_state, want_state)
 
 
+def _pool_and_slots(batch_state: torch.Tensor, pooled: bool):
+    """The batch's states as they reach a kernel: the batch itself, or rows 3, 0, 2 … of a larger pool."""
+    if not pooled:
+        return batch_state.clone(), None
+    slots = torch.tensor([3, 0, 2][:batch_state.shape[0]], device=DEVICE)
+    pool = torch.randn(5, *batch_state.shape[1:], device=DEVICE, dtype=batch_state.dtype, generator=_g(9))
+    pool[slots] = batch_state
+    return pool, slots
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_conv_step_on_pool_rows(pooled):
+    b, c, k = 3, 70, 4
+    x = torch.randn(b, c, device=DEVICE, generator=_g(0))
+    state = torch.randn(b, c, k - 1, device=DEVICE, generator=_g(1))
+    weight, bias = torch.randn(c, k, device=DEVICE, generator=_g(2)), torch.randn(c, device=DEVICE, generator=_g(3))
+    want_state = state.clone()
+    want = torch_ops.causal_conv1d_step(x, want_state, weight, bias)
+    pool, slots = _pool_and_slots(state, pooled)
+    before = pool.clone()
+    got = triton_decode.causal_conv1d_step(x, pool, weight, bias, slots)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    rows = slots if pooled else torch.arange(b, device=DEVICE)
+    assert torch.equal(pool[rows], want_state)
+    others = [i for i in range(pool.shape[0]) if i not in rows.tolist()]
+    assert torch.equal(pool[others], before[others])  # rows no sequence owns are left alone
+
+
 @pytest.mark.parametrize("scaled", [False, True])
-@pytest.mark.parametrize("per_sequence_A", [False, True])
+@pytest.mark.parametrize("a_scaled", [False, True])
 @pytest.mark.parametrize("gated", [True, False])
-def test_mamba1_step_equals_pytorch(scaled, per_sequence_A, gated):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_mamba1_step_equals_pytorch(scaled, a_scaled, gated, pooled):
     b, d, n, r = 3, 100, 16, 8
     h = torch.randn(b, d, n, device=DEVICE, generator=_g(0))
     projected = torch.randn(b, r + 2 * n, device=DEVICE, generator=_g(1))
@@ -45,13 +79,76 @@ def test_mamba1_step_equals_pytorch(scaled, per_sequence_A, gated):
     dt = torch.randn(b, d, device=DEVICE, generator=_g(3)) * 4  # softplus from far negative to past 20
     dt[0, :4] = torch.tensor([-30.0, 25.0, 19.9, 0.0])
     dt_bias = torch.randn(d, device=DEVICE, generator=_g(4))
-    A = -torch.exp(torch.randn(d, n, device=DEVICE, generator=_g(5)))
-    if per_sequence_A:
-        A = A * (torch.rand(b, d, n, device=DEVICE, generator=_g(6)) + 0.5)  # (b, d, n)
+    A_log = torch.randn(d, n, device=DEVICE, generator=_g(5))
+    a_scale = torch.rand(b, d, n, device=DEVICE, generator=_g(6)) + 0.5 if a_scaled else None
     scale = torch.rand(b, d, device=DEVICE, generator=_g(7)) + 0.5 if scaled else None
     D = torch.randn(d, device=DEVICE, generator=_g(8))
-    want_h, got_h = h.clone(), h.clone()
-    want = torch_ops.mamba1_step(want_h, x, dt, dt_bias, scale, A, B, C, D, z if gated else None)
-    got = triton_decode.mamba1_step(got_h, x, dt, dt_bias, scale, A, B, C, D, z if gated else None)
-    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5)
+    want_h = h.clone()
+    want = torch_ops.mamba1_step(want_h, x, dt, dt_bias, scale, A_log, a_scale, B, C, D, z if gated else None)
+    pool, slots = _pool_and_slots(h, pooled)
+    got = triton_decode.mamba1_step(pool, x, dt, dt_bias, scale, A_log, a_scale, B, C, D, z if gated else None, slots)
+    torch.testing.assert_close(pool[slots] if pooled else pool, want_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mamba1_step_writes_y_in_the_input_dtype():
+    b, d, n = 2, 64, 4
+    h = torch.zeros(b, d, n, device=DEVICE)
+    x, dt, z = (torch.randn(b, d, device=DEVICE, generator=_g(i)).bfloat16() for i in range(3))
+    B, C = (torch.randn(b, n, device=DEVICE, generator=_g(i)).bfloat16() for i in (3, 4))
+    args = (x, dt, torch.zeros(d, device=DEVICE), None, torch.zeros(d, n, device=DEVICE), None, B, C,
+            torch.ones(d, device=DEVICE), z)
+    want, got = torch_ops.mamba1_step(h.clone(), *args), triton_decode.mamba1_step(h.clone(), *args)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_equals_pytorch(residual_dtype):
+    b, width = 3, 200  # not a power of two
+    residual = torch.randn(b, width, device=DEVICE, generator=_g(0)).to(residual_dtype)
+    update = torch.randn(b, width, device=DEVICE, generator=_g(1)).bfloat16()
+    weight = torch.randn(width, device=DEVICE, generator=_g(2)).bfloat16()
+    want_residual, want = torch_ops.add_rms_norm(residual, update, weight, 1e-5, torch.bfloat16)
+    got_residual, got = triton_decode.add_rms_norm(residual, update, weight, 1e-5, torch.bfloat16)
+    assert got_residual.dtype == residual_dtype and got.dtype == torch.bfloat16
+    exact = residual_dtype == torch.float32  # a bfloat16 sum may round the other way in the last bit
+    torch.testing.assert_close(got_residual, want_residual, rtol=0 if exact else 8e-3, atol=0)
+    torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-2)
+
+
+def _with_fused_decode(model):
+    """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else."""
+    fused = SimpleNamespace(**{name: getattr(torch_ops, name) for name in dir(torch_ops) if not name.startswith("_")})
+    for name in ("causal_conv1d_step", "mamba1_step", "add_rms_norm"):
+        setattr(fused, name, getattr(triton_decode, name))
+    backend = dataclasses.replace(model.backend, ops=fused)
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    return model
+
+
+@pytest.mark.parametrize("scale_fields", [(), ("delta",), ("a",), ("delta", "a")])
+def test_model_decode_on_pool_rows_with_the_fused_kernels_equals_pytorch_decode(checkpoints, scale_fields):
+    """What a CUDA decode graph runs, composed: the whole step with every fused kernel, states in a pool's rows."""
+    reference = load_model(checkpoints["mamba1"], backend="torch").model
+    fused = _with_fused_decode(load_model(checkpoints["mamba1"], backend="torch").model)
+    config, b = reference.config, 2
+    g = torch.Generator().manual_seed(0)
+    scales = [LayerScales(delta=torch.rand(b, config.d_inner, generator=g) + 0.5 if "delta" in scale_fields else None,
+                          a=torch.rand(b, config.d_inner, config.d_state, generator=g) + 0.5 if "a" in scale_fields
+                          else None) for _ in range(config.n_layer)] if scale_fields else None
+    prompt = torch.randint(0, config.vocab_size, (b, 12), generator=g)
+    logits, state = reference.prefill(prompt, scales=scales)
+    slots = torch.tensor([2, 0])
+    pool = reference.new_state(4)
+    pool.write_rows(slots, state)
+    tokens = logits.argmax(-1)
+    for _ in range(5):
+        want = reference.step(tokens, state, scales)
+        got = fused.step(tokens, pool, scales, slots)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        tokens = want.argmax(-1)
+    for mine, theirs in zip(pool.rows(slots).ssm + pool.rows(slots).conv, state.ssm + state.conv):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
