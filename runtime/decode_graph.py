@@ -12,9 +12,9 @@ as eager decode, scales included; no gather or scatter of rows) and leaves the l
 
 A batch of b sequences runs in the graph of the smallest captured size B ≥ b (1, 2, 4, 8, … up to the pool);
 its B − b padding rows all read and write the pool's last row, a scratch row no request owns, with token 0
-and identity scales; what they leave there and their logits are ignored. Graphs are captured by `capture` (a server does it at start,
-so that no request waits for one), or else the first time a size and scale combination is needed; they
-share one memory pool.
+and identity scales; what they leave there and their logits are ignored. Graphs are captured by `capture`
+(a server does it at start, so that no request waits for one), or else the first time a size and scale
+combination is needed; they share one memory pool.
 """
 
 from __future__ import annotations
