@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of bench/RESULTS.md in one run (about 6 minutes on one H100), JSON under OUT:
+# Every GPU measurement of bench/RESULTS.md in one run (about 7 minutes on one H100), JSON under OUT:
 #   bash bench/gpu_suite.sh OUT [SHAPES]
 # Needs mamba_ssm importable, and the server's packages for the HTTP step (on a machine without them, install
 # the wheels that bench/server_wheels.sh downloads). Runs the GPU tests first; each step is independent and the
@@ -10,6 +10,7 @@ mkdir -p "$out"
 python3 -c "import torch, mamba_ssm; print(torch.__version__, torch.cuda.get_device_name(), mamba_ssm.__version__)"
 timeout 300 python3 -m pytest -q -x tests/gpu tests/runtime/test_triton_decode.py tests/runtime/test_triton_int8.py 2>&1 | tail -15
 python3 -m bench.gpu_decode --shapes "$shapes" --json "$out/decode.json" 2>&1 | grep -v Warning | tail -6
+python3 -m bench.gpu_profile --shape 130m --tokens 8192 --json "$out/profile.json" 2>&1 | grep -v -e Warning -e USDT | tail -90
 python3 -m bench.gpu_prefill --shapes "$shapes" --lengths 2048,8192,32768,65536 --json "$out/prefill.json" | tail -10
 python3 -m bench.quant_decode --shapes "$shapes" --device cuda --json "$out/quant.json" | tail -8
 python3 -m bench.http_ttft --shape 130m --device cuda --tokens 60000 --race --json "$out/http_ttft.json" 2>&1 \

@@ -132,16 +132,17 @@ def _with_fused_decode(model):
 @pytest.mark.parametrize("scale_fields", [(), ("delta",), ("a",), ("delta", "a")])
 def test_model_decode_on_pool_rows_with_the_fused_kernels_equals_pytorch_decode(checkpoints, scale_fields):
     """What a CUDA decode graph runs, composed: the whole step with every fused kernel, states in a pool's rows."""
-    reference = load_model(checkpoints["mamba1"], backend="torch").model
-    fused = _with_fused_decode(load_model(checkpoints["mamba1"], backend="torch").model)
+    reference = load_model(checkpoints["mamba1"], device=DEVICE, backend="torch").model
+    fused = _with_fused_decode(load_model(checkpoints["mamba1"], device=DEVICE, backend="torch").model)
     config, b = reference.config, 2
-    g = torch.Generator().manual_seed(0)
-    scales = [LayerScales(delta=torch.rand(b, config.d_inner, generator=g) + 0.5 if "delta" in scale_fields else None,
-                          a=torch.rand(b, config.d_inner, config.d_state, generator=g) + 0.5 if "a" in scale_fields
-                          else None) for _ in range(config.n_layer)] if scale_fields else None
-    prompt = torch.randint(0, config.vocab_size, (b, 12), generator=g)
+    g = _g(0)
+    scales = [LayerScales(
+        delta=torch.rand(b, config.d_inner, device=DEVICE, generator=g) + 0.5 if "delta" in scale_fields else None,
+        a=torch.rand(b, config.d_inner, config.d_state, device=DEVICE, generator=g) + 0.5 if "a" in scale_fields
+        else None) for _ in range(config.n_layer)] if scale_fields else None
+    prompt = torch.randint(0, config.vocab_size, (b, 12), device=DEVICE, generator=g)
     logits, state = reference.prefill(prompt, scales=scales)
-    slots = torch.tensor([2, 0])
+    slots = torch.tensor([2, 0], device=DEVICE)
     pool = reference.new_state(4)
     pool.write_rows(slots, state)
     tokens = logits.argmax(-1)
