@@ -115,6 +115,21 @@ def passkey_length_limit(step: int, args, shortest: int) -> int:
     return start + (args.length + 1 - start) * step // ramp
 
 
+WEIGHT_DECAY = 0.1
+SSM_PARAMETERS = (".A_log", ".D", ".dt_proj.bias")  # the SSM's decay spectrum, skip gain and Δ offset
+
+
+def make_optimiser(model: MambaLM, lr: float, ssm_weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay WEIGHT_DECAY, and `ssm_weight_decay` on the SSM parameters. Decay pulls A_log
+    towards 0, that is every state towards the slowest decay exp(−Δ), and the Δ bias towards softplus(0):
+    mamba_ssm exempts A_log and D from it."""
+    named = list(model.named_parameters())
+    ssm = [p for name, p in named if name.endswith(SSM_PARAMETERS)]
+    rest = [p for name, p in named if not name.endswith(SSM_PARAMETERS)]
+    return torch.optim.AdamW([{"params": rest, "weight_decay": WEIGHT_DECAY},
+                              {"params": ssm, "weight_decay": ssm_weight_decay}], lr=lr, betas=(0.9, 0.95))
+
+
 def train(args) -> tuple[MambaLM, list[float]]:
     """Trains and saves; returns the model and the training loss of every step."""
     device = torch.device(args.device)
@@ -133,7 +148,7 @@ def train(args) -> tuple[MambaLM, list[float]]:
     def haystack(length: int, _rng: random.Random) -> list[int]:
         return _windows(stream, length, 1, generator)[0].tolist()
 
-    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    optimiser = make_optimiser(model, args.lr, args.ssm_weight_decay)
     half = args.batch_size // 2
     shortest = max(PASSKEY_MIN_LENGTH, minimum_length(tokenizer) + 8)  # some haystack in every sample
     start = time.perf_counter()
@@ -184,6 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer-weight", type=float, default=3.0, help="extra weight of the passkey answer tokens")
     p.add_argument("--curriculum", type=float, default=0.3,
                    help="fraction of the steps over which the longest passkey sample grows to --length (0: none)")
+    p.add_argument("--ssm-weight-decay", type=float, default=WEIGHT_DECAY,
+                   help="AdamW weight decay of A_log, D and the Δ bias (the other weights: 0.1)")
     p.add_argument("--dt-min", type=float, default=0.001, help="smallest initial Δ (longest initial memory)")
     p.add_argument("--dt-max", type=float, default=0.1, help="largest initial Δ")
     p.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,7 @@ from checkpoints import BOOK_TEXT, tiny_tokenizer
 from transformers import MambaForCausalLM
 
 import pytest
-from extend.train import init_weights, parse_args, passkey_length_limit, train
+from extend.train import WEIGHT_DECAY, init_weights, make_optimiser, parse_args, passkey_length_limit, train
 from runtime import load_model
 from runtime.backend import select_backend
 from runtime.config import MAMBA1, ModelConfig
@@ -57,3 +57,16 @@ def test_initial_delta_spans_the_asked_range():
 def test_initial_delta_range_must_be_positive_and_ordered():
     with pytest.raises(SystemExit):
         parse_args(["--tokenizer", "t", "--data", "d", "--out", "o", "--dt-min", "0.1", "--dt-max", "0.01"])
+
+
+def test_ssm_parameters_get_their_own_weight_decay():
+    model = MambaLM(ModelConfig(arch=MAMBA1, d_model=32, n_layer=2, vocab_size=64, d_state=4),
+                    select_backend("torch", "cpu"))
+    rest, ssm = make_optimiser(model, lr=1e-3, ssm_weight_decay=0.0).param_groups
+    mixer = model.layers[1].mixer
+    ssm_ids = {id(p) for p in ssm["params"]}
+    assert ssm["weight_decay"] == 0.0 and rest["weight_decay"] == WEIGHT_DECAY
+    assert ssm_ids == {id(p) for block in model.layers
+                       for p in (block.mixer.A_log, block.mixer.D, block.mixer.dt_proj.bias)}
+    assert id(mixer.dt_proj.weight) not in ssm_ids
+    assert len(rest["params"]) + len(ssm["params"]) == len(list(model.parameters()))
