@@ -120,9 +120,11 @@ SSM_PARAMETERS = (".A_log", ".D", ".dt_proj.bias")  # the SSM's decay spectrum, 
 
 
 def make_optimiser(model: MambaLM, lr: float, ssm_weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay WEIGHT_DECAY, and `ssm_weight_decay` on the SSM parameters. Decay pulls A_log
-    towards 0, that is every state towards the slowest decay exp(−Δ), and the Δ bias towards softplus(0):
-    mamba_ssm exempts A_log and D from it."""
+    """AdamW with weight decay WEIGHT_DECAY, and `ssm_weight_decay` on the SSM parameters (mamba_ssm exempts
+    A_log and D). Their gradients are small: over the shipped recipe's 4,000 steps decay alone shrank every
+    A_log to 0.65× its initial value (|A| of the faster states towards 1) and pulled the Δ bias towards 0
+    (Δ towards softplus(0) = 0.69), which raised the smallest Δ from 0.001 to about 0.01: the longest memory
+    a channel keeps, its input-dependent part aside, is set by this decay more than by the initial range."""
     named = list(model.named_parameters())
     ssm = [p for name, p in named if name.endswith(SSM_PARAMETERS)]
     rest = [p for name, p in named if not name.endswith(SSM_PARAMETERS)]
