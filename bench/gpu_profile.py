@@ -24,19 +24,17 @@ from .report import print_table, save_json
 TOP = 12  # kernels listed per profile
 
 
-def kernel_table(fn, repeats: int, device_type: DeviceType = DeviceType.CUDA) -> dict:
-    """Per call of `fn` (after one unprofiled call): how many kernels ran, their summed time (µs), and each
+def kernel_table(fn, repeats: int) -> dict:
+    """Per call of `fn` (after one unprofiled call): how many GPU kernels ran, their summed time (µs), and each
     kernel name's count and time, the costliest first."""
     fn()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == DeviceType.CUDA else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
             fn()
-        if device_type == DeviceType.CUDA:
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
     by_name = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
-        if event.device_type == device_type:
+        if event.device_type == DeviceType.CUDA:
             by_name[event.name][0] += 1
             by_name[event.name][1] += event.time_range.elapsed_us()
     kernels = sorted(([name, count / repeats, us / repeats] for name, (count, us) in by_name.items()),

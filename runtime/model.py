@@ -185,13 +185,12 @@ class MambaLM(nn.Module):
                                                decimation=decimation)
         return self.logits(hidden[:, -1]), state
 
-    def _add_norm(self, residual: torch.Tensor, update: torch.Tensor | None, norm: Norm):
-        """residual (+ update) and its `norm` in the model's dtype; an RMSNorm after an update is the back-end's
-        add_rms_norm, one kernel on a GPU. Returns (residual, normed), both (b, D)."""
-        if update is not None and norm.bias is None:
+    def _add_norm(self, residual: torch.Tensor, update: torch.Tensor, norm: Norm):
+        """residual + update and its `norm` in the model's dtype; an RMSNorm is the back-end's add_rms_norm,
+        one kernel on a GPU. Returns (residual, normed), both (b, D)."""
+        if norm.bias is None:
             return self.backend.ops.add_rms_norm(residual, update, norm.weight, norm.eps, self.dtype)
-        if update is not None:
-            residual = residual + update
+        residual = residual + update
         return residual, norm(residual).to(self.dtype)
 
     @torch.no_grad()
@@ -200,8 +199,8 @@ class MambaLM(nn.Module):
         """tokens: (b,), one per sequence. `state` (batch b) is updated in place; with `slots` (b,) int64 it is
         a pool instead, whose row slots[i] is sequence i's (no gather before the step, no scatter after).
         Returns logits (b, V)."""
-        residual, hidden = self._add_norm(self.embedding(tokens).to(self._residual_dtype()), None,
-                                          self.layers[0].norm)  # (b, D) each
+        residual = self.embedding(tokens).to(self._residual_dtype())  # (b, D)
+        hidden = self.layers[0].norm(residual).to(self.dtype)  # (b, D)
         norms = [block.norm for block in self.layers[1:]] + [self.norm_f]  # the norm after each layer
         for i, (block, norm) in enumerate(zip(self.layers, norms)):
             update = block.mixer.step(hidden, state.conv[i], state.ssm[i], None if scales is None else scales[i], slots)
