@@ -17,6 +17,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +29,12 @@ from runtime.backend import select_backend
 from runtime.tokenizer import Tokenizer
 
 from .data import read_documents
+from .objectives import passkey_accuracy
 from .passkey import make_batch, minimum_length
 
 PASSKEY_MIN_LENGTH = 64
+VALIDATION_FRACTION = 0.02  # of the token stream, held out for the early-stopping check's haystacks
+VALIDATION_SAMPLES = 32  # passkey samples per early-stopping check, depths spread over 0-100%
 
 
 def init_weights(model: MambaLM, seed: int, dt_min: float = 0.001, dt_max: float = 0.1) -> None:
@@ -104,6 +108,30 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@dataclass
+class EarlyStop:
+    """Stops training once the task is learned: when held-out retrieval at the training length reaches
+    `threshold` at `patience` consecutive checks, the learning rate falls linearly to 0 over `anneal_steps`
+    and training ends. Retrieval is learned at a step that varies from seed to seed (1,500-2,600 in the
+    4,000-step runs) and training on after it is what lets a base model reach past its training length."""
+    threshold: float
+    patience: int
+    anneal_steps: int
+    passes: int = 0
+    stop_step: int | None = None  # set when the threshold has held `patience` times
+    anneal_from: float = 0.0  # the learning rate when annealing began
+
+    def check(self, step: int, retrieved: float, lr: float) -> None:
+        self.passes = self.passes + 1 if retrieved >= self.threshold else 0
+        if self.stop_step is None and self.passes >= self.patience:
+            self.stop_step, self.anneal_from = step + self.anneal_steps, lr
+
+    def lr(self, step: int, scheduled: float) -> float:
+        if self.stop_step is None:
+            return scheduled
+        return self.anneal_from * max(0, self.stop_step - step) / self.anneal_steps
+
+
 def passkey_length_limit(step: int, args, shortest: int) -> int:
     """The longest passkey sample at `step`: from `shortest` + 64 up to the full training length over the
     first `curriculum` fraction of the steps, so copying is found across a short haystack first. (With it
@@ -143,6 +171,15 @@ def train(args) -> tuple[MambaLM, list[float]]:
     init_weights(model, args.seed, args.dt_min, args.dt_max)
     model.train()
     stream = token_stream([doc.text for doc in read_documents(args.data)], tokenizer)
+    early_stop = None
+    if args.stop_at_retrieval:
+        early_stop = EarlyStop(args.stop_at_retrieval, args.stop_patience, args.anneal_steps)
+        cut = int(len(stream) * (1 - VALIDATION_FRACTION))
+        stream, validation_stream = stream[:cut], stream[cut:]  # validation haystacks are never trained on
+        validation_generator = torch.Generator().manual_seed(args.seed)
+
+        def validation_haystack(length: int, _rng: random.Random) -> list[int]:
+            return _windows(validation_stream, length, 1, validation_generator)[0].tolist()
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {len(stream) / 1e6:.1f}M training tokens")
     generator = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -156,8 +193,21 @@ def train(args) -> tuple[MambaLM, list[float]]:
     start = time.perf_counter()
     losses = []
     for step in range(args.steps):
+        lr = _lr(step, args.steps, args.lr, args.warmup)
+        if early_stop is not None:
+            if early_stop.stop_step is None and step >= args.warmup and step % args.check_every == 0:
+                model.eval()
+                retrieved, _ = passkey_accuracy(model, tokenizer, validation_haystack, args.length,
+                                                VALIDATION_SAMPLES, None, seed=step, batch_size=VALIDATION_SAMPLES)
+                model.train()
+                early_stop.check(step, retrieved, lr)
+                print(f"step {step:5d}  held-out retrieval {retrieved:.2f} at {args.length} tokens"
+                      + (f": annealing to step {early_stop.stop_step}" if early_stop.stop_step else ""), flush=True)
+            if step == early_stop.stop_step:
+                break
+            lr = early_stop.lr(step, lr)
         for group in optimiser.param_groups:
-            group["lr"] = _lr(step, args.steps, args.lr, args.warmup)
+            group["lr"] = lr
         text = _windows(stream, args.length + 1, half, generator).to(device)  # (half, L+1)
         length = rng.randint(shortest, passkey_length_limit(step, args, shortest))
         passkey = make_batch(tokenizer, length, half, rng, haystack,
@@ -175,7 +225,8 @@ def train(args) -> tuple[MambaLM, list[float]]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         losses.append(loss.item())
-        if step % args.log_every == 0 or step == args.steps - 1:
+        last = step == args.steps - 1 or (early_stop is not None and step + 1 == early_stop.stop_step)
+        if step % args.log_every == 0 or last:
             hits = ((logits.argmax(-1) != targets) & answer).sum(1) == 0
             print(f"step {step:5d}  lm {text_loss.item():.3f}  passkey answer ce {all_ce[answer].mean().item():.3f}  "
                   f"retrieved {hits.float().mean().item():.2f} at {length} tokens  {time.perf_counter() - start:.0f}s",
@@ -205,11 +256,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="AdamW weight decay of A_log, D and the Δ bias (the other weights: 0.1)")
     p.add_argument("--dt-min", type=float, default=0.001, help="smallest initial Δ (longest initial memory)")
     p.add_argument("--dt-max", type=float, default=0.1, help="largest initial Δ")
+    p.add_argument("--stop-at-retrieval", type=float, default=0.0,
+                   help="end training once held-out passkey retrieval at --length reaches this fraction "
+                        "(0: train all --steps)")
+    p.add_argument("--stop-patience", type=int, default=2, help="consecutive checks the threshold must hold")
+    p.add_argument("--check-every", type=int, default=100, help="steps between early-stopping checks")
+    p.add_argument("--anneal-steps", type=int, default=200,
+                   help="after early stopping, steps over which the learning rate falls linearly to 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto")
     p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
+    if not 0 <= args.stop_at_retrieval <= 1 or args.stop_patience < 1 or args.anneal_steps < 1:
+        p.error(f"--stop-at-retrieval {args.stop_at_retrieval} must lie in [0, 1], --stop-patience "
+                f"{args.stop_patience} and --anneal-steps {args.anneal_steps} must be at least 1")
     if not 0 < args.dt_min <= args.dt_max:
         p.error(f"--dt-min {args.dt_min} and --dt-max {args.dt_max}: need 0 < dt-min <= dt-max")
     return args

@@ -7,7 +7,7 @@ from checkpoints import BOOK_TEXT, tiny_tokenizer
 from transformers import MambaForCausalLM
 
 import pytest
-from extend.train import WEIGHT_DECAY, init_weights, make_optimiser, parse_args, passkey_length_limit, train
+from extend.train import WEIGHT_DECAY, EarlyStop, init_weights, make_optimiser, parse_args, passkey_length_limit, train
 from runtime import load_model
 from runtime.backend import select_backend
 from runtime.config import MAMBA1, ModelConfig
@@ -70,3 +70,29 @@ def test_ssm_parameters_get_their_own_weight_decay():
                        for p in (block.mixer.A_log, block.mixer.D, block.mixer.dt_proj.bias)}
     assert id(mixer.dt_proj.weight) not in ssm_ids
     assert len(rest["params"]) + len(ssm["params"]) == len(list(model.parameters()))
+
+
+def test_early_stop_anneals_after_the_threshold_holds_for_patience_checks():
+    stop = EarlyStop(threshold=0.9, patience=2, anneal_steps=100)
+    stop.check(step=100, retrieved=0.95, lr=1e-3)
+    stop.check(step=200, retrieved=0.5, lr=1e-3)  # a miss resets the count
+    stop.check(step=300, retrieved=0.92, lr=1e-3)
+    assert stop.stop_step is None and stop.lr(300, 1e-3) == 1e-3
+    stop.check(step=400, retrieved=1.0, lr=8e-4)
+    assert stop.stop_step == 500
+    assert stop.lr(400, 5e-4) == 8e-4 and stop.lr(450, 5e-4) == pytest.approx(4e-4) and stop.lr(500, 5e-4) == 0
+
+
+def test_train_with_early_stopping_checks_held_out_retrieval(tmp_path, capsys):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.json")
+    books = tmp_path / "books.jsonl"
+    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 8}) + "\n" for i in range(3)))
+    args = parse_args(["--tokenizer", str(tokenizer), "--data", str(books), "--out", str(tmp_path / "m"),
+                       "--d-model", "16", "--n-layer", "2", "--d-state", "4", "--length", "80", "--steps", "12",
+                       "--batch-size", "4", "--warmup", "2", "--device", "cpu", "--stop-at-retrieval", "0.5",
+                       "--check-every", "5", "--log-every", "1000"])
+    _, losses = train(args)
+    checks = [line for line in capsys.readouterr().out.splitlines() if "held-out retrieval" in line]
+    assert len(checks) == 2 and len(losses) == 12  # steps 5 and 10; a toy model never retrieves, so no stop
+    with pytest.raises(SystemExit):
+        parse_args(["--tokenizer", "t", "--data", "d", "--out", "o", "--stop-at-retrieval", "1.5"])
