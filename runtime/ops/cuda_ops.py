@@ -94,7 +94,9 @@ def _selective_scan(x, dt, dt_bias, A, B, C, D, z):
     same = lambda t: None if t is None else t.to(x.dtype).transpose(1, 2)  # noqa: E731  (b, l, ·) -> (b, ·, l)
     y, h = selective_scan_fn(x.transpose(1, 2), same(dt), A, same(B), same(C), D, same(z), dt_bias.float(), True,
                              return_last_state=True)
-    return y.transpose(1, 2), h.float()  # (b, l, d), (b, d, n)
+    # The kernel's last state is a strided view (stride 2 over n) into its (b, d, chunks, 2n) buffer: copied out,
+    # so decode kernels get the contiguous state they assume and the buffer is freed.
+    return y.transpose(1, 2), h.float().contiguous()  # (b, l, d), (b, d, n)
 
 
 def mamba2_scan(x, dt, A, B, C, D, h0):
