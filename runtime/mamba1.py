@@ -11,7 +11,7 @@ from torch import nn
 from .backend import Backend
 from .config import ModelConfig
 from .ops.torch_ops import discretise, mamba1_A
-from .quant import linear
+from .quant import QuantizedWeight, linear
 from .scales import LayerScales
 
 
@@ -73,9 +73,16 @@ class Mamba1Mixer(nn.Module):
         slots[i] is sequence i's), are updated in place. Returns (b, D)."""
         ops = self.backend.ops
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d) each
-        x = ops.causal_conv1d_step(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, slots)  # (b, d)
-        dt, B, C = self._ssm_inputs(x)
+        conv_weight = self.conv1d.weight[:, 0]  # (d, k)
         delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, d), (b, d, n)
-        y = ops.mamba1_step(ssm_state, x, dt, self.dt_proj.bias, delta_scale, self.A_log, a_scale, B, C, self.D, z,
-                            slots)  # (b, d)
+        if isinstance(self.x_proj, QuantizedWeight) or isinstance(self.dt_proj, QuantizedWeight):
+            # quantised projections go through their own kernels, so the step is composed of separate calls
+            x = ops.causal_conv1d_step(x, conv_state, conv_weight, self.conv1d.bias, slots)  # (b, d)
+            dt, B, C = self._ssm_inputs(x)
+            y = ops.mamba1_step(ssm_state, x, dt, self.dt_proj.bias, delta_scale, self.A_log, a_scale, B, C, self.D,
+                                z, slots)  # (b, d)
+        else:
+            y = ops.mamba1_decode(x, z, conv_state, conv_weight, self.conv1d.bias, self.x_proj.weight,
+                                  self.dt_proj.weight, self.dt_proj.bias, ssm_state, self.A_log, a_scale, delta_scale,
+                                  self.D, slots)  # (b, d)
         return self.out_proj(y.to(hidden.dtype))

@@ -7,6 +7,8 @@ element-wise op, so every piece of a step that PyTorch runs as several kernels i
   - `mamba1_step`: A = −exp(A_log) (times a per-sequence A-spectrum scale), Δ = softplus(dt + dt_bias)
     (times a per-sequence Δ scale), exp(Δ·A), the state update, the read-out, the D skip and the z gate,
     which mamba_ssm's kernel cannot take per sequence (it has one A for the batch and computes Δ itself);
+  - `mamba1_decode`: a whole Mamba1 step between the input and output projections in two kernels, x_proj
+    of the convolved input, then per channel block the convolution step, dt_proj and the state update;
   - `add_rms_norm`: a block's residual connection and the next block's RMSNorm.
 The state kernels take `slots`: sequence i's state is row slots[i] of a pool, read and written there, so a
 decode step needs no gather of the batch's rows before and no scatter after (four copies per layer).
@@ -22,6 +24,8 @@ import triton.language as tl
 
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, softplus(v) = v
 BLOCK_CHANNELS = 64
+X_PROJ_ROWS = 8  # x_proj rows per program: 10 programs for the 130m shape's 80 rows, 20 for 1.4b's 160
+X_PROJ_CHANNELS = 256  # channels per step of an x_proj program's loop
 
 
 @triton.jit
@@ -35,24 +39,36 @@ def _state_row(slots_ptr, b, HAS_SLOTS: tl.constexpr):
 
 
 @triton.jit
+def _conv_block(x_ptr, state_row_ptr, weight_ptr, bias_ptr, c, live, stride_sc,
+                K: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr):
+    """silu(conv + bias) of channels c (BLOCK,) for one sequence, float32 rounded to the state's dtype, as
+    PyTorch's step returns it. x_ptr and state_row_ptr point at the sequence's row; with SHIFT the state
+    takes the new input (a kernel that only reads the convolution leaves the state to the one that owns it)."""
+    x = tl.load(x_ptr + c, mask=live, other=0.0).to(tl.float32)
+    acc = x * tl.load(weight_ptr + c * K + (K - 1), mask=live, other=0.0).to(tl.float32)
+    row = state_row_ptr + c * stride_sc
+    for j in tl.static_range(K - 1):  # state[j] is the input j + 1 steps before the last k - 1 ... 1
+        past = tl.load(row + j, mask=live, other=0.0)
+        acc += past.to(tl.float32) * tl.load(weight_ptr + c * K + j, mask=live, other=0.0).to(tl.float32)
+        if SHIFT and j > 0:
+            tl.store(row + (j - 1), past, mask=live)  # shift left by one
+    if SHIFT:
+        tl.store(row + (K - 2), x.to(state_row_ptr.dtype.element_ty), mask=live)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=live, other=0.0).to(tl.float32)
+    out = acc / (1.0 + tl.exp(-acc))  # SiLU
+    return out.to(state_row_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _conv_step_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, out_ptr, channels,
                       stride_xb, stride_sb, stride_sc, stride_ob,
                       K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1)
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     live = c < channels
-    x = tl.load(x_ptr + b * stride_xb + c, mask=live, other=0.0).to(tl.float32)
-    acc = x * tl.load(weight_ptr + c * K + (K - 1), mask=live, other=0.0).to(tl.float32)
-    row = state_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_sb + c * stride_sc
-    for j in tl.static_range(K - 1):  # state[j] is the input j + 1 steps before the last k - 1 ... 1
-        past = tl.load(row + j, mask=live, other=0.0)
-        acc += past.to(tl.float32) * tl.load(weight_ptr + c * K + j, mask=live, other=0.0).to(tl.float32)
-        if j > 0:
-            tl.store(row + (j - 1), past, mask=live)  # shift left by one
-    tl.store(row + (K - 2), x.to(state_ptr.dtype.element_ty), mask=live)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + c, mask=live, other=0.0).to(tl.float32)
-    out = acc / (1.0 + tl.exp(-acc))  # SiLU
+    state_row = state_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_sb
+    out = _conv_block(x_ptr + b * stride_xb, state_row, weight_ptr, bias_ptr, c, live, stride_sc, K, HAS_BIAS, True)
     tl.store(out_ptr + b * stride_ob + c, out.to(out_ptr.dtype.element_ty), mask=live)
 
 
@@ -73,6 +89,33 @@ def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tenso
 
 
 @triton.jit
+def _ssm_update(h_row_ptr, stride_hd, v, x, B, C, d, n, live, live2, scale_row_ptr, A_log_ptr, stride_Ad,
+                a_row_ptr, stride_ad, D_ptr, z_row_ptr,
+                HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr):
+    """One sequence's state update for channels d (BLOCK,) and states n (BLOCK_N,), in place in h's row, from
+    v = dt + dt_bias, x, B and C (float32). Returns y (BLOCK,) float32 with the D skip and the z gate."""
+    u = tl.exp(tl.minimum(v, THRESHOLD))
+    w = 1.0 + u  # log1p(u) = log(w)·u/(w − 1) keeps full precision when u is tiny (Goldberg's trick)
+    tiny = w == 1.0
+    delta = tl.where(v > THRESHOLD, v, tl.where(tiny, u, tl.log(w) * u / tl.where(tiny, 1.0, w - 1.0)))  # softplus
+    if HAS_SCALE:
+        delta *= tl.load(scale_row_ptr + d, mask=live, other=1.0)
+    A_log = tl.load(A_log_ptr + d[:, None] * stride_Ad + n[None, :], mask=live2, other=0.0).to(tl.float32)
+    A = -tl.exp(A_log)  # (BLOCK, BLOCK_N)
+    if HAS_A_SCALE:
+        A *= tl.load(a_row_ptr + d[:, None] * stride_ad + n[None, :], mask=live2, other=1.0)
+    h_at = h_row_ptr + d[:, None] * stride_hd + n[None, :]
+    h = tl.load(h_at, mask=live2, other=0.0)
+    h = h * tl.exp(delta[:, None] * A) + (delta * x)[:, None] * B[None, :]
+    tl.store(h_at, h, mask=live2)
+    y = tl.sum(h * C[None, :], axis=1) + x * tl.load(D_ptr + d, mask=live, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_row_ptr + d, mask=live, other=0.0).to(tl.float32)
+        y = y * z / (1.0 + tl.exp(-z))  # SiLU gate
+    return y
+
+
+@triton.jit
 def _mamba1_step_kernel(h_ptr, slots_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr, A_log_ptr, a_ptr, B_ptr, C_ptr,
                         D_ptr, z_ptr, y_ptr, channels, n_state,
                         stride_hb, stride_hd, stride_xb, stride_dtb, stride_sb, stride_Ad, stride_ab, stride_ad,
@@ -86,27 +129,13 @@ def _mamba1_step_kernel(h_ptr, slots_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr,
     live2 = live[:, None] & (n[None, :] < n_state)  # (BLOCK, BLOCK_N)
     v = tl.load(dt_ptr + b * stride_dtb + d, mask=live, other=0.0).to(tl.float32)
     v += tl.load(dt_bias_ptr + d, mask=live, other=0.0).to(tl.float32)
-    u = tl.exp(tl.minimum(v, THRESHOLD))
-    w = 1.0 + u  # log1p(u) = log(w)·u/(w − 1) keeps full precision when u is tiny (Goldberg's trick)
-    tiny = w == 1.0
-    delta = tl.where(v > THRESHOLD, v, tl.where(tiny, u, tl.log(w) * u / tl.where(tiny, 1.0, w - 1.0)))  # softplus
-    if HAS_SCALE:
-        delta *= tl.load(scale_ptr + b * stride_sb + d, mask=live, other=1.0)
     x = tl.load(x_ptr + b * stride_xb + d, mask=live, other=0.0).to(tl.float32)
-    A_log = tl.load(A_log_ptr + d[:, None] * stride_Ad + n[None, :], mask=live2, other=0.0).to(tl.float32)
-    A = -tl.exp(A_log)  # (BLOCK, BLOCK_N)
-    if HAS_A_SCALE:
-        A *= tl.load(a_ptr + b * stride_ab + d[:, None] * stride_ad + n[None, :], mask=live2, other=1.0)
     B = tl.load(B_ptr + b * stride_Bb + n, mask=n < n_state, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + b * stride_Cb + n, mask=n < n_state, other=0.0).to(tl.float32)
-    h_at = h_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_hb + d[:, None] * stride_hd + n[None, :]
-    h = tl.load(h_at, mask=live2, other=0.0)
-    h = h * tl.exp(delta[:, None] * A) + (delta * x)[:, None] * B[None, :]
-    tl.store(h_at, h, mask=live2)
-    y = tl.sum(h * C[None, :], axis=1) + x * tl.load(D_ptr + d, mask=live, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + b * stride_zb + d, mask=live, other=0.0).to(tl.float32)
-        y = y * z / (1.0 + tl.exp(-z))  # SiLU gate
+    h_row = h_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_hb
+    y = _ssm_update(h_row, stride_hd, v, x, B, C, d, n, live, live2, scale_ptr + b * stride_sb, A_log_ptr, stride_Ad,
+                    a_ptr + b * stride_ab, stride_ad, D_ptr, z_ptr + b * stride_zb,
+                    HAS_SCALE, HAS_A_SCALE, HAS_Z, THRESHOLD)
     tl.store(y_ptr + b * stride_yb + d, y.to(y_ptr.dtype.element_ty), mask=live)
 
 
@@ -128,6 +157,95 @@ def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slot
         B.stride(0), C.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
         HAS_SLOTS=slots is not None, HAS_SCALE=delta_scale is not None, HAS_A_SCALE=a_scale is not None,
         HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n))
+    return y
+
+
+@triton.jit
+def _conv_x_proj_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, proj_ptr, out_ptr, channels, rows,
+                        stride_xb, stride_sb, stride_sc, stride_pr, stride_ob,
+                        K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows of x_proj(conv(x)) for one sequence. Every program convolves all channels itself (k multiply-adds
+    per channel) rather than wait for a separate convolution kernel; none writes the state."""
+    b = tl.program_id(1)
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) output rows
+    live_r = r < rows
+    state_row = state_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_sb
+    acc = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    for start in range(0, channels, BLOCK):
+        c = start + tl.arange(0, BLOCK)  # (BLOCK,) channels
+        live = c < channels
+        conv = _conv_block(x_ptr + b * stride_xb, state_row, weight_ptr, bias_ptr, c, live, stride_sc,
+                           K, HAS_BIAS, False)  # (BLOCK,)
+        w = tl.load(proj_ptr + r[:, None] * stride_pr + c[None, :], mask=live_r[:, None] & live[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * conv[None, :], axis=1)
+    tl.store(out_ptr + b * stride_ob + r, acc.to(out_ptr.dtype.element_ty), mask=live_r)
+
+
+@triton.jit
+def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias_ptr, projected_ptr, dt_proj_ptr,
+                          h_ptr, dt_bias_ptr, scale_ptr, A_log_ptr, a_ptr, D_ptr, z_ptr, y_ptr, channels, n_state,
+                          rank, stride_xb, stride_cb, stride_cc, stride_pb, stride_wd, stride_hb, stride_hd,
+                          stride_sb, stride_Ad, stride_ab, stride_ad, stride_zb, stride_yb,
+                          K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr,
+                          THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_RANK: tl.constexpr):
+    """The convolution step (this program's channels, state shifted), dt_proj, and the state update."""
+    b = tl.program_id(1)
+    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
+    n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
+    j = tl.arange(0, BLOCK_RANK)  # (BLOCK_RANK,) Δ's low-rank inputs
+    live = d < channels
+    live2 = live[:, None] & (n[None, :] < n_state)  # (BLOCK, BLOCK_N)
+    row = _state_row(slots_ptr, b, HAS_SLOTS)
+    x = _conv_block(x_ptr + b * stride_xb, conv_ptr + row * stride_cb, conv_weight_ptr, conv_bias_ptr, d, live,
+                    stride_cc, K, HAS_CONV_BIAS, True)  # (BLOCK,)
+    projected = projected_ptr + b * stride_pb  # [dt_low (rank) | B (n) | C (n)], x_proj's output
+    low = tl.load(projected + j, mask=j < rank, other=0.0).to(tl.float32)
+    w = tl.load(dt_proj_ptr + d[:, None] * stride_wd + j[None, :], mask=live[:, None] & (j[None, :] < rank), other=0.0)
+    dt = tl.sum(w.to(tl.float32) * low[None, :], axis=1).to(projected_ptr.dtype.element_ty)  # rounded as F.linear's
+    v = dt.to(tl.float32) + tl.load(dt_bias_ptr + d, mask=live, other=0.0).to(tl.float32)
+    B = tl.load(projected + rank + n, mask=n < n_state, other=0.0).to(tl.float32)
+    C = tl.load(projected + rank + n_state + n, mask=n < n_state, other=0.0).to(tl.float32)
+    y = _ssm_update(h_ptr + row * stride_hb, stride_hd, v, x, B, C, d, n, live, live2, scale_ptr + b * stride_sb,
+                    A_log_ptr, stride_Ad, a_ptr + b * stride_ab, stride_ad, D_ptr, z_ptr + b * stride_zb,
+                    HAS_SCALE, HAS_A_SCALE, HAS_Z, THRESHOLD)
+    tl.store(y_ptr + b * stride_yb + d, y.to(y_ptr.dtype.element_ty), mask=live)
+
+
+def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
+                  delta_scale, D, slots=None):
+    """Same contract as `torch_ops.mamba1_decode`, in two kernels: x_proj of the convolved input, then per
+    channel block the convolution step, dt_proj and the state update (four kernels before, three of them
+    small projections and the convolution that only wait on each other)."""
+    b, d = x.shape
+    k, n, rank = conv_weight.shape[-1], h.shape[-1], dt_proj_weight.shape[1]
+    rows = x_proj_weight.shape[0]
+    assert rows == rank + 2 * n, f"x_proj has {rows} rows for Δ rank {rank} and {n} states"
+    assert all(t is None or t.stride(-1) == 1 for t in (x, z, conv_state, h, A_log, a_scale, delta_scale))
+    assert conv_weight.is_contiguous() and x_proj_weight.stride(1) == 1 and dt_proj_weight.stride(1) == 1
+    unused = h  # a placeholder pointer where an optional input is absent (its constexpr flag is off)
+    slots_arg = slots if slots is not None else unused
+    conv_bias_arg = conv_bias if conv_bias is not None else conv_weight
+    projected = torch.empty(b, rows, dtype=x_proj_weight.dtype, device=x.device)  # (b, rank + 2n)
+    _conv_x_proj_kernel[(triton.cdiv(rows, X_PROJ_ROWS), b)](
+        x, conv_state, slots_arg, conv_weight, conv_bias_arg, x_proj_weight, projected, d, rows,
+        x.stride(0), conv_state.stride(0), conv_state.stride(1), x_proj_weight.stride(0), projected.stride(0),
+        K=k, HAS_BIAS=conv_bias is not None, HAS_SLOTS=slots is not None, BLOCK_ROWS=X_PROJ_ROWS,
+        BLOCK=X_PROJ_CHANNELS)
+    y = torch.empty(b, d, dtype=conv_state.dtype, device=x.device)
+    _mamba1_decode_kernel[(triton.cdiv(d, BLOCK_CHANNELS), b)](
+        x, conv_state, slots_arg, conv_weight, conv_bias_arg, projected, dt_proj_weight, h, dt_bias,
+        delta_scale if delta_scale is not None else unused, A_log, a_scale if a_scale is not None else unused, D,
+        z if z is not None else unused, y, d, n, rank,
+        x.stride(0), conv_state.stride(0), conv_state.stride(1), projected.stride(0), dt_proj_weight.stride(0),
+        h.stride(0), h.stride(1), delta_scale.stride(0) if delta_scale is not None else 0, A_log.stride(0),
+        a_scale.stride(0) if a_scale is not None else 0, a_scale.stride(1) if a_scale is not None else 0,
+        z.stride(0) if z is not None else 0, y.stride(0),
+        K=k, HAS_CONV_BIAS=conv_bias is not None, HAS_SLOTS=slots is not None, HAS_SCALE=delta_scale is not None,
+        HAS_A_SCALE=a_scale is not None, HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK=BLOCK_CHANNELS,
+        BLOCK_N=triton.next_power_of_2(n), BLOCK_RANK=triton.next_power_of_2(rank))
     return y
 
 

@@ -103,6 +103,40 @@ def test_mamba1_step_writes_y_in_the_input_dtype():
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_mamba1_decode_equals_pytorch_and_updates_both_states(dtype, scaled, pooled, conv_bias):
+    b, d, n, rank, k = 3, 300, 16, 12, 4  # channels past one x_proj loop step, a rank that is no power of two
+    x, z = torch.randn(b, 2 * d, device=DEVICE, generator=_g(0)).to(dtype).chunk(2, dim=-1)
+    conv_state = torch.randn(b, d, k - 1, device=DEVICE, generator=_g(1)).to(dtype)
+    h = torch.randn(b, d, n, device=DEVICE, generator=_g(2))
+    conv_weight = (torch.randn(d, k, device=DEVICE, generator=_g(3)) / 2).to(dtype)
+    bias = torch.randn(d, device=DEVICE, generator=_g(4)).to(dtype) if conv_bias else None
+    x_proj = (torch.randn(rank + 2 * n, d, device=DEVICE, generator=_g(5)) / d ** 0.5).to(dtype)
+    dt_proj = (torch.randn(d, rank, device=DEVICE, generator=_g(6)) / rank ** 0.5).to(dtype)
+    dt_bias = torch.randn(d, device=DEVICE, generator=_g(7))
+    A_log = torch.randn(d, n, device=DEVICE, generator=_g(8))
+    D = torch.randn(d, device=DEVICE, generator=_g(9))
+    a_scale = torch.rand(b, d, n, device=DEVICE, generator=_g(10)) + 0.5 if scaled else None
+    delta_scale = torch.rand(b, d, device=DEVICE, generator=_g(11)) + 0.5 if scaled else None
+    weights = (conv_weight, bias, x_proj, dt_proj, dt_bias)
+    want_conv, want_h = conv_state.clone(), h.clone()
+    want = torch_ops.mamba1_decode(x, z, want_conv, *weights, want_h, A_log, a_scale, delta_scale, D)
+    conv_pool, slots = _pool_and_slots(conv_state, pooled)
+    h_pool, _ = _pool_and_slots(h, pooled)
+    got = triton_decode.mamba1_decode(x, z, conv_pool, *weights, h_pool, A_log, a_scale, delta_scale, D, slots)
+    rows = slots if pooled else torch.arange(b, device=DEVICE)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(conv_pool[rows], want_conv)
+    # float32 sums in another order; in bfloat16 PyTorch's convolution also sums in bfloat16 (the kernel in
+    # float32), and the roundings of x, Δ, B and C to bfloat16 carry that through the state update (≤ 3% here)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(h_pool[rows], want_h, **tolerance)
+    torch.testing.assert_close(got, want, **tolerance)
+
+
 @pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
 def test_add_rms_norm_equals_pytorch(residual_dtype):
     b, width = 3, 200  # not a power of two
@@ -120,7 +154,7 @@ def test_add_rms_norm_equals_pytorch(residual_dtype):
 def _with_fused_decode(model):
     """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else."""
     fused = SimpleNamespace(**{name: getattr(torch_ops, name) for name in dir(torch_ops) if not name.startswith("_")})
-    for name in ("causal_conv1d_step", "mamba1_step", "add_rms_norm"):
+    for name in ("causal_conv1d_step", "mamba1_step", "mamba1_decode", "add_rms_norm"):
         setattr(fused, name, getattr(triton_decode, name))
     backend = dataclasses.replace(model.backend, ops=fused)
     for module in model.modules():
