@@ -1,6 +1,6 @@
 """Decode as captured CUDA graphs: one graph per (padded batch size, scale fields present), replayed per token.
 
-A decode step launches hundreds of small kernels (seven per Mamba1 layer); launched one by one from Python,
+A decode step launches hundreds of small kernels (four per Mamba1 layer); launched one by one from Python,
 batch-1 decode is bound by launch overhead, not by the GPU. A captured graph replays them all at once.
 
 Everything a graph touches has a fixed address: the state pool (the engine's, never reallocated), and the

@@ -67,12 +67,13 @@ class Mamba1Mixer(nn.Module):
             return out, (conv_state, ssm_state), discretise(dt, self.dt_proj.bias, delta_scale)  # (b, l, d)
         return out, (conv_state, ssm_state)
 
-    def step(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
+    def step(self, projected: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
              slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Decode one token. hidden: (b, D); the states (b, ...), or with `slots` (b,) a pool's (whose row
-        slots[i] is sequence i's), are updated in place. Returns (b, D)."""
+        """Decode one token. projected: (b, in_proj rows), in_proj of the block's normed input (the model runs
+        the two together); the states (b, ...), or with `slots` (b,) a pool's (whose row slots[i] is
+        sequence i's), are updated in place. Returns (b, D)."""
         ops = self.backend.ops
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d) each
+        x, z = projected.chunk(2, dim=-1)  # (b, d) each
         conv_weight = self.conv1d.weight[:, 0]  # (d, k)
         delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, d), (b, d, n)
         if isinstance(self.x_proj, QuantizedWeight) or isinstance(self.dt_proj, QuantizedWeight):
@@ -85,4 +86,4 @@ class Mamba1Mixer(nn.Module):
             y = ops.mamba1_decode(x, z, conv_state, conv_weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.dt_proj.bias, ssm_state, self.A_log, a_scale, delta_scale,
                                   self.D, slots)  # (b, d)
-        return self.out_proj(y.to(hidden.dtype))
+        return self.out_proj(y.to(projected.dtype))

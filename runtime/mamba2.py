@@ -80,14 +80,15 @@ class Mamba2Mixer(nn.Module):
         out = self.out_proj(y.to(hidden.dtype))  # (b, l, D)
         return (out, (conv_state, ssm_state), delta) if return_delta else (out, (conv_state, ssm_state))
 
-    def step(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
+    def step(self, projected: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
              slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Decode one token. hidden: (b, D); the states (b, ...), or with `slots` (b,) a pool's (whose row
-        slots[i] is sequence i's), are updated in place. Returns (b, D)."""
+        """Decode one token. projected: (b, in_proj rows), in_proj of the block's normed input (the model runs
+        the two together); the states (b, ...), or with `slots` (b,) a pool's (whose row slots[i] is
+        sequence i's), are updated in place. Returns (b, D)."""
         ops = self.backend.ops
-        z, xBC, dt = self._split(self.in_proj(hidden))  # (b, d), (b, conv_dim), (b, h)
+        z, xBC, dt = self._split(projected)  # (b, d), (b, conv_dim), (b, h)
         xBC = ops.causal_conv1d_step(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, slots)
         x, delta, A, B, C = self._ssm_inputs(xBC, dt, scales)
         y = ops.mamba2_step(ssm_state, x, delta, A, B, C, self.D, slots)  # (b, h, p)
         y = self.norm(y.flatten(-2).float(), z)  # (b, d)
-        return self.out_proj(y.to(hidden.dtype))
+        return self.out_proj(y.to(projected.dtype))

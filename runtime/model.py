@@ -28,7 +28,7 @@ from .decimation import Decimation
 from .errors import DecimationError
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
-from .quant import linear
+from .quant import QuantizedWeight, linear
 from .scales import BatchScales
 from .state import InferenceState
 
@@ -193,6 +193,19 @@ class MambaLM(nn.Module):
         residual = residual + update
         return residual, norm(residual).to(self.dtype)
 
+    def _add_norm_in_proj(self, residual: torch.Tensor, update: torch.Tensor | None, block: Block):
+        """The residual stream after `update` (None: none yet) and the block's in_proj of its norm: (b, D) and
+        (b, in_proj rows). RMSNorm into a dense in_proj is the back-end's add_rms_norm_linear, on a GPU one
+        kernel for a batch of a few, which a decode step's input projections are."""
+        in_proj = block.mixer.in_proj
+        if block.norm.bias is None and not isinstance(in_proj, QuantizedWeight):
+            return self.backend.ops.add_rms_norm_linear(residual, update, block.norm.weight, block.norm.eps,
+                                                        in_proj.weight, in_proj.bias)
+        if update is None:
+            return residual, in_proj(block.norm(residual).to(self.dtype))
+        residual, hidden = self._add_norm(residual, update, block.norm)
+        return residual, in_proj(hidden)
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: InferenceState, scales: BatchScales | None = None,
              slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,9 +213,10 @@ class MambaLM(nn.Module):
         a pool instead, whose row slots[i] is sequence i's (no gather before the step, no scatter after).
         Returns logits (b, V)."""
         residual = self.embedding(tokens).to(self._residual_dtype())  # (b, D)
-        hidden = self.layers[0].norm(residual).to(self.dtype)  # (b, D)
-        norms = [block.norm for block in self.layers[1:]] + [self.norm_f]  # the norm after each layer
-        for i, (block, norm) in enumerate(zip(self.layers, norms)):
-            update = block.mixer.step(hidden, state.conv[i], state.ssm[i], None if scales is None else scales[i], slots)
-            residual, hidden = self._add_norm(residual, update, norm)
+        update = None  # (b, D): the last block's output, not yet added to the residual stream
+        for i, block in enumerate(self.layers):
+            residual, projected = self._add_norm_in_proj(residual, update, block)  # (b, D), (b, in_proj rows)
+            update = block.mixer.step(projected, state.conv[i], state.ssm[i], None if scales is None else scales[i],
+                                      slots)
+        _, hidden = self._add_norm(residual, update, self.norm_f)
         return self.logits(hidden)

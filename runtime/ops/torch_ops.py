@@ -260,9 +260,18 @@ def mamba2_step(h, x, dt, A, B, C, D, slots=None):
     return on_rows(h, slots, update) + x * D.float()[:, None]  # (b, h, p)
 
 
-def add_rms_norm(residual: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float,
+def add_rms_norm(residual: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode step's residual connection and the next RMSNorm: residual (b, D) + update (b, D), in the
-    residual's dtype, and its norm (float32 maths, weight (D,)) in `dtype`."""
-    residual = residual + update
+    """A decode step's residual connection and the next RMSNorm: residual (b, D) + update (b, D) (or residual
+    alone when update is None), in the residual's dtype, and its norm (float32 maths, weight (D,)) in `dtype`."""
+    if update is not None:
+        residual = residual + update
     return residual, F.rms_norm(residual.float(), residual.shape[-1:], weight.float(), eps).to(dtype)
+
+
+def add_rms_norm_linear(residual: torch.Tensor, update: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm` into the next block's input projection: returns the residual (b, D) and
+    norm(residual) Wᵀ + bias (b, N) for weight (N, D), the norm rounded to weight's dtype first."""
+    residual, normed = add_rms_norm(residual, update, norm_weight, eps, weight.dtype)
+    return residual, F.linear(normed, weight, bias)

@@ -9,7 +9,8 @@ element-wise op, so every piece of a step that PyTorch runs as several kernels i
     which mamba_ssm's kernel cannot take per sequence (it has one A for the batch and computes Δ itself);
   - `mamba1_decode`: a whole Mamba1 step between the input and output projections in two kernels, x_proj
     of the convolved input, then per channel block the convolution step, dt_proj and the state update;
-  - `add_rms_norm`: a block's residual connection and the next block's RMSNorm.
+  - `add_rms_norm`: a block's residual connection and the next block's RMSNorm;
+  - `add_rms_norm_linear`: the same followed by the next block's in_proj, one kernel for a batch of a few.
 The state kernels take `slots`: sequence i's state is row slots[i] of a pool, read and written there, so a
 decode step needs no gather of the batch's rows before and no scatter after (four copies per layer).
 The maths is that of `torch_ops` (Δ with softplus's threshold of 20, float32 throughout); tests compare them.
@@ -26,6 +27,9 @@ SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, s
 BLOCK_CHANNELS = 64
 X_PROJ_ROWS = 8  # x_proj rows per program: 10 programs for the 130m shape's 80 rows, 20 for 1.4b's 160
 X_PROJ_CHANNELS = 256  # channels per step of an x_proj program's loop
+NORM_LINEAR_MAX_ROWS = 4  # sequences up to which the RMSNorm and in_proj run as one GEMV-style kernel
+GEMV_TILE = 4096  # weight elements a norm + in_proj program loads per step (8 KiB of bfloat16)
+ROWS_PER_PROGRAM = 16  # in_proj rows per program: the norm is computed once per 16 rows, not per tile
 
 
 @triton.jit
@@ -250,29 +254,91 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
 
 
 @triton.jit
+def _add_rms_norm_row(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, i, live, width, eps, stored_width,
+                      HAS_UPDATE: tl.constexpr):
+    """One sequence's residual (+ update), rounded to the residual stream's dtype as PyTorch's sum rounds it
+    and stored (its first `stored_width` columns: width, or 0 for none), and its RMSNorm (float32) over the
+    columns i (BLOCK,) ⊇ [0, width)."""
+    r = tl.load(residual_ptr + i, mask=live, other=0.0).to(tl.float32)
+    if HAS_UPDATE:
+        r += tl.load(update_ptr + i, mask=live, other=0.0).to(tl.float32)
+    r = r.to(new_residual_ptr.dtype.element_ty)
+    tl.store(new_residual_ptr + i, r, mask=i < stored_width)
+    r = r.to(tl.float32)
+    inverse_rms = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / width + eps)
+    return r * inverse_rms * tl.load(weight_ptr + i, mask=live, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _add_rms_norm_kernel(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, out_ptr, width, eps,
-                         stride_rb, stride_ub, stride_nb, stride_ob, BLOCK: tl.constexpr):
+                         stride_rb, stride_ub, stride_nb, stride_ob, HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     live = i < width
-    r = tl.load(residual_ptr + b * stride_rb + i, mask=live, other=0.0).to(tl.float32)
-    r += tl.load(update_ptr + b * stride_ub + i, mask=live, other=0.0).to(tl.float32)
-    r = r.to(new_residual_ptr.dtype.element_ty)  # the residual stream's own precision, as PyTorch's sum rounds it
-    tl.store(new_residual_ptr + b * stride_nb + i, r, mask=live)
-    r = r.to(tl.float32)
-    inverse_rms = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / width + eps)
-    out = r * inverse_rms * tl.load(weight_ptr + i, mask=live, other=0.0).to(tl.float32)
+    out = _add_rms_norm_row(residual_ptr + b * stride_rb, update_ptr + b * stride_ub, weight_ptr,
+                            new_residual_ptr + b * stride_nb, i, live, width, eps, width, HAS_UPDATE)
     tl.store(out_ptr + b * stride_ob + i, out.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def add_rms_norm(residual, update, weight, eps: float, dtype: torch.dtype):
-    """Same contract as `torch_ops.add_rms_norm`: residual (b, D), update (b, D), weight (D,).
+    """Same contract as `torch_ops.add_rms_norm`: residual (b, D), update (b, D) or None, weight (D,).
     Returns residual + update (residual's dtype) and its RMSNorm in `dtype`."""
     b, width = residual.shape
-    assert residual.stride(1) == 1 and update.stride(1) == 1 and weight.is_contiguous()
+    assert residual.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.is_contiguous()
     new_residual = torch.empty_like(residual)
     out = torch.empty(b, width, dtype=dtype, device=residual.device)
-    _add_rms_norm_kernel[(b,)](residual, update, weight, new_residual, out, width, eps,
-                               residual.stride(0), update.stride(0), new_residual.stride(0), out.stride(0),
+    _add_rms_norm_kernel[(b,)](residual, update if update is not None else residual, weight, new_residual, out, width,
+                               eps, residual.stride(0), update.stride(0) if update is not None else 0,
+                               new_residual.stride(0), out.stride(0), HAS_UPDATE=update is not None,
                                BLOCK=triton.next_power_of_2(width))
+    return new_residual, out
+
+
+@triton.jit
+def _add_rms_norm_linear_kernel(residual_ptr, update_ptr, norm_weight_ptr, weight_ptr, bias_ptr, new_residual_ptr,
+                                out_ptr, width, rows, eps, stride_rb, stride_ub, stride_nb, stride_wr, stride_ob,
+                                HAS_UPDATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                                BLOCK_ROWS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
+    """ROWS_PER_PROGRAM rows of weight · norm(residual + update) for one sequence. Each program normalises the
+    whole (short) row itself, so the norm needs no kernel of its own; the first program stores the residual."""
+    b = tl.program_id(1)
+    first = tl.program_id(0) * ROWS_PER_PROGRAM
+    i = tl.arange(0, BLOCK)  # (BLOCK,) columns, the whole row
+    live = i < width
+    normed = _add_rms_norm_row(residual_ptr + b * stride_rb, update_ptr + b * stride_ub, norm_weight_ptr,
+                               new_residual_ptr + b * stride_nb, i, live, width, eps,
+                               tl.where(tl.program_id(0) == 0, width, 0), HAS_UPDATE)
+    normed = normed.to(weight_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as unfused
+    for chunk in tl.static_range(ROWS_PER_PROGRAM // BLOCK_ROWS):
+        r = first + chunk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) output rows
+        w = tl.load(weight_ptr + r[:, None] * stride_wr + i[None, :], mask=(r[:, None] < rows) & live[None, :],
+                    other=0.0)  # (BLOCK_ROWS, BLOCK)
+        out = tl.sum(w.to(tl.float32) * normed[None, :], axis=1)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + r, mask=r < rows, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * stride_ob + r, out.to(out_ptr.dtype.element_ty), mask=r < rows)
+
+
+def add_rms_norm_linear(residual, update, norm_weight, eps: float, weight, bias=None):
+    """Same contract as `torch_ops.add_rms_norm_linear`. Up to NORM_LINEAR_MAX_ROWS sequences it is one kernel
+    (the residual add, the RMSNorm and the product, each program streaming a few weight rows, as a bandwidth-
+    bound product of so few rows wants); a larger batch is a matrix product, left to cuBLAS after the norm."""
+    b, width = residual.shape
+    rows = weight.shape[0]
+    if b > NORM_LINEAR_MAX_ROWS:
+        residual, normed = add_rms_norm(residual, update, norm_weight, eps, weight.dtype)
+        return residual, torch.nn.functional.linear(normed, weight, bias)
+    assert residual.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.stride(1) == 1
+    assert norm_weight.is_contiguous()
+    block = triton.next_power_of_2(width)
+    block_rows = max(1, GEMV_TILE // block)
+    rows_per_program = max(block_rows, ROWS_PER_PROGRAM)
+    new_residual = torch.empty_like(residual)
+    out = torch.empty(b, rows, dtype=weight.dtype, device=residual.device)
+    _add_rms_norm_linear_kernel[(triton.cdiv(rows, rows_per_program), b)](
+        residual, update if update is not None else residual, norm_weight, weight,
+        bias if bias is not None else norm_weight, new_residual, out, width, rows, eps, residual.stride(0),
+        update.stride(0) if update is not None else 0, new_residual.stride(0), weight.stride(0), out.stride(0),
+        HAS_UPDATE=update is not None, HAS_BIAS=bias is not None, BLOCK=block, BLOCK_ROWS=block_rows,
+        ROWS_PER_PROGRAM=rows_per_program)
     return new_residual, out

@@ -151,10 +151,29 @@ def test_add_rms_norm_equals_pytorch(residual_dtype):
     torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, 6])  # 6: past the fused kernel's rows, the norm then cuBLAS
+@pytest.mark.parametrize("with_update", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_add_rms_norm_linear_equals_pytorch(residual_dtype, batch, with_update, with_bias):
+    width, rows = 200, 90  # neither a power of two; rows not a multiple of a program's
+    residual = torch.randn(batch, width, device=DEVICE, generator=_g(0)).to(residual_dtype)
+    update = torch.randn(batch, width, device=DEVICE, generator=_g(1)).bfloat16() if with_update else None
+    norm_weight = torch.randn(width, device=DEVICE, generator=_g(2)).bfloat16()
+    weight = (torch.randn(rows, width, device=DEVICE, generator=_g(3)) / width ** 0.5).bfloat16()
+    bias = torch.randn(rows, device=DEVICE, generator=_g(4)).bfloat16() if with_bias else None
+    want_residual, want = torch_ops.add_rms_norm_linear(residual, update, norm_weight, 1e-5, weight, bias)
+    got_residual, got = triton_decode.add_rms_norm_linear(residual, update, norm_weight, 1e-5, weight, bias)
+    assert got_residual.dtype == residual_dtype and got.dtype == torch.bfloat16 and got.shape == (batch, rows)
+    exact = residual_dtype == torch.float32 or not with_update  # a bfloat16 sum may round the other way
+    torch.testing.assert_close(got_residual, want_residual, rtol=0 if exact else 8e-3, atol=0)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def _with_fused_decode(model):
     """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else."""
     fused = SimpleNamespace(**{name: getattr(torch_ops, name) for name in dir(torch_ops) if not name.startswith("_")})
-    for name in ("causal_conv1d_step", "mamba1_step", "mamba1_decode", "add_rms_norm"):
+    for name in ("causal_conv1d_step", "mamba1_step", "mamba1_decode", "add_rms_norm", "add_rms_norm_linear"):
         setattr(fused, name, getattr(triton_decode, name))
     backend = dataclasses.replace(model.backend, ops=fused)
     for module in model.modules():
