@@ -112,8 +112,9 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
 class EarlyStop:
     """Stops training once the task is learned: when held-out retrieval at the training length reaches
     `threshold` at `patience` consecutive checks, the learning rate falls linearly to 0 over `anneal_steps`
-    and training ends. Retrieval is learned at a step that varies from seed to seed (1,500-2,600 in the
-    4,000-step runs) and training on after it is what lets a base model reach past its training length."""
+    and training ends: a stopping rule that does not depend on the step, which varies from seed to seed, at
+    which retrieval is learned (1,500-2,600 in the 4,000-step runs). On the H200 screen of 2026-12-02 it did not
+    make a base fail sooner past its training length (recipe-runs/early-stop-screen)."""
     threshold: float
     patience: int
     anneal_steps: int

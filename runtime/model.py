@@ -185,12 +185,13 @@ class MambaLM(nn.Module):
                                                decimation=decimation)
         return self.logits(hidden[:, -1]), state
 
-    def _add_norm(self, residual: torch.Tensor, update: torch.Tensor, norm: Norm):
-        """residual + update and its `norm` in the model's dtype; an RMSNorm is the back-end's add_rms_norm,
-        one kernel on a GPU. Returns (residual, normed), both (b, D)."""
+    def _add_norm(self, residual: torch.Tensor, update: torch.Tensor | None, norm: Norm):
+        """residual + update (None: none yet) and its `norm` in the model's dtype; an RMSNorm is the back-end's
+        add_rms_norm, one kernel on a GPU. Returns (residual, normed), both (b, D)."""
         if norm.bias is None:
             return self.backend.ops.add_rms_norm(residual, update, norm.weight, norm.eps, self.dtype)
-        residual = residual + update
+        if update is not None:
+            residual = residual + update
         return residual, norm(residual).to(self.dtype)
 
     def _add_norm_in_proj(self, residual: torch.Tensor, update: torch.Tensor | None, block: Block):
@@ -201,8 +202,6 @@ class MambaLM(nn.Module):
         if block.norm.bias is None and not isinstance(in_proj, QuantizedWeight):
             return self.backend.ops.add_rms_norm_linear(residual, update, block.norm.weight, block.norm.eps,
                                                         in_proj.weight, in_proj.bias)
-        if update is None:
-            return residual, in_proj(block.norm(residual).to(self.dtype))
         residual, hidden = self._add_norm(residual, update, block.norm)
         return residual, in_proj(hidden)
 
