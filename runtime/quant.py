@@ -182,6 +182,15 @@ def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) 
     return F.linear(x, layer.weight, bias)
 
 
+def step_linear(x: torch.Tensor, layer: nn.Module, ops) -> torch.Tensor:
+    """A decode step's projection x (b, in) -> (b, out) by an nn.Linear or a quantised one: a dense weight goes
+    through the back-end's `linear` (on a GPU a GEMV kernel for a batch of a few), a quantised one through its
+    own kernels."""
+    if isinstance(layer, QuantizedWeight):
+        return layer(x)
+    return ops.linear(x, layer.weight, layer.bias)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the weights occupy: parameters and the quantised buffers (float and integer)."""
     quantized = sum(m.nbytes() for m in model.modules() if isinstance(m, QuantizedWeight))

@@ -8,7 +8,7 @@ scaled (`delta_softplus=False`), which is exact for any per-sequence Δ scale. A
 (A-spectrum) is folded into the kernel's shared A one sequence at a time in prefill. Mamba1 decode runs the
 fused Triton kernels of `triton_decode`, four per layer for a batch of a few: the residual + RMSNorm + in_proj;
 x_proj of the convolved input; the convolution step, dt_proj and the state update with its per-sequence scales;
-out_proj (cuBLAS). States are read and written in the pool's rows. mamba_ssm's own step takes more kernels and
+out_proj (a Triton GEMV; cuBLAS for larger batches). States are read and written in the pool's rows. mamba_ssm's own step takes more kernels and
 could not take one A per sequence. Mamba1 prefill from a carried state runs the PyTorch scan:
 `selective_scan_fn` takes no initial state.
 """
@@ -55,6 +55,7 @@ def causal_conv1d(x, weight, bias, state):
 causal_conv1d_step = triton_decode.causal_conv1d_step  # one kernel that reads and writes the pool's rows
 add_rms_norm = triton_decode.add_rms_norm
 add_rms_norm_linear = triton_decode.add_rms_norm_linear  # the norm fused into in_proj for a batch of a few
+linear = triton_decode.linear  # out_proj of a batch of a few as a GEMV
 mamba1_step = triton_decode.mamba1_step  # per-sequence Δ and A scales, and identity, in one kernel
 mamba1_decode = triton_decode.mamba1_decode  # convolution, x_proj, dt_proj and the state update in two kernels
 

@@ -269,6 +269,11 @@ def add_rms_norm(residual: torch.Tensor, update: torch.Tensor | None, weight: to
     return residual, F.rms_norm(residual.float(), residual.shape[-1:], weight.float(), eps).to(dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step's dense projection (out_proj): x (b, D) · weight (N, D)ᵀ + bias. Returns (b, N)."""
+    return F.linear(x, weight, bias)
+
+
 def add_rms_norm_linear(residual: torch.Tensor, update: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rms_norm` into the next block's input projection: returns the residual (b, D) and

@@ -8,9 +8,11 @@ element-wise op, so every piece of a step that PyTorch runs as several kernels i
     (times a per-sequence Δ scale), exp(Δ·A), the state update, the read-out, the D skip and the z gate,
     which mamba_ssm's kernel cannot take per sequence (it has one A for the batch and computes Δ itself);
   - `mamba1_decode`: a whole Mamba1 step between the input and output projections in two kernels, x_proj
-    of the convolved input, then per channel block the convolution step, dt_proj and the state update;
+    of the convolved input (partial sums over channel blocks), then per channel block the convolution step,
+    dt_proj and the state update;
   - `add_rms_norm`: a block's residual connection and the next block's RMSNorm;
-  - `add_rms_norm_linear`: the same followed by the next block's in_proj, one kernel for a batch of a few.
+  - `add_rms_norm_linear`: the same followed by the next block's in_proj, one kernel for a batch of a few;
+  - `linear`: a projection (out_proj) of a batch of a few, where cuBLAS's kernels leave most of the GPU idle.
 The state kernels take `slots`: sequence i's state is row slots[i] of a pool, read and written there, so a
 decode step needs no gather of the batch's rows before and no scatter after (four copies per layer).
 The maths is that of `torch_ops` (Δ with softplus's threshold of 20, float32 throughout); tests compare them.
@@ -24,12 +26,15 @@ import triton
 import triton.language as tl
 
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, softplus(v) = v
-BLOCK_CHANNELS = 64
-X_PROJ_ROWS = 8  # x_proj rows per program: 10 programs for the 130m shape's 80 rows, 20 for 1.4b's 160
-X_PROJ_CHANNELS = 256  # channels per step of an x_proj program's loop
-NORM_LINEAR_MAX_ROWS = 4  # sequences up to which the RMSNorm and in_proj run as one GEMV-style kernel
-GEMV_TILE = 4096  # weight elements a norm + in_proj program loads per step (8 KiB of bfloat16)
-ROWS_PER_PROGRAM = 16  # in_proj rows per program: the norm is computed once per 16 rows, not per tile
+# Launch shapes, chosen by `python -m bench.gpu_kernels` on an H200 (batch 1, the 130m and 1.4b shapes)
+BLOCK_CHANNELS = 64  # channels per program of the state-update kernels
+DECODE_WARPS = 4
+X_PROJ_ROWS = 16  # x_proj rows per program (80 rows at 130m, 160 at 1.4b)
+X_PROJ_CHANNELS = 512  # channels per x_proj program: each state-update program adds d / 512 partial sums
+X_PROJ_WARPS = 4
+GEMV_MAX_ROWS = 4  # sequences up to which a projection (with its RMSNorm) runs as one GEMV kernel
+GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of bfloat16)
+GEMV_WARPS = 4
 
 
 @triton.jit
@@ -44,20 +49,24 @@ def _state_row(slots_ptr, b, HAS_SLOTS: tl.constexpr):
 
 @triton.jit
 def _conv_block(x_ptr, state_row_ptr, weight_ptr, bias_ptr, c, live, stride_sc,
-                K: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr):
+                K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr):
     """silu(conv + bias) of channels c (BLOCK,) for one sequence, float32 rounded to the state's dtype, as
     PyTorch's step returns it. x_ptr and state_row_ptr point at the sequence's row; with SHIFT the state
     takes the new input (a kernel that only reads the convolution leaves the state to the one that owns it)."""
     x = tl.load(x_ptr + c, mask=live, other=0.0).to(tl.float32)
+    j = tl.arange(0, BLOCK_K)  # (BLOCK_K,) taps; state[:, j] is the input K - 1 - j steps back
+    taps = live[:, None] & (j[None, :] < K - 1)  # (BLOCK, BLOCK_K)
+    at = state_row_ptr + c[:, None] * stride_sc + j[None, :]
+    past = tl.load(at, mask=taps, other=0.0)  # (BLOCK, BLOCK_K)
+    w = tl.load(weight_ptr + c[:, None] * K + j[None, :], mask=taps, other=0.0).to(tl.float32)
     acc = x * tl.load(weight_ptr + c * K + (K - 1), mask=live, other=0.0).to(tl.float32)
-    row = state_row_ptr + c * stride_sc
-    for j in tl.static_range(K - 1):  # state[j] is the input j + 1 steps before the last k - 1 ... 1
-        past = tl.load(row + j, mask=live, other=0.0)
-        acc += past.to(tl.float32) * tl.load(weight_ptr + c * K + j, mask=live, other=0.0).to(tl.float32)
-        if SHIFT and j > 0:
-            tl.store(row + (j - 1), past, mask=live)  # shift left by one
+    acc += tl.sum(past.to(tl.float32) * w, axis=1)
     if SHIFT:
-        tl.store(row + (K - 2), x.to(state_row_ptr.dtype.element_ty), mask=live)
+        # Threads hold copies of a tensor smaller than the block of threads, and one thread's tap is another's
+        # next: every load must land before any thread overwrites the state.
+        tl.debug_barrier()
+        tl.store(at - 1, past, mask=taps & (j[None, :] >= 1))  # shift left by one
+        tl.store(state_row_ptr + c * stride_sc + (K - 2), x.to(state_row_ptr.dtype.element_ty), mask=live)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c, mask=live, other=0.0).to(tl.float32)
     out = acc / (1.0 + tl.exp(-acc))  # SiLU
@@ -67,12 +76,14 @@ def _conv_block(x_ptr, state_row_ptr, weight_ptr, bias_ptr, c, live, stride_sc,
 @triton.jit
 def _conv_step_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, out_ptr, channels,
                       stride_xb, stride_sb, stride_sc, stride_ob,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+                      K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                      BLOCK: tl.constexpr):
     b = tl.program_id(1)
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     live = c < channels
     state_row = state_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_sb
-    out = _conv_block(x_ptr + b * stride_xb, state_row, weight_ptr, bias_ptr, c, live, stride_sc, K, HAS_BIAS, True)
+    out = _conv_block(x_ptr + b * stride_xb, state_row, weight_ptr, bias_ptr, c, live, stride_sc, K, BLOCK_K, HAS_BIAS,
+                      True)
     tl.store(out_ptr + b * stride_ob + c, out.to(out_ptr.dtype.element_ty), mask=live)
 
 
@@ -88,7 +99,8 @@ def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tenso
     grid = (triton.cdiv(channels, BLOCK_CHANNELS), b)
     _conv_step_kernel[grid](x, state, slots if slots is not None else x, weight, bias if bias is not None else weight,
                             out, channels, x.stride(0), state.stride(0), state.stride(1), out.stride(0),
-                            K=k, HAS_BIAS=bias is not None, HAS_SLOTS=slots is not None, BLOCK=BLOCK_CHANNELS)
+                            K=k, BLOCK_K=triton.next_power_of_2(k), HAS_BIAS=bias is not None,
+                            HAS_SLOTS=slots is not None, BLOCK=BLOCK_CHANNELS)
     return out
 
 
@@ -110,6 +122,7 @@ def _ssm_update(h_row_ptr, stride_hd, v, x, B, C, d, n, live, live2, scale_row_p
         A *= tl.load(a_row_ptr + d[:, None] * stride_ad + n[None, :], mask=live2, other=1.0)
     h_at = h_row_ptr + d[:, None] * stride_hd + n[None, :]
     h = tl.load(h_at, mask=live2, other=0.0)
+    tl.debug_barrier()  # as in `_conv_block`: copies of a small tile must all load h before one stores it
     h = h * tl.exp(delta[:, None] * A) + (delta * x)[:, None] * B[None, :]
     tl.store(h_at, h, mask=live2)
     y = tl.sum(h * C[None, :], axis=1) + x * tl.load(D_ptr + d, mask=live, other=0.0).to(tl.float32)
@@ -165,36 +178,47 @@ def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slot
 
 
 @triton.jit
-def _conv_x_proj_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, proj_ptr, out_ptr, channels, rows,
-                        stride_xb, stride_sb, stride_sc, stride_pr, stride_ob,
-                        K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+def _conv_x_proj_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, proj_ptr, partial_ptr, channels, rows,
+                        stride_xb, stride_sb, stride_sc, stride_pr, stride_qb, stride_qs,
+                        K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows of x_proj(conv(x)) for one sequence. Every program convolves all channels itself (k multiply-adds
-    per channel) rather than wait for a separate convolution kernel; none writes the state."""
-    b = tl.program_id(1)
+    """x_proj(conv(x)) over one block of channels for some rows and one sequence: a partial sum (float32) that
+    the state-update kernel adds up with the other channel blocks'. Split over channels as well as rows so
+    that the few rows (r + 2n) still make enough programs; each convolves its channels itself (k
+    multiply-adds per channel) rather than wait for a separate convolution kernel; none writes the state."""
+    b = tl.program_id(2)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) output rows
-    live_r = r < rows
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
+    live_r, live = r < rows, c < channels
     state_row = state_ptr + _state_row(slots_ptr, b, HAS_SLOTS) * stride_sb
-    acc = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
-    for start in range(0, channels, BLOCK):
-        c = start + tl.arange(0, BLOCK)  # (BLOCK,) channels
-        live = c < channels
-        conv = _conv_block(x_ptr + b * stride_xb, state_row, weight_ptr, bias_ptr, c, live, stride_sc,
-                           K, HAS_BIAS, False)  # (BLOCK,)
-        w = tl.load(proj_ptr + r[:, None] * stride_pr + c[None, :], mask=live_r[:, None] & live[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * conv[None, :], axis=1)
-    tl.store(out_ptr + b * stride_ob + r, acc.to(out_ptr.dtype.element_ty), mask=live_r)
+    conv = _conv_block(x_ptr + b * stride_xb, state_row, weight_ptr, bias_ptr, c, live, stride_sc,
+                       K, BLOCK_K, HAS_BIAS, False)  # (BLOCK,)
+    w = tl.load(proj_ptr + r[:, None] * stride_pr + c[None, :], mask=live_r[:, None] & live[None, :], other=0.0)
+    partial = tl.sum(w.to(tl.float32) * conv[None, :], axis=1)  # (BLOCK_ROWS,)
+    tl.store(partial_ptr + b * stride_qb + tl.program_id(1) * stride_qs + r, partial, mask=live_r)
 
 
 @triton.jit
-def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias_ptr, projected_ptr, dt_proj_ptr,
+def _x_proj_rows(partial_row_ptr, stride_qs, splits, first, count, BLOCK_SPLITS: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, DTYPE: tl.constexpr):
+    """Rows [first, first + count) of x_proj's output for one sequence (BLOCK_ROWS,) float32: the channel
+    blocks' partial sums added up and rounded to the model's dtype, as F.linear's output is."""
+    s = tl.arange(0, BLOCK_SPLITS)
+    i = tl.arange(0, BLOCK_ROWS)
+    parts = tl.load(partial_row_ptr + s[:, None] * stride_qs + first + i[None, :],
+                    mask=(s[:, None] < splits) & (i[None, :] < count), other=0.0)  # (BLOCK_SPLITS, BLOCK_ROWS)
+    return tl.sum(parts, axis=0).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias_ptr, partial_ptr, dt_proj_ptr,
                           h_ptr, dt_bias_ptr, scale_ptr, A_log_ptr, a_ptr, D_ptr, z_ptr, y_ptr, channels, n_state,
-                          rank, stride_xb, stride_cb, stride_cc, stride_pb, stride_wd, stride_hb, stride_hd,
-                          stride_sb, stride_Ad, stride_ab, stride_ad, stride_zb, stride_yb,
-                          K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                          rank, splits, stride_xb, stride_cb, stride_cc, stride_qb, stride_qs, stride_wd, stride_hb,
+                          stride_hd, stride_sb, stride_Ad, stride_ab, stride_ad, stride_zb, stride_yb,
+                          K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr,
                           THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_RANK: tl.constexpr):
+                          BLOCK_RANK: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
     """The convolution step (this program's channels, state shifted), dt_proj, and the state update."""
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
@@ -204,14 +228,15 @@ def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias
     live2 = live[:, None] & (n[None, :] < n_state)  # (BLOCK, BLOCK_N)
     row = _state_row(slots_ptr, b, HAS_SLOTS)
     x = _conv_block(x_ptr + b * stride_xb, conv_ptr + row * stride_cb, conv_weight_ptr, conv_bias_ptr, d, live,
-                    stride_cc, K, HAS_CONV_BIAS, True)  # (BLOCK,)
-    projected = projected_ptr + b * stride_pb  # [dt_low (rank) | B (n) | C (n)], x_proj's output
-    low = tl.load(projected + j, mask=j < rank, other=0.0).to(tl.float32)
+                    stride_cc, K, BLOCK_K, HAS_CONV_BIAS, True)  # (BLOCK,)
+    partial_row = partial_ptr + b * stride_qb  # x_proj's output [dt_low (rank) | B (n) | C (n)], in parts
+    dtype = dt_proj_ptr.dtype.element_ty  # the model's, x_proj's too
+    low = _x_proj_rows(partial_row, stride_qs, splits, 0, rank, BLOCK_SPLITS, BLOCK_RANK, dtype)
+    B = _x_proj_rows(partial_row, stride_qs, splits, rank, n_state, BLOCK_SPLITS, BLOCK_N, dtype)
+    C = _x_proj_rows(partial_row, stride_qs, splits, rank + n_state, n_state, BLOCK_SPLITS, BLOCK_N, dtype)
     w = tl.load(dt_proj_ptr + d[:, None] * stride_wd + j[None, :], mask=live[:, None] & (j[None, :] < rank), other=0.0)
-    dt = tl.sum(w.to(tl.float32) * low[None, :], axis=1).to(projected_ptr.dtype.element_ty)  # rounded as F.linear's
+    dt = tl.sum(w.to(tl.float32) * low[None, :], axis=1).to(dtype)  # rounded as F.linear's
     v = dt.to(tl.float32) + tl.load(dt_bias_ptr + d, mask=live, other=0.0).to(tl.float32)
-    B = tl.load(projected + rank + n, mask=n < n_state, other=0.0).to(tl.float32)
-    C = tl.load(projected + rank + n_state + n, mask=n < n_state, other=0.0).to(tl.float32)
     y = _ssm_update(h_ptr + row * stride_hb, stride_hd, v, x, B, C, d, n, live, live2, scale_ptr + b * stride_sb,
                     A_log_ptr, stride_Ad, a_ptr + b * stride_ab, stride_ad, D_ptr, z_ptr + b * stride_zb,
                     HAS_SCALE, HAS_A_SCALE, HAS_Z, THRESHOLD)
@@ -220,36 +245,39 @@ def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias
 
 def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
                   delta_scale, D, slots=None):
-    """Same contract as `torch_ops.mamba1_decode`, in two kernels: x_proj of the convolved input, then per
-    channel block the convolution step, dt_proj and the state update (four kernels before, three of them
-    small projections and the convolution that only wait on each other)."""
+    """Same contract as `torch_ops.mamba1_decode`, in two kernels: x_proj of the convolved input in partial
+    sums over channel blocks, then per channel block the convolution step, dt_proj and the state update (four
+    kernels before, three of them small projections and the convolution that only wait on each other)."""
     b, d = x.shape
     k, n, rank = conv_weight.shape[-1], h.shape[-1], dt_proj_weight.shape[1]
     rows = x_proj_weight.shape[0]
     assert rows == rank + 2 * n, f"x_proj has {rows} rows for Δ rank {rank} and {n} states"
+    assert x_proj_weight.dtype == dt_proj_weight.dtype
     assert all(t is None or t.stride(-1) == 1 for t in (x, z, conv_state, h, A_log, a_scale, delta_scale))
     assert conv_weight.is_contiguous() and x_proj_weight.stride(1) == 1 and dt_proj_weight.stride(1) == 1
     unused = h  # a placeholder pointer where an optional input is absent (its constexpr flag is off)
     slots_arg = slots if slots is not None else unused
     conv_bias_arg = conv_bias if conv_bias is not None else conv_weight
-    projected = torch.empty(b, rows, dtype=x_proj_weight.dtype, device=x.device)  # (b, rank + 2n)
-    _conv_x_proj_kernel[(triton.cdiv(rows, X_PROJ_ROWS), b)](
-        x, conv_state, slots_arg, conv_weight, conv_bias_arg, x_proj_weight, projected, d, rows,
-        x.stride(0), conv_state.stride(0), conv_state.stride(1), x_proj_weight.stride(0), projected.stride(0),
-        K=k, HAS_BIAS=conv_bias is not None, HAS_SLOTS=slots is not None, BLOCK_ROWS=X_PROJ_ROWS,
-        BLOCK=X_PROJ_CHANNELS)
+    splits = triton.cdiv(d, X_PROJ_CHANNELS)
+    partial = torch.empty(b, splits, rows, dtype=torch.float32, device=x.device)  # (b, splits, rank + 2n)
+    _conv_x_proj_kernel[(triton.cdiv(rows, X_PROJ_ROWS), splits, b)](
+        x, conv_state, slots_arg, conv_weight, conv_bias_arg, x_proj_weight, partial, d, rows,
+        x.stride(0), conv_state.stride(0), conv_state.stride(1), x_proj_weight.stride(0), partial.stride(0),
+        partial.stride(1), K=k, BLOCK_K=triton.next_power_of_2(k), HAS_BIAS=conv_bias is not None,
+        HAS_SLOTS=slots is not None, BLOCK_ROWS=X_PROJ_ROWS, BLOCK=X_PROJ_CHANNELS, num_warps=X_PROJ_WARPS)
     y = torch.empty(b, d, dtype=conv_state.dtype, device=x.device)
     _mamba1_decode_kernel[(triton.cdiv(d, BLOCK_CHANNELS), b)](
-        x, conv_state, slots_arg, conv_weight, conv_bias_arg, projected, dt_proj_weight, h, dt_bias,
+        x, conv_state, slots_arg, conv_weight, conv_bias_arg, partial, dt_proj_weight, h, dt_bias,
         delta_scale if delta_scale is not None else unused, A_log, a_scale if a_scale is not None else unused, D,
-        z if z is not None else unused, y, d, n, rank,
-        x.stride(0), conv_state.stride(0), conv_state.stride(1), projected.stride(0), dt_proj_weight.stride(0),
-        h.stride(0), h.stride(1), delta_scale.stride(0) if delta_scale is not None else 0, A_log.stride(0),
-        a_scale.stride(0) if a_scale is not None else 0, a_scale.stride(1) if a_scale is not None else 0,
-        z.stride(0) if z is not None else 0, y.stride(0),
-        K=k, HAS_CONV_BIAS=conv_bias is not None, HAS_SLOTS=slots is not None, HAS_SCALE=delta_scale is not None,
-        HAS_A_SCALE=a_scale is not None, HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK=BLOCK_CHANNELS,
-        BLOCK_N=triton.next_power_of_2(n), BLOCK_RANK=triton.next_power_of_2(rank))
+        z if z is not None else unused, y, d, n, rank, splits,
+        x.stride(0), conv_state.stride(0), conv_state.stride(1), partial.stride(0), partial.stride(1),
+        dt_proj_weight.stride(0), h.stride(0), h.stride(1), delta_scale.stride(0) if delta_scale is not None else 0,
+        A_log.stride(0), a_scale.stride(0) if a_scale is not None else 0,
+        a_scale.stride(1) if a_scale is not None else 0, z.stride(0) if z is not None else 0, y.stride(0),
+        K=k, BLOCK_K=triton.next_power_of_2(k), HAS_CONV_BIAS=conv_bias is not None, HAS_SLOTS=slots is not None,
+        HAS_SCALE=delta_scale is not None, HAS_A_SCALE=a_scale is not None, HAS_Z=z is not None,
+        THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n),
+        BLOCK_RANK=triton.next_power_of_2(rank), BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=DECODE_WARPS)
     return y
 
 
@@ -295,50 +323,69 @@ def add_rms_norm(residual, update, weight, eps: float, dtype: torch.dtype):
 
 
 @triton.jit
-def _add_rms_norm_linear_kernel(residual_ptr, update_ptr, norm_weight_ptr, weight_ptr, bias_ptr, new_residual_ptr,
-                                out_ptr, width, rows, eps, stride_rb, stride_ub, stride_nb, stride_wr, stride_ob,
-                                HAS_UPDATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                                BLOCK_ROWS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
-    """ROWS_PER_PROGRAM rows of weight · norm(residual + update) for one sequence. Each program normalises the
-    whole (short) row itself, so the norm needs no kernel of its own; the first program stores the residual."""
-    b = tl.program_id(1)
-    first = tl.program_id(0) * ROWS_PER_PROGRAM
+def _gemv_kernel(x_ptr, update_ptr, norm_weight_ptr, weight_ptr, bias_ptr, new_residual_ptr, out_ptr, batch, width,
+                 rows, eps, stride_xb, stride_ub, stride_nb, stride_wr, stride_ob,
+                 NORM: tl.constexpr, HAS_UPDATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr):
+    """BLOCK_ROWS rows of weight · v for every sequence of the batch, v = x, or with NORM v = norm(x + update)
+    rounded to the weight's dtype. A program loads its weight rows once, all of them in one tile so that the
+    whole matrix is in flight at once (a product of so few vectors waits on memory, not arithmetic), then
+    computes each sequence's v itself: the norm of a short row costs less than a kernel of its own. With NORM
+    the first program stores the residual."""
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) output rows
     i = tl.arange(0, BLOCK)  # (BLOCK,) columns, the whole row
     live = i < width
-    normed = _add_rms_norm_row(residual_ptr + b * stride_rb, update_ptr + b * stride_ub, norm_weight_ptr,
-                               new_residual_ptr + b * stride_nb, i, live, width, eps,
-                               tl.where(tl.program_id(0) == 0, width, 0), HAS_UPDATE)
-    normed = normed.to(weight_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as unfused
-    for chunk in tl.static_range(ROWS_PER_PROGRAM // BLOCK_ROWS):
-        r = first + chunk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) output rows
-        w = tl.load(weight_ptr + r[:, None] * stride_wr + i[None, :], mask=(r[:, None] < rows) & live[None, :],
-                    other=0.0)  # (BLOCK_ROWS, BLOCK)
-        out = tl.sum(w.to(tl.float32) * normed[None, :], axis=1)
+    w = tl.load(weight_ptr + r[:, None] * stride_wr + i[None, :], mask=(r[:, None] < rows) & live[None, :],
+                other=0.0).to(tl.float32)  # (BLOCK_ROWS, BLOCK)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + r, mask=r < rows, other=0.0).to(tl.float32)
+    for b in range(batch):
+        if NORM:
+            v = _add_rms_norm_row(x_ptr + b * stride_xb, update_ptr + b * stride_ub, norm_weight_ptr,
+                                  new_residual_ptr + b * stride_nb, i, live, width, eps,
+                                  tl.where(tl.program_id(0) == 0, width, 0), HAS_UPDATE)
+            v = v.to(weight_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as unfused
+        else:
+            v = tl.load(x_ptr + b * stride_xb + i, mask=live, other=0.0).to(tl.float32)
+        out = tl.sum(w * v[None, :], axis=1)  # (BLOCK_ROWS,)
         if HAS_BIAS:
-            out += tl.load(bias_ptr + r, mask=r < rows, other=0.0).to(tl.float32)
+            out += bias
         tl.store(out_ptr + b * stride_ob + r, out.to(out_ptr.dtype.element_ty), mask=r < rows)
 
 
-def add_rms_norm_linear(residual, update, norm_weight, eps: float, weight, bias=None):
-    """Same contract as `torch_ops.add_rms_norm_linear`. Up to NORM_LINEAR_MAX_ROWS sequences it is one kernel
-    (the residual add, the RMSNorm and the product, each program streaming a few weight rows, as a bandwidth-
-    bound product of so few rows wants); a larger batch is a matrix product, left to cuBLAS after the norm."""
-    b, width = residual.shape
+def _gemv(x, update, norm_weight, eps, weight, bias, new_residual):
+    """Launches `_gemv_kernel` (NORM when norm_weight is given). Returns out (b, rows) in weight's dtype."""
+    b, width = x.shape
     rows = weight.shape[0]
-    if b > NORM_LINEAR_MAX_ROWS:
-        residual, normed = add_rms_norm(residual, update, norm_weight, eps, weight.dtype)
-        return residual, torch.nn.functional.linear(normed, weight, bias)
-    assert residual.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.stride(1) == 1
-    assert norm_weight.is_contiguous()
+    assert x.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.stride(1) == 1
     block = triton.next_power_of_2(width)
     block_rows = max(1, GEMV_TILE // block)
-    rows_per_program = max(block_rows, ROWS_PER_PROGRAM)
+    out = torch.empty(b, rows, dtype=weight.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(rows, block_rows),)](
+        x, update if update is not None else x, norm_weight if norm_weight is not None else weight, weight,
+        bias if bias is not None else weight, new_residual if new_residual is not None else out, out, b, width,
+        rows, eps, x.stride(0), update.stride(0) if update is not None else 0,
+        new_residual.stride(0) if new_residual is not None else 0, weight.stride(0), out.stride(0),
+        NORM=norm_weight is not None, HAS_UPDATE=update is not None, HAS_BIAS=bias is not None, BLOCK=block,
+        BLOCK_ROWS=block_rows, num_warps=GEMV_WARPS)
+    return out
+
+
+def add_rms_norm_linear(residual, update, norm_weight, eps: float, weight, bias=None):
+    """Same contract as `torch_ops.add_rms_norm_linear`. Up to GEMV_MAX_ROWS sequences it is one kernel (the
+    residual add, the RMSNorm and the product); a larger batch is a matrix product, left to cuBLAS after the
+    norm."""
+    if residual.shape[0] > GEMV_MAX_ROWS:
+        residual, normed = add_rms_norm(residual, update, norm_weight, eps, weight.dtype)
+        return residual, torch.nn.functional.linear(normed, weight, bias)
+    assert norm_weight.is_contiguous()
     new_residual = torch.empty_like(residual)
-    out = torch.empty(b, rows, dtype=weight.dtype, device=residual.device)
-    _add_rms_norm_linear_kernel[(triton.cdiv(rows, rows_per_program), b)](
-        residual, update if update is not None else residual, norm_weight, weight,
-        bias if bias is not None else norm_weight, new_residual, out, width, rows, eps, residual.stride(0),
-        update.stride(0) if update is not None else 0, new_residual.stride(0), weight.stride(0), out.stride(0),
-        HAS_UPDATE=update is not None, HAS_BIAS=bias is not None, BLOCK=block, BLOCK_ROWS=block_rows,
-        ROWS_PER_PROGRAM=rows_per_program)
-    return new_residual, out
+    return new_residual, _gemv(residual, update, norm_weight, eps, weight, bias, new_residual)
+
+
+def linear(x, weight, bias=None):
+    """Same contract as `torch_ops.linear`: x (b, D) · weight (N, D)ᵀ + bias. One GEMV kernel up to GEMV_MAX_ROWS
+    sequences, where cuBLAS's matrix-product kernels leave most of the GPU idle; cuBLAS above."""
+    if x.shape[0] > GEMV_MAX_ROWS:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _gemv(x, None, None, 0.0, weight, bias, None)

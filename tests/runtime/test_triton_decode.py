@@ -108,7 +108,7 @@ def test_mamba1_step_writes_y_in_the_input_dtype():
 @pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("conv_bias", [True, False])
 def test_mamba1_decode_equals_pytorch_and_updates_both_states(dtype, scaled, pooled, conv_bias):
-    b, d, n, rank, k = 3, 300, 16, 12, 4  # channels past one x_proj loop step, a rank that is no power of two
+    b, d, n, rank, k = 3, 1100, 16, 12, 4  # channels over three x_proj channel blocks, a rank no power of two
     x, z = torch.randn(b, 2 * d, device=DEVICE, generator=_g(0)).to(dtype).chunk(2, dim=-1)
     conv_state = torch.randn(b, d, k - 1, device=DEVICE, generator=_g(1)).to(dtype)
     h = torch.randn(b, d, n, device=DEVICE, generator=_g(2))
@@ -170,10 +170,22 @@ def test_add_rms_norm_linear_equals_pytorch(residual_dtype, batch, with_update, 
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 6])  # 6: past the GEMV's rows, cuBLAS
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_equals_pytorch(batch, with_bias):
+    width, rows = 300, 70  # neither a power of two; rows not a multiple of a program's
+    x = torch.randn(batch, 2 * width, device=DEVICE, generator=_g(0)).bfloat16()[:, :width]  # a strided view
+    weight = (torch.randn(rows, width, device=DEVICE, generator=_g(1)) / width ** 0.5).bfloat16()
+    bias = torch.randn(rows, device=DEVICE, generator=_g(2)).bfloat16() if with_bias else None
+    got = triton_decode.linear(x, weight, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (batch, rows)
+    torch.testing.assert_close(got, torch_ops.linear(x, weight, bias), rtol=2e-2, atol=2e-2)
+
+
 def _with_fused_decode(model):
     """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else."""
     fused = SimpleNamespace(**{name: getattr(torch_ops, name) for name in dir(torch_ops) if not name.startswith("_")})
-    for name in ("causal_conv1d_step", "mamba1_step", "mamba1_decode", "add_rms_norm", "add_rms_norm_linear"):
+    for name in ("causal_conv1d_step", "mamba1_step", "mamba1_decode", "add_rms_norm", "add_rms_norm_linear", "linear"):
         setattr(fused, name, getattr(triton_decode, name))
     backend = dataclasses.replace(model.backend, ops=fused)
     for module in model.modules():

@@ -1,0 +1,167 @@
+"""The launch shapes of the fused Triton decode kernels (`runtime.ops.triton_decode`), swept on the GPU.
+
+Each op of a Mamba1 decode step runs on 24 layers in a captured CUDA graph (as in a decode step: each layer's
+weights are its own, so they come from memory, not the L2 cache), 130m- and 1.4b-shaped with random weights, for every value of its launch constants, beside the
+cuBLAS composition it replaces; the table gives µs per call and the setting with the least time summed over
+the shapes, which is what `triton_decode`'s constants should be.
+
+    python -m bench.gpu_kernels --json $OUT/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from runtime.ops import triton_decode
+
+from .random_model import SHAPES
+from .report import print_row, print_table, save_json
+
+LAYERS = 24  # calls per graph replay: one decode step's worth
+REPLAYS = 50
+D_STATE, CONV_K = 16, 4
+
+
+@contextlib.contextmanager
+def constants(values: dict):
+    """triton_decode's module constants set to `values` for the duration."""
+    old = {name: getattr(triton_decode, name) for name in values}
+    for name, value in values.items():
+        setattr(triton_decode, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(triton_decode, name, value)
+
+
+def graph_us(calls: list) -> float:
+    """µs per call of the `calls` (one per layer), all of them replayed per CUDA graph (after compiling and
+    warming up)."""
+    calls[0]()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (REPLAYS * len(calls))
+
+
+def layer_tensors(shape: str, batch: int, seed: int) -> dict:
+    """A Mamba1 layer's decode inputs and weights of `shape`, bf16 weights and float32 states."""
+    d_model = SHAPES[shape][0]
+    d, rank = 2 * d_model, math.ceil(d_model / 16)
+    g = torch.Generator("cuda").manual_seed(seed)
+
+    def randn(*size, dtype=torch.bfloat16, scale=1.0):
+        return (torch.randn(*size, device="cuda", generator=g) * scale).to(dtype)
+
+    return dict(
+        residual=randn(batch, d_model, dtype=torch.float32), update=randn(batch, d_model),
+        norm_weight=randn(d_model), in_proj=randn(2 * d, d_model, scale=d_model ** -0.5),
+        projected=randn(batch, 2 * d), conv_state=randn(batch, d, CONV_K - 1), conv_weight=randn(d, CONV_K),
+        conv_bias=randn(d), x_proj=randn(rank + 2 * D_STATE, d, scale=d ** -0.5), dt_proj=randn(d, rank),
+        dt_bias=randn(d, dtype=torch.float32), h=randn(batch, d, D_STATE, dtype=torch.float32),
+        A_log=randn(d, D_STATE, dtype=torch.float32), D=randn(d, dtype=torch.float32),
+        y=randn(batch, d), out_proj=randn(d_model, d, scale=d ** -0.5),
+    )
+
+
+def ops(t: dict) -> dict:
+    """name -> (the fused op, the cuBLAS / PyTorch composition it replaces) on the tensors `t`."""
+    x, z = t["projected"].chunk(2, dim=-1)
+    decode_args = (x, z, t["conv_state"], t["conv_weight"], t["conv_bias"], t["x_proj"], t["dt_proj"], t["dt_bias"],
+                   t["h"], t["A_log"], None, None, t["D"])
+
+    def composed_decode():
+        conv = triton_decode.causal_conv1d_step(x, t["conv_state"], t["conv_weight"], t["conv_bias"])
+        dt_low, B, C = F.linear(conv, t["x_proj"]).split([t["dt_proj"].shape[1], D_STATE, D_STATE], dim=-1)
+        triton_decode.mamba1_step(t["h"], conv, F.linear(dt_low, t["dt_proj"]), t["dt_bias"], None, t["A_log"], None,
+                                  B, C, t["D"], z)
+
+    def composed_in_proj():
+        _, normed = triton_decode.add_rms_norm(t["residual"], t["update"], t["norm_weight"], 1e-5, torch.bfloat16)
+        F.linear(normed, t["in_proj"])
+
+    return {
+        "in_proj": (lambda: triton_decode.add_rms_norm_linear(t["residual"], t["update"], t["norm_weight"], 1e-5,
+                                                              t["in_proj"]), composed_in_proj),
+        "mamba1_decode": (lambda: triton_decode.mamba1_decode(*decode_args), composed_decode),
+        "out_proj": (lambda: triton_decode.linear(t["y"], t["out_proj"]), lambda: F.linear(t["y"], t["out_proj"])),
+    }
+
+
+SWEEPS = {  # op -> its launch constants and the values tried
+    "in_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_WARPS": [4, 8]},
+    "out_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_WARPS": [4, 8]},
+    "mamba1_decode": {"X_PROJ_ROWS": [8, 16, 32], "X_PROJ_CHANNELS": [256, 512, 1024], "X_PROJ_WARPS": [4],
+                      "BLOCK_CHANNELS": [16, 32], "DECODE_WARPS": [2, 4]},
+}
+STAGES = {"mamba1_decode": [["X_PROJ_ROWS", "X_PROJ_CHANNELS", "X_PROJ_WARPS"], ["BLOCK_CHANNELS", "DECODE_WARPS"]]}
+
+
+def sweep(op: str, shapes: list[str], batch: int) -> list[dict]:
+    """Every setting of the op's constants (stage by stage, later stages at the earlier ones' best) timed on
+    every shape; returns the rows, the last naming the setting with the least time summed over the shapes."""
+    layers = {shape: [layer_tensors(shape, batch, seed) for seed in range(LAYERS)] for shape in shapes}
+
+    def time_on(shape: str, which: int) -> float:  # which: 0 the fused op, 1 the composition
+        return graph_us([ops(t)[op][which] for t in layers[shape]])
+
+    rows, best = [], {}
+    for names in STAGES.get(op, [list(SWEEPS[op])]):
+        totals = {}
+        for values in itertools.product(*(SWEEPS[op][name] for name in names)):
+            setting = {**best, **dict(zip(names, values))}
+            with constants(setting):
+                times = {shape: time_on(shape, 0) for shape in shapes}
+            totals[tuple(values)] = sum(times.values())
+            row = {"op": op, "batch": batch, **setting, **{f"{s}_us": us for s, us in times.items()}}
+            print_row(row)
+            rows.append(row)
+        best.update(zip(names, min(totals, key=totals.get)))
+    for shape in shapes:
+        rows.append({"op": op, "batch": batch, "composed": True, f"{shape}_us": time_on(shape, 1)})
+        print_row(rows[-1])
+    rows.append({"op": op, "batch": batch, "best": best})
+    print_row(rows[-1])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="130m,1.4b")
+    parser.add_argument("--ops", default=",".join(SWEEPS))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    shapes = args.shapes.split(",")
+    rows = [row for op in args.ops.split(",") for row in sweep(op, shapes, args.batch)]
+    lines = []
+    for op in args.ops.split(","):
+        mine = [r for r in rows if r["op"] == op]
+        best = mine[-1]["best"]
+        fused = [r for r in mine if all(r.get(k) == v for k, v in best.items()) and "composed" not in r][-1]
+        composed = {s: next(r[f"{s}_us"] for r in mine if r.get("composed") and f"{s}_us" in r) for s in shapes}
+        lines.append([op, str(best)] + [f"{fused[f'{s}_us']:.2f} / {composed[s]:.2f}" for s in shapes])
+    print(f"\n{torch.cuda.get_device_name()}, batch {args.batch}, µs per call: fused / composed")
+    print_table(["op", "best constants"] + shapes, lines)
+    save_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
