@@ -60,7 +60,7 @@ class Mamba1Mixer(nn.Module):
             # One sequence: Δ' = s·Δ is exactly A' = s·A with input x' = s·x and skip D' = D/s (the state
             # stays h), so the scan runs unscaled, the kernels' fastest path, for one pass over x.
             scan_A, scan_D = scales.folded(A, self.D)
-            scan_x, scan_scale = x * delta_scale[:, None, :].to(x.dtype), None  # (1, l, d), layout kept
+            scan_x, scan_scale = ops.scale_channels(x, delta_scale), None  # (1, l, d), layout kept
         out, ssm_state = ops.mamba1_scan(scan_x, dt, self.dt_proj.bias, scan_scale, scan_A, B, C, scan_D, z, ssm_state,
                                          self.out_proj.weight, self.out_proj.bias)  # (b, l, D), (b, d, n)
         if return_delta:  # the scan kernels discretise Δ internally and do not return it: recomputed here

@@ -21,7 +21,7 @@ from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-from . import torch_ops, triton_decode
+from . import torch_ops, triton_channels, triton_decode
 
 try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
     from causal_conv1d import causal_conv1d_fn
@@ -36,7 +36,8 @@ def causal_conv1d(x, weight, bias, state):
     """Same contract as `torch_ops.causal_conv1d`. x: (b, l, c); state: (b, c, k-1) or None.
     Runs on the channels-first layout the projections produce and returns that layout's (b, l, c) view,
     which the scan reads without a copy; without `causal_conv1d`, as cuDNN's grouped convolution (what raw
-    mamba_ssm runs then too) rather than the PyTorch ops' shifted multiply-adds, which suit CPUs."""
+    mamba_ssm runs then too) rather than the PyTorch ops' shifted multiply-adds, which suit CPUs, and its SiLU
+    as a Triton kernel (PyTorch's reads the slice of the padded output unvectorised)."""
     k = weight.shape[-1]
     x = x.transpose(1, 2)  # (b, c, l)
     if state is not None:
@@ -44,14 +45,15 @@ def causal_conv1d(x, weight, bias, state):
     if HAS_CONV_KERNELS:
         y = causal_conv1d_fn(x, weight, bias, activation="silu")  # (b, c, l or k-1+l)
     else:
-        y = F.silu(F.conv1d(x, weight[:, None].to(x.dtype), None if bias is None else bias.to(x.dtype),
-                            padding=k - 1, groups=x.shape[1])[..., :x.shape[-1]])  # (b, c, l or k-1+l)
+        y = triton_channels.silu(F.conv1d(x, weight[:, None].to(x.dtype), None if bias is None else bias.to(x.dtype),
+                                          padding=k - 1, groups=x.shape[1]), x.shape[-1])  # (b, c, l or k-1+l)
     if state is not None:
         y = y[..., k - 1:]
     new_state = F.pad(x[..., -(k - 1):], (max(0, k - 1 - x.shape[-1]), 0))  # (b, c, k-1)
     return y.transpose(1, 2), new_state.contiguous()
 
 
+scale_channels = triton_channels.scale_channels  # one vectorised pass where PyTorch broadcasts unvectorised
 causal_conv1d_step = triton_decode.causal_conv1d_step  # one kernel that reads and writes the pool's rows
 add_rms_norm = triton_decode.add_rms_norm
 add_rms_norm_linear = triton_decode.add_rms_norm_linear  # the norm fused into in_proj for a batch of a few

@@ -57,6 +57,11 @@ def on_rows(state: torch.Tensor, slots: torch.Tensor | None, step):
     return out
 
 
+def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (b, l, d) times a per-sequence, per-channel scale (b, d) float32 rounded to x's dtype. Returns (b, l, d)."""
+    return x * scale[:, None, :].to(x.dtype)
+
+
 def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        slots: torch.Tensor | None = None):
     """One token of `causal_conv1d`. x: (b, c); state: (b, c, k-1), or with `slots` (b,) a pool whose row

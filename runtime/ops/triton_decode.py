@@ -27,14 +27,14 @@ import triton.language as tl
 
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, softplus(v) = v
 # Launch shapes, chosen by `python -m bench.gpu_kernels` on an H200 (batch 1, the 130m and 1.4b shapes)
-BLOCK_CHANNELS = 64  # channels per program of the state-update kernels
+BLOCK_CHANNELS = 16  # channels per program of the state-update kernels
 DECODE_WARPS = 4
-X_PROJ_ROWS = 16  # x_proj rows per program (80 rows at 130m, 160 at 1.4b)
-X_PROJ_CHANNELS = 512  # channels per x_proj program: each state-update program adds d / 512 partial sums
+X_PROJ_ROWS = 8  # x_proj rows per program (80 rows at 130m, 160 at 1.4b)
+X_PROJ_CHANNELS = 1024  # channels per x_proj program: each state-update program adds d / 1024 partial sums
 X_PROJ_WARPS = 4
 GEMV_MAX_ROWS = 4  # sequences up to which a projection (with its RMSNorm) runs as one GEMV kernel
 GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of bfloat16)
-GEMV_WARPS = 4
+GEMV_WARPS = 8
 
 
 @triton.jit

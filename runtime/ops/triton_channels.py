@@ -1,0 +1,68 @@
+"""Triton kernels for the prefill's element-wise passes over (b, d, l) activations, one row per channel.
+
+PyTorch runs an element-wise op on a strided or broadcast operand through its generic, unvectorised kernel:
+the SiLU after the convolution reads a slice of the padded convolution output, and a per-channel Δ scale
+broadcasts over positions, so each pass moved memory at a third of the bandwidth. Here each program streams
+a contiguous block of one channel's positions. Results equal PyTorch's: float32 maths, one rounding to the
+tensor's dtype per op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+BLOCK_POSITIONS = 1024
+
+
+@triton.jit
+def _channel_rows_kernel(in_ptr, scale_ptr, out_ptr, length, stride_in, stride_out,
+                         SILU: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r (a batch row's channel): out[r, :length] = silu(in[r, :length]) and/or in · scale[r]."""
+    r = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions
+    live = t < length
+    v = tl.load(in_ptr + r * stride_in + t, mask=live, other=0.0).to(tl.float32)
+    if SILU:
+        v = (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_SCALE:  # the scale rounded to the activations' dtype first, as `x * s.to(x.dtype)` rounds it
+        v *= tl.load(scale_ptr + r).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + r * stride_out + t, v.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    """x: (b, d, ≥ length) with rows of stride x.stride(1) one after another. Returns (b, d, length) contiguous."""
+    b, d = x.shape[:2]
+    assert x.stride(-1) == 1 and x.stride(0) == d * x.stride(1)
+    out = torch.empty(b, d, length, dtype=x.dtype, device=x.device)
+    _channel_rows_kernel[(triton.cdiv(length, BLOCK_POSITIONS), b * d)](
+        x, scale if scale is not None else x, out, length, x.stride(1), out.stride(1), SILU=silu,
+        HAS_SCALE=scale is not None, BLOCK=BLOCK_POSITIONS)
+    return out
+
+
+def _differentiable(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records this op (calibration back-propagates through the scale): the kernel has no
+    backward, so PyTorch's ops run then."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def silu(x: torch.Tensor, length: int) -> torch.Tensor:
+    """silu(x[..., :length]) for x (b, d, L ≥ length) with contiguous rows (a convolution's padded output),
+    as a new (b, d, length) tensor."""
+    if _differentiable(x):
+        return F.silu(x[..., :length])
+    return _rows(x, length, None, True)
+
+
+def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Same contract as `torch_ops.scale_channels`: x (b, l, d), scale (b, d) float32. Returns x · scale in x's
+    dtype and layout; the kernel runs where x is the (b, l, d) view of (b, d, l) storage that the
+    convolution hands on, PyTorch otherwise."""
+    channels_first = x.transpose(1, 2)  # (b, d, l)
+    dense = channels_first.stride(-1) == 1 and channels_first.stride(0) == x.shape[2] * channels_first.stride(1)
+    if not dense or _differentiable(x, scale):
+        return x * scale[:, None, :].to(x.dtype)
+    return _rows(channels_first, x.shape[1], scale.contiguous(), False).transpose(1, 2)

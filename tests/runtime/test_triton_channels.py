@@ -1,0 +1,48 @@
+"""The prefill's per-channel Triton passes against PyTorch (on CPU through Triton's interpreter)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
+
+from runtime.ops import torch_ops, triton_channels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _g(seed):
+    return torch.Generator(DEVICE).manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_of_a_padded_convolution_output_equals_pytorch(dtype):
+    b, d, length, pad = 2, 5, 1500, 3  # positions over one program's block
+    padded = torch.randn(b, d, length + pad, device=DEVICE, generator=_g(0)).to(dtype) * 4
+    got = triton_channels.silu(padded, length)
+    assert got.shape == (b, d, length) and got.is_contiguous() and got.dtype == dtype
+    # exp may differ from PyTorch's in the last bit, which a bfloat16 rounding can carry to one bf16 step
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(got, F.silu(padded[..., :length]), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_channels_equals_pytorch_and_keeps_the_channels_first_layout(dtype):
+    b, length, d = 2, 1300, 6
+    x = torch.randn(b, d, length, device=DEVICE, generator=_g(1)).to(dtype).transpose(1, 2)  # (b, l, d) view
+    scale = torch.rand(b, d, device=DEVICE, generator=_g(2)) + 0.5
+    got = triton_channels.scale_channels(x, scale)
+    assert got.shape == x.shape and got.stride() == x.stride()
+    # the same two roundings; Triton's interpreter rounds float32 to bfloat16 toward zero (two steps off at
+    # most), a GPU to nearest
+    exact = dtype == torch.float32 or DEVICE == "cuda"
+    torch.testing.assert_close(got, torch_ops.scale_channels(x, scale), rtol=0 if exact else 1.6e-2, atol=0)
+
+
+def test_scale_channels_falls_back_to_pytorch_for_other_layouts_and_for_gradients():
+    x = torch.randn(2, 7, 3, device=DEVICE, generator=_g(3))  # (b, l, d) contiguous: not a channels-first view
+    scale = (torch.rand(2, 3, device=DEVICE, generator=_g(4)) + 0.5).requires_grad_()
+    assert torch.equal(triton_channels.scale_channels(x, scale.detach()), torch_ops.scale_channels(x, scale.detach()))
+    channels_first = x.transpose(1, 2).contiguous().transpose(1, 2)
+    triton_channels.scale_channels(channels_first, scale).sum().backward()  # a kernel without backward would fail
+    torch.testing.assert_close(scale.grad, x.sum(1))
