@@ -21,8 +21,8 @@ BLOCK_POSITIONS = 1024
 def _channel_rows_kernel(in_ptr, scale_ptr, out_ptr, length, stride_in, stride_out,
                          SILU: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """Row r (a batch row's channel): out[r, :length] = silu(in[r, :length]) and/or in · scale[r]."""
-    r = tl.program_id(1).to(tl.int64)
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions
+    r = tl.program_id(0).to(tl.int64)  # rows on the grid's first axis: a batch's b·d exceeds the others' 65535
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions
     live = t < length
     v = tl.load(in_ptr + r * stride_in + t, mask=live, other=0.0).to(tl.float32)
     if SILU:
@@ -37,7 +37,7 @@ def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None, silu: bool) 
     b, d = x.shape[:2]
     assert x.stride(-1) == 1 and x.stride(0) == d * x.stride(1)
     out = torch.empty(b, d, length, dtype=x.dtype, device=x.device)
-    _channel_rows_kernel[(triton.cdiv(length, BLOCK_POSITIONS), b * d)](
+    _channel_rows_kernel[(b * d, triton.cdiv(length, BLOCK_POSITIONS))](
         x, scale if scale is not None else x, out, length, x.stride(1), out.stride(1), SILU=silu,
         HAS_SCALE=scale is not None, BLOCK=BLOCK_POSITIONS)
     return out

@@ -277,7 +277,8 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
         K=k, BLOCK_K=triton.next_power_of_2(k), HAS_CONV_BIAS=conv_bias is not None, HAS_SLOTS=slots is not None,
         HAS_SCALE=delta_scale is not None, HAS_A_SCALE=a_scale is not None, HAS_Z=z is not None,
         THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n),
-        BLOCK_RANK=triton.next_power_of_2(rank), BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=DECODE_WARPS)
+        BLOCK_RANK=triton.next_power_of_2(rank), BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
+        num_warps=DECODE_WARPS)
     return y
 
 
