@@ -68,11 +68,12 @@ def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tenso
     slots[i] is sequence i's; updated in place. Returns (b, c)."""
     def conv(rows: torch.Tensor) -> torch.Tensor:
         window = torch.cat((rows, x[..., None].to(rows.dtype)), dim=-1)  # (b, c, k)
-        y = (window * weight).sum(-1)  # (b, c)
+        # float32 sums rounded once, as the CUDA kernels sum (bfloat16 sums would round at every op)
+        y = (window.float() * weight.float()).sum(-1)  # (b, c)
         if bias is not None:
-            y = y + bias
+            y = y + bias.float()
         rows.copy_(window[..., 1:])
-        return F.silu(y)
+        return F.silu(y).to(torch.result_type(window, weight))
     return on_rows(state, slots, conv)
 
 
