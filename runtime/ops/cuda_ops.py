@@ -8,9 +8,9 @@ scaled (`delta_softplus=False`), which is exact for any per-sequence Δ scale. A
 (A-spectrum) is folded into the kernel's shared A one sequence at a time in prefill. Mamba1 decode runs the
 fused Triton kernels of `triton_decode`, four per layer for a batch of a few: the residual + RMSNorm + in_proj;
 x_proj of the convolved input; the convolution step, dt_proj and the state update with its per-sequence scales;
-out_proj (a Triton GEMV; cuBLAS for larger batches). States are read and written in the pool's rows. mamba_ssm's own step takes more kernels and
-could not take one A per sequence. Mamba1 prefill from a carried state runs the PyTorch scan:
-`selective_scan_fn` takes no initial state.
+out_proj (the projections as GEMVs; cuBLAS for larger batches). States are read and written in the pool's rows.
+mamba_ssm's own step takes more kernels and could not take one A per sequence. Mamba1 prefill from a carried
+state runs the PyTorch scan: `selective_scan_fn` takes no initial state.
 """
 
 from __future__ import annotations
