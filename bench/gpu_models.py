@@ -4,6 +4,7 @@ the peer's own weights (saved in the mamba_ssm layout), both bf16 on the GPU."""
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,19 @@ def measure(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> tuple[float, 
         calls += 1
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls, torch.cuda.max_memory_allocated() / 2**30
+
+
+def measure_in_turns(fns: dict, rounds: int = 5, min_seconds: float = 0.2) -> dict[str, tuple[float, float]]:
+    """name -> (median over `rounds` of the seconds per call, peak GiB) for each of `fns`, which take turns a
+    round at a time: a drift of the machine during the run (clocks, the host's other work) then touches every
+    variant alike instead of whichever ran during it, which matters for ratios of a few percent."""
+    times = {name: [] for name in fns}
+    peaks = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            seconds, peaks[name] = measure(fn, min_repeats=1, min_seconds=min_seconds)
+            times[name].append(seconds)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
 def peer_and_runtime(name: str):

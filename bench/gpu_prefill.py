@@ -1,8 +1,10 @@
 """GPU prefill: this runtime against raw `mamba_ssm` (`MambaLMHeadModel`) on the same random weights.
 
-Both are measured in one run, alternating per length, the way `shared/device/reference_bench.py` measures
-the peer (bf16, batch 1, last-token logits, one warm-up, then the mean of calls repeated for at least 0.5 s): time, tokens/s and peak
-memory, plus this runtime with a per-channel Δ scale set (the cost of scales against identity).
+Both are measured in one run, the way `shared/device/reference_bench.py` measures the peer (bf16, batch 1,
+last-token logits, a warm-up call, then the mean of calls repeated for a while): time and peak memory, plus
+this runtime with a per-channel Δ scale set (the cost of scales against identity). The three take turns, five
+rounds of at least 0.2 s each, and each reports its median round, so that the machine's drift during the run
+does not land on one of them.
 
     python -m bench.gpu_prefill --shapes 130m --lengths 2048,8192,32768,65536 --json $OUT/prefill.json
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .gpu_models import SHAPES, measure, peer_and_runtime, random_delta_scales
+from .gpu_models import SHAPES, measure_in_turns, peer_and_runtime, random_delta_scales
 from .report import print_row, save_json
 
 
@@ -26,9 +28,10 @@ def bench_shape(name: str, lengths: list[int]) -> list[dict]:
     with torch.no_grad():
         for length in lengths:
             tokens = torch.randint(0, 50000, (1, length), device="cuda")
-            peer_s, peer_gib = measure(lambda: peer(tokens, num_last_tokens=1))
-            ours_s, ours_gib = measure(lambda: ours.prefill(tokens))
-            scaled_s, scaled_gib = measure(lambda: ours.prefill(tokens, scales=scales))
+            timed = measure_in_turns({"peer": lambda: peer(tokens, num_last_tokens=1),
+                                      "ours": lambda: ours.prefill(tokens),
+                                      "scaled": lambda: ours.prefill(tokens, scales=scales)})
+            (peer_s, peer_gib), (ours_s, ours_gib), (scaled_s, scaled_gib) = timed.values()
             row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
                    "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),
                    "time_ratio": round(ours_s / peer_s, 3), "scale_overhead": round(scaled_s / ours_s - 1, 4),
