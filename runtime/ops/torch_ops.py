@@ -200,11 +200,18 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
     the state update. x, z: (b, d) from in_proj; conv_state (b, d, k-1) and h (b, d, n), or with `slots` pools,
     updated in place; conv_weight (d, k); x_proj_weight (r + 2n, d); dt_proj_weight (d, r); the rest as in
     `mamba1_step`. Returns y (b, d) in the state's dtype."""
-    x = causal_conv1d_step(x, conv_state, conv_weight, conv_bias, slots)  # (b, d)
+    return composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, conv_weight, conv_bias,
+                                  x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale, delta_scale, D, slots)
+
+
+def composed_mamba1_decode(conv_step, ssm_step, x, z, conv_state, conv_weight, conv_bias, x_proj_weight,
+                           dt_proj_weight, dt_bias, h, A_log, a_scale, delta_scale, D, slots=None):
+    """`mamba1_decode` as a back-end's `causal_conv1d_step` and `mamba1_step` around two matrix products."""
+    x = conv_step(x, conv_state, conv_weight, conv_bias, slots)  # (b, d)
     rank, n = dt_proj_weight.shape[1], h.shape[-1]
     dt_low, B, C = F.linear(x, x_proj_weight).split([rank, n, n], dim=-1)  # (b, r), (b, n), (b, n)
     dt = F.linear(dt_low, dt_proj_weight)  # (b, d)
-    return mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slots)
+    return ssm_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slots)
 
 
 def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import torch_ops
+
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, softplus(v) = v
 # Launch shapes, chosen by `python -m bench.gpu_kernels` on an H200 (batch 1, the 130m and 1.4b shapes)
 BLOCK_CHANNELS = 16  # channels per program of the state-update kernels
@@ -247,7 +249,13 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
                   delta_scale, D, slots=None):
     """Same contract as `torch_ops.mamba1_decode`, in two kernels: x_proj of the convolved input in partial
     sums over channel blocks, then per channel block the convolution step, dt_proj and the state update (four
-    kernels before, three of them small projections and the convolution that only wait on each other)."""
+    kernels before, three of them small projections and the convolution that only wait on each other). Past
+    GEMV_MAX_ROWS sequences, those four: the fused kernels read x_proj and dt_proj once per sequence, a
+    matrix product once for the batch."""
+    if x.shape[0] > GEMV_MAX_ROWS:
+        return torch_ops.composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, conv_weight,
+                                                conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
+                                                delta_scale, D, slots)
     b, d = x.shape
     k, n, rank = conv_weight.shape[-1], h.shape[-1], dt_proj_weight.shape[1]
     rows = x_proj_weight.shape[0]

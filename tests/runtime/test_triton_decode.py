@@ -2,6 +2,7 @@
 interpreter; compiled on a GPU)."""
 
 import dataclasses
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -39,11 +40,13 @@ def test_conv_step_equals_pytorch_and_shifts_the_state(dtype, k):
 
 
 def _pool_and_slots(batch_state: torch.Tensor, pooled: bool):
-    """The batch's states as they reach a kernel: the batch itself, or rows 3, 0, 2 … of a larger pool."""
+    """The batch's states as they reach a kernel: the batch itself, or for b sequences the rows 2b − 1, 2b − 3, …,
+    1 of a pool of 2b + 1 (descending, with other sequences' rows between them)."""
     if not pooled:
         return batch_state.clone(), None
-    slots = torch.tensor([3, 0, 2][:batch_state.shape[0]], device=DEVICE)
-    pool = torch.randn(5, *batch_state.shape[1:], device=DEVICE, dtype=batch_state.dtype, generator=_g(9))
+    b = batch_state.shape[0]
+    slots = torch.arange(2 * b - 1, 0, -2, device=DEVICE)
+    pool = torch.randn(2 * b + 1, *batch_state.shape[1:], device=DEVICE, dtype=batch_state.dtype, generator=_g(9))
     pool[slots] = batch_state
     return pool, slots
 
@@ -104,11 +107,12 @@ def test_mamba1_step_writes_y_in_the_input_dtype():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scaled", [False, True])
-@pytest.mark.parametrize("pooled", [False, True])
-@pytest.mark.parametrize("conv_bias", [True, False])
-def test_mamba1_decode_equals_pytorch_and_updates_both_states(dtype, scaled, pooled, conv_bias):
-    b, d, n, rank, k = 3, 1100, 16, 12, 4  # channels over three x_proj channel blocks, a rank no power of two
+@pytest.mark.parametrize("b, scaled, pooled, conv_bias", [
+    *itertools.product([3], [False, True], [False, True], [True, False]),
+    (6, True, True, True),  # past the fused kernels' sequences: the matrix products
+])
+def test_mamba1_decode_equals_pytorch_and_updates_both_states(b, dtype, scaled, pooled, conv_bias):
+    d, n, rank, k = 1100, 16, 12, 4  # channels over three x_proj channel blocks, a rank no power of two
     x, z = torch.randn(b, 2 * d, device=DEVICE, generator=_g(0)).to(dtype).chunk(2, dim=-1)
     conv_state = torch.randn(b, d, k - 1, device=DEVICE, generator=_g(1)).to(dtype)
     h = torch.randn(b, d, n, device=DEVICE, generator=_g(2))
