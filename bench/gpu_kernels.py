@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime.ops import triton_decode
+from runtime.ops import torch_ops, triton_decode
 
 from .random_model import SHAPES
 from .report import print_row, print_table, save_json
@@ -87,12 +87,6 @@ def ops(t: dict) -> dict:
     decode_args = (x, z, t["conv_state"], t["conv_weight"], t["conv_bias"], t["x_proj"], t["dt_proj"], t["dt_bias"],
                    t["h"], t["A_log"], None, None, t["D"])
 
-    def composed_decode():
-        conv = triton_decode.causal_conv1d_step(x, t["conv_state"], t["conv_weight"], t["conv_bias"])
-        dt_low, B, C = F.linear(conv, t["x_proj"]).split([t["dt_proj"].shape[1], D_STATE, D_STATE], dim=-1)
-        triton_decode.mamba1_step(t["h"], conv, F.linear(dt_low, t["dt_proj"]), t["dt_bias"], None, t["A_log"], None,
-                                  B, C, t["D"], z)
-
     def composed_in_proj():
         _, normed = triton_decode.add_rms_norm(t["residual"], t["update"], t["norm_weight"], 1e-5, torch.bfloat16)
         F.linear(normed, t["in_proj"])
@@ -100,7 +94,9 @@ def ops(t: dict) -> dict:
     return {
         "in_proj": (lambda: triton_decode.add_rms_norm_linear(t["residual"], t["update"], t["norm_weight"], 1e-5,
                                                               t["in_proj"]), composed_in_proj),
-        "mamba1_decode": (lambda: triton_decode.mamba1_decode(*decode_args), composed_decode),
+        "mamba1_decode": (lambda: triton_decode.mamba1_decode(*decode_args),
+                          lambda: torch_ops.composed_mamba1_decode(triton_decode.causal_conv1d_step,
+                                                                   triton_decode.mamba1_step, *decode_args)),
         "out_proj": (lambda: triton_decode.linear(t["y"], t["out_proj"]), lambda: F.linear(t["y"], t["out_proj"])),
     }
 

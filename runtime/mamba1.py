@@ -11,7 +11,7 @@ from torch import nn
 from .backend import Backend
 from .config import ModelConfig
 from .ops.torch_ops import discretise, mamba1_A
-from .quant import QuantizedWeight, linear, step_linear
+from .quant import QuantizedWeight, linear
 from .scales import LayerScales
 
 
@@ -86,4 +86,4 @@ class Mamba1Mixer(nn.Module):
             y = ops.mamba1_decode(x, z, conv_state, conv_weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.dt_proj.bias, ssm_state, self.A_log, a_scale, delta_scale,
                                   self.D, slots)  # (b, d)
-        return step_linear(y.to(projected.dtype), self.out_proj, ops)
+        return linear(y.to(projected.dtype), self.out_proj, self.out_proj.bias, ops)

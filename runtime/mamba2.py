@@ -12,7 +12,7 @@ from torch import nn
 
 from .backend import Backend
 from .config import ModelConfig
-from .quant import step_linear
+from .quant import linear
 from .scales import LayerScales
 
 
@@ -92,4 +92,4 @@ class Mamba2Mixer(nn.Module):
         x, delta, A, B, C = self._ssm_inputs(xBC, dt, scales)
         y = ops.mamba2_step(ssm_state, x, delta, A, B, C, self.D, slots)  # (b, h, p)
         y = self.norm(y.flatten(-2).float(), z)  # (b, d)
-        return step_linear(y.to(projected.dtype), self.out_proj, ops)
+        return linear(y.to(projected.dtype), self.out_proj, self.out_proj.bias, ops)

@@ -175,20 +175,13 @@ def quantize_model(model: nn.Module, scheme: str, embedding: bool = False) -> No
             model.lm_head = QuantizedLinear(*head.shape, bits, head.dtype, False).to(head.device).set_from(head)
 
 
-def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x Wᵀ (+ bias) for an nn.Linear's or nn.Embedding's weight, or a quantised one: (..., in) -> (..., out)."""
+def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None, ops=None) -> torch.Tensor:
+    """x Wᵀ (+ bias) for an nn.Linear's or nn.Embedding's weight, or a quantised one: (..., in) -> (..., out).
+    With a back-end's `ops`, a dense weight goes through its `linear` (a decode step's projection: on a GPU a
+    GEMV kernel for a batch of a few); a quantised one always through its own kernels."""
     if isinstance(layer, QuantizedWeight):
         return layer.linear(x, bias)
-    return F.linear(x, layer.weight, bias)
-
-
-def step_linear(x: torch.Tensor, layer: nn.Module, ops) -> torch.Tensor:
-    """A decode step's projection x (b, in) -> (b, out) by an nn.Linear or a quantised one: a dense weight goes
-    through the back-end's `linear` (on a GPU a GEMV kernel for a batch of a few), a quantised one through its
-    own kernels."""
-    if isinstance(layer, QuantizedWeight):
-        return layer(x)
-    return ops.linear(x, layer.weight, layer.bias)
+    return F.linear(x, layer.weight, bias) if ops is None else ops.linear(x, layer.weight, bias)
 
 
 def weight_bytes(model: nn.Module) -> int:

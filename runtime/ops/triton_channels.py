@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import torch_ops
+
 BLOCK_POSITIONS = 1024
 
 
@@ -64,5 +66,5 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     channels_first = x.transpose(1, 2)  # (b, d, l)
     dense = channels_first.stride(-1) == 1 and channels_first.stride(0) == x.shape[2] * channels_first.stride(1)
     if not dense or _differentiable(x, scale):
-        return x * scale[:, None, :].to(x.dtype)
+        return torch_ops.scale_channels(x, scale)
     return _rows(channels_first, x.shape[1], scale.contiguous(), False).transpose(1, 2)
