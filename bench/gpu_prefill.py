@@ -2,9 +2,9 @@
 
 Both are measured in one run, the way `shared/device/reference_bench.py` measures the peer (bf16, batch 1,
 last-token logits, a warm-up call, then the mean of calls repeated for a while): time and peak memory, plus
-this runtime with a per-channel Δ scale set (the cost of scales against identity). The three take turns, five
-rounds of at least 0.2 s each, and each reports its median round, so that the machine's drift during the run
-does not land on one of them.
+this runtime with a per-channel Δ scale set (the cost of scales against identity). The three take turns,
+`--rounds` rounds (5) of at least 0.2 s each, and each reports its median round, so that the machine's drift
+during the run does not land on one of them.
 
     python -m bench.gpu_prefill --shapes 130m --lengths 2048,8192,32768,65536 --json $OUT/prefill.json
 """
@@ -20,7 +20,7 @@ from .gpu_models import SHAPES, measure_in_turns, peer_and_runtime, random_delta
 from .report import print_row, save_json
 
 
-def bench_shape(name: str, lengths: list[int]) -> list[dict]:
+def bench_shape(name: str, lengths: list[int], rounds: int) -> list[dict]:
     peer, loaded = peer_and_runtime(name)
     ours = loaded.model
     scales = random_delta_scales(loaded)
@@ -30,7 +30,7 @@ def bench_shape(name: str, lengths: list[int]) -> list[dict]:
             tokens = torch.randint(0, 50000, (1, length), device="cuda")
             timed = measure_in_turns({"peer": lambda: peer(tokens, num_last_tokens=1),
                                       "ours": lambda: ours.prefill(tokens),
-                                      "scaled": lambda: ours.prefill(tokens, scales=scales)})
+                                      "scaled": lambda: ours.prefill(tokens, scales=scales)}, rounds)
             (peer_s, peer_gib), (ours_s, ours_gib), (scaled_s, scaled_gib) = timed.values()
             row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
                    "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),
@@ -48,11 +48,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="130m", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--lengths", default="2048,8192,32768,65536")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="turns each variant takes (more steady the launch-bound short prompts' ratios)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     lengths = [int(x) for x in args.lengths.split(",")]
-    rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, lengths)]
+    rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, lengths, args.rounds)]
     print(f"\n{torch.cuda.get_device_name()}, bf16, batch 1")
     print(f"{'shape':>6} {'tokens':>7} {'mamba_ssm ms':>13} {'runtime ms':>11} {'ratio':>6} {'scaled':>7} "
           f"{'peak GiB peer':>14} {'ours':>6} {'ratio':>6}")

@@ -51,16 +51,18 @@ class Mamba1Mixer(nn.Module):
         float32 as the scan discretises it (what a decimating layer ranks positions by)."""
         ops = self.backend.ops
         x, z = self._project(hidden, self.in_proj, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
-        x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)  # (b, l, d)
-        dt, B, C = self._ssm_inputs(x)
         A = mamba1_A(self.A_log, None if scales is None else scales.a)  # (d, n) or (b, d, n)
         delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself
-        scan_x, scan_A, scan_D, scan_scale = x, A, self.D, delta_scale
+        conv_weight, conv_bias = self.conv1d.weight[:, 0], self.conv1d.bias  # (d, k), (d,)
         if delta_scale is not None and x.shape[0] == 1 and A.dim() == 2:
             # One sequence: Δ' = s·Δ is exactly A' = s·A with input x' = s·x and skip D' = D/s (the state
-            # stays h), so the scan runs unscaled, the kernels' fastest path, for one pass over x.
-            scan_A, scan_D = scales.folded(A, self.D)
-            scan_x, scan_scale = ops.scale_channels(x, delta_scale), None  # (1, l, d), layout kept
+            # stays h), so the scan runs unscaled, the kernels' fastest path; x' comes out of the convolution.
+            x, scan_x, conv_state = ops.causal_conv1d_scaled(x, conv_weight, conv_bias, conv_state, delta_scale)
+            (scan_A, scan_D), scan_scale = scales.folded(A, self.D), None
+        else:
+            x, conv_state = ops.causal_conv1d(x, conv_weight, conv_bias, conv_state)  # (b, l, d)
+            scan_x, scan_A, scan_D, scan_scale = x, A, self.D, delta_scale
+        dt, B, C = self._ssm_inputs(x)
         out, ssm_state = ops.mamba1_scan(scan_x, dt, self.dt_proj.bias, scan_scale, scan_A, B, C, scan_D, z, ssm_state,
                                          self.out_proj.weight, self.out_proj.bias)  # (b, l, D), (b, d, n)
         if return_delta:  # the scan kernels discretise Δ internally and do not return it: recomputed here

@@ -38,19 +38,33 @@ def causal_conv1d(x, weight, bias, state):
     which the scan reads without a copy; without `causal_conv1d`, as cuDNN's grouped convolution (what raw
     mamba_ssm runs then too) rather than the PyTorch ops' shifted multiply-adds, which suit CPUs, and its SiLU
     as a Triton kernel (PyTorch's reads the slice of the padded output unvectorised)."""
+    y, _, new_state = _convolve(x, weight, bias, state, None)
+    return y, new_state
+
+
+def causal_conv1d_scaled(x, weight, bias, state, scale):
+    """Same contract as `torch_ops.causal_conv1d_scaled`, in `causal_conv1d`'s layout. Without `causal_conv1d`
+    the scaled copy comes out of the SiLU's kernel; with it, from a pass of its own."""
+    return _convolve(x, weight, bias, state, scale)
+
+
+def _convolve(x, weight, bias, state, scale):
+    """Both convolutions above: (y, y · scale or None, new state), y (b, l, c) views of (b, c, l) storage."""
     k = weight.shape[-1]
     x = x.transpose(1, 2)  # (b, c, l)
     if state is not None:
         x = torch.cat((state.to(x.dtype), x), dim=-1)  # (b, c, k-1+l)
     if HAS_CONV_KERNELS:
         y = causal_conv1d_fn(x, weight, bias, activation="silu")  # (b, c, l or k-1+l)
+        scaled = None if scale is None else scale_channels(y.transpose(1, 2), scale).transpose(1, 2)
     else:
-        y = triton_channels.silu(F.conv1d(x, weight[:, None].to(x.dtype), None if bias is None else bias.to(x.dtype),
-                                          padding=k - 1, groups=x.shape[1]), x.shape[-1])  # (b, c, l or k-1+l)
+        y, scaled = triton_channels.silu(F.conv1d(x, weight[:, None].to(x.dtype), None if bias is None
+                                                  else bias.to(x.dtype), padding=k - 1, groups=x.shape[1]),
+                                         x.shape[-1], scale)  # (b, c, l or k-1+l) each
     if state is not None:
-        y = y[..., k - 1:]
+        y, scaled = y[..., k - 1:], None if scaled is None else scaled[..., k - 1:]
     new_state = F.pad(x[..., -(k - 1):], (max(0, k - 1 - x.shape[-1]), 0))  # (b, c, k-1)
-    return y.transpose(1, 2), new_state.contiguous()
+    return y.transpose(1, 2), None if scaled is None else scaled.transpose(1, 2), new_state.contiguous()
 
 
 scale_channels = triton_channels.scale_channels  # one vectorised pass where PyTorch broadcasts unvectorised

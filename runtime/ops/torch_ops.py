@@ -46,6 +46,15 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.silu(y), padded[:, l:].transpose(1, 2).contiguous()
 
 
+def causal_conv1d_scaled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None,
+                         scale: torch.Tensor):
+    """`causal_conv1d` and its output times a per-sequence channel scale (b, c) float32 (`scale_channels`):
+    (y, y · scale, new state), y and y · scale (b, l, c). The scaled copy is the scan's input where one
+    sequence's Δ scale is folded into it (Mamba1 prefill); a GPU back-end makes it in the convolution's pass."""
+    y, state = causal_conv1d(x, weight, bias, state)
+    return y, scale_channels(y, scale), state
+
+
 def on_rows(state: torch.Tensor, slots: torch.Tensor | None, step):
     """`step(rows)` on the rows of `state` at `slots` ((b,) int64; all rows when None), written back in place:
     a decode step on sequences that own rows of a state pool."""

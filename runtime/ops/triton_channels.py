@@ -20,43 +20,51 @@ BLOCK_POSITIONS = 1024
 
 
 @triton.jit
-def _channel_rows_kernel(in_ptr, scale_ptr, out_ptr, length, stride_in, stride_out,
+def _channel_rows_kernel(in_ptr, scale_ptr, out_ptr, scaled_ptr, length, stride_in, stride_out,
                          SILU: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """Row r (a batch row's channel): out[r, :length] = silu(in[r, :length]) and/or in · scale[r]."""
+    """Row r (a batch row's channel): with SILU out[r, :length] = silu(in[r, :length]); with a scale
+    scaled[r, :length] = that (or in itself) · scale[r]. Both outputs have row stride `stride_out`."""
     r = tl.program_id(0).to(tl.int64)  # rows on the grid's first axis: a batch's b·d exceeds the others' 65535
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions
     live = t < length
     v = tl.load(in_ptr + r * stride_in + t, mask=live, other=0.0).to(tl.float32)
     if SILU:
-        v = (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        v = (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r * stride_out + t, v, mask=live)
+        v = v.to(tl.float32)
     if HAS_SCALE:  # the scale rounded to the activations' dtype first, as `x * s.to(x.dtype)` rounds it
-        v *= tl.load(scale_ptr + r).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + r * stride_out + t, v.to(out_ptr.dtype.element_ty), mask=live)
+        v *= tl.load(scale_ptr + r).to(scaled_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(scaled_ptr + r * stride_out + t, v.to(scaled_ptr.dtype.element_ty), mask=live)
 
 
-def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None, silu: bool) -> torch.Tensor:
-    """x: (b, d, ≥ length) with rows of stride x.stride(1) one after another. Returns (b, d, length) contiguous."""
+def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None, silu: bool):
+    """x: (b, d, ≥ length) with rows of stride x.stride(1) one after another. Returns (silu(x) or None,
+    x or silu(x) times scale or None), each (b, d, length) contiguous."""
     b, d = x.shape[:2]
     assert x.stride(-1) == 1 and x.stride(0) == d * x.stride(1)
-    out = torch.empty(b, d, length, dtype=x.dtype, device=x.device)
+    out = torch.empty(b, d, length, dtype=x.dtype, device=x.device) if silu else None
+    scaled = torch.empty(b, d, length, dtype=x.dtype, device=x.device) if scale is not None else None
     _channel_rows_kernel[(b * d, triton.cdiv(length, BLOCK_POSITIONS))](
-        x, scale if scale is not None else x, out, length, x.stride(1), out.stride(1), SILU=silu,
-        HAS_SCALE=scale is not None, BLOCK=BLOCK_POSITIONS)
-    return out
+        x, x if scale is None else scale, x if out is None else out, x if scaled is None else scaled, length,
+        x.stride(1), length, SILU=silu, HAS_SCALE=scale is not None, BLOCK=BLOCK_POSITIONS)
+    return out, scaled
 
 
-def _differentiable(*tensors: torch.Tensor) -> bool:
+def _differentiable(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records this op (calibration back-propagates through the scale): the kernel has no
     backward, so PyTorch's ops run then."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def silu(x: torch.Tensor, length: int) -> torch.Tensor:
-    """silu(x[..., :length]) for x (b, d, L ≥ length) with contiguous rows (a convolution's padded output),
-    as a new (b, d, length) tensor."""
-    if _differentiable(x):
-        return F.silu(x[..., :length])
-    return _rows(x, length, None, True)
+def silu(x: torch.Tensor, length: int, scale: torch.Tensor | None = None):
+    """silu(x[..., :length]) for x (b, d, L ≥ length) with contiguous rows (a convolution's padded output), as
+    a new (b, d, length) tensor; with `scale` (b, d) float32 also that times the scale, rounded as
+    `torch_ops.scale_channels` rounds it, from the same pass (else None): the scan's input where one sequence's Δ
+    scale is folded into it, at no extra launch (a prefill of a few thousand tokens is launch-bound)."""
+    if _differentiable(x, scale):
+        y = F.silu(x[..., :length])
+        return y, None if scale is None else torch_ops.scale_channels(y.transpose(1, 2), scale).transpose(1, 2)
+    return _rows(x, length, None if scale is None else scale.contiguous(), True)
 
 
 def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -67,4 +75,4 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     dense = channels_first.stride(-1) == 1 and channels_first.stride(0) == x.shape[2] * channels_first.stride(1)
     if not dense or _differentiable(x, scale):
         return torch_ops.scale_channels(x, scale)
-    return _rows(channels_first, x.shape[1], scale.contiguous(), False).transpose(1, 2)
+    return _rows(channels_first, x.shape[1], scale.contiguous(), False)[1].transpose(1, 2)

@@ -49,6 +49,22 @@ def test_kernels_match_pytorch_prefill_and_decode(checkpoints, arch, dtype):
             nxt = want.argmax(-1)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_sequence_with_a_folded_delta_scale_matches_pytorch(checkpoints, dtype):
+    """A batch of one folds its Δ scale into A, D and the scan's input, which the convolution's SiLU kernel
+    writes beside its output: the scaled model's logits and state, as PyTorch computes them unfolded."""
+    cuda = load_model(checkpoints["mamba1"], device="cuda", dtype=dtype, backend="mamba_ssm")
+    ref = load_model(checkpoints["mamba1"], device="cuda", dtype="float32", backend="torch")
+    scales = batch_scales(_scale_sets(cuda.config)[:1], cuda.config, "cuda")
+    tokens = torch.randint(0, VOCAB, (1, 700), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    got, got_state = cuda.model.prefill(tokens, scales=scales)
+    want, want_state = ref.model.prefill(tokens, scales=scales)
+    unscaled, _ = ref.model.prefill(tokens)
+    assert _relative(got, want) < TOLERANCE[dtype] < _relative(unscaled, want)  # the scale is there, and exact
+    for mine, theirs in zip(got_state.ssm, want_state.ssm):
+        assert _relative(mine, theirs) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch):
     cuda = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="mamba_ssm")

@@ -16,14 +16,25 @@ def _g(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_of_a_padded_convolution_output_equals_pytorch(dtype):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_silu_of_a_padded_convolution_output_and_its_scaled_copy_equal_pytorch(dtype, scaled):
     b, d, length, pad = 2, 5, 1500, 3  # positions over one program's block
     padded = torch.randn(b, d, length + pad, device=DEVICE, generator=_g(0)).to(dtype) * 4
-    got = triton_channels.silu(padded, length)
+    scale = torch.rand(b, d, device=DEVICE, generator=_g(5)) + 0.5 if scaled else None
+    got, got_scaled = triton_channels.silu(padded, length, scale)
     assert got.shape == (b, d, length) and got.is_contiguous() and got.dtype == dtype
     # exp may differ from PyTorch's in the last bit, which a bfloat16 rounding can carry to one bf16 step
     tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
     torch.testing.assert_close(got, F.silu(padded[..., :length]), **tolerance)
+    if not scaled:
+        assert got_scaled is None
+        return
+    assert got_scaled.shape == got.shape and got_scaled.is_contiguous()
+    # the scaled copy is the returned SiLU times the scale, rounded as scale_channels rounds it (the
+    # interpreter rounds float32 to bfloat16 toward zero: two steps off at most, a GPU to nearest)
+    exact = dtype == torch.float32 or DEVICE == "cuda"
+    want = torch_ops.scale_channels(got.transpose(1, 2), scale).transpose(1, 2)
+    torch.testing.assert_close(got_scaled, want, rtol=0 if exact else 1.6e-2, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -46,3 +57,7 @@ def test_scale_channels_falls_back_to_pytorch_for_other_layouts_and_for_gradient
     channels_first = x.transpose(1, 2).contiguous().transpose(1, 2)
     triton_channels.scale_channels(channels_first, scale).sum().backward()  # a kernel without backward would fail
     torch.testing.assert_close(scale.grad, x.sum(1))
+    padded = x.transpose(1, 2).contiguous()  # (b, d, l)
+    _, scaled = triton_channels.silu(padded, 7, scale)
+    scaled.sum().backward()
+    torch.testing.assert_close(scale.grad, x.sum(1) + F.silu(padded).sum(-1))
