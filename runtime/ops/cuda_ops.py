@@ -3,12 +3,14 @@
 Imported only when the CUDA back-end is chosen, so a missing package is an error at load time, never a
 silent fallback inside `forward`.
 
-Scales reach the unchanged kernels as DESIGN.md §2 says: Δ is passed already softplus'ed, clamped and
-scaled (`delta_softplus=False`), which is exact for any per-sequence Δ scale. A per-sequence A' = s·A
-(A-spectrum) is folded into the kernel's shared A one sequence at a time in prefill. Mamba1 decode runs the
-fused Triton kernels of `triton_decode`, four per layer for a batch of a few: the residual + RMSNorm + in_proj;
-x_proj of the convolved input; the convolution step, dt_proj and the state update with its per-sequence scales;
-out_proj (the projections as GEMVs; cuBLAS for larger batches). States are read and written in the pool's rows.
+Scales reach the unchanged kernels as DESIGN.md §2 says. Mamba2's Δ is passed already softplus'ed, clamped
+and scaled (`dt_softplus=False`), which is exact for any per-sequence Δ scale. Mamba1's scan discretises Δ
+itself; a sequence's Δ scale s is folded exactly into A' = s·A, D' = D/s and the input s·x (which the
+convolution's SiLU kernel writes beside x), and an A-spectrum A' = s·A into the kernel's shared A, one sequence
+at a time in prefill (for a batch of several, `mamba1_scan` folds each in turn). Mamba1 decode runs the fused
+Triton kernels of `triton_decode`, four per layer for a batch of a few: the residual + RMSNorm + in_proj; x_proj
+of the convolved input; the convolution step, dt_proj and the state update with its per-sequence scales; out_proj
+(the projections as GEMVs; cuBLAS for larger batches). States are read and written in the pool's rows.
 mamba_ssm's own step takes more kernels and could not take one A per sequence. Mamba1 prefill from a carried
 state runs the PyTorch scan: `selective_scan_fn` takes no initial state.
 """
