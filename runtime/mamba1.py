@@ -51,12 +51,14 @@ class Mamba1Mixer(nn.Module):
         float32 as the scan discretises it (what a decimating layer ranks positions by)."""
         ops = self.backend.ops
         x, z = self._project(hidden, self.in_proj, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
-        A = mamba1_A(self.A_log, None if scales is None else scales.a)  # (d, n) or (b, d, n)
+        one_set = scales is not None and (x.shape[0] == 1 or scales.shared)  # every sequence scaled alike
+        a_scale = None if scales is None or scales.a is None else scales.a[0] if one_set else scales.a
+        A = mamba1_A(self.A_log, a_scale)  # (d, n), or (b, d, n) for sets that differ
         delta_scale = None if scales is None else scales.delta  # (b, d): the scan discretises Δ itself
         conv_weight, conv_bias = self.conv1d.weight[:, 0], self.conv1d.bias  # (d, k), (d,)
-        if delta_scale is not None and x.shape[0] == 1 and A.dim() == 2:
-            # One sequence: Δ' = s·Δ is exactly A' = s·A with input x' = s·x and skip D' = D/s (the state
-            # stays h), so the scan runs unscaled, the kernels' fastest path; x' comes out of the convolution.
+        if delta_scale is not None and one_set:
+            # One set: Δ' = s·Δ is exactly A' = s·A with input x' = s·x and skip D' = D/s (the state stays
+            # h), so the scan runs unscaled, the kernels' fastest path; x' comes out of the convolution.
             x, scan_x, conv_state = ops.causal_conv1d_scaled(x, conv_weight, conv_bias, conv_state, delta_scale)
             (scan_A, scan_D), scan_scale = scales.folded(A, self.D), None
         else:

@@ -79,11 +79,15 @@ class LayerScales:
 
     delta: torch.Tensor | None = None  # (b, d) Mamba1 / (b, h) Mamba2, float32
     a: torch.Tensor | None = None  # (b, d, n) Mamba1 / (b, h) Mamba2, float32
+    # every sequence has the same set (a calibration batch): a Mamba1 prefill scans them with one A, as it
+    # scans one sequence, instead of one sequence at a time
+    shared: bool = False
     _folded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def folded(self, A: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a batch of one sequence (Mamba1): (s·A, D/s) with s = delta[0]; A (d, n), D (d,) -> float32.
-        Kept after the first call (A and D are a frozen layer's), unless s is being calibrated."""
+        """For a batch whose sequences share one Δ scale s = delta[0] (one sequence, or `shared`; Mamba1):
+        (s·A, D/s); A (d, n), D (d,) -> float32. Kept after the first call (A and D are a frozen layer's),
+        unless s is being calibrated."""
         if self._folded is not None:
             return self._folded
         s = self.delta[0]  # (d,)
@@ -106,6 +110,7 @@ def batch_scales(sets: Sequence[ScaleSet | None], config: ModelConfig, device: t
     """Stacks the sets of a batch (None = identity) per layer; None when the whole batch is identity."""
     if all(s is None for s in sets):
         return None
+    shared = all(s is sets[0] for s in sets)
     out = []
     for layer in range(config.n_layer):
         fields = {}
@@ -116,5 +121,5 @@ def batch_scales(sets: Sequence[ScaleSet | None], config: ModelConfig, device: t
             rows = [_full_resolution(s.layers[layer], method, config) if s is not None and s.method is method else ones
                     for s in sets]
             fields[name] = torch.stack(rows).to(device=device, dtype=torch.float32)
-        out.append(LayerScales(**fields))
+        out.append(LayerScales(**fields, shared=shared))
     return out

@@ -65,6 +65,24 @@ def test_one_sequence_with_a_folded_delta_scale_matches_pytorch(checkpoints, dty
         assert _relative(mine, theirs) < TOLERANCE[dtype]
 
 
+def test_a_calibration_batch_sharing_one_set_matches_pytorch_with_gradients(checkpoints):
+    """A batch that shares one Δ set (what calibration runs) is one scan with the set folded, on the kernels'
+    autograd: its loss and the gradient on the set match PyTorch's per-sequence scaled model."""
+    results = []
+    for backend, dtype in (("mamba_ssm", "float32"), ("torch", "float32")):
+        loaded = load_model(checkpoints["mamba1"], device="cuda", dtype=dtype, backend=backend)
+        layers = [layer.clone().requires_grad_() for layer in _scale_sets(loaded.config)[0].layers]
+        scale_set = ScaleSet(ScaleMethod.DELTA, tuple(layers))
+        scales = batch_scales([scale_set] * 3, loaded.config, "cuda")
+        tokens = torch.randint(0, VOCAB, (3, 400), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+        logits = loaded.model.logits(loaded.model.hidden_states(tokens, scales=scales)[0])
+        logits.float().square().mean().backward()
+        results.append((logits.detach(), torch.stack([layer.grad for layer in layers])))
+    (got, got_grad), (want, want_grad) = results
+    assert _relative(got, want) < TOLERANCE["float32"]
+    assert _relative(got_grad, want_grad) < 1e-2
+
+
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch):
     cuda = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="mamba_ssm")

@@ -84,6 +84,31 @@ def test_each_sequence_of_a_batch_uses_its_own_scales(checkpoints, arch):
         torch.testing.assert_close(batch_step[i:i + 1], solo_step, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method,granularity", [("delta", "channel"), ("a_spectrum", "channel_state")])
+def test_a_batch_sharing_one_set_equals_the_batch_scaled_sequence_by_sequence(checkpoints, method, granularity):
+    """A calibration batch (one set for every sequence) is scanned with the set folded once for all; equal
+    but distinct sets take the per-sequence path. Same outputs, and the same gradient on the set."""
+    loaded = load_model(checkpoints["mamba1"])
+    model, config = loaded.model, loaded.config
+    tokens = _tokens(40, seed=11, batch=3)
+    base = _random_set(config, method, granularity, 4)
+    outputs, grads = [], []
+    for shared in (True, False):
+        layers = [layer.clone().requires_grad_() for layer in base.layers]
+        sets = ([ScaleSet(base.method, tuple(layers))] * 3 if shared  # one object: shared
+                else [ScaleSet(base.method, tuple(layers)) for _ in range(3)])  # equal objects: not shared
+        scales = batch_scales(sets, config, "cpu")
+        assert scales[0].shared == shared
+        hidden, _ = model.hidden_states(tokens, scales=scales)
+        logits = model.logits(hidden)
+        logits.square().mean().backward()
+        outputs.append(logits.detach())
+        grads.append(torch.stack([layer.grad for layer in layers]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+    assert grads[0].abs().max() > 0
+
+
 def test_identity_scales_equal_no_scales(checkpoints):
     loaded = load_model(checkpoints["mamba1"])
     tokens = _tokens(25, seed=8)
