@@ -22,6 +22,7 @@ import torch
 
 from .config import MAMBA1, ModelConfig
 from .errors import ScaleSetError
+from .ops.torch_ops import fold_delta_scale
 
 
 class ScaleMethod(str, enum.Enum):
@@ -91,7 +92,7 @@ class LayerScales:
         if self._folded is not None:
             return self._folded
         s = self.delta[0]  # (d,)
-        folded = (A * s[:, None], D.float() / s)
+        folded = fold_delta_scale(A, D, s)
         if not s.requires_grad:
             self._folded = folded
         return folded

@@ -103,8 +103,8 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
     for i in range(x.shape[0]):
         x_i, A_i, D_i = _row(x, i), A if A.dim() == 2 else A[i], D.float()  # (1, l, d), (d, n), (d,)
         if delta_scale is not None:  # (an A-spectrum scale alone is already in A_i)
-            s = delta_scale[i]  # (d,)
-            x_i, A_i, D_i = x_i * s.to(x.dtype), A_i * s[:, None], D_i / s
+            A_i, D_i = torch_ops.fold_delta_scale(A_i, D_i, delta_scale[i])
+            x_i = scale_channels(x_i, delta_scale[i:i + 1])  # (1, l, d), layout kept
         y, h = _selective_scan(x_i, _row(dt, i), dt_bias, A_i, _row(B, i), _row(C, i), D_i, _row(z, i))
         outs.append((F.linear(y, out_weight, out_bias), h))
     return _stack(outs)

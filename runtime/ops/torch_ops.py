@@ -71,6 +71,12 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * scale[:, None, :].to(x.dtype)
 
 
+def fold_delta_scale(A: torch.Tensor, D: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mamba1 Δ scale folded (DESIGN.md §2): Δ' = s·Δ is exactly A' = s·A and skip D' = D/s on the input
+    s·x (`scale_channels`), the state unchanged. A (d, n), D (d,), s (d,) -> (d, n), (d,) float32."""
+    return A * s[:, None], D.float() / s
+
+
 def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        slots: torch.Tensor | None = None):
     """One token of `causal_conv1d`. x: (b, c); state: (b, c, k-1), or with `slots` (b,) a pool whose row
