@@ -31,7 +31,7 @@ def main(argv=None):
     parser.add_argument("--lengths", default="8192,65536", help="comma-separated prompt lengths in tokens")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--d-state", type=int, default=48, help="48: the embedded model's state size")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
