@@ -3,8 +3,18 @@
 import pytest
 import torch
 
-from runtime.ops import torch_ops
+from runtime.ops import cpu_scan, torch_ops
 from runtime.ops.reference import mamba1_scan_ref, mamba2_scan_ref
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def scan_path(request, monkeypatch):
+    """Mamba1's scan without autograd on CPU: the compiled kernel (when a C compiler is there), or PyTorch's."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(cpu_scan, "kernel", lambda: None)
+    elif cpu_scan.kernel() is None:
+        pytest.skip("no C compiler for the CPU scan kernel")
+    return request.param
 
 
 def _mamba1_inputs(b, l, d, n, seed, decay=1.0, per_sequence_a=False):
@@ -33,14 +43,14 @@ def _fast_and_reference(v, z, h0, **kw):
 @pytest.mark.parametrize("l", [1, 7, 64, 200])
 @pytest.mark.parametrize("decay", [0.05, 1.0, 30.0])  # 30: a channel's state is forgotten within a step
 @pytest.mark.parametrize("with_state", [False, True])
-def test_mamba1_scan_matches_reference(l, decay, with_state):
+def test_mamba1_scan_matches_reference(l, decay, with_state, scan_path):
     v = _mamba1_inputs(2, l, 12, 5, seed=l, decay=decay)
     (y, h), (y_ref, h_ref) = _fast_and_reference(v, v["z"], v["h0"] if with_state else None)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_mamba1_scan_with_per_sequence_a_and_small_blocks():
+def test_mamba1_scan_with_per_sequence_a_and_small_blocks(scan_path):
     v = _mamba1_inputs(3, 50, 8, 4, seed=3, per_sequence_a=True)
     (y, h), (y_ref, h_ref) = _fast_and_reference(v, None, v["h0"], block=8)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
@@ -48,6 +58,7 @@ def test_mamba1_scan_with_per_sequence_a_and_small_blocks():
 
 
 def test_mamba1_scan_super_blocks_carry_the_state(monkeypatch):
+    monkeypatch.setattr(cpu_scan, "kernel", lambda: None)  # the PyTorch scan's super-blocks
     monkeypatch.setattr(torch_ops, "SUPERBLOCK_ELEMENTS", 2 * 4 * 8 * 4)  # 2 blocks of 4 tokens per super-block
     v = _mamba1_inputs(1, 37, 8, 4, seed=11)
     (y, h), (y_ref, h_ref) = _fast_and_reference(v, v["z"], v["h0"], block=4)
@@ -59,6 +70,7 @@ def test_mamba1_scan_in_place_and_differentiable_paths_agree(monkeypatch):
     """Without autograd the scan runs in place in reused buffers; with a scale that needs a gradient it runs
     out of place. Same operations in the same order: the same result, over several super-blocks and a
     partial last block, and the differentiable one does back-propagate."""
+    monkeypatch.setattr(cpu_scan, "kernel", lambda: None)  # PyTorch's scan without autograd, not the kernel
     monkeypatch.setattr(torch_ops, "SUPERBLOCK_ELEMENTS", 3 * 4 * 8 * 4)
     v = _mamba1_inputs(2, 45, 8, 4, seed=12)
     args = lambda scale: (v["x"], v["dt"], v["dt_bias"], scale, v["A"], v["B"], v["C"], v["D"], v["z"],  # noqa: E731
