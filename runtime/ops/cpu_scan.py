@@ -20,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,9 +27,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_scan.c")
-# -fno-trapping-math lets the exponential's clamp become a vector select; -fopenmp-simd reads the simd pragma
-# without linking an OpenMP runtime (the threads are Python's, below).
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC"]
+# -fno-trapping-math lets the exponential's clamp become a vector select.
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cpu_identity() -> str:
@@ -69,7 +67,7 @@ def kernel():
         return None
     log.info("CPU scan kernel: %s", library)
     function.restype = None
-    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6
+    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return function
 
 
@@ -82,11 +80,6 @@ def _compile(compiler: str, library: Path) -> None:
         os.replace(built, library)  # atomic: a concurrent first use never loads a half-written file
 
 
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="cpu-scan")
-
-
 def mamba1_scan(delta: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The scan through `kernel()`, which must not be None. delta, x: (b, l, d); A: (b, d, n); B, C: (b, l, n);
@@ -97,9 +90,5 @@ def mamba1_scan(delta: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     delta, x, A, B, C = (t.contiguous() for t in (delta, x, A, B, C))
     h = h.clone(memory_format=torch.contiguous_format)
     y = torch.empty_like(delta)
-    pointers = [t.data_ptr() for t in (delta, x, A, B, C, h, y)]
-    threads = max(1, min(torch.get_num_threads(), d))
-    bounds = [d * i // threads for i in range(threads + 1)]  # channel ranges, one per thread
-    scan = functools.partial(kernel(), *pointers, b, l, d, n)
-    list(_pool(threads).map(scan, bounds[:-1], bounds[1:]))  # the calls release the GIL; list() re-raises
+    kernel()(*(t.data_ptr() for t in (delta, x, A, B, C, h, y)), b, l, d, n, torch.get_num_threads())
     return y, h

@@ -32,7 +32,7 @@ def _scan_inputs(b, l, d, n, seed):
 @pytest.mark.skipif(cpu_scan.kernel() is None, reason="no C compiler for the CPU scan kernel")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_the_kernel_matches_the_sequential_scan_at_d_state_48(threads, monkeypatch):
-    """Two sequences, 150 tokens (chunks of 64 and a partial one), channels split over 1-3 threads."""
+    """Two sequences, 150 tokens (chunks of 64 and a partial one), channels shared by 1-3 threads."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     delta, x, A, B, C, h0 = _scan_inputs(2, 150, 10, 48, seed=threads)
     y, h = cpu_scan.mamba1_scan(delta, x, A, B, C, h0)
