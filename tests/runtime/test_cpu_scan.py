@@ -78,3 +78,14 @@ def test_the_library_is_built_once_and_reused(fresh_kernel):
     assert cpu_scan.kernel() is not None
     assert [library] == list(fresh_kernel.glob("*.so")) and library.stat().st_mtime_ns == built
     assert not [p for p in os.listdir(fresh_kernel) if not p.endswith(".so")]  # no scratch left behind
+
+
+def test_inputs_the_kernel_cannot_read_take_the_pytorch_scan():
+    """A float64 A (the kernel reads float32 only) still gives the sequential scan's result."""
+    delta, x, A, B, C, h0 = _scan_inputs(1, 30, 4, 6, seed=1)
+    dt = torch.log(torch.expm1(delta))
+    y, h = torch_ops.mamba1_scan(x, dt, torch.zeros(4), None, A.double(), B, C, torch.zeros(4), None, h0,
+                                 torch.eye(4), None)
+    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, torch.zeros(4), None, h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.float(), h_ref, rtol=1e-4, atol=1e-4)
