@@ -17,9 +17,10 @@
 
 #define CHUNK 64 /* tokens whose B and C rows (CHUNK * n floats each) stay in L1/L2 for every channel */
 
-/* exp(x) for x <= 0 (Δ >= 0, A < 0: a decay), branch-free so that the loop over the state vectorises: 2^k · p(r)
- * with x = k ln2 + r, |r| <= ln2 / 2, p the degree-6 Taylor polynomial (relative error below 2e-7), k
- * clamped at -126 so that exponents too small for a float give 2^-126 · p(r) ≈ 1e-38 instead of garbage. */
+/* exp(x) for x <= 0 (Δ >= 0, A < 0: a decay), branch-free so that the loop over the state vectorises:
+ * 2^k · p(r) with x = k ln2 + r, |r| <= ln2 / 2, p the degree-6 Taylor polynomial (relative error below
+ * 2e-7). x is clamped at -87 (k >= -126), so that a decay too small for a float gives about 1e-38, not garbage
+ * from an exponent field out of range. */
 static inline float exp_nonpositive(float x) {
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
     x = x < -87.0f ? -87.0f : x;
