@@ -55,15 +55,15 @@ def kernel():
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
-    library = f"cpu_scan-{key}.so"
+    name = f"cpu_scan-{key}.so"
     try:
-        library = _cache_dir() / library  # Path.home() raises RuntimeError where there is no home
+        library = _cache_dir() / name  # Path.home() raises RuntimeError where there is no home
         if not library.exists():
             _compile(compiler, library)
         function = ctypes.CDLL(str(library)).mamba1_scan_f32  # CDLL releases the GIL during the call
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         detail = error.stderr.strip() if isinstance(error, subprocess.CalledProcessError) else error
-        log.warning("building %s into %s failed (the CPU scan runs in PyTorch): %s", SOURCE, library, detail)
+        log.warning("building %s into %s failed (the CPU scan runs in PyTorch): %s", SOURCE, name, detail)
         return None
     log.info("CPU scan kernel: %s", library)
     function.restype = None

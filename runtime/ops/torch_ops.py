@@ -31,6 +31,12 @@ SUPERBLOCK_ELEMENTS = 1 << 20  # Mamba1: elements of one (b, tokens, d, n) inter
 SSD_BLOCK = 64  # Mamba2 block: the per-head (T, T) decay matrix costs T per token
 
 
+def records_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors (calibration back-propagates through the scales): the
+    kernels without a backward (the compiled CPU scan, the Triton channel kernels) then leave it to PyTorch."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None):
     """Depth-wise causal convolution then SiLU, in the (b, l, c) layout the projections produce.
 
@@ -166,9 +172,9 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
     x, B, C = x.float(), B.float(), C.float()
     A = A.expand(b, d, n)  # (b, d, n)
     h = x.new_zeros(b, d, n) if h0 is None else h0.float()
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (delta, x, A, B, C, h))
-    compiled = x.device.type == "cpu" and delta.dtype == A.dtype == torch.float32  # what the kernel reads
-    if not differentiable and compiled and cpu_scan.kernel() is not None:
+    differentiable = records_autograd(delta, x, A, B, C, h)
+    kernel_reads = x.device.type == "cpu" and delta.dtype == A.dtype == torch.float32  # float32 CPU tensors
+    if not differentiable and kernel_reads and cpu_scan.kernel() is not None:
         y, h = cpu_scan.mamba1_scan(delta, x, A, B, C, h)  # (b, l, d), (b, d, n)
         return _mamba1_output(y, x, D, z, out_weight, out_bias), h
     dx = delta * x  # (b, l, d)

@@ -50,18 +50,12 @@ def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None, silu: bool):
     return out, scaled
 
 
-def _differentiable(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd records this op (calibration back-propagates through the scale): the kernel has no
-    backward, so PyTorch's ops run then."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def silu(x: torch.Tensor, length: int, scale: torch.Tensor | None = None):
     """silu(x[..., :length]) for x (b, d, L ≥ length) with contiguous rows (a convolution's padded output), as
     a new (b, d, length) tensor; with `scale` (b, d) float32 also that times the scale, rounded as
     `torch_ops.scale_channels` rounds it, from the same pass (else None): the scan's input where one sequence's Δ
     scale is folded into it, at no extra launch (a prefill of a few thousand tokens is launch-bound)."""
-    if _differentiable(x, scale):
+    if torch_ops.records_autograd(x, scale):
         y = F.silu(x[..., :length])
         return y, None if scale is None else torch_ops.scale_channels(y.transpose(1, 2), scale).transpose(1, 2)
     return _rows(x, length, None if scale is None else scale.contiguous(), True)
@@ -73,6 +67,6 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     convolution hands on, PyTorch otherwise."""
     channels_first = x.transpose(1, 2)  # (b, d, l)
     dense = channels_first.stride(-1) == 1 and channels_first.stride(0) == x.shape[2] * channels_first.stride(1)
-    if not dense or _differentiable(x, scale):
+    if not dense or torch_ops.records_autograd(x, scale):
         return torch_ops.scale_channels(x, scale)
     return _rows(channels_first, x.shape[1], scale.contiguous(), False)[1].transpose(1, 2)
