@@ -9,6 +9,14 @@ FINDINGS.md 3); score identity, the previous bucket's scales and the new ones on
 keep the best (never worse than identity) and record all three in the manifest. Each finished bucket is
 written at once, so `--resume` carries on after an interruption.
 
+    python -m extend.build_bank ... --data books=train-01.jsonl.xz,docs=python-docs.jsonl.xz@train,filler \
+        --mixture books=2,docs=1,filler=1 --templates line,inline
+
+`--data` names text sources (extend.sources): calibration batches draw each sample's haystack (and the
+perplexity hinge its windows) from a source chosen by the `--mixture` weights, and in a template drawn from
+`--templates`. Each source's documents are split into calibration and held-out halves; every source is a
+held-out domain, and a bucket keeps scales only if no domain is worse than identity (scoring.HELD_OUT_RULE).
+
     python -m extend.build_bank --model DIR --buckets 4k,8k --task passkey --method decimate \
         [--decimate-layers 10,12,14] [--decimate-l-base 2048] --data BOOKS... --out BANK
 
@@ -24,6 +32,7 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,12 +43,12 @@ from runtime.tokenizer import find_tokenizer
 from scale_bank import Bank, BankEntry, BankError, bucket_name, model_info, parse_buckets
 
 from .calibrate import calibrate_bp, calibrate_zo
-from .data import DataError, DataSplit, read_documents
+from .data import DataError, DataSplit
 from .decimate import sweep_and_choose
 from .objectives import language_model_objective, passkey_objective
-from .passkey import filler_haystack
-from .scoring import HeldOut, choose, score
-from .tokens import TokenSource
+from .passkey import parse_templates
+from .scoring import HELD_OUT_RULE, HeldOut, choose, score_domains
+from .sources import Domain, Mixture, SourceSpec, parse_mixture, parse_sources, read_source
 
 log = logging.getLogger("extend.build_bank")
 
@@ -60,7 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decimate: L_base, tokens the later layers keep (default: the training length)")
     p.add_argument("--decimate-keep-last", type=int, help="decimate: last prompt tokens always kept (default 64)")
     p.add_argument("--decimate-min-len", type=int, help="decimate: fewest tokens kept before those (default 0)")
-    p.add_argument("--data", nargs="+", required=True, help=".txt/.jsonl/.jsonl.xz files or folders")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="text sources: .txt/.jsonl/.jsonl.xz files or folders, NAME=PATH[@train|@eval], filler")
+    p.add_argument("--mixture", help="calibration weight per source, e.g. books=2,docs=1 (default: 1 each)")
+    p.add_argument("--templates", default="line",
+                   help="passkey templates calibration samples are drawn in (comma-separated, or all)")
     p.add_argument("--out", required=True, type=Path, help="bank directory (created, or resumed)")
     p.add_argument("--resume", action="store_true", help="keep the buckets already in --out and build the rest")
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=1)
     p.add_argument("--init", choices=("previous", "identity"), default="previous",
                    help="start each bucket from the previous bucket's scales, or from identity")
-    p.add_argument("--haystack", choices=("data", "filler"), default="data", help="passkey haystack text")
     p.add_argument("--ppl-weight", type=float, default=10.0,
                    help="passkey task: weight of the perplexity hinge (0: retrieval alone)")
     p.add_argument("--ppl-slack", type=float, default=0.02,
@@ -121,6 +133,30 @@ def _open_bank(args, loaded) -> Bank:
             raise BankError(args.out, "a bank is already there; pass --resume to complete it, or choose another --out")
         return Bank.load(args.out, loaded.config, loaded.fingerprint, loaded.quantization)
     return Bank.create(args.out, info)
+
+
+@dataclass
+class CalibrationData:
+    """Every source split by document into a calibration and a held-out part (the filler is both)."""
+
+    calibration: Mixture
+    held_out: dict[str, Domain]
+    record: dict  # the manifest's {"calibration": [...], "held_out": [...]}
+    sources: dict  # the manifest's {name: {"data": spec, "weight": w}}
+
+    @classmethod
+    def of(cls, specs: list[SourceSpec], weights: dict[str, float], tokenizer, seed: int,
+           held_out_fraction: float) -> "CalibrationData":
+        calibration, held_out, record = [], {}, {"calibration": [], "held_out": []}
+        for spec in specs:
+            docs = read_source(spec)
+            split = DataSplit.of(docs, seed, held_out_fraction) if docs else DataSplit([], [], seed)
+            calibration.append(Domain.of(spec.name, split.calibration, tokenizer))
+            held_out[spec.name] = Domain.of(spec.name, split.held_out, tokenizer)
+            for part in record:
+                record[part] += split.record[part]
+        sources = {spec.name: {"data": spec.describe(), "weight": weights[spec.name]} for spec in specs}
+        return cls(Mixture(calibration, weights), held_out, record, sources)
 
 
 def _served(bank: Bank, name: str) -> ScaleSet | None:
@@ -189,24 +225,29 @@ def build(args) -> Bank:
                         quantize=args.quantize, quantize_embedding=args.quantize_embedding)
     model, config = loaded.model, loaded.config
     tokenizer = find_tokenizer(args.model, args.tokenizer)
-    split = DataSplit.of(read_documents(args.data), args.seed, args.held_out_fraction)
-    calibration, held_source = TokenSource(split.calibration, tokenizer), TokenSource(split.held_out, tokenizer)
+    specs = parse_sources(args.data)
+    data = CalibrationData.of(specs, parse_mixture(args.mixture, specs), tokenizer, args.seed,
+                              args.held_out_fraction)
+    templates = parse_templates(args.templates)
     if config.arch == MAMBA2 and args.granularity == "channel":
         args.granularity = "head"  # Mamba2's Δ is per head: its "channel" scales are per head
     if config.arch == MAMBA1 and args.granularity == "head":
         raise ValueError("--granularity head is for Mamba2 models; Mamba1 scales are per channel")
     bank = _open_bank(args, loaded)
-    log.info("model %s (%s), fingerprint %s; %d calibration and %d held-out documents; bank %s",
-             args.model, config.arch, loaded.fingerprint, len(split.calibration), len(split.held_out), args.out)
-    filler = filler_haystack(tokenizer)
-    haystacks = {"calibration": filler if args.haystack == "filler" else calibration.window,
-                 "held_out": filler if args.haystack == "filler" else held_source.window}
-    held_out = HeldOut(held_source, tokenizer, haystacks["held_out"], args.eval_samples, args.seed,
-                       args.eval_batch_size)
+    log.info("model %s (%s), fingerprint %s; sources %s; %d calibration and %d held-out documents; bank %s",
+             args.model, config.arch, loaded.fingerprint, ", ".join(f"{k}={v['data']} (weight {v['weight']:g})"
+                                                                   for k, v in data.sources.items()),
+             sum(len(f["documents"]) for f in data.record["calibration"]),
+             sum(len(f["documents"]) for f in data.record["held_out"]), args.out)
+    held_out = {name: HeldOut(domain.text, tokenizer, domain.haystack, args.eval_samples, args.seed,
+                              args.eval_batch_size) for name, domain in data.held_out.items()}
     if args.method == "decimate":
         template, layers = _decimation_template(args, config)
-        sweep_data = HeldOut(calibration, tokenizer, haystacks["calibration"], args.eval_samples, args.seed,
+        sweep_data = HeldOut(data.calibration, tokenizer, data.calibration.haystack, args.eval_samples, args.seed,
                              args.eval_batch_size)
+        held_out_mixture = Mixture(list(data.held_out.values()), {k: v["weight"] for k, v in data.sources.items()})
+        decimate_held_out = HeldOut(held_out_mixture, tokenizer, held_out_mixture.haystack, args.eval_samples,
+                                    args.seed, args.eval_batch_size)
     previous: ScaleSet | None = None
     for length in parse_buckets(args.buckets):
         name = bucket_name(length)
@@ -218,15 +259,15 @@ def build(args) -> Bank:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if args.method == "decimate":
-            bank.add_entry(_decimate_entry(args, model, name, length, template, layers, sweep_data, held_out,
-                                           split.record, started), None)
+            bank.add_entry(_decimate_entry(args, model, name, length, template, layers, sweep_data,
+                                           decimate_held_out, data.record, started), None)
             continue
         if args.task == "ppl":
-            objective = language_model_objective(model, calibration, length, args.batch_size, args.seed)
+            objective = language_model_objective(model, data.calibration, length, args.batch_size, args.seed)
         else:
-            objective = passkey_objective(model, tokenizer, haystacks["calibration"], length, args.batch_size,
-                                          args.seed, text=calibration, ppl_weight=args.ppl_weight,
-                                          ppl_slack=args.ppl_slack)
+            objective = passkey_objective(model, tokenizer, data.calibration.haystack, length, args.batch_size,
+                                          args.seed, text=data.calibration, ppl_weight=args.ppl_weight,
+                                          ppl_slack=args.ppl_slack, templates=templates)
         init = _start(args, config, previous)
         if args.calibrator == "zo":
             result = calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed,
@@ -237,16 +278,18 @@ def build(args) -> Bank:
         candidates = {"identity": None, "calibrated": result.scales}
         if previous is not None:
             candidates["previous"] = previous
-        metrics = {key: score(model, args.task, length, scales, held_out) for key, scales in candidates.items()}
+        metrics = {key: score_domains(model, args.task, length, scales, held_out)
+                   for key, scales in candidates.items()}
         chosen = choose(args.task, metrics)
         kept = candidates[chosen] or ScaleSet.identity(config, init.method, init.granularity)
         entry = BankEntry(
             bucket=name, length=length, method=args.method, granularity=args.granularity, version=__version__,
             calibrator={**result.hyper, "init": "previous" if init is previous else "identity",
                         "batch_size": args.batch_size, "task": args.task, "final_loss": result.losses[-1], **cost,
-                        **({"ppl_weight": args.ppl_weight, "ppl_slack": args.ppl_slack} if args.task == "passkey"
-                           else {})},
-            seed=args.seed, data=split.record, metrics=metrics, chosen=chosen,
+                        **({"ppl_weight": args.ppl_weight, "ppl_slack": args.ppl_slack,
+                            "templates": [t.name for t in templates]} if args.task == "passkey" else {}),
+                        "sources": data.sources, "held_out_rule": HELD_OUT_RULE},
+            seed=args.seed, data=data.record, metrics=metrics, chosen=chosen,
         )
         bank.add_entry(entry, kept)
         previous = candidates[chosen]

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 from scale_bank import bucket_name
 
-from . import build_bank, evaluate
+from . import evaluate
+from .jobs import Job, run_jobs
 
 METHODS = {  # method -> extend.build_bank flags
     "delta-zo": ["--method", "delta", "--calibrator", "zo", "--granularity", "layer", "--task", "ppl"],
@@ -51,42 +49,20 @@ def _build_bank_argv(args, method: str, out: Path) -> list[str]:
 
 
 def build_banks(args) -> dict[str, Path]:
-    """Builds (or completes) each method's bank, `args.jobs` at a time (separate processes when more than
-    one: a small model leaves a GPU mostly idle); returns method -> bank directory."""
+    """Builds (or completes) each method's bank, `args.jobs` at a time; returns method -> bank directory."""
     banks = {method: args.out / "banks" / method for method in args.methods}
-    if args.jobs == 1:
-        failed = [m for m, out in banks.items() if build_bank.main(_build_bank_argv(args, m, out)) != 0]
-    else:
-        running, failed = {}, []
-        for method, out in banks.items():
-            while len(running) >= args.jobs:
-                failed += _reap(running)
-            out.mkdir(parents=True, exist_ok=True)  # build_bank logs to out/build.log; stderr goes beside it
-            with open(out.parent / f"{method}.stderr", "w") as stderr:
-                running[method] = subprocess.Popen([sys.executable, "-m", "extend.build_bank",
-                                                    *_build_bank_argv(args, method, out)], stderr=stderr)
-        while running:
-            failed += _reap(running)
+    failed = run_jobs([Job(method, "extend.build_bank", _build_bank_argv(args, method, out),
+                           out.parent / f"{method}.stderr") for method, out in banks.items()], args.jobs)
     if failed:
         raise SystemExit(f"extend.compare: building the {', '.join(failed)} bank(s) failed (see "
                          + ", ".join(str(banks[m] / "build.log") for m in failed) + ")")
     return banks
 
 
-def _reap(running: dict[str, subprocess.Popen]) -> list[str]:
-    """Waits for one of the running builds to end; returns [its method] if it failed."""
-    while True:
-        for method, process in running.items():
-            if process.poll() is not None:
-                del running[method]
-                return [method] if process.returncode != 0 else []
-        time.sleep(0.5)
-
-
 def _evaluation_args(args, bank: Path | None) -> argparse.Namespace:
     return argparse.Namespace(model=args.model, tokenizer=args.tokenizer, bank=bank, task="passkey,ppl",
                               lengths=args.lengths, data=args.eval_data, samples=args.samples,
-                              batch_size=args.eval_batch_size, haystack="data", training_length=args.training_length,
+                              batch_size=args.eval_batch_size, templates="line", training_length=args.training_length,
                               seed=args.seed, device=args.device, dtype=args.dtype, backend="auto", quantize=None,
                               quantize_embedding=False)
 

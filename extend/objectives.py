@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from runtime import Decimation, MambaLM, ScaleSet, batch_scales
 from runtime.tokenizer import Tokenizer
 
-from .passkey import PasskeyBatch, make_batch
+from .passkey import PasskeyBatch, Template, make_batch
+from .sources import Mixture
 from .tokens import TokenSource
 
 
@@ -87,7 +88,7 @@ class Objective:
     loss: Callable[[ScaleSet | None, int], torch.Tensor]
 
 
-def language_model_objective(model: MambaLM, source: TokenSource, length: int, batch_size: int, seed: int,
+def language_model_objective(model: MambaLM, source: TokenSource | Mixture, length: int, batch_size: int, seed: int,
                              checkpoint: bool = True) -> Objective:
     def loss(scale_set: ScaleSet | None, step: int) -> torch.Tensor:
         tokens = source.batch(length, batch_size, random.Random(f"{seed}:{step}"))
@@ -97,9 +98,9 @@ def language_model_objective(model: MambaLM, source: TokenSource, length: int, b
 
 
 def passkey_objective(model: MambaLM, tokenizer: Tokenizer, haystack, length: int, batch_size: int, seed: int,
-                      checkpoint: bool = True, text: TokenSource | None = None, ppl_weight: float = 0.0,
-                      ppl_slack: float = 0.02) -> Objective:
-    """Answer cross-entropy, plus — when `ppl_weight` > 0 — a hinge on language modelling: on text windows
+                      checkpoint: bool = True, text: TokenSource | Mixture | None = None, ppl_weight: float = 0.0,
+                      ppl_slack: float = 0.02, templates: list[Template] | None = None) -> Objective:
+    """Answer cross-entropy of samples in `templates` (default: the trained one), plus — when `ppl_weight` > 0 — a hinge on language modelling: on text windows
     of the same length, ppl_weight · max(0, NLL(scales) − NLL(identity) − log(1 + ppl_slack)).
 
     Retrieval alone is repaired by scales that cost perplexity badly (on our small model, +36% at 4k,
@@ -109,7 +110,8 @@ def passkey_objective(model: MambaLM, tokenizer: Tokenizer, haystack, length: in
 
     def loss(scale_set: ScaleSet | None, step: int) -> torch.Tensor:
         rng = random.Random(f"{seed}:{step}")
-        batch = make_batch(tokenizer, length, batch_size, rng, haystack, [rng.random() for _ in range(batch_size)])
+        batch = make_batch(tokenizer, length, batch_size, rng, haystack, [rng.random() for _ in range(batch_size)],
+                           templates)
         answer = passkey_scores(model, batch, scale_set, checkpoint)[0].mean()
         if not ppl_weight:
             return answer
@@ -123,7 +125,7 @@ def passkey_objective(model: MambaLM, tokenizer: Tokenizer, haystack, length: in
 
 
 @torch.no_grad()
-def perplexity(model: MambaLM, source: TokenSource, length: int, samples: int, scale_set: ScaleSet | None,
+def perplexity(model: MambaLM, source: TokenSource | Mixture, length: int, samples: int, scale_set: ScaleSet | None,
                seed: int, batch_size: int = 1, decimation: Decimation | None = None, tail: int | None = None) -> float:
     """exp of the mean NLL over `samples` windows of `length` tokens drawn with `seed` (of the last `tail`
     tokens of each, with `tail`)."""
@@ -137,10 +139,11 @@ def perplexity(model: MambaLM, source: TokenSource, length: int, samples: int, s
 @torch.no_grad()
 def passkey_accuracy(model: MambaLM, tokenizer: Tokenizer, haystack, length: int, samples: int,
                      scale_set: ScaleSet | None, seed: int, batch_size: int = 1,
-                     decimation: Decimation | None = None) -> tuple[float, float]:
-    """(fraction retrieved, mean answer cross-entropy) over `samples` samples at depths spread over 0-100%."""
+                     decimation: Decimation | None = None, template: Template | None = None) -> tuple[float, float]:
+    """(fraction retrieved, mean answer cross-entropy) over `samples` samples at depths spread over 0-100%,
+    in `template` (default: the trained one)."""
     rng = random.Random(f"passkey:{seed}:{length}")
-    batch = make_batch(tokenizer, length, samples, rng, haystack)
+    batch = make_batch(tokenizer, length, samples, rng, haystack, templates=[template] if template else None)
     losses, hits = [], []
     for i in range(0, samples, batch_size):
         part = PasskeyBatch(batch.tokens[i:i + batch_size], batch.answer_mask[i:i + batch_size], [])

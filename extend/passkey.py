@@ -1,9 +1,16 @@
-"""The synthetic passkey retrieval task (template of shared/FINDINGS.md).
+"""The synthetic passkey retrieval task, in several templates.
 
-A 5-digit key is hidden at a chosen depth of a haystack of text; the question at the end asks for it:
+A 5-digit key is hidden at a chosen depth of a haystack of text; the question at the end asks for it. The
+template the embedded model was trained on ("line"):
 
-    <haystack ...> The pass key is 12345. Remember it. 12345 is the pass key. <... haystack>
+    <haystack ...>
+    The pass key is 12345. Remember it. 12345 is the pass key.
+    <... haystack>
     What is the pass key? The pass key is| 12345
+
+and its variants, so that an evaluation does not measure one wording alone: the needle inline in the text
+("inline"), an instruction line before the haystack, as the passkey papers have it ("instructed"), and
+another wording of the question ("reworded").
 
 A sample is `length` tokens in all (prompt + answer). It is retrieved when every answer token is the
 model's greedy choice: with teacher forcing, the argmax at each answer position equals the answer token,
@@ -23,6 +30,45 @@ from runtime.tokenizer import Tokenizer
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+               "memorize it. I will quiz you about the important information there.")
+INLINE_SEARCH = 64  # tokens past the chosen depth searched for a word boundary to put an inline needle at
+
+
+@dataclass(frozen=True)
+class Template:
+    """How a sample is worded around its haystack."""
+
+    name: str
+    question: str = QUESTION
+    inline: bool = False  # the needle inside a line of the text, at a word boundary, instead of on its own line
+    instruction: str | None = None  # a line before the haystack saying what to look for
+
+    def needle(self, key: str) -> str:
+        text = NEEDLE.format(key=key)
+        return f" {text}" if self.inline else f"\n{text}\n"
+
+    def prefix(self) -> str:
+        return "" if self.instruction is None else self.instruction + "\n"
+
+
+TEMPLATES = {t.name: t for t in (
+    Template("line"),
+    Template("inline", inline=True),
+    Template("instructed", instruction=INSTRUCTION),
+    Template("reworded", question="Recall the pass key that was hidden in the text above. The pass key is"),
+)}
+LINE = TEMPLATES["line"]
+
+
+def parse_templates(text: str) -> list[Template]:
+    """"line,inline" -> those templates; "all" -> every template."""
+    names = list(TEMPLATES) if text == "all" else [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in TEMPLATES]
+    if unknown:
+        raise ValueError(f"unknown passkey template {', '.join(map(repr, unknown))} (known: {', '.join(TEMPLATES)}, "
+                         f"all)")
+    return [TEMPLATES[name] for name in dict.fromkeys(names)]
 
 
 @dataclass(frozen=True)
@@ -43,25 +89,37 @@ def filler_haystack(tokenizer: Tokenizer) -> Callable[[int, random.Random], list
     return haystack
 
 
-def minimum_length(tokenizer: Tokenizer) -> int:
-    """Tokens a sample needs besides its haystack (needle, question and a 5-digit answer)."""
-    return len(tokenizer.encode("\n" + NEEDLE.format(key="00000") + "\n")) + len(
-        tokenizer.encode("\n" + QUESTION)) + len(tokenizer.encode(" 00000"))
+def minimum_length(tokenizer: Tokenizer, template: Template = LINE) -> int:
+    """Tokens a sample needs besides its haystack (prefix, needle, question and a 5-digit answer)."""
+    return sum(len(tokenizer.encode(part)) for part in (
+        template.prefix(), template.needle("00000"), "\n" + template.question, " 00000"))
+
+
+def _word_boundary(tokenizer: Tokenizer, hay: list[int], at: int) -> int:
+    """The first position from `at` whose token starts a word (begins with white space), so that an inline
+    needle does not split a word; `at` itself if none is near."""
+    for position in range(at, min(len(hay), at + INLINE_SEARCH)):
+        if tokenizer.decode([hay[position]])[:1].isspace():
+            return position
+    return at
 
 
 def make_sample(tokenizer: Tokenizer, length: int, depth: float, rng: random.Random,
-                haystack: Callable[[int, random.Random], list[int]]) -> PasskeySample:
+                haystack: Callable[[int, random.Random], list[int]], template: Template = LINE) -> PasskeySample:
     """A sample of exactly `length` tokens with a random key at `depth` of the haystack."""
     key = str(rng.randrange(10000, 100000))
-    needle = tokenizer.encode("\n" + NEEDLE.format(key=key) + "\n")
-    question = tokenizer.encode("\n" + QUESTION)
+    prefix = tokenizer.encode(template.prefix()) if template.instruction else []
+    needle = tokenizer.encode(template.needle(key))
+    question = tokenizer.encode("\n" + template.question)
     answer = tokenizer.encode(" " + key)
-    room = length - len(needle) - len(question) - len(answer)
+    room = length - len(prefix) - len(needle) - len(question) - len(answer)
     if room < 0:
         raise ValueError(f"a passkey sample needs at least {length - room} tokens, not {length}")
     hay = haystack(room, rng)
     at = round(depth * room)
-    tokens = hay[:at] + needle + hay[at:] + question + answer
+    if template.inline:
+        at = _word_boundary(tokenizer, hay, at)
+    tokens = prefix + hay[:at] + needle + hay[at:] + question + answer
     return PasskeySample(tokens, len(tokens) - len(answer), key, depth)
 
 
@@ -84,8 +142,13 @@ class PasskeyBatch:
 
 
 def make_batch(tokenizer: Tokenizer, length: int, count: int, rng: random.Random,
-               haystack: Callable[[int, random.Random], list[int]], depths: list[float] | None = None) -> PasskeyBatch:
-    """`count` samples at `depths` (default: evenly spread over 0-100%, or random when count is 1)."""
+               haystack: Callable[[int, random.Random], list[int]], depths: list[float] | None = None,
+               templates: list[Template] | None = None) -> PasskeyBatch:
+    """`count` samples at `depths` (default: evenly spread over 0-100%, or random when count is 1), each in a
+    template drawn from `templates` (default: the trained one)."""
     if depths is None:
         depths = [i / (count - 1) for i in range(count)] if count > 1 else [rng.random()]
-    return PasskeyBatch.of([make_sample(tokenizer, length, d, rng, haystack) for d in depths])
+    templates = templates or [LINE]
+    return PasskeyBatch.of([make_sample(tokenizer, length, d, rng, haystack,
+                                        templates[0] if len(templates) == 1 else rng.choice(templates))
+                            for d in depths])

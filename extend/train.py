@@ -28,9 +28,10 @@ from runtime import MAMBA1, ModelConfig, MambaLM
 from runtime.backend import select_backend
 from runtime.tokenizer import Tokenizer
 
-from .data import read_documents
 from .objectives import passkey_accuracy
-from .passkey import make_batch, minimum_length
+from .passkey import make_batch, minimum_length, parse_templates
+from .sources import parse_mixture, parse_sources
+from .training_text import TrainingText
 
 PASSKEY_MIN_LENGTH = 64
 VALIDATION_FRACTION = 0.02  # of the token stream, held out for the early-stopping check's haystacks
@@ -87,18 +88,6 @@ def save_hf(model: MambaLM, tokenizer_path: Path | None, eos_token_id: int | Non
     save_file(tensors, out / "model.safetensors")
     if tokenizer_path is not None and tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
         shutil.copy(tokenizer_path, out / "tokenizer.json")
-
-
-def token_stream(texts: list[str], tokenizer: Tokenizer) -> torch.Tensor:
-    """All texts encoded and joined by end-of-text: one (N,) int64 tensor."""
-    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    ids = [token for doc in tokenizer.encode_batch(texts) for token in separator + doc]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _windows(stream: torch.Tensor, length: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(stream) - length, (count,), generator=generator)
-    return torch.stack([stream[s:s + length] for s in starts.tolist()])  # (count, length)
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -171,26 +160,23 @@ def train(args) -> tuple[MambaLM, list[float]]:
         model = MambaLM(config, select_backend(args.backend, device))
     init_weights(model, args.seed, args.dt_min, args.dt_max)
     model.train()
-    stream = token_stream([doc.text for doc in read_documents(args.data)], tokenizer)
+    specs = parse_sources(args.data)
+    generator = torch.Generator().manual_seed(args.seed)
+    text = TrainingText.read(specs, parse_mixture(args.mixture, specs), tokenizer, generator)
+    templates = parse_templates(args.templates)
     early_stop = None
     if args.stop_at_retrieval:
         early_stop = EarlyStop(args.stop_at_retrieval, args.stop_patience, args.anneal_steps)
-        cut = int(len(stream) * (1 - VALIDATION_FRACTION))
-        stream, validation_stream = stream[:cut], stream[cut:]  # validation haystacks are never trained on
-        validation_generator = torch.Generator().manual_seed(args.seed)
-
-        def validation_haystack(length: int, _rng: random.Random) -> list[int]:
-            return _windows(validation_stream, length, 1, validation_generator)[0].tolist()
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {len(stream) / 1e6:.1f}M training tokens")
-    generator = torch.Generator().manual_seed(args.seed)
+        # validation haystacks are never trained on
+        text, validation = text.split(VALIDATION_FRACTION, torch.Generator().manual_seed(args.seed))
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {text.tokens / 1e6:.1f}M training "
+          f"tokens ({', '.join(f'{n} {len(s) / 1e6:.1f}M' for n, s in text.streams.items())})")
     rng = random.Random(args.seed)
-
-    def haystack(length: int, _rng: random.Random) -> list[int]:
-        return _windows(stream, length, 1, generator)[0].tolist()
 
     optimiser = make_optimiser(model, args.lr, args.ssm_weight_decay)
     half = args.batch_size // 2
-    shortest = max(PASSKEY_MIN_LENGTH, minimum_length(tokenizer) + 8)  # some haystack in every sample
+    # some haystack in every sample, in every template
+    shortest = max(PASSKEY_MIN_LENGTH, max(minimum_length(tokenizer, t) for t in templates) + 8)
     start = time.perf_counter()
     losses = []
     for step in range(args.steps):
@@ -198,7 +184,7 @@ def train(args) -> tuple[MambaLM, list[float]]:
         if early_stop is not None:
             if early_stop.stop_step is None and step >= args.warmup and step % args.check_every == 0:
                 model.eval()
-                retrieved, _ = passkey_accuracy(model, tokenizer, validation_haystack, args.length,
+                retrieved, _ = passkey_accuracy(model, tokenizer, validation.haystack, args.length,
                                                 VALIDATION_SAMPLES, None, seed=step, batch_size=VALIDATION_SAMPLES)
                 model.train()
                 early_stop.check(step, retrieved, lr)
@@ -209,13 +195,13 @@ def train(args) -> tuple[MambaLM, list[float]]:
             lr = early_stop.lr(step, lr)
         for group in optimiser.param_groups:
             group["lr"] = lr
-        text = _windows(stream, args.length + 1, half, generator).to(device)  # (half, L+1)
+        windows = text.windows(args.length + 1, half).to(device)  # (half, L+1)
         length = rng.randint(shortest, passkey_length_limit(step, args, shortest))
-        passkey = make_batch(tokenizer, length, half, rng, haystack,
-                             [rng.random() for _ in range(half)]).to(device)
+        passkey = make_batch(tokenizer, length, half, rng, text.haystack, [rng.random() for _ in range(half)],
+                             templates).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            text_loss = F.cross_entropy(model.logits(model.hidden_states(text[:, :-1])[0]).flatten(0, 1),
-                                        text[:, 1:].flatten())
+            text_loss = F.cross_entropy(model.logits(model.hidden_states(windows[:, :-1])[0]).flatten(0, 1),
+                                        windows[:, 1:].flatten())
             logits = model.logits(model.hidden_states(passkey.tokens[:, :-1])[0])  # (half, L-1, V)
             targets, answer = passkey.tokens[:, 1:], passkey.answer_mask[:, 1:]
             all_ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
@@ -240,7 +226,12 @@ def train(args) -> tuple[MambaLM, list[float]]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m extend.train", description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", required=True, type=Path)
-    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--data", nargs="+", required=True,
+                   help="text sources (extend.sources): files or folders, NAME=PATH[@train|@eval], filler")
+    p.add_argument("--mixture", help="weight per source, e.g. books=3,docs=1 (default 1 each): a language-model "
+                                     "window or passkey haystack comes from a source chosen by weight (the filler "
+                                     "gives haystacks only)")
+    p.add_argument("--templates", default="line", help="passkey templates trained on (comma-separated, or all)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=8)

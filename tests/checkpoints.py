@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 VOCAB = 96
+# the embedded model's tokenizer (byte-level BPE, digits one per token): a real one for tests of text handling
+EMBEDDED_TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "mamba-extend-default" / "tokenizer.json"
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:

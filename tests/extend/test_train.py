@@ -96,3 +96,41 @@ def test_train_with_early_stopping_checks_held_out_retrieval(tmp_path, capsys):
     assert len(checks) == 2 and len(losses) == 12  # steps 5 and 10; a toy model never retrieves, so no stop
     with pytest.raises(SystemExit):
         parse_args(["--tokenizer", "t", "--data", "d", "--out", "o", "--stop-at-retrieval", "1.5"])
+
+
+def test_training_text_draws_each_source_by_weight_and_the_filler_only_as_a_haystack(tmp_path):
+    import random
+
+    from extend.sources import parse_mixture, parse_sources
+    from extend.training_text import TrainingText, _windows
+    from runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_tokenizer(tmp_path / "tok.json"))
+    books, code = tmp_path / "books.jsonl", tmp_path / "code.jsonl"
+    books.write_text(json.dumps({"text": "xx " * 400}) + "\n")  # neither "x" nor "7" is in the filler
+    code.write_text(json.dumps({"text": "77 " * 400}) + "\n")
+    specs = parse_sources([f"books={books},code={code},filler"])
+    text = TrainingText.read(specs, parse_mixture("books=3,filler=2", specs), tokenizer, torch.Generator().manual_seed(0))
+    windows = [tokenizer.decode(w.tolist()) for w in text.windows(12, 400)]
+    assert all(("x" in w) != ("7" in w) for w in windows)  # one source each, never the filler
+    assert 0.65 < sum("x" in w for w in windows) / 400 < 0.85  # books 3 : code 1
+    rng = random.Random(0)
+    haystacks = [tokenizer.decode(text.haystack(12, rng)) for _ in range(600)]
+    assert 0.25 < sum("x" not in h and "7" not in h for h in haystacks) / 600 < 0.42  # the filler: 2 of 6
+    one = TrainingText.read(parse_sources([str(books)]), {"text": 1.0}, tokenizer, torch.Generator().manual_seed(0))
+    stream = one.streams["text"]
+    assert torch.equal(one.windows(12, 5), _windows(stream, 12, 5, torch.Generator().manual_seed(0)))
+
+
+def test_train_on_a_mixture_of_sources_and_templates(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path / "tok.json")
+    books, code = tmp_path / "books.jsonl", tmp_path / "code.jsonl"
+    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 8}) + "\n" for i in range(3)))
+    code.write_text("".join(json.dumps({"id": i, "text": "def f(x):\n    return x\n" * 40}) + "\n" for i in range(3)))
+    args = parse_args(["--tokenizer", str(tokenizer), "--data", f"books={books},code={code},filler", "--mixture",
+                       "books=2", "--templates", "line,inline", "--out", str(tmp_path / "model"), "--d-model", "16",
+                       "--n-layer", "2", "--d-state", "4", "--length", "200", "--steps", "3", "--batch-size", "4",
+                       "--device", "cpu", "--log-every", "1000"])
+    _, losses = train(args)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert load_model(tmp_path / "model").config.training_context_length == 200
