@@ -4,7 +4,8 @@
 # DATA_DIR holds the shared Gutenberg files (train-00/01.jsonl.xz, eval.jsonl.xz). STAGES is any of
 # "train bank eval" (default: all three, in order). Run on a CUDA machine with mamba_ssm; about 25 minutes on
 # one H200, also with two seeds side by side (training 12, bank 11, evaluation 2). The bank build resumes
-# where it stopped. TRAIN_FLAGS adds to or overrides the shipped model's recipe (models/mamba-extend-default).
+# where it stopped. TRAIN_FLAGS adds to or overrides the shipped model's recipe (models/mamba-extend-default);
+# TRAIN_DATA replaces its training text (extend.sources specs; default: the two Gutenberg shards).
 set -euo pipefail
 train_flags=${TRAIN_FLAGS:-}
 seed=$1 data=$2 out=$3 stages=${4:-train bank eval}
@@ -12,7 +13,7 @@ model=$out/model bank=$out/model/bank
 for stage in $stages; do
   case $stage in
     train) python3 -m extend.train --tokenizer models/mamba-extend-default/tokenizer.json \
-             --data "$data"/train-00.jsonl.xz "$data"/train-01.jsonl.xz --out "$model" --d-model 256 --n-layer 8 \
+             --data ${TRAIN_DATA:-"$data"/train-00.jsonl.xz "$data"/train-01.jsonl.xz} --out "$model" --d-model 256 --n-layer 8 \
              --d-state 48 --length 512 --steps 6000 --batch-size 64 --answer-weight 3 --curriculum 0 \
              $train_flags --seed "$seed" ;;
     bank) python3 -m extend.build_bank --model "$model" --buckets 1k,2k,4k,8k,16k,32k --task passkey --calibrator bp \

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Screens the bank across kinds of text, all stages side by side on one GPU. Domains: Gutenberg books, the
+# Python documentation and standard library, Linux man pages and the passkey papers' filler, calibrated on
+# (books: train-01; the others: their @train parts) and evaluated on text calibration never reads (books: the eval
+# authors; the others: their @eval parts), plus the Debian Reference, which no calibration or training reads.
+#   bash models/screen_domains.sh GUTENBERG_DIR DOMAINS_DIR OUT_DIR [STAGES]
+# STAGES (default all):
+#   transfer   extend.transfer on MODEL: an A-spectrum bank on every calibration source, and one without each
+#   shipped    MODEL's own bank on every domain
+#   layer      a bank of one A scale per layer, calibrated on every source, on every domain
+#   templates  the per-channel bank calibrated in three templates (line, inline, instructed; reworded stays unseen)
+#   train      new bases (seeds TRAIN_SEEDS) of the embedded recipe trained on books (weight 2) and the domains'
+#              @train parts (1 each), passkeys in three templates, each given the mixed per-channel bank and
+#              evaluated on every domain
+# MODEL defaults to the shipped model; STEPS, SAMPLES, EVAL_SAMPLES, BUCKETS, LENGTHS and TRAIN_STEPS shrink a
+# smoke run. Each stage logs to OUT_DIR/STAGE.log.
+set -uo pipefail
+gut=$1 dom=$2 out=$3 stages=${4:-transfer shipped layer templates train}
+model=${MODEL:-models/mamba-extend-default}
+buckets=${BUCKETS:-1k,2k,4k,8k} lengths=${LENGTHS:-512,4k,8k} samples=${SAMPLES:-50}
+docs=$dom/python-docs.jsonl.xz code=$dom/python-code.jsonl.xz man=$dom/manpages.jsonl.xz
+calibration="books=$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train,filler"
+evaluation="books=$gut/eval.jsonl.xz,docs=$docs@eval,code=$code@eval,man=$man@eval"
+evaluation+=",debian=$dom/debian-reference.jsonl.xz,filler"
+bank_flags="--task passkey --calibrator bp --method a_spectrum --steps ${STEPS:-150} --lr 0.05 --batch-size 8
+  --eval-samples ${EVAL_SAMPLES:-20} --eval-batch-size 5 --ppl-weight 10 --ppl-slack 0.02 --no-progress"
+mkdir -p "$out"
+
+evaluate() {  # MODEL BANK OUT
+  python3 -m extend.evaluate --model "$1" --bank "$2" --data "$evaluation" --templates all --task passkey,ppl \
+    --lengths "$lengths" --samples "$samples" --batch-size 5 --out "$3"
+}
+mixed_bank() {  # MODEL OUT [build_bank flags]
+  python3 -m extend.build_bank --model "$1" --data "$calibration" --buckets "$buckets" --out "$2" --resume \
+    $bank_flags "${@:3}"
+}
+
+for stage in $stages; do
+  case $stage in
+    transfer) python3 -m extend.transfer --model "$model" --calibration "$calibration" --evaluation "$evaluation" \
+                --buckets "$buckets" --lengths "$lengths" --templates all --samples "$samples" --jobs 6 \
+                --out "$out/transfer" -- $bank_flags --granularity channel ;;
+    shipped) evaluate "$model" "$model/bank" "$out/shipped" ;;
+    layer) mixed_bank "$model" "$out/layer/bank" --granularity layer && evaluate "$model" "$out/layer/bank" \
+             "$out/layer/eval" ;;
+    templates) mixed_bank "$model" "$out/templates/bank" --granularity channel --templates line,inline,instructed \
+                 && evaluate "$model" "$out/templates/bank" "$out/templates/eval" ;;
+    train)
+      for seed in ${TRAIN_SEEDS:-0 1}; do
+        run=$out/mixed-s$seed
+        (TRAIN_DATA="books=$gut/train-00.jsonl.xz+$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train" \
+           TRAIN_FLAGS="--templates line,inline,instructed --mixture books=2 --steps ${TRAIN_STEPS:-6000} ${TRAIN_FLAGS:-}" \
+           bash models/train_embedded.sh "$seed" "$gut" "$run" train \
+         && mixed_bank "$run/model" "$run/model/bank" --granularity channel --seed "$seed" \
+         && evaluate "$run/model" "$run/model/bank" "$run/eval") > "$out/train-s$seed.log" 2>&1 &
+      done
+      wait ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac > "$out/$stage.log" 2>&1 &
+done
+wait
