@@ -159,6 +159,7 @@ class Mixture:
         self.domains = [d for d in domains if weights[d.name] > 0]
         self.weights = [weights[d.name] for d in self.domains]
         self.texts = [(d.text, w) for d, w in zip(self.domains, self.weights) if d.text is not None]
+        self.text_domains = [d for d in self.domains if d.text is not None]
 
     def haystack(self, length: int, rng: random.Random) -> list[int]:
         domain = self.domains[0] if len(self.domains) == 1 else rng.choices(self.domains, self.weights)[0]
@@ -174,3 +175,9 @@ class Mixture:
     def batch(self, length: int, count: int, rng: random.Random) -> torch.Tensor:
         """(count, length) int64 windows."""
         return torch.tensor([self.window(length, rng) for _ in range(count)], dtype=torch.long)
+
+    def batches(self, length: int, count: int, rng: random.Random) -> dict[str, torch.Tensor]:
+        """(count, length) int64 windows of each domain that has text: what a per-domain hinge compares."""
+        if not self.text_domains:
+            raise DataError("language modelling needs text: every calibration source is the filler")
+        return {d.name: d.text.batch(length, count, rng) for d in self.text_domains}

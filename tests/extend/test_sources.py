@@ -67,3 +67,31 @@ def test_a_mixture_draws_haystacks_by_weight_and_text_only_from_sources_with_tex
     assert Mixture([code, filler], {"code": 0, FILLER: 1}).haystack(12, rng) == filler.haystack(12, rng)
     with pytest.raises(DataError, match="needs text"):
         Mixture([filler], {FILLER: 1}).window(12, rng)
+
+
+def test_the_perplexity_hinge_holds_for_each_domain_apart(checkpoints, tmp_path):
+    """The hinge is the sum of each domain's own excess (a mean over domains would halve it here), so one domain's
+    perplexity cannot buy slack for another's."""
+    import torch
+
+    from checkpoints import tiny_tokenizer
+    from extend.objectives import lm_nll, passkey_objective, passkey_scores
+    from extend.passkey import make_batch
+    from runtime import ScaleMethod, ScaleSet, load_model
+
+    loaded = load_model(checkpoints["mamba1"])
+    tokenizer = Tokenizer(tiny_tokenizer(tmp_path / "tok.json"))
+    books = Domain.of("books", read_documents([_corpus(tmp_path / "b.jsonl", 3, "Call me Ishmael")]), tokenizer)
+    code = Domain.of("code", read_documents([_corpus(tmp_path / "c.jsonl", 3, "def f(x): return 0123")]), tokenizer)
+    mixture = Mixture([books, code], {"books": 1, "code": 1})
+    scales = ScaleSet(ScaleMethod.DELTA, tuple(torch.tensor(4.0) for _ in range(loaded.config.n_layer)))
+    objective = passkey_objective(loaded.model, tokenizer, mixture.haystack, 120, 4, seed=3, checkpoint=False,
+                                  text=mixture, ppl_weight=10.0, ppl_slack=0.0)
+    rng = random.Random("3:0")  # what the objective draws for step 0, in its order
+    batch = make_batch(tokenizer, 120, 4, rng, mixture.haystack, [rng.random() for _ in range(4)])
+    expected = passkey_scores(loaded.model, batch, scales)[0].mean()
+    excesses = []
+    for windows in mixture.batches(120, 1, rng).values():
+        excesses.append(lm_nll(loaded.model, windows, scales).mean() - lm_nll(loaded.model, windows, None).mean())
+    expected = expected + 10.0 * sum(torch.relu(e) for e in excesses)
+    assert len(excesses) == 2 and torch.isclose(objective.loss(scales, 0), expected, rtol=1e-5)
