@@ -6,6 +6,7 @@
 #   bash models/screen_domains.sh GUTENBERG_DIR DOMAINS_DIR OUT_DIR [STAGES]
 # STAGES (default all):
 #   transfer   extend.transfer on MODEL: an A-spectrum bank on every calibration source, and one without each
+#   mixed      the per-channel bank calibrated on every source (transfer's `all` bank) alone, on every domain
 #   shipped    MODEL's own bank on every domain
 #   layer      a bank of one A scale per layer, calibrated on every source, on every domain
 #   templates  the per-channel bank calibrated in three templates (line, inline, instructed; reworded stays unseen)
@@ -40,6 +41,8 @@ for stage in $stages; do
     transfer) python3 -m extend.transfer --model "$model" --calibration "$calibration" --evaluation "$evaluation" \
                 --buckets "$buckets" --lengths "$lengths" --templates all --samples "$samples" --jobs 6 \
                 --out "$out/transfer" -- $bank_flags --granularity channel ;;
+    mixed) mixed_bank "$model" "$out/mixed/bank" --granularity channel && evaluate "$model" "$out/mixed/bank" \
+             "$out/mixed/eval" ;;
     shipped) evaluate "$model" "$model/bank" "$out/shipped" ;;
     layer) mixed_bank "$model" "$out/layer/bank" --granularity layer && evaluate "$model" "$out/layer/bank" \
              "$out/layer/eval" ;;
