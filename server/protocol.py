@@ -22,7 +22,7 @@ class CompletionRequest(BaseModel):
     # a string or token ids; a list holding one of those is accepted too (lm-evaluation-harness sends that)
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # None: 16, as OpenAI
-    temperature: float | None = Field(1.0, ge=0)
+    temperature: float | None = Field(1.0, ge=0, allow_inf_nan=False)  # JSON's Infinity would make every score NaN
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1, 0 or None: off
     stop: str | list[str] | None = None
