@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 5)
+# Stop strings are searched for on the engine thread after every token, at a cost of about count × length²
+# character comparisons, so they are bounded: OpenAI allows 4 strings, vLLM any number; 16 of up to 256
+# characters cover real uses (chat turn markers, code fences) and cost well under a millisecond per token.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
 
 
 class StreamOptions(BaseModel):
@@ -33,6 +38,17 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     n: int = 1
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
+        longest = max(strings, key=len, default="")
+        if len(longest) > MAX_STOP_LENGTH:
+            raise ValueError(f"a stop string has at most {MAX_STOP_LENGTH} characters, got one of {len(longest)}")
+        return stop
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
