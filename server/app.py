@@ -19,19 +19,16 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
+from .body_guard import BodyGuard
 from .components import Components
 from .config import ServerConfig
 from .engine import Engine
-from .errors import AuthenticationError, ServerError, UnavailableError
+from .errors import AuthenticationError, ServerError, UnavailableError, error_response
 from .metrics import Metrics
 from .protocol import parse_completion_request
 from .serving import CompletionService
 
 HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
-
-
-def error_response(error: ServerError) -> JSONResponse:
-    return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers())
 
 
 def build_app(config: ServerConfig, components: Components) -> FastAPI:
@@ -50,6 +47,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="mamba-extend-server", lifespan=lifespan)
+    app.add_middleware(BodyGuard, max_bytes=http.max_body_bytes, timeout=http.body_timeout)
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -65,7 +63,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     @v1.post("/completions")
     async def completions(request: HttpRequest) -> Response:
         body = parse_completion_request(await request.body())
-        submission = service.submit(body)
+        submission = await service.submit(body)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(service.stream(submission, include_usage), ping=http.heartbeat, sep="\n")

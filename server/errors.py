@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
+
 
 class ServerError(Exception):
     status = 500
@@ -26,6 +28,26 @@ class ServerError(Exception):
 class InvalidRequestError(ServerError):
     status = 400
     type = "invalid_request_error"
+
+
+class BodyTooLargeError(InvalidRequestError):
+    """The request body is over --max-body-bytes; the rest of it is never read."""
+
+    status = 413
+    code = "request_too_large"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # the unread rest of the body would be taken for the next request
+
+
+class BodyTimeoutError(InvalidRequestError):
+    """The request body did not arrive within --body-timeout (a client too slow, or stalled)."""
+
+    status = 408
+    code = "body_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class PromptTooLongError(InvalidRequestError):
@@ -70,3 +92,7 @@ class EngineFailure(ServerError):
     """The model raised while running the request; the engine goes on with the others."""
 
     code = "engine_error"
+
+
+def error_response(error: ServerError) -> JSONResponse:
+    return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers())
