@@ -87,6 +87,8 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     async def health() -> Response:
         if not engine.alive:
             return error_response(UnavailableError("the engine is not running"))
+        if not engine.accepting:  # a graceful shutdown: load balancers should send no more
+            return error_response(UnavailableError("the server is shutting down", code="shutting_down"))
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

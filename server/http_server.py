@@ -1,5 +1,5 @@
-"""The HTTP server around the app: uvicorn with h11, time-outs for slow clients and a connection limit.
-`python -m server` and the tests' live servers are built here alike."""
+"""The HTTP server around the app: uvicorn with h11, time-outs for slow clients, a connection limit and the
+graceful shutdown. `python -m server` and the tests' live servers are built here alike."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .config import HttpConfig
+from .shutdown import GracefulServer
 
 log = logging.getLogger(__name__)
+# After the shutdown's grace, seconds the last answers get to reach their clients before uvicorn drops them.
+FLUSH_SECONDS = 5
 
 
 class HeadTimeoutProtocol(H11Protocol):
@@ -61,8 +64,9 @@ class HeadTimeoutProtocol(H11Protocol):
             self.transport.close()
 
 
-def build_server(app: FastAPI, http: HttpConfig, log_level: str = "info") -> uvicorn.Server:
+def build_server(app: FastAPI, http: HttpConfig, log_level: str = "info") -> GracefulServer:
+    """The server of `app` (built by server.app.build_app, whose engine it shuts down gracefully)."""
     config = uvicorn.Config(app, host=http.host, port=http.port, log_level=log_level,
                             http=functools.partial(HeadTimeoutProtocol, head_timeout=http.header_timeout),
-                            limit_concurrency=http.max_connections)
-    return uvicorn.Server(config)
+                            limit_concurrency=http.max_connections, timeout_graceful_shutdown=FLUSH_SECONDS)
+    return GracefulServer(config, app.state.engine, http.shutdown_timeout)
