@@ -23,12 +23,16 @@ from .body_guard import BodyGuard
 from .components import Components
 from .config import ServerConfig
 from .engine import Engine
-from .errors import AuthenticationError, ServerError, UnavailableError, error_response
+from .errors import AuthenticationError, ServerError, UnavailableError
 from .metrics import Metrics
 from .protocol import parse_completion_request
 from .serving import CompletionService
 
 HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
+
+
+def error_response(error: ServerError) -> JSONResponse:
+    return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers())
 
 
 def build_app(config: ServerConfig, components: Components) -> FastAPI:

@@ -2,8 +2,10 @@
 sending all of it is one log line, not a traceback.
 
 An ASGI middleware rather than checks in the routes, because the routes see the body only once it is whole:
-a declared Content-Length over the limit is refused before any of the body is read, and a body sent in
-chunks (no Content-Length) is counted as it arrives and refused at the first byte past the limit.
+here a declared Content-Length over the limit is refused at the route's first read, before any of the body is
+read, and a body sent in chunks (no Content-Length) is counted as it arrives and refused at the first byte past
+the limit. The errors are raised where the route reads, so the app's error handler answers them as it answers
+every other ServerError.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BodyTimeoutError, BodyTooLargeError, error_response
+from .errors import BodyTimeoutError, BodyTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +31,17 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            refusal = BodyTooLargeError(f"the request body has {declared} bytes, more than this server's limit of "
-                                        f"{self.max_bytes} (--max-body-bytes)")
-            await error_response(refusal)(scope, receive, send)
-            return
         try:
-            await self.app(scope, self._guarded(receive), send)
+            await self.app(scope, self._guarded(receive, _content_length(scope)), send)
         except ClientDisconnect:  # raised where a route reads the body; the client is gone, nobody to answer
             host, port = scope.get("client") or ("?", 0)
             log.info("%s:%s %s %s: the client disconnected before sending the whole request body", host, port,
                      scope["method"], scope["path"])
 
-    def _guarded(self, receive: Receive) -> Receive:
-        """`receive` that raises BodyTooLargeError past `max_bytes` and BodyTimeoutError past the deadline,
-        until the body's last message; after it (the wait for a disconnect) it is `receive` unchanged."""
+    def _guarded(self, receive: Receive, declared: int | None) -> Receive:
+        """`receive` that raises BodyTooLargeError when `declared` (the Content-Length) or the bytes received
+        pass `max_bytes`, and BodyTimeoutError past the deadline, until the body's last message; after it (the
+        wait for a disconnect) it is `receive` unchanged."""
         deadline = asyncio.get_running_loop().time() + self.timeout
         received = 0
         body_done = False
@@ -53,6 +50,9 @@ class BodyGuard:
             nonlocal received, body_done
             if body_done:
                 return await receive()
+            if declared is not None and declared > self.max_bytes:
+                raise BodyTooLargeError(f"the request body has {declared} bytes, more than this server's limit of "
+                                        f"{self.max_bytes} (--max-body-bytes)")
             left = deadline - asyncio.get_running_loop().time()
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(left, 0))

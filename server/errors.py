@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
-
 
 class ServerError(Exception):
     status = 500
@@ -92,7 +90,3 @@ class EngineFailure(ServerError):
     """The model raised while running the request; the engine goes on with the others."""
 
     code = "engine_error"
-
-
-def error_response(error: ServerError) -> JSONResponse:
-    return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers())
