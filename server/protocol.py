@@ -7,9 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 5)
-# Stop strings are searched for on the engine thread after every token, at a cost of about count × length²
-# character comparisons, so they are bounded: OpenAI allows 4 strings, vLLM any number; 16 of up to 256
-# characters cover real uses (chat turn markers, code fences) and cost well under a millisecond per token.
+# Stop strings are searched for on the engine thread after every token (server.detokenizer), in up to
+# count × length comparisons of up to length characters each, which holds back every other stream, so both are
+# bounded: OpenAI allows 4 strings, vLLM any number; 16 of up to 256 characters cover real uses (chat turn
+# markers, code fences).
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
