@@ -6,6 +6,7 @@ connection closed) promptly, in OpenAI error JSON, and the server keeps serving.
 import asyncio
 import json
 import logging
+import random
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from server.protocol import CompletionRequest
 from server_helpers import SERVER_FLAGS, LiveServer, wait_for
 
 MAX_BODY = 65536
@@ -116,6 +118,39 @@ def test_a_temperature_just_above_zero_gives_the_greedy_text(client, temperature
         return body.json()["choices"][0]["text"]
 
     assert text(temperature) == text(0)
+
+
+# Values of every JSON type, edge cases included; small enough that a request they make valid runs in milliseconds.
+FUZZ_VALUES = [None, True, False, -1, 0, 1, 2, 16, 10**12, 2**64, -0.5, 0.0, 1e-40, 0.5, 1.0, 7.5, "", "x",
+               "the river", "é€\u0000", "y" * 300, "none", "auto", "128", "tiny", [], [5, 6], [-1], [96], ["the river"],
+               ["x"] * 17, [[5, 6]], [True], {}, {"include_usage": True}, {"include_usage": 1}]
+
+
+def fuzzed_body(rng: random.Random) -> dict:
+    """A valid body with up to two of the described fields (CompletionRequest's JSON schema) set to any of
+    FUZZ_VALUES: valid, invalid and borderline requests in about equal measure."""
+    body = {"prompt": "the river", "max_tokens": 4, "stream": rng.random() < 0.5}
+    for name in rng.sample(sorted(CompletionRequest.model_json_schema()["properties"]), rng.randrange(3)):
+        body[name] = rng.choice(FUZZ_VALUES)
+    return body
+
+
+def test_fuzzed_bodies_get_an_answer_or_an_error_json_never_a_5xx(live):
+    rng = random.Random(25)
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        for _ in range(80):
+            body = fuzzed_body(rng)
+            with c.stream("POST", "/v1/completions", json=body) as response:
+                content = response.read()
+            assert response.status_code < 500, (body, content)
+            if response.status_code != 200:
+                error_of(content)
+            elif response.headers["content-type"].startswith("text/event-stream"):
+                events = [line[6:] for line in content.decode().splitlines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]" and all("choices" in json.loads(e) for e in events[:-1]), (body, events)
+            else:
+                assert json.loads(content)["object"] == "text_completion", (body, content)
+    assert_serving(live)
 
 
 # --- slow clients --------------------------------------------------------------------------------------------
