@@ -35,7 +35,7 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.engine = engine
         self.grace = grace  # seconds running requests get to finish
-        self._drain: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None  # the shutdown, once a signal started it
         self._hurry: asyncio.Event | None = None  # set by a second signal: end the grace now
 
     @contextlib.contextmanager
@@ -55,9 +55,9 @@ class GracefulServer(uvicorn.Server):
 
     def shut_down(self) -> None:
         """Starts the graceful shutdown; called again while it runs, ends the grace at once. Event loop only."""
-        if self._drain is None:
+        if self._task is None:
             self._hurry = asyncio.Event()
-            self._drain = asyncio.get_running_loop().create_task(self._shut_down())
+            self._task = asyncio.get_running_loop().create_task(self._shut_down())
         else:
             self._hurry.set()
 
