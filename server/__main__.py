@@ -7,7 +7,6 @@ import logging
 import sys
 
 import torch
-import uvicorn
 
 from runtime.errors import RuntimeErrorBase
 from scale_bank import BankError
@@ -15,6 +14,7 @@ from scale_bank import BankError
 from .app import build_app
 from .components import load_components
 from .config import ConfigError, parse_args
+from .http_server import build_server
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, RuntimeErrorBase, BankError) as bad:
         print(f"mamba-extend-server: error: {bad}", file=sys.stderr)
         raise SystemExit(2) from None
-    uvicorn.run(build_app(config, components), host=config.http.host, port=config.http.port, log_level=log_level)
+    build_server(build_app(config, components), config.http, log_level).run()
 
 
 if __name__ == "__main__":

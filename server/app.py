@@ -19,6 +19,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
+from .body_guard import BodyGuard
 from .components import Components
 from .config import ServerConfig
 from .engine import Engine
@@ -50,6 +51,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="mamba-extend-server", lifespan=lifespan)
+    app.add_middleware(BodyGuard, max_bytes=http.max_body_bytes, timeout=http.body_timeout)
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -65,7 +67,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     @v1.post("/completions")
     async def completions(request: HttpRequest) -> Response:
         body = parse_completion_request(await request.body())
-        submission = service.submit(body)
+        submission = await service.submit(body)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(service.stream(submission, include_usage), ping=http.heartbeat, sep="\n")
@@ -89,6 +91,8 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     async def health() -> Response:
         if not engine.alive:
             return error_response(UnavailableError("the engine is not running"))
+        if not engine.accepting:  # a graceful shutdown: load balancers should send no more
+            return error_response(UnavailableError("the server is shutting down", code="shutting_down"))
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

@@ -10,6 +10,10 @@ from pathlib import Path
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "mamba-extend-default"
 BANK_DIRNAME = "bank"  # a model directory may carry its bank here
 DEFAULT_MAX_CONTEXT = 131072  # tokens; a recurrent model has no positional limit, so this only bounds work per request
+# A prompt of DEFAULT_MAX_CONTEXT tokens is about 0.9 MB as token ids ("12345, " per id) and 0.5-1 MB as English
+# or code text; 4 MiB admits either with room for JSON's \u escapes of non-ASCII text, while bounding what one
+# request can make the server parse and tokenise (a 4 MiB text prompt takes seconds to tokenise).
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,13 @@ class HttpConfig:
     served_model_name: str = "mamba"  # the `model` clients name
     max_context: int = DEFAULT_MAX_CONTEXT  # prompt + max_tokens limit per request
     heartbeat: float = 15.0  # seconds between SSE pings on a stream, so proxies keep it open during a long prefill
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger request body is refused (413) before it is read
+    body_timeout: float = 30.0  # seconds from a request's head to its body's last byte; slower: 408
+    header_timeout: float = 10.0  # seconds a connection may take to send a request head, from opening or from
+    # its previous response; slower: closed (uvicorn's keep-alive timer stops at the first byte, so a client
+    # trickling its head would otherwise hold the connection for ever)
+    max_connections: int = 512  # open connections (uvicorn's limit_concurrency): past it, requests get 503
+    shutdown_timeout: float = 30.0  # on SIGTERM/SIGINT, seconds running requests get to finish
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=_positive_int, default=HttpConfig.max_context,
                    help="most tokens (prompt + max_tokens) one request may reach")
     p.add_argument("--heartbeat", type=_positive_float, default=HttpConfig.heartbeat, help="seconds between SSE pings")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=HttpConfig.max_body_bytes,
+                   help="largest request body; a larger one gets 413 before it is read")
+    p.add_argument("--body-timeout", type=_positive_float, default=HttpConfig.body_timeout,
+                   help="seconds a request body may take to arrive (408 after)")
+    p.add_argument("--header-timeout", type=_positive_float, default=HttpConfig.header_timeout,
+                   help="seconds a connection may take to send a request head before it is closed")
+    p.add_argument("--max-connections", type=_positive_int, default=HttpConfig.max_connections,
+                   help="open connections; past it, requests get 503")
+    p.add_argument("--shutdown-timeout", type=_positive_float, default=HttpConfig.shutdown_timeout,
+                   help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error")
     p.add_argument("--max-batch-size", type=_positive_int, default=EngineConfig.max_batch_size)
     p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
     p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
@@ -130,5 +151,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
                           threads=args.threads, cuda_graphs=not args.enforce_eager)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
-                      args.max_context, args.heartbeat)
+                      args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
+                      args.max_connections, args.shutdown_timeout)
     return ServerConfig(spec, engine, http), args.log_level

@@ -63,6 +63,8 @@ class Engine:
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_reason = "the engine stopped"  # what the requests still held when it stops are told
+        self._closed = False  # admission closed (shutting down): submit refuses, the requests held run on
         self._thread: threading.Thread | None = None
         self._decode_scales_key: tuple[str, ...] | None = None  # request ids the cached BatchScales belong to
         self._decode_scales = None
@@ -94,22 +96,41 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="mamba-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, reason: str | None = None) -> None:
+        """Stops the engine thread; every request still queued or running ends with an error saying `reason`."""
         with self._cond:
             self._stopping = True
+            self._stop_reason = reason or self._stop_reason
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
 
+    def close(self) -> None:
+        """Takes no more requests (a graceful shutdown); those already queued or running go on."""
+        with self._cond:
+            self._closed = True
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def accepting(self) -> bool:
+        return self.alive and not self._closed
+
+    @property
+    def busy(self) -> bool:
+        """Some request is queued or running."""
+        with self._cond:
+            return self.scheduler.has_work()
 
     def submit(self, request: Request) -> None:
         """Queues `request`; raises QueueFullError when --max-queue requests already wait."""
         with self._cond:
             if not self.alive:
                 raise UnavailableError("the engine is not running")
+            if self._closed:
+                raise UnavailableError("the server is shutting down", code="shutting_down")
             self.scheduler.add(request)
             self.metrics.waiting.set(len(self.scheduler.waiting))
             self._cond.notify()
@@ -156,7 +177,7 @@ class Engine:
             left = [*self.scheduler.waiting, *self.scheduler.running]
             for request in left:
                 self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-        self._report({r: self._new_output(r, error="the engine stopped") for r in left})
+        self._report({r: self._new_output(r, error=self._stop_reason) for r in left})
 
     def _run(self, output: SchedulerOutput) -> tuple[dict[Request, RequestStatus], dict[Request, RequestOutput]]:
         """Runs one step's model work; returns the requests it finished and every request's new output."""

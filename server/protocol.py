@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 5)
+# Stop strings are searched for on the engine thread after every token (server.detokenizer), in up to
+# count × length comparisons of up to length characters each, which holds back every other stream, so both are
+# bounded: OpenAI allows 4 strings, vLLM any number; 16 of up to 256 characters cover real uses (chat turn
+# markers, code fences).
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
 
 
 class StreamOptions(BaseModel):
@@ -22,7 +28,7 @@ class CompletionRequest(BaseModel):
     # a string or token ids; a list holding one of those is accepted too (lm-evaluation-harness sends that)
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # None: 16, as OpenAI
-    temperature: float | None = Field(1.0, ge=0)
+    temperature: float | None = Field(1.0, ge=0, allow_inf_nan=False)  # JSON's Infinity would make every score NaN
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1, 0 or None: off
     stop: str | list[str] | None = None
@@ -33,6 +39,17 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     n: int = 1
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
+        longest = max(strings, key=len, default="")
+        if len(longest) > MAX_STOP_LENGTH:
+            raise ValueError(f"a stop string has at most {MAX_STOP_LENGTH} characters, got one of {len(longest)}")
+        return stop
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:

@@ -21,7 +21,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     tokens = logits.argmax(dim=-1)  # (b,): the greedy choice, kept for temperature 0
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        probs = torch.stack([torch.softmax(_filtered(logits[i] / params[i].temperature, params[i].top_k,
+        probs = torch.stack([torch.softmax(_filtered(_tempered(logits[i], params[i].temperature), params[i].top_k,
                                                      params[i].top_p), dim=-1) for i in sampled])  # (r, V)
         cdf = probs.cumsum(dim=-1)  # (r, V)
         u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in sampled])  # (r,)
@@ -29,6 +29,15 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
         choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
         tokens[torch.tensor(sampled, device=logits.device)] = choice.clamp(max=logits.shape[-1] - 1)
     return tokens.tolist()
+
+
+def _tempered(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """scores: (V,) logits. Returns them divided by `temperature`, in float64 and shifted so that the largest is 0:
+    then every positive temperature (down to the smallest double) gives 0 for the largest and finite or -inf
+    values for the rest, never inf - inf or 0 / 0. A temperature just above 0 is thus greedy (the largest logits
+    share all the probability) rather than NaN, which the inverse CDF would read as the last token."""
+    scores = scores.double()
+    return (scores - scores.max()) / temperature
 
 
 def _filtered(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -47,14 +47,14 @@ class CompletionService:
 
     # --- admission -----------------------------------------------------------------------------------
 
-    def submit(self, body: CompletionRequest) -> Submission:
+    async def submit(self, body: CompletionRequest) -> Submission:
         """Validates `body`, picks its bucket and queues it. Raises a ServerError (4xx) on any fault."""
         if body.model is not None and body.model != self.http.served_model_name:
             raise ModelNotFoundError(f"model {body.model!r} does not exist; this server serves "
                                      f"{self.http.served_model_name!r}", param="model")
         if body.n != 1:
             raise InvalidRequestError(f"n must be 1, got {body.n}", param="n")
-        prompt_ids, prompt_text = self._prompt(body.prompt)
+        prompt_ids, prompt_text = await self._prompt(body.prompt)
         params = SamplingParams(
             max_tokens=16 if body.max_tokens is None else body.max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -66,9 +66,6 @@ class CompletionService:
             prompt_logprobs=body.echo and body.logprobs is not None,
         )
         limit = self.http.max_context
-        if len(prompt_ids) > limit:
-            raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens, more than this server's context "
-                                     f"limit of {limit} (--max-context)", param="prompt")
         n_tokens = len(prompt_ids) + params.max_tokens
         if n_tokens > limit:
             raise InvalidRequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -98,25 +95,40 @@ class CompletionService:
         self.engine.submit(request)
         return Submission(request, outputs, prompt_text, body.echo, selection, int(time.time()))
 
-    def _prompt(self, prompt) -> tuple[list[int], str]:
-        """Token ids and text of the prompt: a string, token ids, or a list of exactly one of those."""
+    async def _prompt(self, prompt) -> tuple[list[int], str]:
+        """Token ids and text of the prompt: a string, token ids, or a list of exactly one of those. Its length
+        is judged as soon as it is known: token ids before anything else, text once tokenised.
+
+        Text is tokenised on a worker thread through `encode_batch`, which releases the GIL (`encode` holds it),
+        so a long prompt does not stall the event loop and every other client. No bound on the token count is
+        drawn from the text's length before that: a token may span many characters and a tokenizer's normaliser
+        may shorten the text, so only the body size limit bounds this work."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise InvalidRequestError(f"one prompt per request, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+            [ids] = await asyncio.to_thread(self.tokenizer.encode_batch, [prompt])
             if not ids:
-                raise InvalidRequestError("the prompt is empty" if not prompt else
-                                          "the prompt encodes to no tokens", param="prompt")
+                raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
+            self._check_length(ids)
             return ids, prompt
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        self._check_length(prompt)
         vocab = self.tokenizer.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})", param="prompt")
         return prompt, self.tokenizer.decode(prompt)
+
+    def _check_length(self, prompt_ids: list[int]) -> None:
+        limit = self.http.max_context
+        if len(prompt_ids) > limit:
+            raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens, more than this server's context "
+                                     f"limit of {limit} (--max-context)", param="prompt")
 
     # --- outputs -------------------------------------------------------------------------------------
 

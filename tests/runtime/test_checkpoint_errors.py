@@ -1,6 +1,7 @@
 """Every bad checkpoint is refused with an error naming the file and the fault; nothing loads partially."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -100,6 +101,26 @@ def test_config_missing_field(checkpoints, tmp_path):
     del cfg["n_layer"]
     (directory / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing field 'n_layer'"):
+        load_model(directory)
+
+
+@pytest.mark.parametrize("source, changes, fault", [
+    ("mamba1", {"hidden_size": "garbage"}, "field 'hidden_size' must be a positive integer, got 'garbage'"),
+    ("mamba1", {"num_hidden_layers": True}, "field 'num_hidden_layers' must be a positive integer, got True"),
+    ("mamba1", {"vocab_size": -3}, "field 'vocab_size' must be a positive integer, got -3"),
+    ("mamba1", {"time_step_rank": "big"}, "field 'time_step_rank' must be a positive integer or \"auto\", got 'big'"),
+    ("mamba1", {"layer_norm_epsilon": "tiny"}, "field 'layer_norm_epsilon' must be a positive number"),
+    ("mamba1", {"use_bias": "no"}, "field 'use_bias' must be true or false, got 'no'"),
+    ("mamba1", {"training_context_length": 2.5}, "field 'training_context_length' must be a positive integer"),
+    ("mamba2", {"time_step_limit": "wide"}, "field 'time_step_limit' must be a list of two numbers"),
+    ("mamba1_ssm", {"ssm_cfg": {"d_state": "16"}}, "field 'ssm_cfg.d_state' must be a positive integer, got '16'"),
+    ("mamba1_ssm", {"ssm_cfg": [1]}, "field 'ssm_cfg' must be an object, got [1]"),
+    ("mamba1_ssm", {"rms_norm": 1}, "field 'rms_norm' must be true or false, got 1"),
+])
+def test_config_field_of_the_wrong_type(checkpoints, tmp_path, source, changes, fault):
+    directory = _copy(checkpoints[source], tmp_path / "m")
+    _edit_config(directory, **changes)
+    with pytest.raises(CheckpointError, match=re.escape(f"{directory / 'config.json'}: {fault}")):
         load_model(directory)
 
 

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from runtime import ScaleMethod, ScaleSet, load_model
 from scale_bank import Bank, BankEntry, model_info
 from server.app import build_app
 from server.components import load_components
 from server.config import parse_args
+from server.http_server import build_server
 
 TRAINING_LENGTH = 64  # recorded in the test bank: auto requests up to 64 tokens use no scales
 # bucket → (method, granularity, scale per layer): "128" is far from 1 so its text differs from identity's
@@ -53,7 +53,7 @@ class LiveServer:
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self._server = build_server(self.app, config.http, "warning")
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     @property

@@ -33,6 +33,9 @@ def assert_error(response: httpx.Response, status: int, param=None, match: str =
     ({**GOOD, "temperature": "hot"}, 400, "temperature", "number"),
     ({**GOOD, "stream": "yes"}, 400, "stream", "boolean"),
     ({**GOOD, "stop": 3}, 400, "stop", ""),
+    ({**GOOD, "stop": ["x"] * 17}, 400, "stop", "at most 16 stop strings, got 17"),
+    ({**GOOD, "stop": ["x", "y" * 257]}, 400, "stop", "at most 256 characters, got one of 257"),
+    ({**GOOD, "stop": "y" * 257}, 400, "stop", "at most 256 characters"),
     ({"max_tokens": 3}, 400, "prompt", "Field required"),
     ({**GOOD, "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
     ({**GOOD, "max_tokens": 10**12}, 400, "max_tokens", "exceeds the context limit of 4096"),
@@ -127,6 +130,14 @@ def _bank_with_decimate_layer(model_dirs, tmp_path, layer: int) -> list[str]:
     return ["--model", str(model_dirs["mamba1"]), "--bank", str(bank)]
 
 
+def _model_with_config(model_dirs, tmp_path, **changes) -> Path:
+    """A copy of the tiny Mamba1 whose config.json has `changes`."""
+    model = shutil.copytree(model_dirs["mamba1"], tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+    return model
+
+
 @pytest.mark.parametrize("flags, match", [
     (lambda d, t: ["--model", str(t / "absent")], "absent"),
     (lambda d, t: ["--model", str(d["mamba1"]), "--bank", str(t)], "bank.json: missing file"),
@@ -134,6 +145,8 @@ def _bank_with_decimate_layer(model_dirs, tmp_path, layer: int) -> list[str]:
     (lambda d, t: ["--model", str(d["mamba1"]), "--tokenizer", str(t / "none.json")], "missing tokenizer file"),
     (lambda d, t: ["--model", str(d["mamba1"]), "--quantize", "int8"],
      "quantization mismatch: bank calibrated on the unquantised model, this model is int8"),
+    (lambda d, t: ["--model", str(_model_with_config(d, t, hidden_size="garbage"))],
+     "config.json: field 'hidden_size' must be a positive integer, got 'garbage'"),
     (lambda d, t: _bank_with_decimate_layer(d, t, 7),
      "bank.json: bucket 512: decimation layer 7 does not exist: the model has 3 layers"),
 ])

@@ -92,6 +92,24 @@ def test_sampled_tokens_follow_the_filtered_distribution():
     assert set(top_p) == {0, 1}  # 0.5 + 0.3 reach 0.6: the rest is never drawn
 
 
+@pytest.mark.parametrize("temperature", [1e-20, 1e-40, 1e-300, 5e-324])
+def test_a_temperature_just_above_zero_is_greedy(temperature):
+    """logits / temperature overflows float32 below ~1e-37; the largest logit must still win, ties shared."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, 2.0, 2.0, -7.0]])
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    params = [SamplingParams(8, temperature=temperature)] * 2
+    draws = [sample(logits, params, gens) for _ in range(40)]
+    assert all(first == 1 for first, _ in draws)
+    assert {second for _, second in draws} == {1, 2}
+
+
+def test_a_huge_temperature_samples_evenly():
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).repeat(3000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(3000)]
+    counts = torch.bincount(torch.tensor(sample(logits, [SamplingParams(8, temperature=1e30)] * 3000, gens)))
+    assert ((counts / 3000 - 1 / 3).abs() < 0.04).all(), counts
+
+
 def test_logprob_entries_match_log_softmax():
     logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))
     targets = torch.tensor([1, 2, 3, 9])

@@ -1,0 +1,78 @@
+"""Graceful shutdown on SIGTERM or SIGINT: stop admitting, let the running requests finish, end the rest.
+
+uvicorn's own handling closes the connections as soon as it can, sse-starlette then cuts every stream without
+a last event, and uvicorn re-raises the signal at the end, so the process dies by it. Here instead:
+1. the engine takes no new request (they get 503, and /health too, so a load balancer sends no more);
+2. the requests already queued or running get up to --shutdown-timeout seconds to finish, so each stream ends
+   with its last token and [DONE];
+3. the engine stops: what still runs ends with an error event (then [DONE]), a non-streamed one with an
+   error answer, each saying that the server shut down;
+4. uvicorn closes the connections once those last answers are sent, and the process exits 0.
+A second signal skips what is left of step 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from typing import Iterator
+
+import uvicorn
+
+from .engine import Engine
+
+log = logging.getLogger(__name__)
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SHUTDOWN_REASON = "the server shut down before this request finished (--shutdown-timeout)"
+POLL_SECONDS = 0.05  # how often the drain checks whether the engine has finished its requests
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace: float):
+        super().__init__(config)
+        self.engine = engine
+        self.grace = grace  # seconds running requests get to finish
+        self._task: asyncio.Task | None = None  # the shutdown, once a signal started it
+        self._hurry: asyncio.Event | None = None  # set by a second signal: end the grace now
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM start `shut_down` instead of uvicorn's exit (only the main thread gets signals)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            loop.add_signal_handler(sig, self.shut_down)
+        try:
+            yield
+        finally:
+            for sig in SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    def shut_down(self) -> None:
+        """Starts the graceful shutdown; called again while it runs, ends the grace at once. Event loop only."""
+        if self._task is None:
+            self._hurry = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._shut_down())
+        else:
+            self._hurry.set()
+
+    async def _shut_down(self) -> None:
+        self.engine.close()
+        log.info("shutting down: no new requests; running ones get up to %g s to finish", self.grace)
+        waits = [asyncio.ensure_future(self._idle()), asyncio.ensure_future(self._hurry.wait())]
+        await asyncio.wait(waits, timeout=self.grace, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if self.engine.busy:
+            log.warning("shutting down: the requests still running end with an error")
+        await asyncio.to_thread(self.engine.stop, SHUTDOWN_REASON)
+        self.should_exit = True  # uvicorn closes the connections once their answers are sent
+
+    async def _idle(self) -> None:
+        while self.engine.busy:
+            await asyncio.sleep(POLL_SECONDS)
