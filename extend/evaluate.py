@@ -179,7 +179,8 @@ def plot(rows: list[dict], path: Path, title: str, series: list[tuple[str, str]]
     series = series or [("base", "base"), ("bank", "bank")]
     tasks = by_task(rows)
     domains = list(dict.fromkeys(r.get("domain", "") for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    many = len(domains) > 2  # then one legend beside the last panel, not over the lines
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + 3 * many, 4 + many), squeeze=False)
     for ax, (task, subset) in zip(axes[0], tasks.items()):
         lengths = list(dict.fromkeys(r["length"] for r in subset))
         present = [(key, label) for key, label in series if any(key in r for r in subset)]
@@ -203,7 +204,12 @@ def plot(rows: list[dict], path: Path, title: str, series: list[tuple[str, str]]
         if task == "ppl" and max(plotted) > 3 * min(plotted):  # a collapse spans decades; a flat curve does not
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small" if len(domains) > 2 else None)
+        if not many:
+            ax.legend()
+    if many:  # every panel's lines, once each (the filler has no perplexity line)
+        entries = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+        axes[0][-1].legend(entries.values(), entries.keys(), fontsize="small", loc="upper left",
+                           bbox_to_anchor=(1.02, 1))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
