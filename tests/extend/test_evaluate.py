@@ -62,17 +62,19 @@ def test_a_decimate_bucket_is_applied_and_both_perplexities_score_the_kept_tail(
     assert "perplexity of the last 16 tokens at 128" in (out / "results.md").read_text()
 
 
-def _code(path):
-    path.write_text("".join(json.dumps({"title": f"m{i}", "text": f"def f{i}(x):\n    return x + {i}\n" * 30}) + "\n"
+def _model_books_and_code(checkpoints, tmp_path):
+    """A tiny model with its tokenizer, a books file and a code file."""
+    model = shutil.copytree(checkpoints["mamba1"], tmp_path / "model")
+    tiny_tokenizer(model / "tokenizer.json")
+    books, code = tmp_path / "books.jsonl", tmp_path / "code.jsonl"
+    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 6}) + "\n" for i in range(4)))
+    code.write_text("".join(json.dumps({"title": f"m{i}", "text": f"def f{i}(x):\n    return x + {i}\n" * 30}) + "\n"
                             for i in range(6)))
-    return path
+    return model, books, code
 
 
 def test_evaluate_reports_each_domain_and_template(checkpoints, tmp_path):
-    model = shutil.copytree(checkpoints["mamba1"], tmp_path / "model")
-    tiny_tokenizer(model / "tokenizer.json")
-    books, code = tmp_path / "books.jsonl", _code(tmp_path / "code.jsonl")
-    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 6}) + "\n" for i in range(4)))
+    model, books, code = _model_books_and_code(checkpoints, tmp_path)
     out = tmp_path / "results"
     evaluate(["--model", str(model), "--lengths", "200,256", "--data", f"books={books},code={code}", "filler",
               "--templates", "line,instructed", "--samples", "2", "--out", str(out), "--device", "cpu",
@@ -90,10 +92,7 @@ def test_evaluate_reports_each_domain_and_template(checkpoints, tmp_path):
 
 
 def test_transfer_leaves_each_domain_out_and_scores_it_on_that_domain(checkpoints, tmp_path):
-    model = shutil.copytree(checkpoints["mamba1"], tmp_path / "model")
-    tiny_tokenizer(model / "tokenizer.json")
-    books, code = tmp_path / "books.jsonl", _code(tmp_path / "code.jsonl")
-    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 6}) + "\n" for i in range(4)))
+    model, books, code = _model_books_and_code(checkpoints, tmp_path)
     out = tmp_path / "transfer"
     transfer(["--model", str(model), "--calibration", f"books={books},code={code}@train", "--evaluation",
               f"books={books},code={code}@eval,filler", "--buckets", "96", "--lengths", "96", "--samples", "2",
