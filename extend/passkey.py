@@ -10,7 +10,8 @@ template the embedded model was trained on ("line"):
 
 and its variants, so that an evaluation does not measure one wording alone: the needle inline in the text
 ("inline"), an instruction line before the haystack, as the passkey papers have it ("instructed"), and
-another wording of the question ("reworded").
+another wording of the question ("reworded"). "paraphrased" asks in one of several other wordings, for training
+a model that is then asked in a wording it never saw ("reworded" is none of them).
 
 A sample is `length` tokens in all (prompt + answer). It is retrieved when every answer token is the
 model's greedy choice: with teacher forcing, the argmax at each answer position equals the answer token,
@@ -32,6 +33,8 @@ QUESTION = "What is the pass key? The pass key is"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
                "memorize it. I will quiz you about the important information there.")
+PARAPHRASES = ("Tell me the pass key. The pass key is", "Which number is the pass key? The pass key is",
+               "What pass key was given in the text? The pass key is", "Do you know the pass key? The pass key is")
 INLINE_SEARCH = 64  # tokens past the chosen depth searched for a word boundary to put an inline needle at
 
 
@@ -40,7 +43,7 @@ class Template:
     """How a sample is worded around its haystack."""
 
     name: str
-    question: str = QUESTION
+    questions: tuple[str, ...] = (QUESTION,)  # a sample asks one of these
     inline: bool = False  # the needle inside a line of the text, at a word boundary, instead of on its own line
     instruction: str | None = None  # a line before the haystack saying what to look for
 
@@ -51,12 +54,16 @@ class Template:
     def prefix(self) -> str:
         return "" if self.instruction is None else self.instruction + "\n"
 
+    def question(self, rng: random.Random) -> str:
+        return self.questions[0] if len(self.questions) == 1 else rng.choice(self.questions)
+
 
 TEMPLATES = {t.name: t for t in (
     Template("line"),
     Template("inline", inline=True),
     Template("instructed", instruction=INSTRUCTION),
-    Template("reworded", question="Recall the pass key that was hidden in the text above. The pass key is"),
+    Template("reworded", questions=("Recall the pass key that was hidden in the text above. The pass key is",)),
+    Template("paraphrased", questions=PARAPHRASES),
 )}
 LINE = TEMPLATES["line"]
 
@@ -91,8 +98,9 @@ def filler_haystack(tokenizer: Tokenizer) -> Callable[[int, random.Random], list
 
 def minimum_length(tokenizer: Tokenizer, template: Template = LINE) -> int:
     """Tokens a sample needs besides its haystack (prefix, needle, question and a 5-digit answer)."""
-    return sum(len(tokenizer.encode(part)) for part in (
-        template.prefix(), template.needle("00000"), "\n" + template.question, " 00000"))
+    question = max((len(tokenizer.encode("\n" + q)) for q in template.questions))
+    return question + sum(len(tokenizer.encode(part)) for part in (template.prefix(), template.needle("00000"),
+                                                                   " 00000"))
 
 
 def _word_boundary(tokenizer: Tokenizer, hay: list[int], at: int) -> int:
@@ -110,7 +118,7 @@ def make_sample(tokenizer: Tokenizer, length: int, depth: float, rng: random.Ran
     key = str(rng.randrange(10000, 100000))
     prefix = tokenizer.encode(template.prefix()) if template.instruction else []
     needle = tokenizer.encode(template.needle(key))
-    question = tokenizer.encode("\n" + template.question)
+    question = tokenizer.encode("\n" + template.question(rng))
     answer = tokenizer.encode(" " + key)
     room = length - len(prefix) - len(needle) - len(question) - len(answer)
     if room < 0:

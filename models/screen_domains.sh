@@ -11,8 +11,8 @@
 #   layer      a bank of one A scale per layer, calibrated on every source, on every domain
 #   templates  the per-channel bank calibrated in three templates (line, inline, instructed; reworded stays unseen)
 #   train      new bases (seeds TRAIN_SEEDS) of the embedded recipe trained on books (weight 2) and the domains'
-#              @train parts (1 each), passkeys in three templates, each given the mixed per-channel bank and
-#              evaluated on every domain
+#              @train parts (1 each), passkeys in the line, inline, instructed and paraphrased templates, each
+#              given the mixed per-channel bank and evaluated on every domain
 # MODEL defaults to the shipped model; STEPS, SAMPLES, EVAL_SAMPLES, BUCKETS, LENGTHS and TRAIN_STEPS shrink a
 # smoke run. Each stage logs to OUT_DIR/STAGE.log.
 set -uo pipefail
@@ -23,12 +23,13 @@ docs=$dom/python-docs.jsonl.xz code=$dom/python-code.jsonl.xz man=$dom/manpages.
 calibration="books=$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train,filler"
 evaluation="books=$gut/eval.jsonl.xz,docs=$docs@eval,code=$code@eval,man=$man@eval"
 evaluation+=",debian=$dom/debian-reference.jsonl.xz,filler"
+templates=line,inline,instructed,reworded  # evaluated; "reworded" is a wording no training or calibration asks in
 bank_flags="--task passkey --calibrator bp --method a_spectrum --steps ${STEPS:-150} --lr 0.05 --batch-size 8
   --eval-samples ${EVAL_SAMPLES:-20} --eval-batch-size 5 --ppl-weight 10 --ppl-slack 0.02 --no-progress"
 mkdir -p "$out"
 
 evaluate() {  # MODEL BANK OUT
-  python3 -m extend.evaluate --model "$1" --bank "$2" --data "$evaluation" --templates all --task passkey,ppl \
+  python3 -m extend.evaluate --model "$1" --bank "$2" --data "$evaluation" --templates "$templates" --task passkey,ppl \
     --lengths "$lengths" --samples "$samples" --batch-size 5 --out "$3"
 }
 mixed_bank() {  # MODEL OUT [build_bank flags]
@@ -39,7 +40,7 @@ mixed_bank() {  # MODEL OUT [build_bank flags]
 for stage in $stages; do
   case $stage in
     transfer) python3 -m extend.transfer --model "$model" --calibration "$calibration" --evaluation "$evaluation" \
-                --buckets "$buckets" --lengths "$lengths" --templates all --samples "$samples" --jobs 6 \
+                --buckets "$buckets" --lengths "$lengths" --templates "$templates" --samples "$samples" --jobs 6 \
                 --out "$out/transfer" -- $bank_flags --granularity channel ;;
     mixed) mixed_bank "$model" "$out/mixed/bank" --granularity channel && evaluate "$model" "$out/mixed/bank" \
              "$out/mixed/eval" ;;
@@ -52,7 +53,7 @@ for stage in $stages; do
       for seed in ${TRAIN_SEEDS:-0 1}; do
         run=$out/mixed-s$seed
         (TRAIN_DATA="books=$gut/train-00.jsonl.xz+$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train" \
-           TRAIN_FLAGS="--templates line,inline,instructed --mixture books=2 --steps ${TRAIN_STEPS:-6000} ${TRAIN_FLAGS:-}" \
+           TRAIN_FLAGS="--templates line,inline,instructed,paraphrased --mixture books=2 --steps ${TRAIN_STEPS:-6000} ${TRAIN_FLAGS:-}" \
            bash models/train_embedded.sh "$seed" "$gut" "$run" train \
          && mixed_bank "$run/model" "$run/model/bank" --granularity channel --seed "$seed" \
          && evaluate "$run/model" "$run/model/bank" "$run/eval") > "$out/train-s$seed.log" 2>&1 &

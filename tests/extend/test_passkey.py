@@ -27,13 +27,15 @@ def test_every_template_makes_a_sample_of_the_length_asked_with_the_answer_last(
     assert len(sample.tokens) == 300
     assert tokenizer.decode(sample.tokens[sample.answer_start:]) == f" {sample.key}"
     text = tokenizer.decode(sample.tokens[:sample.answer_start])
-    assert text.endswith("\n" + template.question)
+    assert any(text.endswith("\n" + question) for question in template.questions)
     assert NEEDLE.format(key=sample.key) in text
     assert text.startswith(INSTRUCTION + "\n") == (template.instruction is not None)
-    shortest = minimum_length(tokenizer, template)
-    make_sample(tokenizer, shortest, 0.5, random.Random(3), _prose(tokenizer), template)
-    with pytest.raises(ValueError, match="needs at least"):
-        make_sample(tokenizer, shortest - 1, 0.5, random.Random(3), _prose(tokenizer), template)
+    shortest = minimum_length(tokenizer, template)  # enough whichever question a sample asks
+    for seed in range(8):
+        make_sample(tokenizer, shortest, 0.5, random.Random(seed), _prose(tokenizer), template)
+    if len(template.questions) == 1:
+        with pytest.raises(ValueError, match="needs at least"):
+            make_sample(tokenizer, shortest - 1, 0.5, random.Random(3), _prose(tokenizer), template)
 
 
 def test_an_inline_needle_sits_between_words_not_on_a_line_of_its_own(tokenizer):
@@ -54,7 +56,17 @@ def test_a_batch_draws_its_templates_and_the_default_is_the_trained_one(tokenize
     questions = {tokenizer.decode(row.tolist()).rsplit("\n", 1)[1].split(" The pass key is")[0] for row in mixed.tokens}
     assert questions == {"What is the pass key?", "Recall the pass key that was hidden in the text above."}
     default = make_batch(tokenizer, 200, 3, random.Random(0), filler_haystack(tokenizer))
-    assert all(tokenizer.decode(row.tolist()).rsplit("\n", 1)[1].startswith(LINE.question) for row in default.tokens)
+    assert all(tokenizer.decode(row.tolist()).rsplit("\n", 1)[1].startswith(LINE.questions[0])
+               for row in default.tokens)
     assert parse_templates("all") == list(TEMPLATES.values())
     with pytest.raises(ValueError, match="unknown passkey template 'fancy'"):
         parse_templates("line,fancy")
+
+
+def test_paraphrased_samples_ask_in_several_wordings_none_of_them_the_reworded_one(tokenizer):
+    rng = random.Random(1)
+    asked = {tokenizer.decode(make_sample(tokenizer, 200, 0.5, rng, filler_haystack(tokenizer),
+                                          TEMPLATES["paraphrased"]).tokens).rsplit("\n", 1)[1].rsplit(" ", 1)[0]
+             for _ in range(40)}
+    assert asked == set(TEMPLATES["paraphrased"].questions) and len(asked) > 2
+    assert not asked & set(TEMPLATES["reworded"].questions + LINE.questions)
