@@ -42,10 +42,11 @@ from runtime.errors import RuntimeErrorBase
 from runtime.tokenizer import find_tokenizer
 from scale_bank import Bank, BankEntry, BankError, bucket_name, model_info, parse_buckets
 
+from . import distributed
 from .calibrate import calibrate_bp, calibrate_zo
 from .data import DataError, DataSplit
 from .decimate import sweep_and_choose
-from .objectives import language_model_objective, passkey_objective
+from .losses import language_model_objective, passkey_objective
 from .passkey import parse_templates
 from .scoring import HELD_OUT_RULE, HeldOut, choose, score_domains
 from .sources import Domain, Mixture, SourceSpec, parse_mixture, parse_sources, read_source
@@ -81,7 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="calibration steps (ZO default 50, BP 200)")
     p.add_argument("--lr", type=float, help="ZO η (default 0.001) or BP Adam lr (default 0.05)")
     p.add_argument("--c", type=float, default=0.1, help="ZO perturbation size")
-    p.add_argument("--batch-size", type=int, default=4, help="samples per calibration step")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per calibration step (over all ranks)")
+    p.add_argument("--micro-batch-size", type=int,
+                   help="samples a rank runs at once; a step's gradient is accumulated over them (default: all)")
     p.add_argument("--eval-samples", type=int, default=20, help="held-out samples per candidate and bucket")
     p.add_argument("--eval-batch-size", type=int, default=1)
     p.add_argument("--init", choices=("previous", "identity"), default="previous",
@@ -233,7 +236,9 @@ def build(args) -> Bank:
         args.granularity = "head"  # Mamba2's Δ is per head: its "channel" scales are per head
     if config.arch == MAMBA1 and args.granularity == "head":
         raise ValueError("--granularity head is for Mamba2 models; Mamba1 scales are per channel")
-    bank = _open_bank(args, loaded)
+    bank = _open_bank(args, loaded) if distributed.is_main() else None  # rank 0 alone writes
+    distributed.barrier()
+    bank = bank or Bank.load(args.out, config, loaded.fingerprint, loaded.quantization)
     log.info("model %s (%s), fingerprint %s; sources %s; %d calibration and %d held-out documents; bank %s",
              args.model, config.arch, loaded.fingerprint, ", ".join(f"{k}={v['data']} (weight {v['weight']:g})"
                                                                    for k, v in data.sources.items()),
@@ -259,39 +264,46 @@ def build(args) -> Bank:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if args.method == "decimate":
-            bank.add_entry(_decimate_entry(args, model, name, length, template, layers, sweep_data,
-                                           decimate_held_out, data.record, started), None)
+            entry = _decimate_entry(args, model, name, length, template, layers, sweep_data, decimate_held_out,
+                                    data.record, started)
+            if distributed.is_main():
+                bank.add_entry(entry, None)
             continue
         if args.task == "ppl":
-            objective = language_model_objective(model, data.calibration, length, args.batch_size, args.seed)
+            objective = language_model_objective(model, data.calibration, length, args.batch_size, args.seed,
+                                                 micro_batch=args.micro_batch_size)
         else:
             objective = passkey_objective(model, tokenizer, data.calibration.haystack, length, args.batch_size,
                                           args.seed, text=data.calibration, ppl_weight=args.ppl_weight,
-                                          ppl_slack=args.ppl_slack, templates=templates)
+                                          ppl_slack=args.ppl_slack, templates=templates,
+                                          micro_batch=args.micro_batch_size)
         init = _start(args, config, previous)
+        progress = not args.no_progress and distributed.is_main()
         if args.calibrator == "zo":
-            result = calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed,
-                                  not args.no_progress)
+            result = calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed, progress)
         else:
-            result = calibrate_bp(objective, init, args.steps or 200, args.lr or 0.05, not args.no_progress)
+            result = calibrate_bp(objective, init, args.steps or 200, args.lr or 0.05, progress)
         cost = _cost(started, device)
         candidates = {"identity": None, "calibrated": result.scales}
         if previous is not None:
             candidates["previous"] = previous
         metrics = {key: score_domains(model, args.task, length, scales, held_out)
                    for key, scales in candidates.items()}
-        chosen = choose(args.task, metrics)
+        chosen = distributed.from_main(choose(args.task, metrics))  # one decision, whatever a rank's last bits
         kept = candidates[chosen] or ScaleSet.identity(config, init.method, init.granularity)
         entry = BankEntry(
             bucket=name, length=length, method=args.method, granularity=args.granularity, version=__version__,
             calibrator={**result.hyper, "init": "previous" if init is previous else "identity",
-                        "batch_size": args.batch_size, "task": args.task, "final_loss": result.losses[-1], **cost,
+                        "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size or args.batch_size,
+                        "world_size": distributed.world_size(), "task": args.task, "final_loss": result.losses[-1],
+                        **cost,
                         **({"ppl_weight": args.ppl_weight, "ppl_slack": args.ppl_slack,
                             "templates": [t.name for t in templates]} if args.task == "passkey" else {}),
                         "sources": data.sources, "held_out_rule": HELD_OUT_RULE},
             seed=args.seed, data=data.record, metrics=metrics, chosen=chosen,
         )
-        bank.add_entry(entry, kept)
+        if distributed.is_main():
+            bank.add_entry(entry, kept)
         previous = candidates[chosen]
         log.info("bucket %s: calibrated in %s; kept %s; held-out %s", name, cost, chosen, _metrics_text(metrics))
     return bank
@@ -299,12 +311,18 @@ def build(args) -> Bank:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(), logging.FileHandler(args.log or args.out / "build.log")]
+    rank_device = distributed.start(torch.device(args.device).type)
+    if rank_device is not None:
+        args.device = str(rank_device)  # torchrun on CUDA: one GPU a rank
+    if distributed.is_main():
+        args.out.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler()] + (
+        [logging.FileHandler(args.log or args.out / "build.log")] if distributed.is_main() else [])
+    prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
     for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s"))
         log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     try:
@@ -316,7 +334,9 @@ def main(argv=None) -> int:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
-    print(f"bank {args.out}: {', '.join(bank.buckets)}")
+        distributed.stop()
+    if distributed.is_main():
+        print(f"bank {args.out}: {', '.join(bank.buckets)}")
     return 0
 
 

@@ -4,6 +4,9 @@
   g = (L+ − L−)/(2c)·δ on the log-loss, S ← max(S − η·g, floor). Paper defaults: η = 0.001, c = 0.1, K = 50.
 - BP (back-propagation): any granularity (per channel, per head, per channel and state); the log-scales
   are the only trainable tensors (weights frozen), optimised with Adam; scales stay positive as exp(log s).
+
+Under torchrun every rank runs the same calibrator on its share of each step (extend.losses): the losses are
+all-reduced inside the objective and the gradients here, so every rank takes the same steps.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from tqdm import tqdm
 
 from runtime import ScaleSet
 
-from .objectives import Objective
+from . import distributed
+from .losses import Objective
 
 ZO_FLOOR = 0.001  # smallest scale SPSA may reach (the paper's clamp)
 
@@ -42,8 +46,8 @@ def calibrate_zo(objective: Objective, init: ScaleSet, steps: int = 50, lr: floa
             sign = torch.randint(0, 2, current.shape, generator=generator).float() * 2 - 1  # (n_layer,) ±1
             plus = (current + c * sign).clamp(min=ZO_FLOOR)
             minus = (current - c * sign).clamp(min=ZO_FLOOR)
-            loss_plus = math.log(objective.loss(ScaleSet(init.method, tuple(plus)), step).item())
-            loss_minus = math.log(objective.loss(ScaleSet(init.method, tuple(minus)), step).item())
+            loss_plus = math.log(objective.run(lambda: ScaleSet(init.method, tuple(plus)), step, backward=False))
+            loss_minus = math.log(objective.run(lambda: ScaleSet(init.method, tuple(minus)), step, backward=False))
             gradient = (loss_plus - loss_minus) / (2 * c) * sign
             current = (current - lr * gradient).clamp(min=ZO_FLOOR)
             losses.append((loss_plus + loss_minus) / 2)
@@ -62,10 +66,14 @@ def calibrate_bp(objective: Objective, init: ScaleSet, steps: int = 200, lr: flo
     for step in bar:
         optimiser.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = objective.loss(ScaleSet(init.method, tuple(torch.exp(p) for p in log_scales)), step)
-            loss.backward()
+            loss = objective.run(lambda: ScaleSet(init.method, tuple(torch.exp(p) for p in log_scales)), step,
+                                 backward=True)
+        for p in log_scales:  # each rank holds its share of the gradient (none where it had no rows)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            distributed.sum_across(p.grad)
         optimiser.step()
-        losses.append(loss.item())
+        losses.append(loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     scales = ScaleSet(init.method, tuple(torch.exp(p.detach()) for p in log_scales))
     hyper = {"name": "bp", "steps": steps, "lr": lr, "optimiser": "adam", "objective": objective.name}

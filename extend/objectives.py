@@ -1,10 +1,7 @@
-"""What calibration minimises and evaluation reports, for a model under a scale set.
+"""What calibration (extend.losses) and evaluation measure, for a model under a scale set.
 
 - language modelling: mean token negative log-likelihood of windows of the bucket length;
 - passkey: cross-entropy of the answer tokens, and whether every answer token is the greedy choice.
-
-Each objective draws its batch for step k from its own seed, so the two evaluations of one SPSA step
-see the same text, and a run is reproducible.
 
 Under a decimation (DeciMamba) only the last `keep_last` positions of a prompt keep their place, so the
 metrics score those: the answer of a passkey sample must lie within them, and language modelling scores
@@ -15,8 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,57 +72,6 @@ def passkey_scores(model: MambaLM, batch: PasskeyBatch, scale_set: ScaleSet | No
     loss = torch.zeros(b, device=ce.device).index_add(0, rows, ce) / counts
     misses = torch.zeros(b, device=ce.device).index_add(0, rows, (logits.argmax(-1) != targets).float())
     return loss, misses == 0
-
-
-@dataclass
-class Objective:
-    """loss(scale_set, step) -> scalar tensor, differentiable in the scale set's tensors."""
-
-    name: str
-    length: int
-    loss: Callable[[ScaleSet | None, int], torch.Tensor]
-
-
-def language_model_objective(model: MambaLM, source: TokenSource | Mixture, length: int, batch_size: int, seed: int,
-                             checkpoint: bool = True) -> Objective:
-    def loss(scale_set: ScaleSet | None, step: int) -> torch.Tensor:
-        tokens = source.batch(length, batch_size, random.Random(f"{seed}:{step}"))
-        return lm_nll(model, tokens, scale_set, checkpoint).mean()
-
-    return Objective("ppl", length, loss)
-
-
-def passkey_objective(model: MambaLM, tokenizer: Tokenizer, haystack, length: int, batch_size: int, seed: int,
-                      checkpoint: bool = True, text: TokenSource | Mixture | None = None, ppl_weight: float = 0.0,
-                      ppl_slack: float = 0.02, templates: list[Template] | None = None) -> Objective:
-    """Answer cross-entropy of samples in `templates` (default: the trained one), plus — when `ppl_weight` > 0 —
-    a hinge on language modelling for each domain of `text` apart (a Mixture's text domains; a TokenSource is
-    one): on windows of the same length, ppl_weight · Σ_domains max(0, NLL(scales) − NLL(identity) − log(1 +
-    ppl_slack)).
-
-    Retrieval alone is repaired by scales that cost perplexity badly; the hinge lets scales move freely while
-    perplexity stays within the slack, and pushes back hard beyond it. It holds per domain because a mean over
-    domains lets the scales trade one domain's perplexity for another's, and the held-out rule judges each."""
-    slack = math.log1p(ppl_slack)
-
-    def loss(scale_set: ScaleSet | None, step: int) -> torch.Tensor:
-        rng = random.Random(f"{seed}:{step}")
-        batch = make_batch(tokenizer, length, batch_size, rng, haystack, [rng.random() for _ in range(batch_size)],
-                           templates)
-        answer = passkey_scores(model, batch, scale_set, checkpoint)[0].mean()
-        if not ppl_weight:
-            return answer
-        count = max(1, batch_size // 4)
-        domains = text.batches(length, count, rng) if isinstance(text, Mixture) else {"text": text.batch(
-            length, count, rng)}
-        penalty = answer.new_zeros(())
-        for windows in domains.values():  # (count, length) each
-            with torch.no_grad():
-                reference = lm_nll(model, windows, None).mean()
-            penalty = penalty + torch.relu(lm_nll(model, windows, scale_set, checkpoint).mean() - reference - slack)
-        return answer + ppl_weight * penalty
-
-    return Objective("passkey", length, loss)
 
 
 @torch.no_grad()

@@ -148,6 +148,9 @@ class PasskeyBatch:
     def to(self, device) -> "PasskeyBatch":
         return PasskeyBatch(self.tokens.to(device), self.answer_mask.to(device), self.depths)
 
+    def rows(self, index: list[int]) -> "PasskeyBatch":
+        return PasskeyBatch(self.tokens[index], self.answer_mask[index], [self.depths[i] for i in index])
+
 
 def make_batch(tokenizer: Tokenizer, length: int, count: int, rng: random.Random,
                haystack: Callable[[int, random.Random], list[int]], depths: list[float] | None = None,

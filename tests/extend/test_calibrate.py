@@ -6,7 +6,7 @@ from checkpoints import VOCAB
 from reference_model import reference_logits
 
 from extend.calibrate import calibrate_bp, calibrate_zo
-from extend.objectives import Objective
+from extend.losses import Objective
 from runtime import ScaleMethod, ScaleSet, batch_scales, load_model
 
 

@@ -75,7 +75,8 @@ def test_the_perplexity_hinge_holds_for_each_domain_apart(checkpoints, tmp_path)
     import torch
 
     from checkpoints import tiny_tokenizer
-    from extend.objectives import lm_nll, passkey_objective, passkey_scores
+    from extend.losses import passkey_objective
+    from extend.objectives import lm_nll, passkey_scores
     from extend.passkey import make_batch
     from runtime import ScaleMethod, ScaleSet, load_model
 
