@@ -7,10 +7,12 @@ writes. NCCL on CUDA, gloo on CPU. Without that environment there is one process
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def start(device_type: str) -> torch.device | None:
@@ -40,6 +42,11 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def shard(items: Sequence[T]) -> Sequence[T]:
+    """This rank's part of `items`: every world-size-th one, from its rank on."""
+    return items[rank()::world_size()]
 
 
 def sum_across(value: torch.Tensor) -> torch.Tensor:

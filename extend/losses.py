@@ -58,7 +58,7 @@ class Objective:
 
 def _chunks(count: int, micro_batch: int | None) -> list[list[int]]:
     """This rank's rows of `count` (every world-size-th), in micro-batches of at most `micro_batch`."""
-    rows = list(range(distributed.rank(), count, distributed.world_size()))
+    rows = list(distributed.shard(range(count)))
     size = micro_batch or max(1, len(rows))
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 

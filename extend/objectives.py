@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from runtime import Decimation, MambaLM, ScaleSet, batch_scales
 from runtime.tokenizer import Tokenizer
 
+from . import distributed
 from .passkey import PasskeyBatch, Template, make_batch
 from .sources import Mixture
 from .tokens import TokenSource
@@ -78,12 +79,14 @@ def passkey_scores(model: MambaLM, batch: PasskeyBatch, scale_set: ScaleSet | No
 def perplexity(model: MambaLM, source: TokenSource | Mixture, length: int, samples: int, scale_set: ScaleSet | None,
                seed: int, batch_size: int = 1, decimation: Decimation | None = None, tail: int | None = None) -> float:
     """exp of the mean NLL over `samples` windows of `length` tokens drawn with `seed` (of the last `tail`
-    tokens of each, with `tail`)."""
+    tokens of each, with `tail`). Under torchrun each rank scores every world-size-th batch of them."""
     rng = random.Random(f"ppl:{seed}:{length}")
-    windows = source.batch(length, samples, rng)
-    nll = torch.cat([lm_nll(model, windows[i:i + batch_size], scale_set, decimation=decimation, tail=tail)
-                     for i in range(0, samples, batch_size)])
-    return math.exp(nll.mean().item())
+    windows = source.batch(length, samples, rng)  # (samples, length), the same on every rank
+    total = torch.zeros((), dtype=torch.float64)
+    for i in distributed.shard(range(0, samples, batch_size)):
+        nll = lm_nll(model, windows[i:i + batch_size], scale_set, decimation=decimation, tail=tail)  # (b,)
+        total += nll.double().sum().cpu()
+    return math.exp(distributed.sum_across(total).item() / samples)
 
 
 @torch.no_grad()
@@ -91,13 +94,13 @@ def passkey_accuracy(model: MambaLM, tokenizer: Tokenizer, haystack, length: int
                      scale_set: ScaleSet | None, seed: int, batch_size: int = 1,
                      decimation: Decimation | None = None, template: Template | None = None) -> tuple[float, float]:
     """(fraction retrieved, mean answer cross-entropy) over `samples` samples at depths spread over 0-100%,
-    in `template` (default: the trained one)."""
+    in `template` (default: the trained one). Under torchrun each rank scores every world-size-th batch of them."""
     rng = random.Random(f"passkey:{seed}:{length}")
     batch = make_batch(tokenizer, length, samples, rng, haystack, templates=[template] if template else None)
-    losses, hits = [], []
-    for i in range(0, samples, batch_size):
-        part = PasskeyBatch(batch.tokens[i:i + batch_size], batch.answer_mask[i:i + batch_size], [])
-        loss, hit = passkey_scores(model, part, scale_set, decimation=decimation)
-        losses.append(loss)
-        hits.append(hit)
-    return torch.cat(hits).float().mean().item(), torch.cat(losses).mean().item()
+    totals = torch.zeros(2, dtype=torch.float64)  # (answer cross-entropy, retrieved) summed over samples
+    for i in distributed.shard(range(0, samples, batch_size)):
+        loss, hit = passkey_scores(model, batch.rows(list(range(i, min(i + batch_size, samples)))), scale_set,
+                                   decimation=decimation)
+        totals += torch.stack([loss.double().sum(), hit.double().sum()]).cpu()
+    ce, retrieved = (distributed.sum_across(totals) / samples).tolist()
+    return retrieved, ce
