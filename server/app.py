@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
@@ -25,7 +26,8 @@ from .config import ServerConfig
 from .engine import Engine
 from .errors import AuthenticationError, ServerError, UnavailableError
 from .metrics import Metrics
-from .protocol import parse_completion_request
+from .protocol import CompletionRequest, parse_body
+from .request_id import RequestIdMiddleware
 from .serving import CompletionService
 
 HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
@@ -39,7 +41,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     """One app per engine: the engine thread starts and stops with the app's lifespan."""
     metrics = Metrics(torch.device(config.model.device))
     engine = Engine(components.loaded.model, components.tokenizer, config.engine, metrics)
-    service = CompletionService(engine, components, config.http, config.engine.request_timeout)
+    service = CompletionService(engine, components, config.http, config.engine)
     http = config.http
 
     @asynccontextmanager
@@ -52,6 +54,10 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
 
     app = FastAPI(title="mamba-extend-server", lifespan=lifespan)
     app.add_middleware(BodyGuard, max_bytes=http.max_body_bytes, timeout=http.body_timeout)
+    if http.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(http.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id, CORS preflights too
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -66,8 +72,10 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(request: HttpRequest) -> Response:
-        body = parse_completion_request(await request.body())
-        submission = await service.submit(body)
+        body = parse_body(CompletionRequest, await request.body())
+        prompts = await service.prompts(body.prompt)
+        submission = await service.submit(body, prompts, request.state.request_id, echo=body.echo,
+                                          logprobs=body.logprobs)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return EventSourceResponse(service.stream(submission, include_usage), ping=http.heartbeat, sep="\n")

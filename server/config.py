@@ -62,6 +62,7 @@ class HttpConfig:
     # trickling its head would otherwise hold the connection for ever)
     max_connections: int = 512  # open connections (uvicorn's limit_concurrency): past it, requests get 503
     shutdown_timeout: float = 30.0  # on SIGTERM/SIGINT, seconds running requests get to finish
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any); empty: no CORS headers
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections; past it, requests get 503")
     p.add_argument("--shutdown-timeout", type=_positive_float, default=HttpConfig.shutdown_timeout,
                    help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="origins whose browser pages may call the API (CORS), e.g. https://app.example.org, or '*'")
     p.add_argument("--max-batch-size", type=_positive_int, default=EngineConfig.max_batch_size)
     p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
     p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
@@ -152,5 +155,5 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                           threads=args.threads, cuda_graphs=not args.enforce_eager)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
-                      args.max_connections, args.shutdown_timeout)
+                      args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins))
     return ServerConfig(spec, engine, http), args.log_level
