@@ -1,6 +1,8 @@
-"""The HTTP routes (DESIGN §5): OpenAI completions and models, health, Prometheus metrics.
+"""The HTTP routes (DESIGN §5): OpenAI completions, chat completions and models; vLLM's tokenizer routes and
+version; health; Prometheus metrics.
 
-Routes stay thin: parse the body (pydantic), hand it to `CompletionService`, and shape the HTTP response.
+Routes stay thin: parse the body (pydantic), hand it to `CompletionService` (or `ChatService`), and shape the
+HTTP response.
 Every ServerError raised below, and every HTTP fault Starlette raises (unknown route, wrong method), leaves
 as OpenAI error JSON through the handlers here.
 """
@@ -20,13 +22,17 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
+from runtime import __version__
+
 from .body_guard import BodyGuard
+from .chat import ChatService
 from .components import Components
 from .config import ServerConfig
 from .engine import Engine
-from .errors import AuthenticationError, ServerError, UnavailableError
+from .errors import AuthenticationError, InvalidRequestError, ServerError, UnavailableError
 from .metrics import Metrics
-from .protocol import CompletionRequest, parse_body
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
+                       parse_body)
 from .request_id import RequestIdMiddleware
 from .serving import CompletionService
 
@@ -37,11 +43,16 @@ def error_response(error: ServerError) -> JSONResponse:
     return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers())
 
 
+def include_usage(body: SamplingFields) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 def build_app(config: ServerConfig, components: Components) -> FastAPI:
     """One app per engine: the engine thread starts and stops with the app's lifespan."""
-    metrics = Metrics(torch.device(config.model.device))
+    metrics = Metrics(torch.device(config.model.device), config.http.served_model_name)
     engine = Engine(components.loaded.model, components.tokenizer, config.engine, metrics)
     service = CompletionService(engine, components, config.http, config.engine)
+    chat = ChatService(service, components.tokenizer_config)
     http = config.http
 
     @asynccontextmanager
@@ -61,6 +72,15 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
 
+    def model_card() -> dict:
+        loaded, bank = components.loaded, components.bank
+        buckets = [] if bank is None else [{"name": e.bucket, "length": e.length, "method": e.method,
+                                            "granularity": e.granularity} for e in bank.manifest.entries]
+        return {"id": http.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "mamba-extend-server", "root": str(loaded.path), "arch": loaded.config.arch,
+                "quantization": loaded.quantization, "max_model_len": http.max_context,
+                "training_context_length": components.training_length, "scale_buckets": buckets}
+
     def require_key(request: HttpRequest) -> None:
         if http.api_key is None:
             return
@@ -69,31 +89,71 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
             raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    keyed = APIRouter(dependencies=[Depends(require_key)])  # vLLM's routes outside /v1 that do model work
 
     @v1.post("/completions")
     async def completions(request: HttpRequest) -> Response:
         body = parse_body(CompletionRequest, await request.body())
         prompts = await service.prompts(body.prompt)
         submission = await service.submit(body, prompts, request.state.request_id, echo=body.echo,
-                                          logprobs=body.logprobs)
+                                          logprobs=body.logprobs, tokens_as_ids=body.return_tokens_as_token_ids)
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(service.stream(submission, include_usage), ping=http.heartbeat, sep="\n")
+            return EventSourceResponse(service.stream(submission, include_usage(body)), ping=http.heartbeat, sep="\n")
         completion = await service.complete(submission, request)
+        return JSONResponse(completion) if completion is not None else Response(status_code=499)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: HttpRequest) -> Response:
+        body = parse_body(ChatCompletionRequest, await request.body())
+        submission = await chat.submit(body, request.state.request_id)
+        if body.stream:
+            return EventSourceResponse(chat.stream(submission, include_usage(body)), ping=http.heartbeat, sep="\n")
+        completion = await chat.complete(submission, request)
         return JSONResponse(completion) if completion is not None else Response(status_code=499)
 
     @v1.get("/models")
     async def models() -> dict:
-        loaded, bank = components.loaded, components.bank
-        buckets = [] if bank is None else [{"name": e.bucket, "length": e.length, "method": e.method,
-                                            "granularity": e.granularity} for e in bank.manifest.entries]
-        card = {"id": http.served_model_name, "object": "model", "created": int(time.time()),
-                "owned_by": "mamba-extend-server", "root": str(loaded.path), "arch": loaded.config.arch,
-                "quantization": loaded.quantization, "max_model_len": http.max_context,
-                "training_context_length": components.training_length, "scale_buckets": buckets}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        service.check_model(model_id)
+        return model_card()
+
+    @keyed.post("/tokenize")
+    async def tokenize(request: HttpRequest) -> dict:
+        body = parse_body(TokenizeRequest, await request.body())
+        service.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequestError("give either prompt or messages", param="prompt")
+        text = body.prompt if body.messages is None else chat.render(body.messages, body.add_generation_prompt)
+        [ids] = await asyncio.to_thread(components.tokenizer.encode_batch, [text])
+        out = {"count": len(ids), "max_model_len": http.max_context, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = [components.tokenizer.id_to_token(i) for i in ids]
+        return out
+
+    @keyed.post("/detokenize")
+    async def detokenize(request: HttpRequest) -> dict:
+        body = parse_body(DetokenizeRequest, await request.body())
+        service.check_model(body.model)
+        return {"prompt": components.tokenizer.decode(service.token_ids(body.tokens, "tokens"))}
+
+    @keyed.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """What lm-evaluation-harness's remote tokenizer reads: the special tokens and the chat template."""
+        tokenizer_config = components.tokenizer_config
+        template = tokenizer_config.chat_template
+        return {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer_config.special_tokens,
+                "chat_template": None if template is None else template.source,
+                "model_max_length": http.max_context, "vocab_size": components.tokenizer.vocab_size}
 
     app.include_router(v1)
+    app.include_router(keyed)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
 
     @app.get("/health")
     async def health() -> Response:

@@ -29,6 +29,7 @@ class ModelSpec:
     training_length: int | None  # overrides the checkpoint's; state-spaces checkpoints record none
     quantize: str | None = None  # int8 | int6: quantise the weights as they load (a bank must match it)
     quantize_embedding: bool = False  # the embedding (and an untied LM head) too
+    chat_template: Path | None = None  # a jinja2 chat template file; None: tokenizer_config.json's, if any
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "mamba_ssm"), default="auto")
     p.add_argument("--quantize", choices=("int8", "int6"), help="weight-only quantisation of the linear layers")
     p.add_argument("--quantize-embedding", action="store_true", help="with --quantize: the embedding too")
+    p.add_argument("--chat-template", type=Path,
+                   help="jinja2 chat template for /v1/chat/completions (default: the chat_template of the model "
+                        "directory's tokenizer_config.json)")
     p.add_argument("--training-length", type=_positive_int,
                    help="the model's training context length, overriding the checkpoint's (state-spaces "
                         "checkpoints record none; theirs is 2048)")
@@ -150,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     if bank is None and (model / BANK_DIRNAME).is_dir():
         bank = model / BANK_DIRNAME
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
-                     args.quantize, args.quantize_embedding)
+                     args.quantize, args.quantize_embedding, args.chat_template)
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
                           threads=args.threads, cuda_graphs=not args.enforce_eager)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,

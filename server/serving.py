@@ -54,6 +54,7 @@ class Submission:
     outputs: asyncio.Queue[tuple[int, RequestOutput]]  # (choice index, output)
     echo: bool
     created: int  # unix time, for the response objects
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     @property
     def requests(self) -> list[Request]:
@@ -83,7 +84,8 @@ class CompletionService:
                                      f"{self.http.served_model_name!r}", param="model")
 
     async def submit(self, body: SamplingFields, prompts: list[Prompt], request_id: str, *, echo: bool = False,
-                     logprobs: int | None = None, default_max_tokens: int = 16, id_prefix: str = "cmpl") -> Submission:
+                     logprobs: int | None = None, tokens_as_ids: bool = False, default_max_tokens: int = 16,
+                     id_prefix: str = "cmpl") -> Submission:
         """Validates the request, picks each prompt's bucket and queues `body.n` samples of every prompt (all
         or none). Raises a ServerError (4xx) on any fault."""
         self.check_model(body.model)
@@ -121,7 +123,7 @@ class CompletionService:
             requests.append(group[0])
         self.engine.submit(*requests)
         log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
-        return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()))
+        return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()), tokens_as_ids)
 
     def _params(self, body: SamplingFields, logprobs: int | None, echo: bool, default_max_tokens: int) -> SamplingParams:
         vocab = self.tokenizer.vocab_size
@@ -237,40 +239,47 @@ class CompletionService:
         finally:
             self.engine.abort(*submission.requests)
 
-    async def complete(self, submission: Submission, http_request: HttpRequest) -> dict | None:
-        """The whole completion object; None when the client went away first."""
+    async def complete(self, submission: Submission, http_request: HttpRequest, kind: str = "text_completion",
+                       choice_json: Callable[[Submission, ChoiceResult], dict] | None = None) -> dict | None:
+        """The whole response object of `kind`, each choice made by `choice_json` (default: a completion's
+        choice); None when the client went away first."""
         results = await self.collect_or_abort(submission, http_request)
         if results is None:
             return None
-        choices = [self._choice(submission, r.choice, r.text, r.token_ids, r.logprobs, r.prompt_logprobs, r.last,
-                                submission.echo) for r in results]
-        return {**self._envelope(submission, choices), "usage": usage(submission, results)}
+        choice_json = choice_json or self._result_choice
+        choices = [choice_json(submission, result) for result in results]
+        return {**envelope(submission, kind, self.http.served_model_name, choices), "usage": usage(submission, results)}
 
-    async def stream(self, submission: Submission, include_usage: bool) -> AsyncIterator[dict]:
-        """SSE events: one chunk per engine output (of one choice), a usage chunk when asked, then [DONE]. An
-        error after the stream began is sent as an {"error": ...} event."""
-        started: set[int] = set()  # choices whose first chunk (with the echoed prompt) was sent
+    async def stream(self, submission: Submission, include_usage: bool, kind: str = "text_completion",
+                     choice_json: Callable[[Submission, Choice, RequestOutput, bool], dict] | None = None
+                     ) -> AsyncIterator[dict]:
+        """SSE events: one chunk of `kind` per engine output (of one choice) made by `choice_json(submission,
+        choice, output, first)` (default: a completion's choice), a usage chunk when asked, then [DONE]. An error
+        after the stream began is sent as an {"error": ...} event."""
+        choice_json = choice_json or self._chunk_choice
+        started: set[int] = set()  # choices whose first chunk was sent
         results = [ChoiceResult(choice) for choice in submission.choices]
+        model = self.http.served_model_name
         try:
             async for choice, output in self.outputs(submission):
                 results[choice.index].add(output)
-                chunk = self._choice(submission, choice, output.text, output.token_ids, output.logprobs,
-                                     output.prompt_logprobs, output, submission.echo and choice.index not in started)
+                chunk = choice_json(submission, choice, output, choice.index not in started)
                 started.add(choice.index)
-                yield sse(self._envelope(submission, [chunk]))
+                yield sse(envelope(submission, kind, model, [chunk]))
         except ServerError as bad:
             yield sse(bad.to_json())
         else:
             if include_usage:
-                yield sse({**self._envelope(submission, []), "usage": usage(submission, results)})
+                yield sse({**envelope(submission, kind, model, []), "usage": usage(submission, results)})
         yield {"data": "[DONE]"}
 
-    def _envelope(self, submission: Submission, choices: list[dict]) -> dict:
-        """A completion object (or stream chunk) around `choices`, with the scale bucket of its prompts (null when
-        they were served by different ones: each choice then names its own)."""
-        body = {"id": submission.id, "object": "text_completion", "created": submission.created,
-                "model": self.http.served_model_name, "choices": choices}
-        return {**body, **shared_scale_fields(submission)}
+    def _result_choice(self, submission: Submission, r: ChoiceResult) -> dict:
+        return self._choice(submission, r.choice, r.text, r.token_ids, r.logprobs, r.prompt_logprobs, r.last,
+                            submission.echo)
+
+    def _chunk_choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
+        return self._choice(submission, choice, output.text, output.token_ids, output.logprobs, output.prompt_logprobs,
+                            output, submission.echo and first)
 
     def _choice(self, submission: Submission, choice: Choice, text: str, token_ids: list[int],
                 logprobs: list[TokenLogprob], prompt_logprobs: list[TokenLogprob | None] | None,
@@ -285,20 +294,24 @@ class CompletionService:
             ids, entries = token_ids, logprobs
             if prefix and prompt_logprobs is not None:
                 ids, entries = request.prompt_ids + token_ids, prompt_logprobs + logprobs
-            body["logprobs"] = self._logprobs_json(ids, entries)
+            body["logprobs"] = self._logprobs_json(ids, entries, submission.tokens_as_ids)
         return body
 
-    def _logprobs_json(self, token_ids: list[int], entries: list[TokenLogprob | None]) -> dict:
+    def _logprobs_json(self, token_ids: list[int], entries: list[TokenLogprob | None], as_ids: bool) -> dict:
         """OpenAI's legacy logprobs object; text offsets count from the start of this choice's text."""
-        tokens = [self.tokenizer.decode([t]) for t in token_ids]
+        texts = [self.tokenizer.decode([t]) for t in token_ids]
         offsets, position = [], 0
-        for token in tokens:
+        for text in texts:
             offsets.append(position)
-            position += len(token)
+            position += len(text)
+
+        def name(token_id: int) -> str:
+            return f"token_id:{token_id}" if as_ids else self.tokenizer.decode([token_id])
+
         return {
-            "tokens": tokens,
+            "tokens": [name(t) for t in token_ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
-            "top_logprobs": [None if e is None else {self.tokenizer.decode([i]): lp for i, lp in e.top} for e in entries],
+            "top_logprobs": [None if e is None else {name(i): lp for i, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
 
@@ -336,6 +349,13 @@ def finish_fields(output: RequestOutput) -> dict:
     finished = output.finished
     return {"finish_reason": FINISH_REASON[output.status] if finished else None,
             "stop_reason": output.stop_reason if finished else None}
+
+
+def envelope(submission: Submission, kind: str, model: str, choices: list[dict]) -> dict:
+    """A response object (or stream chunk) of `kind` around `choices`, with the scale bucket of its prompts (null
+    when they were served by different ones: each choice then names its own)."""
+    body = {"id": submission.id, "object": kind, "created": submission.created, "model": model, "choices": choices}
+    return {**body, **shared_scale_fields(submission)}
 
 
 def scale_fields(selection: Selection) -> dict:
