@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import InvalidRequestError
 
@@ -66,6 +66,20 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False  # vLLM's extension
     response_format: ResponseFormat | None = None
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
+    # vLLM's fields for what this server does not do: refused when set, rather than ignored
+    use_beam_search: bool = False
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    @field_validator("use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    @classmethod
+    def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, False):
+            raise ValueError(f"{info.field_name} is not served: this server has no beam search or constrained "
+                             "decoding")
+        return value
 
     @field_validator("logit_bias")
     @classmethod

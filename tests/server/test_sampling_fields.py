@@ -140,6 +140,9 @@ def test_min_p_one_keeps_only_the_most_likely_token(client):
     ("min_p", 1.5, "less than or equal to 1"),
     ("min_tokens", 13, "min_tokens (13) is more than max_tokens (12)"),
     ("ignore_eos", "yes", "boolean"),
+    ("use_beam_search", True, "use_beam_search is not served"),
+    ("guided_json", {"type": "object"}, "guided_json is not served"),
+    ("guided_choice", ["a", "b"], "guided_choice is not served"),
 ])
 def test_bad_sampling_fields_are_refused_by_name(client, field, value, match):
     response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, field: value})
