@@ -17,13 +17,16 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
 from runtime import __version__
 
+from . import schemas
 from .body_guard import BodyGuard
 from .chat import ChatService
 from .components import Components
@@ -41,6 +44,42 @@ HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
 
 def error_response(error: ServerError) -> JSONResponse:
     return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers())
+
+
+# The bodies the routes parse themselves (strictly, into OpenAI errors), so FastAPI does not see them: the
+# schema names them through `body_of`, and `_openapi` adds them (and the chunks of chat streams) to its components.
+REQUEST_BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+ERROR_STATUSES = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
+                  408: "the body came too slowly", 413: "body or prompt too large", 429: "queue full (Retry-After)",
+                  503: "shutting down, stopped, or past --request-timeout"}
+
+
+def body_of(model: type[BaseModel]) -> dict:
+    """A route's openapi_extra naming `model` as its JSON request body."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def answers(model: type[BaseModel], streamed: type[BaseModel] | bool = False) -> dict:
+    """A route's responses: `model` as JSON, with `stream` each event's schema (`streamed`, or `model` when
+    True), and the errors."""
+    ok: dict = {"model": model, "description": model.__doc__ or model.__name__}
+    if streamed:
+        event = model if streamed is True else streamed
+        ok["content"] = {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{event.__name__}"}}}
+    return {200: ok, **{status: {"model": schemas.Error, "description": what} for status, what in
+                        ERROR_STATUSES.items()}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (*REQUEST_BODIES, schemas.ChatCompletionChunk):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+    app.openapi_schema = schema
+    return schema
 
 
 def include_usage(body: SamplingFields) -> bool:
@@ -63,7 +102,8 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
         yield
         await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="mamba-extend-server", lifespan=lifespan)
+    app = FastAPI(title="mamba-extend-server", version=__version__, lifespan=lifespan)
+    app.openapi = lambda: app.openapi_schema or _openapi(app)
     app.add_middleware(BodyGuard, max_bytes=http.max_body_bytes, timeout=http.body_timeout)
     if http.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(http.allowed_origins), allow_methods=["*"],
@@ -91,7 +131,8 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
     keyed = APIRouter(dependencies=[Depends(require_key)])  # vLLM's routes outside /v1 that do model work
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=body_of(CompletionRequest),
+             responses=answers(schemas.Completion, streamed=True))
     async def completions(request: HttpRequest) -> Response:
         body = parse_body(CompletionRequest, await request.body())
         prompts = await service.prompts(body.prompt)
@@ -102,7 +143,8 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
         completion = await service.complete(submission, request)
         return JSONResponse(completion) if completion is not None else Response(status_code=499)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=body_of(ChatCompletionRequest),
+             responses=answers(schemas.ChatCompletion, streamed=schemas.ChatCompletionChunk))
     async def chat_completions(request: HttpRequest) -> Response:
         body = parse_body(ChatCompletionRequest, await request.body())
         submission = await chat.submit(body, request.state.request_id)
@@ -111,16 +153,16 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
         completion = await chat.complete(submission, request)
         return JSONResponse(completion) if completion is not None else Response(status_code=499)
 
-    @v1.get("/models")
+    @v1.get("/models", responses=answers(schemas.ModelList))
     async def models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @v1.get("/models/{model_id:path}")
+    @v1.get("/models/{model_id:path}", responses=answers(schemas.ModelCard))
     async def model(model_id: str) -> dict:
         service.check_model(model_id)
         return model_card()
 
-    @keyed.post("/tokenize")
+    @keyed.post("/tokenize", openapi_extra=body_of(TokenizeRequest), responses=answers(schemas.Tokenized))
     async def tokenize(request: HttpRequest) -> dict:
         body = parse_body(TokenizeRequest, await request.body())
         service.check_model(body.model)
@@ -133,13 +175,13 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
             out["token_strs"] = [components.tokenizer.id_to_token(i) for i in ids]
         return out
 
-    @keyed.post("/detokenize")
+    @keyed.post("/detokenize", openapi_extra=body_of(DetokenizeRequest), responses=answers(schemas.Detokenized))
     async def detokenize(request: HttpRequest) -> dict:
         body = parse_body(DetokenizeRequest, await request.body())
         service.check_model(body.model)
         return {"prompt": components.tokenizer.decode(service.token_ids(body.tokens, "tokens"))}
 
-    @keyed.get("/tokenizer_info")
+    @keyed.get("/tokenizer_info", responses=answers(schemas.TokenizerInfo))
     async def tokenizer_info() -> dict:
         """What lm-evaluation-harness's remote tokenizer reads: the special tokens and the chat template."""
         tokenizer_config = components.tokenizer_config
@@ -151,11 +193,11 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     app.include_router(v1)
     app.include_router(keyed)
 
-    @app.get("/version")
+    @app.get("/version", responses=answers(schemas.Version))
     async def version() -> dict:
         return {"version": __version__}
 
-    @app.get("/health")
+    @app.get("/health", responses=answers(schemas.Health))
     async def health() -> Response:
         if not engine.alive:
             return error_response(UnavailableError("the engine is not running"))
@@ -163,7 +205,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
             return error_response(UnavailableError("the server is shutting down", code="shutting_down"))
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -88,7 +88,8 @@ class TokenizerConfig:
         try:
             template = None if source is None else ChatTemplate(source, origin)
         except jinja2.TemplateSyntaxError as bad:
-            raise ConfigError(f"{origin}: the chat template does not parse (line {bad.lineno}: {bad.message})") from None
+            raise ConfigError(f"{origin}: the chat template does not parse (line {bad.lineno}: "
+                              f"{bad.message})") from None
         return cls(special, template)
 
 

@@ -125,13 +125,15 @@ class CompletionService:
         log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
         return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()), tokens_as_ids)
 
-    def _params(self, body: SamplingFields, logprobs: int | None, echo: bool, default_max_tokens: int) -> SamplingParams:
+    def _params(self, body: SamplingFields, logprobs: int | None, echo: bool,
+                default_max_tokens: int) -> SamplingParams:
         vocab = self.tokenizer.vocab_size
         bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
         for name, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", body.stop_token_ids or [])):
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})", param=name)
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})",
+                                          param=name)
         max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
         if body.min_tokens > max_tokens:
             raise InvalidRequestError(f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
@@ -155,7 +157,8 @@ class CompletionService:
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         )
 
-    def _bucket(self, prompt_ids: list[int], params: SamplingParams, bucket: str) -> tuple[Selection, Decimation | None]:
+    def _bucket(self, prompt_ids: list[int], params: SamplingParams,
+                bucket: str) -> tuple[Selection, Decimation | None]:
         """Each prompt's own bucket: a prompt batched with others is served as it would be alone."""
         limit = self.http.max_context
         n_tokens = len(prompt_ids) + params.max_tokens

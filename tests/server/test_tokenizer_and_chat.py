@@ -12,6 +12,7 @@ import pytest
 
 from runtime import __version__
 from runtime.tokenizer import Tokenizer
+from server import schemas
 from server.chat_template import TokenizerConfig
 
 from server_helpers import SERVER_FLAGS, LiveServer
@@ -89,6 +90,9 @@ def test_chat_renders_the_template_and_completes_it(chat_client, chat_live):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens // 2
+    schemas.ChatCompletion.model_validate(chat.model_dump(exclude_unset=True))
+    for chunk in chunks:
+        schemas.ChatCompletionChunk.model_validate(chunk.model_dump(exclude_unset=True))
 
 
 def test_chat_refuses_what_it_does_not_serve(chat_client):
