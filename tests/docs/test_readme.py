@@ -161,3 +161,15 @@ def test_readme_cpu_commands_run_verbatim_in_a_fresh_venv(tmp_path):
     assert completion["choices"][0]["text"].strip() == QUICK_START_KEY and QUICK_START_KEY in serve
     assert completion["usage"]["prompt_tokens"] == QUICK_START_PROMPT_TOKENS
     assert f"({QUICK_START_PROMPT_TOKENS} prompt tokens" in readme and f"` {QUICK_START_KEY}`" in readme
+
+
+def test_the_grafana_dashboard_queries_only_series_the_server_exports():
+    dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"\b((?:mamba_server|process)_\w+)\{", expr)}
+    exposition = Metrics(torch.device("cpu")).exposition().decode()
+    families = re.findall(r"^# TYPE (\w+) (\w+)$", exposition, re.M)  # also those with no sample yet
+    exported = {name + suffix for name, kind in families
+                for suffix in (("_bucket", "_sum", "_count") if kind == "histogram" else ("",))}
+    assert queried and queried <= exported, queried - exported
+    assert all('model_name=~"$model_name"' in expr for expr in exprs)
