@@ -43,9 +43,10 @@ class ChatService:
                                       param="messages") from None
 
     async def submit(self, body: ChatCompletionRequest, request_id: str) -> Submission:
-        if body.logprobs:
-            raise InvalidRequestError("logprobs are not served on chat completions; /v1/completions gives them",
-                                      param="logprobs")
+        for name in ("logprobs", "echo"):
+            if getattr(body, name):
+                raise InvalidRequestError(f"{name} is not served on chat completions; /v1/completions serves it",
+                                          param=name)
         self.completions.check_model(body.model)
         prompts = await self.completions.prompts(self.render(body.messages, body.add_generation_prompt,
                                                              body.chat_template_kwargs))

@@ -66,19 +66,20 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False  # vLLM's extension
     response_format: ResponseFormat | None = None
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
-    # vLLM's fields for what this server does not do: refused when set, rather than ignored
+    # OpenAI's and vLLM's fields for what this server does not do: refused when set, rather than ignored
+    suffix: Any = None
     use_beam_search: bool = False
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
 
-    @field_validator("use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    @field_validator("suffix", "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, False):
-            raise ValueError(f"{info.field_name} is not served: this server has no beam search or constrained "
-                             "decoding")
+            raise ValueError(f"{info.field_name} is not served: this server has no insertion, beam search or "
+                             "constrained decoding")
         return value
 
     @field_validator("logit_bias")
@@ -131,6 +132,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM's extension: end the prompt with the assistant turn's opening
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: more variables for the template
+    echo: bool = False  # vLLM's extension (the last message before the reply): refused
 
 
 class TokenizeRequest(BaseModel):

@@ -141,6 +141,7 @@ def test_min_p_one_keeps_only_the_most_likely_token(client):
     ("min_tokens", 13, "min_tokens (13) is more than max_tokens (12)"),
     ("ignore_eos", "yes", "boolean"),
     ("use_beam_search", True, "use_beam_search is not served"),
+    ("suffix", "the end", "suffix is not served"),
     ("guided_json", {"type": "object"}, "guided_json is not served"),
     ("guided_choice", ["a", "b"], "guided_choice is not served"),
 ])

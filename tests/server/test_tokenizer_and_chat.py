@@ -102,6 +102,7 @@ def test_chat_refuses_what_it_does_not_serve(chat_client):
         return response.json()["error"]
 
     assert error(logprobs=True)["param"] == "logprobs"
+    assert error(echo=True)["param"] == "echo"
     assert error(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])["param"] == \
         "messages"
     assert error(messages=[])["param"] == "messages"
