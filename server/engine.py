@@ -27,9 +27,9 @@ from runtime.tokenizer import Tokenizer
 
 from .config import EngineConfig
 from .errors import UnavailableError
+from .logits_adjustment import adjusted
 from .metrics import Metrics
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
-from .logits_adjustment import adjusted
 from .sampling import logprob_entries, sample
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 

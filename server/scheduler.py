@@ -121,7 +121,6 @@ class Scheduler:
             self.free_slots.append(request.slot)
             self.free_slots.sort(reverse=True)
             request.slot = None
-        prompt_pending = request.status in (RequestStatus.WAITING, RequestStatus.PREFILLING)
         request.status = status
-        forks = request.forks if prompt_pending else []
+        forks = request.forks if request.num_computed < len(request.prompt_ids) else []
         return [request, *(ended for fork in forks for ended in self.finish(fork, status))]

@@ -150,6 +150,17 @@ def test_a_request_with_forks_waits_for_a_slot_each_and_only_it_prefills():
     assert run_step(scheduler).decode == group.group
 
 
+def test_forks_go_on_when_the_request_they_copied_ends_at_its_first_token():
+    scheduler = Scheduler(EngineConfig(max_batch_size=3, prefill_chunk=4))
+    group = with_forks(make_request("group", 4, max_tokens=1), 3)
+    for fork in group.forks:
+        fork.params = SamplingParams(max_tokens=3)
+    scheduler.add(group)
+    run_step(scheduler)  # the whole prompt, and the request's one token
+    assert group.status is RequestStatus.FINISHED_LENGTH
+    assert [fork.status for fork in group.forks] == [RequestStatus.DECODING] * 2 and len(scheduler.free_slots) == 1
+
+
 @pytest.mark.parametrize("when", ["waiting", "prefilling"])
 def test_a_request_that_ends_before_its_prompt_is_done_ends_its_forks(when):
     scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=4))
