@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
                        parse_body)
 from .request_id import RequestIdMiddleware
-from .serving import CompletionService
+from .serving import CompletionService, Submission
 
 HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
 
@@ -121,6 +121,14 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
                 "quantization": loaded.quantization, "max_model_len": http.max_context,
                 "training_context_length": components.training_length, "scale_buckets": buckets}
 
+    async def respond(shaper: CompletionService | ChatService, submission: Submission, body: SamplingFields,
+                      request: HttpRequest) -> Response:
+        """The stream of `submission` as server-sent events, or its whole object (499: the client left first)."""
+        if body.stream:
+            return EventSourceResponse(shaper.stream(submission, include_usage(body)), ping=http.heartbeat, sep="\n")
+        completion = await shaper.complete(submission, request)
+        return JSONResponse(completion) if completion is not None else Response(status_code=499)
+
     def require_key(request: HttpRequest) -> None:
         if http.api_key is None:
             return
@@ -138,20 +146,13 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
         prompts = await service.prompts(body.prompt)
         submission = await service.submit(body, prompts, request.state.request_id, echo=body.echo,
                                           logprobs=body.logprobs, tokens_as_ids=body.return_tokens_as_token_ids)
-        if body.stream:
-            return EventSourceResponse(service.stream(submission, include_usage(body)), ping=http.heartbeat, sep="\n")
-        completion = await service.complete(submission, request)
-        return JSONResponse(completion) if completion is not None else Response(status_code=499)
+        return await respond(service, submission, body, request)
 
     @v1.post("/chat/completions", openapi_extra=body_of(ChatCompletionRequest),
              responses=answers(schemas.ChatCompletion, streamed=schemas.ChatCompletionChunk))
     async def chat_completions(request: HttpRequest) -> Response:
         body = parse_body(ChatCompletionRequest, await request.body())
-        submission = await chat.submit(body, request.state.request_id)
-        if body.stream:
-            return EventSourceResponse(chat.stream(submission, include_usage(body)), ping=http.heartbeat, sep="\n")
-        completion = await chat.complete(submission, request)
-        return JSONResponse(completion) if completion is not None else Response(status_code=499)
+        return await respond(chat, await chat.submit(body, request.state.request_id), body, request)
 
     @v1.get("/models", responses=answers(schemas.ModelList))
     async def models() -> dict:
