@@ -22,10 +22,12 @@ class Choice:
     text: str
     finish_reason: str | None  # "stop" | "length"; None on a stream chunk before the last
     logprobs: dict | None  # OpenAI's legacy logprobs object, when the request asked for logprobs
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended the choice, if one did
 
     @classmethod
     def from_json(cls, data: dict) -> "Choice":
-        return cls(data["index"], data["text"], data.get("finish_reason"), data.get("logprobs"))
+        return cls(data["index"], data["text"], data.get("finish_reason"), data.get("logprobs"),
+                   data.get("stop_reason"))
 
 
 @dataclass(frozen=True)

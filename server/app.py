@@ -1,6 +1,8 @@
-"""The HTTP routes (DESIGN §5): OpenAI completions and models, health, Prometheus metrics.
+"""The HTTP routes (DESIGN §5): OpenAI completions, chat completions and models; vLLM's tokenizer routes and
+version; health; Prometheus metrics.
 
-Routes stay thin: parse the body (pydantic), hand it to `CompletionService`, and shape the HTTP response.
+Routes stay thin: parse the body (pydantic), hand it to `CompletionService` (or `ChatService`), and shape the
+HTTP response.
 Every ServerError raised below, and every HTTP fault Starlette raises (unknown route, wrong method), leaves
 as OpenAI error JSON through the handlers here.
 """
@@ -14,19 +16,28 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
+from runtime import __version__
+
+from . import schemas
 from .body_guard import BodyGuard
+from .chat import ChatService
 from .components import Components
 from .config import ServerConfig
 from .engine import Engine
-from .errors import AuthenticationError, ServerError, UnavailableError
+from .errors import AuthenticationError, InvalidRequestError, ServerError, UnavailableError
 from .metrics import Metrics
-from .protocol import parse_completion_request
-from .serving import CompletionService
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
+                       parse_body)
+from .request_id import RequestIdMiddleware
+from .serving import CompletionService, Submission
 
 HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
 
@@ -35,11 +46,52 @@ def error_response(error: ServerError) -> JSONResponse:
     return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers())
 
 
+# The bodies the routes parse themselves (strictly, into OpenAI errors), so FastAPI does not see them: the
+# schema names them through `body_of`, and `_openapi` adds them (and the chunks of chat streams) to its components.
+REQUEST_BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+ERROR_STATUSES = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
+                  408: "the body came too slowly", 413: "body or prompt too large", 429: "queue full (Retry-After)",
+                  503: "shutting down, stopped, or past --request-timeout"}
+
+
+def body_of(model: type[BaseModel]) -> dict:
+    """A route's openapi_extra naming `model` as its JSON request body."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def answers(model: type[BaseModel], streamed: type[BaseModel] | bool = False) -> dict:
+    """A route's responses: `model` as JSON, with `stream` each event's schema (`streamed`, or `model` when
+    True), and the errors."""
+    ok: dict = {"model": model, "description": model.__doc__ or model.__name__}
+    if streamed:
+        event = model if streamed is True else streamed
+        ok["content"] = {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{event.__name__}"}}}
+    return {200: ok, **{status: {"model": schemas.Error, "description": what} for status, what in
+                        ERROR_STATUSES.items()}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (*REQUEST_BODIES, schemas.ChatCompletionChunk):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+    app.openapi_schema = schema
+    return schema
+
+
+def include_usage(body: SamplingFields) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 def build_app(config: ServerConfig, components: Components) -> FastAPI:
     """One app per engine: the engine thread starts and stops with the app's lifespan."""
-    metrics = Metrics(torch.device(config.model.device))
+    metrics = Metrics(torch.device(config.model.device), config.http.served_model_name)
     engine = Engine(components.loaded.model, components.tokenizer, config.engine, metrics)
-    service = CompletionService(engine, components, config.http, config.engine.request_timeout)
+    service = CompletionService(engine, components, config.http, config.engine)
+    chat = ChatService(service, components.tokenizer_config)
     http = config.http
 
     @asynccontextmanager
@@ -50,10 +102,32 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
         yield
         await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="mamba-extend-server", lifespan=lifespan)
+    app = FastAPI(title="mamba-extend-server", version=__version__, lifespan=lifespan)
+    app.openapi = lambda: app.openapi_schema or _openapi(app)
     app.add_middleware(BodyGuard, max_bytes=http.max_body_bytes, timeout=http.body_timeout)
+    if http.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(http.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id, CORS preflights too
     app.state.engine = engine
     app.state.metrics = metrics
+
+    def model_card() -> dict:
+        loaded, bank = components.loaded, components.bank
+        buckets = [] if bank is None else [{"name": e.bucket, "length": e.length, "method": e.method,
+                                            "granularity": e.granularity} for e in bank.manifest.entries]
+        return {"id": http.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "mamba-extend-server", "root": str(loaded.path), "arch": loaded.config.arch,
+                "quantization": loaded.quantization, "max_model_len": http.max_context,
+                "training_context_length": components.training_length, "scale_buckets": buckets}
+
+    async def respond(shaper: CompletionService | ChatService, submission: Submission, body: SamplingFields,
+                      request: HttpRequest) -> Response:
+        """The stream of `submission` as server-sent events, or its whole object (499: the client left first)."""
+        if body.stream:
+            return EventSourceResponse(shaper.stream(submission, include_usage(body)), ping=http.heartbeat, sep="\n")
+        completion = await shaper.complete(submission, request)
+        return JSONResponse(completion) if completion is not None else Response(status_code=499)
 
     def require_key(request: HttpRequest) -> None:
         if http.api_key is None:
@@ -63,31 +137,68 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
             raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    keyed = APIRouter(dependencies=[Depends(require_key)])  # vLLM's routes outside /v1 that do model work
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=body_of(CompletionRequest),
+             responses=answers(schemas.Completion, streamed=True))
     async def completions(request: HttpRequest) -> Response:
-        body = parse_completion_request(await request.body())
-        submission = await service.submit(body)
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(service.stream(submission, include_usage), ping=http.heartbeat, sep="\n")
-        completion = await service.complete(submission, request)
-        return JSONResponse(completion) if completion is not None else Response(status_code=499)
+        body = parse_body(CompletionRequest, await request.body())
+        prompts = await service.prompts(body.prompt)
+        submission = await service.submit(body, prompts, request.state.request_id, echo=body.echo,
+                                          logprobs=body.logprobs, tokens_as_ids=body.return_tokens_as_token_ids)
+        return await respond(service, submission, body, request)
 
-    @v1.get("/models")
+    @v1.post("/chat/completions", openapi_extra=body_of(ChatCompletionRequest),
+             responses=answers(schemas.ChatCompletion, streamed=schemas.ChatCompletionChunk))
+    async def chat_completions(request: HttpRequest) -> Response:
+        body = parse_body(ChatCompletionRequest, await request.body())
+        return await respond(chat, await chat.submit(body, request.state.request_id), body, request)
+
+    @v1.get("/models", responses=answers(schemas.ModelList))
     async def models() -> dict:
-        loaded, bank = components.loaded, components.bank
-        buckets = [] if bank is None else [{"name": e.bucket, "length": e.length, "method": e.method,
-                                            "granularity": e.granularity} for e in bank.manifest.entries]
-        card = {"id": http.served_model_name, "object": "model", "created": int(time.time()),
-                "owned_by": "mamba-extend-server", "root": str(loaded.path), "arch": loaded.config.arch,
-                "quantization": loaded.quantization, "max_model_len": http.max_context,
-                "training_context_length": components.training_length, "scale_buckets": buckets}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}", responses=answers(schemas.ModelCard))
+    async def model(model_id: str) -> dict:
+        service.check_model(model_id)
+        return model_card()
+
+    @keyed.post("/tokenize", openapi_extra=body_of(TokenizeRequest), responses=answers(schemas.Tokenized))
+    async def tokenize(request: HttpRequest) -> dict:
+        body = parse_body(TokenizeRequest, await request.body())
+        service.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequestError("give either prompt or messages", param="prompt")
+        text = body.prompt if body.messages is None else chat.render(body.messages, body.add_generation_prompt)
+        [ids] = await asyncio.to_thread(components.tokenizer.encode_batch, [text])
+        out = {"count": len(ids), "max_model_len": http.max_context, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = [components.tokenizer.id_to_token(i) for i in ids]
+        return out
+
+    @keyed.post("/detokenize", openapi_extra=body_of(DetokenizeRequest), responses=answers(schemas.Detokenized))
+    async def detokenize(request: HttpRequest) -> dict:
+        body = parse_body(DetokenizeRequest, await request.body())
+        service.check_model(body.model)
+        return {"prompt": components.tokenizer.decode(service.token_ids(body.tokens, "tokens"))}
+
+    @keyed.get("/tokenizer_info", responses=answers(schemas.TokenizerInfo))
+    async def tokenizer_info() -> dict:
+        """What lm-evaluation-harness's remote tokenizer reads: the special tokens and the chat template."""
+        tokenizer_config = components.tokenizer_config
+        template = tokenizer_config.chat_template
+        return {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer_config.special_tokens,
+                "chat_template": None if template is None else template.source,
+                "model_max_length": http.max_context, "vocab_size": components.tokenizer.vocab_size}
 
     app.include_router(v1)
+    app.include_router(keyed)
 
-    @app.get("/health")
+    @app.get("/version", responses=answers(schemas.Version))
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/health", responses=answers(schemas.Health))
     async def health() -> Response:
         if not engine.alive:
             return error_response(UnavailableError("the engine is not running"))
@@ -95,7 +206,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
             return error_response(UnavailableError("the server is shutting down", code="shutting_down"))
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

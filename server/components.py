@@ -11,6 +11,7 @@ from runtime import Decimation, DecimationError, LoadedModel, load_model
 from runtime.tokenizer import Tokenizer, find_tokenizer
 from scale_bank import Bank, BankError
 
+from .chat_template import TokenizerConfig
 from .config import ConfigError, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ class Components:
     bank: Bank | None
     training_length: int | None  # bucket selection uses no scales at or below it; None: unknown
     decimations: dict[str, Decimation]  # bucket → the decimation of each of the bank's decimate entries
+    tokenizer_config: TokenizerConfig  # special token strings and the chat template
 
 
 def load_components(spec: ModelSpec) -> Components:
@@ -43,8 +45,9 @@ def load_components(spec: ModelSpec) -> Components:
     training_length = spec.training_length or loaded.config.training_context_length
     if training_length is None and bank is not None:
         training_length = bank.manifest.model["training_context_length"]
-    return Components(loaded, tokenizer, bank, training_length, _decimations(bank, loaded.config.n_layer,
-                                                                             training_length))
+    return Components(loaded, tokenizer, bank, training_length,
+                      _decimations(bank, loaded.config.n_layer, training_length),
+                      TokenizerConfig.load(spec.path, tokenizer, spec.chat_template))
 
 
 def _decimations(bank: Bank | None, n_layer: int, training_length: int | None) -> dict[str, Decimation]:

@@ -29,6 +29,7 @@ class ModelSpec:
     training_length: int | None  # overrides the checkpoint's; state-spaces checkpoints record none
     quantize: str | None = None  # int8 | int6: quantise the weights as they load (a bank must match it)
     quantize_embedding: bool = False  # the embedding (and an untied LM head) too
+    chat_template: Path | None = None  # a jinja2 chat template file; None: tokenizer_config.json's, if any
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class HttpConfig:
     # trickling its head would otherwise hold the connection for ever)
     max_connections: int = 512  # open connections (uvicorn's limit_concurrency): past it, requests get 503
     shutdown_timeout: float = 30.0  # on SIGTERM/SIGINT, seconds running requests get to finish
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any); empty: no CORS headers
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "mamba_ssm"), default="auto")
     p.add_argument("--quantize", choices=("int8", "int6"), help="weight-only quantisation of the linear layers")
     p.add_argument("--quantize-embedding", action="store_true", help="with --quantize: the embedding too")
+    p.add_argument("--chat-template", type=Path,
+                   help="jinja2 chat template for /v1/chat/completions (default: the chat_template of the model "
+                        "directory's tokenizer_config.json)")
     p.add_argument("--training-length", type=_positive_int,
                    help="the model's training context length, overriding the checkpoint's (state-spaces "
                         "checkpoints record none; theirs is 2048)")
@@ -121,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections; past it, requests get 503")
     p.add_argument("--shutdown-timeout", type=_positive_float, default=HttpConfig.shutdown_timeout,
                    help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="origins whose browser pages may call the API (CORS), e.g. https://app.example.org, or '*'")
     p.add_argument("--max-batch-size", type=_positive_int, default=EngineConfig.max_batch_size)
     p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
     p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
@@ -147,10 +154,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     if bank is None and (model / BANK_DIRNAME).is_dir():
         bank = model / BANK_DIRNAME
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
-                     args.quantize, args.quantize_embedding)
+                     args.quantize, args.quantize_embedding, args.chat_template)
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
                           threads=args.threads, cuda_graphs=not args.enforce_eager)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
-                      args.max_connections, args.shutdown_timeout)
+                      args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins))
     return ServerConfig(spec, engine, http), args.log_level

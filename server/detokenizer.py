@@ -4,7 +4,8 @@ Text is released only when it is final:
 - never a broken UTF-8 character: while the decoded tail ends in U+FFFD (a multi-byte character split across
   tokens) it is held until the next token completes it, or until the request ends;
 - never part of a stop string: text that could be the start of a stop string is held until it is known not
-  to be one; a stop string found (also one split across tokens) ends the request and is not emitted.
+  to be one; a stop string found (also one split across tokens) ends the request and is not emitted. While
+  fewer than `min_tokens + 1` tokens have come, stop strings are not looked for (vLLM's rule).
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ class Decoder(Protocol):
 
 
 class OutputText:
-    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = (), min_tokens: int = 0):
         self._tokenizer = tokenizer
         self._stop = tuple(s for s in stop if s)
+        self._min_tokens = min_tokens
         self._ids: list[int] = []
         self._prefix = 0  # ids[prefix:read] decode to text already taken into `text`; kept as context
         self._read = 0
         self.text = ""  # decoded so far (complete characters), up to a stop string
         self._emitted = 0  # characters of `text` handed out
         self.stopped = False  # a stop string was found
+        self.stop_string: str | None = None  # which one
 
     def push(self, token_id: int) -> str:
         """Adds one generated token; returns the text that became final (possibly empty)."""
@@ -54,9 +57,11 @@ class OutputText:
 
     def _release(self) -> str:
         start = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
-        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+        searched = self._stop if len(self._ids) > self._min_tokens else ()
+        hits = [(i, s) for i, s in ((self.text.find(s, start), s) for s in searched) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            at, self.stop_string = min(hits, key=lambda hit: hit[0])
+            self.text = self.text[:at]
             self.stopped = True
             return self.finish()
         end = len(self.text) - self._partial_stop_len()

@@ -27,6 +27,7 @@ from runtime.tokenizer import Tokenizer
 
 from .config import EngineConfig
 from .errors import UnavailableError
+from .logits_adjustment import adjusted
 from .metrics import Metrics
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import logprob_entries, sample
@@ -66,7 +67,7 @@ class Engine:
         self._stop_reason = "the engine stopped"  # what the requests still held when it stops are told
         self._closed = False  # admission closed (shutting down): submit refuses, the requests held run on
         self._thread: threading.Thread | None = None
-        self._decode_scales_key: tuple[str, ...] | None = None  # request ids the cached BatchScales belong to
+        self._decode_scales_key: tuple[Request, ...] | None = None  # the batch the cached BatchScales belong to
         self._decode_scales = None
         # id(ScaleSet) -> (the set, kept so that its id is never reused; its batch-of-one scales)
         self._one_sequence_scales: dict[int, tuple[ScaleSet, BatchScales]] = {}
@@ -124,21 +125,23 @@ class Engine:
         with self._cond:
             return self.scheduler.has_work()
 
-    def submit(self, request: Request) -> None:
-        """Queues `request`; raises QueueFullError when --max-queue requests already wait."""
+    def submit(self, *requests: Request) -> None:
+        """Queues all of `requests` (with their forks); raises QueueFullError, queueing none, when the queue
+        has no room for all."""
         with self._cond:
             if not self.alive:
                 raise UnavailableError("the engine is not running")
             if self._closed:
                 raise UnavailableError("the server is shutting down", code="shutting_down")
-            self.scheduler.add(request)
+            self.scheduler.add(*requests)
             self.metrics.waiting.set(len(self.scheduler.waiting))
             self._cond.notify()
 
-    def abort(self, request: Request) -> None:
-        """Cancels `request` (no-op once finished); its slot is freed at the next step."""
+    def abort(self, *requests: Request) -> None:
+        """Cancels `requests` (no-op for those finished); their slots are freed at the next step."""
         with self._cond:
-            request.abort_requested = True
+            for request in requests:
+                request.abort_requested = True
             self._cond.notify()
 
     @property
@@ -174,9 +177,8 @@ class Engine:
         """On stop: the engine takes no more requests, and every one still queued or running ends with an error."""
         with self._cond:
             self._stopping = True
-            left = [*self.scheduler.waiting, *self.scheduler.running]
-            for request in left:
-                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+            left = [ended for request in [*self.scheduler.waiting, *self.scheduler.running]
+                    for ended in self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)]
         self._report({r: self._new_output(r, error=self._stop_reason) for r in left})
 
     def _run(self, output: SchedulerOutput) -> tuple[dict[Request, RequestStatus], dict[Request, RequestOutput]]:
@@ -193,7 +195,8 @@ class Engine:
         chunk = output.prefill
         if chunk is not None:
             record = StepRecord(output.step, "prefill", (chunk.request.request_id,), chunk.end - chunk.start, chunk.last)
-            self._guarded(record, [chunk.request], finished, outputs, self._prefill, chunk)
+            group = [r for r in chunk.request.group if not r.status.finished]
+            self._guarded(record, group, finished, outputs, self._prefill, chunk)
         if output.decode:
             record = StepRecord(output.step, "decode", tuple(r.request_id for r in output.decode), len(output.decode))
             self._guarded(record, output.decode, finished, outputs, self._decode, output.decode)
@@ -229,14 +232,20 @@ class Engine:
         if not chunk.last:
             return
         self.metrics.prefill_time.observe(time.monotonic() - request.admitted_time)
-        out = outputs.setdefault(request, self._new_output(request))
-        if request.params.prompt_logprobs:
-            out.prompt_logprobs = request.prompt_logprobs
+        group = [r for r in request.group if not r.status.finished]  # a fork may have been cancelled
+        forks = [r.slot for r in group[1:]]
+        if forks:  # n samples: one prefill, its state copied into each fork's slot
+            self.pool.write_rows(forks, self.pool.rows([request.slot] * len(forks)))
+        for member in group:
+            out = outputs.setdefault(member, self._new_output(member))
+            if request.params.prompt_logprobs:
+                member.prompt_logprobs = request.prompt_logprobs
+                out.prompt_logprobs = request.prompt_logprobs
         if request.params.max_tokens == 0:
-            finished[request] = RequestStatus.FINISHED_LENGTH
+            finished.update((member, RequestStatus.FINISHED_LENGTH) for member in group)
             return
         logits = self.model.logits(hidden[:, -1])  # (1, V)
-        self._take_tokens([request], logits, finished, outputs)
+        self._take_tokens(group, logits.expand(len(group), -1), finished, outputs)
 
     def _prefill_scales(self, request: Request) -> BatchScales | None:
         """A prefill's scales, made once per bank entry (the bank's ScaleSets live as long as the server): the
@@ -264,7 +273,7 @@ class Engine:
     def _decode(self, requests: list[Request], finished: dict, outputs: dict) -> None:
         slots = torch.tensor([r.slot for r in requests], device=self.model.device)  # (b,)
         tokens = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)  # (b,)
-        key = tuple(r.request_id for r in requests)
+        key = tuple(requests)  # the requests themselves: ids given by clients (X-Request-Id) may repeat
         if key != self._decode_scales_key:
             self._decode_scales_key = key
             self._decode_scales = batch_scales([r.scales for r in requests], self.model.config, self.model.device)
@@ -277,7 +286,8 @@ class Engine:
     def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: dict, outputs: dict) -> None:
         """logits: (b, V) of the model. Samples one token per request and applies every finish rule."""
         logits = logits[:, :self.tokenizer.vocab_size]  # (b, V'): ids past the tokenizer are padding
-        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        scores = adjusted(logits, requests, self.tokenizer.eos_token_id)  # (b, V'); logprobs stay the model's
+        tokens = sample(scores, [r.params for r in requests], [r.generator for r in requests])
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(tokens))
         for i, (request, token) in enumerate(zip(requests, tokens)):
@@ -293,11 +303,16 @@ class Engine:
             else:
                 self.metrics.inter_token_latency.observe(now - request.last_token_time)
             request.last_token_time = now
-            if token == self.tokenizer.eos_token_id:
+            if token == self.tokenizer.eos_token_id and not request.params.ignore_eos:
+                finished[request] = RequestStatus.FINISHED_STOPPED
+                continue
+            if token in request.params.stop_token_ids:
+                request.stop_reason = token
                 finished[request] = RequestStatus.FINISHED_STOPPED
                 continue
             out.text += request.text.push(token)
             if request.text.stopped:
+                request.stop_reason = request.text.stop_string
                 finished[request] = RequestStatus.FINISHED_STOPPED
             elif len(request.output_ids) >= request.params.max_tokens:
                 finished[request] = RequestStatus.FINISHED_LENGTH
@@ -313,6 +328,9 @@ class Engine:
             out.num_output_tokens = len(request.output_ids)
             if request.status.finished:
                 out.text += request.text.finish()
+                out.stop_reason = request.stop_reason
+                log.info("%s finished: %s, %d prompt and %d generated tokens", request.request_id,
+                         FINISH_REASON[request.status], len(request.prompt_ids), len(request.output_ids))
                 self.metrics.e2e_latency.observe(now - request.arrival_time)
                 self.metrics.requests.labels(FINISH_REASON[request.status]).inc()
                 self.metrics.scale_buckets.labels(request.scale_bucket).inc()

@@ -1,13 +1,19 @@
-"""Prometheus metrics (DESIGN §5), each app with its own registry so several can live in one process."""
+"""Prometheus metrics (DESIGN §5), each app with its own registry so several can live in one process.
+
+Every series carries a `model_name` label (the served model's name, as vLLM labels its series), the process
+collector's (`process_*`) too, so that one dashboard can tell several servers apart."""
 
 from __future__ import annotations
 
 import os
+import resource
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import Metric
 
 PREFIX = "mamba_server_"
+MODEL_LABEL = "model_name"
 # 0.1 ms … 120 s: fine enough for a sub-millisecond decode step on a small model, wide enough for a 64k prefill.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 20.0, 40.0, 80.0, 120.0)
@@ -22,12 +28,48 @@ def resident_memory_bytes() -> float:
         return 0.0
 
 
-class Metrics:
-    def __init__(self, device: torch.device):
-        self.registry = CollectorRegistry()
+def peak_resident_memory_bytes() -> float:
+    """The largest resident set size this process has had (getrusage; Linux counts it in KiB)."""
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
-        def histogram(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, registry=self.registry, buckets=LATENCY_BUCKETS)
+
+class ModelLabelled:
+    """Another collector's series with the model_name label added (prometheus_client's process collectors take
+    no labels of their own)."""
+
+    def __init__(self, collector, model_name: str):
+        self.collector = collector
+        self.model_name = model_name
+
+    def collect(self):
+        for family in self.collector.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**s.labels, MODEL_LABEL: self.model_name}) for s in family.samples]
+            yield labelled
+
+
+class PerModel:
+    """A labelled metric whose model_name is fixed: `.labels(...)` takes the other labels only."""
+
+    def __init__(self, metric, model_name: str):
+        self._metric = metric
+        self._model_name = model_name
+
+    def labels(self, *values: str):
+        return self._metric.labels(self._model_name, *values)
+
+
+class Metrics:
+    def __init__(self, device: torch.device, model_name: str = "mamba"):
+        self.registry = CollectorRegistry()
+        registry = self.registry
+
+        def per_model(kind, name: str, doc: str, labels: tuple[str, ...] = (), **options):
+            metric = kind(PREFIX + name, doc, (MODEL_LABEL, *labels), registry=registry, **options)
+            return PerModel(metric, model_name) if labels else metric.labels(model_name)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...] = ()):
+            return per_model(Histogram, name, doc, labels, buckets=LATENCY_BUCKETS)
 
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first generated token")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Between consecutive tokens of a request")
@@ -35,20 +77,20 @@ class Metrics:
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to admission into a state slot")
         self.prefill_time = histogram("request_prefill_time_seconds", "Admission to the end of the prompt's prefill")
         self.step_time = histogram("engine_step_seconds", "One engine step's model work, by kind", ("kind",))
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=self.registry)
-        self.requests = Counter(PREFIX + "requests", "Finished requests by finish reason", ("finish_reason",),
-                                registry=self.registry)
-        self.scale_buckets = Counter(PREFIX + "scale_bucket_requests", "Finished requests by the scale bucket used",
-                                     ("bucket",), registry=self.registry)
-        self.running = Gauge(PREFIX + "requests_running", "Requests holding a state slot", registry=self.registry)
-        self.waiting = Gauge(PREFIX + "requests_waiting", "Requests waiting for a slot", registry=self.registry)
-        peak = Gauge(PREFIX + "peak_accelerator_memory_bytes", "torch.cuda.max_memory_allocated (0 on CPU)",
-                     registry=self.registry)
-        peak.set_function(lambda: float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0)
-        rss = Gauge(PREFIX + "process_resident_memory_bytes", "Resident set size of the server process",
-                    registry=self.registry)
-        rss.set_function(resident_memory_bytes)
+        self.prompt_tokens = per_model(Counter, "prompt_tokens", "Prompt tokens prefilled")
+        self.generation_tokens = per_model(Counter, "generation_tokens", "Tokens generated")
+        self.requests = per_model(Counter, "requests", "Finished requests by finish reason", ("finish_reason",))
+        self.scale_buckets = per_model(Counter, "scale_bucket_requests", "Finished requests by the scale bucket used",
+                                       ("bucket",))
+        self.running = per_model(Gauge, "requests_running", "Requests holding a state slot")
+        self.waiting = per_model(Gauge, "requests_waiting", "Requests waiting for a slot")
+        per_model(Gauge, "peak_accelerator_memory_bytes", "torch.cuda.max_memory_allocated (0 on CPU)").set_function(
+            lambda: float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0)
+        per_model(Gauge, "process_resident_memory_bytes", "Resident set size of the server process").set_function(
+            resident_memory_bytes)
+        per_model(Gauge, "peak_resident_memory_bytes", "Largest resident set size the server process has had"
+                  ).set_function(peak_resident_memory_bytes)
+        registry.register(ModelLabelled(ProcessCollector(registry=None), model_name))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,14 @@
-"""The OpenAI completions request as pydantic sees it: the HTTP boundary, the only place pydantic is used."""
+"""The request bodies as pydantic sees them: the HTTP boundary, the only place pydantic is used."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import InvalidRequestError
+
+Body = TypeVar("Body", bound=BaseModel)
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 5)
 # Stop strings are searched for on the engine thread after every token (server.detokenizer), in up to
@@ -20,25 +24,73 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    # strict: "5" is not a number, true is not 1. Unknown OpenAI fields (user, suffix, ...) are ignored.
+class ResponseFormat(BaseModel):
+    """Only plain text: this server has no constrained decoding, so a JSON format would be a promise it breaks."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise ValueError(f"only {{'type': 'text'}} is served (there is no constrained decoding), got {kind!r}")
+        return kind
+
+
+class SamplingFields(BaseModel):
+    """What completions and chat completions share: the model, how many tokens, how they are chosen, streaming."""
+
+    # strict: "5" is not a number, true is not 1. Unknown OpenAI fields (user, suffix, ...) are ignored, but
+    # every field that changes what is generated is either honoured here or refused.
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = None  # None: the served model
-    # a string or token ids; a list holding one of those is accepted too (lm-evaluation-harness sends that)
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)  # None: 16, as OpenAI
+    max_tokens: int | None = Field(None, ge=0)  # None: the endpoint's default
     temperature: float | None = Field(1.0, ge=0, allow_inf_nan=False)  # JSON's Infinity would make every score NaN
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1, 0 or None: off
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extension; 0 or None: off
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extension: these tokens end the completion too
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    n: int = 1
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) → bias in [-100, 100]
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # vLLM's extension; 1: off
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension
+    ignore_eos: bool = False  # vLLM's extension
+    response_format: ResponseFormat | None = None
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
+    # OpenAI's and vLLM's fields for what this server does not do: refused when set, rather than ignored
+    suffix: Any = None
+    use_beam_search: bool = False
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    @field_validator("suffix", "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    @classmethod
+    def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, False):
+            raise ValueError(f"{info.field_name} is not served: this server has no insertion, beam search or "
+                             "constrained decoding")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"biases lie in [-100, 100], got {value} for token {key}")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -52,14 +104,62 @@ class CompletionRequest(BaseModel):
         return stop
 
 
-def parse_completion_request(body: bytes) -> CompletionRequest:
-    """Raises InvalidRequestError naming the fault (and the field, where there is one)."""
+class CompletionRequest(SamplingFields):
+    # a string, token ids, or a list of either (several prompts: their choices come in prompt order)
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:<id>"
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")  # images, audio: not for a text model
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # other fields (name, tool_calls, ...) go to the chat template as they are
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True  # vLLM's extension: end the prompt with the assistant turn's opening
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: more variables for the template
+    echo: bool = False  # vLLM's extension (the last message before the reply): refused
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
+def parse_body(model: type[Body], body: bytes) -> Body:
+    """`body` (JSON) as `model`. Raises InvalidRequestError naming the fault (and the field, where there is one)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as bad:
         raise InvalidRequestError(f"the request body is not valid UTF-8 ({bad.reason} at byte {bad.start})") from None
     try:
-        return CompletionRequest.model_validate_json(text)
+        return model.model_validate_json(text)
     except ValidationError as bad:
         error = bad.errors()[0]
         if error["type"] == "json_invalid":

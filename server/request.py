@@ -53,10 +53,24 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, not emitted
     logprobs: int | None = None  # top alternatives per token; None: no logprobs
     prompt_logprobs: bool = False  # also score the prompt's tokens (echo with logprobs)
+    min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one's probability
+    stop_token_ids: tuple[int, ...] = ()  # these end the completion (kept in its tokens, not in its text)
+    ignore_eos: bool = False  # end of text does not end the completion
+    min_tokens: int = 0  # before this many tokens, end of text, stop tokens and stop strings cannot end it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was already generated
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and generated tokens
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Some field changes the model's scores before the choice (server.logits_adjustment)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.min_tokens
+                    or self.repetition_penalty != 1.0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    stop_reason: str | int | None = None  # finished: the stop string or stop token id that ended it; None otherwise
 
     @property
     def finished(self) -> bool:
@@ -96,6 +111,9 @@ class Request:
     sink: Callable[[RequestOutput], None]  # receives every output; called on the engine thread
     timeout: float | None = None  # seconds from arrival
     decimation: Decimation | None = None  # a decimate bucket's: drops prompt positions in the prefill, in one piece
+    # n > 1: the other samples of this prompt. They wait, hold slots and prefill with this request, which copies its
+    # state into their slots when the prompt is done; then each decodes on its own.
+    forks: list[Request] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     abort_requested: bool = False
@@ -104,6 +122,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # filled chunk by chunk when asked
     generator: torch.Generator | None = None  # per-request sampling randomness, made at admission
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's stop_reason)
     admitted_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -116,5 +135,6 @@ class Request:
         return None if self.timeout is None else self.arrival_time + self.timeout
 
     @property
-    def prompt_done(self) -> bool:
-        return self.num_computed == len(self.prompt_ids)
+    def group(self) -> list[Request]:
+        """This request and its forks: what is admitted together."""
+        return [self, *self.forks]

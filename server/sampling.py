@@ -6,6 +6,7 @@ Each sequence samples with its own `torch.Generator`, so a seed gives the same t
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -22,7 +23,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         probs = torch.stack([torch.softmax(_filtered(_tempered(logits[i], params[i].temperature), params[i].top_k,
-                                                     params[i].top_p), dim=-1) for i in sampled])  # (r, V)
+                                                     params[i].top_p, params[i].min_p), dim=-1)
+                             for i in sampled])  # (r, V)
         cdf = probs.cumsum(dim=-1)  # (r, V)
         u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in sampled])  # (r,)
         # u scaled by the row's total: rounding can leave the last cumulative value just under 1
@@ -40,9 +42,12 @@ def _tempered(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     return (scores - scores.max()) / temperature
 
 
-def _filtered(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """scores: (V,). Sets to -inf every token outside the top k and outside the smallest set of most likely
-    tokens whose probability reaches top_p (the most likely token always stays)."""
+def _filtered(scores: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """scores: (V,), the largest 0 (`_tempered`). Sets to -inf every token less likely than min_p times the most
+    likely one, outside the top k, and outside the smallest set of most likely tokens whose probability reaches
+    top_p (the most likely token always stays)."""
+    if min_p > 0:
+        scores = scores.masked_fill(scores < math.log(min_p), float("-inf"))  # p / p_max = exp(score - 0)
     if 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -5,6 +5,9 @@ batched decode step for every DECODING request. Waiting requests take free state
 prefilling share the chunks round-robin, so a short prompt that arrives during a long prefill starts decoding
 after one chunk of the long one, not after all of them. A decimated request's prompt is one chunk, whatever
 its length: decimation ranks the positions of the whole prompt at once.
+
+A request with forks (n samples of one prompt) is admitted with all of them at once, each into its own slot;
+only the request prefills, and the engine copies its state into the forks' slots when the prompt is done.
 """
 
 from __future__ import annotations
@@ -48,31 +51,34 @@ class Scheduler:
 
     @property
     def running(self) -> list[Request]:
-        return [*self.prefilling, *self.decoding]
+        """Every request holding a slot: the prefilling ones with their forks, and the decoding ones."""
+        return [*(m for r in self.prefilling for m in r.group if not m.status.finished), *self.decoding]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)
 
-    def add(self, request: Request) -> None:
-        if len(self.waiting) >= self.config.max_queue:
+    def add(self, *requests: Request) -> None:
+        """Queues all of `requests` or, when the queue has no room for all of them, none."""
+        if len(self.waiting) + len(requests) > self.config.max_queue:
             raise QueueFullError(f"the server is busy: {len(self.waiting)} requests are waiting "
                                  f"(--max-queue {self.config.max_queue}); retry later")
-        self.waiting.append(request)
+        self.waiting.extend(requests)
 
     def schedule(self, now: float) -> SchedulerOutput:
         finished = []
         for request in [*self.waiting, *self.running]:
             if request.abort_requested:
-                finished.append(self.finish(request, RequestStatus.FINISHED_ABORTED))
+                finished += self.finish(request, RequestStatus.FINISHED_ABORTED)
             elif request.deadline is not None and now >= request.deadline:
-                finished.append(self.finish(request, RequestStatus.FINISHED_TIMEOUT))
+                finished += self.finish(request, RequestStatus.FINISHED_TIMEOUT)
         admitted = []
-        while self.waiting and self.free_slots:
+        while self.waiting and len(self.free_slots) >= len(self.waiting[0].group):
             request = self.waiting.popleft()
-            request.slot = self.free_slots.pop()
-            request.status = RequestStatus.PREFILLING
+            for member in request.group:
+                member.slot = self.free_slots.pop()
+                member.status = RequestStatus.PREFILLING
             self.prefilling.append(request)
-            admitted.append(request)
+            admitted += request.group
         chunk = None
         if self.prefilling:
             request = self.prefilling.popleft()
@@ -89,17 +95,23 @@ class Scheduler:
         if output.prefill is not None:
             request = output.prefill.request
             request.num_computed = output.prefill.end
-            if output.prefill.last and request not in finished:
-                request.status = RequestStatus.DECODING
-                self.decoding.append(request)
+            if output.prefill.last:
+                for member in request.group:
+                    if member not in finished and not member.status.finished:
+                        member.num_computed = request.num_computed
+                        member.status = RequestStatus.DECODING
+                        self.decoding.append(member)
         for request, status in finished.items():
             self.finish(request, status)
         self.step += 1
 
-    def finish(self, request: Request, status: RequestStatus) -> Request:
-        """Ends `request` wherever it is and frees its slot."""
+    def finish(self, request: Request, status: RequestStatus) -> list[Request]:
+        """Ends `request` wherever it is and frees its slot; returns the requests this ended: none when it had
+        already finished, and with it its forks when its prompt is not done (they cannot start without it)."""
         assert status.finished, f"{status} is not a finished status"
-        if request.status is RequestStatus.WAITING:
+        if request.status.finished:
+            return []
+        if request in self.waiting:
             self.waiting.remove(request)
         elif request in self.prefilling:
             self.prefilling.remove(request)
@@ -110,4 +122,5 @@ class Scheduler:
             self.free_slots.sort(reverse=True)
             request.slot = None
         request.status = status
-        return request
+        forks = request.forks if request.num_computed < len(request.prompt_ids) else []
+        return [request, *(ended for fork in forks for ended in self.finish(fork, status))]

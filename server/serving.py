@@ -5,66 +5,161 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
+from runtime import Decimation
 from scale_bank import Selection, UnknownBucketError, select
 from starlette.requests import Request as HttpRequest
 
 from .components import Components
-from .config import HttpConfig
+from .config import EngineConfig, HttpConfig
 from .detokenizer import OutputText
 from .engine import Engine
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
-from .protocol import CompletionRequest
+from .protocol import SamplingFields
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str  # what echo puts before the completion
+
+
+@dataclass
+class Choice:
+    """One sample of one prompt: choice `index` is prompt i's sample j at i × n + j, as OpenAI and vLLM number them."""
+
+    index: int
+    request: Request
+    prompt: Prompt
+    selection: Selection
 
 
 @dataclass
 class Submission:
-    """A request in the engine and the queue its outputs arrive on (from the engine thread)."""
+    """A client request in the engine (one engine request per choice) and the queue their outputs arrive on (from
+    the engine thread), each with its choice."""
 
-    request: Request
-    outputs: asyncio.Queue[RequestOutput]
-    prompt_text: str  # what echo puts before the completion
+    id: str
+    prompts: list[Prompt]
+    choices: list[Choice]  # in index order
+    outputs: asyncio.Queue[tuple[int, RequestOutput]]  # (choice index, output)
     echo: bool
-    selection: Selection
     created: int  # unix time, for the response objects
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
+
+    @property
+    def requests(self) -> list[Request]:
+        return [choice.request for choice in self.choices]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Each prompt counted once, however many samples it has (as vLLM counts them)."""
+        return sum(len(prompt.ids) for prompt in self.prompts)
 
 
 class CompletionService:
-    def __init__(self, engine: Engine, components: Components, http: HttpConfig, request_timeout: float | None):
+    def __init__(self, engine: Engine, components: Components, http: HttpConfig, engine_config: EngineConfig):
         self.engine = engine
         self.tokenizer = components.tokenizer
         self.bank = components.bank
         self.training_length = components.training_length
         self.decimations = components.decimations
         self.http = http
-        self.request_timeout = request_timeout
+        self.engine_config = engine_config
 
     # --- admission -----------------------------------------------------------------------------------
 
-    async def submit(self, body: CompletionRequest) -> Submission:
-        """Validates `body`, picks its bucket and queues it. Raises a ServerError (4xx) on any fault."""
-        if body.model is not None and body.model != self.http.served_model_name:
-            raise ModelNotFoundError(f"model {body.model!r} does not exist; this server serves "
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.http.served_model_name:
+            raise ModelNotFoundError(f"model {model!r} does not exist; this server serves "
                                      f"{self.http.served_model_name!r}", param="model")
-        if body.n != 1:
-            raise InvalidRequestError(f"n must be 1, got {body.n}", param="n")
-        prompt_ids, prompt_text = await self._prompt(body.prompt)
-        params = SamplingParams(
-            max_tokens=16 if body.max_tokens is None else body.max_tokens,
+
+    async def submit(self, body: SamplingFields, prompts: list[Prompt], request_id: str, *, echo: bool = False,
+                     logprobs: int | None = None, tokens_as_ids: bool = False, default_max_tokens: int = 16,
+                     id_prefix: str = "cmpl") -> Submission:
+        """Validates the request, picks each prompt's bucket and queues `body.n` samples of every prompt (all
+        or none). Raises a ServerError (4xx) on any fault."""
+        self.check_model(body.model)
+        if body.best_of is not None and body.best_of != body.n:
+            raise InvalidRequestError(f"best_of ({body.best_of}) must equal n ({body.n}): every sample drawn is "
+                                      "returned, none is held back", param="best_of")
+        slots = self.engine_config.max_batch_size
+        if body.n > slots:
+            raise InvalidRequestError(f"n ({body.n}) is more than this server's state slots ({slots}, "
+                                      "--max-batch-size): the samples of a prompt start together", param="n")
+        if len(prompts) > self.engine_config.max_queue:
+            raise InvalidRequestError(f"{len(prompts)} prompts, more than this server queues at once "
+                                      f"({self.engine_config.max_queue}, --max-queue)", param="prompt")
+        params = self._params(body, logprobs, echo, default_max_tokens)
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        completion_id = f"{id_prefix}-{request_id}"
+        several = len(prompts) * body.n > 1
+        selections = [self._bucket(prompt.ids, params, body.scale_bucket) for prompt in prompts]
+        choices, requests = [], []
+        for i, (prompt, (selection, decimation)) in enumerate(zip(prompts, selections)):
+            group = []
+            for j in range(body.n):
+                index = i * body.n + j
+                seeded = params if params.seed is None else replace(params, seed=params.seed + j)  # as vLLM seeds
+                group.append(Request(f"{completion_id}-{index}" if several else completion_id, prompt.ids, seeded,
+                                     selection.scales, selection.name,
+                                     OutputText(self.tokenizer, params.stop, params.min_tokens),
+                                     _sink(loop, outputs, index), self.engine_config.request_timeout,
+                                     decimation=decimation))
+                choices.append(Choice(index, group[-1], prompt, selection))
+            group[0].forks = group[1:]
+            for fork in group[1:]:  # the same deadline: the forks cannot outlive the request they copy
+                fork.arrival_time = group[0].arrival_time
+            requests.append(group[0])
+        self.engine.submit(*requests)
+        log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
+        return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()), tokens_as_ids)
+
+    def _params(self, body: SamplingFields, logprobs: int | None, echo: bool,
+                default_max_tokens: int) -> SamplingParams:
+        vocab = self.tokenizer.vocab_size
+        bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
+        for name, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", body.stop_token_ids or [])):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})",
+                                          param=name)
+        max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
+        if body.min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
+                                      param="min_tokens")
+        return SamplingParams(
+            max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,
             seed=body.seed,
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
-            logprobs=body.logprobs,
-            prompt_logprobs=body.echo and body.logprobs is not None,
+            logprobs=logprobs,
+            prompt_logprobs=echo and logprobs is not None,
+            min_p=body.min_p or 0.0,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            logit_bias=bias,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         )
+
+    def _bucket(self, prompt_ids: list[int], params: SamplingParams,
+                bucket: str) -> tuple[Selection, Decimation | None]:
+        """Each prompt's own bucket: a prompt batched with others is served as it would be alone."""
         limit = self.http.max_context
         n_tokens = len(prompt_ids) + params.max_tokens
         if n_tokens > limit:
@@ -72,7 +167,7 @@ class CompletionService:
                                       f"{n_tokens} exceeds the context limit of {limit} tokens", param="max_tokens",
                                       code="context_length_exceeded")
         try:
-            selection = select(self.bank, n_tokens, body.scale_bucket, self.training_length)
+            selection = select(self.bank, n_tokens, bucket, self.training_length)
         except UnknownBucketError as bad:
             raise InvalidRequestError(str(bad), param="scale_bucket", code="unknown_scale_bucket") from None
         decimation = self.decimations[selection.name] if selection.method == "decimate" else None
@@ -81,48 +176,36 @@ class CompletionService:
                                       "so it has no logprobs of the prompt's tokens: ask for echo with logprobs "
                                       "with scale_bucket 'none' or a bucket of another method", param="scale_bucket",
                                       code="decimated_prompt_logprobs")
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        return selection, decimation
 
-        def sink(output: RequestOutput) -> None:  # runs on the engine thread
-            try:
-                loop.call_soon_threadsafe(outputs.put_nowait, output)
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                pass
-
-        request = Request(f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, selection.scales, selection.name,
-                          OutputText(self.tokenizer, params.stop), sink, self.request_timeout, decimation=decimation)
-        self.engine.submit(request)
-        return Submission(request, outputs, prompt_text, body.echo, selection, int(time.time()))
-
-    async def _prompt(self, prompt) -> tuple[list[int], str]:
-        """Token ids and text of the prompt: a string, token ids, or a list of exactly one of those. Its length
-        is judged as soon as it is known: token ids before anything else, text once tokenised.
+    async def prompts(self, prompt: str | list) -> list[Prompt]:
+        """The prompts of a request: a string, token ids, or a non-empty list of either. Each one's length is
+        judged as soon as it is known: token ids before anything else, text once tokenised.
 
         Text is tokenised on a worker thread through `encode_batch`, which releases the GIL (`encode` holds it),
         so a long prompt does not stall the event loop and every other client. No bound on the token count is
         drawn from the text's length before that: a token may span many characters and a tokenizer's normaliser
         may shorten the text, so only the body size limit bounds this work."""
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise InvalidRequestError(f"one prompt per request, got {len(prompt)}", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty", param="prompt")
-            [ids] = await asyncio.to_thread(self.tokenizer.encode_batch, [prompt])
-            if not ids:
-                raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
-            self._check_length(ids)
-            return ids, prompt
-        if not prompt:
+        many = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        if any(not p for p in many):
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        self._check_length(prompt)
+        if not isinstance(many[0], str):
+            return [Prompt(self.token_ids(ids, "prompt"), self.tokenizer.decode(ids)) for ids in many]
+        out = [Prompt(ids, text) for text, ids in zip(many, await asyncio.to_thread(self.tokenizer.encode_batch, many))]
+        for p in out:
+            if not p.ids:
+                raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
+            self._check_length(p.ids)
+        return out
+
+    def token_ids(self, ids: list[int], param: str) -> list[int]:
+        """`ids` when every one is in the vocabulary and they fit the context limit."""
+        self._check_length(ids)
         vocab = self.tokenizer.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})", param="prompt")
-        return prompt, self.tokenizer.decode(prompt)
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})", param=param)
+        return ids
 
     def _check_length(self, prompt_ids: list[int]) -> None:
         limit = self.http.max_context
@@ -132,90 +215,106 @@ class CompletionService:
 
     # --- outputs -------------------------------------------------------------------------------------
 
-    async def _outputs(self, submission: Submission) -> AsyncIterator[RequestOutput]:
-        """The request's outputs up to its last; a finished request with no usable result raises ServerError.
-        Leaving early (client gone, cancellation) aborts the request and frees its slot."""
+    async def outputs(self, submission: Submission) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Every choice's outputs up to its last, as they come; a finished request with no usable result raises
+        ServerError. Leaving early (client gone, cancellation, an error) aborts every choice and frees its slot."""
+        pending = len(submission.choices)
         try:
-            while True:
-                output = await submission.outputs.get()
+            while pending:
+                index, output = await submission.outputs.get()
                 _raise_for(output)
-                yield output
-                if output.finished:
-                    return
+                yield submission.choices[index], output
+                pending -= output.finished
         finally:
-            self.engine.abort(submission.request)  # no-op when finished
+            self.engine.abort(*submission.requests)  # no-op for the finished ones
 
-    async def complete(self, submission: Submission, http_request: HttpRequest) -> dict | None:
-        """The whole completion object; None when the client went away first (the request is then aborted)."""
-        collect = asyncio.ensure_future(self._collect(submission))
-        gone = asyncio.ensure_future(_disconnected(http_request))
+    async def collect(self, submission: Submission) -> list[ChoiceResult]:
+        """Each choice's whole result, in index order."""
+        results = [ChoiceResult(choice) for choice in submission.choices]
+        async for choice, output in self.outputs(submission):
+            results[choice.index].add(output)
+        return results
+
+    async def collect_or_abort(self, submission: Submission, http_request: HttpRequest) -> list[ChoiceResult] | None:
+        """`collect`, or None when the client went away first (every choice is then aborted)."""
         try:
-            done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-            return collect.result() if collect in done else None
+            return await until_disconnected(self.collect(submission), http_request)
         finally:
-            gone.cancel()
-            collect.cancel()
-            self.engine.abort(submission.request)
+            self.engine.abort(*submission.requests)
 
-    async def _collect(self, submission: Submission) -> dict:
-        text, token_ids, logprobs, prompt_logprobs, last = "", [], [], None, None
-        async for output in self._outputs(submission):
-            text += output.text
-            token_ids += output.token_ids
-            logprobs += output.logprobs
-            prompt_logprobs = output.prompt_logprobs or prompt_logprobs
-            last = output
-        body = self._chunk(submission, text, token_ids, logprobs, prompt_logprobs, FINISH_REASON[last.status], True)
-        body["usage"] = _usage(last)
-        return body
+    async def complete(self, submission: Submission, http_request: HttpRequest, kind: str = "text_completion",
+                       choice_json: Callable[[Submission, ChoiceResult], dict] | None = None) -> dict | None:
+        """The whole response object of `kind`, each choice made by `choice_json` (default: a completion's
+        choice); None when the client went away first."""
+        results = await self.collect_or_abort(submission, http_request)
+        if results is None:
+            return None
+        choice_json = choice_json or self._result_choice
+        choices = [choice_json(submission, result) for result in results]
+        return {**envelope(submission, kind, self.http.served_model_name, choices), "usage": usage(submission, results)}
 
-    async def stream(self, submission: Submission, include_usage: bool) -> AsyncIterator[dict]:
-        """SSE events: one chunk per engine output, a usage chunk when asked, then [DONE]. An error after the
-        stream began is sent as an {"error": ...} event."""
-        first, last = True, None
+    async def stream(self, submission: Submission, include_usage: bool, kind: str = "text_completion",
+                     choice_json: Callable[[Submission, Choice, RequestOutput, bool], dict] | None = None
+                     ) -> AsyncIterator[dict]:
+        """SSE events: one chunk of `kind` per engine output (of one choice) made by `choice_json(submission,
+        choice, output, first)` (default: a completion's choice), a usage chunk when asked, then [DONE]. An error
+        after the stream began is sent as an {"error": ...} event."""
+        choice_json = choice_json or self._chunk_choice
+        started: set[int] = set()  # choices whose first chunk was sent
+        results = [ChoiceResult(choice) for choice in submission.choices]
+        model = self.http.served_model_name
         try:
-            async for output in self._outputs(submission):
-                reason = FINISH_REASON[output.status] if output.finished else None
-                chunk = self._chunk(submission, output.text, output.token_ids, output.logprobs, output.prompt_logprobs,
-                                    reason, first)
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
-                first, last = False, output
+            async for choice, output in self.outputs(submission):
+                results[choice.index].add(output)
+                chunk = choice_json(submission, choice, output, choice.index not in started)
+                started.add(choice.index)
+                yield sse(envelope(submission, kind, model, [chunk]))
         except ServerError as bad:
-            yield {"data": json.dumps(bad.to_json(), ensure_ascii=False)}
+            yield sse(bad.to_json())
         else:
             if include_usage:
-                usage = {**self._chunk(submission, "", [], [], None, None, False), "choices": [], "usage": _usage(last)}
-                yield {"data": json.dumps(usage, ensure_ascii=False)}
+                yield sse({**envelope(submission, kind, model, []), "usage": usage(submission, results)})
         yield {"data": "[DONE]"}
 
-    def _chunk(self, submission: Submission, text: str, token_ids: list[int], logprobs: list[TokenLogprob],
-               prompt_logprobs: list[TokenLogprob | None] | None, finish_reason: str | None, echo: bool) -> dict:
-        """A completion object (or stream chunk). With `echo` (and the request's echo) the prompt goes first."""
-        request = submission.request
-        prefix = submission.prompt_text if echo and submission.echo else ""
-        choice = {"index": 0, "text": prefix + text, "logprobs": None, "finish_reason": finish_reason}
+    def _result_choice(self, submission: Submission, r: ChoiceResult) -> dict:
+        return self._choice(submission, r.choice, r.text, r.token_ids, r.logprobs, r.prompt_logprobs, r.last,
+                            submission.echo)
+
+    def _chunk_choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
+        return self._choice(submission, choice, output.text, output.token_ids, output.logprobs, output.prompt_logprobs,
+                            output, submission.echo and first)
+
+    def _choice(self, submission: Submission, choice: Choice, text: str, token_ids: list[int],
+                logprobs: list[TokenLogprob], prompt_logprobs: list[TokenLogprob | None] | None,
+                output: RequestOutput, echo: bool) -> dict:
+        """One choice of a completion object or chunk; with `echo` its prompt goes first."""
+        request = choice.request
+        prefix = choice.prompt.text if echo else ""
+        body = {"index": choice.index, "text": prefix + text, "logprobs": None, **finish_fields(output)}
+        if len(submission.prompts) > 1:
+            body.update(scale_fields(choice.selection))
         if request.params.logprobs is not None:
             ids, entries = token_ids, logprobs
             if prefix and prompt_logprobs is not None:
                 ids, entries = request.prompt_ids + token_ids, prompt_logprobs + logprobs
-            choice["logprobs"] = self._logprobs_json(ids, entries)
-        selection = submission.selection
-        return {"id": request.request_id, "object": "text_completion", "created": submission.created,
-                "model": self.http.served_model_name, "choices": [choice],
-                "scale_bucket": selection.name, "scale_beyond_largest": selection.beyond_largest,
-                "scale_method": selection.method}
+            body["logprobs"] = self._logprobs_json(ids, entries, submission.tokens_as_ids)
+        return body
 
-    def _logprobs_json(self, token_ids: list[int], entries: list[TokenLogprob | None]) -> dict:
+    def _logprobs_json(self, token_ids: list[int], entries: list[TokenLogprob | None], as_ids: bool) -> dict:
         """OpenAI's legacy logprobs object; text offsets count from the start of this choice's text."""
-        tokens = [self.tokenizer.decode([t]) for t in token_ids]
+        texts = [self.tokenizer.decode([t]) for t in token_ids]
         offsets, position = [], 0
-        for token in tokens:
+        for text in texts:
             offsets.append(position)
-            position += len(token)
+            position += len(text)
+
+        def name(token_id: int) -> str:
+            return f"token_id:{token_id}" if as_ids else self.tokenizer.decode([token_id])
+
         return {
-            "tokens": tokens,
+            "tokens": [name(t) for t in token_ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
-            "top_logprobs": [None if e is None else {self.tokenizer.decode([i]): lp for i, lp in e.top} for e in entries],
+            "top_logprobs": [None if e is None else {name(i): lp for i, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
 
@@ -229,9 +328,82 @@ def _raise_for(output: RequestOutput) -> None:
         raise UnavailableError("the request was cancelled", code="aborted")
 
 
-def _usage(last: RequestOutput) -> dict:
-    return {"prompt_tokens": last.num_prompt_tokens, "completion_tokens": last.num_output_tokens,
-            "total_tokens": last.num_prompt_tokens + last.num_output_tokens}
+@dataclass
+class ChoiceResult:
+    """A choice's outputs, gathered."""
+
+    choice: Choice
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    last: RequestOutput | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.text
+        self.token_ids += output.token_ids
+        self.logprobs += output.logprobs
+        self.prompt_logprobs = output.prompt_logprobs or self.prompt_logprobs
+        self.last = output
+
+
+def finish_fields(output: RequestOutput) -> dict:
+    """finish_reason and vLLM's stop_reason (the stop string or stop token id that ended it): null until the end."""
+    finished = output.finished
+    return {"finish_reason": FINISH_REASON[output.status] if finished else None,
+            "stop_reason": output.stop_reason if finished else None}
+
+
+def envelope(submission: Submission, kind: str, model: str, choices: list[dict]) -> dict:
+    """A response object (or stream chunk) of `kind` around `choices`, with the scale bucket of its prompts (null
+    when they were served by different ones: each choice then names its own)."""
+    body = {"id": submission.id, "object": kind, "created": submission.created, "model": model, "choices": choices}
+    return {**body, **shared_scale_fields(submission)}
+
+
+def scale_fields(selection: Selection) -> dict:
+    return {"scale_bucket": selection.name, "scale_beyond_largest": selection.beyond_largest,
+            "scale_method": selection.method}
+
+
+def shared_scale_fields(submission: Submission) -> dict:
+    """The scale fields of the submission's prompts; null values when they differ."""
+    fields = [scale_fields(choice.selection) for choice in submission.choices]
+    return fields[0] if all(f == fields[0] for f in fields) else dict.fromkeys(fields[0])
+
+
+def usage(submission: Submission, results: list[ChoiceResult]) -> dict:
+    completion = sum(r.last.num_output_tokens for r in results if r.last is not None)
+    prompt = submission.num_prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(body: dict) -> dict:
+    return {"data": json.dumps(body, ensure_ascii=False)}
+
+
+def _sink(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int) -> Callable[[RequestOutput], None]:
+    """A request's sink: runs on the engine thread and hands each output, with its choice's index, to the loop."""
+
+    def sink(output: RequestOutput) -> None:
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, (index, output))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    return sink
+
+
+async def until_disconnected(work: Awaitable[T], http_request: HttpRequest) -> T | None:
+    """`work`'s result, or None (and `work` cancelled) when the client closes the connection first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(http_request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return task.result() if task in done else None
+    finally:
+        gone.cancel()
+        task.cancel()
 
 
 async def _disconnected(http_request: HttpRequest) -> None:

@@ -58,8 +58,9 @@ def test_readme_links_resolve_and_name_no_path_of_this_machine():
 
 def test_readme_lists_the_servers_metrics_with_their_types():
     exposition = Metrics(torch.device("cpu")).exposition().decode()
-    # prometheus_client adds a `<name>_created` gauge beside each counter and histogram: not a metric of ours
-    served = {name: kind for name, kind in re.findall(r"^# TYPE (\S+) (\w+)$", exposition, re.M)
+    # prometheus_client adds a `<name>_created` gauge beside each counter and histogram: not a metric of ours;
+    # nor are its process collector's (process_*), which the README names as a group
+    served = {name: kind for name, kind in re.findall(r"^# TYPE (mamba_server_\S+) (\w+)$", exposition, re.M)
               if not name.endswith("_created")}
     documented = dict(re.findall(r"^\| `(mamba_server_\w+)` \| (\w+) \|", README.read_text(encoding="utf-8"), re.M))
     assert documented == served
@@ -160,3 +161,15 @@ def test_readme_cpu_commands_run_verbatim_in_a_fresh_venv(tmp_path):
     assert completion["choices"][0]["text"].strip() == QUICK_START_KEY and QUICK_START_KEY in serve
     assert completion["usage"]["prompt_tokens"] == QUICK_START_PROMPT_TOKENS
     assert f"({QUICK_START_PROMPT_TOKENS} prompt tokens" in readme and f"` {QUICK_START_KEY}`" in readme
+
+
+def test_the_grafana_dashboard_queries_only_series_the_server_exports():
+    dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"\b((?:mamba_server|process)_\w+)\{", expr)}
+    exposition = Metrics(torch.device("cpu")).exposition().decode()
+    families = re.findall(r"^# TYPE (\w+) (\w+)$", exposition, re.M)  # also those with no sample yet
+    exported = {name + suffix for name, kind in families
+                for suffix in (("_bucket", "_sum", "_count") if kind == "histogram" else ("",))}
+    assert queried and queried <= exported, queried - exported
+    assert all('model_name=~"$model_name"' in expr for expr in exprs)

@@ -168,3 +168,16 @@ def test_stopping_the_engine_ends_what_it_holds_with_an_error(live):
     assert set(finals) == {"running", "queued"}
     assert all(out.status.value == "error" and out.error == "the engine stopped" for out in finals.values())
     assert engine.free_slots == 1 and not engine.alive
+
+
+def test_every_series_names_the_model_and_the_process_and_peak_memory_are_scraped(live, client):
+    """What a Prometheus scrape of /metrics gets, read with Prometheus' text-format parser."""
+    client.post("/v1/completions", json={"prompt": "the river", "max_tokens": 2})
+    families = list(text_string_to_metric_families(client.get("/metrics").text))
+    samples = [s for family in families for s in family.samples]
+    assert samples and all(s.labels.get("model_name") == "tiny" for s in samples)
+    names = {s.name for s in samples}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "mamba_server_peak_resident_memory_bytes",
+            "mamba_server_time_to_first_token_seconds_bucket", "mamba_server_generation_tokens_total"} <= names
+    assert metric(client, "mamba_server_peak_resident_memory_bytes") >= metric(
+        client, "mamba_server_process_resident_memory_bytes") > 0

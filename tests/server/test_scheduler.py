@@ -127,6 +127,53 @@ def test_abort_and_timeout_finish_requests_wherever_they_are():
     assert scheduler.free_slots == [0] and not scheduler.has_work()
 
 
+def with_forks(request: Request, n: int) -> Request:
+    """`request` and n - 1 forks (the other samples of its prompt)."""
+    request.forks = [make_request(f"{request.request_id}-{j}", len(request.prompt_ids), request.params.max_tokens,
+                                  request.timeout, request.arrival_time) for j in range(1, n)]
+    return request
+
+
+def test_a_request_with_forks_waits_for_a_slot_each_and_only_it_prefills():
+    scheduler = Scheduler(EngineConfig(max_batch_size=3, prefill_chunk=4))
+    single, group = make_request("single", 4, max_tokens=8), with_forks(make_request("group", 6, max_tokens=8), 3)
+    scheduler.add(single, group)
+    out = run_step(scheduler)
+    assert out.admitted == [single] and group.status is RequestStatus.WAITING  # 2 slots left, 3 wanted
+    single.abort_requested = True
+    out = run_step(scheduler)
+    assert out.admitted == group.group and out.prefill.request is group
+    assert {m.status for m in group.group} == {RequestStatus.PREFILLING} and len(scheduler.running) == 3
+    out = run_step(scheduler)  # the prompt's last chunk: every sample decodes from the next step
+    assert out.prefill.last and {m.status for m in group.group} == {RequestStatus.DECODING}
+    assert all(m.num_computed == 6 for m in group.group)
+    assert run_step(scheduler).decode == group.group
+
+
+def test_forks_go_on_when_the_request_they_copied_ends_at_its_first_token():
+    scheduler = Scheduler(EngineConfig(max_batch_size=3, prefill_chunk=4))
+    group = with_forks(make_request("group", 4, max_tokens=1), 3)
+    for fork in group.forks:
+        fork.params = SamplingParams(max_tokens=3)
+    scheduler.add(group)
+    run_step(scheduler)  # the whole prompt, and the request's one token
+    assert group.status is RequestStatus.FINISHED_LENGTH
+    assert [fork.status for fork in group.forks] == [RequestStatus.DECODING] * 2 and len(scheduler.free_slots) == 1
+
+
+@pytest.mark.parametrize("when", ["waiting", "prefilling"])
+def test_a_request_that_ends_before_its_prompt_is_done_ends_its_forks(when):
+    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=4))
+    blocker = make_request("blocker", 4, max_tokens=100)
+    group = with_forks(make_request("group", 40, timeout=1.0), 2)
+    scheduler.add(*([blocker] if when == "waiting" else []), group)
+    run_step(scheduler, now=0.0)
+    out = run_step(scheduler, now=2.0)  # past the group's deadline
+    assert set(out.finished) == set(group.group)
+    assert {m.status for m in group.group} == {RequestStatus.FINISHED_TIMEOUT} and not scheduler.waiting
+    assert len(scheduler.free_slots) == (1 if when == "waiting" else 2)
+
+
 def test_the_engine_layers_import_no_http_framework():
     """DESIGN §7: pydantic and fastapi stay at the HTTP boundary."""
     code = ("import sys, server.engine, server.scheduler; "

@@ -1,0 +1,49 @@
+"""What a request's sampling fields do to the model's scores before its next token is chosen, in vLLM's order:
+repetition penalty, presence and frequency penalties, logit bias, then the end-of-text and stop-token ban that
+`min_tokens` sets. Temperature, top-k, top-p and min-p follow in server.sampling.
+
+The logprobs reported to clients are the model's own scores, taken before any of this (as vLLM reports them by
+default), so that scoring a text does not depend on how it was sampled.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .request import Request
+
+
+def adjusted(logits: torch.Tensor, requests: Sequence[Request], eos_token_id: int | None) -> torch.Tensor:
+    """logits: (b, V), one row per request. Returns `logits` itself when no request adjusts its scores, else a
+    copy with each such row adjusted."""
+    rows = [i for i, request in enumerate(requests) if request.params.adjusts_logits]
+    if not rows:
+        return logits
+    out = logits.clone()
+    for i in rows:
+        out[i] = _adjusted_row(out[i], requests[i], eos_token_id)
+    return out
+
+
+def _adjusted_row(scores: torch.Tensor, request: Request, eos_token_id: int | None) -> torch.Tensor:
+    """scores: (V,) of one request, changed by its own fields."""
+    params, vocab, device = request.params, scores.shape[-1], scores.device
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        seen[torch.tensor(request.prompt_ids + request.output_ids, device=device)] = True
+        penalised = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
+    if (params.presence_penalty or params.frequency_penalty) and request.output_ids:
+        counts = torch.bincount(torch.tensor(request.output_ids, device=device), minlength=vocab).to(scores.dtype)
+        scores = scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(scores.dtype)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        scores = scores.index_add(0, torch.tensor(ids, device=device),
+                                  torch.tensor(biases, dtype=scores.dtype, device=device))
+    if len(request.output_ids) < params.min_tokens:
+        banned = [*params.stop_token_ids, *([] if params.ignore_eos or eos_token_id is None else [eos_token_id])]
+        if banned:
+            scores = scores.index_fill(0, torch.tensor(banned, device=device), float("-inf"))
+    return scores

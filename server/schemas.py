@@ -1,0 +1,162 @@
+"""The response bodies, as pydantic models for the OpenAPI schema (`/openapi.json`): the routes build these
+bodies as dicts (server.serving, server.chat), and the tests check real responses against these models, so
+the schema and the answers cannot drift apart unnoticed."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field the schema does not name fails the tests' check
+
+
+class ScaleFields(Schema):
+    scale_bucket: str | None  # the bank bucket whose scales served the prompt(s); "none": identity
+    scale_beyond_largest: bool | None
+    scale_method: str | None  # "delta", "a_spectrum", "decimate"; null: no scales
+
+
+class Logprobs(Schema):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class FinishFields(Schema):
+    finish_reason: str | None  # "stop", "length", "abort", "timeout", "error"; null until the choice ends
+    stop_reason: str | int | None  # the stop string or stop token id that ended it
+
+
+class CompletionChoice(FinishFields):
+    index: int
+    text: str
+    logprobs: Logprobs | None
+    # several prompts: the choice's own prompt's scale fields
+    scale_bucket: str | None = None
+    scale_beyond_largest: bool | None = None
+    scale_method: str | None = None
+
+
+class Usage(Schema):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(ScaleFields):
+    """A completion, or (with `stream`) each `data:` event of one, whose choices hold the text new in it."""
+
+    id: str
+    object: str  # "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None  # streamed: only in the last event, when stream_options.include_usage
+
+
+class ChatMessageOut(Schema):
+    role: str  # "assistant"
+    content: str
+
+
+class ChatDelta(Schema):
+    role: str | None = None  # the first chunk of each choice
+    content: str
+
+
+class ChatChoice(FinishFields):
+    index: int
+    message: ChatMessageOut
+    logprobs: None
+
+
+class ChatChunkChoice(FinishFields):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+
+
+class ChatCompletion(ScaleFields):
+    id: str
+    object: str  # "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatCompletionChunk(ScaleFields):
+    id: str
+    object: str  # "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ScaleBucket(Schema):
+    name: str
+    length: int
+    method: str
+    granularity: str
+
+
+class ModelCard(Schema):
+    id: str
+    object: str  # "model"
+    created: int
+    owned_by: str
+    root: str
+    arch: str
+    quantization: str | None
+    max_model_len: int
+    training_context_length: int | None
+    scale_buckets: list[ScaleBucket]
+
+
+class ModelList(Schema):
+    object: str  # "list"
+    data: list[ModelCard]
+
+
+class Tokenized(Schema):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class Detokenized(Schema):
+    prompt: str
+
+
+class TokenizerInfo(Schema):
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int
+
+
+class Version(Schema):
+    version: str
+
+
+class Health(Schema):
+    status: str  # "ok"
+
+
+class ErrorDetail(Schema):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class Error(Schema):
+    error: ErrorDetail

@@ -1,0 +1,170 @@
+"""The sampling fields vLLM honours beyond OpenAI's, over real HTTP on the tiny model: each one changes what is
+generated as vLLM's does (or is refused with a 400 naming it), `stop_reason` says what ended a choice, and
+X-Request-Id follows a request into its completion id and the logs."""
+
+import logging
+
+import pytest
+import torch
+
+from server.detokenizer import OutputText
+from server.logits_adjustment import adjusted
+from server.request import Request, SamplingParams
+
+PROMPT = "the river ran past the old mill"
+
+
+def complete(client, **body) -> dict:
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def generated_ids(client, **body) -> list[int]:
+    """The completion's token ids, as vLLM's return_tokens_as_token_ids names them."""
+    choice = complete(client, logprobs=0, return_tokens_as_token_ids=True, **body)["choices"][0]
+    assert all(t.startswith("token_id:") for t in choice["logprobs"]["tokens"])
+    return [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(live):
+    return live.components.tokenizer
+
+
+@pytest.fixture(scope="module")
+def eos(tokenizer) -> int:
+    return tokenizer.eos_token_id
+
+
+def test_logit_bias_forbids_and_forces_tokens(client, tokenizer):
+    first = generated_ids(client)[0]
+    assert generated_ids(client, logit_bias={str(first): -100})[0] != first
+    forced = tokenizer.encode("e")[0]
+    body = complete(client, max_tokens=5, logit_bias={str(forced): 100})
+    assert body["choices"][0]["text"] == "eeeee"
+
+
+def test_presence_and_frequency_penalties_cut_repetition(client):
+    def distinct(**fields):
+        return len(set(generated_ids(client, max_tokens=40, **fields)))
+
+    plain = distinct()
+    assert plain < 30, "the greedy text must repeat tokens for this test to show anything"
+    assert distinct(presence_penalty=2.0) > plain
+    assert distinct(frequency_penalty=2.0) > plain
+
+
+def test_repetition_penalty_changes_the_text(client):
+    plain = complete(client, max_tokens=40)["choices"][0]["text"]
+    assert complete(client, max_tokens=40, repetition_penalty=1.0)["choices"][0]["text"] == plain
+    assert complete(client, max_tokens=40, repetition_penalty=3.0)["choices"][0]["text"] != plain
+
+
+def test_penalties_and_bias_follow_vllms_arithmetic(tokenizer):
+    params = SamplingParams(8, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
+                            logit_bias=((4, 3.0),), min_tokens=3, stop_token_ids=(5,))
+    request = Request("r", [1, 2], params, None, "none", OutputText(tokenizer), lambda _: None)
+    request.output_ids = [2, 3, 3]  # 3 tokens: min_tokens is reached, nothing is banned any more
+    logits = torch.tensor([[1.0, 2.0, -2.0, 4.0, 0.5, 1.0, 1.0]])
+    out = adjusted(logits, [request], eos_token_id=0)[0]
+    # token 1 (prompt): 2 / 2; token 2 (prompt and once generated): -2 × 2 - 0.5 - 0.25; token 3 (twice): 4 / 2 - 0.5
+    # - 0.5; token 4: + 3
+    assert out.tolist() == pytest.approx([1.0, 1.0, -4.75, 1.0, 3.5, 1.0, 1.0])
+    request.output_ids = [2]
+    banned = adjusted(logits, [request], eos_token_id=0)[0]
+    assert banned[0] == float("-inf") and banned[5] == float("-inf") and torch.isfinite(banned[1:5]).all()
+    assert adjusted(logits, [Request("p", [1], SamplingParams(8), None, "none", OutputText(tokenizer),
+                                     lambda _: None)], 0) is logits  # no field set: the model's own scores
+
+
+def test_min_tokens_holds_off_the_end_of_text(client, eos):
+    forced_end = {str(eos): 100}
+    ended = complete(client, logit_bias=forced_end)
+    assert ended["usage"]["completion_tokens"] == 1 and ended["choices"][0]["finish_reason"] == "stop"
+    held = complete(client, logit_bias=forced_end, min_tokens=5)
+    assert held["usage"]["completion_tokens"] == 6 and held["choices"][0]["finish_reason"] == "stop"
+    assert held["choices"][0]["stop_reason"] is None  # the end of text: no stop string or stop token
+
+
+def test_ignore_eos_generates_past_the_end_of_text(client, eos, tokenizer):
+    body = complete(client, max_tokens=4, logit_bias={str(eos): 100}, ignore_eos=True)
+    assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["text"] == tokenizer.decode([eos]) * 4
+
+
+def test_stop_token_ids_end_the_completion_and_name_themselves(client, tokenizer):
+    ids = generated_ids(client, max_tokens=20)
+    at = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])  # a token first generated at i
+    body = complete(client, max_tokens=20, stop_token_ids=[ids[at]])
+    choice = body["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", ids[at])
+    assert body["usage"]["completion_tokens"] == at + 1  # the stop token is generated, not shown
+    assert choice["text"] == tokenizer.decode(ids[:at])
+
+
+def test_stop_reason_names_the_stop_string(client):
+    text = complete(client, max_tokens=20)["choices"][0]["text"]
+    stop = text[4:7]
+    choice = complete(client, max_tokens=20, stop=["never there", stop])["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
+    assert complete(client, max_tokens=3)["choices"][0]["stop_reason"] is None  # length
+
+
+def test_min_tokens_defers_stop_strings(client, tokenizer):
+    ids = generated_ids(client, max_tokens=20)
+    stop = tokenizer.decode(ids[:1])  # the first token's text: a stop string at once
+    assert complete(client, max_tokens=20, stop=stop)["usage"]["completion_tokens"] == 1
+    deferred = complete(client, max_tokens=20, stop=stop, min_tokens=3)
+    assert deferred["usage"]["completion_tokens"] > 3 or deferred["choices"][0]["finish_reason"] == "length"
+    assert deferred["choices"][0]["text"].startswith(stop)
+
+
+def test_min_p_one_keeps_only_the_most_likely_token(client):
+    greedy = complete(client, max_tokens=16)["choices"][0]["text"]
+    for seed in (1, 2):
+        assert complete(client, max_tokens=16, temperature=1.0, seed=seed, min_p=1.0)["choices"][0]["text"] == greedy
+    assert complete(client, max_tokens=16, temperature=1.0, seed=1, min_p=0.0)["choices"][0]["text"] != greedy
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("response_format", {"type": "json_object"}, "only {'type': 'text'} is served"),
+    ("response_format", {"type": "json_schema", "json_schema": {}}, "only {'type': 'text'} is served"),
+    ("logit_bias", {"x": 1}, "keys are token ids"),
+    ("logit_bias", {"3": 101}, "[-100, 100]"),
+    ("logit_bias", {"96": 1}, "token id 96 is outside the vocabulary"),
+    ("stop_token_ids", [96], "token id 96 is outside the vocabulary"),
+    ("presence_penalty", 2.5, "less than or equal to 2"),
+    ("frequency_penalty", -3, "greater than or equal to -2"),
+    ("repetition_penalty", 0, "greater than 0"),
+    ("min_p", 1.5, "less than or equal to 1"),
+    ("min_tokens", 13, "min_tokens (13) is more than max_tokens (12)"),
+    ("ignore_eos", "yes", "boolean"),
+    ("use_beam_search", True, "use_beam_search is not served"),
+    ("suffix", "the end", "suffix is not served"),
+    ("guided_json", {"type": "object"}, "guided_json is not served"),
+    ("guided_choice", ["a", "b"], "guided_choice is not served"),
+])
+def test_bad_sampling_fields_are_refused_by_name(client, field, value, match):
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and match in error["message"], error
+
+
+def test_a_text_response_format_is_served(client):
+    assert complete(client, response_format={"type": "text"})["choices"][0]["text"]
+
+
+def test_the_request_id_is_echoed_or_made_and_names_the_completion_in_the_logs(client, caplog):
+    with caplog.at_level(logging.INFO, logger="server"):
+        response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                               headers={"X-Request-Id": "trace-42"})
+    assert response.headers["x-request-id"] == "trace-42" and response.json()["id"] == "cmpl-trace-42"
+    assert any("cmpl-trace-42" in record.getMessage() and "finished" in record.getMessage()
+               for record in caplog.records)
+    made = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+    assert len(made.headers["x-request-id"]) == 32 and made.json()["id"] == "cmpl-" + made.headers["x-request-id"]
+    unusable = client.get("/health", headers={"X-Request-Id": "x" * 200})
+    assert len(unusable.headers["x-request-id"]) == 32
+    assert client.get("/v1/nothing").headers["x-request-id"]  # errors carry it too

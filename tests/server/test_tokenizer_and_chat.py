@@ -1,0 +1,147 @@
+"""vLLM's routes around completions, over real HTTP: /tokenize, /detokenize, /tokenizer_info (as lm-evaluation-
+harness's remote tokenizer reads it), /version, GET /v1/models/{id}, CORS, and chat completions with the model's
+chat template; and the requests lm-evaluation-harness's local-completions sends, batched and concurrent."""
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from runtime import __version__
+from runtime.tokenizer import Tokenizer
+from server import schemas
+from server.chat_template import TokenizerConfig
+
+from server_helpers import SERVER_FLAGS, LiveServer
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the pass key?"}]
+RENDERED = "<|endoftext|>system: be brief\nuser: what is the pass key?\nassistant:"
+
+
+@pytest.fixture(scope="module")
+def chat_live(model_dirs, tmp_path_factory):
+    """The tiny model with a chat template in its tokenizer_config.json, and CORS for one origin."""
+    model_dir = shutil.copytree(model_dirs["mamba1"], tmp_path_factory.mktemp("chat") / "model")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": TEMPLATE, "bos_token": {"content": "<|endoftext|>"}, "eos_token": "<|endoftext|>"}))
+    with LiveServer(["--model", str(model_dir), *SERVER_FLAGS, "--allowed-origins", "https://app.example"]) as s:
+        yield s
+
+
+@pytest.fixture
+def chat_client(chat_live):
+    with httpx.Client(base_url=chat_live.url, timeout=60) as c:
+        yield c
+
+
+def test_tokenize_and_detokenize_round_trip(client, live):
+    tokenizer = live.components.tokenizer
+    body = client.post("/tokenize", json={"prompt": "the river", "return_token_strs": True}).json()
+    assert body["tokens"] == tokenizer.encode("the river") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 4096 and len(body["token_strs"]) == body["count"]
+    assert client.post("/detokenize", json={"tokens": body["tokens"]}).json() == {"prompt": "the river"}
+    bad = client.post("/detokenize", json={"tokens": [96]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert client.post("/tokenize", json={"prompt": "x", "model": "gpt-4"}).status_code == 404
+
+
+def test_tokenizer_info_is_what_lm_evals_remote_tokenizer_reads(client, live):
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and "bos_token" in info and info["chat_template"] is None
+    # lm-eval takes the end-of-text id as the first token of /tokenize of eos_token
+    eos_ids = client.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert eos_ids["tokens"] == [live.components.tokenizer.eos_token_id]
+
+
+def test_version_and_model_retrieval(client, live):
+    assert client.get("/version").json() == {"version": __version__}
+    sdk = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    model = sdk.models.retrieve("tiny")
+    assert model.id == "tiny" and model.model_extra["max_model_len"] == 4096
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("gpt-4")
+
+
+def test_chat_without_a_template_says_how_to_give_one(client):
+    response = client.post("/v1/chat/completions", json={"messages": MESSAGES})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "no_chat_template" and "--chat-template FILE" in error["message"]
+
+
+def test_chat_renders_the_template_and_completes_it(chat_client, chat_live):
+    rendered = chat_client.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert rendered == chat_live.components.tokenizer.encode(RENDERED)
+    assert chat_client.get("/tokenizer_info").json()["chat_template"] == TEMPLATE
+    expected = chat_client.post("/v1/completions", json={"prompt": RENDERED, "max_tokens": 12,
+                                                         "temperature": 0}).json()["choices"][0]["text"]
+    sdk = openai.OpenAI(base_url=chat_live.url + "/v1", api_key="unused", max_retries=0)
+    chat = sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, n=2)
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-")
+    assert [c.message.content for c in chat.choices] == [expected, expected]
+    assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens == len(rendered)
+    chunks = list(sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=12,
+                                              temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens // 2
+    schemas.ChatCompletion.model_validate(chat.model_dump(exclude_unset=True))
+    for chunk in chunks:
+        schemas.ChatCompletionChunk.model_validate(chunk.model_dump(exclude_unset=True))
+
+
+def test_chat_refuses_what_it_does_not_serve(chat_client):
+    def error(**body):
+        response = chat_client.post("/v1/chat/completions", json={"messages": MESSAGES, **body})
+        assert response.status_code == 400, response.text
+        return response.json()["error"]
+
+    assert error(logprobs=True)["param"] == "logprobs"
+    assert error(echo=True)["param"] == "echo"
+    assert error(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])["param"] == \
+        "messages"
+    assert error(messages=[])["param"] == "messages"
+
+
+def test_cors_answers_the_allowed_origin_only(chat_client, client):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    allowed = chat_client.options("/v1/completions", headers=preflight)
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    other = chat_client.options("/v1/completions", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": "https://app.example"}).headers
+
+
+def test_a_chat_template_file_overrides_the_config(model_dirs, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    tokenizer = Tokenizer(model_dirs["mamba1"] / "tokenizer.json")
+    config = TokenizerConfig.load(model_dirs["mamba1"], tokenizer, template)
+    assert config.chat_template.render([{"role": "user", "content": "hi"}], True, {}) == "hi"
+    assert config.special_tokens["eos_token"] == "<|endoftext|>"
+
+
+def test_lm_eval_local_completions_batches_score_as_single_prompts(live, client):
+    """local-completions with --batch_size 8 and num_concurrent=4: token-id prompts, echo, logprobs 1, max_tokens 0,
+    four batches in flight at once; each loglikelihood equals the single-prompt call's. Then a generation batch."""
+    tokenizer = live.components.tokenizer
+    texts = [f"the river ran past the old mill {i} times, and the boat went by" for i in range(32)]
+    contexts = [tokenizer.encode(t) for t in texts]
+    scoring = {"model": "tiny", "max_tokens": 0, "temperature": 0, "logprobs": 1, "seed": 1234, "echo": True}
+
+    def post(prompt):
+        response = client.post("/v1/completions", json={**scoring, "prompt": prompt})
+        assert response.status_code == 200, response.text
+        return [c["logprobs"]["token_logprobs"] for c in response.json()["choices"]]
+
+    with ThreadPoolExecutor(4) as pool:
+        batched = [lp for batch in pool.map(post, [contexts[i:i + 8] for i in range(0, 32, 8)]) for lp in batch]
+    assert batched == [post(ids)[0] for ids in contexts]
+    generation = client.post("/v1/completions", json={"model": "tiny", "prompt": texts[:8], "max_tokens": 8,
+                                                      "temperature": 0, "stop": ["\n\n"], "seed": 1234}).json()
+    assert [c["index"] for c in generation["choices"]] == list(range(8))
