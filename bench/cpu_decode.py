@@ -79,7 +79,7 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     model = load_model(args.model).model
     peer = MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    columns = {"runtime": [], "runtime_scaled": [], "transformers": []}
+    columns = ("runtime", "runtime_scaled", "transformers")
     times = {(name, b): [] for name in columns for b in batches}
     with torch.no_grad():
         for _ in range(args.rounds):
