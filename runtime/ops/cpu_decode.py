@@ -31,11 +31,18 @@ def kernel() -> SimpleNamespace | None:
 
 def runs(states: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor | None, ...]) -> bool:
     """Whether the kernels take these tensors: all float32 on the CPU, the `states` they update in place
-    contiguous, the `inputs` (None: absent) with dense rows, nothing recording autograd, and a built kernel."""
-    tensors = [*states, *(t for t in inputs if t is not None)]
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
-            and all(t.is_contiguous() for t in states)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and kernel() is not None)
+    contiguous, the `inputs` (None: absent) with dense rows, nothing recording autograd, and a built kernel.
+    (Runs once per layer and token: the cheap tests first.)"""
+    if kernel() is None:
+        return False
+    tensors = [t for t in inputs if t is not None]
+    tensors += states
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_cpu or t.stride(-1) != 1:
+            return False
+    return all(t.is_contiguous() for t in states)
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
