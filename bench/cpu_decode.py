@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -72,21 +73,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=MODEL, help="a Mamba1 checkpoint in the Hugging Face layout")
     parser.add_argument("--batches", default="1,4,16")
-    parser.add_argument("--steps", type=int, default=64, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=32, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are printed")
+    parser.add_argument("--threads", type=int, help="torch's threads for both (default: torch's own choice)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     model = load_model(args.model).model
     peer = MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     columns = ("runtime", "runtime_scaled", "transformers")
     times = {(name, b): [] for name in columns for b in batches}
     with torch.no_grad():
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for b in batches:
                 times["runtime", b].append(runtime_ms(model, b, args.steps, scaled=False))
                 times["runtime_scaled", b].append(runtime_ms(model, b, args.steps, scaled=True))
                 times["transformers", b].append(peer_ms(peer, b, args.steps))
+                print(f"round {round_}, batch {b}: " + ", ".join(f"{name} {times[name, b][-1]:.2f} ms" for name in columns),
+                      file=sys.stderr, flush=True)
     median = {key: statistics.median(values) for key, values in times.items()}
     print(f"CPU decode, {args.model.name}, float32, {torch.get_num_threads()} threads, {PROMPT}-token prompt, "
           f"{args.steps} steps × {args.rounds} rounds (medians)")

@@ -35,6 +35,24 @@ static inline float dot(const float *a, const float *b, int64_t m) {
     return acc;
 }
 
+/* Channels c0 … c1-1 of one sequence's convolution step before the SiLU: out = w · (window, input) + bias, and
+ * the window (k-1 values per channel) shifts in the input. */
+static inline void convolve(float *windows, const float *weight, const float *bias, const float *input, float *out,
+                            int64_t c0, int64_t c1, int64_t k) {
+    for (int64_t c = c0; c < c1; c++) {
+        float *window = windows + c * (k - 1);
+        const float *w = weight + c * k;
+        float acc = bias ? bias[c] : 0.0f;
+        for (int64_t j = 0; j < k - 1; j++)
+            acc += w[j] * window[j];
+        for (int64_t j = 0; j + 1 < k - 1; j++)
+            window[j] = window[j + 1];
+        if (k > 1)
+            window[k - 2] = input[c];
+        out[c] = acc + w[k - 1] * input[c];
+    }
+}
+
 void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t z_stride, float *conv_state,
                        const float *conv_weight, const float *conv_bias, const float *x_proj, const float *dt_proj,
                        const float *dt_bias, float *h, const float *A, const float *a_scale,
@@ -49,18 +67,11 @@ void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t
             for (int64_t block = 0; block < blocks; block++) {
                 const int64_t c0 = block * BLOCK, c1 = c0 + BLOCK < d ? c0 + BLOCK : d;
                 float *row = xc + s * d;
-                for (int64_t c = c0; c < c1; c++) {
-                    float *window = conv_state + ((slots ? slots[s] : s) * d + c) * (k - 1);
-                    const float *w = conv_weight + c * k, input = x[s * x_stride + c];
-                    float acc = conv_bias ? conv_bias[c] : 0.0f;
-                    for (int64_t j = 0; j < k - 1; j++)
-                        acc += w[j] * window[j];
-                    for (int64_t j = 0; j + 1 < k - 1; j++)
-                        window[j] = window[j + 1];
-                    if (k > 1)
-                        window[k - 2] = input;
-                    row[c] = acc + w[k - 1] * input;
-                }
+                float *windows = conv_state + (slots ? slots[s] : s) * d * (k - 1);
+                if (k == 4)  /* every Mamba's width: the window's loops unrolled */
+                    convolve(windows, conv_weight, conv_bias, x + s * x_stride, row, c0, c1, 4);
+                else
+                    convolve(windows, conv_weight, conv_bias, x + s * x_stride, row, c0, c1, k);
                 #pragma omp simd
                 for (int64_t c = c0; c < c1; c++)
                     row[c] = silu(row[c]);
@@ -77,6 +88,7 @@ void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t
                 const int64_t c0 = block * BLOCK, width = c0 + BLOCK < d ? BLOCK : d - c0;
                 const float *p = proj + s * e, *B = p + r, *C = p + r + n, *input = xc + s * d + c0;
                 const float *zs = z + s * z_stride + c0, *scale = delta_scale ? delta_scale + s * d + c0 : 0;
+                float *states = h + ((slots ? slots[s] : s) * d + c0) * n;
                 float delta[BLOCK], gate[BLOCK];
                 for (int64_t c = 0; c < width; c++)
                     delta[c] = dot(dt_proj + (c0 + c) * r, p, r) + dt_bias[c0 + c];
@@ -87,7 +99,7 @@ void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t
                 }
                 for (int64_t c = 0; c < width; c++) {
                     const float *a = A + (c0 + c) * n, dx = delta[c] * input[c];
-                    float *state = h + ((slots ? slots[s] : s) * d + c0 + c) * n, out = 0.0f;
+                    float *state = states + c * n, out = 0.0f;
                     if (a_scale) {
                         const float *as = a_scale + (s * d + c0 + c) * n;
                         #pragma omp simd reduction(+ : out)

@@ -8,16 +8,19 @@
 
 /* exp(x) for x <= 0 (Δ >= 0, A < 0: a decay), branch-free so that the loop over the state vectorises:
  * 2^k · p(r) with x = k ln2 + r, |r| <= ln2 / 2, p the degree-6 Taylor polynomial (relative error below
- * 2e-7). x is clamped at -87 (k >= -126), so that a decay too small for a float gives about 1e-38, not garbage
- * from an exponent field out of range. */
+ * 2e-7). k is rounded by adding 1.5 · 2^23 (its low bits then hold k) and 2^k applied by adding k to p's
+ * exponent field. x is clamped at -87 (k >= -126), so that a decay too small for a float gives about 1e-38,
+ * not garbage from an exponent field out of range. */
 static inline float exp_nonpositive(float x) {
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    const float shifter = 12582912.0f;  /* 1.5 · 2^23 */
     x = x < -87.0f ? -87.0f : x;
-    float k = floorf(x * log2e + 0.5f);
-    float r = x - k * ln2_hi - k * ln2_lo;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    union { int32_t bits; float value; } scale = {((int32_t)k + 127) << 23};  /* 2^k */
-    return p * scale.value;
+    union { float value; int32_t bits; } rounded = {x * log2e + shifter}, p;
+    const float k = rounded.value - shifter;
+    const float r = x - k * ln2_hi - k * ln2_lo;
+    p.value = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    p.bits += (int32_t)((uint32_t)rounded.bits << 23);  /* the shift keeps k's low bits: + k · 2^23 */
+    return p.value;
 }
 
 /* log(1 + u) for u in [0, 1]: 2 atanh(t) with t = u / (2 + u) in [0, 1/3], its odd series to t^13 (relative
