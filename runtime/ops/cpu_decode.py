@@ -29,20 +29,20 @@ def kernel() -> SimpleNamespace | None:
     return cpu_kernels.load(SOURCE, SIGNATURES)
 
 
-def runs(states: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor | None, ...]) -> bool:
-    """Whether the kernels take these tensors: all float32 on the CPU, the `states` they update in place
-    contiguous, the `inputs` (None: absent) with dense rows, nothing recording autograd, and a built kernel.
-    (Runs once per layer and token: the cheap tests first.)"""
+def runs(states: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor | None, ...],
+         rows: tuple[torch.Tensor, ...] = ()) -> bool:
+    """Whether the kernels take these tensors: all float32 on the CPU, the `states` they update in place and the
+    `inputs` (None: absent) contiguous, the `rows` with dense rows, nothing recording autograd, and a built
+    kernel. (Runs once per layer and token: the cheap tests first.)"""
     if kernel() is None:
         return False
-    tensors = [t for t in inputs if t is not None]
-    tensors += states
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    dense = [*states, *(t for t in inputs if t is not None)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in dense + list(rows)):
         return False
-    for t in tensors:
+    for t in rows:
         if t.dtype != torch.float32 or not t.is_cpu or t.stride(-1) != 1:
             return False
-    return all(t.is_contiguous() for t in states)
+    return all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in dense)
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -61,35 +61,31 @@ def mamba1_A(A_log: torch.Tensor) -> torch.Tensor:
 
 def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
                   delta_scale, D, slots=None) -> torch.Tensor:
-    """`torch_ops.mamba1_decode` through the kernel, where `runs` holds. x, z: (b, d) with dense rows (views of
-    in_proj's output); conv_state (b, d, k-1) and h (b, d, n), or with `slots` (b,) pools whose row slots[i] is
+    """`torch_ops.mamba1_decode` through the kernel, where `runs` holds (x and z its `rows`). x, z: (b, d) with
+    dense rows (views of in_proj's output); conv_state (b, d, k-1) and h (b, d, n), or with `slots` (b,) pools whose row slots[i] is
     sequence i's, updated in place; conv_weight (d, k); conv_bias (d,) or None; x_proj_weight (r + 2n, d);
     dt_proj_weight (d, r); dt_bias (d,); A_log (d, n); a_scale (b, d, n) or None; delta_scale (b, d) or None;
     D (d,). Returns y (b, d), gated, without the output projection."""
     b, d = x.shape
     n, k, r = h.shape[-1], conv_weight.shape[-1], dt_proj_weight.shape[-1]
     A = mamba1_A(A_log)
-    conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, a_scale, delta_scale, D = (
-        t if t is None else t.contiguous()
-        for t in (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, a_scale, delta_scale, D))
     slots = None if slots is None else slots.to(torch.int64).contiguous()
-    work = torch.empty(b * (d + r + 2 * n))  # the kernel's scratch: convolved inputs, x_proj's output
-    y = torch.empty(b, d)
+    buffer = torch.empty(b * (2 * d + r + 2 * n))  # y, then the kernel's scratch: convolved inputs, x_proj's output
+    y = buffer[:b * d].view(b, d)
     kernel().mamba1_decode_f32(
         x.data_ptr(), x.stride(0), z.data_ptr(), z.stride(0), conv_state.data_ptr(), conv_weight.data_ptr(),
         _pointer(conv_bias), x_proj_weight.data_ptr(), dt_proj_weight.data_ptr(), dt_bias.data_ptr(), h.data_ptr(),
-        A.data_ptr(), _pointer(a_scale), _pointer(delta_scale), D.data_ptr(), _pointer(slots), work.data_ptr(),
-        y.data_ptr(), b, d, n, r, k, torch.get_num_threads())
+        A.data_ptr(), _pointer(a_scale), _pointer(delta_scale), D.data_ptr(), _pointer(slots),
+        buffer.data_ptr() + b * d * 4, y.data_ptr(), b, d, n, r, k, torch.get_num_threads())
     return y
 
 
 def add_rms_norm(residual: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch_ops.add_rms_norm` through the kernel, where `runs` holds: residual (b, D) + update (b, D) (or
+    """`torch_ops.add_rms_norm` through the kernel, where `runs` holds (all three its `inputs`): residual (b, D) + update (b, D) (or
     residual alone when update is None) and its RMSNorm with weight (D,). Returns both, (b, D) each."""
     b, m = residual.shape
-    weight = weight.contiguous()
-    out, normed = torch.empty(b, m), torch.empty(b, m)
+    out, normed = torch.empty(2, b, m)
     kernel().add_rms_norm_f32(residual.data_ptr(), _pointer(update), weight.data_ptr(), eps, out.data_ptr(),
                               normed.data_ptr(), b, m)
     return out, normed

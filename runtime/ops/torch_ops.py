@@ -236,8 +236,8 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
     runs instead where a C compiler is found; this composition of PyTorch operators is its fallback."""
     args = (x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
             delta_scale, D, slots)
-    inputs = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, a_scale, delta_scale, D)
-    if cpu_decode.runs((conv_state, h), inputs):
+    inputs = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, a_scale, delta_scale, D)
+    if cpu_decode.runs((conv_state, h), inputs, rows=(x, z)):
         return cpu_decode.mamba1_decode(*args)
     return composed_mamba1_decode(causal_conv1d_step, mamba1_step, *args)
 

@@ -53,7 +53,7 @@ def test_the_kernel_equals_the_composed_step(rows, delta_scale, a_scale, threads
     conv, h = torch.randn(pools, d, k - 1, generator=g), torch.randn(pools, d, n, generator=g)
     slots = None if rows is None else torch.tensor(rows)
     conv_ref, h_ref = conv.clone(), h.clone()
-    assert cpu_decode.runs((conv, h), (*projected[0].chunk(2, dim=-1), *weights.values()))
+    assert cpu_decode.runs((conv, h), tuple(weights.values()), rows=projected[0].chunk(2, dim=-1))
     for t in range(4):  # steps on the states the previous ones left
         got = _decode(torch_ops.mamba1_decode, projected[t], conv, h, weights, slots)
         want = _decode(_composed, projected[t], conv_ref, h_ref, weights, slots)
