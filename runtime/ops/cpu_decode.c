@@ -14,11 +14,13 @@
  * The functions of one value per channel (SiLU, softplus) run as vector loops over a block of channels; the
  * state update as a vector loop over the state.
  *
- * Shapes: b sequences, d channels (d_inner), n d_state, r dt_rank, k conv width, e = r + 2n. All float32.
+ * Shapes: b sequences, d channels (d_inner), n d_state, r dt_rank, k conv width, e = r + 2n. Float32 but
+ * for INT8 projections.
  *   x, z: (b, d) rows `x_stride` / `z_stride` floats apart (the two halves of in_proj's output);
  *   conv_state (rows, d, k-1) and h (rows, d, n): the sequences' rows are slots[i] (rows 0 … b-1 when slots is
- *   NULL), updated in place; conv_weight (d, k), conv_bias (d,) or NULL; x_proj (e, d); dt_proj (d, r);
- *   dt_bias (d,); A (d, n), negative; a_scale (b, d, n) or NULL; delta_scale (b, d) or NULL; D (d,);
+ *   NULL), updated in place; conv_weight (d, k), conv_bias (d,) or NULL; x_proj (e, d), dt_proj (d, r):
+ *   float32, or int8 when their row scales x_proj_scale (e,), dt_proj_scale (d,) are given; dt_bias (d,);
+ *   A (d, n), negative; a_scale (b, d, n) or NULL; delta_scale (b, d) or NULL; D (d,);
  *   work: b·(d + e) floats of scratch; y (b, d) receives the gated output.
  */
 #include <stdint.h>
@@ -53,9 +55,22 @@ static inline void convolve(float *windows, const float *weight, const float *bi
     }
 }
 
+/* Row j of a weight (rows, m) dotted with v: float32 weights, or with `scale` int8 ones times their row's scale
+ * (quant.py's INT8 weights, multiplied as torch._weight_int8pack_mm does). */
+static inline float row_dot(const void *weight, const float *scale, int64_t j, const float *v, int64_t m) {
+    if (!scale)
+        return dot((const float *)weight + j * m, v, m);
+    const int8_t *q = (const int8_t *)weight + j * m;
+    float acc = 0.0f;
+    #pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < m; i++)
+        acc += (float)q[i] * v[i];
+    return acc * scale[j];
+}
+
 void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t z_stride, float *conv_state,
-                       const float *conv_weight, const float *conv_bias, const float *x_proj, const float *dt_proj,
-                       const float *dt_bias, float *h, const float *A, const float *a_scale,
+                       const float *conv_weight, const float *conv_bias, const void *x_proj, const float *x_proj_scale,
+                       const void *dt_proj, const float *dt_proj_scale, const float *dt_bias, float *h, const float *A, const float *a_scale,
                        const float *delta_scale, const float *D, const int64_t *slots, float *work, float *y,
                        int64_t b, int64_t d, int64_t n, int64_t r, int64_t k, int threads) {
     const int64_t e = r + 2 * n, blocks = (d + BLOCK - 1) / BLOCK;
@@ -81,7 +96,7 @@ void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t
         #pragma omp for collapse(2) schedule(static)
         for (int64_t j = 0; j < e; j++)
             for (int64_t s = 0; s < b; s++)
-                proj[s * e + j] = dot(x_proj + j * d, xc + s * d, d);
+                proj[s * e + j] = row_dot(x_proj, x_proj_scale, j, xc + s * d, d);
         #pragma omp for collapse(2) schedule(static)
         for (int64_t s = 0; s < b; s++) {
             for (int64_t block = 0; block < blocks; block++) {
@@ -91,7 +106,7 @@ void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t
                 float *states = h + ((slots ? slots[s] : s) * d + c0) * n;
                 float delta[BLOCK], gate[BLOCK];
                 for (int64_t c = 0; c < width; c++)
-                    delta[c] = dot(dt_proj + (c0 + c) * r, p, r) + dt_bias[c0 + c];
+                    delta[c] = row_dot(dt_proj, dt_proj_scale, c0 + c, p, r) + dt_bias[c0 + c];
                 #pragma omp simd
                 for (int64_t c = 0; c < width; c++) {
                     delta[c] = softplus(delta[c]) * (scale ? scale[c] : 1.0f);

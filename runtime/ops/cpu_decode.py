@@ -17,7 +17,7 @@ from runtime.ops import cpu_kernels
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {
-    "mamba1_decode_f32": [_P, _I, _P, _I] + [_P] * 14 + [_I] * 5 + [ctypes.c_int],
+    "mamba1_decode_f32": [_P, _I, _P, _I] + [_P] * 16 + [_I] * 5 + [ctypes.c_int],
     "add_rms_norm_f32": [_P] * 3 + [ctypes.c_float] + [_P] * 2 + [_I] * 2,
 }
 _negated_exp: WeakIdKeyDictionary = WeakIdKeyDictionary()  # A_log -> ((version, address), −exp(A_log))
@@ -30,10 +30,10 @@ def kernel() -> SimpleNamespace | None:
 
 
 def runs(states: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor | None, ...],
-         rows: tuple[torch.Tensor, ...] = ()) -> bool:
-    """Whether the kernels take these tensors: all float32 on the CPU, the `states` they update in place and the
-    `inputs` (None: absent) contiguous, the `rows` with dense rows, nothing recording autograd, and a built
-    kernel. (Runs once per layer and token: the cheap tests first.)"""
+         rows: tuple[torch.Tensor, ...] = (), int8: tuple[torch.Tensor, ...] = ()) -> bool:
+    """Whether the kernels take these tensors: the `states` they update in place and the `inputs` (None: absent)
+    contiguous float32, the `rows` float32 with dense rows, the `int8` weights contiguous int8, all on the CPU,
+    nothing recording autograd, and a built kernel. (Runs once per layer and token: the cheap tests first.)"""
     if kernel() is None:
         return False
     dense = [*states, *(t for t in inputs if t is not None)]
@@ -42,7 +42,8 @@ def runs(states: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor | None, ..
     for t in rows:
         if t.dtype != torch.float32 or not t.is_cpu or t.stride(-1) != 1:
             return False
-    return all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in dense)
+    return (all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in dense)
+            and all(t.dtype == torch.int8 and t.is_cpu and t.is_contiguous() for t in int8))
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -60,12 +61,13 @@ def mamba1_A(A_log: torch.Tensor) -> torch.Tensor:
 
 
 def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
-                  delta_scale, D, slots=None) -> torch.Tensor:
+                  delta_scale, D, slots=None, x_proj_scale=None, dt_proj_scale=None) -> torch.Tensor:
     """`torch_ops.mamba1_decode` through the kernel, where `runs` holds (x and z its `rows`). x, z: (b, d) with
     dense rows (views of in_proj's output); conv_state (b, d, k-1) and h (b, d, n), or with `slots` (b,) pools whose row slots[i] is
     sequence i's, updated in place; conv_weight (d, k); conv_bias (d,) or None; x_proj_weight (r + 2n, d);
     dt_proj_weight (d, r); dt_bias (d,); A_log (d, n); a_scale (b, d, n) or None; delta_scale (b, d) or None;
-    D (d,). Returns y (b, d), gated, without the output projection."""
+    D (d,). With x_proj_scale (r + 2n,) and dt_proj_scale (d,), the two projections' weights are int8 with these
+    row scales. Returns y (b, d), gated, without the output projection."""
     b, d = x.shape
     n, k, r = h.shape[-1], conv_weight.shape[-1], dt_proj_weight.shape[-1]
     A = mamba1_A(A_log)
@@ -74,7 +76,8 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
     y = buffer[:b * d].view(b, d)
     kernel().mamba1_decode_f32(
         x.data_ptr(), x.stride(0), z.data_ptr(), z.stride(0), conv_state.data_ptr(), conv_weight.data_ptr(),
-        _pointer(conv_bias), x_proj_weight.data_ptr(), dt_proj_weight.data_ptr(), dt_bias.data_ptr(), h.data_ptr(),
+        _pointer(conv_bias), x_proj_weight.data_ptr(), _pointer(x_proj_scale), dt_proj_weight.data_ptr(),
+        _pointer(dt_proj_scale), dt_bias.data_ptr(), h.data_ptr(),
         A.data_ptr(), _pointer(a_scale), _pointer(delta_scale), D.data_ptr(), _pointer(slots),
         buffer.data_ptr() + b * d * 4, y.data_ptr(), b, d, n, r, k, torch.get_num_threads())
     return y

@@ -242,6 +242,21 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
     return composed_mamba1_decode(causal_conv1d_step, mamba1_step, *args)
 
 
+def mamba1_decode_int8(x, z, conv_state, conv_weight, conv_bias, x_proj_q, x_proj_scale, dt_proj_q, dt_proj_scale,
+                       dt_bias, h, A_log, a_scale, delta_scale, D, slots=None):
+    """`mamba1_decode` with INT8 x_proj and dt_proj (quant.py): int8 weights x_proj_q (r + 2n, d), dt_proj_q (d, r)
+    and their float32 row scales. On CPU in float32 the compiled kernel of cpu_decode reads the integers; else
+    the weights are dequantised for the composed step."""
+    inputs = (conv_weight, conv_bias, dt_bias, A_log, a_scale, delta_scale, D, x_proj_scale, dt_proj_scale)
+    if cpu_decode.runs((conv_state, h), inputs, rows=(x, z), int8=(x_proj_q, dt_proj_q)):
+        return cpu_decode.mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_q, dt_proj_q, dt_bias, h,
+                                        A_log, a_scale, delta_scale, D, slots, x_proj_scale, dt_proj_scale)
+    x_proj_weight, dt_proj_weight = (q.to(x.dtype) * scale.to(x.dtype)[:, None]  # as QuantizedWeight.weight
+                                     for q, scale in ((x_proj_q, x_proj_scale), (dt_proj_q, dt_proj_scale)))
+    return composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, conv_weight, conv_bias,
+                                  x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale, delta_scale, D, slots)
+
+
 def composed_mamba1_decode(conv_step, ssm_step, x, z, conv_state, conv_weight, conv_bias, x_proj_weight,
                            dt_proj_weight, dt_bias, h, A_log, a_scale, delta_scale, D, slots=None):
     """`mamba1_decode` as a back-end's `causal_conv1d_step` and `mamba1_step` around two matrix products."""
