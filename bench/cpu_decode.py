@@ -91,8 +91,8 @@ def main(argv=None):
                 times["runtime", b].append(runtime_ms(model, b, args.steps, scaled=False))
                 times["runtime_scaled", b].append(runtime_ms(model, b, args.steps, scaled=True))
                 times["transformers", b].append(peer_ms(peer, b, args.steps))
-                print(f"round {round_}, batch {b}: " + ", ".join(f"{name} {times[name, b][-1]:.2f} ms" for name in columns),
-                      file=sys.stderr, flush=True)
+                measured = ", ".join(f"{name} {times[name, b][-1]:.2f} ms" for name in columns)
+                print(f"round {round_}, batch {b}: {measured}", file=sys.stderr, flush=True)
     median = {key: statistics.median(values) for key, values in times.items()}
     print(f"CPU decode, {args.model.name}, float32, {torch.get_num_threads()} threads, {PROMPT}-token prompt, "
           f"{args.steps} steps × {args.rounds} rounds (medians)")
@@ -103,7 +103,8 @@ def main(argv=None):
         ours, scaled, theirs = (median[name, b] for name in columns)
         row = {"batch": b, "runtime_ms": round(ours, 3), "runtime_scaled_ms": round(scaled, 3),
                "transformers_ms": round(theirs, 3), "speed_up": round(theirs / ours, 2),
-               "runtime_tokens_per_s": round(b * 1e3 / ours), "time_vs_batch_1": round(ours / median["runtime", batches[0]], 2)}
+               "runtime_tokens_per_s": round(b * 1e3 / ours),
+               "time_vs_batch_1": round(ours / median["runtime", batches[0]], 2)}
         results.append(row)
         print(f"{b:>5} {ours:>10.2f} {scaled:>10.2f} {theirs:>15.2f} {row['speed_up']:>7.2f}× "
               f"{row['runtime_tokens_per_s']:>8} {row['time_vs_batch_1']:>8.2f}×", flush=True)

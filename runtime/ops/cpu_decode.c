@@ -69,8 +69,9 @@ static inline float row_dot(const void *weight, const float *scale, int64_t j, c
 }
 
 void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t z_stride, float *conv_state,
-                       const float *conv_weight, const float *conv_bias, const void *x_proj, const float *x_proj_scale,
-                       const void *dt_proj, const float *dt_proj_scale, const float *dt_bias, float *h, const float *A, const float *a_scale,
+                       const float *conv_weight, const float *conv_bias, const void *x_proj,
+                       const float *x_proj_scale, const void *dt_proj, const float *dt_proj_scale,
+                       const float *dt_bias, float *h, const float *A, const float *a_scale,
                        const float *delta_scale, const float *D, const int64_t *slots, float *work, float *y,
                        int64_t b, int64_t d, int64_t n, int64_t r, int64_t k, int threads) {
     const int64_t e = r + 2 * n, blocks = (d + BLOCK - 1) / BLOCK;

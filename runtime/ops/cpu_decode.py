@@ -62,12 +62,13 @@ def mamba1_A(A_log: torch.Tensor) -> torch.Tensor:
 
 def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
                   delta_scale, D, slots=None, x_proj_scale=None, dt_proj_scale=None) -> torch.Tensor:
-    """`torch_ops.mamba1_decode` through the kernel, where `runs` holds (x and z its `rows`). x, z: (b, d) with
-    dense rows (views of in_proj's output); conv_state (b, d, k-1) and h (b, d, n), or with `slots` (b,) pools whose row slots[i] is
-    sequence i's, updated in place; conv_weight (d, k); conv_bias (d,) or None; x_proj_weight (r + 2n, d);
-    dt_proj_weight (d, r); dt_bias (d,); A_log (d, n); a_scale (b, d, n) or None; delta_scale (b, d) or None;
-    D (d,). With x_proj_scale (r + 2n,) and dt_proj_scale (d,), the two projections' weights are int8 with these
-    row scales. Returns y (b, d), gated, without the output projection."""
+    """`torch_ops.mamba1_decode` through the kernel, where `runs` holds (x and z its `rows`). x, z: (b, d)
+    with dense rows (views of in_proj's output); conv_state (b, d, k-1) and h (b, d, n), or with `slots` (b,)
+    pools whose row slots[i] is sequence i's, updated in place; conv_weight (d, k); conv_bias (d,) or None;
+    x_proj_weight (r + 2n, d); dt_proj_weight (d, r); dt_bias (d,); A_log (d, n); a_scale (b, d, n) or None;
+    delta_scale (b, d) or None; D (d,). With x_proj_scale (r + 2n,) and dt_proj_scale (d,), the two
+    projections' weights are int8 with these row scales. Returns y (b, d), gated, without the output
+    projection."""
     b, d = x.shape
     n, k, r = h.shape[-1], conv_weight.shape[-1], dt_proj_weight.shape[-1]
     A = mamba1_A(A_log)
@@ -85,8 +86,9 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
 
 def add_rms_norm(residual: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch_ops.add_rms_norm` through the kernel, where `runs` holds (all three its `inputs`): residual (b, D) + update (b, D) (or
-    residual alone when update is None) and its RMSNorm with weight (D,). Returns both, (b, D) each."""
+    """`torch_ops.add_rms_norm` through the kernel, where `runs` holds (all three its `inputs`): residual
+    (b, D) + update (b, D) (or residual alone when update is None) and its RMSNorm with weight (D,). Returns
+    both, (b, D) each."""
     b, m = residual.shape
     out, normed = torch.empty(2, b, m)
     kernel().add_rms_norm_f32(residual.data_ptr(), _pointer(update), weight.data_ptr(), eps, out.data_ptr(),

@@ -1,11 +1,11 @@
 """C kernels for the CPU (cpu_scan.c, cpu_decode.c), compiled with the system's C compiler at first use and
 cached; `load` gives None when there is no compiler or the build fails, and the caller runs PyTorch instead.
 
-The shared libraries are cached under $XDG_CACHE_HOME/mamba-extend (default ~/.cache), keyed by the source and the
-headers beside it (cpu_math.h), the compiler command and the CPU's feature flags (`-march=native` code must not run on another processor). They link
-libgomp.so.1 (-fopenmp), which is torch's own copy once torch is loaded: a kernel given
-`torch.get_num_threads()` uses the calling thread's OpenMP team as torch's operators do, not a second pool of
-threads contending with that team's spinning workers.
+The shared libraries are cached under $XDG_CACHE_HOME/mamba-extend (default ~/.cache), keyed by the source and
+the headers beside it (cpu_math.h), the compiler command and the CPU's feature flags (`-march=native` code must
+not run on another processor). They link libgomp.so.1 (-fopenmp), which is torch's own copy once torch is
+loaded: a kernel given `torch.get_num_threads()` uses the calling thread's OpenMP team as torch's operators do,
+not a second pool of threads contending with that team's spinning workers.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ static inline float exp_nonpositive(float x) {
  * error below 2e-8), exact for small u as log1pf is. */
 static inline float log1p_unit(float u) {
     const float t = u / (2.0f + u), t2 = t * t;
-    return 2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9 + t2 * (1.0f / 11 + t2 * (1.0f / 13)))))));
+    const float odd = 1.0f / 7 + t2 * (1.0f / 9 + t2 * (1.0f / 11 + t2 * (1.0f / 13)));  /* t^6/7 onwards */
+    return 2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * odd)));
 }
 
 /* softplus(v) = log(1 + e^v) = max(v, 0) + log(1 + e^-|v|); above 20 PyTorch's is v itself, which this equals

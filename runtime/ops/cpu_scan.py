@@ -22,7 +22,8 @@ SOURCE = Path(__file__).with_name("cpu_scan.c")
 @functools.cache
 def kernel():
     """The compiled scan function, or None (no compiler, or it failed: logged once)."""
-    library = cpu_kernels.load(SOURCE, {"mamba1_scan_f32": [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_int]})
+    argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    library = cpu_kernels.load(SOURCE, {"mamba1_scan_f32": argtypes})
     return None if library is None else library.mamba1_scan_f32
 
 
