@@ -52,7 +52,7 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def mamba1_A(A_log: torch.Tensor) -> torch.Tensor:
     """−exp(A_log) (d, n) float32, computed once per layer, not per token: kept until A_log changes."""
-    key = (A_log._version, A_log.data_ptr())
+    key = (0 if A_log.is_inference() else A_log._version, A_log.data_ptr())  # inference tensors have no version
     known = _negated_exp.get(A_log)
     if known is None or known[0] != key:
         known = key, -torch.exp(A_log.float())
