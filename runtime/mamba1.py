@@ -80,7 +80,13 @@ class Mamba1Mixer(nn.Module):
         x, z = projected.chunk(2, dim=-1)  # (b, d) each
         conv_weight = self.conv1d.weight[:, 0]  # (d, k)
         delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, d), (b, d, n)
-        if isinstance(self.x_proj, QuantizedWeight) or isinstance(self.dt_proj, QuantizedWeight):
+        quantised = isinstance(self.x_proj, QuantizedWeight) or isinstance(self.dt_proj, QuantizedWeight)
+        int8 = quantised and all(isinstance(p, QuantizedWeight) and p.bits == 8 for p in (self.x_proj, self.dt_proj))
+        if int8 and hasattr(ops, "mamba1_decode_int8"):  # a back-end whose decode step reads INT8 projections
+            y = ops.mamba1_decode_int8(x, z, conv_state, conv_weight, self.conv1d.bias, self.x_proj.qweight,
+                                       self.x_proj.scale, self.dt_proj.qweight, self.dt_proj.scale, self.dt_proj.bias,
+                                       ssm_state, self.A_log, a_scale, delta_scale, self.D, slots)  # (b, d)
+        elif quantised:
             # quantised projections go through their own kernels, so the step is composed of separate calls
             x = ops.causal_conv1d_step(x, conv_state, conv_weight, self.conv1d.bias, slots)  # (b, d)
             dt, B, C = self._ssm_inputs(x)

@@ -12,24 +12,11 @@
  * All arrays are float32, contiguous: delta, x, y (b, l, d); A, h (b, d, n); B, C (b, l, n). h holds the
  * initial state and receives the last one. y receives the scan's output without the D skip and the gate.
  */
-#include <math.h>
 #include <stdint.h>
 
-#define CHUNK 64 /* tokens whose B and C rows (CHUNK * n floats each) stay in L1/L2 for every channel */
+#include "cpu_math.h"
 
-/* exp(x) for x <= 0 (Δ >= 0, A < 0: a decay), branch-free so that the loop over the state vectorises:
- * 2^k · p(r) with x = k ln2 + r, |r| <= ln2 / 2, p the degree-6 Taylor polynomial (relative error below
- * 2e-7). x is clamped at -87 (k >= -126), so that a decay too small for a float gives about 1e-38, not garbage
- * from an exponent field out of range. */
-static inline float exp_nonpositive(float x) {
-    const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    x = x < -87.0f ? -87.0f : x;
-    float k = floorf(x * log2e + 0.5f);
-    float r = x - k * ln2_hi - k * ln2_lo;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    union { int32_t bits; float value; } scale = {((int32_t)k + 127) << 23};  /* 2^k */
-    return p * scale.value;
-}
+#define CHUNK 64 /* tokens whose B and C rows (CHUNK * n floats each) stay in L1/L2 for every channel */
 
 void mamba1_scan_f32(const float *delta, const float *x, const float *A, const float *B, const float *C,
                      float *h, float *y, int64_t b, int64_t l, int64_t d, int64_t n, int threads) {

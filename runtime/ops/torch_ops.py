@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.ops import cpu_scan
+from runtime.ops import cpu_decode, cpu_scan
 
 SCAN_BLOCK = 16  # Mamba1: T, positions per block
 SUPERBLOCK_ELEMENTS = 1 << 20  # Mamba1: elements of one (b, tokens, d, n) intermediate per super-block
@@ -232,7 +232,27 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
     """A Mamba1 decode step between the input and output projections: convolution step, x_proj, dt_proj and
     the state update. x, z: (b, d) from in_proj; conv_state (b, d, k-1) and h (b, d, n), or with `slots` pools,
     updated in place; conv_weight (d, k); x_proj_weight (r + 2n, d); dt_proj_weight (d, r); the rest as in
-    `mamba1_step`. Returns y (b, d) in the state's dtype."""
+    `mamba1_step`. Returns y (b, d) in the state's dtype. On CPU in float32 the compiled kernel of cpu_decode
+    runs instead where a C compiler is found; this composition of PyTorch operators is its fallback."""
+    args = (x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
+            delta_scale, D, slots)
+    inputs = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, a_scale, delta_scale, D)
+    if cpu_decode.runs((conv_state, h), inputs, rows=(x, z)):
+        return cpu_decode.mamba1_decode(*args)
+    return composed_mamba1_decode(causal_conv1d_step, mamba1_step, *args)
+
+
+def mamba1_decode_int8(x, z, conv_state, conv_weight, conv_bias, x_proj_q, x_proj_scale, dt_proj_q, dt_proj_scale,
+                       dt_bias, h, A_log, a_scale, delta_scale, D, slots=None):
+    """`mamba1_decode` with INT8 x_proj and dt_proj (quant.py): int8 weights x_proj_q (r + 2n, d), dt_proj_q (d, r)
+    and their float32 row scales. On CPU in float32 the compiled kernel of cpu_decode reads the integers; else
+    the weights are dequantised for the composed step."""
+    inputs = (conv_weight, conv_bias, dt_bias, A_log, a_scale, delta_scale, D, x_proj_scale, dt_proj_scale)
+    if cpu_decode.runs((conv_state, h), inputs, rows=(x, z), int8=(x_proj_q, dt_proj_q)):
+        return cpu_decode.mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_q, dt_proj_q, dt_bias, h,
+                                        A_log, a_scale, delta_scale, D, slots, x_proj_scale, dt_proj_scale)
+    x_proj_weight, dt_proj_weight = (q.to(x.dtype) * scale.to(x.dtype)[:, None]  # as QuantizedWeight.weight
+                                     for q, scale in ((x_proj_q, x_proj_scale), (dt_proj_q, dt_proj_scale)))
     return composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, conv_weight, conv_bias,
                                   x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale, delta_scale, D, slots)
 
@@ -309,7 +329,10 @@ def mamba2_step(h, x, dt, A, B, C, D, slots=None):
 def add_rms_norm(residual: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's residual connection and the next RMSNorm: residual (b, D) + update (b, D) (or residual
-    alone when update is None), in the residual's dtype, and its norm (float32 maths, weight (D,)) in `dtype`."""
+    alone when update is None), in the residual's dtype, and its norm (float32 maths, weight (D,)) in `dtype`.
+    On CPU in float32 one compiled kernel of cpu_decode where a C compiler is found, these operators otherwise."""
+    if dtype == torch.float32 and cpu_decode.runs((), (residual, update, weight)):
+        return cpu_decode.add_rms_norm(residual, update, weight, eps)
     if update is not None:
         residual = residual + update
     return residual, F.rms_norm(residual.float(), residual.shape[-1:], weight.float(), eps).to(dtype)
