@@ -102,8 +102,7 @@ class EarlyStop:
     """Stops training once the task is learned: when held-out retrieval at the training length reaches
     `threshold` at `patience` consecutive checks, the learning rate falls linearly to 0 over `anneal_steps`
     and training ends: a stopping rule that does not depend on the step, which varies from seed to seed, at
-    which retrieval is learned (1,500-2,600 in the 4,000-step runs). On the H200 screen of 2026-12-02 it did not
-    make a base fail sooner past its training length (recipe-runs/early-stop-screen)."""
+    which retrieval is learned (the model card's recipe-runs/early-stop-screen says what it did)."""
     threshold: float
     patience: int
     anneal_steps: int
@@ -124,8 +123,7 @@ class EarlyStop:
 
 def passkey_length_limit(step: int, args, shortest: int) -> int:
     """The longest passkey sample at `step`: from `shortest` + 64 up to the full training length over the
-    first `curriculum` fraction of the steps, so copying is found across a short haystack first. (With it
-    and answer weight 3, both seeds tried learned retrieval; without either, seed 1 never did.)"""
+    first `curriculum` fraction of the steps, so copying is found across a short haystack first."""
     ramp = int(args.curriculum * args.steps)
     start = min(args.length + 1, shortest + 64)
     if step >= ramp:
@@ -139,10 +137,10 @@ SSM_PARAMETERS = (".A_log", ".D", ".dt_proj.bias")  # the SSM's decay spectrum, 
 
 def make_optimiser(model: MambaLM, lr: float, ssm_weight_decay: float) -> torch.optim.AdamW:
     """AdamW with weight decay WEIGHT_DECAY, and `ssm_weight_decay` on the SSM parameters (mamba_ssm exempts
-    A_log and D). Their gradients are small: over the shipped recipe's 4,000 steps decay alone shrank every
-    A_log to 0.65× its initial value (|A| of the faster states towards 1) and pulled the Δ bias towards 0
-    (Δ towards softplus(0) = 0.69), which raised the smallest Δ from 0.001 to about 0.01: the longest memory
-    a channel keeps, its input-dependent part aside, is set by this decay more than by the initial range."""
+    A_log and D). Their gradients are small, so the decay moves them: it shrinks A_log (|A| of the faster states
+    towards 1) and pulls the Δ bias towards 0 (Δ towards softplus(0) = 0.69), which raises the smallest Δ: the
+    longest memory a channel keeps, its input-dependent part aside, is set by this decay more than by the
+    initial range (the model card has the measured effect)."""
     named = list(model.named_parameters())
     ssm = [p for name, p in named if name.endswith(SSM_PARAMETERS)]
     rest = [p for name, p in named if not name.endswith(SSM_PARAMETERS)]
