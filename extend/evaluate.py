@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -46,14 +47,14 @@ def evaluate(args, base: bool = True) -> list[dict]:
     domains = [Domain.of(spec.name, read_source(spec), tokenizer) for spec in parse_sources(args.data)]
     templates = parse_templates(args.templates)
     training_length = args.training_length or loaded.config.training_context_length
+    choices = {}  # length -> (what the server would choose, its decimation if any): the same for every domain
+    for length in parse_buckets(args.lengths):
+        choice = select(bank, length, "auto", training_length)
+        choices[length] = choice, (Decimation.from_params(bank.entry(choice.name).params, loaded.config.n_layer,
+                                                          training_length) if choice.method == "decimate" else None)
     rows = []
     for domain in domains:
-        for length in parse_buckets(args.lengths):
-            choice = select(bank, length, "auto", training_length)
-            decimation = None
-            if choice.method == "decimate":
-                decimation = Decimation.from_params(bank.entry(choice.name).params, loaded.config.n_layer,
-                                                    training_length)
+        for length, (choice, decimation) in choices.items():
             variants = ({"base": (None, None)} if base else {}) | (
                 {"bank": (choice.scales, decimation)} if bank is not None else {})
             tail = None if decimation is None else decimation.keep_last
@@ -107,12 +108,13 @@ def task_table(task: str, subset: list[dict], corner: str, series: list[tuple[st
             *(f"| {label} | " + " | ".join(fmt(r[key]) for r in subset) + " |" for label, key in series)]
 
 
-def mean_over_templates(rows: list[dict], key: str) -> dict[tuple[str, str, int], float]:
-    """{(domain, task, length): mean of row[key] over the rows' templates}, where rows have `key`."""
+def over_templates(rows: list[dict], key: str, summary=statistics.fmean) -> dict[tuple[str, str, int], float]:
+    """{(domain, task, length): summary (default: the mean) of row[key] over the rows' templates}, where rows have
+    `key`."""
     groups: dict[tuple[str, str, int], list[float]] = {}
     for r in filter(lambda r: key in r, rows):
         groups.setdefault((r.get("domain", ""), r["task"], r["length"]), []).append(r[key])
-    return {k: sum(v) / len(v) for k, v in groups.items()}
+    return {k: summary(v) for k, v in groups.items()}
 
 
 def _domain_tables(rows: list[dict]) -> list[str]:
@@ -124,8 +126,7 @@ def _domain_tables(rows: list[dict]) -> list[str]:
             by_template.setdefault(r.get("template"), []).append(r)
         columns = next(iter(by_template.values()))
         fmt = value_format(task)
-        out += [f"**{METRIC[task]}**\n", "| context | " + " | ".join(bucket_name(r["length"]) for r in columns) + " |",
-                "|---" * (len(columns) + 1) + "|"]
+        out += task_table(task, columns, "context", [])
         for label, key in (("base model", "base"), ("with bank", "bank")):
             for template, cells in by_template.items():
                 if key in cells[0]:
@@ -153,7 +154,7 @@ def _overview(rows: list[dict]) -> list[str]:
         for key, label in (("base", "base"), ("bank", "bank")):
             if key not in rows[0]:
                 continue
-            means = mean_over_templates([r for r in rows if r["task"] == task], key)
+            means = over_templates([r for r in rows if r["task"] == task], key)
             for domain in domains:
                 if (domain, task, lengths[0]) in means:
                     out.append(f"| {domain}, {label} | " + " | ".join(
@@ -187,7 +188,7 @@ def plot(rows: list[dict], path: Path, title: str, series: list[tuple[str, str]]
         plotted = []
         for index, domain in enumerate(domains):
             for number, (key, label) in enumerate(present):
-                means = mean_over_templates([r for r in subset if r.get("domain", "") == domain], key)
+                means = over_templates([r for r in subset if r.get("domain", "") == domain], key)
                 points = [(n, means[domain, task, n]) for n in lengths if (domain, task, n) in means]
                 if not points:
                     continue

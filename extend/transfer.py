@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 
 from scale_bank import bucket_name
 
-from .evaluate import by_task, keyed_by_domain, mean_over_templates, plot, value_format
+from .evaluate import METRIC, by_task, keyed_by_domain, over_templates, plot, value_format
 from .jobs import Job, run_jobs
 from .passkey import parse_templates
 from .sources import FILLER, SourceSpec, parse_mixture, parse_sources
@@ -94,29 +95,20 @@ def markdown(rows: list[dict]) -> str:
     header = ["| domain | " + " | ".join(bucket_name(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     for task, subset in by_task(rows).items():
         fmt = value_format(task)
-        summaries = [("mean over templates", mean_over_templates)] if task == "ppl" else [
-            ("mean over templates", mean_over_templates), ("lowest template", _lowest_over_templates)]
-        for heading, summarise in summaries:
-            out += [f"**{'passkey accuracy' if task == 'passkey' else 'perplexity'}"
-                    + (f", {heading}" if task == "passkey" else "") + "**\n", *header]
+        summaries = [("", statistics.fmean)] if task == "ppl" else [(", mean over templates", statistics.fmean),
+                                                                   (", lowest template", min)]
+        for heading, summary in summaries:
+            out += [f"**{METRIC[task]}{heading}**\n", *header]
             for domain in domains:
                 mine = [r for r in subset if r["domain"] == domain]
                 for key, label in SERIES:
                     if mine and key in mine[0]:
-                        values = summarise(mine, key)
+                        values = over_templates(mine, key, summary)
                         out.append(f"| {domain}: {label} | " + " | ".join(
                             fmt(values[domain, task, n]) if (domain, task, n) in values else "–"
                             for n in lengths) + " |")
             out.append("")
     return "\n".join(out)
-
-
-def _lowest_over_templates(rows: list[dict], key: str) -> dict[tuple[str, str, int], float]:
-    lowest: dict[tuple[str, str, int], float] = {}
-    for r in rows:
-        index = (r["domain"], r["task"], r["length"])
-        lowest[index] = min(lowest.get(index, r[key]), r[key])
-    return lowest
 
 
 def main(argv=None):
