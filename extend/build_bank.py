@@ -250,7 +250,7 @@ def build(args) -> Bank:
         template, layers = _decimation_template(args, config)
         sweep_data = HeldOut(data.calibration, tokenizer, data.calibration.haystack, args.eval_samples, args.seed,
                              args.eval_batch_size)
-        held_out_mixture = Mixture(list(data.held_out.values()), {k: v["weight"] for k, v in data.sources.items()})
+        held_out_mixture = Mixture(list(data.held_out.values()), data.calibration.weights)
         decimate_held_out = HeldOut(held_out_mixture, tokenizer, held_out_mixture.haystack, args.eval_samples,
                                     args.seed, args.eval_batch_size)
     previous: ScaleSet | None = None

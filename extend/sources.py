@@ -156,21 +156,24 @@ class Mixture:
     that have text (TokenSource's `window` and `batch`)."""
 
     def __init__(self, domains: list[Domain], weights: dict[str, float]):
+        self.weights = weights  # by domain name
         self.domains = [d for d in domains if weights[d.name] > 0]
-        self.weights = [weights[d.name] for d in self.domains]
-        self.texts = [(d.text, w) for d, w in zip(self.domains, self.weights) if d.text is not None]
         self.text_domains = [d for d in self.domains if d.text is not None]
 
+    def _draw(self, domains: list[Domain], rng: random.Random) -> Domain:
+        """One of `domains` by weight (no draw, and so no use of `rng`, when there is one)."""
+        return domains[0] if len(domains) == 1 else rng.choices(domains, [self.weights[d.name] for d in domains])[0]
+
+    def _texts(self) -> list[Domain]:
+        if not self.text_domains:
+            raise DataError("language modelling needs text: every calibration source is the filler")
+        return self.text_domains
+
     def haystack(self, length: int, rng: random.Random) -> list[int]:
-        domain = self.domains[0] if len(self.domains) == 1 else rng.choices(self.domains, self.weights)[0]
-        return domain.haystack(length, rng)
+        return self._draw(self.domains, rng).haystack(length, rng)
 
     def window(self, length: int, rng: random.Random) -> list[int]:
-        if not self.texts:
-            raise DataError("language modelling needs text: every calibration source is the filler")
-        texts, weights = zip(*self.texts)
-        text = texts[0] if len(texts) == 1 else rng.choices(texts, weights)[0]
-        return text.window(length, rng)
+        return self._draw(self._texts(), rng).text.window(length, rng)
 
     def batch(self, length: int, count: int, rng: random.Random) -> torch.Tensor:
         """(count, length) int64 windows."""
@@ -178,6 +181,4 @@ class Mixture:
 
     def batches(self, length: int, count: int, rng: random.Random) -> dict[str, torch.Tensor]:
         """(count, length) int64 windows of each domain that has text: what a per-domain hinge compares."""
-        if not self.text_domains:
-            raise DataError("language modelling needs text: every calibration source is the filler")
-        return {d.name: d.text.batch(length, count, rng) for d in self.text_domains}
+        return {d.name: d.text.batch(length, count, rng) for d in self._texts()}
