@@ -8,7 +8,7 @@ haystack; per-layer recomputation on, as build_bank runs it) at micro-batch 1, i
 memory, or "out of memory". With `--equivalence B`: BP_STEPS steps of batch B at once against the same steps in
 micro-batches of 1, in turns, their times and the largest relative difference of the scales. Weights are
 random (mamba_ssm's initialisation for Mamba1, the runtime's default for Mamba2), in the dtype build_bank
-uses on the device.
+uses on the device unless `--dtype` says otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "mamba-extend-defau
 BP_STEPS = 3
 
 
-def random_model(shape: str, device: torch.device) -> MambaLM:
+def random_model(shape: str, device: torch.device, dtype: str | None) -> MambaLM:
     arch, d_model, n_layer = SHAPES[shape]
     config = ModelConfig(arch=arch, d_model=d_model, n_layer=n_layer, vocab_size=50288,
                          d_state=16 if arch == MAMBA1 else 128, training_context_length=2048)
@@ -48,7 +48,7 @@ def random_model(shape: str, device: torch.device) -> MambaLM:
         model = MambaLM(config, select_backend("auto", device))
     if arch == MAMBA1:
         init_weights(model, seed=0)
-    model.to(resolve_dtype(None, device)).requires_grad_(False)
+    model.to(resolve_dtype(dtype, device)).requires_grad_(False)
     return model
 
 
@@ -79,13 +79,15 @@ def main(argv=None):
     p.add_argument("--lengths", default="16k,32k,64k")
     p.add_argument("--equivalence", type=int, metavar="B", help="also compare batch B at once with micro-batches of 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", help="the weights' dtype (default: build_bank's on the device); float32 separates "
+                   "the batching's own effect on the scales from bfloat16's rounding")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device, tokenizer = torch.device(args.device), Tokenizer(TOKENIZER)
     random.seed(0)
     rows = []
     for shape in args.shapes.split(","):
-        model = random_model(shape, device)
+        model = random_model(shape, device, args.dtype)
         for length in parse_buckets(args.lengths):
             row = {"shape": shape, "length": length}
             try:
