@@ -30,7 +30,7 @@ from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .quant import QuantizedWeight, linear
 from .scales import BatchScales
-from .state import InferenceState
+from .state import InferenceState, MixerOutput
 
 LOGITS_SLICE = 2048  # positions per slice of logits: (2048, V) float32 is 400 MB at V = 50k
 
@@ -94,16 +94,18 @@ class MambaLM(nn.Module):
                decimation: Decimation | None = None):
         """residual (b, l, D) -> (b, l, D), or (b, k, D) at the kept positions when this layer decimates."""
         block = self.layers[i]
-        out, (conv, ssm), *delta = block.mixer(
+        mixed: MixerOutput = block.mixer(
             block.norm(residual).to(self.dtype),
             None if state is None else state.conv[i],
             None if state is None else state.ssm[i],
             None if scales is None else scales[i],
             return_delta=decimation is not None,
         )
-        residual = residual + out  # (b, l, D)
-        if decimation is not None:  # the layer's own state is the full sequence's; later layers see k positions
-            kept = decimation.kept_positions(delta[0])  # (b, k)
+        conv, ssm = mixed.state
+        residual = residual + mixed.out  # (b, l, D)
+        if decimation is not None and mixed.delta is not None:
+            # the layer's own state is the full sequence's; the later layers see the k kept positions
+            kept = decimation.kept_positions(mixed.delta)  # (b, k)
             residual = residual.gather(1, kept[..., None].expand(-1, -1, residual.shape[-1]))  # (b, k, D)
         return residual, conv.to(self.dtype), ssm
 

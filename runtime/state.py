@@ -7,6 +7,7 @@ Per layer: `conv` holds the last k-1 inputs of the causal convolution (b, c, k-1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -57,3 +58,11 @@ class InferenceState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.conv + self.ssm)
+
+
+class MixerOutput(NamedTuple):
+    """A mixer's prefill of one layer."""
+
+    out: torch.Tensor  # (b, l, D)
+    state: tuple[torch.Tensor, torch.Tensor]  # the layer's new conv (b, conv_dim, k-1) and ssm state
+    delta: torch.Tensor | None  # (b, l, c) float32 Δ as the scan uses it, when asked for (what decimation ranks by)

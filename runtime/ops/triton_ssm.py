@@ -1,4 +1,4 @@
-"""Fused Triton kernels for one decode step, behind the signatures of `torch_ops`.
+"""Fused Triton kernels for a Mamba1 decode step's state updates, behind the operator contract (`contract.Ops`).
 
 In a captured decode graph what is left of a step's time is the GPU time of its small kernels, one per
 element-wise op, so every piece of a step that PyTorch runs as several kernels is one kernel here:
@@ -9,12 +9,9 @@ element-wise op, so every piece of a step that PyTorch runs as several kernels i
     which mamba_ssm's kernel cannot take per sequence (it has one A for the batch and computes Δ itself);
   - `mamba1_decode`: a whole Mamba1 step between the input and output projections in two kernels, x_proj
     of the convolved input (partial sums over channel blocks), then per channel block the convolution step,
-    dt_proj and the state update;
-  - `add_rms_norm`: a block's residual connection and the next block's RMSNorm;
-  - `add_rms_norm_linear`: the same followed by the next block's in_proj, one kernel for a batch of a few;
-  - `linear`: a projection (out_proj) of a batch of a few, where cuBLAS's kernels leave most of the GPU idle.
-The state kernels take `slots`: sequence i's state is row slots[i] of a pool, read and written there, so a
-decode step needs no gather of the batch's rows before and no scatter after (four copies per layer).
+    dt_proj and the state update.
+The kernels take `slots`: sequence i's state is row slots[i] of a pool, read and written there, so a decode
+step needs no gather of the batch's rows before and no scatter after.
 The maths is that of `torch_ops` (Δ with softplus's threshold of 20, float32 throughout); tests compare them.
 Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors.
 """
@@ -26,17 +23,18 @@ import triton
 import triton.language as tl
 
 from . import torch_ops
+from .contract import Mamba1Weights
+from .triton_gemv import GEMV_MAX_ROWS
+
+Tensor = torch.Tensor
 
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, softplus(v) = v
-# Launch shapes, chosen by `python -m bench.gpu_kernels` on an H200 (batch 1, the 130m and 1.4b shapes)
+# Launch shapes, chosen by `python -m bench.gpu_kernels` (batch 1, the 130m and 1.4b shapes)
 BLOCK_CHANNELS = 16  # channels per program of the state-update kernels
 DECODE_WARPS = 4
 X_PROJ_ROWS = 8  # x_proj rows per program (80 rows at 130m, 160 at 1.4b)
 X_PROJ_CHANNELS = 1024  # channels per x_proj program: each state-update program adds d / 1024 partial sums
 X_PROJ_WARPS = 4
-GEMV_MAX_ROWS = 4  # sequences up to which a projection (with its RMSNorm) runs as one GEMV kernel
-GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of bfloat16)
-GEMV_WARPS = 8
 
 
 @triton.jit
@@ -89,8 +87,8 @@ def _conv_step_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, out_ptr
     tl.store(out_ptr + b * stride_ob + c, out.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       slots: torch.Tensor | None = None):
+def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None,
+                       slots: Tensor | None = None) -> Tensor:
     """One token of the causal convolution. x: (b, c); state: (b, c, k-1), or a pool (P, c, k-1) whose row
     slots[i] is sequence i's with `slots` (b,) int64; updated in place; weight (c, k).
     Returns silu(conv + bias) (b, c) in the state's dtype."""
@@ -158,10 +156,11 @@ def _mamba1_step_kernel(h_ptr, slots_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr,
     tl.store(y_ptr + b * stride_yb + d, y.to(y_ptr.dtype.element_ty), mask=live)
 
 
-def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slots=None):
-    """Same contract as `torch_ops.mamba1_step`: h (b, d, n) float32, or a pool (P, d, n) whose row slots[i] is
-    sequence i's with `slots` (b,) int64, updated in place; x, dt, z (b, d); dt_bias, D (d,); delta_scale (b, d)
-    float32 or None; A_log (d, n); a_scale (b, d, n) float32 or None; B, C (b, n). Returns y (b, d), x's dtype."""
+def mamba1_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None, *,
+                dt_bias: Tensor, A_log: Tensor, delta_scale: Tensor | None, a_scale: Tensor | None,
+                slots: Tensor | None = None) -> Tensor:
+    """`contract.Ops.mamba1_step` in one kernel: h (b, d, n) float32, or a pool (P, d, n) whose row slots[i] is
+    sequence i's, updated in place; x, dt, z (b, d); B, C (b, n). Returns y (b, d) in x's dtype."""
     b, d = x.shape
     n = h.shape[-1]
     assert all(t is None or t.stride(-1) == 1 for t in (h, x, dt, delta_scale, A_log, a_scale, B, C, z))
@@ -245,17 +244,19 @@ def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias
     tl.store(y_ptr + b * stride_yb + d, y.to(y_ptr.dtype.element_ty), mask=live)
 
 
-def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
-                  delta_scale, D, slots=None):
-    """Same contract as `torch_ops.mamba1_decode`, in two kernels: x_proj of the convolved input in partial
-    sums over channel blocks, then per channel block the convolution step, dt_proj and the state update (four
-    kernels before, three of them small projections and the convolution that only wait on each other). Past
-    GEMV_MAX_ROWS sequences, those four: the fused kernels read x_proj and dt_proj once per sequence, a
-    matrix product once for the batch."""
+def mamba1_decode(x: Tensor, z: Tensor, conv_state: Tensor, h: Tensor, weights: Mamba1Weights, *,
+                  delta_scale: Tensor | None, a_scale: Tensor | None, slots: Tensor | None = None) -> Tensor:
+    """`contract.Ops.mamba1_decode` in two kernels: x_proj of the convolved input in partial sums over channel
+    blocks, then per channel block the convolution step, dt_proj and the state update (the projections and
+    the convolution would otherwise be kernels that only wait on each other). Past GEMV_MAX_ROWS sequences,
+    the composed step: the fused kernels read x_proj and dt_proj once per sequence, a matrix product once for
+    the batch."""
     if x.shape[0] > GEMV_MAX_ROWS:
-        return torch_ops.composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, conv_weight,
-                                                conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
-                                                delta_scale, D, slots)
+        return torch_ops.composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, h, weights,
+                                                delta_scale=delta_scale, a_scale=a_scale, slots=slots)
+    conv_weight, conv_bias, x_proj_weight, dt_proj_weight = (weights.conv_weight, weights.conv_bias,
+                                                             weights.x_proj_weight, weights.dt_proj_weight)
+    dt_bias, A_log, D = weights.dt_bias, weights.A_log, weights.D
     b, d = x.shape
     k, n, rank = conv_weight.shape[-1], h.shape[-1], dt_proj_weight.shape[1]
     rows = x_proj_weight.shape[0]
@@ -288,113 +289,3 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
         BLOCK_RANK=triton.next_power_of_2(rank), BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
         num_warps=DECODE_WARPS)
     return y
-
-
-@triton.jit
-def _add_rms_norm_row(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, i, live, width, eps, stored_width,
-                      HAS_UPDATE: tl.constexpr):
-    """One sequence's residual (+ update), rounded to the residual stream's dtype as PyTorch's sum rounds it
-    and stored (its first `stored_width` columns: width, or 0 for none), and its RMSNorm (float32) over the
-    columns i (BLOCK,) ⊇ [0, width)."""
-    r = tl.load(residual_ptr + i, mask=live, other=0.0).to(tl.float32)
-    if HAS_UPDATE:
-        r += tl.load(update_ptr + i, mask=live, other=0.0).to(tl.float32)
-    r = r.to(new_residual_ptr.dtype.element_ty)
-    tl.store(new_residual_ptr + i, r, mask=i < stored_width)
-    r = r.to(tl.float32)
-    inverse_rms = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / width + eps)
-    return r * inverse_rms * tl.load(weight_ptr + i, mask=live, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _add_rms_norm_kernel(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, out_ptr, width, eps,
-                         stride_rb, stride_ub, stride_nb, stride_ob, HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    i = tl.arange(0, BLOCK)
-    live = i < width
-    out = _add_rms_norm_row(residual_ptr + b * stride_rb, update_ptr + b * stride_ub, weight_ptr,
-                            new_residual_ptr + b * stride_nb, i, live, width, eps, width, HAS_UPDATE)
-    tl.store(out_ptr + b * stride_ob + i, out.to(out_ptr.dtype.element_ty), mask=live)
-
-
-def add_rms_norm(residual, update, weight, eps: float, dtype: torch.dtype):
-    """Same contract as `torch_ops.add_rms_norm`: residual (b, D), update (b, D) or None, weight (D,).
-    Returns residual + update (residual's dtype) and its RMSNorm in `dtype`."""
-    b, width = residual.shape
-    assert residual.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.is_contiguous()
-    new_residual = torch.empty_like(residual)
-    out = torch.empty(b, width, dtype=dtype, device=residual.device)
-    _add_rms_norm_kernel[(b,)](residual, update if update is not None else residual, weight, new_residual, out, width,
-                               eps, residual.stride(0), update.stride(0) if update is not None else 0,
-                               new_residual.stride(0), out.stride(0), HAS_UPDATE=update is not None,
-                               BLOCK=triton.next_power_of_2(width))
-    return new_residual, out
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, update_ptr, norm_weight_ptr, weight_ptr, bias_ptr, new_residual_ptr, out_ptr, batch, width,
-                 rows, eps, stride_xb, stride_ub, stride_nb, stride_wr, stride_ob,
-                 NORM: tl.constexpr, HAS_UPDATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr):
-    """BLOCK_ROWS rows of weight · v for every sequence of the batch, v = x, or with NORM v = norm(x + update)
-    rounded to the weight's dtype. A program loads its weight rows once, all of them in one tile so that the
-    whole matrix is in flight at once (a product of so few vectors waits on memory, not arithmetic), then
-    computes each sequence's v itself: the norm of a short row costs less than a kernel of its own. With NORM
-    the first program stores the residual."""
-    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) output rows
-    i = tl.arange(0, BLOCK)  # (BLOCK,) columns, the whole row
-    live = i < width
-    w = tl.load(weight_ptr + r[:, None] * stride_wr + i[None, :], mask=(r[:, None] < rows) & live[None, :],
-                other=0.0).to(tl.float32)  # (BLOCK_ROWS, BLOCK)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + r, mask=r < rows, other=0.0).to(tl.float32)
-    for b in range(batch):
-        if NORM:
-            v = _add_rms_norm_row(x_ptr + b * stride_xb, update_ptr + b * stride_ub, norm_weight_ptr,
-                                  new_residual_ptr + b * stride_nb, i, live, width, eps,
-                                  tl.where(tl.program_id(0) == 0, width, 0), HAS_UPDATE)
-            v = v.to(weight_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as unfused
-        else:
-            v = tl.load(x_ptr + b * stride_xb + i, mask=live, other=0.0).to(tl.float32)
-        out = tl.sum(w * v[None, :], axis=1)  # (BLOCK_ROWS,)
-        if HAS_BIAS:
-            out += bias
-        tl.store(out_ptr + b * stride_ob + r, out.to(out_ptr.dtype.element_ty), mask=r < rows)
-
-
-def _gemv(x, update, norm_weight, eps, weight, bias, new_residual):
-    """Launches `_gemv_kernel` (NORM when norm_weight is given). Returns out (b, rows) in weight's dtype."""
-    b, width = x.shape
-    rows = weight.shape[0]
-    assert x.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.stride(1) == 1
-    block = triton.next_power_of_2(width)
-    block_rows = max(1, GEMV_TILE // block)
-    out = torch.empty(b, rows, dtype=weight.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(rows, block_rows),)](
-        x, update if update is not None else x, norm_weight if norm_weight is not None else weight, weight,
-        bias if bias is not None else weight, new_residual if new_residual is not None else out, out, b, width,
-        rows, eps, x.stride(0), update.stride(0) if update is not None else 0,
-        new_residual.stride(0) if new_residual is not None else 0, weight.stride(0), out.stride(0),
-        NORM=norm_weight is not None, HAS_UPDATE=update is not None, HAS_BIAS=bias is not None, BLOCK=block,
-        BLOCK_ROWS=block_rows, num_warps=GEMV_WARPS)
-    return out
-
-
-def add_rms_norm_linear(residual, update, norm_weight, eps: float, weight, bias=None):
-    """Same contract as `torch_ops.add_rms_norm_linear`. Up to GEMV_MAX_ROWS sequences it is one kernel (the
-    residual add, the RMSNorm and the product); a larger batch is a matrix product, left to cuBLAS after the
-    norm."""
-    if residual.shape[0] > GEMV_MAX_ROWS:
-        residual, normed = add_rms_norm(residual, update, norm_weight, eps, weight.dtype)
-        return residual, torch.nn.functional.linear(normed, weight, bias)
-    assert norm_weight.is_contiguous()
-    new_residual = torch.empty_like(residual)
-    return new_residual, _gemv(residual, update, norm_weight, eps, weight, bias, new_residual)
-
-
-def linear(x, weight, bias=None):
-    """Same contract as `torch_ops.linear`: x (b, D) · weight (N, D)ᵀ + bias. One GEMV kernel up to GEMV_MAX_ROWS
-    sequences, where cuBLAS's matrix-product kernels leave most of the GPU idle; cuBLAS above."""
-    if x.shape[0] > GEMV_MAX_ROWS:
-        return torch.nn.functional.linear(x, weight, bias)
-    return _gemv(x, None, None, 0.0, weight, bias, None)
