@@ -65,7 +65,7 @@ FILE_FAULTS = [
     ("wrong shape", lambda d: rewrite_tensors(d, "8k", _set("layers.0", torch.ones(63))), "8k.safetensors",
      r"layers\.0: shape \(63,\) is unknown granularity"),
     ("other granularity", lambda d: rewrite_tensors(d, "8k", _set("layers.0", torch.ones(()))), "8k.safetensors",
-     r"layers\.0: shape \(\) is layer granularity .* says channel"),
+     r"layers\.0: shape \(\) is layer granularity .* expected channel"),
     ("float64", lambda d: rewrite_tensors(d, "8k", _set("layers.0", torch.ones(64, dtype=torch.float64))),
      "8k.safetensors", "dtype torch.float64"),
     ("zero", lambda d: rewrite_tensors(d, "8k", _scale_at(0.0)), "8k.safetensors", r"layers\.1: non-positive"),
