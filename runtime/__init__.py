@@ -14,6 +14,6 @@ from .state import InferenceState
 
 __all__ = [
     "IDENTITY", "MAMBA1", "MAMBA2", "BackendUnavailableError", "BatchScales", "CheckpointError", "Decimation",
-    "DecimationError", "Extension", "InferenceState", "LayerScales", "LoadedModel", "MambaLM", "ModelConfig", "ScaleMethod", "ScaleSet", "ScaleSetError",
-    "batch_scales", "fingerprint", "load_model",
+    "DecimationError", "Extension", "InferenceState", "LayerScales", "LoadedModel", "MambaLM", "ModelConfig",
+    "ScaleMethod", "ScaleSet", "ScaleSetError", "batch_scales", "fingerprint", "load_model",
 ]

@@ -148,7 +148,7 @@ class _Fields:
             raise self._wrong(key, "a list of two numbers (null: no limit)") from None
         return lo, hi
 
-    def nested(self, key: str) -> "_Fields":
+    def nested(self, key: str) -> _Fields:
         """A nested object (absent or null: empty)."""
         value = self.raw.get(key) or {}
         if not isinstance(value, dict):

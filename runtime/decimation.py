@@ -56,7 +56,7 @@ class Decimation:
                                   f"got {self.keep_last}")
 
     @classmethod
-    def from_params(cls, params: dict, n_layer: int, default_l_base: int | None = None) -> "Decimation":
+    def from_params(cls, params: dict, n_layer: int, default_l_base: int | None = None) -> Decimation:
         """The spec a bank entry's `params` describe, checked against a model of `n_layer` layers; `l_base`
         defaults to `default_l_base` (the model's training length). Raises DecimationError naming the fault."""
         unknown = sorted(set(params) - set(PARAMS) - set(IGNORED_PARAMS))

@@ -20,7 +20,7 @@ combination is needed; they share one memory pool.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

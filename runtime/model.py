@@ -15,7 +15,7 @@ None, or a prompt short enough that it drops nothing, is exactly the base model.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +172,8 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, state: InferenceState | None = None, scales: BatchScales | None = None,
-                chunk_len: int | None = None, decimation: Decimation | None = None) -> tuple[torch.Tensor, InferenceState]:
+                chunk_len: int | None = None,
+                decimation: Decimation | None = None) -> tuple[torch.Tensor, InferenceState]:
         """tokens: (b, l). Returns the last position's logits (b, V) float32 and the new state.
 
         With `chunk_len`, the prompt runs in chunks of that many tokens, each continuing from the last

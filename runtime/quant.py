@@ -81,7 +81,7 @@ class QuantizedWeight(nn.Module):
         self._fused: dict[tuple[str, torch.dtype], bool] = {}
         self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # `scale` cast once, not per token
 
-    def set_from(self, weight: torch.Tensor) -> "QuantizedWeight":
+    def set_from(self, weight: torch.Tensor) -> QuantizedWeight:
         q, scale = quantize_rows(weight, self.bits)
         self.qweight.copy_(q if self.bits == 8 else pack_int6(q))
         self.scale.copy_(scale)

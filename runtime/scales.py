@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -155,7 +155,8 @@ def _full_resolution(scale: torch.Tensor, method: ScaleMethod, config: ModelConf
     return scale.expand(config.scale_channels)
 
 
-def batch_scales(sets: Sequence[ScaleSet | None], config: ModelConfig, device: torch.device | str) -> BatchScales | None:
+def batch_scales(sets: Sequence[ScaleSet | None], config: ModelConfig,
+                 device: torch.device | str) -> BatchScales | None:
     """Stacks the sets of a batch (None = identity) per layer; None when the whole batch is identity."""
     if all(s is None for s in sets):
         return None

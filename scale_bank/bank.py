@@ -51,7 +51,7 @@ class Bank:
 
     @classmethod
     def load(cls, path: str | Path, config: ModelConfig | None = None, fingerprint: str | None = None,
-             quantization: str | None = None) -> "Bank":
+             quantization: str | None = None) -> Bank:
         """Reads and checks the whole bank. Given a model (`config` and/or `fingerprint`), also refuses a bank
         built for another one; `quantization` is then the model's (None: unquantised) and must match the bank's."""
         path = Path(path)
@@ -63,7 +63,7 @@ class Bank:
         return cls(path, manifest, scale_sets)
 
     @classmethod
-    def create(cls, path: str | Path, model_info: dict) -> "Bank":
+    def create(cls, path: str | Path, model_info: dict) -> Bank:
         """A new bank without entries; the directory may exist but must not hold a bank already."""
         path = Path(path)
         if (path / MANIFEST).exists():

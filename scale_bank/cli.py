@@ -102,7 +102,8 @@ def _verify(args) -> int:
 
 def _describe_model(bank: Bank) -> str:
     m = bank.manifest.model
-    trained = f"trained at {m['training_context_length']} tokens" if m["training_context_length"] else "training length unknown"
+    length = m["training_context_length"]
+    trained = f"trained at {length} tokens" if length else "training length unknown"
     return (f"bank {bank.path}: model {m['fingerprint']} ({m['arch']}, {m['n_layer']} layers, {trained}, "
             f"{m['quantization'] or 'unquantised'})")
 

@@ -44,7 +44,7 @@ class BankEntry:
     bucket: str  # name a request uses (`scale_bucket`), e.g. "8k"; the tensors live in "<bucket>.safetensors"
     length: int  # tokens: the context length the entry was calibrated for
     method: str  # one of METHODS
-    granularity: str  # "layer", "channel" (Mamba1), "head" (Mamba2), "channel_state" (Mamba1 a_spectrum); decimate: "none"
+    granularity: str  # a runtime.scales.Granularity's value; decimate: "none"
     version: str  # project version that built the entry
     file: str | None = None  # set by Bank.add_entry; None for methods without tensors (decimate)
     sha256: str | None = None  # of `file`, set by Bank.add_entry
@@ -53,7 +53,8 @@ class BankEntry:
     seed: int | None = None
     # lists of {path, sha256, documents: [document ids]}; one file may feed both parts, never one document
     data: dict = field(default_factory=lambda: {"calibration": [], "held_out": []})
-    metrics: dict = field(default_factory=dict)  # {"identity"|"previous"|"calibrated": {metric: number}} on held-out data
+    # {"identity"|"previous"|"calibrated": {metric: number}} on held-out data
+    metrics: dict[str, Any] = field(default_factory=dict)
     chosen: str = "calibrated"  # which of CHOICES the entry serves; "identity" means no scales are applied
     created: str = field(default_factory=_now)  # ISO 8601
 
@@ -61,7 +62,7 @@ class BankEntry:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Any, path, where: str = "entry") -> "BankEntry":
+    def from_json(cls, data: Any, path, where: str = "entry") -> BankEntry:
         spec = {"bucket": _STR, "length": _INT, "method": _STR, "granularity": _STR, "version": _STR,
                 "file": _STR + _NONE, "sha256": _STR + _NONE, "params": _DICT, "calibrator": _DICT,
                 "seed": _INT + _NONE, "data": _DICT, "metrics": _DICT, "chosen": _STR, "created": _STR}
@@ -127,7 +128,7 @@ class BankManifest:
                 "entries": [entry.to_json() for entry in self.entries]}
 
     @classmethod
-    def from_json(cls, data: Any, path) -> "BankManifest":
+    def from_json(cls, data: Any, path) -> BankManifest:
         _check_fields(data, {"format_version": _INT, "model": _DICT, "entries": _LIST}, path, "manifest")
         if data["format_version"] != FORMAT_VERSION:
             raise BankError(path, f"format_version: unsupported version {data['format_version']} "

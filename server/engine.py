@@ -18,7 +18,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 import torch
 
@@ -179,7 +180,8 @@ class Engine:
             self.metrics.queue_time.observe(now - request.arrival_time)
         chunk = output.prefill
         if chunk is not None:
-            record = StepRecord(output.step, "prefill", (chunk.request.request_id,), chunk.end - chunk.start, chunk.last)
+            record = StepRecord(output.step, "prefill", (chunk.request.request_id,), chunk.end - chunk.start,
+                                chunk.last)
             group = [r for r in chunk.request.group if not r.status.finished]
             self._guarded(record, group, finished, outputs, self._prefill, chunk)
         if output.decode:

@@ -21,7 +21,7 @@ Every exponent is ≤ 0: no overflow for any block length.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +87,9 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fold_delta_scale(A: Tensor, D: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    """A Mamba1 Δ scale folded (docs/ARCHITECTURE.md, the scale maths): Δ' = s·Δ is exactly A' = s·A and skip D' = D/s on the input
-    s·x (`scale_channels`), the state unchanged. A (d, n), D (d,), s (d,) -> (d, n), (d,) float32."""
+    """A Mamba1 Δ scale folded (docs/ARCHITECTURE.md, the scale maths): Δ' = s·Δ is exactly A' = s·A and skip
+    D' = D/s on the input s·x (`scale_channels`), the state unchanged.
+    A (d, n), D (d,), s (d,) -> (d, n), (d,) float32."""
     return A * s[:, None], D.float() / s
 
 

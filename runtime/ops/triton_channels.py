@@ -14,14 +14,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_jit import jit
+
 from . import torch_ops
 
 BLOCK_POSITIONS = 1024
 
 
-@triton.jit
-def _channel_rows_kernel(in_ptr, scale_ptr, out_ptr, scaled_ptr, length, stride_in, stride_out,
-                         SILU: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+@jit
+def _channel_rows_kernel(in_ptr: tl.tensor, scale_ptr: tl.tensor, out_ptr: tl.tensor, scaled_ptr: tl.tensor,
+                         length: tl.tensor, stride_in: tl.tensor, stride_out: tl.tensor, SILU: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr) -> None:
     """Row r (a batch row's channel): with SILU out[r, :length] = silu(in[r, :length]); with a scale
     scaled[r, :length] = that (or in itself) · scale[r]. Both outputs have row stride `stride_out`."""
     r = tl.program_id(0).to(tl.int64)  # rows on the grid's first axis: a batch's b·d exceeds the others' 65535

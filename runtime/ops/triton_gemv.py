@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_jit import jit
+
 Tensor = torch.Tensor
 
 GEMV_MAX_ROWS = 4  # sequences up to which a projection (with its RMSNorm) runs as one GEMV kernel
@@ -20,9 +22,10 @@ GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of
 GEMV_WARPS = 8
 
 
-@triton.jit
-def _add_rms_norm_row(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, i, live, width, eps, stored_width,
-                      HAS_UPDATE: tl.constexpr):
+@jit
+def _add_rms_norm_row(residual_ptr: tl.tensor, update_ptr: tl.tensor, weight_ptr: tl.tensor,
+                      new_residual_ptr: tl.tensor, i: tl.tensor, live: tl.tensor, width: tl.tensor, eps: tl.tensor,
+                      stored_width: tl.tensor, HAS_UPDATE: tl.constexpr) -> tl.tensor:
     """One sequence's residual (+ update), rounded to the residual stream's dtype as PyTorch's sum rounds it
     and stored (its first `stored_width` columns: width, or 0 for none), and its RMSNorm (float32) over the
     columns i (BLOCK,) ⊇ [0, width)."""
@@ -36,9 +39,11 @@ def _add_rms_norm_row(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, i,
     return r * inverse_rms * tl.load(weight_ptr + i, mask=live, other=0.0).to(tl.float32)
 
 
-@triton.jit
-def _add_rms_norm_kernel(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, out_ptr, width, eps,
-                         stride_rb, stride_ub, stride_nb, stride_ob, HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr):
+@jit
+def _add_rms_norm_kernel(residual_ptr: tl.tensor, update_ptr: tl.tensor, weight_ptr: tl.tensor,
+                         new_residual_ptr: tl.tensor, out_ptr: tl.tensor, width: tl.tensor, eps: tl.tensor,
+                         stride_rb: tl.tensor, stride_ub: tl.tensor, stride_nb: tl.tensor, stride_ob: tl.tensor,
+                         HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr) -> None:
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     live = i < width
@@ -61,11 +66,13 @@ def add_rms_norm(residual: Tensor, update: Tensor | None, weight: Tensor, eps: f
     return new_residual, out
 
 
-@triton.jit
-def _gemv_kernel(x_ptr, update_ptr, norm_weight_ptr, weight_ptr, bias_ptr, new_residual_ptr, out_ptr, batch, width,
-                 rows, eps, stride_xb, stride_ub, stride_nb, stride_wr, stride_ob,
-                 NORM: tl.constexpr, HAS_UPDATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr):
+@jit
+def _gemv_kernel(x_ptr: tl.tensor, update_ptr: tl.tensor, norm_weight_ptr: tl.tensor, weight_ptr: tl.tensor,
+                 bias_ptr: tl.tensor, new_residual_ptr: tl.tensor, out_ptr: tl.tensor, batch: tl.tensor,
+                 width: tl.tensor, rows: tl.tensor, eps: tl.tensor, stride_xb: tl.tensor, stride_ub: tl.tensor,
+                 stride_nb: tl.tensor, stride_wr: tl.tensor, stride_ob: tl.tensor, NORM: tl.constexpr,
+                 HAS_UPDATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr) -> None:
     """BLOCK_ROWS rows of weight · v for every sequence of the batch, v = x, or with NORM v = norm(x + update)
     rounded to the weight's dtype. A program loads its weight rows once, all of them in one tile so that the
     whole matrix is in flight at once (a product of so few vectors waits on memory, not arithmetic), then

@@ -14,15 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_jit import jit
+
 BLOCK_K = 128
 MAX_ROWS = 64  # rows of x (sequences in a decode step) one program covers
 GEMV_MAX_ROWS = 4  # up to this many rows, one program per (row of x, few weight rows): see int8_matmul
 GEMV_TILE = 4096  # int8 elements a GEMV program loads per step (4 KiB)
 
 
-@triton.jit
-def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_om,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@jit
+def _int8_gemv_kernel(x_ptr: tl.tensor, q_ptr: tl.tensor, scale_ptr: tl.tensor, bias_ptr: tl.tensor, out_ptr: tl.tensor,
+                      N: tl.tensor, K: tl.tensor, stride_xm: tl.tensor, stride_qn: tl.tensor, stride_om: tl.tensor,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr) -> None:
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
     m = tl.program_id(1)  # the row of x
     rk = tl.arange(0, BLOCK_K)
@@ -39,10 +42,11 @@ def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_x
     tl.store(out_ptr + m * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
-@triton.jit
-def _int8_matmul_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_om,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@jit
+def _int8_matmul_kernel(x_ptr: tl.tensor, q_ptr: tl.tensor, scale_ptr: tl.tensor, bias_ptr: tl.tensor,
+                        out_ptr: tl.tensor, M: tl.tensor, N: tl.tensor, K: tl.tensor, stride_xm: tl.tensor,
+                        stride_qn: tl.tensor, stride_om: tl.tensor, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr) -> None:
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output columns = weight rows
     rm = tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of x
     rk = tl.arange(0, BLOCK_K)

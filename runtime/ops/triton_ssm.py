@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_jit import jit
+
 from . import torch_ops
 from .contract import Mamba1Weights
 from .triton_gemv import GEMV_MAX_ROWS
@@ -37,8 +39,8 @@ X_PROJ_CHANNELS = 1024  # channels per x_proj program: each state-update program
 X_PROJ_WARPS = 4
 
 
-@triton.jit
-def _state_row(slots_ptr, b, HAS_SLOTS: tl.constexpr):
+@jit
+def _state_row(slots_ptr: tl.tensor, b: tl.tensor, HAS_SLOTS: tl.constexpr) -> tl.tensor:
     """The state row of batch row b: slots[b] in a pool, else b itself."""
     if HAS_SLOTS:
         row = tl.load(slots_ptr + b).to(tl.int64)
@@ -47,9 +49,10 @@ def _state_row(slots_ptr, b, HAS_SLOTS: tl.constexpr):
     return row
 
 
-@triton.jit
-def _conv_block(x_ptr, state_row_ptr, weight_ptr, bias_ptr, c, live, stride_sc,
-                K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr):
+@jit
+def _conv_block(x_ptr: tl.tensor, state_row_ptr: tl.tensor, weight_ptr: tl.tensor, bias_ptr: tl.tensor, c: tl.tensor,
+                live: tl.tensor, stride_sc: tl.tensor, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SHIFT: tl.constexpr) -> tl.tensor:
     """silu(conv + bias) of channels c (BLOCK,) for one sequence, float32 rounded to the state's dtype, as
     PyTorch's step returns it. x_ptr and state_row_ptr point at the sequence's row; with SHIFT the state
     takes the new input (a kernel that only reads the convolution leaves the state to the one that owns it)."""
@@ -73,11 +76,12 @@ def _conv_block(x_ptr, state_row_ptr, weight_ptr, bias_ptr, c, live, stride_sc,
     return out.to(state_row_ptr.dtype.element_ty).to(tl.float32)
 
 
-@triton.jit
-def _conv_step_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, out_ptr, channels,
-                      stride_xb, stride_sb, stride_sc, stride_ob,
-                      K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                      BLOCK: tl.constexpr):
+@jit
+def _conv_step_kernel(x_ptr: tl.tensor, state_ptr: tl.tensor, slots_ptr: tl.tensor, weight_ptr: tl.tensor,
+                      bias_ptr: tl.tensor, out_ptr: tl.tensor, channels: tl.tensor, stride_xb: tl.tensor,
+                      stride_sb: tl.tensor, stride_sc: tl.tensor, stride_ob: tl.tensor, K: tl.constexpr,
+                      BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                      BLOCK: tl.constexpr) -> None:
     b = tl.program_id(1)
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     live = c < channels
@@ -104,10 +108,12 @@ def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | 
     return out
 
 
-@triton.jit
-def _ssm_update(h_row_ptr, stride_hd, v, x, B, C, d, n, live, live2, scale_row_ptr, A_log_ptr, stride_Ad,
-                a_row_ptr, stride_ad, D_ptr, z_row_ptr,
-                HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr):
+@jit
+def _ssm_update(h_row_ptr: tl.tensor, stride_hd: tl.tensor, v: tl.tensor, x: tl.tensor, B: tl.tensor, C: tl.tensor,
+                d: tl.tensor, n: tl.tensor, live: tl.tensor, live2: tl.tensor, scale_row_ptr: tl.tensor,
+                A_log_ptr: tl.tensor, stride_Ad: tl.tensor, a_row_ptr: tl.tensor, stride_ad: tl.tensor,
+                D_ptr: tl.tensor, z_row_ptr: tl.tensor, HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr,
+                HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr) -> tl.tensor:
     """One sequence's state update for channels d (BLOCK,) and states n (BLOCK_N,), in place in h's row, from
     v = dt + dt_bias, x, B and C (float32). Returns y (BLOCK,) float32 with the D skip and the z gate."""
     u = tl.exp(tl.minimum(v, THRESHOLD))
@@ -132,13 +138,16 @@ def _ssm_update(h_row_ptr, stride_hd, v, x, B, C, d, n, live, live2, scale_row_p
     return y
 
 
-@triton.jit
-def _mamba1_step_kernel(h_ptr, slots_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr, A_log_ptr, a_ptr, B_ptr, C_ptr,
-                        D_ptr, z_ptr, y_ptr, channels, n_state,
-                        stride_hb, stride_hd, stride_xb, stride_dtb, stride_sb, stride_Ad, stride_ab, stride_ad,
-                        stride_Bb, stride_Cb, stride_zb, stride_yb,
-                        HAS_SLOTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr,
-                        HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+@jit
+def _mamba1_step_kernel(h_ptr: tl.tensor, slots_ptr: tl.tensor, x_ptr: tl.tensor, dt_ptr: tl.tensor,
+                        dt_bias_ptr: tl.tensor, scale_ptr: tl.tensor, A_log_ptr: tl.tensor, a_ptr: tl.tensor,
+                        B_ptr: tl.tensor, C_ptr: tl.tensor, D_ptr: tl.tensor, z_ptr: tl.tensor, y_ptr: tl.tensor,
+                        channels: tl.tensor, n_state: tl.tensor, stride_hb: tl.tensor, stride_hd: tl.tensor,
+                        stride_xb: tl.tensor, stride_dtb: tl.tensor, stride_sb: tl.tensor, stride_Ad: tl.tensor,
+                        stride_ab: tl.tensor, stride_ad: tl.tensor, stride_Bb: tl.tensor, stride_Cb: tl.tensor,
+                        stride_zb: tl.tensor, stride_yb: tl.tensor, HAS_SLOTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_N: tl.constexpr) -> None:
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
@@ -171,18 +180,21 @@ def mamba1_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tenso
         h, slots if slots is not None else unused, x, dt, dt_bias, delta_scale if delta_scale is not None else unused,
         A_log, a_scale if a_scale is not None else unused, B, C, D, z if z is not None else unused, y, d, n,
         h.stride(0), h.stride(1), x.stride(0), dt.stride(0), delta_scale.stride(0) if delta_scale is not None else 0,
-        A_log.stride(0), a_scale.stride(0) if a_scale is not None else 0, a_scale.stride(1) if a_scale is not None else 0,
+        A_log.stride(0), a_scale.stride(0) if a_scale is not None else 0,
+        a_scale.stride(1) if a_scale is not None else 0,
         B.stride(0), C.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
         HAS_SLOTS=slots is not None, HAS_SCALE=delta_scale is not None, HAS_A_SCALE=a_scale is not None,
         HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n))
     return y
 
 
-@triton.jit
-def _conv_x_proj_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, proj_ptr, partial_ptr, channels, rows,
-                        stride_xb, stride_sb, stride_sc, stride_pr, stride_qb, stride_qs,
-                        K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+@jit
+def _conv_x_proj_kernel(x_ptr: tl.tensor, state_ptr: tl.tensor, slots_ptr: tl.tensor, weight_ptr: tl.tensor,
+                        bias_ptr: tl.tensor, proj_ptr: tl.tensor, partial_ptr: tl.tensor, channels: tl.tensor,
+                        rows: tl.tensor, stride_xb: tl.tensor, stride_sb: tl.tensor, stride_sc: tl.tensor,
+                        stride_pr: tl.tensor, stride_qb: tl.tensor, stride_qs: tl.tensor, K: tl.constexpr,
+                        BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr) -> None:
     """x_proj(conv(x)) over one block of channels for some rows and one sequence: a partial sum (float32) that
     the state-update kernel adds up with the other channel blocks'. Split over channels as well as rows so
     that the few rows (r + 2n) still make enough programs; each convolves its channels itself (k
@@ -199,9 +211,10 @@ def _conv_x_proj_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, proj_
     tl.store(partial_ptr + b * stride_qb + tl.program_id(1) * stride_qs + r, partial, mask=live_r)
 
 
-@triton.jit
-def _x_proj_rows(partial_row_ptr, stride_qs, splits, first, count, BLOCK_SPLITS: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr, DTYPE: tl.constexpr):
+@jit
+def _x_proj_rows(partial_row_ptr: tl.tensor, stride_qs: tl.tensor, splits: tl.tensor, first: tl.tensor,
+                 count: tl.tensor, BLOCK_SPLITS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                 DTYPE: tl.constexpr) -> tl.tensor:
     """Rows [first, first + count) of x_proj's output for one sequence (BLOCK_ROWS,) float32: the channel
     blocks' partial sums added up and rounded to the model's dtype, as F.linear's output is."""
     s = tl.arange(0, BLOCK_SPLITS)
@@ -211,15 +224,19 @@ def _x_proj_rows(partial_row_ptr, stride_qs, splits, first, count, BLOCK_SPLITS:
     return tl.sum(parts, axis=0).to(DTYPE).to(tl.float32)
 
 
-@triton.jit
-def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias_ptr, partial_ptr, dt_proj_ptr,
-                          h_ptr, dt_bias_ptr, scale_ptr, A_log_ptr, a_ptr, D_ptr, z_ptr, y_ptr, channels, n_state,
-                          rank, splits, stride_xb, stride_cb, stride_cc, stride_qb, stride_qs, stride_wd, stride_hb,
-                          stride_hd, stride_sb, stride_Ad, stride_ab, stride_ad, stride_zb, stride_yb,
+@jit
+def _mamba1_decode_kernel(x_ptr: tl.tensor, conv_ptr: tl.tensor, slots_ptr: tl.tensor, conv_weight_ptr: tl.tensor,
+                          conv_bias_ptr: tl.tensor, partial_ptr: tl.tensor, dt_proj_ptr: tl.tensor, h_ptr: tl.tensor,
+                          dt_bias_ptr: tl.tensor, scale_ptr: tl.tensor, A_log_ptr: tl.tensor, a_ptr: tl.tensor,
+                          D_ptr: tl.tensor, z_ptr: tl.tensor, y_ptr: tl.tensor, channels: tl.tensor, n_state: tl.tensor,
+                          rank: tl.tensor, splits: tl.tensor, stride_xb: tl.tensor, stride_cb: tl.tensor,
+                          stride_cc: tl.tensor, stride_qb: tl.tensor, stride_qs: tl.tensor, stride_wd: tl.tensor,
+                          stride_hb: tl.tensor, stride_hd: tl.tensor, stride_sb: tl.tensor, stride_Ad: tl.tensor,
+                          stride_ab: tl.tensor, stride_ad: tl.tensor, stride_zb: tl.tensor, stride_yb: tl.tensor,
                           K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr,
-                          THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_RANK: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+                          THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RANK: tl.constexpr,
+                          BLOCK_SPLITS: tl.constexpr) -> None:
     """The convolution step (this program's channels, state shifted), dt_proj, and the state update."""
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
