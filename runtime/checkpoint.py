@@ -15,6 +15,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -38,7 +39,7 @@ class Checkpoint:
     quantization: str | None = None  # "int8", "int6" (+ "+embedding"): a checkpoint saved quantised
 
 
-def _quantization(raw: dict, path: Path) -> str | None:
+def _quantization(raw: dict[str, Any], path: Path) -> str | None:
     """config.json's "quantization": {"scheme": "int8"|"int6", "embedding": bool}, as "int8[+embedding]"."""
     record = raw.get("quantization")
     if record is None:
@@ -47,7 +48,8 @@ def _quantization(raw: dict, path: Path) -> str | None:
             record.get("embedding", False), bool):
         raise CheckpointError(path, f"bad quantization record {record!r} "
                                     "(expected scheme int8 or int6, embedding bool)")
-    return record["scheme"] + ("+embedding" if record.get("embedding") else "")
+    scheme: str = record["scheme"]
+    return scheme + ("+embedding" if record.get("embedding") else "")
 
 
 def read_config(directory: Path) -> tuple[ModelConfig, str, str | None]:

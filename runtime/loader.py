@@ -68,7 +68,7 @@ def _place(model: MambaLM, dtype: torch.dtype) -> None:
             module.compute_dtype = dtype
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, backend: str = "auto",
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None, backend: str = "auto",
                quantize: str | None = None, quantize_embedding: bool = False) -> LoadedModel:
     """Reads, checks and places a checkpoint; raises CheckpointError naming the file on any fault.
 

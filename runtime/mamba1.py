@@ -12,7 +12,7 @@ from .backend import Backend
 from .config import ModelConfig
 from .ops.contract import Int8DecodeOps, Mamba1Weights
 from .ops.torch_ops import discretise, ssm_A
-from .quant import QuantizedWeight, linear
+from .quant import Projection, QuantizedWeight, linear
 from .scales import LayerScales
 from .state import MixerOutput
 
@@ -25,15 +25,22 @@ class Mamba1Mixer(nn.Module):
         d, n, r = config.d_inner, config.d_state, config.dt_rank
         self.config = config
         self.backend = backend
-        self.in_proj: nn.Module = nn.Linear(config.d_model, 2 * d, bias=config.proj_bias)  # -> x, z
+        self.in_proj: Projection = nn.Linear(config.d_model, 2 * d, bias=config.proj_bias)  # -> x, z
         self.conv1d = nn.Conv1d(d, d, config.d_conv, groups=d, bias=config.conv_bias)  # weight (d, 1, k)
-        self.x_proj: nn.Module = nn.Linear(d, r + 2 * n, bias=False)  # -> Δ (rank r), B, C
-        self.dt_proj: nn.Module = nn.Linear(r, d, bias=True)
+        self.x_proj: Projection = nn.Linear(d, r + 2 * n, bias=False)  # -> Δ (rank r), B, C
+        self.dt_proj: Projection = nn.Linear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.zeros(d, n))
         self.D = nn.Parameter(torch.ones(d))
-        self.out_proj: nn.Module = nn.Linear(d, config.d_model, bias=config.proj_bias)
+        self.out_proj: Projection = nn.Linear(d, config.d_model, bias=config.proj_bias)
 
-    def _project(self, x: Tensor, layer: nn.Module, bias: Tensor | None = None) -> Tensor:
+    @property
+    def dt_bias(self) -> Tensor:
+        """dt_proj's bias: Δ = softplus(dt + dt_bias) (d,). dt_proj always has one."""
+        bias = self.dt_proj.bias
+        assert bias is not None
+        return bias
+
+    def _project(self, x: Tensor, layer: Projection, bias: Tensor | None = None) -> Tensor:
         """x @ W.T (+ bias) for x (b, l, in) -> (b, l, out), `layer` an nn.Linear or a quantised one. With a
         channels-first back-end the result is a (b, l, out) view of (b, out, l) storage, the layout its scan
         reads without copying."""
@@ -45,7 +52,7 @@ class Mamba1Mixer(nn.Module):
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (..., d) after the conv. Returns dt (..., d) before bias and softplus, B and C (..., n)."""
         r, n = self.config.dt_rank, self.config.d_state
-        dt_low, B, C = self._project(x, self.x_proj).split([r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
+        dt_low, B, C = torch.split(self._project(x, self.x_proj), [r, n, n], dim=-1)  # (..., r), (..., n), (..., n)
         return self._project(dt_low, self.dt_proj), B, C  # (..., d), (..., n), (..., n)
 
     def forward(self, hidden: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None,
@@ -68,11 +75,11 @@ class Mamba1Mixer(nn.Module):
             x, conv_state = ops.causal_conv1d(x, conv_weight, conv_bias, conv_state)  # (b, l, d)
             scan_x, scan_A, scan_D, scan_scale = x, A, self.D, delta_scale
         dt, B, C = self._ssm_inputs(x)
-        out, ssm_state = ops.mamba1_scan(scan_x, dt, scan_A, B, C, scan_D, z, ssm_state, dt_bias=self.dt_proj.bias,
+        out, ssm_state = ops.mamba1_scan(scan_x, dt, scan_A, B, C, scan_D, z, ssm_state, dt_bias=self.dt_bias,
                                          delta_scale=scan_scale, out_weight=self.out_proj.weight,
                                          out_bias=self.out_proj.bias)  # (b, l, D), (b, d, n)
         # the scan kernels discretise Δ internally and do not return it: recomputed when asked for
-        delta = discretise(dt, self.dt_proj.bias, delta_scale) if return_delta else None  # (b, l, d)
+        delta = discretise(dt, self.dt_bias, delta_scale) if return_delta else None  # (b, l, d)
         return MixerOutput(out, (conv_state, ssm_state), delta)
 
     def step(self, projected: Tensor, conv_state: Tensor, ssm_state: Tensor, scales: LayerScales | None,
@@ -88,7 +95,7 @@ class Mamba1Mixer(nn.Module):
         quantised = isinstance(x_proj, QuantizedWeight) or isinstance(dt_proj, QuantizedWeight)
         if isinstance(x_proj, QuantizedWeight) and isinstance(dt_proj, QuantizedWeight) and x_proj.bits == 8 \
                 and dt_proj.bits == 8 and isinstance(ops, Int8DecodeOps):  # the step reads INT8 projections
-            weights = Mamba1Weights(conv_weight, self.conv1d.bias, x_proj.qweight, dt_proj.qweight, dt_proj.bias,
+            weights = Mamba1Weights(conv_weight, self.conv1d.bias, x_proj.qweight, dt_proj.qweight, self.dt_bias,
                                     self.A_log, self.D, x_proj.scale, dt_proj.scale)
             y = ops.mamba1_decode_int8(x, z, conv_state, ssm_state, weights, delta_scale=delta_scale,
                                        a_scale=a_scale, slots=slots)  # (b, d)
@@ -96,10 +103,10 @@ class Mamba1Mixer(nn.Module):
             # quantised projections go through their own kernels, so the step is composed of separate calls
             x = ops.causal_conv1d_step(x, conv_state, conv_weight, self.conv1d.bias, slots)  # (b, d)
             dt, B, C = self._ssm_inputs(x)
-            y = ops.mamba1_step(ssm_state, x, dt, B, C, self.D, z, dt_bias=dt_proj.bias, A_log=self.A_log,
+            y = ops.mamba1_step(ssm_state, x, dt, B, C, self.D, z, dt_bias=self.dt_bias, A_log=self.A_log,
                                 delta_scale=delta_scale, a_scale=a_scale, slots=slots)  # (b, d)
         else:
-            weights = Mamba1Weights(conv_weight, self.conv1d.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
+            weights = Mamba1Weights(conv_weight, self.conv1d.bias, x_proj.weight, dt_proj.weight, self.dt_bias,
                                     self.A_log, self.D)
             y = ops.mamba1_decode(x, z, conv_state, ssm_state, weights, delta_scale=delta_scale, a_scale=a_scale,
                                   slots=slots)  # (b, d)

@@ -13,7 +13,7 @@ from torch import nn
 from .backend import Backend
 from .config import ModelConfig
 from .ops.torch_ops import discretise, ssm_A
-from .quant import linear
+from .quant import Projection, linear
 from .scales import LayerScales
 from .state import MixerOutput
 
@@ -44,14 +44,14 @@ class Mamba2Mixer(nn.Module):
         c = config
         self.config = c
         self.backend = backend
-        self.in_proj: nn.Module = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads,
+        self.in_proj: Projection = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads,
                                             bias=c.proj_bias)
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(c.nheads))
         self.A_log = nn.Parameter(torch.zeros(c.nheads))
         self.D = nn.Parameter(torch.ones(c.nheads))
         self.norm = GatedRMSNorm(c.d_inner, c.ngroups, c.norm_eps)
-        self.out_proj: nn.Module = nn.Linear(c.d_inner, c.d_model, bias=c.proj_bias)
+        self.out_proj: Projection = nn.Linear(c.d_inner, c.d_model, bias=c.proj_bias)
 
     def _split(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.config

@@ -139,6 +139,7 @@ class LayerScales:
         unless s is being calibrated."""
         if self._folded is not None:
             return self._folded
+        assert self.delta is not None, "folded for a batch with a Δ scale"
         s = self.delta[0]  # (d,)
         folded = fold_delta_scale(A, D, s)
         if not s.requires_grad:
@@ -171,5 +172,5 @@ def batch_scales(sets: Sequence[ScaleSet | None], config: ModelConfig,
             rows = [_full_resolution(s.layers[layer], method, config) if s is not None and s.method is method else ones
                     for s in sets]
             fields[name] = torch.stack(rows).to(device=device, dtype=torch.float32)
-        out.append(LayerScales(**fields, shared=shared))
+        out.append(LayerScales(fields.get("delta"), fields.get("a"), shared))
     return out

@@ -20,7 +20,8 @@ class InferenceState:
     ssm: list[torch.Tensor]  # per layer (b, d_inner, d_state) or (b, nheads, headdim, d_state), float32
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, device, dtype: torch.dtype) -> InferenceState:
+    def zeros(cls, config: ModelConfig, batch: int, device: torch.device | str, dtype: torch.dtype) -> InferenceState:
+        ssm_shape: tuple[int, ...]
         if config.arch == MAMBA1:
             ssm_shape = (batch, config.d_inner, config.d_state)
         else:

@@ -138,7 +138,7 @@ class Bank:
         manifest = dataclasses.replace(self.manifest, entries=tuple(kept) + (entry,))
         manifest = BankManifest.from_json(manifest.to_json(), manifest_path)  # checks and sorts
         scale_sets = {bucket: s for bucket, s in self.scale_sets.items() if bucket != entry.bucket}
-        if blob is not None:
+        if blob is not None and entry.file is not None:
             scale_sets[entry.bucket] = _scale_set(safetensors.torch.load(blob), entry, manifest.model,
                                                   self.path / entry.file)
             _write_atomic(self.path / entry.file, blob)

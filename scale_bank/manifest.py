@@ -27,7 +27,11 @@ ARCHS = ("mamba1", "mamba2")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # also a safe file name: no separators, no leading dot
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
-_STR, _INT, _DICT, _LIST, _NONE = (str,), (int,), (dict,), (list,), (type(None),)
+_STR: tuple[type, ...] = (str,)
+_INT: tuple[type, ...] = (int,)
+_DICT: tuple[type, ...] = (dict,)
+_LIST: tuple[type, ...] = (list,)
+_NONE: tuple[type, ...] = (type(None),)
 _MODEL_FIELDS = {"fingerprint": _STR, "arch": _STR, "n_layer": _INT, "d_inner": _INT, "d_state": _INT,
                  "scale_channels": _INT, "training_context_length": _INT + _NONE, "quantization": _STR + _NONE}
 _DATA_FILE_FIELDS = {"path": _STR, "sha256": _STR, "documents": _LIST}  # documents: the ids used from the file

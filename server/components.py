@@ -9,7 +9,7 @@ import torch
 
 from runtime import LoadedModel, load_model
 from runtime.tokenizer import Tokenizer, find_tokenizer
-from scale_bank import Bank, BankError
+from scale_bank import Bank
 
 from .chat_template import TokenizerConfig
 from .config import ConfigError, ModelSpec
@@ -44,7 +44,8 @@ def load_components(spec: ModelSpec) -> Components:
     training_length = spec.training_length or loaded.config.training_context_length
     if training_length is None and bank is not None:
         training_length = bank.manifest.model["training_context_length"]
-    for bucket in [] if bank is None else bank.buckets:  # a decimate entry that does not fit stops the start
-        bank.extension(bucket, training_length)
+    if bank is not None:
+        for bucket in bank.buckets:  # a decimate entry that does not fit the model stops the start
+            bank.extension(bucket, training_length)
     return Components(loaded, tokenizer, bank, training_length,
                       TokenizerConfig.load(spec.path, tokenizer, spec.chat_template))

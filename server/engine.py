@@ -216,6 +216,7 @@ class Engine:
             self._score_prompt(request, chunk, hidden)
         if not chunk.last:
             return
+        assert request.admitted_time is not None, "set at admission"
         self.metrics.prefill_time.observe(time.monotonic() - request.admitted_time)
         group = [r for r in request.group if not r.status.finished]  # a fork may have been cancelled
         forks = [r.slot for r in group[1:] if r.slot is not None]
@@ -240,9 +241,11 @@ class Engine:
             request.prompt_logprobs = [None]
         scored = min(chunk.end, len(prompt) - 1) - chunk.start  # positions whose next token is in the prompt
         targets = torch.tensor(prompt[chunk.start + 1:chunk.start + 1 + scored], device=hidden.device)  # (s,)
+        top = request.params.logprobs
+        assert top is not None, "prompt logprobs come with logprobs"
         for start, logits in self.model.iter_logits(hidden[:, :scored]):  # (1, slice, V)
             request.prompt_logprobs += logprob_entries(logits[0, :, :self.tokenizer.vocab_size],
-                                                       targets[start:start + logits.shape[1]], request.params.logprobs)
+                                                       targets[start:start + logits.shape[1]], top)
 
     def _decode(self, requests: list[Request], finished: Finished, outputs: Outputs) -> None:
         slots = [r.slot for r in requests if r.slot is not None]
@@ -256,7 +259,9 @@ class Engine:
         """logits: (b, V) of the model. Samples one token per request and applies the finish rules."""
         logits = logits[:, :self.tokenizer.vocab_size]  # (b, V'): ids past the tokenizer are padding
         scores = adjusted(logits, requests, self.tokenizer.eos_token_id)  # (b, V'); logprobs stay the model's
-        tokens = sample(scores, [r.params for r in requests], [r.generator for r in requests])
+        generators = [g for r in requests if (g := r.generator) is not None]
+        assert len(generators) == len(requests), "made at admission"
+        tokens = sample(scores, [r.params for r in requests], generators)
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(tokens))
         for i, (request, token) in enumerate(zip(requests, tokens)):
@@ -269,7 +274,7 @@ class Engine:
             if request.first_token_time is None:
                 request.first_token_time = now
                 self.metrics.time_to_first_token.observe(now - request.arrival_time)
-            else:
+            elif request.last_token_time is not None:  # set with the first token
                 self.metrics.inter_token_latency.observe(now - request.last_token_time)
             request.last_token_time = now
             text, status = take_token(request, token, self.tokenizer.eos_token_id)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
+from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -19,7 +21,7 @@ Tensor = torch.Tensor
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-SIGNATURES: dict[str, list[type]] = {
+SIGNATURES: dict[str, Sequence[Any]] = {
     "mamba1_decode_f32": [_P, _I, _P, _I] + [_P] * 16 + [_I] * 5 + [ctypes.c_int],
     "add_rms_norm_f32": [_P] * 3 + [ctypes.c_float] + [_P] * 2 + [_I] * 2,
 }
@@ -62,7 +64,7 @@ def _kernel() -> SimpleNamespace:
 def mamba1_A(A_log: torch.Tensor) -> torch.Tensor:
     """−exp(A_log) (d, n) float32, computed once per layer, not per token: kept until A_log changes."""
     key = (0 if A_log.is_inference() else A_log._version, A_log.data_ptr())  # inference tensors have no version
-    known: tuple[tuple[int, int], torch.Tensor] | None = _negated_exp.get(A_log)
+    known: tuple[tuple[int, int], Tensor] | None = _negated_exp.get(A_log)  # type: ignore[no-untyped-call]
     if known is None or known[0] != key:
         known = key, -torch.exp(A_log.float())
         _negated_exp[A_log] = known

@@ -105,7 +105,7 @@ def mamba1_decode(x: Tensor, z: Tensor, conv_state: Tensor, h: Tensor, weights: 
     w = weights
     x = causal_conv1d_step(x, conv_state, w.conv_weight, w.conv_bias, slots)  # (b, d)
     rank, n = w.dt_proj_weight.shape[1], h.shape[-1]
-    dt_low, B, C = linear(x, w.x_proj_weight).split([rank, n, n], dim=-1)  # (b, r), (b, n), (b, n)
+    dt_low, B, C = torch.split(linear(x, w.x_proj_weight), [rank, n, n], dim=-1)  # (b, r), (b, n), (b, n)
     return mamba1_step(h, x, linear(dt_low, w.dt_proj_weight), B, C, w.D, z, dt_bias=w.dt_bias, A_log=w.A_log,
                        delta_scale=delta_scale, a_scale=a_scale, slots=slots)
 

@@ -276,7 +276,7 @@ def composed_mamba1_decode(conv_step: ConvStep, ssm_step: Callable[..., Tensor],
     w = weights
     x = conv_step(x, conv_state, w.conv_weight, w.conv_bias, slots)  # (b, d)
     rank, n = w.dt_proj_weight.shape[1], h.shape[-1]
-    dt_low, B, C = F.linear(x, w.x_proj_weight).split([rank, n, n], dim=-1)  # (b, r), (b, n), (b, n)
+    dt_low, B, C = torch.split(F.linear(x, w.x_proj_weight), [rank, n, n], dim=-1)  # (b, r), (b, n), (b, n)
     dt = F.linear(dt_low, w.dt_proj_weight)  # (b, d)
     return ssm_step(h, x, dt, B, C, w.D, z, dt_bias=w.dt_bias, A_log=w.A_log, delta_scale=delta_scale,
                     a_scale=a_scale, slots=slots)

@@ -85,7 +85,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         # most of their work and leave too few programs); each row of x re-reads the weights from L2.
         block_k = min(GEMV_TILE, triton.next_power_of_2(k))
         block_n = GEMV_TILE // block_k
-        grid = (triton.cdiv(n, block_n), m)
+        grid: tuple[int, ...] = (triton.cdiv(n, block_n), m)
         _int8_gemv_kernel[grid](x, q, scale, bias_arg, out, n, k, x.stride(0), q.stride(0), out.stride(0),
                                 HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k)
         return out
