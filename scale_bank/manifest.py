@@ -1,4 +1,4 @@
-"""The bank manifest (`bank.json`, DESIGN.md §4): which model it belongs to and one record per bucket.
+"""The bank manifest (`bank.json`, docs/ARCHITECTURE.md): which model it belongs to and one record per bucket.
 
 Reading is strict: an unknown or missing field, a wrong type or an inconsistent entry raises BankError
 naming the file and the field (`entries[1].method: ...`), so a hand-edited manifest never half-works.

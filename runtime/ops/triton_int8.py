@@ -3,9 +3,9 @@
 Batch-1 decode reads every weight once per token, so its time is the weights' bytes over the memory
 bandwidth. The kernel reads the int8 weights (half of bfloat16's bytes), converts each tile in registers,
 multiplies on the tensor cores with float32 accumulation and applies the per-row scale
-and the bias on the way out: out = (x · qᵀ) · scale + bias. (PyTorch's `_weight_int8pack_mm` is several
-times slower than the bfloat16 product on an H100 for these shapes.) Triton's interpreter
-(TRITON_INTERPRET=1) runs it on CPU tensors for the tests.
+and the bias on the way out: out = (x · qᵀ) · scale + bias. (PyTorch's `_weight_int8pack_mm` is slower than
+the bfloat16 product on a GPU for these shapes: bench/RESULTS.md.) Triton's interpreter (TRITON_INTERPRET=1)
+runs it on CPU tensors for the tests.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The bucket selection policy of DESIGN.md §4, table-driven, on real banks."""
+"""The bucket selection policy (scale_bank.selection), table-driven, on real banks."""
 
 import pytest
 import torch
