@@ -139,15 +139,17 @@ def _ssm_update(h_row_ptr: tl.tensor, stride_hd: tl.tensor, v: tl.tensor, x: tl.
 
 
 @jit
-def _mamba1_step_kernel(h_ptr: tl.tensor, slots_ptr: tl.tensor, x_ptr: tl.tensor, dt_ptr: tl.tensor,
-                        dt_bias_ptr: tl.tensor, scale_ptr: tl.tensor, A_log_ptr: tl.tensor, a_ptr: tl.tensor,
-                        B_ptr: tl.tensor, C_ptr: tl.tensor, D_ptr: tl.tensor, z_ptr: tl.tensor, y_ptr: tl.tensor,
-                        channels: tl.tensor, n_state: tl.tensor, stride_hb: tl.tensor, stride_hd: tl.tensor,
-                        stride_xb: tl.tensor, stride_dtb: tl.tensor, stride_sb: tl.tensor, stride_Ad: tl.tensor,
-                        stride_ab: tl.tensor, stride_ad: tl.tensor, stride_Bb: tl.tensor, stride_Cb: tl.tensor,
-                        stride_zb: tl.tensor, stride_yb: tl.tensor, HAS_SLOTS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                        HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_N: tl.constexpr) -> None:
+def _mamba1_step_kernel(
+        # tensors
+        h_ptr: tl.tensor, slots_ptr: tl.tensor, x_ptr: tl.tensor, dt_ptr: tl.tensor, dt_bias_ptr: tl.tensor,
+        scale_ptr: tl.tensor, A_log_ptr: tl.tensor, a_ptr: tl.tensor, B_ptr: tl.tensor, C_ptr: tl.tensor,
+        D_ptr: tl.tensor, z_ptr: tl.tensor, y_ptr: tl.tensor,
+        # sizes and strides
+        channels: tl.tensor, n_state: tl.tensor, stride_hb: tl.tensor, stride_hd: tl.tensor, stride_xb: tl.tensor,
+        stride_dtb: tl.tensor, stride_sb: tl.tensor, stride_Ad: tl.tensor, stride_ab: tl.tensor, stride_ad: tl.tensor,
+        stride_Bb: tl.tensor, stride_Cb: tl.tensor, stride_zb: tl.tensor, stride_yb: tl.tensor,
+        HAS_SLOTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr,
+        THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr) -> None:
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
@@ -225,18 +227,20 @@ def _x_proj_rows(partial_row_ptr: tl.tensor, stride_qs: tl.tensor, splits: tl.te
 
 
 @jit
-def _mamba1_decode_kernel(x_ptr: tl.tensor, conv_ptr: tl.tensor, slots_ptr: tl.tensor, conv_weight_ptr: tl.tensor,
-                          conv_bias_ptr: tl.tensor, partial_ptr: tl.tensor, dt_proj_ptr: tl.tensor, h_ptr: tl.tensor,
-                          dt_bias_ptr: tl.tensor, scale_ptr: tl.tensor, A_log_ptr: tl.tensor, a_ptr: tl.tensor,
-                          D_ptr: tl.tensor, z_ptr: tl.tensor, y_ptr: tl.tensor, channels: tl.tensor, n_state: tl.tensor,
-                          rank: tl.tensor, splits: tl.tensor, stride_xb: tl.tensor, stride_cb: tl.tensor,
-                          stride_cc: tl.tensor, stride_qb: tl.tensor, stride_qs: tl.tensor, stride_wd: tl.tensor,
-                          stride_hb: tl.tensor, stride_hd: tl.tensor, stride_sb: tl.tensor, stride_Ad: tl.tensor,
-                          stride_ab: tl.tensor, stride_ad: tl.tensor, stride_zb: tl.tensor, stride_yb: tl.tensor,
-                          K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                          HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr,
-                          THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RANK: tl.constexpr,
-                          BLOCK_SPLITS: tl.constexpr) -> None:
+def _mamba1_decode_kernel(
+        # tensors
+        x_ptr: tl.tensor, conv_ptr: tl.tensor, slots_ptr: tl.tensor, conv_weight_ptr: tl.tensor,
+        conv_bias_ptr: tl.tensor, partial_ptr: tl.tensor, dt_proj_ptr: tl.tensor, h_ptr: tl.tensor,
+        dt_bias_ptr: tl.tensor, scale_ptr: tl.tensor, A_log_ptr: tl.tensor, a_ptr: tl.tensor, D_ptr: tl.tensor,
+        z_ptr: tl.tensor, y_ptr: tl.tensor,
+        # sizes and strides
+        channels: tl.tensor, n_state: tl.tensor, rank: tl.tensor, splits: tl.tensor, stride_xb: tl.tensor,
+        stride_cb: tl.tensor, stride_cc: tl.tensor, stride_qb: tl.tensor, stride_qs: tl.tensor, stride_wd: tl.tensor,
+        stride_hb: tl.tensor, stride_hd: tl.tensor, stride_sb: tl.tensor, stride_Ad: tl.tensor, stride_ab: tl.tensor,
+        stride_ad: tl.tensor, stride_zb: tl.tensor, stride_yb: tl.tensor,
+        K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_SPLITS: tl.constexpr) -> None:
     """The convolution step (this program's channels, state shifted), dt_proj, and the state update."""
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
