@@ -105,7 +105,7 @@ def test_mamba2_operators_equal_the_reference(delta_scaled, a_scaled):
     g = _g(3)
     x, dt = torch.randn(b, l, heads, p, generator=g), torch.randn(b, l, heads, generator=g)
     B, C = torch.randn(b, l, groups, n, generator=g), torch.randn(b, l, groups, n, generator=g)
-    D, dt_bias, A_log = torch.randn(heads, generator=g), torch.randn(heads, generator=g), torch.randn(heads, generator=g)
+    D, dt_bias, A_log = (torch.randn(heads, generator=g) for _ in range(3))
     h0 = torch.randn(b, heads, p, n, generator=g)
     delta = dict(dt_bias=dt_bias, dt_limit=(0.001, 3.0), delta_scale=_scales(b, (heads,), 4, delta_scaled))
     a_scale = _scales(b, (heads,), 5, a_scaled)
@@ -127,7 +127,7 @@ def test_convolutions_and_norms_equal_the_reference(cpu_path):
     residual, update, norm_weight = x[:, 0], torch.randn(b, c, generator=g), torch.randn(c, generator=g)
     projection, projection_bias = torch.randn(7, c, generator=g), torch.randn(7, generator=g)
     for dtype in (torch.float32, torch.bfloat16):
-        _assert_same(*_both(lambda ops: ops.add_rms_norm(residual, update, norm_weight, 1e-5, dtype)))
+        _assert_same(*_both(lambda ops, dtype=dtype: ops.add_rms_norm(residual, update, norm_weight, 1e-5, dtype)))
     _assert_same(*_both(lambda ops: ops.add_rms_norm_linear(residual, None, norm_weight, 1e-5, projection,
                                                             projection_bias)))
     _assert_same(*_both(lambda ops: ops.linear(residual, projection, projection_bias)))
