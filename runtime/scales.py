@@ -40,6 +40,13 @@ class Granularity(str, enum.Enum):
     CHANNEL_STATE = "channel_state"  # (d, n): Mamba1, a_spectrum only
 
 
+def granularities_of(arch: str) -> tuple[Granularity, ...]:
+    """The granularities a model of `arch` has."""
+    if arch == MAMBA1:
+        return Granularity.LAYER, Granularity.CHANNEL, Granularity.CHANNEL_STATE
+    return Granularity.LAYER, Granularity.HEAD
+
+
 @dataclass(frozen=True)
 class ScaleShapes:
     """The model dimensions a scale set is checked against: a ModelConfig's, or a bank's model record."""
@@ -54,11 +61,6 @@ class ScaleShapes:
     def of(cls, config: ModelConfig) -> ScaleShapes:
         return cls(config.arch, config.n_layer, config.scale_channels, config.d_inner, config.d_state)
 
-    def granularities(self) -> tuple[Granularity, ...]:
-        if self.arch == MAMBA1:
-            return Granularity.LAYER, Granularity.CHANNEL, Granularity.CHANNEL_STATE
-        return Granularity.LAYER, Granularity.HEAD
-
     def shape(self, granularity: Granularity) -> tuple[int, ...]:
         return {Granularity.LAYER: (), Granularity.CHANNEL: (self.scale_channels,),
                 Granularity.HEAD: (self.scale_channels,),
@@ -66,7 +68,7 @@ class ScaleShapes:
 
     def granularity_of(self, shape: tuple[int, ...]) -> Granularity | None:
         """The granularity a scale of `shape` has in this model, or None when it has none."""
-        for granularity in self.granularities():
+        for granularity in granularities_of(self.arch):
             if tuple(shape) == self.shape(granularity):
                 return granularity
         return None

@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from runtime.extension import DECIMATE
+from runtime.scales import Granularity, ScaleMethod, granularities_of
+
 from .buckets import parse_length
 from .errors import BankError
 
 FORMAT_VERSION = 1
-METHODS = ("delta", "a_spectrum", "decimate")
-TENSOR_METHODS = ("delta", "a_spectrum")  # entries of these hold one scale tensor per layer; decimate holds params
-GRANULARITIES = ("layer", "channel", "head", "channel_state", "none")
+TENSOR_METHODS = tuple(m.value for m in ScaleMethod)  # entries of these hold one scale tensor per layer
+METHODS = (*TENSOR_METHODS, DECIMATE)  # a decimate entry holds params
+GRANULARITIES = (*(g.value for g in Granularity), "none")  # "none": decimate
 CHOICES = ("identity", "previous", "calibrated")  # what a build kept, after comparing on held-out data
 RESERVED_NAMES = ("auto", "none")  # values of a request's `scale_bucket`, so never bucket names
 ARCHS = ("mamba1", "mamba2")
@@ -148,8 +151,7 @@ class BankManifest:
                     raise BankError(path, f"entries[{i}].{key}: duplicate {key} {value!r}")
                 seen.add(value)
         for i, entry in enumerate(entries):
-            if entry.granularity == ("head" if model["arch"] == "mamba1" else "channel") or (
-                    entry.granularity == "channel_state" and model["arch"] != "mamba1"):
+            if entry.granularity != "none" and Granularity(entry.granularity) not in granularities_of(model["arch"]):
                 raise BankError(path, f"entries[{i}].granularity: {entry.granularity!r} does not exist "
                                       f"for a {model['arch']} model")
         return cls(dict(model), tuple(sorted(entries, key=lambda e: e.length)), data["format_version"])

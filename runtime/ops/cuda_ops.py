@@ -168,12 +168,12 @@ def mamba2_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tenso
     dt = torch_ops.discretise(dt, dt_bias, delta_scale, dt_limit)  # (b, h)
     A = torch_ops.ssm_A(A_log, None)  # (h,)
     heads, p, n = h.shape[1:]
-    # The kernel takes per-(head, channel) parameters; stride-0 views make it treat them per head.
-    # A zero dt_bias is passed because the kernel reads its stride to detect that tying.
 
     def tie(t: Tensor) -> Tensor:  # (h,) -> (h, p)
         return t[:, None].expand(heads, p)
 
+    # The kernel takes per-(head, channel) parameters; stride-0 views make it treat them per head.
+    # A zero dt_bias is passed because the kernel reads its stride to detect that tying.
     return torch_ops.on_rows(h, slots, lambda rows: selective_state_update(
         rows, x, dt[..., None].expand(-1, heads, p), A[:, None, None].expand(heads, p, n), B, C,
         tie(D.float()), None, tie(dt.new_zeros(heads)), False,
