@@ -110,8 +110,8 @@ def test_mamba1_step_writes_y_in_the_input_dtype():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, scaled, pooled, conv_bias", [
-    # every pair of the three switches both ways (half of their eight combinations: the interpreter takes
-    # about 9 s a case here)
+    # every pair of the three switches both ways (half of their eight combinations: each case is slow in the
+    # interpreter)
     (3, False, False, False), (3, True, True, False), (3, True, False, True), (3, False, True, True),
     (6, True, True, True),  # past the fused kernels' sequences: the matrix products
 ])

@@ -1,5 +1,5 @@
 """`python -m scale_bank ls|show|verify`: each command plain and --json run as a user would, in a subprocess
-(about 1.5 s each, mostly importing torch); the remaining cases call the same `main` in-process."""
+(each pays for importing torch); the remaining cases call the same `main` in-process."""
 
 import json
 import subprocess
