@@ -32,7 +32,8 @@ def test_conv_step_equals_pytorch_and_shifts_the_state(dtype, k):
         want_state, got_state = state.clone(), state.clone()
         torch_ops.causal_conv1d_step(x, want_state, weight, bias)
         # The kernel sums in float32 (PyTorch sums bf16 in bf16): compare with float32 maths on the same inputs.
-        want = torch_ops.causal_conv1d_step(x.float(), state.float(), weight.float(), None if bias is None else bias.float())
+        want = torch_ops.causal_conv1d_step(x.float(), state.float(), weight.float(),
+                                            None if bias is None else bias.float())
         got = triton_ssm.causal_conv1d_step(x, got_state, weight, bias)
         assert got.dtype == dtype
         torch.testing.assert_close(got, want.to(dtype), rtol=8e-3 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)

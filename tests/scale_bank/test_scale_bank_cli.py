@@ -113,7 +113,8 @@ def test_verify_refuses_a_model_that_does_not_load(bank, tmp_path, capsys):
 def test_verify_matches_the_quantisation(bank, checkpoints, tmp_path, capsys):
     model = str(checkpoints["mamba1"])
     assert main(["verify", str(bank.path), "--model", model, "--quantize", "int8"]) == 1
-    assert "quantization mismatch: bank calibrated on the unquantised model, this model is int8" in capsys.readouterr().err
+    fault = "quantization mismatch: bank calibrated on the unquantised model, this model is int8"
+    assert fault in capsys.readouterr().err
     quantised = load_model(model, quantize="int8")
     Bank.create(tmp_path / "int8", model_info(quantised.config, quantised.fingerprint, quantised.quantization))
     assert main(["verify", str(tmp_path / "int8"), "--model", model, "--quantize", "int8"]) == 0
