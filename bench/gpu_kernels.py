@@ -1,9 +1,9 @@
-"""The launch shapes of the fused Triton decode kernels (`runtime.ops.triton_decode`), swept on the GPU.
+"""The launch shapes of the fused Triton decode kernels (`runtime.ops.triton_ssm`, `triton_gemv`), swept on the GPU.
 
 Each op of a Mamba1 decode step runs on 24 layers in a captured CUDA graph (as in a decode step: each layer's
 weights are its own, so they come from memory, not the L2 cache), 130m- and 1.4b-shaped with random weights, for every value of its launch constants, beside the
 cuBLAS composition it replaces; the table gives µs per call and the setting with the least time summed over
-the shapes, which is what `triton_decode`'s constants should be.
+the shapes, which is what those modules' constants should be.
 
     python -m bench.gpu_kernels --json $OUT/kernels.json
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime.ops import torch_ops, triton_decode
+from runtime.ops import torch_ops, triton_gemv, triton_ssm
+from runtime.ops.contract import Mamba1Weights
 
 from .random_model import SHAPES
 from .report import print_row, print_table, save_json
@@ -31,15 +32,16 @@ D_STATE, CONV_K = 16, 4
 
 @contextlib.contextmanager
 def constants(values: dict):
-    """triton_decode's module constants set to `values` for the duration."""
-    old = {name: getattr(triton_decode, name) for name in values}
+    """The kernel modules' constants set to `values` for the duration."""
+    owner = {name: triton_gemv if name.startswith("GEMV_") else triton_ssm for name in values}
+    old = {name: getattr(owner[name], name) for name in values}
     for name, value in values.items():
-        setattr(triton_decode, name, value)
+        setattr(owner[name], name, value)
     try:
         yield
     finally:
         for name, value in old.items():
-            setattr(triton_decode, name, value)
+            setattr(owner[name], name, value)
 
 
 def graph_us(calls: list) -> float:
@@ -84,20 +86,22 @@ def layer_tensors(shape: str, batch: int, seed: int) -> dict:
 def ops(t: dict) -> dict:
     """name -> (the fused op, the cuBLAS / PyTorch composition it replaces) on the tensors `t`."""
     x, z = t["projected"].chunk(2, dim=-1)
-    decode_args = (x, z, t["conv_state"], t["conv_weight"], t["conv_bias"], t["x_proj"], t["dt_proj"], t["dt_bias"],
-                   t["h"], t["A_log"], None, None, t["D"])
+    weights = Mamba1Weights(t["conv_weight"], t["conv_bias"], t["x_proj"], t["dt_proj"], t["dt_bias"], t["A_log"],
+                            t["D"])
+    decode_args = (x, z, t["conv_state"], t["h"], weights)
+    no_scales = dict(delta_scale=None, a_scale=None)
 
     def composed_in_proj():
-        _, normed = triton_decode.add_rms_norm(t["residual"], t["update"], t["norm_weight"], 1e-5, torch.bfloat16)
+        _, normed = triton_gemv.add_rms_norm(t["residual"], t["update"], t["norm_weight"], 1e-5, torch.bfloat16)
         F.linear(normed, t["in_proj"])
 
     return {
-        "in_proj": (lambda: triton_decode.add_rms_norm_linear(t["residual"], t["update"], t["norm_weight"], 1e-5,
-                                                              t["in_proj"]), composed_in_proj),
-        "mamba1_decode": (lambda: triton_decode.mamba1_decode(*decode_args),
-                          lambda: torch_ops.composed_mamba1_decode(triton_decode.causal_conv1d_step,
-                                                                   triton_decode.mamba1_step, *decode_args)),
-        "out_proj": (lambda: triton_decode.linear(t["y"], t["out_proj"]), lambda: F.linear(t["y"], t["out_proj"])),
+        "in_proj": (lambda: triton_gemv.add_rms_norm_linear(t["residual"], t["update"], t["norm_weight"], 1e-5,
+                                                            t["in_proj"]), composed_in_proj),
+        "mamba1_decode": (lambda: triton_ssm.mamba1_decode(*decode_args, **no_scales),
+                          lambda: torch_ops.composed_mamba1_decode(triton_ssm.causal_conv1d_step,
+                                                                   triton_ssm.mamba1_step, *decode_args, **no_scales)),
+        "out_proj": (lambda: triton_gemv.linear(t["y"], t["out_proj"]), lambda: F.linear(t["y"], t["out_proj"])),
     }
 
 

@@ -290,7 +290,7 @@ def build(args) -> Bank:
         metrics = {key: score_domains(model, args.task, length, scales, held_out)
                    for key, scales in candidates.items()}
         chosen = distributed.from_main(choose(args.task, metrics))  # one decision, whatever a rank's last bits
-        kept = candidates[chosen] or ScaleSet.identity(config, init.method, init.granularity)
+        kept = candidates[chosen] or ScaleSet.identity(config, init.method, init.granularity(config))
         entry = BankEntry(
             bucket=name, length=length, method=args.method, granularity=args.granularity, version=__version__,
             calibrator={**result.hyper, "init": "previous" if init is previous else "identity",

@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from runtime import Decimation, load_model  # noqa: E402
+from runtime import load_model  # noqa: E402
 from runtime.tokenizer import find_tokenizer  # noqa: E402
 from scale_bank import Bank, bucket_name, parse_buckets, select  # noqa: E402
 
@@ -47,16 +47,14 @@ def evaluate(args, base: bool = True) -> list[dict]:
     domains = [Domain.of(spec.name, read_source(spec), tokenizer) for spec in parse_sources(args.data)]
     templates = parse_templates(args.templates)
     training_length = args.training_length or loaded.config.training_context_length
-    choices = {}  # length -> (what the server would choose, its decimation if any): the same for every domain
-    for length in parse_buckets(args.lengths):
-        choice = select(bank, length, "auto", training_length)
-        choices[length] = choice, (Decimation.from_params(bank.entry(choice.name).params, loaded.config.n_layer,
-                                                          training_length) if choice.method == "decimate" else None)
+    # length -> what the server would choose: the same for every domain
+    choices = {length: select(bank, length, "auto", training_length) for length in parse_buckets(args.lengths)}
     rows = []
     for domain in domains:
-        for length, (choice, decimation) in choices.items():
+        for length, choice in choices.items():
+            decimation = choice.extension.decimation
             variants = ({"base": (None, None)} if base else {}) | (
-                {"bank": (choice.scales, decimation)} if bank is not None else {})
+                {"bank": (choice.extension.scales, decimation)} if bank is not None else {})
             tail = None if decimation is None else decimation.keep_last
             for task in args.task.split(","):
                 if task == "ppl" and domain.text is None:

@@ -1,17 +1,19 @@
-"""The Mamba runtime: checkpoints, Mamba1/Mamba2 models, per-sequence scale sets, recurrent state."""
+"""The Mamba runtime: checkpoints, Mamba1/Mamba2 models, per-sequence extensions (scale sets, decimation),
+recurrent state, CUDA decode graphs, and the kernel back-ends behind one operator contract (ops.contract)."""
 
 __version__ = "0.1.0"  # the project's one version; pyproject.toml reads it from here
 
 from .config import MAMBA1, MAMBA2, ModelConfig
 from .decimation import Decimation
 from .errors import BackendUnavailableError, CheckpointError, DecimationError, ScaleSetError
+from .extension import IDENTITY, Extension
 from .loader import LoadedModel, fingerprint, load_model
 from .model import MambaLM
 from .scales import BatchScales, LayerScales, ScaleMethod, ScaleSet, batch_scales
 from .state import InferenceState
 
 __all__ = [
-    "MAMBA1", "MAMBA2", "BackendUnavailableError", "BatchScales", "CheckpointError", "Decimation", "DecimationError",
-    "InferenceState", "LayerScales", "LoadedModel", "MambaLM", "ModelConfig", "ScaleMethod", "ScaleSet", "ScaleSetError",
-    "batch_scales", "fingerprint", "load_model",
+    "IDENTITY", "MAMBA1", "MAMBA2", "BackendUnavailableError", "BatchScales", "CheckpointError", "Decimation",
+    "DecimationError", "Extension", "InferenceState", "LayerScales", "LoadedModel", "MambaLM", "ModelConfig",
+    "ScaleMethod", "ScaleSet", "ScaleSetError", "batch_scales", "fingerprint", "load_model",
 ]

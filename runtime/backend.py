@@ -1,6 +1,6 @@
-"""Kernel back-ends, chosen once when a model loads.
+"""Kernel back-ends, chosen once when a model loads. Each implements the operator contract `ops.contract.Ops`.
 
-- `torch`: `runtime.ops.torch_ops`, pure PyTorch, any device; the CPU path.
+- `torch`: `runtime.ops.torch_ops`, PyTorch (and C kernels on CPU), any device; the CPU path.
 - `mamba_ssm`: `runtime.ops.cuda_ops`, the `mamba_ssm` kernels (and `causal_conv1d` when installed); CUDA only.
 - `auto`: `mamba_ssm` on CUDA when it imports, `torch` otherwise. The choice is logged.
 Asking for `mamba_ssm` by name where it cannot run is an error, not a silent fallback.
@@ -12,10 +12,18 @@ import importlib
 import logging
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from .errors import BackendUnavailableError
+from .ops import torch_ops
+from .ops.contract import Ops
+
+if TYPE_CHECKING:  # mypy checks here that every back-end module implements the contract
+    from .ops import cuda_ops, reference
+
+    _IMPLEMENTATIONS: tuple[Ops, ...] = (torch_ops, cuda_ops, reference)
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "mamba_ssm")
@@ -24,7 +32,7 @@ BACKENDS = ("auto", "torch", "mamba_ssm")
 @dataclass(frozen=True)
 class Backend:
     name: str
-    ops: ModuleType  # causal_conv1d(_step), mamba1_scan/_step, mamba2_scan/_step with torch_ops' contracts
+    ops: Ops
     conv_kernels: bool  # causal_conv1d's kernels are in use (else a PyTorch convolution)
     # Mamba1 prefill tensors laid out (b, channels, l) in memory, as the CUDA scan reads them: projections
     # then write that layout directly instead of the scan copying (l, d) tensors at 64k tokens.
@@ -51,8 +59,8 @@ def select_backend(name: str, device: torch.device | str) -> Backend:
                 ) from None
             log.warning("mamba_ssm is not installed (%s): using the PyTorch back-end on %s", missing, device)
         else:
-            backend = Backend("mamba_ssm", ops, ops.HAS_CONV_KERNELS, channels_first=True)
+            backend = Backend("mamba_ssm", cast(Ops, ops), ops.HAS_CONV_KERNELS, channels_first=True)
             log.info("back-end: mamba_ssm kernels, causal_conv1d kernels %s", "on" if backend.conv_kernels else "off")
             return backend
     log.info("back-end: PyTorch on %s", device)
-    return Backend("torch", importlib.import_module("runtime.ops.torch_ops"), False, channels_first=False)
+    return Backend("torch", torch_ops, False, channels_first=False)

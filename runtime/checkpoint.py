@@ -15,6 +15,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,7 +25,8 @@ from .config import ModelConfig, parse_config
 from .errors import CheckpointError
 
 CONFIG_FILE = "config.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -37,15 +39,17 @@ class Checkpoint:
     quantization: str | None = None  # "int8", "int6" (+ "+embedding"): a checkpoint saved quantised
 
 
-def _quantization(raw: dict, path: Path) -> str | None:
+def _quantization(raw: dict[str, Any], path: Path) -> str | None:
     """config.json's "quantization": {"scheme": "int8"|"int6", "embedding": bool}, as "int8[+embedding]"."""
     record = raw.get("quantization")
     if record is None:
         return None
     if not isinstance(record, dict) or record.get("scheme") not in ("int8", "int6") or not isinstance(
             record.get("embedding", False), bool):
-        raise CheckpointError(path, f"bad quantization record {record!r} (expected scheme int8 or int6, embedding bool)")
-    return record["scheme"] + ("+embedding" if record.get("embedding") else "")
+        raise CheckpointError(path, f"bad quantization record {record!r} "
+                                    "(expected scheme int8 or int6, embedding bool)")
+    scheme: str = record["scheme"]
+    return scheme + ("+embedding" if record.get("embedding") else "")
 
 
 def read_config(directory: Path) -> tuple[ModelConfig, str, str | None]:
@@ -121,7 +125,8 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     return Checkpoint(directory, config, layout, tensors, files, quantization)
 
 
-def check_against(checkpoint: Checkpoint, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+def check_against(checkpoint: Checkpoint,
+                  expected: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
     """Tensors of `checkpoint` that fill exactly the `expected` names and shapes (and integer dtypes), or a
     CheckpointError."""
     where = checkpoint.weight_files[0] if len(checkpoint.weight_files) == 1 else checkpoint.path
@@ -135,14 +140,17 @@ def check_against(checkpoint: Checkpoint, expected: dict[str, tuple[torch.Size, 
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
-        raise CheckpointError(where, f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        more = " ..." if len(missing) > 8 else ""
+        raise CheckpointError(where, f"missing tensors: {', '.join(missing[:8])}{more}")
     if extra:
         raise CheckpointError(where, f"unexpected tensors: {', '.join(extra[:8])}" + (" ..." if len(extra) > 8 else ""))
     for name, (shape, dtype) in expected.items():
         if not dtype.is_floating_point and tensors[name].dtype != dtype:
-            raise CheckpointError(where, f"dtype mismatch for {name!r}: file has {tensors[name].dtype}, expected {dtype}")
+            raise CheckpointError(where, f"dtype mismatch for {name!r}: file has {tensors[name].dtype}, "
+                                         f"expected {dtype}")
         if tensors[name].shape != shape:
             raise CheckpointError(
-                where, f"shape mismatch for {name!r}: file has {tuple(tensors[name].shape)}, config implies {tuple(shape)}"
+                where, f"shape mismatch for {name!r}: file has {tuple(tensors[name].shape)}, "
+                       f"config implies {tuple(shape)}"
             )
     return tensors

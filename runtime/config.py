@@ -47,7 +47,7 @@ class ModelConfig:
     d_inner: int = field(init=False)
     nheads: int = field(init=False)  # Mamba2 only; 0 for Mamba1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         assert self.arch in (MAMBA1, MAMBA2), f"unknown arch {self.arch!r}"
         object.__setattr__(self, "d_inner", self.expand * self.d_model)
         if self.arch == MAMBA1 and self.dt_rank == 0:
@@ -148,7 +148,7 @@ class _Fields:
             raise self._wrong(key, "a list of two numbers (null: no limit)") from None
         return lo, hi
 
-    def nested(self, key: str) -> "_Fields":
+    def nested(self, key: str) -> _Fields:
         """A nested object (absent or null: empty)."""
         value = self.raw.get(key) or {}
         if not isinstance(value, dict):

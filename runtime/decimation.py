@@ -22,6 +22,7 @@ Shapes: b batch, l sequence, c importance channels (Mamba1 d_inner, Mamba2 nhead
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ class Decimation:
     min_len: int = 0  # never keep fewer than this many of the L − R positions before the tail
     keep_last: int = 1  # R ≥ 1: the last R positions are always kept (the last token's logits are the prefill's)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in PARAMS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -56,7 +57,7 @@ class Decimation:
                                   f"got {self.keep_last}")
 
     @classmethod
-    def from_params(cls, params: dict, n_layer: int, default_l_base: int | None = None) -> "Decimation":
+    def from_params(cls, params: dict[str, Any], n_layer: int, default_l_base: int | None = None) -> Decimation:
         """The spec a bank entry's `params` describe, checked against a model of `n_layer` layers; `l_base`
         defaults to `default_l_base` (the model's training length). Raises DecimationError naming the fault."""
         unknown = sorted(set(params) - set(PARAMS) - set(IGNORED_PARAMS))
@@ -84,7 +85,7 @@ class Decimation:
             raise DecimationError(f"decimation layer {self.layer} does not exist: the model has {n_layer} "
                                   f"layers (0 … {n_layer - 1})")
 
-    def to_params(self) -> dict:
+    def to_params(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in PARAMS}
 
     def kept_length(self, length: int) -> int:

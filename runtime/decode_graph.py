@@ -1,6 +1,6 @@
 """Decode as captured CUDA graphs: one graph per (padded batch size, scale fields present), replayed per token.
 
-A decode step launches hundreds of small kernels (four per Mamba1 layer); launched one by one from Python,
+A decode step launches hundreds of small kernels (several per layer); launched one by one from Python,
 batch-1 decode is bound by launch overhead, not by the GPU. A captured graph replays them all at once.
 
 Everything a graph touches has a fixed address: the state pool (the engine's, never reallocated), and the
@@ -20,15 +20,32 @@ combination is needed; they share one memory pool.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch
 
 from .config import MAMBA1
 from .model import MambaLM
-from .scales import BatchScales, LayerScales
+from .scales import BatchScales, LayerScales, ScaleMethod, ScaleSet
 from .state import InferenceState
 
+ScaleFields = tuple[bool, bool]  # (has delta, has a): which scale fields a batch's LayerScales carry
+
 WARMUP_STEPS = 2  # eager steps on a side stream before capture: Triton compiles and autotunes its kernels there
+
+
+def scale_fields(scales: BatchScales | None) -> ScaleFields:
+    return scales is not None and scales[0].delta is not None, scales is not None and scales[0].a is not None
+
+
+def fields_of_batches(scale_sets: Iterable[ScaleSet]) -> list[ScaleFields]:
+    """Every scale-field combination a batch of some of `scale_sets` (and identity) makes: a batch holding
+    sets of both methods carries both fields."""
+    methods = {s.method for s in scale_sets}
+    fields = {(False, False)} | {(m is ScaleMethod.DELTA, m is ScaleMethod.A_SPECTRUM) for m in methods}
+    if {ScaleMethod.DELTA, ScaleMethod.A_SPECTRUM} <= methods:
+        fields.add((True, True))
+    return sorted(fields)
 
 
 def graph_sizes(max_batch: int) -> list[int]:
@@ -46,7 +63,7 @@ class _Graph:
 class DecodeGraphs:
     """CUDA-graph decode over `pool`, whose last row is scratch: requests own rows 0 … pool.batch − 2."""
 
-    def __init__(self, model: MambaLM, pool: InferenceState):
+    def __init__(self, model: MambaLM, pool: InferenceState) -> None:
         assert model.device.type == "cuda", "CUDA graphs need the model on a CUDA device"
         self.model = model
         self.pool = pool
@@ -59,7 +76,7 @@ class DecodeGraphs:
         # Static scale fields (identity rows hold ones); a graph captured "with delta" reads delta_rows[i][:B].
         self.delta_rows = [torch.ones(biggest, config.scale_channels, device=device) for _ in range(config.n_layer)]
         self.a_rows = [torch.ones(biggest, *a_shape, device=device) for _ in range(config.n_layer)]
-        self.graphs: dict[tuple[int, bool, bool], _Graph] = {}
+        self.graphs: dict[tuple[int, bool, bool], _Graph] = {}  # (size, has delta, has a) -> its graph
         self._buffered: tuple[BatchScales | None, int] | None = None  # the scales (and rows) now in the buffers
         self.memory_pool = torch.cuda.graph_pool_handle()
 
@@ -69,9 +86,9 @@ class DecodeGraphs:
                 return size
         raise ValueError(f"decode batch {batch} is larger than the pool's {self.sizes[-1]} slots")
 
-    def capture(self, scale_fields: list[tuple[bool, bool]]) -> None:
+    def capture(self, fields: list[ScaleFields]) -> None:
         """Captures the graph of every batch size for each (has delta, has a) combination not yet captured."""
-        for has_delta, has_a in scale_fields:
+        for has_delta, has_a in fields:
             for size in self.sizes:
                 if (size, has_delta, has_a) not in self.graphs:
                     self.graphs[size, has_delta, has_a] = self._capture(size, has_delta, has_a)
@@ -81,22 +98,20 @@ class DecodeGraphs:
         Returns the logits (b, V) float32: a view of the graph's output, valid until the next call."""
         b = tokens.shape[0]
         size = self.size_for(b)
-        has_delta = scales is not None and scales[0].delta is not None
-        has_a = scales is not None and scales[0].a is not None
         self.tokens[:b].copy_(tokens)
         self.tokens[b:size].zero_()
         self.slots[:b].copy_(slots)
         self.slots[b:size].fill_(self.scratch)
         fresh = self._buffered is None or self._buffered[0] is not scales or self._buffered[1] != b
-        if scales is not None and fresh:  # a new batch composition (the engine caches its BatchScales)
+        if scales is not None and fresh:  # a new batch composition (the model runner caches its BatchScales)
             self._buffered = (scales, b)
             for i, layer in enumerate(scales):
                 for field, rows in (("delta", self.delta_rows[i]), ("a", self.a_rows[i])):
-                    value = getattr(layer, field)
+                    value: torch.Tensor | None = getattr(layer, field)
                     if value is not None:
                         rows[:b].copy_(value)
                         rows[b:size].fill_(1.0)
-        key = (size, has_delta, has_a)
+        key = (size, *scale_fields(scales))
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         captured = self.graphs[key]
@@ -116,7 +131,7 @@ class DecodeGraphs:
         # replay. Capturing itself runs nothing: the graph reads `slots` and the other inputs when replayed.
         real_slots = self.slots.clone()
         self.slots.fill_(self.scratch)
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(WARMUP_STEPS):

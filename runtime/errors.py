@@ -1,5 +1,9 @@
 """Typed errors of the runtime. Each names the file (or field) at fault so a user can fix it."""
 
+from __future__ import annotations
+
+import os
+
 
 class RuntimeErrorBase(Exception):
     """Base of every error the runtime raises on bad input."""
@@ -8,7 +12,7 @@ class RuntimeErrorBase(Exception):
 class CheckpointError(RuntimeErrorBase):
     """A checkpoint directory that cannot be loaded: missing file, bad config, bad tensor."""
 
-    def __init__(self, path, fault: str):
+    def __init__(self, path: str | os.PathLike[str], fault: str) -> None:
         self.path = str(path)
         self.fault = fault
         super().__init__(f"{self.path}: {fault}")

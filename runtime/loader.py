@@ -68,7 +68,7 @@ def _place(model: MambaLM, dtype: torch.dtype) -> None:
             module.compute_dtype = dtype
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, backend: str = "auto",
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None, backend: str = "auto",
                quantize: str | None = None, quantize_embedding: bool = False) -> LoadedModel:
     """Reads, checks and places a checkpoint; raises CheckpointError naming the file on any fault.
 
@@ -78,7 +78,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None, 
     checkpoint = read_checkpoint(path)
     requested = None if quantize is None else quantize + ("+embedding" if quantize_embedding else "")
     if checkpoint.quantization and requested and requested != checkpoint.quantization:
-        raise CheckpointError(checkpoint.path, f"saved quantised as {checkpoint.quantization}; cannot load as {requested}")
+        raise CheckpointError(checkpoint.path,
+                              f"saved quantised as {checkpoint.quantization}; cannot load as {requested}")
     quantization = checkpoint.quantization or requested
     scheme, _, with_embedding = (quantization or "").partition("+")
     with torch.device("meta"):

@@ -12,8 +12,12 @@ from torch import nn
 
 from .backend import Backend
 from .config import ModelConfig
-from .quant import linear
+from .ops.torch_ops import discretise, ssm_A
+from .quant import Projection, linear
 from .scales import LayerScales
+from .state import MixerOutput
+
+Tensor = torch.Tensor
 
 
 class GatedRMSNorm(nn.Module):
@@ -25,12 +29,13 @@ class GatedRMSNorm(nn.Module):
         self.groups = groups
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
         """y: (..., d) float32, z: (..., d). Returns (..., d) float32."""
         y = y * F.silu(z.float())
-        grouped = y.unflatten(-1, (self.groups, -1))  # (..., g, d/g)
+        grouped = y.unflatten(-1, (self.groups, -1))  # type: ignore[no-untyped-call]  # (..., g, d/g)
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return grouped.flatten(-2) * self.weight.float()
+        out: Tensor = grouped.flatten(-2) * self.weight.float()
+        return out
 
 
 class Mamba2Mixer(nn.Module):
@@ -39,57 +44,56 @@ class Mamba2Mixer(nn.Module):
         c = config
         self.config = c
         self.backend = backend
-        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads, bias=c.proj_bias)
+        self.in_proj: Projection = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads,
+                                            bias=c.proj_bias)
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=c.conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(c.nheads))
         self.A_log = nn.Parameter(torch.zeros(c.nheads))
         self.D = nn.Parameter(torch.ones(c.nheads))
         self.norm = GatedRMSNorm(c.d_inner, c.ngroups, c.norm_eps)
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.proj_bias)
+        self.out_proj: Projection = nn.Linear(c.d_inner, c.d_model, bias=c.proj_bias)
 
-    def _split(self, projected: torch.Tensor):
+    def _split(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.config
-        return projected.split([c.d_inner, c.conv_dim, c.nheads], dim=-1)  # z, xBC, dt
+        z, xBC, dt = torch.split(projected, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        return z, xBC, dt
 
-    def _ssm_inputs(self, xBC: torch.Tensor, dt: torch.Tensor, scales: LayerScales | None):
-        """xBC: (..., conv_dim) after the conv; dt: (..., h). Returns x (..., h, p), Δ (..., h) float32
-        scaled, A, B and C (..., g, n)."""
+    def _ssm_inputs(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """xBC: (..., conv_dim) after the conv. Returns x (..., h, p), B and C (..., g, n)."""
         c = self.config
-        x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-        x = x.unflatten(-1, (c.nheads, c.headdim))  # (..., h, p)
-        B = B.unflatten(-1, (c.ngroups, c.d_state))  # (..., g, n)
-        C = C.unflatten(-1, (c.ngroups, c.d_state))
-        delta = F.softplus(dt.float() + self.dt_bias.float()).clamp(*c.dt_limit)  # (..., h)
-        A = -torch.exp(self.A_log.float())  # (h,)
-        if scales is not None and scales.delta is not None:
-            # scales.delta: (b, h); Δ is (b, l, h) in prefill and (b, h) in decode
-            delta = delta * (scales.delta if delta.dim() == 2 else scales.delta[:, None, :])
-        if scales is not None and scales.a is not None:
-            A = A * scales.a  # (b, h)
-        return x, delta, A, B, C
+        x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
+        return (x.unflatten(-1, (c.nheads, c.headdim)),  # type: ignore[no-untyped-call]  # (..., h, p)
+                B.unflatten(-1, (c.ngroups, c.d_state)),  # type: ignore[no-untyped-call]  # (..., g, n)
+                C.unflatten(-1, (c.ngroups, c.d_state)))  # type: ignore[no-untyped-call]
 
-    def forward(self, hidden: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
-                return_delta: bool = False):
+    def forward(self, hidden: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None,
+                scales: LayerScales | None, return_delta: bool = False) -> MixerOutput:
         """Prefill. hidden: (b, l, D). Returns out (b, l, D) and the new (conv_state, ssm_state); with
         `return_delta` also the scan's Δ (b, l, h) float32 (what a decimating layer ranks positions by)."""
-        ops = self.backend.ops
+        c, ops = self.config, self.backend.ops
+        delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, h) each
         z, xBC, dt = self._split(self.in_proj(hidden))  # (b, l, d), (b, l, conv_dim), (b, l, h)
         xBC, conv_state = ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-        x, delta, A, B, C = self._ssm_inputs(xBC, dt, scales)
-        y, ssm_state = ops.mamba2_scan(x, delta, A, B, C, self.D, ssm_state)  # (b, l, h, p), (b, h, p, n)
+        x, B, C = self._ssm_inputs(xBC)
+        y, ssm_state = ops.mamba2_scan(x, dt, ssm_A(self.A_log, a_scale), B, C, self.D, ssm_state,
+                                       dt_bias=self.dt_bias, dt_limit=c.dt_limit,
+                                       delta_scale=delta_scale)  # (b, l, h, p), (b, h, p, n)
         y = self.norm(y.flatten(-2).float(), z)  # (b, l, d)
-        out = self.out_proj(y.to(hidden.dtype))  # (b, l, D)
-        return (out, (conv_state, ssm_state), delta) if return_delta else (out, (conv_state, ssm_state))
+        out: Tensor = self.out_proj(y.to(hidden.dtype))  # (b, l, D)
+        delta = discretise(dt, self.dt_bias, delta_scale, c.dt_limit) if return_delta else None  # (b, l, h)
+        return MixerOutput(out, (conv_state, ssm_state), delta)
 
-    def step(self, projected: torch.Tensor, conv_state, ssm_state, scales: LayerScales | None,
-             slots: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, projected: Tensor, conv_state: Tensor, ssm_state: Tensor, scales: LayerScales | None,
+             slots: Tensor | None = None) -> Tensor:
         """Decode one token. projected: (b, in_proj rows), in_proj of the block's normed input (the model runs
         the two together); the states (b, ...), or with `slots` (b,) a pool's (whose row slots[i] is
         sequence i's), are updated in place. Returns (b, D)."""
         ops = self.backend.ops
+        delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, h) each
         z, xBC, dt = self._split(projected)  # (b, d), (b, conv_dim), (b, h)
         xBC = ops.causal_conv1d_step(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, slots)
-        x, delta, A, B, C = self._ssm_inputs(xBC, dt, scales)
-        y = ops.mamba2_step(ssm_state, x, delta, A, B, C, self.D, slots)  # (b, h, p)
+        x, B, C = self._ssm_inputs(xBC)
+        y = ops.mamba2_step(ssm_state, x, dt, B, C, self.D, dt_bias=self.dt_bias, dt_limit=self.config.dt_limit,
+                            A_log=self.A_log, delta_scale=delta_scale, a_scale=a_scale, slots=slots)  # (b, h, p)
         y = self.norm(y.flatten(-2).float(), z)  # (b, d)
         return linear(y.to(projected.dtype), self.out_proj, self.out_proj.bias, ops)

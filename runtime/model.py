@@ -15,7 +15,8 @@ None, or a prompt short enough that it drops nothing, is exactly the base model.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,9 @@ from .decimation import Decimation
 from .errors import DecimationError
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
-from .quant import QuantizedWeight, linear
+from .quant import QuantizedEmbedding, QuantizedLinear, QuantizedWeight, linear
 from .scales import BatchScales
-from .state import InferenceState
+from .state import InferenceState, MixerOutput
 
 LOGITS_SLICE = 2048  # positions per slice of logits: (2048, V) float32 is 400 MB at V = 50k
 
@@ -57,7 +58,8 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, backend: Backend):
         super().__init__()
         self.norm = Norm(config.d_model, config.norm_eps, config.rms_norm)
-        self.mixer = (Mamba1Mixer if config.arch == MAMBA1 else Mamba2Mixer)(config, backend)
+        mixer = Mamba1Mixer if config.arch == MAMBA1 else Mamba2Mixer
+        self.mixer: Mamba1Mixer | Mamba2Mixer = mixer(config, backend)
 
 
 class MambaLM(nn.Module):
@@ -65,10 +67,11 @@ class MambaLM(nn.Module):
         super().__init__()
         self.config = config
         self.backend = backend
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.embedding: nn.Embedding | QuantizedEmbedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.n_layer))
         self.norm_f = Norm(config.d_model, config.norm_eps, config.rms_norm)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head: nn.Linear | QuantizedLinear | None = (
+            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False))
 
     @property
     def dtype(self) -> torch.dtype:  # read off norm_f: a quantised embedding's .weight dequantises the table
@@ -90,20 +93,26 @@ class MambaLM(nn.Module):
     def new_state(self, batch: int) -> InferenceState:
         return InferenceState.zeros(self.config, batch, self.device, self.dtype)
 
+    def block(self, i: int) -> Block:
+        return cast(Block, self.layers[i])
+
     def _layer(self, i: int, residual: torch.Tensor, state: InferenceState | None, scales: BatchScales | None,
-               decimation: Decimation | None = None):
-        """residual (b, l, D) -> (b, l, D), or (b, k, D) at the kept positions when this layer decimates."""
-        block = self.layers[i]
-        out, (conv, ssm), *delta = block.mixer(
+               decimation: Decimation | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """residual (b, l, D) -> (b, l, D), or (b, k, D) at the kept positions when this layer decimates; and the
+        layer's new conv and ssm states."""
+        block = self.block(i)
+        mixed: MixerOutput = block.mixer(
             block.norm(residual).to(self.dtype),
             None if state is None else state.conv[i],
             None if state is None else state.ssm[i],
             None if scales is None else scales[i],
             return_delta=decimation is not None,
         )
-        residual = residual + out  # (b, l, D)
-        if decimation is not None:  # the layer's own state is the full sequence's; later layers see k positions
-            kept = decimation.kept_positions(delta[0])  # (b, k)
+        conv, ssm = mixed.state
+        residual = residual + mixed.out  # (b, l, D)
+        if decimation is not None and mixed.delta is not None:
+            # the layer's own state is the full sequence's; the later layers see the k kept positions
+            kept = decimation.kept_positions(mixed.delta)  # (b, k)
             residual = residual.gather(1, kept[..., None].expand(-1, -1, residual.shape[-1]))  # (b, k, D)
         return residual, conv.to(self.dtype), ssm
 
@@ -170,7 +179,8 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, state: InferenceState | None = None, scales: BatchScales | None = None,
-                chunk_len: int | None = None, decimation: Decimation | None = None) -> tuple[torch.Tensor, InferenceState]:
+                chunk_len: int | None = None,
+                decimation: Decimation | None = None) -> tuple[torch.Tensor, InferenceState]:
         """tokens: (b, l). Returns the last position's logits (b, V) float32 and the new state.
 
         With `chunk_len`, the prompt runs in chunks of that many tokens, each continuing from the last
@@ -183,9 +193,11 @@ class MambaLM(nn.Module):
         for start in range(0, tokens.shape[1], chunk_len):
             hidden, state = self.hidden_states(tokens[:, start:start + chunk_len], state, scales,
                                                decimation=decimation)
+        assert state is not None  # a prompt has at least one token
         return self.logits(hidden[:, -1]), state
 
-    def _add_norm(self, residual: torch.Tensor, update: torch.Tensor | None, norm: Norm):
+    def _add_norm(self, residual: torch.Tensor, update: torch.Tensor | None,
+                  norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
         """residual + update (None: none yet) and its `norm` in the model's dtype; an RMSNorm is the back-end's
         add_rms_norm, one kernel on a GPU. Returns (residual, normed), both (b, D)."""
         if norm.bias is None:
@@ -194,7 +206,8 @@ class MambaLM(nn.Module):
             residual = residual + update
         return residual, norm(residual).to(self.dtype)
 
-    def _add_norm_in_proj(self, residual: torch.Tensor, update: torch.Tensor | None, block: Block):
+    def _add_norm_in_proj(self, residual: torch.Tensor, update: torch.Tensor | None,
+                          block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream after `update` (None: none yet) and the block's in_proj of its norm: (b, D) and
         (b, in_proj rows). RMSNorm into a dense in_proj is the back-end's add_rms_norm_linear, on a GPU one
         kernel for a batch of a few, which a decode step's input projections are."""
@@ -203,7 +216,8 @@ class MambaLM(nn.Module):
             return self.backend.ops.add_rms_norm_linear(residual, update, block.norm.weight, block.norm.eps,
                                                         in_proj.weight, in_proj.bias)
         residual, hidden = self._add_norm(residual, update, block.norm)
-        return residual, in_proj(hidden)
+        projected: torch.Tensor = in_proj(hidden)
+        return residual, projected
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: InferenceState, scales: BatchScales | None = None,
@@ -213,7 +227,8 @@ class MambaLM(nn.Module):
         Returns logits (b, V)."""
         residual = self.embedding(tokens).to(self._residual_dtype())  # (b, D)
         update = None  # (b, D): the last block's output, not yet added to the residual stream
-        for i, block in enumerate(self.layers):
+        for i in range(len(self.layers)):
+            block = self.block(i)
             residual, projected = self._add_norm_in_proj(residual, update, block)  # (b, D), (b, in_proj rows)
             update = block.mixer.step(projected, state.conv[i], state.ssm[i], None if scales is None else scales[i],
                                       slots)

@@ -18,10 +18,17 @@ out_proj) and optionally the embedding (which is also the LM head when tied).
 from __future__ import annotations
 
 import functools
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import Self
+
+if TYPE_CHECKING:
+    from .model import MambaLM
+    from .ops.contract import Ops
 
 Q_MAX = {8: 127, 6: 31}
 FUSED_MAX_ROWS = 64  # above this (prefill), dequantise once and use the dense matmul
@@ -58,7 +65,7 @@ def unpack_int6(packed: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _triton_int8():
+def _triton_int8() -> ModuleType | None:
     """The Triton kernel module, or None where Triton is not installed (it comes with CUDA builds of torch)."""
     try:
         from .ops import triton_int8
@@ -69,6 +76,9 @@ def _triton_int8():
 
 class QuantizedWeight(nn.Module):
     """A quantised (out, in) weight; `.weight` dequantises it to the compute dtype on every use."""
+
+    qweight: torch.Tensor  # (out, in) int8, or (out, 3·in/4) uint8 packed INT6 (buffers, registered in __init__)
+    scale: torch.Tensor  # (out,) float32
 
     def __init__(self, out_features: int, in_features: int, bits: int, dtype: torch.dtype):
         super().__init__()
@@ -81,7 +91,7 @@ class QuantizedWeight(nn.Module):
         self._fused: dict[tuple[str, torch.dtype], bool] = {}
         self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # `scale` cast once, not per token
 
-    def set_from(self, weight: torch.Tensor) -> "QuantizedWeight":
+    def set_from(self, weight: torch.Tensor) -> Self:
         q, scale = quantize_rows(weight, self.bits)
         self.qweight.copy_(q if self.bits == 8 else pack_int6(q))
         self.scale.copy_(scale)
@@ -107,8 +117,10 @@ class QuantizedWeight(nn.Module):
         differentiable = torch.is_grad_enabled() and x.requires_grad  # the int8 kernel has no backward
         if rows <= FUSED_MAX_ROWS and not differentiable:
             flat = x.reshape(rows, self.in_features).contiguous()  # (rows, in): the kernels assume dense rows
-            if self.bits == 8 and x.is_cuda and _triton_int8():
-                return _triton_int8().int8_matmul(flat, self.qweight, self.scale, bias).view(*x.shape[:-1], -1)
+            kernels = _triton_int8() if self.bits == 8 and x.is_cuda else None
+            if kernels is not None:
+                product: torch.Tensor = kernels.int8_matmul(flat, self.qweight, self.scale, bias)  # (rows, out)
+                return product.view(*x.shape[:-1], -1)
             if self.in_features % FUSED_IN_MULTIPLE == 0 and self._fused_kernel_works(x):
                 out = torch._weight_int8pack_mm(flat, self.integers(), self._scale_as(x.dtype))
                 out = out.view(*x.shape[:-1], -1)
@@ -153,7 +165,7 @@ class QuantizedEmbedding(QuantizedWeight):
         return (rows.float() * self.scale[ids][..., None]).to(self.compute_dtype)
 
 
-def quantize_model(model: nn.Module, scheme: str, embedding: bool = False) -> None:
+def quantize_model(model: MambaLM, scheme: str, embedding: bool = False) -> None:
     """Replaces, in place, the mixers' linear layers (and the embedding if asked) by quantised ones."""
     bits = SCHEMES[scheme]
     for block in model.layers:
@@ -164,18 +176,24 @@ def quantize_model(model: nn.Module, scheme: str, embedding: bool = False) -> No
             out_f, in_f = linear.weight.shape
             quantized = QuantizedLinear(out_f, in_f, bits, linear.weight.dtype, linear.bias is not None)
             quantized = quantized.to(linear.weight.device).set_from(linear.weight)
-            if linear.bias is not None:
+            if linear.bias is not None and quantized.bias is not None:
                 quantized.bias.data.copy_(linear.bias.data)
             setattr(block.mixer, name, quantized)
     if embedding:
         table = model.embedding.weight
-        model.embedding = QuantizedEmbedding(*table.shape, bits, table.dtype).to(table.device).set_from(table)
+        model.embedding = QuantizedEmbedding(table.shape[0], table.shape[1], bits, table.dtype).to(
+            table.device).set_from(table)
         if model.lm_head is not None:  # an untied head is the embedding's twin: quantised with it
             head = model.lm_head.weight
-            model.lm_head = QuantizedLinear(*head.shape, bits, head.dtype, False).to(head.device).set_from(head)
+            model.lm_head = QuantizedLinear(head.shape[0], head.shape[1], bits, head.dtype, False).to(
+                head.device).set_from(head)
 
 
-def linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None, ops=None) -> torch.Tensor:
+Projection = nn.Linear | QuantizedLinear  # a mixer's linear layer, quantised or not
+
+
+def linear(x: torch.Tensor, layer: Projection | nn.Embedding | QuantizedWeight, bias: torch.Tensor | None = None,
+           ops: Ops | None = None) -> torch.Tensor:
     """x Wᵀ (+ bias) for an nn.Linear's or nn.Embedding's weight, or a quantised one: (..., in) -> (..., out).
     With a back-end's `ops`, a dense weight goes through its `linear` (a decode step's projection: on a GPU a
     GEMV kernel for a batch of a few); a quantised one always through its own kernels."""

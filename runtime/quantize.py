@@ -17,7 +17,7 @@ from .loader import load_model, save_quantized
 from .quant import SCHEMES
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.quantize", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (either layout)")
     p.add_argument("--scheme", required=True, choices=tuple(SCHEMES))

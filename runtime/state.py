@@ -7,6 +7,7 @@ Per layer: `conv` holds the last k-1 inputs of the causal convolution (b, c, k-1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,7 +20,8 @@ class InferenceState:
     ssm: list[torch.Tensor]  # per layer (b, d_inner, d_state) or (b, nheads, headdim, d_state), float32
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, device, dtype: torch.dtype) -> "InferenceState":
+    def zeros(cls, config: ModelConfig, batch: int, device: torch.device | str, dtype: torch.dtype) -> InferenceState:
+        ssm_shape: tuple[int, ...]
         if config.arch == MAMBA1:
             ssm_shape = (batch, config.d_inner, config.d_state)
         else:
@@ -34,22 +36,22 @@ class InferenceState:
     def batch(self) -> int:
         return self.ssm[0].shape[0]
 
-    def rows(self, index: torch.Tensor | list[int]) -> "InferenceState":
+    def rows(self, index: torch.Tensor | list[int]) -> InferenceState:
         """A copy of the states of the sequences at `index` (a gather: the pool is not aliased)."""
-        index = torch.as_tensor(index, device=self.ssm[0].device)
-        return InferenceState([t.index_select(0, index) for t in self.conv], [t.index_select(0, index) for t in self.ssm])
+        rows = torch.as_tensor(index, device=self.ssm[0].device)
+        return InferenceState([t.index_select(0, rows) for t in self.conv], [t.index_select(0, rows) for t in self.ssm])
 
-    def write_rows(self, index: torch.Tensor | list[int], source: "InferenceState") -> None:
+    def write_rows(self, index: torch.Tensor | list[int], source: InferenceState) -> None:
         """Copies `source`'s sequences into the rows at `index`."""
-        index = torch.as_tensor(index, device=self.ssm[0].device)
+        rows = torch.as_tensor(index, device=self.ssm[0].device)
         for mine, theirs in zip(self.conv + self.ssm, source.conv + source.ssm):
-            mine.index_copy_(0, index, theirs.to(mine.dtype))
+            mine.index_copy_(0, rows, theirs.to(mine.dtype))
 
-    def clone(self) -> "InferenceState":
+    def clone(self) -> InferenceState:
         return InferenceState([t.clone() for t in self.conv], [t.clone() for t in self.ssm])
 
     @classmethod
-    def cat(cls, states: list["InferenceState"]) -> "InferenceState":
+    def cat(cls, states: list[InferenceState]) -> InferenceState:
         return cls(
             [torch.cat(layer) for layer in zip(*(s.conv for s in states))],
             [torch.cat(layer) for layer in zip(*(s.ssm for s in states))],
@@ -57,3 +59,11 @@ class InferenceState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.conv + self.ssm)
+
+
+class MixerOutput(NamedTuple):
+    """A mixer's prefill of one layer."""
+
+    out: torch.Tensor  # (b, l, D)
+    state: tuple[torch.Tensor, torch.Tensor]  # the layer's new conv (b, conv_dim, k-1) and ssm state
+    delta: torch.Tensor | None  # (b, l, c) float32 Δ as the scan uses it, when asked for (what decimation ranks by)

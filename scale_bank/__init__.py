@@ -1,4 +1,4 @@
-"""The scale bank (DESIGN.md §4): on-disk format, validation, and the bucket selection policy."""
+"""The scale bank (docs/ARCHITECTURE.md): on-disk format, validation, and the bucket selection policy."""
 
 from .bank import MANIFEST, Bank, model_info
 from .buckets import bucket_name, parse_buckets, parse_length

@@ -1,4 +1,4 @@
-"""A bank on disk (DESIGN.md §4): `bank.json` plus one `<bucket>.safetensors` per entry with tensors.
+"""A bank on disk (docs/ARCHITECTURE.md): `bank.json` plus one `<bucket>.safetensors` per entry with tensors.
 
 `Bank.load` reads and checks everything before returning (manifest, every file's integrity and hash, every
 tensor's key, dtype, shape and values, and the model it belongs to), so a bank is either whole or refused
@@ -16,16 +16,16 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from runtime import ModelConfig, ScaleMethod, ScaleSet
-from runtime.scales import granularity_of
+from runtime import IDENTITY, Decimation, DecimationError, Extension, ModelConfig, ScaleMethod, ScaleSet, ScaleSetError
+from runtime.scales import Granularity, ScaleShapes, check_scales
 
 from .buckets import parse_length
 from .errors import BankError, UnknownBucketError
@@ -34,7 +34,7 @@ from .manifest import TENSOR_METHODS, BankEntry, BankManifest
 MANIFEST = "bank.json"
 
 
-def model_info(config: ModelConfig, fingerprint: str, quantization: str | None = None) -> dict:
+def model_info(config: ModelConfig, fingerprint: str, quantization: str | None = None) -> dict[str, Any]:
     """The manifest's `model` record for a loaded model (`LoadedModel.config`, `.fingerprint`)."""
     return {"fingerprint": fingerprint, "arch": config.arch, "n_layer": config.n_layer, "d_inner": config.d_inner,
             "d_state": config.d_state, "scale_channels": config.scale_channels,
@@ -46,10 +46,12 @@ class Bank:
     path: Path  # the bank directory
     manifest: BankManifest
     scale_sets: dict[str, ScaleSet]  # bucket → its scales, for every entry whose method holds tensors
+    # (bucket, training length) → the entry's extension, one object per entry for as long as the bank is unchanged
+    _extensions: dict[tuple[str, int | None], Extension] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: str | Path, config: ModelConfig | None = None, fingerprint: str | None = None,
-             quantization: str | None = None) -> "Bank":
+             quantization: str | None = None) -> Bank:
         """Reads and checks the whole bank. Given a model (`config` and/or `fingerprint`), also refuses a bank
         built for another one; `quantization` is then the model's (None: unquantised) and must match the bank's."""
         path = Path(path)
@@ -61,7 +63,7 @@ class Bank:
         return cls(path, manifest, scale_sets)
 
     @classmethod
-    def create(cls, path: str | Path, model_info: dict) -> "Bank":
+    def create(cls, path: str | Path, model_info: dict) -> Bank:
         """A new bank without entries; the directory may exist but must not hold a bank already."""
         path = Path(path)
         if (path / MANIFEST).exists():
@@ -94,6 +96,25 @@ class Bank:
         """The entry's scales; None for a method without tensors (decimate: read `entry(name).params`)."""
         return self.scale_sets.get(self.entry(name).bucket)
 
+    def extension(self, name: str, training_length: int | None) -> Extension:
+        """What the entry applies: its scales, its decimation (`l_base` defaulting to `training_length`), or
+        IDENTITY where its build kept identity. The same object for every call while the bank is unchanged.
+        Raises BankError when a decimate entry's params do not fit the model."""
+        entry = self.entry(name)
+        if entry.chosen == "identity":  # the build found nothing better than no extension for this bucket
+            return IDENTITY
+        key = (entry.bucket, training_length)
+        if key not in self._extensions:
+            if entry.method == "decimate":
+                try:
+                    decimation = Decimation.from_params(entry.params, self.manifest.model["n_layer"], training_length)
+                except DecimationError as bad:
+                    raise BankError(self.path / MANIFEST, f"bucket {entry.bucket}: {bad}") from None
+                self._extensions[key] = Extension(decimation=decimation)
+            else:
+                self._extensions[key] = Extension(scales=self.scale_sets[entry.bucket])
+        return self._extensions[key]
+
     def add_entry(self, entry: BankEntry, scales: ScaleSet | None) -> BankEntry:
         """Stores `entry` (replacing one of the same bucket name) with its scales; returns it as stored, with
         `file` and `sha256` filled in. Nothing is written unless the entry and its scales pass every check."""
@@ -117,7 +138,7 @@ class Bank:
         manifest = dataclasses.replace(self.manifest, entries=tuple(kept) + (entry,))
         manifest = BankManifest.from_json(manifest.to_json(), manifest_path)  # checks and sorts
         scale_sets = {bucket: s for bucket, s in self.scale_sets.items() if bucket != entry.bucket}
-        if blob is not None:
+        if blob is not None and entry.file is not None:
             scale_sets[entry.bucket] = _scale_set(safetensors.torch.load(blob), entry, manifest.model,
                                                   self.path / entry.file)
             _write_atomic(self.path / entry.file, blob)
@@ -126,6 +147,7 @@ class Bank:
             if old.file is not None and old.file != entry.file:
                 (self.path / old.file).unlink(missing_ok=True)
         self.manifest, self.scale_sets = manifest, scale_sets
+        self._extensions.clear()
         return entry
 
 
@@ -143,7 +165,7 @@ def _read_manifest(path: Path) -> BankManifest:
     return BankManifest.from_json(data, path)
 
 
-def _check_model(model: dict, path: Path, config: ModelConfig | None, fingerprint: str | None,
+def _check_model(model: dict[str, Any], path: Path, config: ModelConfig | None, fingerprint: str | None,
                  quantization: str | None) -> None:
     """Refuses a bank built for another model; the shape fields first, since they give the clearest message."""
     if config is not None:
@@ -162,7 +184,7 @@ def _check_model(model: dict, path: Path, config: ModelConfig | None, fingerprin
                               f"model fingerprint {fingerprint}")
 
 
-def _read_scales(path: Path, entry: BankEntry, model: dict) -> ScaleSet:
+def _read_scales(path: Path, entry: BankEntry, model: dict[str, Any]) -> ScaleSet:
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
@@ -177,7 +199,7 @@ def _read_scales(path: Path, entry: BankEntry, model: dict) -> ScaleSet:
     return _scale_set(tensors, entry, model, path)
 
 
-def _scale_set(tensors: dict[str, torch.Tensor], entry: BankEntry, model: dict, path: Path) -> ScaleSet:
+def _scale_set(tensors: dict[str, torch.Tensor], entry: BankEntry, model: dict[str, Any], path: Path) -> ScaleSet:
     """Checks one file's tensors against its entry and the bank's model; returns them as a ScaleSet."""
     expected = [f"layers.{i}" for i in range(model["n_layer"])]
     missing = [key for key in expected if key not in tensors]
@@ -186,20 +208,13 @@ def _scale_set(tensors: dict[str, torch.Tensor], entry: BankEntry, model: dict, 
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise BankError(path, f"unexpected tensor {extra[0]!r} (the model has {model['n_layer']} layers)")
-    shapes = SimpleNamespace(**model)  # granularity_of reads arch, scale_channels, d_inner, d_state, as on a ModelConfig
-    for key in expected:
-        scale = tensors[key]
-        if scale.dtype != torch.float32:
-            raise BankError(path, f"{key}: dtype {scale.dtype}, expected torch.float32")
-        found = granularity_of(scale.shape, shapes)
-        if found != entry.granularity:
-            raise BankError(path, f"{key}: shape {tuple(scale.shape)} is {found} granularity for this "
-                                  f"{model['arch']} model, entry {entry.bucket!r} says {entry.granularity}")
-        if not torch.isfinite(scale).all():
-            raise BankError(path, f"{key}: non-finite scale (NaN or Inf)")
-        if not (scale > 0).all():
-            raise BankError(path, f"{key}: non-positive scale (min {scale.min().item():g})")
-    return ScaleSet(ScaleMethod(entry.method), tuple(tensors[key] for key in expected))
+    method, layers = ScaleMethod(entry.method), tuple(tensors[key] for key in expected)
+    shapes = ScaleShapes(**{name: model[name] for name in ("arch", "n_layer", "scale_channels", "d_inner", "d_state")})
+    try:
+        check_scales(method, layers, shapes, Granularity(entry.granularity))
+    except ScaleSetError as fault:
+        raise BankError(path, str(fault)) from None
+    return ScaleSet(method, layers)
 
 
 def _manifest_bytes(manifest: BankManifest) -> bytes:

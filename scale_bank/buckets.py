@@ -36,6 +36,7 @@ def bucket_name(length: int) -> str:
     if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
         raise ValueError(f"bad bucket length {length!r}: expected a positive number of tokens")
     kilo = Decimal(length) / K
-    if length >= K and -kilo.normalize().as_tuple().exponent <= _MAX_DECIMALS:
+    exponent = kilo.normalize().as_tuple().exponent  # an int: the value is finite
+    if length >= K and isinstance(exponent, int) and -exponent <= _MAX_DECIMALS:
         return f"{kilo.normalize():f}k"
     return str(length)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from runtime import CheckpointError, load_model
 
@@ -67,7 +69,7 @@ def _show(args) -> int:
     bank = Bank.load(args.bank)
     entry = bank.entry(args.bucket)
     scales = bank.scale_sets.get(entry.bucket)
-    layers = [] if scales is None else [
+    layers: list[dict[str, Any]] = [] if scales is None else [
         {"layer": i, "shape": list(s.shape), "min": s.min().item(), "mean": s.mean().item(), "max": s.max().item()}
         for i, s in enumerate(scales.layers)]
     if args.json:
@@ -102,7 +104,8 @@ def _verify(args) -> int:
 
 def _describe_model(bank: Bank) -> str:
     m = bank.manifest.model
-    trained = f"trained at {m['training_context_length']} tokens" if m["training_context_length"] else "training length unknown"
+    length = m["training_context_length"]
+    trained = f"trained at {length} tokens" if length else "training length unknown"
     return (f"bank {bank.path}: model {m['fingerprint']} ({m['arch']}, {m['n_layer']} layers, {trained}, "
             f"{m['quantization'] or 'unquantised'})")
 
@@ -114,6 +117,6 @@ def _metrics_line(entry: BankEntry) -> str:
     return "; ".join(f"{name} {before[name]:.4g} → {after[name]:.4g}" for name in shared) or "-"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *rows))

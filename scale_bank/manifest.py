@@ -1,4 +1,4 @@
-"""The bank manifest (`bank.json`, DESIGN.md §4): which model it belongs to and one record per bucket.
+"""The bank manifest (`bank.json`, docs/ARCHITECTURE.md): which model it belongs to and one record per bucket.
 
 Reading is strict: an unknown or missing field, a wrong type or an inconsistent entry raises BankError
 naming the file and the field (`entries[1].method: ...`), so a hand-edited manifest never half-works.
@@ -14,20 +14,27 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from runtime.extension import DECIMATE
+from runtime.scales import Granularity, ScaleMethod, granularities_of
+
 from .buckets import parse_length
 from .errors import BankError
 
 FORMAT_VERSION = 1
-METHODS = ("delta", "a_spectrum", "decimate")
-TENSOR_METHODS = ("delta", "a_spectrum")  # entries of these hold one scale tensor per layer; decimate holds params
-GRANULARITIES = ("layer", "channel", "head", "channel_state", "none")
+TENSOR_METHODS = tuple(m.value for m in ScaleMethod)  # entries of these hold one scale tensor per layer
+METHODS = (*TENSOR_METHODS, DECIMATE)  # a decimate entry holds params
+GRANULARITIES = (*(g.value for g in Granularity), "none")  # "none": decimate
 CHOICES = ("identity", "previous", "calibrated")  # what a build kept, after comparing on held-out data
 RESERVED_NAMES = ("auto", "none")  # values of a request's `scale_bucket`, so never bucket names
 ARCHS = ("mamba1", "mamba2")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # also a safe file name: no separators, no leading dot
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
-_STR, _INT, _DICT, _LIST, _NONE = (str,), (int,), (dict,), (list,), (type(None),)
+_STR: tuple[type, ...] = (str,)
+_INT: tuple[type, ...] = (int,)
+_DICT: tuple[type, ...] = (dict,)
+_LIST: tuple[type, ...] = (list,)
+_NONE: tuple[type, ...] = (type(None),)
 _MODEL_FIELDS = {"fingerprint": _STR, "arch": _STR, "n_layer": _INT, "d_inner": _INT, "d_state": _INT,
                  "scale_channels": _INT, "training_context_length": _INT + _NONE, "quantization": _STR + _NONE}
 _DATA_FILE_FIELDS = {"path": _STR, "sha256": _STR, "documents": _LIST}  # documents: the ids used from the file
@@ -44,7 +51,7 @@ class BankEntry:
     bucket: str  # name a request uses (`scale_bucket`), e.g. "8k"; the tensors live in "<bucket>.safetensors"
     length: int  # tokens: the context length the entry was calibrated for
     method: str  # one of METHODS
-    granularity: str  # "layer", "channel" (Mamba1), "head" (Mamba2), "channel_state" (Mamba1 a_spectrum); decimate: "none"
+    granularity: str  # a runtime.scales.Granularity's value; decimate: "none"
     version: str  # project version that built the entry
     file: str | None = None  # set by Bank.add_entry; None for methods without tensors (decimate)
     sha256: str | None = None  # of `file`, set by Bank.add_entry
@@ -53,7 +60,8 @@ class BankEntry:
     seed: int | None = None
     # lists of {path, sha256, documents: [document ids]}; one file may feed both parts, never one document
     data: dict = field(default_factory=lambda: {"calibration": [], "held_out": []})
-    metrics: dict = field(default_factory=dict)  # {"identity"|"previous"|"calibrated": {metric: number}} on held-out data
+    # {"identity"|"previous"|"calibrated": {metric: number}} on held-out data
+    metrics: dict[str, Any] = field(default_factory=dict)
     chosen: str = "calibrated"  # which of CHOICES the entry serves; "identity" means no scales are applied
     created: str = field(default_factory=_now)  # ISO 8601
 
@@ -61,7 +69,7 @@ class BankEntry:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Any, path, where: str = "entry") -> "BankEntry":
+    def from_json(cls, data: Any, path, where: str = "entry") -> BankEntry:
         spec = {"bucket": _STR, "length": _INT, "method": _STR, "granularity": _STR, "version": _STR,
                 "file": _STR + _NONE, "sha256": _STR + _NONE, "params": _DICT, "calibrator": _DICT,
                 "seed": _INT + _NONE, "data": _DICT, "metrics": _DICT, "chosen": _STR, "created": _STR}
@@ -127,7 +135,7 @@ class BankManifest:
                 "entries": [entry.to_json() for entry in self.entries]}
 
     @classmethod
-    def from_json(cls, data: Any, path) -> "BankManifest":
+    def from_json(cls, data: Any, path) -> BankManifest:
         _check_fields(data, {"format_version": _INT, "model": _DICT, "entries": _LIST}, path, "manifest")
         if data["format_version"] != FORMAT_VERSION:
             raise BankError(path, f"format_version: unsupported version {data['format_version']} "
@@ -143,8 +151,7 @@ class BankManifest:
                     raise BankError(path, f"entries[{i}].{key}: duplicate {key} {value!r}")
                 seen.add(value)
         for i, entry in enumerate(entries):
-            if entry.granularity == ("head" if model["arch"] == "mamba1" else "channel") or (
-                    entry.granularity == "channel_state" and model["arch"] != "mamba1"):
+            if entry.granularity != "none" and Granularity(entry.granularity) not in granularities_of(model["arch"]):
                 raise BankError(path, f"entries[{i}].granularity: {entry.granularity!r} does not exist "
                                       f"for a {model['arch']} model")
         return cls(dict(model), tuple(sorted(entries, key=lambda e: e.length)), data["format_version"])

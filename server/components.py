@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime import Decimation, DecimationError, LoadedModel, load_model
+from runtime import LoadedModel, load_model
 from runtime.tokenizer import Tokenizer, find_tokenizer
-from scale_bank import Bank, BankError
+from scale_bank import Bank
 
 from .chat_template import TokenizerConfig
 from .config import ConfigError, ModelSpec
@@ -23,7 +23,6 @@ class Components:
     tokenizer: Tokenizer
     bank: Bank | None
     training_length: int | None  # bucket selection uses no scales at or below it; None: unknown
-    decimations: dict[str, Decimation]  # bucket → the decimation of each of the bank's decimate entries
     tokenizer_config: TokenizerConfig  # special token strings and the chat template
 
 
@@ -45,19 +44,8 @@ def load_components(spec: ModelSpec) -> Components:
     training_length = spec.training_length or loaded.config.training_context_length
     if training_length is None and bank is not None:
         training_length = bank.manifest.model["training_context_length"]
+    if bank is not None:
+        for bucket in bank.buckets:  # a decimate entry that does not fit the model stops the start
+            bank.extension(bucket, training_length)
     return Components(loaded, tokenizer, bank, training_length,
-                      _decimations(bank, loaded.config.n_layer, training_length),
                       TokenizerConfig.load(spec.path, tokenizer, spec.chat_template))
-
-
-def _decimations(bank: Bank | None, n_layer: int, training_length: int | None) -> dict[str, Decimation]:
-    """The bank's decimate entries, each checked against the model now so that a bad one stops the start;
-    `l_base` defaults to the training length."""
-    out = {}
-    for entry in [] if bank is None else bank.manifest.entries:
-        if entry.method == "decimate":
-            try:
-                out[entry.bucket] = Decimation.from_params(entry.params, n_layer, training_length)
-            except DecimationError as bad:
-                raise BankError(bank.path / "bank.json", f"bucket {entry.bucket}: {bad}") from None
-    return out

@@ -1,13 +1,13 @@
-"""The engine: one thread owns the model and a pool of recurrent states, and runs the scheduler's steps.
+"""The engine: one thread runs the scheduler's steps on the model runner and keeps the requests' books.
 
 Threads: the HTTP side calls `submit` and `abort` (they only touch the scheduler under `_cond`, and raise
 QueueFullError at once when the queue is full); the engine thread loops schedule → run the model → update →
 hand each request's output to its `sink`. The model runs outside the lock, so submitting never waits on it.
 
-Each request owns one row (slot) of the state pool from admission to finish. A prefill chunk continues the
-slot's state; a decode step gathers the decoding rows, steps them as one batch with a per-row scale set
-(every request its own bucket), and writes them back. On CUDA that step is a captured graph replayed per
-token (runtime.decode_graph); the pool then has one more row, the graphs' scratch row.
+Each request owns one row (slot) of the runner's state pool from admission to finish. A prefill chunk
+continues the slot's state; a decode step steps the decoding rows as one batch, each with its own extension
+(every request its own bucket). The runner (server.model_runner) owns the pool, the scales and the CUDA
+graphs; the engine samples the tokens and applies the finish rules (server.finish).
 """
 
 from __future__ import annotations
@@ -18,23 +18,28 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import TypeVar
+from collections.abc import Callable
 
 import torch
 
-from runtime import BatchScales, MambaLM, ScaleMethod, ScaleSet, batch_scales
-from runtime.decode_graph import DecodeGraphs
+from runtime import MambaLM, ScaleSet
 from runtime.tokenizer import Tokenizer
 
 from .config import EngineConfig
 from .errors import UnavailableError
+from .finish import take_token
 from .logits_adjustment import adjusted
 from .metrics import Metrics
+from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import logprob_entries, sample
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
-WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt runs
+Finished = dict[Request, RequestStatus]  # the requests a step finished
+Outputs = dict[Request, RequestOutput]  # what a step adds to each request
+Work = TypeVar("Work")
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class StepRecord:
 
 
 class Engine:
-    def __init__(self, model: MambaLM, tokenizer: Tokenizer, config: EngineConfig, metrics: Metrics):
+    def __init__(self, model: MambaLM, tokenizer: Tokenizer, config: EngineConfig, metrics: Metrics) -> None:
         assert tokenizer.vocab_size <= model.config.vocab_size, "tokenizer larger than the model's vocabulary"
         self.model = model
         self.tokenizer = tokenizer
@@ -57,9 +62,7 @@ class Engine:
             config = replace(config, prefill_chunk=None)
         self.config = config
         self.metrics = metrics
-        graphed = config.cuda_graphs and model.device.type == "cuda"
-        self.pool = model.new_state(config.max_batch_size + graphed)  # one row per slot (+ the graphs' scratch)
-        self.graphs = DecodeGraphs(model, self.pool) if graphed else None
+        self.runner = ModelRunner(model, config)
         self.scheduler = Scheduler(config)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
         self._cond = threading.Condition()
@@ -67,28 +70,11 @@ class Engine:
         self._stop_reason = "the engine stopped"  # what the requests still held when it stops are told
         self._closed = False  # admission closed (shutting down): submit refuses, the requests held run on
         self._thread: threading.Thread | None = None
-        self._decode_scales_key: tuple[Request, ...] | None = None  # the batch the cached BatchScales belong to
-        self._decode_scales = None
-        # id(ScaleSet) -> (the set, kept so that its id is never reused; its batch-of-one scales)
-        self._one_sequence_scales: dict[int, tuple[ScaleSet, BatchScales]] = {}
+        self._default_threads: int  # set by `start`, read by the engine thread
 
     def warm_up(self, scale_sets: list[ScaleSet]) -> None:
-        """What a first request would otherwise wait for, done before the server takes requests (as vLLM
-        captures its graphs at start): a short prefill (kernel loading, the BLAS and convolution libraries'
-        set-up) and, on CUDA, the decode graph of every batch size for every combination of scale fields
-        that batches of the bank's sets (and identity) make."""
-        with torch.no_grad():
-            self.model.prefill(torch.zeros(1, WARM_UP_TOKENS, dtype=torch.long, device=self.model.device))
-        if self.graphs is None:
-            return
-        methods = {s.method for s in scale_sets}
-        fields = {(False, False)} | {(m is ScaleMethod.DELTA, m is ScaleMethod.A_SPECTRUM) for m in methods}
-        if {ScaleMethod.DELTA, ScaleMethod.A_SPECTRUM} <= methods:
-            fields.add((True, True))  # a batch with requests of both
-        started = time.monotonic()
-        self.graphs.capture(sorted(fields))
-        log.info("decode graphs captured: %d (batch sizes %s × scale fields %s) in %.1f s", len(self.graphs.graphs),
-                 self.graphs.sizes, sorted(fields), time.monotonic() - started)
+        """The runner's warm-up (`ModelRunner.warm_up`), before the server takes requests."""
+        self.runner.warm_up(scale_sets)
 
     # --- the HTTP side -------------------------------------------------------------------------------
 
@@ -181,9 +167,9 @@ class Engine:
                     for ended in self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)]
         self._report({r: self._new_output(r, error=self._stop_reason) for r in left})
 
-    def _run(self, output: SchedulerOutput) -> tuple[dict[Request, RequestStatus], dict[Request, RequestOutput]]:
+    def _run(self, output: SchedulerOutput) -> tuple[Finished, Outputs]:
         """Runs one step's model work; returns the requests it finished and every request's new output."""
-        finished: dict[Request, RequestStatus] = {}
+        finished: Finished = {}
         outputs = {request: self._new_output(request) for request in output.finished}
         now = time.monotonic()
         for request in output.admitted:
@@ -194,7 +180,8 @@ class Engine:
             self.metrics.queue_time.observe(now - request.arrival_time)
         chunk = output.prefill
         if chunk is not None:
-            record = StepRecord(output.step, "prefill", (chunk.request.request_id,), chunk.end - chunk.start, chunk.last)
+            record = StepRecord(output.step, "prefill", (chunk.request.request_id,), chunk.end - chunk.start,
+                                chunk.last)
             group = [r for r in chunk.request.group if not r.status.finished]
             self._guarded(record, group, finished, outputs, self._prefill, chunk)
         if output.decode:
@@ -202,7 +189,8 @@ class Engine:
             self._guarded(record, output.decode, finished, outputs, self._decode, output.decode)
         return finished, outputs
 
-    def _guarded(self, record: StepRecord, requests: list[Request], finished: dict, outputs: dict, run, work) -> None:
+    def _guarded(self, record: StepRecord, requests: list[Request], finished: Finished, outputs: Outputs,
+                 run: Callable[[Work, Finished, Outputs], None], work: Work) -> None:
         """Runs `run(work, finished, outputs)`, timed and logged; if the model raises, ends `requests` with an
         error and keeps serving the others."""
         started = time.perf_counter()
@@ -217,25 +205,23 @@ class Engine:
         self.metrics.step_time.labels(record.kind).observe(time.perf_counter() - started)
         self.step_log.append(record)
 
-    def _prefill(self, chunk: PrefillChunk, finished: dict, outputs: dict) -> None:
+    def _prefill(self, chunk: PrefillChunk, finished: Finished, outputs: Outputs) -> None:
         request = chunk.request
-        prompt = request.prompt_ids
-        tokens = torch.tensor([prompt[chunk.start:chunk.end]], device=self.model.device)  # (1, c)
-        state = None if chunk.start == 0 else self.pool.rows([request.slot])  # None: zeros, a fresh sequence
-        scales = self._prefill_scales(request)
+        assert request.slot is not None, "a scheduled request holds a slot"
         # (1, c, D); decimated: (1, k, D), the kept positions, ending with the prompt's last (one chunk: c = prompt)
-        hidden, state = self.model.hidden_states(tokens, state, scales, decimation=request.decimation)
-        self.pool.write_rows([request.slot], state)
+        hidden = self.runner.prefill(request.slot, request.prompt_ids[chunk.start:chunk.end], chunk.start == 0,
+                                     request.extension)
         self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
         if request.params.prompt_logprobs:
             self._score_prompt(request, chunk, hidden)
         if not chunk.last:
             return
+        assert request.admitted_time is not None, "set at admission"
         self.metrics.prefill_time.observe(time.monotonic() - request.admitted_time)
         group = [r for r in request.group if not r.status.finished]  # a fork may have been cancelled
-        forks = [r.slot for r in group[1:]]
+        forks = [r.slot for r in group[1:] if r.slot is not None]
         if forks:  # n samples: one prefill, its state copied into each fork's slot
-            self.pool.write_rows(forks, self.pool.rows([request.slot] * len(forks)))
+            self.runner.copy_state(request.slot, forks)
         for member in group:
             out = outputs.setdefault(member, self._new_output(member))
             if request.params.prompt_logprobs:
@@ -247,17 +233,6 @@ class Engine:
         logits = self.model.logits(hidden[:, -1])  # (1, V)
         self._take_tokens(group, logits.expand(len(group), -1), finished, outputs)
 
-    def _prefill_scales(self, request: Request) -> BatchScales | None:
-        """A prefill's scales, made once per bank entry (the bank's ScaleSets live as long as the server): the
-        scan's folded per-layer constants are then computed once, not per chunk."""
-        if request.scales is None:
-            return None
-        key = id(request.scales)
-        if key not in self._one_sequence_scales:
-            scales = batch_scales([request.scales], self.model.config, self.model.device)
-            self._one_sequence_scales[key] = (request.scales, scales)
-        return self._one_sequence_scales[key][1]
-
     def _score_prompt(self, request: Request, chunk: PrefillChunk, hidden: torch.Tensor) -> None:
         """Logprob of each prompt token given the ones before it, for the positions of this chunk; the first
         prompt token has none (as in OpenAI's echo)."""
@@ -266,28 +241,27 @@ class Engine:
             request.prompt_logprobs = [None]
         scored = min(chunk.end, len(prompt) - 1) - chunk.start  # positions whose next token is in the prompt
         targets = torch.tensor(prompt[chunk.start + 1:chunk.start + 1 + scored], device=hidden.device)  # (s,)
+        top = request.params.logprobs
+        assert top is not None, "prompt logprobs come with logprobs"
         for start, logits in self.model.iter_logits(hidden[:, :scored]):  # (1, slice, V)
             request.prompt_logprobs += logprob_entries(logits[0, :, :self.tokenizer.vocab_size],
-                                                       targets[start:start + logits.shape[1]], request.params.logprobs)
+                                                       targets[start:start + logits.shape[1]], top)
 
-    def _decode(self, requests: list[Request], finished: dict, outputs: dict) -> None:
-        slots = torch.tensor([r.slot for r in requests], device=self.model.device)  # (b,)
-        tokens = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)  # (b,)
-        key = tuple(requests)  # the requests themselves: ids given by clients (X-Request-Id) may repeat
-        if key != self._decode_scales_key:
-            self._decode_scales_key = key
-            self._decode_scales = batch_scales([r.scales for r in requests], self.model.config, self.model.device)
-        if self.graphs is not None:
-            logits = self.graphs.step(tokens, slots, self._decode_scales)  # (b, V)
-        else:
-            logits = self.model.step(tokens, self.pool, self._decode_scales, slots)  # (b, V), the pool's rows advanced
+    def _decode(self, requests: list[Request], finished: Finished, outputs: Outputs) -> None:
+        slots = [r.slot for r in requests if r.slot is not None]
+        assert len(slots) == len(requests), "a decoding request holds a slot"
+        logits = self.runner.decode(slots, [r.output_ids[-1] for r in requests],
+                                    [r.extension for r in requests])  # (b, V)
         self._take_tokens(requests, logits, finished, outputs)
 
-    def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: dict, outputs: dict) -> None:
-        """logits: (b, V) of the model. Samples one token per request and applies every finish rule."""
+    def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: Finished,
+                     outputs: Outputs) -> None:
+        """logits: (b, V) of the model. Samples one token per request and applies the finish rules."""
         logits = logits[:, :self.tokenizer.vocab_size]  # (b, V'): ids past the tokenizer are padding
         scores = adjusted(logits, requests, self.tokenizer.eos_token_id)  # (b, V'); logprobs stay the model's
-        tokens = sample(scores, [r.params for r in requests], [r.generator for r in requests])
+        generators = [g for r in requests if (g := r.generator) is not None]
+        assert len(generators) == len(requests), "made at admission"
+        tokens = sample(scores, [r.params for r in requests], generators)
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(tokens))
         for i, (request, token) in enumerate(zip(requests, tokens)):
@@ -300,22 +274,13 @@ class Engine:
             if request.first_token_time is None:
                 request.first_token_time = now
                 self.metrics.time_to_first_token.observe(now - request.arrival_time)
-            else:
+            elif request.last_token_time is not None:  # set with the first token
                 self.metrics.inter_token_latency.observe(now - request.last_token_time)
             request.last_token_time = now
-            if token == self.tokenizer.eos_token_id and not request.params.ignore_eos:
-                finished[request] = RequestStatus.FINISHED_STOPPED
-                continue
-            if token in request.params.stop_token_ids:
-                request.stop_reason = token
-                finished[request] = RequestStatus.FINISHED_STOPPED
-                continue
-            out.text += request.text.push(token)
-            if request.text.stopped:
-                request.stop_reason = request.text.stop_string
-                finished[request] = RequestStatus.FINISHED_STOPPED
-            elif len(request.output_ids) >= request.params.max_tokens:
-                finished[request] = RequestStatus.FINISHED_LENGTH
+            text, status = take_token(request, token, self.tokenizer.eos_token_id)
+            out.text += text
+            if status is not None:
+                finished[request] = status
 
     def _new_output(self, request: Request, error: str | None = None) -> RequestOutput:
         return RequestOutput(request.request_id, "", [], [], None, request.status, len(request.prompt_ids), 0, error)

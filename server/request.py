@@ -1,4 +1,4 @@
-"""A request's whole life in the engine: its parameters, scale set, state slot, tokens and timing.
+"""A request's whole life in the engine: its parameters, extension, state slot, tokens and timing.
 
 Life cycle: WAITING → PREFILLING → DECODING → one FINISHED_* status. Only the engine thread changes a
 request after it is submitted, except `abort_requested`, which the HTTP side sets (under the engine lock).
@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from runtime import Decimation, ScaleSet
+from runtime import Extension
 
 from .detokenizer import OutputText
 
@@ -105,12 +105,11 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    scales: ScaleSet | None  # applied in the prefill and every decode step; None: identity
+    extension: Extension  # its bucket's scales (prefill and every decode step) or decimation (prefill), or IDENTITY
     scale_bucket: str  # the bucket reported to the client and in metrics ("none" for identity)
     text: OutputText  # incremental detokeniser with the stop strings
     sink: Callable[[RequestOutput], None]  # receives every output; called on the engine thread
     timeout: float | None = None  # seconds from arrival
-    decimation: Decimation | None = None  # a decimate bucket's: drops prompt positions in the prefill, in one piece
     # n > 1: the other samples of this prompt. They wait, hold slots and prefill with this request, which copies its
     # state into their slots when the prompt is done; then each decodes on its own.
     forks: list[Request] = field(default_factory=list)

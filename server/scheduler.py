@@ -82,7 +82,7 @@ class Scheduler:
         chunk = None
         if self.prefilling:
             request = self.prefilling.popleft()
-            whole = request.decimation is not None or self.config.prefill_chunk is None
+            whole = request.extension.decimation is not None or self.config.prefill_chunk is None
             chunk_len = len(request.prompt_ids) if whole else self.config.prefill_chunk
             end = min(request.num_computed + chunk_len, len(request.prompt_ids))
             chunk = PrefillChunk(request, request.num_computed, end)

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
-from runtime import Decimation
 from scale_bank import Selection, UnknownBucketError, select
 from starlette.requests import Request as HttpRequest
 
@@ -72,7 +71,6 @@ class CompletionService:
         self.tokenizer = components.tokenizer
         self.bank = components.bank
         self.training_length = components.training_length
-        self.decimations = components.decimations
         self.http = http
         self.engine_config = engine_config
 
@@ -106,16 +104,15 @@ class CompletionService:
         several = len(prompts) * body.n > 1
         selections = [self._bucket(prompt.ids, params, body.scale_bucket) for prompt in prompts]
         choices, requests = [], []
-        for i, (prompt, (selection, decimation)) in enumerate(zip(prompts, selections)):
+        for i, (prompt, selection) in enumerate(zip(prompts, selections)):
             group = []
             for j in range(body.n):
                 index = i * body.n + j
                 seeded = params if params.seed is None else replace(params, seed=params.seed + j)  # as vLLM seeds
                 group.append(Request(f"{completion_id}-{index}" if several else completion_id, prompt.ids, seeded,
-                                     selection.scales, selection.name,
+                                     selection.extension, selection.name,
                                      OutputText(self.tokenizer, params.stop, params.min_tokens),
-                                     _sink(loop, outputs, index), self.engine_config.request_timeout,
-                                     decimation=decimation))
+                                     _sink(loop, outputs, index), self.engine_config.request_timeout))
                 choices.append(Choice(index, group[-1], prompt, selection))
             group[0].forks = group[1:]
             for fork in group[1:]:  # the same deadline: the forks cannot outlive the request they copy
@@ -157,8 +154,7 @@ class CompletionService:
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         )
 
-    def _bucket(self, prompt_ids: list[int], params: SamplingParams,
-                bucket: str) -> tuple[Selection, Decimation | None]:
+    def _bucket(self, prompt_ids: list[int], params: SamplingParams, bucket: str) -> Selection:
         """Each prompt's own bucket: a prompt batched with others is served as it would be alone."""
         limit = self.http.max_context
         n_tokens = len(prompt_ids) + params.max_tokens
@@ -170,13 +166,12 @@ class CompletionService:
             selection = select(self.bank, n_tokens, bucket, self.training_length)
         except UnknownBucketError as bad:
             raise InvalidRequestError(str(bad), param="scale_bucket", code="unknown_scale_bucket") from None
-        decimation = self.decimations[selection.name] if selection.method == "decimate" else None
-        if decimation is not None and params.prompt_logprobs:
+        if selection.extension.decimation is not None and params.prompt_logprobs:
             raise InvalidRequestError(f"bucket {selection.name} decimates the prompt (drops positions in one layer), "
                                       "so it has no logprobs of the prompt's tokens: ask for echo with logprobs "
                                       "with scale_bucket 'none' or a bucket of another method", param="scale_bucket",
                                       code="decimated_prompt_logprobs")
-        return selection, decimation
+        return selection
 
     async def prompts(self, prompt: str | list) -> list[Prompt]:
         """The prompts of a request: a string, token ids, or a non-empty list of either. Each one's length is

@@ -19,7 +19,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mamba-extend"
 
 
-def load(source: Path, signatures: dict[str, list]) -> SimpleNamespace | None:
+def load(source: Path, signatures: Mapping[str, Sequence[Any]]) -> SimpleNamespace | None:
     """The functions of the library built from `source`, named as in `signatures` (name: ctypes argument types;
     every function returns nothing), or None (no compiler, or the build failed: logged). Callers cache the
     result: each call looks at the disk."""

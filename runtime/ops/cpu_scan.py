@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ SOURCE = Path(__file__).with_name("cpu_scan.c")
 
 
 @functools.cache
-def kernel():
+def kernel() -> Any:
     """The compiled scan function, or None (no compiler, or it failed: logged once)."""
     argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     library = cpu_kernels.load(SOURCE, {"mamba1_scan_f32": argtypes})

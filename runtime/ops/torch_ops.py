@@ -11,8 +11,8 @@ ever negated, so there is no overflow to guard against whatever Δ does, and the
 recurrence up to float32 rounding. Python loops run T + tokens/T times per super-block, not once per token.
 Without autograd (prefill), the same arithmetic runs in place in two buffers reused by every super-block:
 no per-step tensors to stack, no allocation per super-block (the scan is memory-bound on CPUs). On CPU
-without autograd the compiled kernel of cpu_scan runs instead where a C compiler is found (6-8× faster on
-one layer at d_state 48); this in-place path is its fallback.
+without autograd the compiled kernel of cpu_scan runs instead where a C compiler is found (it keeps each
+channel's state in cache); this in-place path is its fallback.
 
 Mamba2 scan (SSD). A is a scalar per head, so within a block the decays exp(S_t - S_s), t ≥ s, form a
 (T, T) matrix per head and the block is two matrix products plus the carried state (Dao & Gu, 2024).
@@ -21,10 +21,15 @@ Every exponent is ≤ 0: no overflow for any block length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from runtime.ops import cpu_decode, cpu_scan
+from runtime.ops.contract import Mamba1Weights
+
+Tensor = torch.Tensor
 
 SCAN_BLOCK = 16  # Mamba1: T, positions per block
 SUPERBLOCK_ELEMENTS = 1 << 20  # Mamba1: elements of one (b, tokens, d, n) intermediate per super-block
@@ -37,7 +42,7 @@ def records_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None):
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
     """Depth-wise causal convolution then SiLU, in the (b, l, c) layout the projections produce.
 
     x: (b, l, c); weight: (c, k); bias: (c,); state: (b, c, k-1), the inputs before x, or None for zeros.
@@ -56,8 +61,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.silu(y), padded[:, l:].transpose(1, 2).contiguous()
 
 
-def causal_conv1d_scaled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None,
-                         scale: torch.Tensor):
+def causal_conv1d_scaled(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
+                         scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """`causal_conv1d` and its output times a per-sequence channel scale (b, c) float32 (`scale_channels`):
     (y, y · scale, new state), y and y · scale (b, l, c). The scaled copy is the scan's input where one
     sequence's Δ scale is folded into it (Mamba1 prefill); a GPU back-end makes it in the convolution's pass."""
@@ -65,7 +70,7 @@ def causal_conv1d_scaled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return y, scale_channels(y, scale), state
 
 
-def on_rows(state: torch.Tensor, slots: torch.Tensor | None, step):
+def on_rows(state: Tensor, slots: Tensor | None, step: Callable[[Tensor], Tensor]) -> Tensor:
     """`step(rows)` on the rows of `state` at `slots` ((b,) int64; all rows when None), written back in place:
     a decode step on sequences that own rows of a state pool."""
     if slots is None:
@@ -81,14 +86,15 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * scale[:, None, :].to(x.dtype)
 
 
-def fold_delta_scale(A: torch.Tensor, D: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Mamba1 Δ scale folded (DESIGN.md §2): Δ' = s·Δ is exactly A' = s·A and skip D' = D/s on the input
-    s·x (`scale_channels`), the state unchanged. A (d, n), D (d,), s (d,) -> (d, n), (d,) float32."""
+def fold_delta_scale(A: Tensor, D: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """A Mamba1 Δ scale folded (docs/ARCHITECTURE.md, the scale maths): Δ' = s·Δ is exactly A' = s·A and skip
+    D' = D/s on the input s·x (`scale_channels`), the state unchanged.
+    A (d, n), D (d,), s (d,) -> (d, n), (d,) float32."""
     return A * s[:, None], D.float() / s
 
 
-def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       slots: torch.Tensor | None = None):
+def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None,
+                       slots: Tensor | None = None) -> Tensor:
     """One token of `causal_conv1d`. x: (b, c); state: (b, c, k-1), or with `slots` (b,) a pool whose row
     slots[i] is sequence i's; updated in place. Returns (b, c)."""
     def conv(rows: torch.Tensor) -> torch.Tensor:
@@ -102,15 +108,20 @@ def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tenso
     return on_rows(state, slots, conv)
 
 
-def discretise(dt: torch.Tensor, dt_bias: torch.Tensor, delta_scale: torch.Tensor | None) -> torch.Tensor:
-    """Mamba1's Δ = softplus(dt + dt_bias) · s, float32. dt: (b, d) or (b, l, d); delta_scale: (b, d) or None."""
+def discretise(dt: Tensor, dt_bias: Tensor, delta_scale: Tensor | None,
+               limit: tuple[float, float] | None = None) -> Tensor:
+    """Δ = softplus(dt + dt_bias), clamped to `limit` (Mamba2), times s; float32. dt: (b, c) or (b, l, c) with
+    c channels (Mamba1) or heads (Mamba2); delta_scale: (b, c) or None."""
     delta = F.softplus(dt.float() + dt_bias.float())
+    if limit is not None:
+        delta = delta.clamp(*limit)
     if delta_scale is None:
         return delta
     return delta * (delta_scale if delta.dim() == 2 else delta_scale[:, None, :])
 
 
-def _mamba1_superblock(dx, delta, A, B, C, h, T: int):
+def _mamba1_superblock(dx: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor,
+                       T: int) -> tuple[Tensor, Tensor]:
     """Blocks of T tokens, all at once: a loop over the T positions inside the blocks, vectorised across
     the blocks, then a loop across the blocks that carries the state from each block's start.
 
@@ -123,11 +134,11 @@ def _mamba1_superblock(dx, delta, A, B, C, h, T: int):
     step = torch.exp(delta.view(b, g, T, d, 1) * A[:, None, None])  # (b, g, T, d, n): exp(Δ_t A)
     inputs = dx.view(b, g, T, d, 1) * B.view(b, g, T, 1, n)  # (b, g, T, d, n): Δ_t B_t x_t
     # Out-of-place steps (lists, then stack) keep the scan differentiable for back-propagated calibration.
-    local, decay = [inputs[:, :, 0]], [step[:, :, 0]]  # per t: state from a zero block start; Π exp(Δ_s A)
+    locals_, decays = [inputs[:, :, 0]], [step[:, :, 0]]  # per t: state from a zero block start; Π exp(Δ_s A)
     for t in range(1, T):
-        local.append(torch.addcmul(inputs[:, :, t], step[:, :, t], local[-1]))
-        decay.append(decay[-1] * step[:, :, t])
-    local, decay = torch.stack(local, 2), torch.stack(decay, 2)  # (b, g, T, d, n)
+        locals_.append(torch.addcmul(inputs[:, :, t], step[:, :, t], locals_[-1]))
+        decays.append(decays[-1] * step[:, :, t])
+    local, decay = torch.stack(locals_, 2), torch.stack(decays, 2)  # (b, g, T, d, n)
     starts = []  # state entering each block
     for k in range(g):
         starts.append(h)
@@ -137,7 +148,8 @@ def _mamba1_superblock(dx, delta, A, B, C, h, T: int):
     return y, h
 
 
-def _mamba1_superblock_inplace(dx, delta, A, B, C, h, T: int, step_buffer, state_buffer):
+def _mamba1_superblock_inplace(dx: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, T: int,
+                               step_buffer: Tensor, state_buffer: Tensor) -> tuple[Tensor, Tensor]:
     """`_mamba1_superblock` without autograd, the same operations in the same order (so the same result)
     written in place: exp(Δ_t A) becomes the running decay product in `step_buffer`, the inputs become the
     states in `state_buffer` (flat buffers of at least b·m·d·n float32, reused across super-blocks)."""
@@ -158,14 +170,11 @@ def _mamba1_superblock_inplace(dx, delta, A, B, C, h, T: int, step_buffer, state
     return y, h.clone()  # h is a view of the buffer the next super-block overwrites
 
 
-def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_bias, block: int = SCAN_BLOCK):
-    """Selective scan of a Mamba1 layer and its output projection; Δ = softplus(dt + dt_bias) · delta_scale.
-
-    x, dt, z: (b, l, d); dt_bias: (d,); delta_scale: (b, d) or None; A: (d, n) or (b, d, n); B, C: (b, l, n);
-    D: (d,); h0: (b, d, n) or None; out_weight: (D, d); out_bias: (D,) or None.
-    Returns out_proj(y) (b, l, D) in out_weight's dtype, y gated by SiLU(z) with the D skip, and the last
-    state (b, d, n) float32. (The projection is part of the op so that kernels may fold a Δ scale into it.)
-    """
+def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
+                h0: Tensor | None, *, dt_bias: Tensor, delta_scale: Tensor | None, out_weight: Tensor,
+                out_bias: Tensor | None, block: int = SCAN_BLOCK) -> tuple[Tensor, Tensor]:
+    """`contract.Ops.mamba1_scan` in blocks of `block` tokens. (The projection is part of the op so that
+    kernels may fold a Δ scale into it.)"""
     b, l, d = x.shape
     n = A.shape[-1]
     delta = discretise(dt, dt_bias, delta_scale)  # (b, l, d)
@@ -180,8 +189,7 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
     dx = delta * x  # (b, l, d)
     # Tokens per super-block: its (tokens, d, n) intermediates stay near SUPERBLOCK_ELEMENTS (cache-sized).
     span = block * max(1, SUPERBLOCK_ELEMENTS // (block * b * d * n))
-    if not differentiable:
-        buffers = [x.new_empty(b * min(span, l + block) * d * n) for _ in range(2)]  # step, states
+    buffers = [] if differentiable else [x.new_empty(b * min(span, l + block) * d * n) for _ in range(2)]
     scanned = []
     for start in range(0, l, span):
         stop = min(start + span, l)
@@ -196,7 +204,8 @@ def mamba1_scan(x, dt, dt_bias, delta_scale, A, B, C, D, z, h0, out_weight, out_
     return _mamba1_output(torch.cat(scanned, dim=1), x, D, z, out_weight, out_bias), h
 
 
-def _mamba1_output(y, x, D, z, out_weight, out_bias):
+def _mamba1_output(y: Tensor, x: Tensor, D: Tensor, z: Tensor | None, out_weight: Tensor,
+                   out_bias: Tensor | None) -> Tensor:
     """The scan's y (b, l, d) float32 with the D skip, gated by SiLU(z), through the output projection."""
     y = y + x * D.float()  # (b, l, d)
     if z is not None:
@@ -204,21 +213,22 @@ def _mamba1_output(y, x, D, z, out_weight, out_bias):
     return F.linear(y.to(out_weight.dtype), out_weight, out_bias)
 
 
-def mamba1_A(A_log: torch.Tensor, a_scale: torch.Tensor | None) -> torch.Tensor:
-    """Mamba1's A = −exp(A_log) (d, n) float32, times an A-spectrum scale (b, d, n) when given: (b, d, n)."""
+def ssm_A(A_log: Tensor, a_scale: Tensor | None) -> Tensor:
+    """A = −exp(A_log) float32, (d, n) for Mamba1 or (h,) for Mamba2, times an A-spectrum scale (b, d, n) /
+    (b, h) when given: then per sequence."""
     A = -torch.exp(A_log.float())
     return A if a_scale is None else A * a_scale
 
 
-def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slots=None):
-    """One token. h: (b, d, n) float32, or with `slots` (b,) a pool whose row slots[i] is sequence i's;
-    updated in place; x, dt, z: (b, d); dt_bias: (d,); delta_scale: (b, d) or None; A_log: (d, n); a_scale:
-    (b, d, n) or None; B, C: (b, n). Returns y (b, d) in x's dtype."""
+def mamba1_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None, *,
+                dt_bias: Tensor, A_log: Tensor, delta_scale: Tensor | None, a_scale: Tensor | None,
+                slots: Tensor | None = None) -> Tensor:
+    """`contract.Ops.mamba1_step`: h (b, d, n) float32 or a pool's rows; x, dt, z (b, d); B, C (b, n)."""
     delta = discretise(dt, dt_bias, delta_scale)  # (b, d)
-    A = mamba1_A(A_log, a_scale)  # (d, n) or (b, d, n)
+    A = ssm_A(A_log, a_scale)  # (d, n) or (b, d, n)
     xf, B, C = x.float(), B.float(), C.float()
 
-    def update(rows: torch.Tensor) -> torch.Tensor:
+    def update(rows: Tensor) -> Tensor:
         rows.mul_(torch.exp(delta[..., None] * A)).add_((delta * xf)[..., None] * B[:, None, :])  # (b, d, n)
         return (rows @ C[..., None]).squeeze(-1)  # (b, d)
     y = on_rows(h, slots, update) + xf * D.float()  # (b, d)
@@ -227,52 +237,57 @@ def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slot
     return y.to(x.dtype)
 
 
-def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
-                  delta_scale, D, slots=None):
-    """A Mamba1 decode step between the input and output projections: convolution step, x_proj, dt_proj and
-    the state update. x, z: (b, d) from in_proj; conv_state (b, d, k-1) and h (b, d, n), or with `slots` pools,
-    updated in place; conv_weight (d, k); x_proj_weight (r + 2n, d); dt_proj_weight (d, r); the rest as in
-    `mamba1_step`. Returns y (b, d) in the state's dtype. On CPU in float32 the compiled kernel of cpu_decode
-    runs instead where a C compiler is found; this composition of PyTorch operators is its fallback."""
-    args = (x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
-            delta_scale, D, slots)
-    inputs = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, a_scale, delta_scale, D)
+def mamba1_decode(x: Tensor, z: Tensor, conv_state: Tensor, h: Tensor, weights: Mamba1Weights, *,
+                  delta_scale: Tensor | None, a_scale: Tensor | None, slots: Tensor | None = None) -> Tensor:
+    """`contract.Ops.mamba1_decode`. On CPU in float32 the compiled kernel of cpu_decode runs where a C compiler
+    is found; this composition of PyTorch operators is its fallback."""
+    w = weights
+    inputs = (w.conv_weight, w.conv_bias, w.x_proj_weight, w.dt_proj_weight, w.dt_bias, w.A_log, a_scale,
+              delta_scale, w.D)
     if cpu_decode.runs((conv_state, h), inputs, rows=(x, z)):
-        return cpu_decode.mamba1_decode(*args)
-    return composed_mamba1_decode(causal_conv1d_step, mamba1_step, *args)
+        return cpu_decode.mamba1_decode(x, z, conv_state, h, weights, delta_scale=delta_scale, a_scale=a_scale,
+                                        slots=slots)
+    return composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, h, weights,
+                                  delta_scale=delta_scale, a_scale=a_scale, slots=slots)
 
 
-def mamba1_decode_int8(x, z, conv_state, conv_weight, conv_bias, x_proj_q, x_proj_scale, dt_proj_q, dt_proj_scale,
-                       dt_bias, h, A_log, a_scale, delta_scale, D, slots=None):
-    """`mamba1_decode` with INT8 x_proj and dt_proj (quant.py): int8 weights x_proj_q (r + 2n, d), dt_proj_q (d, r)
-    and their float32 row scales. On CPU in float32 the compiled kernel of cpu_decode reads the integers; else
-    the weights are dequantised for the composed step."""
-    inputs = (conv_weight, conv_bias, dt_bias, A_log, a_scale, delta_scale, D, x_proj_scale, dt_proj_scale)
-    if cpu_decode.runs((conv_state, h), inputs, rows=(x, z), int8=(x_proj_q, dt_proj_q)):
-        return cpu_decode.mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_q, dt_proj_q, dt_bias, h,
-                                        A_log, a_scale, delta_scale, D, slots, x_proj_scale, dt_proj_scale)
-    x_proj_weight, dt_proj_weight = (q.to(x.dtype) * scale.to(x.dtype)[:, None]  # as QuantizedWeight.weight
-                                     for q, scale in ((x_proj_q, x_proj_scale), (dt_proj_q, dt_proj_scale)))
-    return composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, conv_weight, conv_bias,
-                                  x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale, delta_scale, D, slots)
+def mamba1_decode_int8(x: Tensor, z: Tensor, conv_state: Tensor, h: Tensor, weights: Mamba1Weights, *,
+                       delta_scale: Tensor | None, a_scale: Tensor | None, slots: Tensor | None = None) -> Tensor:
+    """`contract.Int8DecodeOps.mamba1_decode_int8` (quant.py's INT8 x_proj and dt_proj with their float32 row
+    scales). On CPU in float32 the compiled kernel of cpu_decode reads the integers; else the weights are
+    dequantised for the composed step."""
+    w = weights
+    inputs = (w.conv_weight, w.conv_bias, w.dt_bias, w.A_log, a_scale, delta_scale, w.D, w.x_proj_scale,
+              w.dt_proj_scale)
+    if cpu_decode.runs((conv_state, h), inputs, rows=(x, z), int8=(w.x_proj_weight, w.dt_proj_weight)):
+        return cpu_decode.mamba1_decode_int8(x, z, conv_state, h, weights, delta_scale=delta_scale, a_scale=a_scale,
+                                             slots=slots)
+    return composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, h, weights.dequantised(x.dtype),
+                                  delta_scale=delta_scale, a_scale=a_scale, slots=slots)
 
 
-def composed_mamba1_decode(conv_step, ssm_step, x, z, conv_state, conv_weight, conv_bias, x_proj_weight,
-                           dt_proj_weight, dt_bias, h, A_log, a_scale, delta_scale, D, slots=None):
+ConvStep = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
+
+
+def composed_mamba1_decode(conv_step: ConvStep, ssm_step: Callable[..., Tensor], x: Tensor, z: Tensor,
+                           conv_state: Tensor, h: Tensor, weights: Mamba1Weights, *, delta_scale: Tensor | None,
+                           a_scale: Tensor | None, slots: Tensor | None = None) -> Tensor:
     """`mamba1_decode` as a back-end's `causal_conv1d_step` and `mamba1_step` around two matrix products."""
-    x = conv_step(x, conv_state, conv_weight, conv_bias, slots)  # (b, d)
-    rank, n = dt_proj_weight.shape[1], h.shape[-1]
-    dt_low, B, C = F.linear(x, x_proj_weight).split([rank, n, n], dim=-1)  # (b, r), (b, n), (b, n)
-    dt = F.linear(dt_low, dt_proj_weight)  # (b, d)
-    return ssm_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slots)
+    w = weights
+    x = conv_step(x, conv_state, w.conv_weight, w.conv_bias, slots)  # (b, d)
+    rank, n = w.dt_proj_weight.shape[1], h.shape[-1]
+    dt_low, B, C = torch.split(F.linear(x, w.x_proj_weight), [rank, n, n], dim=-1)  # (b, r), (b, n), (b, n)
+    dt = F.linear(dt_low, w.dt_proj_weight)  # (b, d)
+    return ssm_step(h, x, dt, B, C, w.D, z, dt_bias=w.dt_bias, A_log=w.A_log, delta_scale=delta_scale,
+                    a_scale=a_scale, slots=slots)
 
 
-def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+def _per_head(t: Tensor, heads: int) -> Tensor:
     """(..., g, n) -> (..., h, n): each group's B or C repeated for the heads it serves."""
     return t.repeat_interleave(heads // t.shape[-2], dim=-2)
 
 
-def _ssd_block(x, dt, A, B, C, h):
+def _ssd_block(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     """x: (b, T, h, p); dt: (b, T, h); A: (b, h); B, C: (b, T, h, n); h: (b, h, p, n).
     Returns y (b, T, h, p) without the D skip, and h_T."""
     T = dt.shape[1]
@@ -291,14 +306,13 @@ def _ssd_block(x, dt, A, B, C, h):
     return y, h_new
 
 
-def mamba2_scan(x, dt, A, B, C, D, h0, block: int = SSD_BLOCK):
-    """SSD scan of a Mamba2 layer.
-
-    x: (b, l, h, p); dt: (b, l, h); A: (h,) or (b, h); B, C: (b, l, g, n); D: (h,); h0: (b, h, p, n) or None.
-    Returns y (b, l, h, p) float32 with the D skip, and the last state (b, h, p, n) float32.
-    """
+def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None, *,
+                dt_bias: Tensor, dt_limit: tuple[float, float], delta_scale: Tensor | None,
+                block: int = SSD_BLOCK) -> tuple[Tensor, Tensor]:
+    """`contract.Ops.mamba2_scan` in blocks of `block` tokens."""
     b, l, heads, p = x.shape
     n = B.shape[-1]
+    delta = discretise(dt, dt_bias, delta_scale, dt_limit)  # (b, l, h)
     x = x.float()
     B, C = _per_head(B.float(), heads), _per_head(C.float(), heads)  # (b, l, h, n)
     A = A.expand(b, heads)  # (b, h)
@@ -306,22 +320,24 @@ def mamba2_scan(x, dt, A, B, C, D, h0, block: int = SSD_BLOCK):
     ys = []
     for start in range(0, l, block):
         stop = min(start + block, l)
-        y, h = _ssd_block(x[:, start:stop], dt[:, start:stop], A, B[:, start:stop], C[:, start:stop], h)
+        y, h = _ssd_block(x[:, start:stop], delta[:, start:stop], A, B[:, start:stop], C[:, start:stop], h)
         ys.append(y)
     y = torch.cat(ys, dim=1) + x * D.float()[:, None]  # (b, l, h, p)
     return y, h
 
 
-def mamba2_step(h, x, dt, A, B, C, D, slots=None):
-    """One token. h: (b, h, p, n) float32, or with `slots` (b,) a pool whose row slots[i] is sequence i's;
-    updated in place; x: (b, h, p); dt: (b, h); A: (h,) or (b, h); B, C: (b, g, n).
-    Returns y (b, h, p) float32 with the D skip."""
+def mamba2_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tensor, *, dt_bias: Tensor,
+                dt_limit: tuple[float, float], A_log: Tensor, delta_scale: Tensor | None, a_scale: Tensor | None,
+                slots: Tensor | None = None) -> Tensor:
+    """`contract.Ops.mamba2_step`: h (b, h, p, n) float32 or a pool's rows; x (b, h, p); dt (b, h); B, C (b, g, n)."""
     heads = x.shape[1]
+    delta = discretise(dt, dt_bias, delta_scale, dt_limit)  # (b, h)
+    A = ssm_A(A_log, a_scale)  # (h,) or (b, h)
     x = x.float()
     B, C = _per_head(B.float(), heads), _per_head(C.float(), heads)  # (b, h, n)
 
-    def update(rows: torch.Tensor) -> torch.Tensor:
-        rows.mul_(torch.exp(dt * A)[..., None, None]).add_((x * dt[..., None])[..., None] * B[:, :, None, :])
+    def update(rows: Tensor) -> Tensor:
+        rows.mul_(torch.exp(delta * A)[..., None, None]).add_((x * delta[..., None])[..., None] * B[:, :, None, :])
         return (rows @ C[..., None]).squeeze(-1)  # (b, h, p)
     return on_rows(h, slots, update) + x * D.float()[:, None]  # (b, h, p)
 
@@ -332,7 +348,7 @@ def add_rms_norm(residual: torch.Tensor, update: torch.Tensor | None, weight: to
     alone when update is None), in the residual's dtype, and its norm (float32 maths, weight (D,)) in `dtype`.
     On CPU in float32 one compiled kernel of cpu_decode where a C compiler is found, these operators otherwise."""
     if dtype == torch.float32 and cpu_decode.runs((), (residual, update, weight)):
-        return cpu_decode.add_rms_norm(residual, update, weight, eps)
+        return cpu_decode.add_rms_norm(residual, update, weight, eps, dtype)
     if update is not None:
         residual = residual + update
     return residual, F.rms_norm(residual.float(), residual.shape[-1:], weight.float(), eps).to(dtype)

@@ -14,14 +14,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_jit import jit
+
 from . import torch_ops
 
 BLOCK_POSITIONS = 1024
 
 
-@triton.jit
-def _channel_rows_kernel(in_ptr, scale_ptr, out_ptr, scaled_ptr, length, stride_in, stride_out,
-                         SILU: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+@jit
+def _channel_rows_kernel(in_ptr: tl.tensor, scale_ptr: tl.tensor, out_ptr: tl.tensor, scaled_ptr: tl.tensor,
+                         length: tl.tensor, stride_in: tl.tensor, stride_out: tl.tensor, SILU: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr) -> None:
     """Row r (a batch row's channel): with SILU out[r, :length] = silu(in[r, :length]); with a scale
     scaled[r, :length] = that (or in itself) · scale[r]. Both outputs have row stride `stride_out`."""
     r = tl.program_id(0).to(tl.int64)  # rows on the grid's first axis: a batch's b·d exceeds the others' 65535
@@ -37,7 +40,8 @@ def _channel_rows_kernel(in_ptr, scale_ptr, out_ptr, scaled_ptr, length, stride_
         tl.store(scaled_ptr + r * stride_out + t, v.to(scaled_ptr.dtype.element_ty), mask=live)
 
 
-def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None, silu: bool):
+def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None,
+          silu: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """x: (b, d, ≥ length) with rows of stride x.stride(1) one after another. Returns (silu(x) or None,
     x or silu(x) times scale or None), each (b, d, length) contiguous."""
     b, d = x.shape[:2]
@@ -50,7 +54,8 @@ def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None, silu: bool):
     return out, scaled
 
 
-def silu(x: torch.Tensor, length: int, scale: torch.Tensor | None = None):
+def silu(x: torch.Tensor, length: int,
+         scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """silu(x[..., :length]) for x (b, d, L ≥ length) with contiguous rows (a convolution's padded output), as
     a new (b, d, length) tensor; with `scale` (b, d) float32 also that times the scale, rounded as
     `torch_ops.scale_channels` rounds it, from the same pass (else None): the scan's input where one sequence's Δ
@@ -58,15 +63,19 @@ def silu(x: torch.Tensor, length: int, scale: torch.Tensor | None = None):
     if torch_ops.records_autograd(x, scale):
         y = F.silu(x[..., :length])
         return y, None if scale is None else torch_ops.scale_channels(y.transpose(1, 2), scale).transpose(1, 2)
-    return _rows(x, length, None if scale is None else scale.contiguous(), True)
+    out, scaled = _rows(x, length, None if scale is None else scale.contiguous(), True)
+    assert out is not None
+    return out, scaled
 
 
 def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Same contract as `torch_ops.scale_channels`: x (b, l, d), scale (b, d) float32. Returns x · scale in x's
+    """`contract.Ops.scale_channels`: x (b, l, d), scale (b, d) float32. Returns x · scale in x's
     dtype and layout; the kernel runs where x is the (b, l, d) view of (b, d, l) storage that the
     convolution hands on, PyTorch otherwise."""
     channels_first = x.transpose(1, 2)  # (b, d, l)
     dense = channels_first.stride(-1) == 1 and channels_first.stride(0) == x.shape[2] * channels_first.stride(1)
     if not dense or torch_ops.records_autograd(x, scale):
         return torch_ops.scale_channels(x, scale)
-    return _rows(channels_first, x.shape[1], scale.contiguous(), False)[1].transpose(1, 2)
+    scaled = _rows(channels_first, x.shape[1], scale.contiguous(), False)[1]
+    assert scaled is not None
+    return scaled.transpose(1, 2)

@@ -3,9 +3,9 @@
 Batch-1 decode reads every weight once per token, so its time is the weights' bytes over the memory
 bandwidth. The kernel reads the int8 weights (half of bfloat16's bytes), converts each tile in registers,
 multiplies on the tensor cores with float32 accumulation and applies the per-row scale
-and the bias on the way out: out = (x · qᵀ) · scale + bias. (PyTorch's `_weight_int8pack_mm` is several
-times slower than the bfloat16 product on an H100 for these shapes.) Triton's interpreter
-(TRITON_INTERPRET=1) runs it on CPU tensors for the tests.
+and the bias on the way out: out = (x · qᵀ) · scale + bias. (PyTorch's `_weight_int8pack_mm` is slower than
+the bfloat16 product on a GPU for these shapes: bench/RESULTS.md.) Triton's interpreter (TRITON_INTERPRET=1)
+runs it on CPU tensors for the tests.
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_jit import jit
+
 BLOCK_K = 128
 MAX_ROWS = 64  # rows of x (sequences in a decode step) one program covers
 GEMV_MAX_ROWS = 4  # up to this many rows, one program per (row of x, few weight rows): see int8_matmul
 GEMV_TILE = 4096  # int8 elements a GEMV program loads per step (4 KiB)
 
 
-@triton.jit
-def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_om,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@jit
+def _int8_gemv_kernel(x_ptr: tl.tensor, q_ptr: tl.tensor, scale_ptr: tl.tensor, bias_ptr: tl.tensor, out_ptr: tl.tensor,
+                      N: tl.tensor, K: tl.tensor, stride_xm: tl.tensor, stride_qn: tl.tensor, stride_om: tl.tensor,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr) -> None:
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
     m = tl.program_id(1)  # the row of x
     rk = tl.arange(0, BLOCK_K)
@@ -39,10 +42,11 @@ def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_x
     tl.store(out_ptr + m * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
-@triton.jit
-def _int8_matmul_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_om,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@jit
+def _int8_matmul_kernel(x_ptr: tl.tensor, q_ptr: tl.tensor, scale_ptr: tl.tensor, bias_ptr: tl.tensor,
+                        out_ptr: tl.tensor, M: tl.tensor, N: tl.tensor, K: tl.tensor, stride_xm: tl.tensor,
+                        stride_qn: tl.tensor, stride_om: tl.tensor, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr) -> None:
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output columns = weight rows
     rm = tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of x
     rk = tl.arange(0, BLOCK_K)
@@ -81,7 +85,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         # most of their work and leave too few programs); each row of x re-reads the weights from L2.
         block_k = min(GEMV_TILE, triton.next_power_of_2(k))
         block_n = GEMV_TILE // block_k
-        grid = (triton.cdiv(n, block_n), m)
+        grid: tuple[int, ...] = (triton.cdiv(n, block_n), m)
         _int8_gemv_kernel[grid](x, q, scale, bias_arg, out, n, k, x.stride(0), q.stride(0), out.stride(0),
                                 HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k)
         return out

@@ -45,6 +45,6 @@ def test_answers_a_512_token_passkey_prompt_greedily(shipped, depth):
     loaded, tokenizer, bank = shipped
     sample = make_sample(tokenizer, 512, depth, random.Random(7), filler_haystack(tokenizer))
     selection = select(bank, 512, "auto", loaded.config.training_context_length)
-    assert selection.scales is None  # at the training length the bank applies nothing
+    assert selection.extension.scales is None  # at the training length the bank applies nothing
     answer = _greedy_answer(loaded, sample.tokens[:sample.answer_start], len(sample.tokens) - sample.answer_start, None)
     assert tokenizer.decode(answer).strip() == sample.key

@@ -1,12 +1,15 @@
 """The compiled Mamba1 decode step against the composed PyTorch step it replaces: alone, on a pool's rows, with
 every kind of scale, inside the model (INT8 included), and what happens without a compiler."""
 
+import dataclasses
+
 import pytest
 import torch
 from checkpoints import VOCAB
 
 from runtime import ScaleMethod, ScaleSet, batch_scales, load_model
 from runtime.ops import cpu_decode, torch_ops
+from runtime.ops.contract import Mamba1Weights
 
 needs_kernel = pytest.mark.skipif(cpu_decode.kernel() is None, reason="no C compiler for the CPU decode kernel")
 
@@ -14,29 +17,27 @@ needs_kernel = pytest.mark.skipif(cpu_decode.kernel() is None, reason="no C comp
 def _step_inputs(b, d, n, r, k, seed, conv_bias, delta_scale, a_scale):
     g = torch.Generator().manual_seed(seed)
     projected = torch.randn(4, b, 2 * d, generator=g)  # per step in_proj's output: x, z are views, rows 2d apart
-    weights = dict(
+    weights = Mamba1Weights(
         conv_weight=torch.randn(d, k, generator=g) * 0.5,
         conv_bias=torch.randn(d, generator=g) if conv_bias else None,
         x_proj_weight=torch.randn(r + 2 * n, d, generator=g) / d ** 0.5,
         dt_proj_weight=torch.randn(d, r, generator=g) / r ** 0.5,
         dt_bias=torch.randn(d, generator=g) - 1,
         A_log=torch.log(torch.rand(d, n, generator=g) * 16 + 0.5),
-        a_scale=torch.rand(b, d, n, generator=g) * 1.5 + 0.25 if a_scale else None,
-        delta_scale=torch.rand(b, d, generator=g) * 1.5 + 0.25 if delta_scale else None,
         D=torch.randn(d, generator=g),
     )
-    return projected, weights
+    scales = dict(a_scale=torch.rand(b, d, n, generator=g) * 1.5 + 0.25 if a_scale else None,
+                  delta_scale=torch.rand(b, d, generator=g) * 1.5 + 0.25 if delta_scale else None)
+    return projected, weights, scales
 
 
-def _decode(step, projected, conv_state, h, weights, slots):
-    w = weights
+def _decode(step, projected, conv_state, h, weights, scales, slots):
     x, z = projected.chunk(2, dim=-1)
-    return step(x, z, conv_state, w["conv_weight"], w["conv_bias"], w["x_proj_weight"], w["dt_proj_weight"],
-                w["dt_bias"], h, w["A_log"], w["a_scale"], w["delta_scale"], w["D"], slots)
+    return step(x, z, conv_state, h, weights, **scales, slots=slots)
 
 
-def _composed(*args):
-    return torch_ops.composed_mamba1_decode(torch_ops.causal_conv1d_step, torch_ops.mamba1_step, *args)
+def _composed(*args, **kwargs):
+    return torch_ops.composed_mamba1_decode(torch_ops.causal_conv1d_step, torch_ops.mamba1_step, *args, **kwargs)
 
 
 @needs_kernel
@@ -46,17 +47,18 @@ def _composed(*args):
 def test_the_kernel_equals_the_composed_step(rows, delta_scale, a_scale, threads, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     b, d, n, r, k = (1 if rows is None else len(rows)), 40, 48, 4, 4
-    projected, weights = _step_inputs(b, d, n, r, k, seed=threads, conv_bias=rows is None, delta_scale=delta_scale,
-                                      a_scale=a_scale)
+    projected, weights, scales = _step_inputs(b, d, n, r, k, seed=threads, conv_bias=rows is None,
+                                              delta_scale=delta_scale, a_scale=a_scale)
     g = torch.Generator().manual_seed(9)
     pools = 1 if rows is None else 6
     conv, h = torch.randn(pools, d, k - 1, generator=g), torch.randn(pools, d, n, generator=g)
     slots = None if rows is None else torch.tensor(rows)
     conv_ref, h_ref = conv.clone(), h.clone()
-    assert cpu_decode.runs((conv, h), tuple(weights.values()), rows=projected[0].chunk(2, dim=-1))
+    inputs = (*(getattr(weights, f.name) for f in dataclasses.fields(weights)), *scales.values())
+    assert cpu_decode.runs((conv, h), inputs, rows=projected[0].chunk(2, dim=-1))
     for t in range(4):  # steps on the states the previous ones left
-        got = _decode(torch_ops.mamba1_decode, projected[t], conv, h, weights, slots)
-        want = _decode(_composed, projected[t], conv_ref, h_ref, weights, slots)
+        got = _decode(torch_ops.mamba1_decode, projected[t], conv, h, weights, scales, slots)
+        want = _decode(_composed, projected[t], conv_ref, h_ref, weights, scales, slots)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv, conv_ref, rtol=0, atol=0)

@@ -8,8 +8,7 @@ import shutil
 import pytest
 import torch
 
-from runtime.ops import cpu_scan, torch_ops
-from runtime.ops.reference import mamba1_scan_ref
+from runtime.ops import cpu_scan, reference, torch_ops
 
 
 @pytest.fixture
@@ -29,6 +28,13 @@ def _scan_inputs(b, l, d, n, seed):
     return delta, x, A, B, C, torch.randn(b, d, n, generator=g)
 
 
+def _reference(x, delta, A, B, C, h0):
+    """The reference scan of a discretised Δ (b, l, d) without the D skip, the gate or a projection."""
+    d = x.shape[-1]
+    return reference.mamba1_scan(x, torch.log(torch.expm1(delta)), A, B, C, torch.zeros(d), None, h0,
+                                 dt_bias=torch.zeros(d), delta_scale=None, out_weight=torch.eye(d), out_bias=None)
+
+
 @pytest.mark.skipif(cpu_scan.kernel() is None, reason="no C compiler for the CPU scan kernel")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_the_kernel_matches_the_sequential_scan_at_d_state_48(threads, monkeypatch):
@@ -36,7 +42,7 @@ def test_the_kernel_matches_the_sequential_scan_at_d_state_48(threads, monkeypat
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     delta, x, A, B, C, h0 = _scan_inputs(2, 150, 10, 48, seed=threads)
     y, h = cpu_scan.mamba1_scan(delta, x, A, B, C, h0)
-    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, torch.zeros(10), None, h0)
+    y_ref, h_ref = _reference(x, delta, A, B, C, h0)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
     assert not torch.equal(h0, h)  # the initial state is read, not overwritten
@@ -47,8 +53,9 @@ def test_without_a_compiler_the_pytorch_scan_runs(fresh_kernel, monkeypatch):
     assert cpu_scan.kernel() is None
     delta, x, A, B, C, h0 = _scan_inputs(1, 20, 4, 6, seed=0)
     dt = torch.log(torch.expm1(delta))  # softplus(dt) = Δ
-    y, h = torch_ops.mamba1_scan(x, dt, torch.zeros(4), None, A, B, C, torch.zeros(4), None, h0, torch.eye(4), None)
-    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, torch.zeros(4), None, h0)
+    y, h = torch_ops.mamba1_scan(x, dt, A, B, C, torch.zeros(4), None, h0, dt_bias=torch.zeros(4), delta_scale=None,
+                                 out_weight=torch.eye(4), out_bias=None)
+    y_ref, h_ref = _reference(x, delta, A, B, C, h0)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
 
@@ -84,8 +91,8 @@ def test_inputs_the_kernel_cannot_read_take_the_pytorch_scan():
     """A float64 A (the kernel reads float32 only) still gives the sequential scan's result."""
     delta, x, A, B, C, h0 = _scan_inputs(1, 30, 4, 6, seed=1)
     dt = torch.log(torch.expm1(delta))
-    y, h = torch_ops.mamba1_scan(x, dt, torch.zeros(4), None, A.double(), B, C, torch.zeros(4), None, h0,
-                                 torch.eye(4), None)
-    y_ref, h_ref = mamba1_scan_ref(x, delta, A, B, C, torch.zeros(4), None, h0)
+    y, h = torch_ops.mamba1_scan(x, dt, A.double(), B, C, torch.zeros(4), None, h0, dt_bias=torch.zeros(4),
+                                 delta_scale=None, out_weight=torch.eye(4), out_bias=None)
+    y_ref, h_ref = _reference(x, delta, A, B, C, h0)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h.float(), h_ref, rtol=1e-4, atol=1e-4)

@@ -6,8 +6,8 @@ from checkpoints import VOCAB
 
 from runtime import CheckpointError, load_model
 from runtime.loader import save_quantized
-from runtime.quant import (FUSED_IN_MULTIPLE, Q_MAX, QuantizedEmbedding, QuantizedLinear, pack_int6, quantize_rows, unpack_int6,
-                           weight_bytes)
+from runtime.quant import (FUSED_IN_MULTIPLE, Q_MAX, QuantizedEmbedding, QuantizedLinear, pack_int6, quantize_rows,
+                           unpack_int6, weight_bytes)
 from scale_bank import Bank, BankError, model_info
 
 
@@ -86,7 +86,8 @@ def test_int8_decode_runs_the_int8_kernel_and_agrees_with_the_dequantised_prefil
     stepped = [model.step(tokens[:, t], state) for t in range(4, 12)]
     tolerance = 1e-4 if dtype == "float32" else 0.05
     for t, step_logits in zip(range(4, 12), stepped):
-        torch.testing.assert_close(step_logits, prefill_logits[:, t], atol=tolerance * prefill_logits.abs().max().item(), rtol=0)
+        torch.testing.assert_close(step_logits, prefill_logits[:, t],
+                                   atol=tolerance * prefill_logits.abs().max().item(), rtol=0)
     linears = [m for m in model.layers.modules()
                if isinstance(m, QuantizedLinear) and m.in_features % FUSED_IN_MULTIPLE == 0]
     assert len(linears) >= 2 * model.config.n_layer

@@ -1,4 +1,4 @@
-"""Prefill, chunked prefill and decode agree; scale sets act exactly as DESIGN.md §2 writes them."""
+"""Prefill, chunked prefill and decode agree; scale sets act exactly as docs/ARCHITECTURE.md writes them."""
 
 import pytest
 import torch

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
 
 from runtime import load_model  # noqa: E402
-from runtime.ops import torch_ops, triton_decode  # noqa: E402
+from runtime.ops import torch_ops, triton_gemv, triton_ssm  # noqa: E402
+from runtime.ops.contract import Mamba1Weights  # noqa: E402
 from runtime.scales import LayerScales  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,8 +32,9 @@ def test_conv_step_equals_pytorch_and_shifts_the_state(dtype, k):
         want_state, got_state = state.clone(), state.clone()
         torch_ops.causal_conv1d_step(x, want_state, weight, bias)
         # The kernel sums in float32 (PyTorch sums bf16 in bf16): compare with float32 maths on the same inputs.
-        want = torch_ops.causal_conv1d_step(x.float(), state.float(), weight.float(), None if bias is None else bias.float())
-        got = triton_decode.causal_conv1d_step(x, got_state, weight, bias)
+        want = torch_ops.causal_conv1d_step(x.float(), state.float(), weight.float(),
+                                            None if bias is None else bias.float())
+        got = triton_ssm.causal_conv1d_step(x, got_state, weight, bias)
         assert got.dtype == dtype
         torch.testing.assert_close(got, want.to(dtype), rtol=8e-3 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
         assert torch.equal(got_state, want_state)
@@ -60,7 +62,7 @@ def test_conv_step_on_pool_rows(pooled):
     want = torch_ops.causal_conv1d_step(x, want_state, weight, bias)
     pool, slots = _pool_and_slots(state, pooled)
     before = pool.clone()
-    got = triton_decode.causal_conv1d_step(x, pool, weight, bias, slots)
+    got = triton_ssm.causal_conv1d_step(x, pool, weight, bias, slots)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     rows = slots if pooled else torch.arange(b, device=DEVICE)
     assert torch.equal(pool[rows], want_state)
@@ -86,9 +88,10 @@ def test_mamba1_step_equals_pytorch(scaled, a_scaled, gated, pooled):
     scale = torch.rand(b, d, device=DEVICE, generator=_g(7)) + 0.5 if scaled else None
     D = torch.randn(d, device=DEVICE, generator=_g(8))
     want_h = h.clone()
-    want = torch_ops.mamba1_step(want_h, x, dt, dt_bias, scale, A_log, a_scale, B, C, D, z if gated else None)
+    kw = dict(dt_bias=dt_bias, A_log=A_log, delta_scale=scale, a_scale=a_scale)
+    want = torch_ops.mamba1_step(want_h, x, dt, B, C, D, z if gated else None, **kw)
     pool, slots = _pool_and_slots(h, pooled)
-    got = triton_decode.mamba1_step(pool, x, dt, dt_bias, scale, A_log, a_scale, B, C, D, z if gated else None, slots)
+    got = triton_ssm.mamba1_step(pool, x, dt, B, C, D, z if gated else None, **kw, slots=slots)
     torch.testing.assert_close(pool[slots] if pooled else pool, want_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -98,17 +101,18 @@ def test_mamba1_step_writes_y_in_the_input_dtype():
     h = torch.zeros(b, d, n, device=DEVICE)
     x, dt, z = (torch.randn(b, d, device=DEVICE, generator=_g(i)).bfloat16() for i in range(3))
     B, C = (torch.randn(b, n, device=DEVICE, generator=_g(i)).bfloat16() for i in (3, 4))
-    args = (x, dt, torch.zeros(d, device=DEVICE), None, torch.zeros(d, n, device=DEVICE), None, B, C,
-            torch.ones(d, device=DEVICE), z)
-    want, got = torch_ops.mamba1_step(h.clone(), *args), triton_decode.mamba1_step(h.clone(), *args)
+    args = (x, dt, B, C, torch.ones(d, device=DEVICE), z)
+    kw = dict(dt_bias=torch.zeros(d, device=DEVICE), A_log=torch.zeros(d, n, device=DEVICE), delta_scale=None,
+              a_scale=None)
+    want, got = torch_ops.mamba1_step(h.clone(), *args, **kw), triton_ssm.mamba1_step(h.clone(), *args, **kw)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, scaled, pooled, conv_bias", [
-    # every pair of the three switches both ways (half of their eight combinations: the interpreter takes
-    # about 9 s a case here)
+    # every pair of the three switches both ways (half of their eight combinations: each case is slow in the
+    # interpreter)
     (3, False, False, False), (3, True, True, False), (3, True, False, True), (3, False, True, True),
     (6, True, True, True),  # past the fused kernels' sequences: the matrix products
 ])
@@ -132,12 +136,13 @@ def test_mamba1_decode_equals_pytorch_and_updates_both_states(b, dtype, scaled, 
     D = torch.randn(d, device=DEVICE, generator=_g(9))
     a_scale = torch.rand(b, d, n, device=DEVICE, generator=_g(10)) + 0.5 if scaled else None
     delta_scale = torch.rand(b, d, device=DEVICE, generator=_g(11)) + 0.5 if scaled else None
-    weights = (conv_weight, bias, x_proj, dt_proj, dt_bias)
+    weights = Mamba1Weights(conv_weight, bias, x_proj, dt_proj, dt_bias, A_log, D)
+    scales = dict(delta_scale=delta_scale, a_scale=a_scale)
     want_conv, want_h = conv_state.clone(), h.clone()
-    want = torch_ops.mamba1_decode(x, z, want_conv, *weights, want_h, A_log, a_scale, delta_scale, D)
+    want = torch_ops.mamba1_decode(x, z, want_conv, want_h, weights, **scales)
     conv_pool, slots = _pool_and_slots(conv_state, pooled)
     h_pool, _ = _pool_and_slots(h, pooled)
-    got = triton_decode.mamba1_decode(x, z, conv_pool, *weights, h_pool, A_log, a_scale, delta_scale, D, slots)
+    got = triton_ssm.mamba1_decode(x, z, conv_pool, h_pool, weights, **scales, slots=slots)
     rows = slots if pooled else torch.arange(b, device=DEVICE)
     assert got.dtype == want.dtype == dtype
     assert torch.equal(conv_pool[rows], want_conv)
@@ -155,7 +160,7 @@ def test_add_rms_norm_equals_pytorch(residual_dtype):
     update = torch.randn(b, width, device=DEVICE, generator=_g(1)).bfloat16()
     weight = torch.randn(width, device=DEVICE, generator=_g(2)).bfloat16()
     want_residual, want = torch_ops.add_rms_norm(residual, update, weight, 1e-5, torch.bfloat16)
-    got_residual, got = triton_decode.add_rms_norm(residual, update, weight, 1e-5, torch.bfloat16)
+    got_residual, got = triton_gemv.add_rms_norm(residual, update, weight, 1e-5, torch.bfloat16)
     assert got_residual.dtype == residual_dtype and got.dtype == torch.bfloat16
     exact = residual_dtype == torch.float32  # a bfloat16 sum may round the other way in the last bit
     torch.testing.assert_close(got_residual, want_residual, rtol=0 if exact else 8e-3, atol=0)
@@ -174,7 +179,7 @@ def test_add_rms_norm_linear_equals_pytorch(residual_dtype, batch, with_update, 
     weight = (torch.randn(rows, width, device=DEVICE, generator=_g(3)) / width ** 0.5).bfloat16()
     bias = torch.randn(rows, device=DEVICE, generator=_g(4)).bfloat16() if with_bias else None
     want_residual, want = torch_ops.add_rms_norm_linear(residual, update, norm_weight, 1e-5, weight, bias)
-    got_residual, got = triton_decode.add_rms_norm_linear(residual, update, norm_weight, 1e-5, weight, bias)
+    got_residual, got = triton_gemv.add_rms_norm_linear(residual, update, norm_weight, 1e-5, weight, bias)
     assert got_residual.dtype == residual_dtype and got.dtype == torch.bfloat16 and got.shape == (batch, rows)
     exact = residual_dtype == torch.float32 or not with_update  # a bfloat16 sum may round the other way
     torch.testing.assert_close(got_residual, want_residual, rtol=0 if exact else 8e-3, atol=0)
@@ -188,7 +193,7 @@ def test_linear_equals_pytorch(batch, with_bias):
     x = torch.randn(batch, 2 * width, device=DEVICE, generator=_g(0)).bfloat16()[:, :width]  # a strided view
     weight = (torch.randn(rows, width, device=DEVICE, generator=_g(1)) / width ** 0.5).bfloat16()
     bias = torch.randn(rows, device=DEVICE, generator=_g(2)).bfloat16() if with_bias else None
-    got = triton_decode.linear(x, weight, bias)
+    got = triton_gemv.linear(x, weight, bias)
     assert got.dtype == torch.bfloat16 and got.shape == (batch, rows)
     torch.testing.assert_close(got, torch_ops.linear(x, weight, bias), rtol=2e-2, atol=2e-2)
 
@@ -196,8 +201,10 @@ def test_linear_equals_pytorch(batch, with_bias):
 def _with_fused_decode(model):
     """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else."""
     fused = SimpleNamespace(**{name: getattr(torch_ops, name) for name in dir(torch_ops) if not name.startswith("_")})
-    for name in ("causal_conv1d_step", "mamba1_step", "mamba1_decode", "add_rms_norm", "add_rms_norm_linear", "linear"):
-        setattr(fused, name, getattr(triton_decode, name))
+    for module, names in ((triton_ssm, ("causal_conv1d_step", "mamba1_step", "mamba1_decode")),
+                          (triton_gemv, ("add_rms_norm", "add_rms_norm_linear", "linear"))):
+        for name in names:
+            setattr(fused, name, getattr(module, name))
     backend = dataclasses.replace(model.backend, ops=fused)
     for module in model.modules():
         if hasattr(module, "backend"):

@@ -15,7 +15,8 @@ def test_parse_length(text, tokens):
 
 @pytest.mark.parametrize("text, fault", [
     ("", "bad bucket length ''"), ("4kb", "'4kb'"), ("k", "'k'"), ("-4k", "'-4k'"), ("4 k", "'4 k'"),
-    ("1.1k", r"'1\.1k': 1126\.4 is not a whole number"), ("512.5", "not a whole number"), ("0", "'0': must be positive"),
+    ("1.1k", r"'1\.1k': 1126\.4 is not a whole number"), ("512.5", "not a whole number"),
+    ("0", "'0': must be positive"),
     ("0k", "must be positive"), ("1e3", "'1e3'"),
 ])
 def test_parse_length_refuses(text, fault):

@@ -1,9 +1,10 @@
-"""The bucket selection policy of DESIGN.md §4, table-driven, on real banks."""
+"""The bucket selection policy (scale_bank.selection), table-driven, on real banks."""
 
 import pytest
 import torch
 from bank_helpers import add
 
+from runtime import IDENTITY
 from scale_bank import Bank, UnknownBucketError, model_info, select
 
 
@@ -47,10 +48,11 @@ def test_policy_table(loaded, tmp_path, training_length, buckets, n_tokens, requ
     picked = select(bank, n_tokens, requested, training_length)
     assert (picked.name, picked.beyond_largest) == (name, beyond), picked.reason
     if name == "none":
-        assert picked.entry is None and picked.scales is None and picked.method is None
+        assert picked.entry is None and picked.extension is IDENTITY and picked.method is None
     else:
-        assert picked.entry is bank.entry(name) and picked.scales is bank.scale_set(name)
+        assert picked.entry is bank.entry(name) and picked.extension.scales is bank.scale_set(name)
         assert picked.method == "delta"
+        assert select(bank, n_tokens, requested, training_length).extension is picked.extension  # one per entry
 
 
 @pytest.mark.parametrize("n_tokens, requested, reason", [
@@ -86,7 +88,7 @@ def test_identity_kept_entry_reports_its_bucket_without_scales(loaded, tmp_path)
     bank = _bank(tmp_path, model, "4k")
     add(bank, model.config, "8k", chosen="identity", metrics={"identity": {"ppl": 9.0}, "calibrated": {"ppl": 9.5}})
     picked = select(bank, 5000, "auto", 2048)
-    assert (picked.name, picked.entry.bucket, picked.scales, picked.method) == ("8k", "8k", None, None)
+    assert (picked.name, picked.entry.bucket, picked.extension, picked.method) == ("8k", "8k", IDENTITY, None)
     assert "kept identity" in picked.reason
     assert bank.scale_set("8k") is not None  # the tensors are stored all the same
 
@@ -96,8 +98,8 @@ def test_decimate_entry_carries_params_not_scales(loaded, tmp_path):
     bank = _bank(tmp_path, model, "4k")
     add(bank, model.config, "8k", "decimate", "none")
     picked = select(bank, 5000, "auto", 2048)
-    assert (picked.name, picked.scales, picked.method) == ("8k", None, "decimate")
-    assert picked.entry.params["l_base"] == 2048
+    assert (picked.name, picked.extension.scales, picked.method) == ("8k", None, "decimate")
+    assert picked.entry.params["l_base"] == 2048 == picked.extension.decimation.l_base
 
 
 def test_selected_scales_are_the_stored_ones(loaded, tmp_path):
@@ -105,7 +107,7 @@ def test_selected_scales_are_the_stored_ones(loaded, tmp_path):
     bank = _bank(tmp_path, model, "")
     _, given = add(bank, model.config, "8k", "delta", "channel", seed=7)
     picked = select(Bank.load(tmp_path / "bank"), 5000, "auto", 2048)
-    assert all(torch.equal(a, b) for a, b in zip(picked.scales.layers, given.layers, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(picked.extension.scales.layers, given.layers, strict=True))
 
 
 def test_negative_length_is_refused(loaded, tmp_path):

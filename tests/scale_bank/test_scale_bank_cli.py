@@ -1,5 +1,5 @@
 """`python -m scale_bank ls|show|verify`: each command plain and --json run as a user would, in a subprocess
-(about 1.5 s each, mostly importing torch); the remaining cases call the same `main` in-process."""
+(each pays for importing torch); the remaining cases call the same `main` in-process."""
 
 import json
 import subprocess
@@ -113,7 +113,8 @@ def test_verify_refuses_a_model_that_does_not_load(bank, tmp_path, capsys):
 def test_verify_matches_the_quantisation(bank, checkpoints, tmp_path, capsys):
     model = str(checkpoints["mamba1"])
     assert main(["verify", str(bank.path), "--model", model, "--quantize", "int8"]) == 1
-    assert "quantization mismatch: bank calibrated on the unquantised model, this model is int8" in capsys.readouterr().err
+    fault = "quantization mismatch: bank calibrated on the unquantised model, this model is int8"
+    assert fault in capsys.readouterr().err
     quantised = load_model(model, quantize="int8")
     Bank.create(tmp_path / "int8", model_info(quantised.config, quantised.fingerprint, quantised.quantization))
     assert main(["verify", str(tmp_path / "int8"), "--model", model, "--quantize", "int8"]) == 0

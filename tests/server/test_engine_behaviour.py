@@ -8,6 +8,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from runtime import IDENTITY
 from runtime.tokenizer import Tokenizer
 from server.config import EngineConfig
 from server.detokenizer import OutputText
@@ -141,7 +142,7 @@ def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp
     try:
         for seed in range(100):
             request = Request(f"r{seed}", tokenizer.encode("the river"), SamplingParams(100, temperature=2.0, seed=seed),
-                              None, "none", OutputText(tokenizer), outputs.append)
+                              IDENTITY, "none", OutputText(tokenizer), outputs.append)
             engine.submit(request)
             wait_for(lambda: outputs[-1].request_id == request.request_id and outputs[-1].finished
                      if outputs else False, what="the request to finish")
@@ -157,8 +158,8 @@ def test_stopping_the_engine_ends_what_it_holds_with_an_error(live):
     loaded, tokenizer = live.components.loaded, live.components.tokenizer
     engine = Engine(loaded.model, tokenizer, EngineConfig(max_batch_size=1), Metrics(loaded.model.device))
     outputs = []
-    requests = [Request(name, [5, 6, 7], SamplingParams(100000, temperature=0.0), None, "none", OutputText(tokenizer), outputs.append)
-                for name in ("running", "queued")]
+    requests = [Request(name, [5, 6, 7], SamplingParams(100000, temperature=0.0), IDENTITY, "none",
+                        OutputText(tokenizer), outputs.append) for name in ("running", "queued")]
     engine.start()
     for request in requests:
         engine.submit(request)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import Decimation
+from runtime import IDENTITY, Decimation, Extension
 from server.config import EngineConfig
 from server.detokenizer import OutputText
 from server.errors import QueueFullError
@@ -17,7 +17,7 @@ from server.scheduler import Scheduler
 
 def make_request(name: str, prompt_len: int, max_tokens: int = 4, timeout: float | None = None,
                  arrival: float = 0.0) -> Request:
-    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), None, "none",
+    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), IDENTITY, "none",
                    OutputText(None), lambda output: None, timeout, arrival_time=arrival)
 
 
@@ -59,7 +59,7 @@ def test_without_a_chunk_size_every_prompt_runs_whole():
 def test_a_decimated_prompt_is_one_chunk_however_long():
     scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=16))
     decimated, plain = make_request("decimated", 40), make_request("plain", 20)
-    decimated.decimation = Decimation(layer=0, l_base=8)  # ranks the positions of the whole prompt at once
+    decimated.extension = Extension(decimation=Decimation(layer=0, l_base=8))  # ranks the whole prompt's positions
     scheduler.add(decimated)
     scheduler.add(plain)
     chunks = [(out.prefill.request.request_id, out.prefill.start, out.prefill.end)

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for one decode step, behind the signatures of `torch_ops`.
+"""Fused Triton kernels for a Mamba1 decode step's state updates, behind the operator contract (`contract.Ops`).
 
 In a captured decode graph what is left of a step's time is the GPU time of its small kernels, one per
 element-wise op, so every piece of a step that PyTorch runs as several kernels is one kernel here:
@@ -9,12 +9,9 @@ element-wise op, so every piece of a step that PyTorch runs as several kernels i
     which mamba_ssm's kernel cannot take per sequence (it has one A for the batch and computes Δ itself);
   - `mamba1_decode`: a whole Mamba1 step between the input and output projections in two kernels, x_proj
     of the convolved input (partial sums over channel blocks), then per channel block the convolution step,
-    dt_proj and the state update;
-  - `add_rms_norm`: a block's residual connection and the next block's RMSNorm;
-  - `add_rms_norm_linear`: the same followed by the next block's in_proj, one kernel for a batch of a few;
-  - `linear`: a projection (out_proj) of a batch of a few, where cuBLAS's kernels leave most of the GPU idle.
-The state kernels take `slots`: sequence i's state is row slots[i] of a pool, read and written there, so a
-decode step needs no gather of the batch's rows before and no scatter after (four copies per layer).
+    dt_proj and the state update.
+The kernels take `slots`: sequence i's state is row slots[i] of a pool, read and written there, so a decode
+step needs no gather of the batch's rows before and no scatter after.
 The maths is that of `torch_ops` (Δ with softplus's threshold of 20, float32 throughout); tests compare them.
 Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors.
 """
@@ -25,22 +22,25 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_jit import jit
+
 from . import torch_ops
+from .contract import Mamba1Weights
+from .triton_gemv import GEMV_MAX_ROWS
+
+Tensor = torch.Tensor
 
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, softplus(v) = v
-# Launch shapes, chosen by `python -m bench.gpu_kernels` on an H200 (batch 1, the 130m and 1.4b shapes)
+# Launch shapes, chosen by `python -m bench.gpu_kernels` (batch 1, the 130m and 1.4b shapes)
 BLOCK_CHANNELS = 16  # channels per program of the state-update kernels
 DECODE_WARPS = 4
 X_PROJ_ROWS = 8  # x_proj rows per program (80 rows at 130m, 160 at 1.4b)
 X_PROJ_CHANNELS = 1024  # channels per x_proj program: each state-update program adds d / 1024 partial sums
 X_PROJ_WARPS = 4
-GEMV_MAX_ROWS = 4  # sequences up to which a projection (with its RMSNorm) runs as one GEMV kernel
-GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of bfloat16)
-GEMV_WARPS = 8
 
 
-@triton.jit
-def _state_row(slots_ptr, b, HAS_SLOTS: tl.constexpr):
+@jit
+def _state_row(slots_ptr: tl.tensor, b: tl.tensor, HAS_SLOTS: tl.constexpr) -> tl.tensor:
     """The state row of batch row b: slots[b] in a pool, else b itself."""
     if HAS_SLOTS:
         row = tl.load(slots_ptr + b).to(tl.int64)
@@ -49,9 +49,10 @@ def _state_row(slots_ptr, b, HAS_SLOTS: tl.constexpr):
     return row
 
 
-@triton.jit
-def _conv_block(x_ptr, state_row_ptr, weight_ptr, bias_ptr, c, live, stride_sc,
-                K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr):
+@jit
+def _conv_block(x_ptr: tl.tensor, state_row_ptr: tl.tensor, weight_ptr: tl.tensor, bias_ptr: tl.tensor, c: tl.tensor,
+                live: tl.tensor, stride_sc: tl.tensor, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SHIFT: tl.constexpr) -> tl.tensor:
     """silu(conv + bias) of channels c (BLOCK,) for one sequence, float32 rounded to the state's dtype, as
     PyTorch's step returns it. x_ptr and state_row_ptr point at the sequence's row; with SHIFT the state
     takes the new input (a kernel that only reads the convolution leaves the state to the one that owns it)."""
@@ -75,11 +76,12 @@ def _conv_block(x_ptr, state_row_ptr, weight_ptr, bias_ptr, c, live, stride_sc,
     return out.to(state_row_ptr.dtype.element_ty).to(tl.float32)
 
 
-@triton.jit
-def _conv_step_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, out_ptr, channels,
-                      stride_xb, stride_sb, stride_sc, stride_ob,
-                      K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                      BLOCK: tl.constexpr):
+@jit
+def _conv_step_kernel(x_ptr: tl.tensor, state_ptr: tl.tensor, slots_ptr: tl.tensor, weight_ptr: tl.tensor,
+                      bias_ptr: tl.tensor, out_ptr: tl.tensor, channels: tl.tensor, stride_xb: tl.tensor,
+                      stride_sb: tl.tensor, stride_sc: tl.tensor, stride_ob: tl.tensor, K: tl.constexpr,
+                      BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                      BLOCK: tl.constexpr) -> None:
     b = tl.program_id(1)
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     live = c < channels
@@ -89,8 +91,8 @@ def _conv_step_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, out_ptr
     tl.store(out_ptr + b * stride_ob + c, out.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       slots: torch.Tensor | None = None):
+def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None,
+                       slots: Tensor | None = None) -> Tensor:
     """One token of the causal convolution. x: (b, c); state: (b, c, k-1), or a pool (P, c, k-1) whose row
     slots[i] is sequence i's with `slots` (b,) int64; updated in place; weight (c, k).
     Returns silu(conv + bias) (b, c) in the state's dtype."""
@@ -106,10 +108,12 @@ def causal_conv1d_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tenso
     return out
 
 
-@triton.jit
-def _ssm_update(h_row_ptr, stride_hd, v, x, B, C, d, n, live, live2, scale_row_ptr, A_log_ptr, stride_Ad,
-                a_row_ptr, stride_ad, D_ptr, z_row_ptr,
-                HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr):
+@jit
+def _ssm_update(h_row_ptr: tl.tensor, stride_hd: tl.tensor, v: tl.tensor, x: tl.tensor, B: tl.tensor, C: tl.tensor,
+                d: tl.tensor, n: tl.tensor, live: tl.tensor, live2: tl.tensor, scale_row_ptr: tl.tensor,
+                A_log_ptr: tl.tensor, stride_Ad: tl.tensor, a_row_ptr: tl.tensor, stride_ad: tl.tensor,
+                D_ptr: tl.tensor, z_row_ptr: tl.tensor, HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr,
+                HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr) -> tl.tensor:
     """One sequence's state update for channels d (BLOCK,) and states n (BLOCK_N,), in place in h's row, from
     v = dt + dt_bias, x, B and C (float32). Returns y (BLOCK,) float32 with the D skip and the z gate."""
     u = tl.exp(tl.minimum(v, THRESHOLD))
@@ -134,13 +138,18 @@ def _ssm_update(h_row_ptr, stride_hd, v, x, B, C, d, n, live, live2, scale_row_p
     return y
 
 
-@triton.jit
-def _mamba1_step_kernel(h_ptr, slots_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr, A_log_ptr, a_ptr, B_ptr, C_ptr,
-                        D_ptr, z_ptr, y_ptr, channels, n_state,
-                        stride_hb, stride_hd, stride_xb, stride_dtb, stride_sb, stride_Ad, stride_ab, stride_ad,
-                        stride_Bb, stride_Cb, stride_zb, stride_yb,
-                        HAS_SLOTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr,
-                        HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+@jit
+def _mamba1_step_kernel(
+        # tensors
+        h_ptr: tl.tensor, slots_ptr: tl.tensor, x_ptr: tl.tensor, dt_ptr: tl.tensor, dt_bias_ptr: tl.tensor,
+        scale_ptr: tl.tensor, A_log_ptr: tl.tensor, a_ptr: tl.tensor, B_ptr: tl.tensor, C_ptr: tl.tensor,
+        D_ptr: tl.tensor, z_ptr: tl.tensor, y_ptr: tl.tensor,
+        # sizes and strides
+        channels: tl.tensor, n_state: tl.tensor, stride_hb: tl.tensor, stride_hd: tl.tensor, stride_xb: tl.tensor,
+        stride_dtb: tl.tensor, stride_sb: tl.tensor, stride_Ad: tl.tensor, stride_ab: tl.tensor, stride_ad: tl.tensor,
+        stride_Bb: tl.tensor, stride_Cb: tl.tensor, stride_zb: tl.tensor, stride_yb: tl.tensor,
+        HAS_SLOTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr,
+        THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr) -> None:
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) states
@@ -158,10 +167,11 @@ def _mamba1_step_kernel(h_ptr, slots_ptr, x_ptr, dt_ptr, dt_bias_ptr, scale_ptr,
     tl.store(y_ptr + b * stride_yb + d, y.to(y_ptr.dtype.element_ty), mask=live)
 
 
-def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slots=None):
-    """Same contract as `torch_ops.mamba1_step`: h (b, d, n) float32, or a pool (P, d, n) whose row slots[i] is
-    sequence i's with `slots` (b,) int64, updated in place; x, dt, z (b, d); dt_bias, D (d,); delta_scale (b, d)
-    float32 or None; A_log (d, n); a_scale (b, d, n) float32 or None; B, C (b, n). Returns y (b, d), x's dtype."""
+def mamba1_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None, *,
+                dt_bias: Tensor, A_log: Tensor, delta_scale: Tensor | None, a_scale: Tensor | None,
+                slots: Tensor | None = None) -> Tensor:
+    """`contract.Ops.mamba1_step` in one kernel: h (b, d, n) float32, or a pool (P, d, n) whose row slots[i] is
+    sequence i's, updated in place; x, dt, z (b, d); B, C (b, n). Returns y (b, d) in x's dtype."""
     b, d = x.shape
     n = h.shape[-1]
     assert all(t is None or t.stride(-1) == 1 for t in (h, x, dt, delta_scale, A_log, a_scale, B, C, z))
@@ -172,18 +182,21 @@ def mamba1_step(h, x, dt, dt_bias, delta_scale, A_log, a_scale, B, C, D, z, slot
         h, slots if slots is not None else unused, x, dt, dt_bias, delta_scale if delta_scale is not None else unused,
         A_log, a_scale if a_scale is not None else unused, B, C, D, z if z is not None else unused, y, d, n,
         h.stride(0), h.stride(1), x.stride(0), dt.stride(0), delta_scale.stride(0) if delta_scale is not None else 0,
-        A_log.stride(0), a_scale.stride(0) if a_scale is not None else 0, a_scale.stride(1) if a_scale is not None else 0,
+        A_log.stride(0), a_scale.stride(0) if a_scale is not None else 0,
+        a_scale.stride(1) if a_scale is not None else 0,
         B.stride(0), C.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
         HAS_SLOTS=slots is not None, HAS_SCALE=delta_scale is not None, HAS_A_SCALE=a_scale is not None,
         HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n))
     return y
 
 
-@triton.jit
-def _conv_x_proj_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, proj_ptr, partial_ptr, channels, rows,
-                        stride_xb, stride_sb, stride_sc, stride_pr, stride_qb, stride_qs,
-                        K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+@jit
+def _conv_x_proj_kernel(x_ptr: tl.tensor, state_ptr: tl.tensor, slots_ptr: tl.tensor, weight_ptr: tl.tensor,
+                        bias_ptr: tl.tensor, proj_ptr: tl.tensor, partial_ptr: tl.tensor, channels: tl.tensor,
+                        rows: tl.tensor, stride_xb: tl.tensor, stride_sb: tl.tensor, stride_sc: tl.tensor,
+                        stride_pr: tl.tensor, stride_qb: tl.tensor, stride_qs: tl.tensor, K: tl.constexpr,
+                        BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr) -> None:
     """x_proj(conv(x)) over one block of channels for some rows and one sequence: a partial sum (float32) that
     the state-update kernel adds up with the other channel blocks'. Split over channels as well as rows so
     that the few rows (r + 2n) still make enough programs; each convolves its channels itself (k
@@ -200,9 +213,10 @@ def _conv_x_proj_kernel(x_ptr, state_ptr, slots_ptr, weight_ptr, bias_ptr, proj_
     tl.store(partial_ptr + b * stride_qb + tl.program_id(1) * stride_qs + r, partial, mask=live_r)
 
 
-@triton.jit
-def _x_proj_rows(partial_row_ptr, stride_qs, splits, first, count, BLOCK_SPLITS: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr, DTYPE: tl.constexpr):
+@jit
+def _x_proj_rows(partial_row_ptr: tl.tensor, stride_qs: tl.tensor, splits: tl.tensor, first: tl.tensor,
+                 count: tl.tensor, BLOCK_SPLITS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                 DTYPE: tl.constexpr) -> tl.tensor:
     """Rows [first, first + count) of x_proj's output for one sequence (BLOCK_ROWS,) float32: the channel
     blocks' partial sums added up and rounded to the model's dtype, as F.linear's output is."""
     s = tl.arange(0, BLOCK_SPLITS)
@@ -212,15 +226,21 @@ def _x_proj_rows(partial_row_ptr, stride_qs, splits, first, count, BLOCK_SPLITS:
     return tl.sum(parts, axis=0).to(DTYPE).to(tl.float32)
 
 
-@triton.jit
-def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias_ptr, partial_ptr, dt_proj_ptr,
-                          h_ptr, dt_bias_ptr, scale_ptr, A_log_ptr, a_ptr, D_ptr, z_ptr, y_ptr, channels, n_state,
-                          rank, splits, stride_xb, stride_cb, stride_cc, stride_qb, stride_qs, stride_wd, stride_hb,
-                          stride_hd, stride_sb, stride_Ad, stride_ab, stride_ad, stride_zb, stride_yb,
-                          K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                          HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr,
-                          THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_RANK: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+@jit
+def _mamba1_decode_kernel(
+        # tensors
+        x_ptr: tl.tensor, conv_ptr: tl.tensor, slots_ptr: tl.tensor, conv_weight_ptr: tl.tensor,
+        conv_bias_ptr: tl.tensor, partial_ptr: tl.tensor, dt_proj_ptr: tl.tensor, h_ptr: tl.tensor,
+        dt_bias_ptr: tl.tensor, scale_ptr: tl.tensor, A_log_ptr: tl.tensor, a_ptr: tl.tensor, D_ptr: tl.tensor,
+        z_ptr: tl.tensor, y_ptr: tl.tensor,
+        # sizes and strides
+        channels: tl.tensor, n_state: tl.tensor, rank: tl.tensor, splits: tl.tensor, stride_xb: tl.tensor,
+        stride_cb: tl.tensor, stride_cc: tl.tensor, stride_qb: tl.tensor, stride_qs: tl.tensor, stride_wd: tl.tensor,
+        stride_hb: tl.tensor, stride_hd: tl.tensor, stride_sb: tl.tensor, stride_Ad: tl.tensor, stride_ab: tl.tensor,
+        stride_ad: tl.tensor, stride_zb: tl.tensor, stride_yb: tl.tensor,
+        K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_SPLITS: tl.constexpr) -> None:
     """The convolution step (this program's channels, state shifted), dt_proj, and the state update."""
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
@@ -245,17 +265,19 @@ def _mamba1_decode_kernel(x_ptr, conv_ptr, slots_ptr, conv_weight_ptr, conv_bias
     tl.store(y_ptr + b * stride_yb + d, y.to(y_ptr.dtype.element_ty), mask=live)
 
 
-def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
-                  delta_scale, D, slots=None):
-    """Same contract as `torch_ops.mamba1_decode`, in two kernels: x_proj of the convolved input in partial
-    sums over channel blocks, then per channel block the convolution step, dt_proj and the state update (four
-    kernels before, three of them small projections and the convolution that only wait on each other). Past
-    GEMV_MAX_ROWS sequences, those four: the fused kernels read x_proj and dt_proj once per sequence, a
-    matrix product once for the batch."""
+def mamba1_decode(x: Tensor, z: Tensor, conv_state: Tensor, h: Tensor, weights: Mamba1Weights, *,
+                  delta_scale: Tensor | None, a_scale: Tensor | None, slots: Tensor | None = None) -> Tensor:
+    """`contract.Ops.mamba1_decode` in two kernels: x_proj of the convolved input in partial sums over channel
+    blocks, then per channel block the convolution step, dt_proj and the state update (the projections and
+    the convolution would otherwise be kernels that only wait on each other). Past GEMV_MAX_ROWS sequences,
+    the composed step: the fused kernels read x_proj and dt_proj once per sequence, a matrix product once for
+    the batch."""
     if x.shape[0] > GEMV_MAX_ROWS:
-        return torch_ops.composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, conv_weight,
-                                                conv_bias, x_proj_weight, dt_proj_weight, dt_bias, h, A_log, a_scale,
-                                                delta_scale, D, slots)
+        return torch_ops.composed_mamba1_decode(causal_conv1d_step, mamba1_step, x, z, conv_state, h, weights,
+                                                delta_scale=delta_scale, a_scale=a_scale, slots=slots)
+    conv_weight, conv_bias, x_proj_weight, dt_proj_weight = (weights.conv_weight, weights.conv_bias,
+                                                             weights.x_proj_weight, weights.dt_proj_weight)
+    dt_bias, A_log, D = weights.dt_bias, weights.A_log, weights.D
     b, d = x.shape
     k, n, rank = conv_weight.shape[-1], h.shape[-1], dt_proj_weight.shape[1]
     rows = x_proj_weight.shape[0]
@@ -288,113 +310,3 @@ def mamba1_decode(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_pr
         BLOCK_RANK=triton.next_power_of_2(rank), BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
         num_warps=DECODE_WARPS)
     return y
-
-
-@triton.jit
-def _add_rms_norm_row(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, i, live, width, eps, stored_width,
-                      HAS_UPDATE: tl.constexpr):
-    """One sequence's residual (+ update), rounded to the residual stream's dtype as PyTorch's sum rounds it
-    and stored (its first `stored_width` columns: width, or 0 for none), and its RMSNorm (float32) over the
-    columns i (BLOCK,) ⊇ [0, width)."""
-    r = tl.load(residual_ptr + i, mask=live, other=0.0).to(tl.float32)
-    if HAS_UPDATE:
-        r += tl.load(update_ptr + i, mask=live, other=0.0).to(tl.float32)
-    r = r.to(new_residual_ptr.dtype.element_ty)
-    tl.store(new_residual_ptr + i, r, mask=i < stored_width)
-    r = r.to(tl.float32)
-    inverse_rms = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / width + eps)
-    return r * inverse_rms * tl.load(weight_ptr + i, mask=live, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _add_rms_norm_kernel(residual_ptr, update_ptr, weight_ptr, new_residual_ptr, out_ptr, width, eps,
-                         stride_rb, stride_ub, stride_nb, stride_ob, HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    i = tl.arange(0, BLOCK)
-    live = i < width
-    out = _add_rms_norm_row(residual_ptr + b * stride_rb, update_ptr + b * stride_ub, weight_ptr,
-                            new_residual_ptr + b * stride_nb, i, live, width, eps, width, HAS_UPDATE)
-    tl.store(out_ptr + b * stride_ob + i, out.to(out_ptr.dtype.element_ty), mask=live)
-
-
-def add_rms_norm(residual, update, weight, eps: float, dtype: torch.dtype):
-    """Same contract as `torch_ops.add_rms_norm`: residual (b, D), update (b, D) or None, weight (D,).
-    Returns residual + update (residual's dtype) and its RMSNorm in `dtype`."""
-    b, width = residual.shape
-    assert residual.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.is_contiguous()
-    new_residual = torch.empty_like(residual)
-    out = torch.empty(b, width, dtype=dtype, device=residual.device)
-    _add_rms_norm_kernel[(b,)](residual, update if update is not None else residual, weight, new_residual, out, width,
-                               eps, residual.stride(0), update.stride(0) if update is not None else 0,
-                               new_residual.stride(0), out.stride(0), HAS_UPDATE=update is not None,
-                               BLOCK=triton.next_power_of_2(width))
-    return new_residual, out
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, update_ptr, norm_weight_ptr, weight_ptr, bias_ptr, new_residual_ptr, out_ptr, batch, width,
-                 rows, eps, stride_xb, stride_ub, stride_nb, stride_wr, stride_ob,
-                 NORM: tl.constexpr, HAS_UPDATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr):
-    """BLOCK_ROWS rows of weight · v for every sequence of the batch, v = x, or with NORM v = norm(x + update)
-    rounded to the weight's dtype. A program loads its weight rows once, all of them in one tile so that the
-    whole matrix is in flight at once (a product of so few vectors waits on memory, not arithmetic), then
-    computes each sequence's v itself: the norm of a short row costs less than a kernel of its own. With NORM
-    the first program stores the residual."""
-    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) output rows
-    i = tl.arange(0, BLOCK)  # (BLOCK,) columns, the whole row
-    live = i < width
-    w = tl.load(weight_ptr + r[:, None] * stride_wr + i[None, :], mask=(r[:, None] < rows) & live[None, :],
-                other=0.0).to(tl.float32)  # (BLOCK_ROWS, BLOCK)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + r, mask=r < rows, other=0.0).to(tl.float32)
-    for b in range(batch):
-        if NORM:
-            v = _add_rms_norm_row(x_ptr + b * stride_xb, update_ptr + b * stride_ub, norm_weight_ptr,
-                                  new_residual_ptr + b * stride_nb, i, live, width, eps,
-                                  tl.where(tl.program_id(0) == 0, width, 0), HAS_UPDATE)
-            v = v.to(weight_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as unfused
-        else:
-            v = tl.load(x_ptr + b * stride_xb + i, mask=live, other=0.0).to(tl.float32)
-        out = tl.sum(w * v[None, :], axis=1)  # (BLOCK_ROWS,)
-        if HAS_BIAS:
-            out += bias
-        tl.store(out_ptr + b * stride_ob + r, out.to(out_ptr.dtype.element_ty), mask=r < rows)
-
-
-def _gemv(x, update, norm_weight, eps, weight, bias, new_residual):
-    """Launches `_gemv_kernel` (NORM when norm_weight is given). Returns out (b, rows) in weight's dtype."""
-    b, width = x.shape
-    rows = weight.shape[0]
-    assert x.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.stride(1) == 1
-    block = triton.next_power_of_2(width)
-    block_rows = max(1, GEMV_TILE // block)
-    out = torch.empty(b, rows, dtype=weight.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(rows, block_rows),)](
-        x, update if update is not None else x, norm_weight if norm_weight is not None else weight, weight,
-        bias if bias is not None else weight, new_residual if new_residual is not None else out, out, b, width,
-        rows, eps, x.stride(0), update.stride(0) if update is not None else 0,
-        new_residual.stride(0) if new_residual is not None else 0, weight.stride(0), out.stride(0),
-        NORM=norm_weight is not None, HAS_UPDATE=update is not None, HAS_BIAS=bias is not None, BLOCK=block,
-        BLOCK_ROWS=block_rows, num_warps=GEMV_WARPS)
-    return out
-
-
-def add_rms_norm_linear(residual, update, norm_weight, eps: float, weight, bias=None):
-    """Same contract as `torch_ops.add_rms_norm_linear`. Up to GEMV_MAX_ROWS sequences it is one kernel (the
-    residual add, the RMSNorm and the product); a larger batch is a matrix product, left to cuBLAS after the
-    norm."""
-    if residual.shape[0] > GEMV_MAX_ROWS:
-        residual, normed = add_rms_norm(residual, update, norm_weight, eps, weight.dtype)
-        return residual, torch.nn.functional.linear(normed, weight, bias)
-    assert norm_weight.is_contiguous()
-    new_residual = torch.empty_like(residual)
-    return new_residual, _gemv(residual, update, norm_weight, eps, weight, bias, new_residual)
-
-
-def linear(x, weight, bias=None):
-    """Same contract as `torch_ops.linear`: x (b, D) · weight (N, D)ᵀ + bias. One GEMV kernel up to GEMV_MAX_ROWS
-    sequences, where cuBLAS's matrix-product kernels leave most of the GPU idle; cuBLAS above."""
-    if x.shape[0] > GEMV_MAX_ROWS:
-        return torch.nn.functional.linear(x, weight, bias)
-    return _gemv(x, None, None, 0.0, weight, bias, None)
