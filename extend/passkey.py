@@ -10,8 +10,9 @@ template the embedded model was trained on ("line"):
 
 and its variants, so that an evaluation does not measure one wording alone: the needle inline in the text
 ("inline"), an instruction line before the haystack, as the passkey papers have it ("instructed"), and
-another wording of the question ("reworded"). "paraphrased" asks in one of several other wordings, for training
-a model that is then asked in a wording it never saw ("reworded" is none of them).
+two other wordings of the question ("reworded", "quizzed"). "paraphrased" asks in one of 99 other
+wordings, for training a model that is then asked in wordings it never saw (the two held-out ones are none of
+them).
 
 A sample is `length` tokens in all (prompt + answer). It is retrieved when every answer token is the
 model's greedy choice: with teacher forcing, the argmax at each answer position equals the answer token,
@@ -33,8 +34,18 @@ QUESTION = "What is the pass key? The pass key is"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
                "memorize it. I will quiz you about the important information there.")
-PARAPHRASES = ("Tell me the pass key. The pass key is", "Which number is the pass key? The pass key is",
-               "What pass key was given in the text? The pass key is", "Do you know the pass key? The pass key is")
+# Training wordings: every request form with every way of naming the key (99 in all: the line template's question is
+# not one of them), so that a model trained on
+# them answers a question, not a string. None uses the held-out wordings' own words ("hidden", "above", "quiz").
+REQUESTS = ("What is {}?", "Tell me {}.", "Recall {}.", "Repeat {}.", "Give {}.", "Do you know {}?",
+            "Which number is {}?", "Write down {}.", "Please state {}.", "Can you remember {}?")
+KEY_NAMES = ("the pass key", "the pass key given in the text", "the pass key that was mentioned earlier",
+             "the pass key from the document", "the pass key you were told to remember",
+             "the pass key written somewhere in this passage", "the pass key that appeared before",
+             "the number that is the pass key", "the pass key stated among all these lines",
+             "the pass key from the beginning or the middle")
+PARAPHRASES = tuple(f"{request.format(name)} The pass key is" for request in REQUESTS for name in KEY_NAMES
+                    if request.format(name) != "What is the pass key?")
 INLINE_SEARCH = 64  # tokens past the chosen depth searched for a word boundary to put an inline needle at
 
 
@@ -63,6 +74,8 @@ TEMPLATES = {t.name: t for t in (
     Template("inline", inline=True),
     Template("instructed", instruction=INSTRUCTION),
     Template("reworded", questions=("Recall the pass key that was hidden in the text above. The pass key is",)),
+    Template("quizzed", questions=("Quiz time: which five-digit number did you have to keep in mind? The pass key "
+                                   "is",)),
     Template("paraphrased", questions=PARAPHRASES),
 )}
 LINE = TEMPLATES["line"]

@@ -68,5 +68,7 @@ def test_paraphrased_samples_ask_in_several_wordings_none_of_them_the_reworded_o
     asked = {tokenizer.decode(make_sample(tokenizer, 200, 0.5, rng, filler_haystack(tokenizer),
                                           TEMPLATES["paraphrased"]).tokens).rsplit("\n", 1)[1].rsplit(" ", 1)[0]
              for _ in range(40)}
-    assert asked == set(TEMPLATES["paraphrased"].questions) and len(asked) > 2
-    assert not asked & set(TEMPLATES["reworded"].questions + LINE.questions)
+    assert asked <= set(TEMPLATES["paraphrased"].questions) and len(asked) > 20
+    held_out = TEMPLATES["reworded"].questions + TEMPLATES["quizzed"].questions
+    assert not set(TEMPLATES["paraphrased"].questions) & set(held_out + LINE.questions)
+    assert not any(word in q for q in TEMPLATES["paraphrased"].questions for word in ("hidden", "above", "Quiz"))
