@@ -9,7 +9,7 @@
 #   mixed      the per-channel bank calibrated on every source (transfer's `all` bank) alone, on every domain
 #   shipped    MODEL's own bank on every domain
 #   layer      a bank of one A scale per layer, calibrated on every source, on every domain
-#   templates  the per-channel bank calibrated in three templates (line, inline, instructed; reworded and quizzed stay unseen)
+#   templates  the per-channel bank calibrated in three templates (line, inline, instructed)
 #   train      new bases (seeds TRAIN_SEEDS) of the embedded recipe trained on books (weight 2) and the domains'
 #              @train parts (1 each), passkeys in the line, inline, instructed and paraphrased templates, each
 #              given the mixed per-channel bank and evaluated on every domain
@@ -23,7 +23,7 @@ docs=$dom/python-docs.jsonl.xz code=$dom/python-code.jsonl.xz man=$dom/manpages.
 calibration="books=$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train,filler"
 evaluation="books=$gut/eval.jsonl.xz,docs=$docs@eval,code=$code@eval,man=$man@eval"
 evaluation+=",debian=$dom/debian-reference.jsonl.xz,filler"
-templates=line,inline,instructed,reworded,quizzed  # evaluated; the last two are wordings no training or calibration asks in
+templates=line,inline,instructed,reworded,quizzed  # evaluated; no training or calibration asks in the last two
 bank_flags="--task passkey --calibrator bp --method a_spectrum --steps ${STEPS:-150} --lr 0.05 --batch-size 8
   --eval-samples ${EVAL_SAMPLES:-20} --eval-batch-size 5 --ppl-weight 10 --ppl-slack 0.02 --no-progress"
 mkdir -p "$out"
