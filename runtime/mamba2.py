@@ -7,11 +7,11 @@ The in_proj output is laid out [z (d), x (d), B (g·n), C (g·n), dt (h)]; the c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backend import Backend
 from .config import ModelConfig
+from .ops.contract import Mamba2Weights
 from .ops.torch_ops import discretise, ssm_A
 from .quant import Projection, linear
 from .scales import LayerScales
@@ -21,21 +21,14 @@ Tensor = torch.Tensor
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm of y·SiLU(z) over groups of d/g channels (mamba_ssm's norm_before_gate=False)."""
+    """The weight and settings of the RMSNorm of y·SiLU(z) over groups of d/g channels (mamba_ssm's
+    norm_before_gate=False); the back-end's `gated_rms_norm` applies it."""
 
     def __init__(self, d: int, groups: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.groups = groups
         self.eps = eps
-
-    def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        """y: (..., d) float32, z: (..., d). Returns (..., d) float32."""
-        y = y * F.silu(z.float())
-        grouped = y.unflatten(-1, (self.groups, -1))  # type: ignore[no-untyped-call]  # (..., g, d/g)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        out: Tensor = grouped.flatten(-2) * self.weight.float()
-        return out
 
 
 class Mamba2Mixer(nn.Module):
@@ -78,8 +71,9 @@ class Mamba2Mixer(nn.Module):
         y, ssm_state = ops.mamba2_scan(x, dt, ssm_A(self.A_log, a_scale), B, C, self.D, ssm_state,
                                        dt_bias=self.dt_bias, dt_limit=c.dt_limit,
                                        delta_scale=delta_scale)  # (b, l, h, p), (b, h, p, n)
-        y = self.norm(y.flatten(-2).float(), z)  # (b, l, d)
-        out: Tensor = self.out_proj(y.to(hidden.dtype))  # (b, l, D)
+        # one pass from the scan's output to out_proj's input, in the model's dtype (z's)
+        y = ops.gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.norm.groups, self.norm.eps)  # (b, l, d)
+        out: Tensor = self.out_proj(y)  # (b, l, D)
         delta = discretise(dt, self.dt_bias, delta_scale, c.dt_limit) if return_delta else None  # (b, l, h)
         return MixerOutput(out, (conv_state, ssm_state), delta)
 
@@ -91,9 +85,9 @@ class Mamba2Mixer(nn.Module):
         ops = self.backend.ops
         delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, h) each
         z, xBC, dt = self._split(projected)  # (b, d), (b, conv_dim), (b, h)
-        xBC = ops.causal_conv1d_step(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, slots)
-        x, B, C = self._ssm_inputs(xBC)
-        y = ops.mamba2_step(ssm_state, x, dt, B, C, self.D, dt_bias=self.dt_bias, dt_limit=self.config.dt_limit,
-                            A_log=self.A_log, delta_scale=delta_scale, a_scale=a_scale, slots=slots)  # (b, h, p)
-        y = self.norm(y.flatten(-2).float(), z)  # (b, d)
-        return linear(y.to(projected.dtype), self.out_proj, self.out_proj.bias, ops)
+        c = self.config
+        weights = Mamba2Weights(self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log, self.D,
+                                self.norm.weight, self.norm.eps, c.ngroups, c.dt_limit)
+        y = ops.mamba2_decode(xBC, z, dt, conv_state, ssm_state, weights, delta_scale=delta_scale, a_scale=a_scale,
+                              slots=slots)  # (b, d)
+        return linear(y, self.out_proj, self.out_proj.bias, ops)

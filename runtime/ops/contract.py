@@ -3,7 +3,8 @@
 Implementations: `reference` (sequential, float64, slow and obviously correct: the twin tests hold the
 others to), `torch_ops` (vectorised PyTorch; on CPU it runs the C kernels of `cpu_scan` and `cpu_decode`
 where they apply), `cuda_ops` (mamba_ssm's kernels and the Triton kernels of `triton_ssm`, `triton_gemv`).
-`triton_ssm`, `triton_gemv` and `cpu_decode` implement some of the operators, with these signatures too.
+`triton_ssm`, `triton_mamba2`, `triton_gemv` and `cpu_decode` implement some of the operators, with these signatures
+too.
 
 Conventions shared by every back-end, so that the mixers need not know which one runs:
 - Δ arrives raw (dt, before its bias): the operator discretises it, Δ = softplus(dt + dt_bias), clamped
@@ -15,7 +16,8 @@ Conventions shared by every back-end, so that the mixers need not know which one
   the state in place, in the rows `slots` (b,) int64 of a pool when given.
 
 Shapes: b batch, l sequence, c conv channels, k conv width, d d_inner, n d_state, r dt_rank, h heads,
-p head dim, g groups, D d_model (in add_rms_norm), N output rows of a projection.
+p head dim, g groups, D d_model (in add_rms_norm), N output rows of a projection; Mamba2's d = h·p and its
+convolution runs over c = d + 2·g·n channels, [x (d), B (g·n), C (g·n)].
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ class Mamba1Weights:
 
         return Mamba1Weights(self.conv_weight, self.conv_bias, weight(self.x_proj_weight, self.x_proj_scale),
                              weight(self.dt_proj_weight, self.dt_proj_scale), self.dt_bias, self.A_log, self.D)
+
+
+@dataclass(frozen=True)
+class Mamba2Weights:
+    """A Mamba2 layer's weights and settings between its input and output projections, as a decode step reads
+    them."""
+
+    conv_weight: Tensor  # (c, k)
+    conv_bias: Tensor | None  # (c,)
+    dt_bias: Tensor  # (h,)
+    A_log: Tensor  # (h,)
+    D: Tensor  # (h,)
+    norm_weight: Tensor  # (d,) of the gated RMSNorm
+    norm_eps: float
+    ngroups: int  # g: groups of heads sharing B and C, and of channels the gated RMSNorm normalises together
+    dt_limit: tuple[float, float]
 
 
 class Ops(Protocol):
@@ -100,13 +118,27 @@ class Ops(Protocol):
                     delta_scale: Tensor | None) -> tuple[Tensor, Tensor]:
         """Mamba2's SSD scan. x (b, l, h, p); dt (b, l, h); A (h,) or (b, h); B, C (b, l, g, n); D, dt_bias (h,);
         h0 (b, h, p, n) or None; delta_scale (b, h). Per head h_t = exp(Δ_t a) h_{t-1} + Δ_t x_t ⊗ B_t,
-        y_t = h_t C_t + D x_t. Returns y (b, l, h, p) and the last state (b, h, p, n), float32."""
+        y_t = h_t C_t + D x_t. Returns y (b, l, h, p), float32 or (from a kernel that writes it so) in x's dtype,
+        and the last state (b, h, p, n) float32."""
 
     def mamba2_step(self, h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tensor, *, dt_bias: Tensor,
                     dt_limit: tuple[float, float], A_log: Tensor, delta_scale: Tensor | None,
                     a_scale: Tensor | None, slots: Tensor | None = None) -> Tensor:
         """One token of `mamba2_scan`, A = −exp(A_log) · a_scale. h (b, h, p, n) or a pool's, updated in place;
         x (b, h, p); dt (b, h); B, C (b, g, n); A_log (h,); a_scale (b, h). Returns y (b, h, p) float32."""
+
+    def gated_rms_norm(self, y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float) -> Tensor:
+        """Mamba2's output norm (mamba_ssm's norm_before_gate=False): v = y · SiLU(z), RMS-normalised over each of
+        `groups` equal groups of its last dimension, times weight; float32 maths. y (..., d) in any float dtype
+        (a scan's output); z (..., d); weight (d,). Returns (..., d) in z's dtype."""
+
+    def mamba2_decode(self, xBC: Tensor, z: Tensor, dt: Tensor, conv_state: Tensor, h: Tensor,
+                      weights: Mamba2Weights, *, delta_scale: Tensor | None, a_scale: Tensor | None,
+                      slots: Tensor | None = None) -> Tensor:
+        """A Mamba2 decode step between the input and output projections: the convolution step over xBC,
+        `mamba2_step` and `gated_rms_norm`. xBC (b, c), z (b, d), dt (b, h) from in_proj; conv_state (b, c, k-1)
+        and h (b, h, p, n), or pools, updated in place; delta_scale, a_scale (b, h). Returns (b, d) in z's
+        dtype."""
 
     def add_rms_norm(self, residual: Tensor, update: Tensor | None, weight: Tensor, eps: float,
                      dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -12,8 +12,10 @@ folds each in turn). Mamba1 decode runs the fused Triton kernels of `triton_ssm`
 of a few: the residual + RMSNorm + in_proj; x_proj of the convolved input; the convolution step, dt_proj and
 the state update with its per-sequence scales; out_proj (the projections as GEMVs; cuBLAS for larger
 batches). States are read and written in the pool's rows. mamba_ssm's own step takes more kernels and could
-not take one A per sequence. Mamba1 prefill from a carried state runs the PyTorch scan: `selective_scan_fn`
-takes no initial state.
+not take one A per sequence. Mamba2 decode runs `triton_mamba2`'s kernels at any batch (the convolution step,
+the state update with its per-sequence scales, the gated RMSNorm), between the same GEMV projections; its
+prefill hands the scan's output to the same gated-norm kernel. Mamba1 prefill from a carried state runs the
+PyTorch scan: `selective_scan_fn` takes no initial state.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-from . import torch_ops, triton_channels, triton_gemv, triton_ssm
+from . import torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_ssm
 
 try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
     from causal_conv1d import causal_conv1d_fn
@@ -83,6 +84,9 @@ add_rms_norm_linear = triton_gemv.add_rms_norm_linear  # the norm fused into in_
 linear = triton_gemv.linear  # out_proj of a batch of a few as a GEMV
 mamba1_step = triton_ssm.mamba1_step  # per-sequence Δ and A scales, and identity, in one kernel
 mamba1_decode = triton_ssm.mamba1_decode  # convolution, x_proj, dt_proj and the state update in two kernels
+mamba2_step = triton_mamba2.mamba2_step  # per-sequence Δ and A scales per head, and identity, in one kernel
+mamba2_decode = triton_mamba2.mamba2_decode  # convolution step, state update and gated norm in three kernels
+gated_rms_norm = triton_mamba2.gated_rms_norm  # one pass where PyTorch writes (l, d) float32 intermediates
 
 
 def _row(t: Tensor, i: int) -> Tensor:
@@ -155,26 +159,3 @@ def _ssd_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
         x, delta, A, B, C, SSD_CHUNK, D=D.float(), initial_states=h0, dt_softplus=False, return_final_states=True
     )
     return y, h.float()
-
-
-def mamba2_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tensor, *, dt_bias: Tensor,
-                dt_limit: tuple[float, float], A_log: Tensor, delta_scale: Tensor | None, a_scale: Tensor | None,
-                slots: Tensor | None = None) -> Tensor:
-    """`contract.Ops.mamba2_step`; h (b, h, p, n) float32 (or a pool, with `slots`) updated in place. A per-sequence
-    A (an A-spectrum scale) runs the PyTorch step: the kernel takes one A for the batch."""
-    if a_scale is not None:
-        return torch_ops.mamba2_step(h, x, dt, B, C, D, dt_bias=dt_bias, dt_limit=dt_limit, A_log=A_log,
-                                     delta_scale=delta_scale, a_scale=a_scale, slots=slots)
-    dt = torch_ops.discretise(dt, dt_bias, delta_scale, dt_limit)  # (b, h)
-    A = torch_ops.ssm_A(A_log, None)  # (h,)
-    heads, p, n = h.shape[1:]
-
-    def tie(t: Tensor) -> Tensor:  # (h,) -> (h, p)
-        return t[:, None].expand(heads, p)
-
-    # The kernel takes per-(head, channel) parameters; stride-0 views make it treat them per head.
-    # A zero dt_bias is passed because the kernel reads its stride to detect that tying.
-    return torch_ops.on_rows(h, slots, lambda rows: selective_state_update(
-        rows, x, dt[..., None].expand(-1, heads, p), A[:, None, None].expand(heads, p, n), B, C,
-        tie(D.float()), None, tie(dt.new_zeros(heads)), False,
-    ))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .contract import Mamba1Weights
+from .contract import Mamba1Weights, Mamba2Weights
 
 Tensor = torch.Tensor
 
@@ -148,6 +148,25 @@ def mamba2_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tenso
                                  C[:, None], D, _rows(h, slots))
     _write_rows(h, slots, rows)
     return y[:, 0].float()
+
+
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float) -> Tensor:
+    v = (y.double() * F.silu(z.double())).unflatten(-1, (groups, -1))  # type: ignore[no-untyped-call]
+    normed = v * torch.rsqrt(v.square().mean(-1, keepdim=True) + eps)  # (..., g, d/g)
+    out: Tensor = (normed.flatten(-2) * weight.double()).to(z.dtype)
+    return out
+
+
+def mamba2_decode(xBC: Tensor, z: Tensor, dt: Tensor, conv_state: Tensor, h: Tensor, weights: Mamba2Weights, *,
+                  delta_scale: Tensor | None, a_scale: Tensor | None, slots: Tensor | None = None) -> Tensor:
+    w = weights
+    b, heads, p, n = xBC.shape[0], *h.shape[1:]
+    xBC = causal_conv1d_step(xBC, conv_state, w.conv_weight, w.conv_bias, slots)  # (b, c)
+    x, B, C = torch.split(xBC, [heads * p, w.ngroups * n, w.ngroups * n], dim=-1)
+    y = mamba2_step(h, x.reshape(b, heads, p), dt, B.reshape(b, w.ngroups, n), C.reshape(b, w.ngroups, n), w.D,
+                    dt_bias=w.dt_bias, dt_limit=w.dt_limit, A_log=w.A_log, delta_scale=delta_scale,
+                    a_scale=a_scale, slots=slots)  # (b, h, p)
+    return gated_rms_norm(y.flatten(1), z, w.norm_weight, w.ngroups, w.norm_eps)
 
 
 def add_rms_norm(residual: Tensor, update: Tensor | None, weight: Tensor, eps: float,

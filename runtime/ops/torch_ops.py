@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.ops import cpu_decode, cpu_scan
-from runtime.ops.contract import Mamba1Weights
+from runtime.ops.contract import Mamba1Weights, Mamba2Weights
 
 Tensor = torch.Tensor
 
@@ -340,6 +340,37 @@ def mamba2_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tenso
         rows.mul_(torch.exp(delta * A)[..., None, None]).add_((x * delta[..., None])[..., None] * B[:, :, None, :])
         return (rows @ C[..., None]).squeeze(-1)  # (b, h, p)
     return on_rows(h, slots, update) + x * D.float()[:, None]  # (b, h, p)
+
+
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float) -> Tensor:
+    """`contract.Ops.gated_rms_norm`: y, z (..., d); weight (d,). Returns (..., d) in z's dtype."""
+    v = y.float() * F.silu(z.float())
+    grouped = v.unflatten(-1, (groups, -1))  # type: ignore[no-untyped-call]  # (..., g, d/g)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    out: Tensor = (grouped.flatten(-2) * weight.float()).to(z.dtype)
+    return out
+
+
+def mamba2_decode(xBC: Tensor, z: Tensor, dt: Tensor, conv_state: Tensor, h: Tensor, weights: Mamba2Weights, *,
+                  delta_scale: Tensor | None, a_scale: Tensor | None, slots: Tensor | None = None) -> Tensor:
+    """`contract.Ops.mamba2_decode`, composed of this back-end's operators."""
+    return composed_mamba2_decode(causal_conv1d_step, mamba2_step, gated_rms_norm, xBC, z, dt, conv_state, h, weights,
+                                  delta_scale=delta_scale, a_scale=a_scale, slots=slots)
+
+
+def composed_mamba2_decode(conv_step: ConvStep, ssm_step: Callable[..., Tensor], norm: Callable[..., Tensor],
+                           xBC: Tensor, z: Tensor, dt: Tensor, conv_state: Tensor, h: Tensor, weights: Mamba2Weights,
+                           *, delta_scale: Tensor | None, a_scale: Tensor | None,
+                           slots: Tensor | None = None) -> Tensor:
+    """`mamba2_decode` as a back-end's `causal_conv1d_step`, `mamba2_step` and `gated_rms_norm`."""
+    w = weights
+    b, heads, p, n = xBC.shape[0], *h.shape[1:]
+    xBC = conv_step(xBC, conv_state, w.conv_weight, w.conv_bias, slots)  # (b, c)
+    x, B, C = torch.split(xBC, [heads * p, w.ngroups * n, w.ngroups * n], dim=-1)
+    y = ssm_step(h, x.view(b, heads, p), dt, B.view(b, w.ngroups, n), C.view(b, w.ngroups, n), w.D,
+                 dt_bias=w.dt_bias, dt_limit=w.dt_limit, A_log=w.A_log, delta_scale=delta_scale, a_scale=a_scale,
+                 slots=slots)  # (b, h, p)
+    return norm(y.flatten(1), z, w.norm_weight, w.ngroups, w.norm_eps)  # (b, d)
 
 
 def add_rms_norm(residual: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, eps: float,

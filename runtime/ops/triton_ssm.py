@@ -109,6 +109,15 @@ def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | 
 
 
 @jit
+def softplus(v: tl.tensor, THRESHOLD: tl.constexpr) -> tl.tensor:
+    """PyTorch's softplus of v (float32): v itself above THRESHOLD, else log(1 + exp(v))."""
+    u = tl.exp(tl.minimum(v, THRESHOLD))
+    w = 1.0 + u  # log1p(u) = log(w)·u/(w − 1) keeps full precision when u is tiny (Goldberg's trick)
+    tiny = w == 1.0
+    return tl.where(v > THRESHOLD, v, tl.where(tiny, u, tl.log(w) * u / tl.where(tiny, 1.0, w - 1.0)))
+
+
+@jit
 def _ssm_update(h_row_ptr: tl.tensor, stride_hd: tl.tensor, v: tl.tensor, x: tl.tensor, B: tl.tensor, C: tl.tensor,
                 d: tl.tensor, n: tl.tensor, live: tl.tensor, live2: tl.tensor, scale_row_ptr: tl.tensor,
                 A_log_ptr: tl.tensor, stride_Ad: tl.tensor, a_row_ptr: tl.tensor, stride_ad: tl.tensor,
@@ -116,10 +125,7 @@ def _ssm_update(h_row_ptr: tl.tensor, stride_hd: tl.tensor, v: tl.tensor, x: tl.
                 HAS_Z: tl.constexpr, THRESHOLD: tl.constexpr) -> tl.tensor:
     """One sequence's state update for channels d (BLOCK,) and states n (BLOCK_N,), in place in h's row, from
     v = dt + dt_bias, x, B and C (float32). Returns y (BLOCK,) float32 with the D skip and the z gate."""
-    u = tl.exp(tl.minimum(v, THRESHOLD))
-    w = 1.0 + u  # log1p(u) = log(w)·u/(w − 1) keeps full precision when u is tiny (Goldberg's trick)
-    tiny = w == 1.0
-    delta = tl.where(v > THRESHOLD, v, tl.where(tiny, u, tl.log(w) * u / tl.where(tiny, 1.0, w - 1.0)))  # softplus
+    delta = softplus(v, THRESHOLD)
     if HAS_SCALE:
         delta *= tl.load(scale_row_ptr + d, mask=live, other=1.0)
     A_log = tl.load(A_log_ptr + d[:, None] * stride_Ad + n[None, :], mask=live2, other=0.0).to(tl.float32)
