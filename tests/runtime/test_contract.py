@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from runtime.ops import cpu_decode, cpu_scan, reference, torch_ops
-from runtime.ops.contract import Int8DecodeOps, Mamba1Weights, Ops
+from runtime.ops.contract import Int8DecodeOps, Mamba1Weights, Mamba2Weights, Ops
 from runtime.quant import quantize_rows
 
 OPERATORS = [name for name in dir(Ops) if not name.startswith("_")]
 FULL = ["runtime.ops.reference", "runtime.ops.torch_ops", "runtime.ops.cuda_ops"]
-PARTIAL = ["runtime.ops.cpu_decode", "runtime.ops.triton_ssm", "runtime.ops.triton_gemv", "runtime.ops.triton_channels"]
+PARTIAL = ["runtime.ops.cpu_decode", "runtime.ops.triton_ssm", "runtime.ops.triton_mamba2", "runtime.ops.triton_gemv",
+           "runtime.ops.triton_channels"]
 
 
 def _parameters(function):
@@ -113,6 +114,15 @@ def test_mamba2_operators_equal_the_reference(delta_scaled, a_scaled):
     _assert_same(*_both(lambda ops: ops.mamba2_scan(x, dt, A, B, C, D, h0, **delta)))
     _assert_same(*_both(lambda ops: (ops.mamba2_step(h := h0.clone(), x[:, 0], dt[:, 0], B[:, 0], C[:, 0], D,
                                                      A_log=A_log, a_scale=a_scale, **delta), h)))
+    z, k = torch.randn(b, heads * p, generator=g), 4
+    xBC = torch.randn(b, heads * p + 2 * groups * n, generator=g)
+    conv = torch.randn(b, xBC.shape[1], k - 1, generator=g)
+    w = Mamba2Weights(torch.randn(xBC.shape[1], k, generator=g), torch.randn(xBC.shape[1], generator=g), dt_bias,
+                      A_log, D, torch.randn(heads * p, generator=g), 1e-5, groups, delta["dt_limit"])
+    _assert_same(*_both(lambda ops: ops.gated_rms_norm(x.flatten(-2), torch.randn(b, l, heads * p, generator=_g(7)),
+                                                       w.norm_weight, groups, 1e-5)))
+    _assert_same(*_both(lambda ops: (ops.mamba2_decode(xBC, z, dt[:, 0], c := conv.clone(), h := h0.clone(), w,
+                                                       delta_scale=delta["delta_scale"], a_scale=a_scale), c, h)))
 
 
 def test_convolutions_and_norms_equal_the_reference(cpu_path):

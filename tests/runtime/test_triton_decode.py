@@ -9,8 +9,9 @@ import torch
 
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
 
+from pools import pool_and_slots  # noqa: E402
 from runtime import load_model  # noqa: E402
-from runtime.ops import torch_ops, triton_gemv, triton_ssm  # noqa: E402
+from runtime.ops import torch_ops, triton_gemv, triton_mamba2, triton_ssm  # noqa: E402
 from runtime.ops.contract import Mamba1Weights  # noqa: E402
 from runtime.scales import LayerScales  # noqa: E402
 
@@ -40,18 +41,6 @@ def test_conv_step_equals_pytorch_and_shifts_the_state(dtype, k):
         assert torch.equal(got_state, want_state)
 
 
-def _pool_and_slots(batch_state: torch.Tensor, pooled: bool):
-    """The batch's states as they reach a kernel: the batch itself, or for b sequences the rows 2b − 1, 2b − 3, …,
-    1 of a pool of 2b + 1 (descending, with other sequences' rows between them)."""
-    if not pooled:
-        return batch_state.clone(), None
-    b = batch_state.shape[0]
-    slots = torch.arange(2 * b - 1, 0, -2, device=DEVICE)
-    pool = torch.randn(2 * b + 1, *batch_state.shape[1:], device=DEVICE, dtype=batch_state.dtype, generator=_g(9))
-    pool[slots] = batch_state
-    return pool, slots
-
-
 @pytest.mark.parametrize("pooled", [False, True])
 def test_conv_step_on_pool_rows(pooled):
     b, c, k = 3, 70, 4
@@ -60,7 +49,7 @@ def test_conv_step_on_pool_rows(pooled):
     weight, bias = torch.randn(c, k, device=DEVICE, generator=_g(2)), torch.randn(c, device=DEVICE, generator=_g(3))
     want_state = state.clone()
     want = torch_ops.causal_conv1d_step(x, want_state, weight, bias)
-    pool, slots = _pool_and_slots(state, pooled)
+    pool, slots = pool_and_slots(state, pooled)
     before = pool.clone()
     got = triton_ssm.causal_conv1d_step(x, pool, weight, bias, slots)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -90,7 +79,7 @@ def test_mamba1_step_equals_pytorch(scaled, a_scaled, gated, pooled):
     want_h = h.clone()
     kw = dict(dt_bias=dt_bias, A_log=A_log, delta_scale=scale, a_scale=a_scale)
     want = torch_ops.mamba1_step(want_h, x, dt, B, C, D, z if gated else None, **kw)
-    pool, slots = _pool_and_slots(h, pooled)
+    pool, slots = pool_and_slots(h, pooled)
     got = triton_ssm.mamba1_step(pool, x, dt, B, C, D, z if gated else None, **kw, slots=slots)
     torch.testing.assert_close(pool[slots] if pooled else pool, want_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -140,8 +129,8 @@ def test_mamba1_decode_equals_pytorch_and_updates_both_states(b, dtype, scaled, 
     scales = dict(delta_scale=delta_scale, a_scale=a_scale)
     want_conv, want_h = conv_state.clone(), h.clone()
     want = torch_ops.mamba1_decode(x, z, want_conv, want_h, weights, **scales)
-    conv_pool, slots = _pool_and_slots(conv_state, pooled)
-    h_pool, _ = _pool_and_slots(h, pooled)
+    conv_pool, slots = pool_and_slots(conv_state, pooled)
+    h_pool, _ = pool_and_slots(h, pooled)
     got = triton_ssm.mamba1_decode(x, z, conv_pool, h_pool, weights, **scales, slots=slots)
     rows = slots if pooled else torch.arange(b, device=DEVICE)
     assert got.dtype == want.dtype == dtype
@@ -202,6 +191,7 @@ def _with_fused_decode(model):
     """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else."""
     fused = SimpleNamespace(**{name: getattr(torch_ops, name) for name in dir(torch_ops) if not name.startswith("_")})
     for module, names in ((triton_ssm, ("causal_conv1d_step", "mamba1_step", "mamba1_decode")),
+                          (triton_mamba2, ("mamba2_step", "mamba2_decode", "gated_rms_norm")),
                           (triton_gemv, ("add_rms_norm", "add_rms_norm_linear", "linear"))):
         for name in names:
             setattr(fused, name, getattr(module, name))
@@ -212,18 +202,23 @@ def _with_fused_decode(model):
     return model
 
 
-@pytest.mark.parametrize("scale_fields", [(), ("delta",), ("a",), ("delta", "a")])
-def test_model_decode_on_pool_rows_with_the_fused_kernels_equals_pytorch_decode(checkpoints, scale_fields):
+@pytest.mark.parametrize("arch, scale_fields", [
+    ("mamba1", ()), ("mamba1", ("delta",)), ("mamba1", ("a",)), ("mamba1", ("delta", "a")),
+    ("mamba2", ()), ("mamba2", ("delta", "a")),
+])
+def test_model_decode_on_pool_rows_with_the_fused_kernels_equals_pytorch_decode(checkpoints, arch, scale_fields):
     """What a CUDA decode graph runs, composed: the whole step with every fused kernel, states in a pool's rows."""
     # float32 on any device (CUDA would load bfloat16): the composition is under test, not bfloat16's roundings
-    reference = load_model(checkpoints["mamba1"], device=DEVICE, dtype="float32", backend="torch").model
-    fused = _with_fused_decode(load_model(checkpoints["mamba1"], device=DEVICE, dtype="float32", backend="torch").model)
+    reference = load_model(checkpoints[arch], device=DEVICE, dtype="float32", backend="torch").model
+    fused = _with_fused_decode(load_model(checkpoints[arch], device=DEVICE, dtype="float32", backend="torch").model)
     config, b = reference.config, 2
+    a_shape = (config.d_inner, config.d_state) if arch == "mamba1" else (config.nheads,)
     g = _g(0)
     scales = [LayerScales(
-        delta=torch.rand(b, config.d_inner, device=DEVICE, generator=g) + 0.5 if "delta" in scale_fields else None,
-        a=torch.rand(b, config.d_inner, config.d_state, device=DEVICE, generator=g) + 0.5 if "a" in scale_fields
-        else None) for _ in range(config.n_layer)] if scale_fields else None
+        delta=torch.rand(b, config.scale_channels, device=DEVICE, generator=g) + 0.5 if "delta" in scale_fields
+        else None,
+        a=torch.rand(b, *a_shape, device=DEVICE, generator=g) + 0.5 if "a" in scale_fields else None)
+        for _ in range(config.n_layer)] if scale_fields else None
     prompt = torch.randint(0, config.vocab_size, (b, 12), device=DEVICE, generator=g)
     logits, state = reference.prefill(prompt, scales=scales)
     slots = torch.tensor([2, 0], device=DEVICE)
