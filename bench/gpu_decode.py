@@ -4,10 +4,11 @@
 Peer: as `shared/device/reference_bench.py` measures it, batch 1, a 1,024-token prompt, 256 new tokens, the
 prefill's time subtracted. Runtime: after the same prefill, the mean of 256 steps of
 `DecodeGraphs.step` (greedy, the argmax on the GPU; the token never leaves the device), at batch 1 with
-identity and with a per-channel Δ scale set, the eager `MambaLM.step` at batch 1, and the graph at batch 64
-(tokens/s against batch 1's).
+identity and with a per-channel (Mamba2: per-head) Δ scale set, the eager `MambaLM.step` at batch 1, and the
+graph at batch 64 (tokens/s against batch 1's).
 
     python -m bench.gpu_decode --shapes 130m,1.4b --json $OUT/decode.json
+    python -m bench.gpu_decode --shapes mamba2-780m,mamba2-2.7b --json $OUT/decode_mamba2.json
 """
 
 from __future__ import annotations

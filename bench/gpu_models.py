@@ -1,8 +1,10 @@
 """The models the GPU benchmarks compare: raw `mamba_ssm` (`MambaLMHeadModel`) and this runtime, loaded from
-the peer's own weights (saved in the mamba_ssm layout), both bf16 on the GPU."""
+the peer's own weights (saved in the mamba_ssm layout), both bf16 on the GPU. Shapes of Mamba1 (`130m`, `1.4b`)
+and of Mamba2 (`mamba2-780m`, `mamba2-2.7b`: d_state 128, head dim 64, one group, mamba_ssm's defaults)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import tempfile
@@ -13,9 +15,11 @@ import torch
 
 from runtime import LoadedModel, ScaleMethod, ScaleSet, batch_scales, load_model
 
-from .random_model import SHAPES
+from . import random_model
 
 VOCAB = 50280  # GPT-NeoX-20B's vocabulary, padded by MambaLMHeadModel itself
+MAMBA2_SHAPES = {"mamba2-780m": (1536, 48), "mamba2-2.7b": (2560, 64)}  # d_model, n_layer of state-spaces' models
+SHAPES = {**random_model.SHAPES, **MAMBA2_SHAPES}
 
 
 def measure(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> tuple[float, float]:
@@ -46,14 +50,24 @@ def measure_in_turns(fns: dict, rounds: int = 5, min_seconds: float = 0.2) -> di
     return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
+def peer_config(name: str, conv_kernels: bool | None = None) -> dict:
+    """The peer's `MambaConfig` fields for shape `name`, also the runtime's config.json. Mamba2's fused
+    memory-efficient path needs the `causal_conv1d` kernels (`conv_kernels`: whether they import); without
+    them the peer runs its unfused path, as this runtime does then."""
+    d_model, n_layer = SHAPES[name]
+    if conv_kernels is None:
+        conv_kernels = importlib.util.find_spec("causal_conv1d") is not None
+    ssm_cfg = {"layer": "Mamba2", "use_mem_eff_path": conv_kernels} if name in MAMBA2_SHAPES else {}
+    return dict(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg=ssm_cfg, rms_norm=True,
+                residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+
+
 def peer_and_runtime(name: str):
     """(peer MambaLMHeadModel, this runtime's LoadedModel) of shape `name` with the same random weights."""
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-    d_model, n_layer = SHAPES[name]
-    config = dict(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={}, rms_norm=True,
-                  residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    config = peer_config(name)
     torch.manual_seed(0)
     peer = MambaLMHeadModel(MambaConfig(**config), device="cuda", dtype=torch.bfloat16).eval()
     with tempfile.TemporaryDirectory() as directory:
@@ -64,7 +78,8 @@ def peer_and_runtime(name: str):
 
 
 def random_delta_scales(loaded: LoadedModel, batch: int = 1):
-    """A per-channel Δ scale set for every sequence of a batch: what a bank bucket costs."""
+    """A per-channel (Mamba2: per-head) Δ scale set for every sequence of a batch: what a bank bucket costs."""
     config = loaded.config
-    scale_set = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(config.scale_channels) + 0.5 for _ in range(config.n_layer)))
+    scale_set = ScaleSet(ScaleMethod.DELTA,
+                         tuple(torch.rand(config.scale_channels) + 0.5 for _ in range(config.n_layer)))
     return batch_scales([scale_set] * batch, config, "cuda")

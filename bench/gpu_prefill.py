@@ -2,11 +2,12 @@
 
 Both are measured in one run, the way `shared/device/reference_bench.py` measures the peer (bf16, batch 1,
 last-token logits, a warm-up call, then the mean of calls repeated for a while): time and peak memory, plus
-this runtime with a per-channel Δ scale set (the cost of scales against identity). The three take turns,
-`--rounds` rounds (5) of at least 0.2 s each, and each reports its median round, so that the machine's drift
-during the run does not land on one of them.
+this runtime with a per-channel (Mamba2: per-head) Δ scale set (the cost of scales against identity). The three
+take turns, `--rounds` rounds (5) of at least 0.2 s each, and each reports its median round, so that the
+machine's drift during the run does not land on one of them.
 
     python -m bench.gpu_prefill --shapes 130m --lengths 2048,8192,32768,65536 --json $OUT/prefill.json
+    python -m bench.gpu_prefill --shapes mamba2-780m,mamba2-2.7b --json $OUT/prefill_mamba2.json
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def bench_shape(name: str, lengths: list[int], rounds: int) -> list[dict]:
     with torch.no_grad():
         for length in lengths:
             tokens = torch.randint(0, 50000, (1, length), device="cuda")
-            timed = measure_in_turns({"peer": lambda: peer(tokens, num_last_tokens=1),
-                                      "ours": lambda: ours.prefill(tokens),
-                                      "scaled": lambda: ours.prefill(tokens, scales=scales)}, rounds)
+            timed = measure_in_turns({"peer": lambda t=tokens: peer(t, num_last_tokens=1),
+                                      "ours": lambda t=tokens: ours.prefill(t),
+                                      "scaled": lambda t=tokens: ours.prefill(t, scales=scales)}, rounds)
             (peer_s, peer_gib), (ours_s, ours_gib), (scaled_s, scaled_gib) = timed.values()
             row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
                    "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),
@@ -39,9 +40,7 @@ def bench_shape(name: str, lengths: list[int], rounds: int) -> list[dict]:
                    "runtime_scaled_peak_gib": round(scaled_gib, 3), "memory_ratio": round(ours_gib / peer_gib, 3)}
             rows.append(row)
             print_row(row)
-    del peer, ours
-    torch.cuda.empty_cache()
-    return rows
+    return rows  # the two models are freed on return, before the next shape's are built
 
 
 def main(argv=None):
@@ -56,10 +55,10 @@ def main(argv=None):
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, lengths, args.rounds)]
     print(f"\n{torch.cuda.get_device_name()}, bf16, batch 1")
-    print(f"{'shape':>6} {'tokens':>7} {'mamba_ssm ms':>13} {'runtime ms':>11} {'ratio':>6} {'scaled':>7} "
+    print(f"{'shape':>11} {'tokens':>7} {'mamba_ssm ms':>13} {'runtime ms':>11} {'ratio':>6} {'scaled':>7} "
           f"{'peak GiB peer':>14} {'ours':>6} {'ratio':>6}")
     for r in rows:
-        print(f"{r['shape']:>6} {r['tokens']:>7} {r['mamba_ssm_ms']:>13.2f} {r['runtime_ms']:>11.2f} "
+        print(f"{r['shape']:>11} {r['tokens']:>7} {r['mamba_ssm_ms']:>13.2f} {r['runtime_ms']:>11.2f} "
               f"{r['time_ratio']:>6.3f} {r['scale_overhead']:>+7.1%} {r['mamba_ssm_peak_gib']:>14.2f} "
               f"{r['runtime_peak_gib']:>6.2f} {r['memory_ratio']:>6.3f}")
     save_json(rows, args.json)
