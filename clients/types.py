@@ -12,7 +12,7 @@ class Usage:
     total_tokens: int
 
     @classmethod
-    def from_json(cls, data: dict) -> "Usage":
+    def from_json(cls, data: dict) -> Usage:
         return cls(data["prompt_tokens"], data["completion_tokens"], data["total_tokens"])
 
 
@@ -25,7 +25,7 @@ class Choice:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended the choice, if one did
 
     @classmethod
-    def from_json(cls, data: dict) -> "Choice":
+    def from_json(cls, data: dict) -> Choice:
         return cls(data["index"], data["text"], data.get("finish_reason"), data.get("logprobs"),
                    data.get("stop_reason"))
 

@@ -149,7 +149,7 @@ class CalibrationData:
 
     @classmethod
     def of(cls, specs: list[SourceSpec], weights: dict[str, float], tokenizer, seed: int,
-           held_out_fraction: float) -> "CalibrationData":
+           held_out_fraction: float) -> CalibrationData:
         calibration, held_out, record = [], {}, {"calibration": [], "held_out": []}
         for spec in specs:
             docs = read_source(spec)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -46,8 +47,8 @@ def calibrate_zo(objective: Objective, init: ScaleSet, steps: int = 50, lr: floa
             sign = torch.randint(0, 2, current.shape, generator=generator).float() * 2 - 1  # (n_layer,) ±1
             plus = (current + c * sign).clamp(min=ZO_FLOOR)
             minus = (current - c * sign).clamp(min=ZO_FLOOR)
-            loss_plus = math.log(objective.run(lambda: ScaleSet(init.method, tuple(plus)), step, backward=False))
-            loss_minus = math.log(objective.run(lambda: ScaleSet(init.method, tuple(minus)), step, backward=False))
+            loss_plus = math.log(objective.run(partial(ScaleSet, init.method, tuple(plus)), step, backward=False))
+            loss_minus = math.log(objective.run(partial(ScaleSet, init.method, tuple(minus)), step, backward=False))
             gradient = (loss_plus - loss_minus) / (2 * c) * sign
             current = (current - lr * gradient).clamp(min=ZO_FLOOR)
             losses.append((loss_plus + loss_minus) / 2)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -144,7 +144,7 @@ class Domain:
     haystack: Haystack
 
     @classmethod
-    def of(cls, name: str, docs: list[Document], tokenizer: Tokenizer) -> "Domain":
+    def of(cls, name: str, docs: list[Document], tokenizer: Tokenizer) -> Domain:
         if not docs:
             return cls(name, None, filler_haystack(tokenizer))
         text = TokenSource(docs, tokenizer)

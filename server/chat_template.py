@@ -66,7 +66,7 @@ class TokenizerConfig:
     chat_template: ChatTemplate | None
 
     @classmethod
-    def load(cls, model_dir: Path, tokenizer: Tokenizer, template_file: Path | None) -> "TokenizerConfig":
+    def load(cls, model_dir: Path, tokenizer: Tokenizer, template_file: Path | None) -> TokenizerConfig:
         """Raises ConfigError on an unreadable config or template, or a template that does not parse."""
         path = Path(model_dir) / TOKENIZER_CONFIG
         config = {}

@@ -1,10 +1,10 @@
 """Which work the next engine step does: pure bookkeeping, no model (tests drive it with fake outputs).
 
 Each step runs at most one prefill chunk of ≤ `prefill_chunk` prompt tokens (None: whole prompts), then one
-batched decode step for every DECODING request. Waiting requests take free state slots in arrival order; requests that are
-prefilling share the chunks round-robin, so a short prompt that arrives during a long prefill starts decoding
-after one chunk of the long one, not after all of them. A decimated request's prompt is one chunk, whatever
-its length: decimation ranks the positions of the whole prompt at once.
+batched decode step for every DECODING request. Waiting requests take free state slots in arrival order;
+requests that are prefilling share the chunks round-robin, so a short prompt that arrives during a long
+prefill starts decoding after one chunk of the long one, not after all of them. A decimated request's prompt
+is one chunk, whatever its length: decimation ranks the positions of the whole prompt at once.
 
 A request with forks (n samples of one prompt) is admitted with all of them at once, each into its own slot;
 only the request prefills, and the engine copies its state into the forks' slots when the prompt is done.

@@ -29,7 +29,8 @@ def test_evaluate_writes_table_json_and_plot(checkpoints, tmp_path, capsys):
               "--samples", "3", "--out", str(out), "--device", "cpu"])
     rows = json.loads((out / "results.json").read_text())["text"]  # keyed by domain: the unnamed --data is "text"
     assert [(r["task"], r["length"]) for r in rows] == [(t, n) for n in (80, 128, 256) for t in ("passkey", "ppl")]
-    assert [r["bucket"] for r in rows if r["task"] == "ppl"] == ["none", "128", "128"]  # identity within training length
+    # identity within the training length
+    assert [r["bucket"] for r in rows if r["task"] == "ppl"] == ["none", "128", "128"]
     assert all(0 <= r["base"] <= 1 for r in rows if r["task"] == "passkey")
     assert all(r["base"] > 1 for r in rows if r["task"] == "ppl")
     ppl_80 = next(r for r in rows if r["task"] == "ppl" and r["length"] == 80)
