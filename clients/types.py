@@ -62,7 +62,9 @@ class CompletionObject:
 
 @dataclass(frozen=True)
 class Completion(CompletionObject):
-    """A whole completion (a request without `stream`); `usage` is always there."""
+    """A whole completion (a request without `stream`)."""
+
+    usage: Usage  # always there on a whole completion
 
 
 @dataclass(frozen=True)

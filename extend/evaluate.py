@@ -50,8 +50,10 @@ def evaluate(args, base: bool = True) -> list[dict]:
     choices = {}  # length -> (what the server would choose, its decimation if any): the same for every domain
     for length in parse_buckets(args.lengths):
         choice = select(bank, length, "auto", training_length)
-        choices[length] = choice, (Decimation.from_params(bank.entry(choice.name).params, loaded.config.n_layer,
-                                                          training_length) if choice.method == "decimate" else None)
+        decimation = None
+        if bank is not None and choice.method == "decimate":
+            decimation = Decimation.from_params(bank.entry(choice.name).params, loaded.config.n_layer, training_length)
+        choices[length] = choice, decimation
     rows = []
     for domain in domains:
         for length, (choice, decimation) in choices.items():
@@ -74,6 +76,7 @@ def evaluate(args, base: bool = True) -> list[dict]:
                                                             decimation=decimate, template=template)
                             row[variant], row[f"{variant}_answer_ce"] = accuracy, ce
                         else:
+                            assert domain.text is not None  # the filler's perplexity rows are skipped above
                             row[variant] = perplexity(loaded.model, domain.text, length, args.samples, scales,
                                                       args.seed, args.batch_size, decimation=decimate, tail=tail)
                     rows.append(row)

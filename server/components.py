@@ -53,8 +53,10 @@ def load_components(spec: ModelSpec) -> Components:
 def _decimations(bank: Bank | None, n_layer: int, training_length: int | None) -> dict[str, Decimation]:
     """The bank's decimate entries, each checked against the model now so that a bad one stops the start;
     `l_base` defaults to the training length."""
-    out = {}
-    for entry in [] if bank is None else bank.manifest.entries:
+    out: dict[str, Decimation] = {}
+    if bank is None:
+        return out
+    for entry in bank.manifest.entries:
         if entry.method == "decimate":
             try:
                 out[entry.bucket] = Decimation.from_params(entry.params, n_layer, training_length)

@@ -82,8 +82,9 @@ class Scheduler:
         chunk = None
         if self.prefilling:
             request = self.prefilling.popleft()
-            whole = request.decimation is not None or self.config.prefill_chunk is None
-            chunk_len = len(request.prompt_ids) if whole else self.config.prefill_chunk
+            chunk_len = self.config.prefill_chunk
+            if chunk_len is None or request.decimation is not None:  # the whole prompt in one chunk
+                chunk_len = len(request.prompt_ids)
             end = min(request.num_computed + chunk_len, len(request.prompt_ids))
             chunk = PrefillChunk(request, request.num_computed, end)
             if not chunk.last:
