@@ -1,5 +1,5 @@
 """A plain, literal Mamba1/Mamba2 language model for tests: one token at a time, float64, straight from the
-weights, applying scale sets exactly as DESIGN.md §2 writes them (Δ' = s·Δ; A' = s·A).
+weights, applying scale sets as their definition reads (Δ' = s·Δ; A' = s·A).
 
 Independent of `runtime.model` (it shares no code with it), so agreement means both are right.
 """

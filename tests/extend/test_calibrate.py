@@ -31,6 +31,7 @@ def test_zo_keeps_scales_positive():
     assert all((s >= 0.001).all() for s in result.scales.layers)
 
 
+@pytest.mark.slow  # hundreds of BP steps
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 def test_bp_recovers_planted_per_channel_scales(checkpoints, arch):
     loaded = load_model(checkpoints[arch])

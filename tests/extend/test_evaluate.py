@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.build_bank import main as build_bank
@@ -92,6 +94,7 @@ def test_evaluate_reports_each_domain_and_template(checkpoints, tmp_path):
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # a bank built per domain left out
 def test_transfer_leaves_each_domain_out_and_scores_it_on_that_domain(checkpoints, tmp_path):
     model, books, code = _model_books_and_code(checkpoints, tmp_path)
     out = tmp_path / "transfer"
