@@ -4,7 +4,7 @@ One run measures both, side by side, and prints the ratio (issue: ≤ 1/3 of tra
 
     python -m bench.cpu_prefill --lengths 8192,32768 [--json out.json]
 
-(At 65,536 tokens and d_state 48, transformers' mambapy scan needs more than 24 GiB.)
+At long prompts transformers' mambapy scan needs much memory: it keeps every token's (d, n) state.
 """
 
 from __future__ import annotations

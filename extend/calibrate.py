@@ -1,4 +1,4 @@
-"""The two calibrators of MambaExtend (DESIGN.md §1), on any `Objective`.
+"""The two calibrators of MambaExtend, on any `Objective`.
 
 - ZO (zeroth order, SPSA): one scalar per layer; per step two evaluations at S ± c·δ with δ Rademacher,
   g = (L+ − L−)/(2c)·δ on the log-loss, S ← max(S − η·g, floor). Paper defaults: η = 0.001, c = 0.1, K = 50.

@@ -5,7 +5,7 @@ paragraph (a haystack only: it has no text to score perplexity on). Several are 
 
     books=gutenberg/train-01.jsonl.xz,docs=domains/python-docs.jsonl.xz@train,filler
 
-A bare `PATH` (no name) belongs to the source named `text`, so `--data a.jsonl b.jsonl` is one source as before.
+A bare `PATH` (no name) belongs to the source named `text`, so `--data a.jsonl b.jsonl` is one source.
 
 `@train` and `@eval` take a fixed part of a file's documents, chosen by a hash of each document's text
 (EVAL_FRACTION of them are `eval`): calibrate on `@train` and evaluate on `@eval`, and the evaluation never
