@@ -184,7 +184,8 @@ class BuildInputs:
     templates: list[Template]
     granularity: str  # as calibrated: a Mamba2's "channel" scales are per head
 
-    def held_out(self, source: Mixture | TokenSource | None, haystack: Haystack) -> HeldOut:
+    def scoring(self, source: Mixture | TokenSource | None, haystack: Haystack) -> HeldOut:
+        """What scoring reads from `source` and `haystack`, with the sample budget of the arguments."""
         args = self.args
         return HeldOut(source, self.tokenizer, haystack, args.eval_samples, args.seed, args.eval_batch_size)
 
@@ -301,8 +302,8 @@ class DecimateSweep:
             template = Decimation(layer, l_base, args.decimate_min_len, args.decimate_keep_last)
             template.check(config.n_layer)
         held_out = Mixture(list(data.held_out.values()), data.calibration.weights)
-        return cls(template, layers, inputs.held_out(data.calibration, data.calibration.haystack),
-                   inputs.held_out(held_out, held_out.haystack))
+        return cls(template, layers, inputs.scoring(data.calibration, data.calibration.haystack),
+                   inputs.scoring(held_out, held_out.haystack))
 
 
 def _decimate_entry(inputs: BuildInputs, sweep: DecimateSweep, name: str, length: int, _previous: ScaleSet | None,
@@ -364,7 +365,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Bank:
     if args.method == "decimate":
         job: BucketJob = partial(_decimate_entry, inputs, DecimateSweep.of(inputs))
     else:
-        held_out = {name: inputs.held_out(domain.text, domain.haystack) for name, domain in data.held_out.items()}
+        held_out = {name: inputs.scoring(domain.text, domain.haystack) for name, domain in data.held_out.items()}
         job = partial(_calibrated_entry, inputs, held_out)
     return _fill(bank, args.buckets, device, job)
 
