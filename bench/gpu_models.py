@@ -66,5 +66,6 @@ def peer_and_runtime(name: str):
 def random_delta_scales(loaded: LoadedModel, batch: int = 1):
     """A per-channel Δ scale set for every sequence of a batch: what a bank bucket costs."""
     config = loaded.config
-    scale_set = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(config.scale_channels) + 0.5 for _ in range(config.n_layer)))
+    scale_set = ScaleSet(ScaleMethod.DELTA,
+                         tuple(torch.rand(config.scale_channels) + 0.5 for _ in range(config.n_layer)))
     return batch_scales([scale_set] * batch, config, "cuda")

@@ -12,6 +12,7 @@ during the run does not land on one of them.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,9 +29,9 @@ def bench_shape(name: str, lengths: list[int], rounds: int) -> list[dict]:
     with torch.no_grad():
         for length in lengths:
             tokens = torch.randint(0, 50000, (1, length), device="cuda")
-            timed = measure_in_turns({"peer": lambda: peer(tokens, num_last_tokens=1),
-                                      "ours": lambda: ours.prefill(tokens),
-                                      "scaled": lambda: ours.prefill(tokens, scales=scales)}, rounds)
+            timed = measure_in_turns({"peer": partial(peer, tokens, num_last_tokens=1),
+                                      "ours": partial(ours.prefill, tokens),
+                                      "scaled": partial(ours.prefill, tokens, scales=scales)}, rounds)
             (peer_s, peer_gib), (ours_s, ours_gib), (scaled_s, scaled_gib) = timed.values()
             row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
                    "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
+pytestmark = pytest.mark.slow  # Triton's interpreter
 
 from runtime import load_model  # noqa: E402
 from runtime.ops import torch_ops, triton_gemv, triton_ssm  # noqa: E402
