@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from extend.build_bank import main as build_bank
-from extend.train import init_weights, save_hf
-from runtime import MAMBA1, ModelConfig, MambaLM
+from runtime import MAMBA1, MambaLM, ModelConfig
 from runtime.backend import select_backend
+from runtime.checkpoint_writer import save_hf
+from runtime.init_weights import init_weights
 from runtime.tokenizer import Tokenizer
 
 

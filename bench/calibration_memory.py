@@ -23,9 +23,9 @@ import torch
 from extend.calibrate import calibrate_bp
 from extend.losses import passkey_objective
 from extend.passkey import filler_haystack
-from extend.train import init_weights
 from runtime import MAMBA1, MAMBA2, MambaLM, ModelConfig, ScaleMethod, ScaleSet
 from runtime.backend import select_backend
+from runtime.init_weights import init_weights
 from runtime.loader import resolve_dtype
 from runtime.tokenizer import Tokenizer
 from scale_bank import parse_buckets

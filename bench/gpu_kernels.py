@@ -1,9 +1,9 @@
 """The launch shapes of the fused Triton decode kernels (`runtime.ops.triton_ssm`, `triton_gemv`), swept on the GPU.
 
 Each op of a Mamba1 decode step runs on 24 layers in a captured CUDA graph (as in a decode step: each layer's
-weights are its own, so they come from memory, not the L2 cache), 130m- and 1.4b-shaped with random weights, for every value of its launch constants, beside the
-cuBLAS composition it replaces; the table gives µs per call and the setting with the least time summed over
-the shapes, which is what those modules' constants should be.
+weights are its own, so they come from memory, not the L2 cache), 130m- and 1.4b-shaped with random weights,
+for every value of its launch constants, beside the cuBLAS composition it replaces; the table gives µs per call
+and the setting with the least time summed over the shapes, which is what those modules' constants should be.
 
     python -m bench.gpu_kernels --json $OUT/kernels.json
 """

@@ -13,6 +13,7 @@ machine's drift during the run does not land on one of them.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,9 +30,9 @@ def bench_shape(name: str, lengths: list[int], rounds: int) -> list[dict]:
     with torch.no_grad():
         for length in lengths:
             tokens = torch.randint(0, 50000, (1, length), device="cuda")
-            timed = measure_in_turns({"peer": lambda t=tokens: peer(t, num_last_tokens=1),
-                                      "ours": lambda t=tokens: ours.prefill(t),
-                                      "scaled": lambda t=tokens: ours.prefill(t, scales=scales)}, rounds)
+            timed = measure_in_turns({"peer": partial(peer, tokens, num_last_tokens=1),
+                                      "ours": partial(ours.prefill, tokens),
+                                      "scaled": partial(ours.prefill, tokens, scales=scales)}, rounds)
             (peer_s, peer_gib), (ours_s, ours_gib), (scaled_s, scaled_gib) = timed.values()
             row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
                    "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),
@@ -40,7 +41,9 @@ def bench_shape(name: str, lengths: list[int], rounds: int) -> list[dict]:
                    "runtime_scaled_peak_gib": round(scaled_gib, 3), "memory_ratio": round(ours_gib / peer_gib, 3)}
             rows.append(row)
             print_row(row)
-    return rows  # the two models are freed on return, before the next shape's are built
+    del peer, ours
+    torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None):

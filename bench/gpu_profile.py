@@ -44,7 +44,8 @@ def kernel_table(fn, repeats: int) -> dict:
 
 
 def report(title: str, table: dict) -> None:
-    print(f"\n### {title}: {table['kernels_per_call']:.0f} kernels, {table['kernel_us_per_call']:.0f} µs of kernels per call")
+    print(f"\n### {title}: {table['kernels_per_call']:.0f} kernels, "
+          f"{table['kernel_us_per_call']:.0f} µs of kernels per call")
     print_table(["kernel", "per call", "µs per call"],
                 [[row["name"][:90], f"{row['count']:.0f}", f"{row['us']:.1f}"] for row in table["kernels"][:TOP]])
 

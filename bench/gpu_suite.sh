@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of bench/RESULTS.md in one run (about 9 minutes on one H200), JSON under OUT:
+# Every GPU measurement of bench/RESULTS.md in one run, JSON under OUT:
 #   bash bench/gpu_suite.sh OUT [SHAPES]
 # Needs mamba_ssm importable, and the server's packages for the HTTP step (on a machine without them, install
 # the wheels that bench/server_wheels.sh downloads). Runs the GPU tests first; each step is independent and the

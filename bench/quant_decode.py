@@ -67,8 +67,8 @@ def main(argv=None):
     rows = [row for name in args.shapes.split(",") for row in bench_shape(name, device, args.steps)]
     print()
     print_table(["shape", "weights", "weight GiB", "ratio", "decode ms/token", "ratio"],
-                [[r["shape"], r["weights"], f"{r['weight_gib']:.3f}", f"{r['weight_ratio']:.3f}", f"{r['decode_ms']:.2f}",
-                  f"{r['decode_ratio']:.3f}"] for r in rows])
+                [[r["shape"], r["weights"], f"{r['weight_gib']:.3f}", f"{r['weight_ratio']:.3f}",
+                  f"{r['decode_ms']:.2f}", f"{r['decode_ratio']:.3f}"] for r in rows])
     save_json(rows, args.json)
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from extend.train import init_weights, save_hf
 from runtime import MAMBA1, MambaLM, ModelConfig
 from runtime.backend import select_backend
+from runtime.checkpoint_writer import save_hf
+from runtime.init_weights import init_weights
 
 SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
 VOCAB = 50288  # GPT-NeoX-20B's 50,280 padded to a multiple of 16

@@ -79,13 +79,14 @@ class BenchReport:
 
     @classmethod
     def from_timings(cls, concurrency: int, requests: int, failed: Counter, duration: float, target: int,
-                     timings: list[RequestTiming]) -> "BenchReport":
+                     timings: list[RequestTiming]) -> BenchReport:
         prompt = sum(t.prompt_tokens for t in timings)
         completion = sum(t.completion_tokens for t in timings)
         series = {"ttft": [t.first_token for t in timings],
                   "itl": [gap for t in timings for gap in t.inter_token],
                   "e2e": [t.end_to_end for t in timings]}
-        latency = {name: {f"p{q}": 1000 * percentile(values, q) for q in PERCENTILES} for name, values in series.items()}
+        latency = {name: {f"p{q}": 1000 * percentile(values, q) for q in PERCENTILES}
+                   for name, values in series.items()}
         return cls(concurrency, requests, dict(failed), duration, target, prompt / max(1, len(timings)), completion,
                    completion / duration, (prompt + completion) / duration, latency)
 
@@ -105,7 +106,8 @@ class BenchReport:
             f"prompt         {self.mean_prompt_tokens:.1f} tokens per request (asked for {self.target_prompt_tokens}: "
             f"the word {PROMPT_WORD!r} repeated)",
             f"completion     {self.completion_tokens} tokens in all",
-            f"throughput     {self.output_tokens_per_s:.1f} output tokens/s, {self.total_tokens_per_s:.1f} total tokens/s",
+            f"throughput     {self.output_tokens_per_s:.1f} output tokens/s, "
+            f"{self.total_tokens_per_s:.1f} total tokens/s",
             f"{'latency (ms)':<14}" + "".join(f"{f'p{q}':>10}" for q in PERCENTILES),
         ]
         names = {"ttft": "time to first", "itl": "inter-token", "e2e": "end to end"}

@@ -17,7 +17,7 @@ from .bench import run_bench
 from .client import DEFAULT_BASE_URL, DEFAULT_TIMEOUT, AsyncClient, Client
 from .errors import APIError
 from .retry import RetryPolicy
-from .types import CompletionObject
+from .types import CompletionObject, StreamChunk
 
 API_KEY_VARIABLE = "MAMBA_EXTEND_API_KEY"  # read when --api-key is not given, so the key need not sit in argv
 
@@ -91,7 +91,7 @@ def complete(args: argparse.Namespace) -> int:
                 print(completion.text)
                 print(_summary(completion), file=sys.stderr)
             return 0
-        last = None
+        last: StreamChunk | None = None
         for chunk in client.stream(prompt, include_usage=True, **params):
             if args.json:
                 print(json.dumps(dataclasses.asdict(chunk), ensure_ascii=False), flush=True)
@@ -100,7 +100,8 @@ def complete(args: argparse.Namespace) -> int:
             last = chunk
         if not args.json:
             print()
-            print(_summary(last), file=sys.stderr)
+            if last is not None:
+                print(_summary(last), file=sys.stderr)
     return 0
 
 

@@ -11,14 +11,14 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import AsyncIterator, Iterator
 
 import httpx
 
 from .errors import APIError
 from .protocol import COMPLETIONS_PATH, DONE, completion_body, parse_event_line, stream_body
-from .retry import RetryPolicy
+from .retry import DEFAULT_RETRY, RetryPolicy
 from .types import Completion, StreamChunk
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Client:
     """
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, *, api_key: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, retry: RetryPolicy = RetryPolicy()):
+                 timeout: float = DEFAULT_TIMEOUT, retry: RetryPolicy = DEFAULT_RETRY):
         self.retry = retry
         self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
@@ -106,7 +106,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -117,7 +117,7 @@ class AsyncClient:
     """The asyncio twin of `Client`: `await complete(...)`, `async for chunk in stream(...)`."""
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, *, api_key: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, retry: RetryPolicy = RetryPolicy(),
+                 timeout: float = DEFAULT_TIMEOUT, retry: RetryPolicy = DEFAULT_RETRY,
                  max_connections: int = 100):
         self.retry = retry
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
@@ -166,7 +166,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

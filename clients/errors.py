@@ -24,13 +24,13 @@ class APIError(Exception):
         self.message = message
 
     @classmethod
-    def from_error_object(cls, status: int | None, error: dict) -> "APIError":
+    def from_error_object(cls, status: int | None, error: dict) -> APIError:
         """From the `error` member of an OpenAI error body."""
         return cls(status, error.get("type") or "server_error", error.get("message") or "", error.get("code"),
                    error.get("param"))
 
     @classmethod
-    def from_body(cls, status: int, body: bytes) -> "APIError":
+    def from_body(cls, status: int, body: bytes) -> APIError:
         """From a non-2xx response; a body that is not OpenAI error JSON (a proxy's page) becomes the message."""
         try:
             error = json.loads(body)["error"]

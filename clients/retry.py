@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Mapping
 
 RETRYABLE_STATUSES = frozenset({429, 503})  # the server is busy or briefly unable: the same request may succeed
 
@@ -27,6 +27,9 @@ class RetryPolicy:
             return after
         # Jitter, so clients refused together do not all come back at the same instant.
         return min(self.max_backoff, self.backoff * 2 ** retry) * random.uniform(0.5, 1.0)
+
+
+DEFAULT_RETRY = RetryPolicy()  # the clients' default: frozen, so one instance serves them all
 
 
 def retry_after_seconds(value: str | None) -> float | None:

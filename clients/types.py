@@ -12,7 +12,7 @@ class Usage:
     total_tokens: int
 
     @classmethod
-    def from_json(cls, data: dict) -> "Usage":
+    def from_json(cls, data: dict) -> Usage:
         return cls(data["prompt_tokens"], data["completion_tokens"], data["total_tokens"])
 
 
@@ -25,7 +25,7 @@ class Choice:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended the choice, if one did
 
     @classmethod
-    def from_json(cls, data: dict) -> "Choice":
+    def from_json(cls, data: dict) -> Choice:
         return cls(data["index"], data["text"], data.get("finish_reason"), data.get("logprobs"),
                    data.get("stop_reason"))
 
@@ -62,7 +62,9 @@ class CompletionObject:
 
 @dataclass(frozen=True)
 class Completion(CompletionObject):
-    """A whole completion (a request without `stream`); `usage` is always there."""
+    """A whole completion (a request without `stream`)."""
+
+    usage: Usage  # always there on a whole completion
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@
         --granularity channel --method delta --data BOOKS... --out BANK [--resume]
 
 For each bucket, shortest first: calibrate on the calibration documents at the bucket length, starting
-from the previous bucket's scales (a curriculum: calibrating a long bucket from identity learns little,
-FINDINGS.md 3); score identity, the previous bucket's scales and the new ones on the held-out documents;
-keep the best (never worse than identity) and record all three in the manifest. Each finished bucket is
-written at once, so `--resume` carries on after an interruption.
+from the previous bucket's scales (a curriculum: calibrating a long bucket from identity learns little);
+score identity, the previous bucket's scales and the new ones on the held-out documents; keep the best
+(never worse than identity) and record all three in the manifest. Each finished bucket is written at once,
+so `--resume` carries on after an interruption.
 
     python -m extend.build_bank ... --data books=train-01.jsonl.xz,docs=python-docs.jsonl.xz@train,filler \
         --mixture books=2,docs=1,filler=1 --templates line,inline
@@ -32,24 +32,27 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from runtime import MAMBA1, MAMBA2, Decimation, ScaleMethod, ScaleSet, __version__, load_model
+from runtime import MAMBA1, MAMBA2, Decimation, LoadedModel, MambaLM, ScaleMethod, ScaleSet, __version__, load_model
 from runtime.errors import RuntimeErrorBase
-from runtime.tokenizer import find_tokenizer
+from runtime.tokenizer import Tokenizer, find_tokenizer
 from scale_bank import Bank, BankEntry, BankError, bucket_name, model_info, parse_buckets
 
 from . import distributed
-from .calibrate import calibrate_bp, calibrate_zo
+from .calibrate import CalibrationResult, calibrate_bp, calibrate_zo
 from .data import DataError, DataSplit
 from .decimate import sweep_and_choose
-from .losses import language_model_objective, passkey_objective
-from .passkey import parse_templates
+from .losses import Objective, language_model_objective, passkey_objective
+from .passkey import Template, parse_templates
 from .scoring import HELD_OUT_RULE, HeldOut, choose, score_domains
-from .sources import Domain, Mixture, SourceSpec, parse_mixture, parse_sources, read_source
+from .sources import Domain, Haystack, Mixture, SourceSpec, parse_mixture, parse_sources, read_source
+from .tokens import TokenSource
 
 log = logging.getLogger("extend.build_bank")
 
@@ -127,7 +130,7 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
-def _open_bank(args, loaded) -> Bank:
+def _open_bank(args: argparse.Namespace, loaded: LoadedModel) -> Bank:
     info = model_info(loaded.config, loaded.fingerprint, loaded.quantization)
     if args.training_length:
         info["training_context_length"] = args.training_length
@@ -136,6 +139,13 @@ def _open_bank(args, loaded) -> Bank:
             raise BankError(args.out, "a bank is already there; pass --resume to complete it, or choose another --out")
         return Bank.load(args.out, loaded.config, loaded.fingerprint, loaded.quantization)
     return Bank.create(args.out, info)
+
+
+def _shared_bank(args: argparse.Namespace, loaded: LoadedModel) -> Bank:
+    """The bank every rank adds to: rank 0 alone creates (or resumes) and writes it, the others read it."""
+    bank = _open_bank(args, loaded) if distributed.is_main() else None
+    distributed.barrier()
+    return bank or Bank.load(args.out, loaded.config, loaded.fingerprint, loaded.quantization)
 
 
 @dataclass
@@ -148,9 +158,10 @@ class CalibrationData:
     sources: dict  # the manifest's {name: {"data": spec, "weight": w}}
 
     @classmethod
-    def of(cls, specs: list[SourceSpec], weights: dict[str, float], tokenizer, seed: int,
-           held_out_fraction: float) -> "CalibrationData":
-        calibration, held_out, record = [], {}, {"calibration": [], "held_out": []}
+    def of(cls, specs: list[SourceSpec], weights: dict[str, float], tokenizer: Tokenizer, seed: int,
+           held_out_fraction: float) -> CalibrationData:
+        calibration, held_out = [], {}
+        record: dict[str, list[dict]] = {"calibration": [], "held_out": []}
         for spec in specs:
             docs = read_source(spec)
             split = DataSplit.of(docs, seed, held_out_fraction) if docs else DataSplit([], [], seed)
@@ -162,34 +173,50 @@ class CalibrationData:
         return cls(Mixture(calibration, weights), held_out, record, sources)
 
 
+@dataclass(frozen=True)
+class BuildInputs:
+    """What every bucket's job reads."""
+
+    args: argparse.Namespace
+    model: MambaLM
+    tokenizer: Tokenizer
+    data: CalibrationData
+    templates: list[Template]
+    granularity: str  # as calibrated: a Mamba2's "channel" scales are per head
+
+    def scoring(self, source: Mixture | TokenSource | None, haystack: Haystack) -> HeldOut:
+        """What scoring reads from `source` and `haystack`, with the sample budget of the arguments."""
+        args = self.args
+        return HeldOut(source, self.tokenizer, haystack, args.eval_samples, args.seed, args.eval_batch_size)
+
+
+# (bucket name, length, the scales served for the bucket before, start time) -> the entry and its scales
+BucketJob = Callable[[str, int, ScaleSet | None, float], tuple[BankEntry, ScaleSet | None]]
+
+
+def _granularity(asked: str, arch: str) -> str:
+    """The granularity calibrated for `asked`: Mamba2's Δ is per head, so its "channel" scales are per head."""
+    if arch == MAMBA2 and asked == "channel":
+        return "head"
+    if arch == MAMBA1 and asked == "head":
+        raise ValueError("--granularity head is for Mamba2 models; Mamba1 scales are per channel")
+    return asked
+
+
 def _served(bank: Bank, name: str) -> ScaleSet | None:
     """What the server applies for bucket `name`: None when the entry kept identity."""
     entry = bank.entry(name)
     return None if entry.chosen == "identity" else bank.scale_set(name)
 
 
-def _start(args, config, previous: ScaleSet | None) -> ScaleSet:
-    identity = ScaleSet.identity(config, ScaleMethod(args.method), "channel" if args.granularity == "head"
-                                 else args.granularity)
-    fits = previous is not None and previous.method is identity.method and all(
-        p.shape == i.shape for p, i in zip(previous.layers, identity.layers))
-    return previous if args.init == "previous" and fits else identity
-
-
-def _decimation_template(args, config) -> tuple[Decimation, list[int]]:
-    """The decimation every bucket's sweep varies the layer of, and the candidate layers (checked)."""
-    l_base = args.decimate_l_base if args.decimate_l_base is not None else (
-        args.training_length or config.training_context_length)
-    if l_base is None:
-        raise ValueError("--method decimate needs L_base: pass --decimate-l-base or --training-length")
-    # Decimating after the last layer would only drop outputs nobody reads: the same as identity.
-    layers = args.decimate_layers or list(range(config.n_layer - 1))
-    if not layers:
-        raise ValueError(f"--method decimate: a {config.n_layer}-layer model has no layer with one after it")
-    for layer in layers:
-        template = Decimation(layer, l_base, args.decimate_min_len, args.decimate_keep_last)
-        template.check(config.n_layer)
-    return template, layers
+def _start(inputs: BuildInputs, previous: ScaleSet | None) -> ScaleSet:
+    """The scales calibration starts from: the previous bucket's (--init previous) where they fit, or identity."""
+    granularity = "channel" if inputs.granularity == "head" else inputs.granularity
+    identity = ScaleSet.identity(inputs.model.config, ScaleMethod(inputs.args.method), granularity)
+    if inputs.args.init == "previous" and previous is not None and previous.method is identity.method and all(
+            p.shape == i.shape for p, i in zip(previous.layers, identity.layers)):
+        return previous
+    return identity
 
 
 def _cost(started: float, device: torch.device) -> dict:
@@ -200,120 +227,153 @@ def _cost(started: float, device: torch.device) -> dict:
     return cost
 
 
-def _decimate_entry(args, model, name: str, length: int, template: Decimation, layers: list[int],
-                    calibration: HeldOut, held_out: HeldOut, record: dict, started: float) -> BankEntry:
-    if not template.drops(length - 1):
-        log.warning("bucket %s: decimation drops nothing from %d tokens (L_base %d + keep_last %d cover them): "
-                    "every layer scores as identity", name, length, template.l_base, template.keep_last)
-    result = sweep_and_choose(model, args.task, length, layers, template, calibration, held_out)
-    cost = _cost(started, model.device)
-    log.info("bucket %s: swept layers %s in %s; best layer %d; kept %s; held-out %s", name, layers, cost,
-             result.decimation.layer, result.chosen, _metrics_text(result.metrics))
-    return BankEntry(
-        bucket=name, length=length, method="decimate", granularity="none", version=__version__,
-        params=result.decimation.to_params(),
-        calibrator={"name": "layer_sweep", "task": args.task, "layers": layers, "samples": args.eval_samples,
-                    "ppl_tail": template.keep_last, "sweep": result.sweep, **cost},
-        seed=args.seed, data=record, metrics=result.metrics, chosen=result.chosen,
-    )
-
-
 def _metrics_text(metrics: dict[str, dict[str, float]]) -> str:
     return "; ".join(f"{k} {', '.join(f'{m} {v:.4g}' for m, v in vals.items())}" for k, vals in metrics.items())
 
 
-def build(args) -> Bank:
-    device = torch.device(args.device)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                        quantize=args.quantize, quantize_embedding=args.quantize_embedding)
-    model, config = loaded.model, loaded.config
-    tokenizer = find_tokenizer(args.model, args.tokenizer)
-    specs = parse_sources(args.data)
-    data = CalibrationData.of(specs, parse_mixture(args.mixture, specs), tokenizer, args.seed,
-                              args.held_out_fraction)
-    templates = parse_templates(args.templates)
-    if config.arch == MAMBA2 and args.granularity == "channel":
-        args.granularity = "head"  # Mamba2's Δ is per head: its "channel" scales are per head
-    if config.arch == MAMBA1 and args.granularity == "head":
-        raise ValueError("--granularity head is for Mamba2 models; Mamba1 scales are per channel")
-    bank = _open_bank(args, loaded) if distributed.is_main() else None  # rank 0 alone writes
-    distributed.barrier()
-    bank = bank or Bank.load(args.out, config, loaded.fingerprint, loaded.quantization)
-    log.info("model %s (%s), fingerprint %s; sources %s; %d calibration and %d held-out documents; bank %s",
-             args.model, config.arch, loaded.fingerprint, ", ".join(f"{k}={v['data']} (weight {v['weight']:g})"
-                                                                   for k, v in data.sources.items()),
-             sum(len(f["documents"]) for f in data.record["calibration"]),
-             sum(len(f["documents"]) for f in data.record["held_out"]), args.out)
-    held_out = {name: HeldOut(domain.text, tokenizer, domain.haystack, args.eval_samples, args.seed,
-                              args.eval_batch_size) for name, domain in data.held_out.items()}
-    if args.method == "decimate":
-        template, layers = _decimation_template(args, config)
-        sweep_data = HeldOut(data.calibration, tokenizer, data.calibration.haystack, args.eval_samples, args.seed,
-                             args.eval_batch_size)
-        held_out_mixture = Mixture(list(data.held_out.values()), data.calibration.weights)
-        decimate_held_out = HeldOut(held_out_mixture, tokenizer, held_out_mixture.haystack, args.eval_samples,
-                                    args.seed, args.eval_batch_size)
+def _objective(inputs: BuildInputs, length: int) -> Objective:
+    args, data = inputs.args, inputs.data
+    if args.task == "ppl":
+        return language_model_objective(inputs.model, data.calibration, length, args.batch_size, args.seed,
+                                        micro_batch=args.micro_batch_size)
+    return passkey_objective(inputs.model, inputs.tokenizer, data.calibration.haystack, length, args.batch_size,
+                             args.seed, text=data.calibration, ppl_weight=args.ppl_weight, ppl_slack=args.ppl_slack,
+                             templates=inputs.templates, micro_batch=args.micro_batch_size)
+
+
+def _calibrate(args: argparse.Namespace, objective: Objective, init: ScaleSet) -> CalibrationResult:
+    progress = not args.no_progress and distributed.is_main()
+    if args.calibrator == "zo":
+        return calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed, progress)
+    return calibrate_bp(objective, init, args.steps or 200, args.lr or 0.05, progress)
+
+
+def _calibrated_entry(inputs: BuildInputs, held_out: dict[str, HeldOut], name: str, length: int,
+                      previous: ScaleSet | None, started: float) -> tuple[BankEntry, ScaleSet]:
+    """Calibrates bucket `name` from `previous` (or identity) and keeps the best of identity, `previous` and
+    the new scales on the held-out documents."""
+    args, model = inputs.args, inputs.model
+    objective = _objective(inputs, length)
+    init = _start(inputs, previous)
+    result = _calibrate(args, objective, init)
+    cost = _cost(started, model.device)
+    candidates = {"identity": None, "calibrated": result.scales}
+    if previous is not None:
+        candidates["previous"] = previous
+    metrics = {key: score_domains(model, args.task, length, scales, held_out) for key, scales in candidates.items()}
+    chosen = distributed.from_main(choose(args.task, metrics))  # one decision, whatever a rank's last bits
+    kept = candidates[chosen] or ScaleSet(init.method, tuple(torch.ones_like(layer) for layer in init.layers))
+    passkey = {"ppl_weight": args.ppl_weight, "ppl_slack": args.ppl_slack,
+               "templates": [t.name for t in inputs.templates]} if args.task == "passkey" else {}
+    entry = BankEntry(
+        bucket=name, length=length, method=args.method, granularity=inputs.granularity, version=__version__,
+        calibrator={**result.hyper, "init": "previous" if init is previous else "identity",
+                    "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size or args.batch_size,
+                    "world_size": distributed.world_size(), "task": args.task, "final_loss": result.losses[-1],
+                    **cost, **passkey, "sources": inputs.data.sources, "held_out_rule": HELD_OUT_RULE},
+        seed=args.seed, data=inputs.data.record, metrics=metrics, chosen=chosen,
+    )
+    log.info("bucket %s: calibrated in %s; kept %s; held-out %s", name, cost, chosen, _metrics_text(metrics))
+    return entry, kept
+
+
+@dataclass(frozen=True)
+class DecimateSweep:
+    """What every bucket's layer sweep shares: the decimation it varies the layer of, the candidate layers,
+    and the documents it sweeps on and judges the best layer on."""
+
+    template: Decimation
+    layers: list[int]
+    calibration: HeldOut
+    held_out: HeldOut
+
+    @classmethod
+    def of(cls, inputs: BuildInputs) -> DecimateSweep:
+        args, config, data = inputs.args, inputs.model.config, inputs.data
+        l_base = args.decimate_l_base if args.decimate_l_base is not None else (
+            args.training_length or config.training_context_length)
+        if l_base is None:
+            raise ValueError("--method decimate needs L_base: pass --decimate-l-base or --training-length")
+        # Decimating after the last layer would only drop outputs nobody reads: the same as identity.
+        layers = args.decimate_layers or list(range(config.n_layer - 1))
+        if not layers:
+            raise ValueError(f"--method decimate: a {config.n_layer}-layer model has no layer with one after it")
+        for layer in layers:
+            template = Decimation(layer, l_base, args.decimate_min_len, args.decimate_keep_last)
+            template.check(config.n_layer)
+        held_out = Mixture(list(data.held_out.values()), data.calibration.weights)
+        return cls(template, layers, inputs.scoring(data.calibration, data.calibration.haystack),
+                   inputs.scoring(held_out, held_out.haystack))
+
+
+def _decimate_entry(inputs: BuildInputs, sweep: DecimateSweep, name: str, length: int, _previous: ScaleSet | None,
+                    started: float) -> tuple[BankEntry, None]:
+    """Sweeps the decimating layer for bucket `name` and keeps the best layer if it beats identity."""
+    args, model, template = inputs.args, inputs.model, sweep.template
+    if not template.drops(length - 1):
+        log.warning("bucket %s: decimation drops nothing from %d tokens (L_base %d + keep_last %d cover them): "
+                    "every layer scores as identity", name, length, template.l_base, template.keep_last)
+    result = sweep_and_choose(model, args.task, length, sweep.layers, template, sweep.calibration, sweep.held_out)
+    cost = _cost(started, model.device)
+    log.info("bucket %s: swept layers %s in %s; best layer %d; kept %s; held-out %s", name, sweep.layers, cost,
+             result.decimation.layer, result.chosen, _metrics_text(result.metrics))
+    entry = BankEntry(
+        bucket=name, length=length, method="decimate", granularity="none", version=__version__,
+        params=result.decimation.to_params(),
+        calibrator={"name": "layer_sweep", "task": args.task, "layers": sweep.layers, "samples": args.eval_samples,
+                    "ppl_tail": template.keep_last, "sweep": result.sweep, **cost},
+        seed=args.seed, data=inputs.data.record, metrics=result.metrics, chosen=result.chosen,
+    )
+    return entry, None
+
+
+def _fill(bank: Bank, buckets: str, device: torch.device, job: BucketJob) -> Bank:
+    """Adds an entry made by `job` for every bucket the bank lacks, shortest first; each starts from the scales
+    the bank serves for the one before."""
     previous: ScaleSet | None = None
-    for length in parse_buckets(args.buckets):
+    for length in parse_buckets(buckets):
         name = bucket_name(length)
         if name in bank.buckets:
             log.info("bucket %s: already in the bank, kept (--resume)", name)
             previous = _served(bank, name)
-            continue
-        started = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if args.method == "decimate":
-            entry = _decimate_entry(args, model, name, length, template, layers, sweep_data, decimate_held_out,
-                                    data.record, started)
+        else:
+            started = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            entry, scales = job(name, length, previous, started)
             if distributed.is_main():
-                bank.add_entry(entry, None)
-            continue
-        if args.task == "ppl":
-            objective = language_model_objective(model, data.calibration, length, args.batch_size, args.seed,
-                                                 micro_batch=args.micro_batch_size)
-        else:
-            objective = passkey_objective(model, tokenizer, data.calibration.haystack, length, args.batch_size,
-                                          args.seed, text=data.calibration, ppl_weight=args.ppl_weight,
-                                          ppl_slack=args.ppl_slack, templates=templates,
-                                          micro_batch=args.micro_batch_size)
-        init = _start(args, config, previous)
-        progress = not args.no_progress and distributed.is_main()
-        if args.calibrator == "zo":
-            result = calibrate_zo(objective, init, args.steps or 50, args.lr or 0.001, args.c, args.seed, progress)
-        else:
-            result = calibrate_bp(objective, init, args.steps or 200, args.lr or 0.05, progress)
-        cost = _cost(started, device)
-        candidates = {"identity": None, "calibrated": result.scales}
-        if previous is not None:
-            candidates["previous"] = previous
-        metrics = {key: score_domains(model, args.task, length, scales, held_out)
-                   for key, scales in candidates.items()}
-        chosen = distributed.from_main(choose(args.task, metrics))  # one decision, whatever a rank's last bits
-        kept = candidates[chosen] or ScaleSet.identity(config, init.method, init.granularity(config))
-        entry = BankEntry(
-            bucket=name, length=length, method=args.method, granularity=args.granularity, version=__version__,
-            calibrator={**result.hyper, "init": "previous" if init is previous else "identity",
-                        "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size or args.batch_size,
-                        "world_size": distributed.world_size(), "task": args.task, "final_loss": result.losses[-1],
-                        **cost,
-                        **({"ppl_weight": args.ppl_weight, "ppl_slack": args.ppl_slack,
-                            "templates": [t.name for t in templates]} if args.task == "passkey" else {}),
-                        "sources": data.sources, "held_out_rule": HELD_OUT_RULE},
-            seed=args.seed, data=data.record, metrics=metrics, chosen=chosen,
-        )
-        if distributed.is_main():
-            bank.add_entry(entry, kept)
-        previous = candidates[chosen]
-        log.info("bucket %s: calibrated in %s; kept %s; held-out %s", name, cost, chosen, _metrics_text(metrics))
+                bank.add_entry(entry, scales)
+            previous = None if entry.chosen == "identity" else scales
     return bank
+
+
+def build(args: argparse.Namespace, device: torch.device) -> Bank:
+    loaded = load_model(args.model, device=str(device), dtype=args.dtype, backend=args.backend,
+                        quantize=args.quantize, quantize_embedding=args.quantize_embedding)
+    tokenizer = find_tokenizer(args.model, args.tokenizer)
+    specs = parse_sources(args.data)
+    data = CalibrationData.of(specs, parse_mixture(args.mixture, specs), tokenizer, args.seed,
+                              args.held_out_fraction)
+    inputs = BuildInputs(args, loaded.model, tokenizer, data, parse_templates(args.templates),
+                         _granularity(args.granularity, loaded.config.arch))
+    bank = _shared_bank(args, loaded)
+    log.info("model %s (%s), fingerprint %s; sources %s; %d calibration and %d held-out documents; bank %s",
+             args.model, loaded.config.arch, loaded.fingerprint, ", ".join(
+                 f"{k}={v['data']} (weight {v['weight']:g})" for k, v in data.sources.items()),
+             sum(len(f["documents"]) for f in data.record["calibration"]),
+             sum(len(f["documents"]) for f in data.record["held_out"]), args.out)
+    if args.method == "decimate":
+        job: BucketJob = partial(_decimate_entry, inputs, DecimateSweep.of(inputs))
+    else:
+        held_out = {name: inputs.scoring(domain.text, domain.haystack) for name, domain in data.held_out.items()}
+        job = partial(_calibrated_entry, inputs, held_out)
+    return _fill(bank, args.buckets, device, job)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank_device = distributed.start(torch.device(args.device).type)
-    if rank_device is not None:
-        args.device = str(rank_device)  # torchrun on CUDA: one GPU a rank
+    rank_device = distributed.start(torch.device(args.device).type)  # torchrun on CUDA: one GPU a rank
+    device = torch.device(args.device) if rank_device is None else rank_device
     if distributed.is_main():
         args.out.mkdir(parents=True, exist_ok=True)
     handlers = [logging.StreamHandler()] + (
@@ -326,7 +386,7 @@ def main(argv=None) -> int:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     try:
-        bank = build(args)
+        bank = build(args, device)
     except (RuntimeErrorBase, BankError, DataError, ValueError) as error:
         log.error("%s", error)
         return 2

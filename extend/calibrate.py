@@ -1,4 +1,4 @@
-"""The two calibrators of MambaExtend (DESIGN.md §1), on any `Objective`.
+"""The two calibrators of MambaExtend, on any `Objective`.
 
 - ZO (zeroth order, SPSA): one scalar per layer; per step two evaluations at S ± c·δ with δ Rademacher,
   g = (L+ − L−)/(2c)·δ on the log-loss, S ← max(S − η·g, floor). Paper defaults: η = 0.001, c = 0.1, K = 50.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -46,8 +47,8 @@ def calibrate_zo(objective: Objective, init: ScaleSet, steps: int = 50, lr: floa
             sign = torch.randint(0, 2, current.shape, generator=generator).float() * 2 - 1  # (n_layer,) ±1
             plus = (current + c * sign).clamp(min=ZO_FLOOR)
             minus = (current - c * sign).clamp(min=ZO_FLOOR)
-            loss_plus = math.log(objective.run(lambda: ScaleSet(init.method, tuple(plus)), step, backward=False))
-            loss_minus = math.log(objective.run(lambda: ScaleSet(init.method, tuple(minus)), step, backward=False))
+            loss_plus = math.log(objective.run(partial(ScaleSet, init.method, tuple(plus)), step, backward=False))
+            loss_minus = math.log(objective.run(partial(ScaleSet, init.method, tuple(minus)), step, backward=False))
             gradient = (loss_plus - loss_minus) / (2 * c) * sign
             current = (current - lr * gradient).clamp(min=ZO_FLOOR)
             losses.append((loss_plus + loss_minus) / 2)

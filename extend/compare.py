@@ -70,11 +70,11 @@ def _evaluation_args(args, bank: Path | None) -> argparse.Namespace:
 def compare(args) -> list[dict]:
     """Rows {task, length, base, METHOD: value, METHOD_bucket: name, [METHOD_tail]} for every length and task."""
     banks = build_banks(args)
-    rows = None
-    for method, bank in banks.items():
+    rows: list[dict] = []
+    for i, (method, bank) in enumerate(banks.items()):
         # the base model is scored once; and beside decimate buckets, on the kept tail too
-        scored = evaluate.evaluate(_evaluation_args(args, bank), base=rows is None or method == "decimate")
-        if rows is None:
+        scored = evaluate.evaluate(_evaluation_args(args, bank), base=i == 0 or method == "decimate")
+        if i == 0:
             rows = [{"task": r["task"], "length": r["length"], "base": r["base"]} for r in scored]
         for row, result in zip(rows, scored, strict=True):
             row[method], row[f"{method}_bucket"] = result["bank"], result["bucket"]

@@ -86,7 +86,7 @@ class DataSplit:
     seed: int
 
     @classmethod
-    def of(cls, docs: list[Document], seed: int, held_out_fraction: float = 0.5) -> "DataSplit":
+    def of(cls, docs: list[Document], seed: int, held_out_fraction: float = 0.5) -> DataSplit:
         """Shuffles documents with `seed` and cuts them; each part gets at least one document."""
         if len(docs) < 2:
             raise DataError(f"{docs[0].path}: need at least 2 documents to split calibration from held-out data")

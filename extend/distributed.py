@@ -7,7 +7,8 @@ writes. NCCL on CUDA, gloo on CPU. Without that environment there is one process
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist

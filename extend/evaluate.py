@@ -72,6 +72,7 @@ def evaluate(args, base: bool = True) -> list[dict]:
                                                             decimation=decimate, template=template)
                             row[variant], row[f"{variant}_answer_ce"] = accuracy, ce
                         else:
+                            assert domain.text is not None  # the filler's perplexity rows are skipped above
                             row[variant] = perplexity(loaded.model, domain.text, length, args.samples, scales,
                                                       args.seed, args.batch_size, decimation=decimate, tail=tail)
                     rows.append(row)

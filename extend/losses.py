@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -105,16 +105,19 @@ def passkey_objective(model: MambaLM, tokenizer: Tokenizer, haystack, length: in
     perplexity stays within the slack, and pushes back hard beyond it. It holds per domain because a mean over
     domains lets the scales trade one domain's perplexity for another's, and the held-out rule judges each."""
     slack = math.log1p(ppl_slack)
+    if ppl_weight and text is None:
+        raise ValueError("the perplexity hinge (ppl_weight > 0) needs text")
+    hinged = text if ppl_weight else None  # the text the hinge holds; None: no hinge
 
     def draw(step: int) -> tuple[PasskeyBatch, dict[str, torch.Tensor]]:
         rng = random.Random(f"{seed}:{step}")
         batch = make_batch(tokenizer, length, batch_size, rng, haystack, [rng.random() for _ in range(batch_size)],
                            templates)
-        if not ppl_weight:
+        if hinged is None:
             return batch, {}
         count = max(1, batch_size // 4)
-        return batch, text.batches(length, count, rng) if isinstance(text, Mixture) else {
-            "text": text.batch(length, count, rng)}  # domain -> (count, length)
+        return batch, hinged.batches(length, count, rng) if isinstance(hinged, Mixture) else {
+            "text": hinged.batch(length, count, rng)}  # domain -> (count, length)
 
     def loss(scale_set: ScaleSet | None, step: int) -> torch.Tensor:
         batch, domains = draw(step)

@@ -35,7 +35,7 @@ def _last_hidden(model: MambaLM, inputs: torch.Tensor, scale_set: ScaleSet | Non
     `keep_last` that a decimation which drops positions keeps in place)."""
     hidden, _ = model.hidden_states(inputs, scales=_scales(model, scale_set, len(inputs)), checkpoint=checkpoint,
                                     decimation=decimation)  # (b, k ≤ l, D)
-    if hidden.shape[1] < inputs.shape[1]:  # decimated: the positions before the last keep_last moved
+    if decimation is not None and hidden.shape[1] < inputs.shape[1]:  # the positions before keep_last moved
         tail = decimation.keep_last if tail is None else tail
         if tail > decimation.keep_last:
             raise ValueError(f"scoring the last {tail} positions of a decimated prompt, which keeps only its last "

@@ -22,8 +22,8 @@ which is exactly greedy generation reproducing the key.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -111,7 +111,7 @@ def filler_haystack(tokenizer: Tokenizer) -> Callable[[int, random.Random], list
 
 def minimum_length(tokenizer: Tokenizer, template: Template = LINE) -> int:
     """Tokens a sample needs besides its haystack (prefix, needle, question and a 5-digit answer)."""
-    question = max((len(tokenizer.encode("\n" + q)) for q in template.questions))
+    question = max(len(tokenizer.encode("\n" + q)) for q in template.questions)
     return question + sum(len(tokenizer.encode(part)) for part in (template.prefix(), template.needle("00000"),
                                                                    " 00000"))
 
@@ -151,17 +151,17 @@ class PasskeyBatch:
     depths: list[float]
 
     @classmethod
-    def of(cls, samples: list[PasskeySample]) -> "PasskeyBatch":
+    def of(cls, samples: list[PasskeySample]) -> PasskeyBatch:
         tokens = torch.tensor([s.tokens for s in samples], dtype=torch.long)
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         for row, s in enumerate(samples):
             mask[row, s.answer_start:] = True
         return cls(tokens, mask, [s.depth for s in samples])
 
-    def to(self, device) -> "PasskeyBatch":
+    def to(self, device) -> PasskeyBatch:
         return PasskeyBatch(self.tokens.to(device), self.answer_mask.to(device), self.depths)
 
-    def rows(self, index: list[int]) -> "PasskeyBatch":
+    def rows(self, index: list[int]) -> PasskeyBatch:
         return PasskeyBatch(self.tokens[index], self.answer_mask[index], [self.depths[i] for i in index])
 
 

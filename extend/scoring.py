@@ -17,6 +17,7 @@ from runtime import Decimation, MambaLM, ScaleSet
 from runtime.tokenizer import Tokenizer
 
 from .objectives import passkey_accuracy, perplexity
+from .sources import Haystack, Mixture
 from .tokens import TokenSource
 
 PPL_TOLERANCE = 1.05
@@ -31,9 +32,9 @@ class HeldOut:
     """What scoring reads: documents (the held-out ones; the calibration ones for a sweep), a passkey haystack
     from them, and the sample budget."""
 
-    source: TokenSource | None  # None for a haystack without text (the filler): no perplexity
+    source: TokenSource | Mixture | None  # None for a haystack without text (the filler): no perplexity
     tokenizer: Tokenizer
-    haystack: object  # callable (length, rng) -> token ids
+    haystack: Haystack
     samples: int
     seed: int
     batch_size: int = 1

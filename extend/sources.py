@@ -5,7 +5,7 @@ paragraph (a haystack only: it has no text to score perplexity on). Several are 
 
     books=gutenberg/train-01.jsonl.xz,docs=domains/python-docs.jsonl.xz@train,filler
 
-A bare `PATH` (no name) belongs to the source named `text`, so `--data a.jsonl b.jsonl` is one source as before.
+A bare `PATH` (no name) belongs to the source named `text`, so `--data a.jsonl b.jsonl` is one source.
 
 `@train` and `@eval` take a fixed part of a file's documents, chosen by a hash of each document's text
 (EVAL_FRACTION of them are `eval`): calibrate on `@train` and evaluate on `@eval`, and the evaluation never
@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -90,10 +90,10 @@ def parse_sources(items: list[str]) -> list[SourceSpec]:
 
 
 def _paths_and_part(text: str, item: str) -> tuple[tuple[str, ...], str | None]:
-    paths, at, part = text.rpartition("@") if "@" in text else (text, "", "")
+    joined, at, part = text.rpartition("@") if "@" in text else (text, "", "")
     if at and part not in PARTS:
         raise DataError(f"{item}: unknown part {part!r} (known: {', '.join(PARTS)})")
-    paths = tuple(p for p in paths.split("+") if p)
+    paths = tuple(p for p in joined.split("+") if p)
     if not paths:
         raise DataError(f"{item}: no path")
     return paths, part or None
@@ -144,7 +144,7 @@ class Domain:
     haystack: Haystack
 
     @classmethod
-    def of(cls, name: str, docs: list[Document], tokenizer: Tokenizer) -> "Domain":
+    def of(cls, name: str, docs: list[Document], tokenizer: Tokenizer) -> Domain:
         if not docs:
             return cls(name, None, filler_haystack(tokenizer))
         text = TokenSource(docs, tokenizer)
@@ -157,23 +157,25 @@ class Mixture:
 
     def __init__(self, domains: list[Domain], weights: dict[str, float]):
         self.weights = weights  # by domain name
-        self.domains = [d for d in domains if weights[d.name] > 0]
-        self.text_domains = [d for d in self.domains if d.text is not None]
+        drawn = [d for d in domains if weights[d.name] > 0]
+        self.haystacks = {d.name: d.haystack for d in drawn}
+        self.texts = {d.name: d.text for d in drawn if d.text is not None}  # the domains that have text
 
-    def _draw(self, domains: list[Domain], rng: random.Random) -> Domain:
-        """One of `domains` by weight (no draw, and so no use of `rng`, when there is one)."""
-        return domains[0] if len(domains) == 1 else rng.choices(domains, [self.weights[d.name] for d in domains])[0]
+    def _draw(self, names: list[str], rng: random.Random) -> str:
+        """One of `names` by weight (no draw, and so no use of `rng`, when there is one)."""
+        return names[0] if len(names) == 1 else rng.choices(names, [self.weights[name] for name in names])[0]
 
-    def _texts(self) -> list[Domain]:
-        if not self.text_domains:
+    def _texts(self) -> dict[str, TokenSource]:
+        if not self.texts:
             raise DataError("language modelling needs text: every calibration source is the filler")
-        return self.text_domains
+        return self.texts
 
     def haystack(self, length: int, rng: random.Random) -> list[int]:
-        return self._draw(self.domains, rng).haystack(length, rng)
+        return self.haystacks[self._draw(list(self.haystacks), rng)](length, rng)
 
     def window(self, length: int, rng: random.Random) -> list[int]:
-        return self._draw(self._texts(), rng).text.window(length, rng)
+        texts = self._texts()
+        return texts[self._draw(list(texts), rng)].window(length, rng)
 
     def batch(self, length: int, count: int, rng: random.Random) -> torch.Tensor:
         """(count, length) int64 windows."""
@@ -181,4 +183,4 @@ class Mixture:
 
     def batches(self, length: int, count: int, rng: random.Random) -> dict[str, torch.Tensor]:
         """(count, length) int64 windows of each domain that has text: what a per-domain hinge compares."""
-        return {d.name: d.text.batch(length, count, rng) for d in self._texts()}
+        return {name: text.batch(length, count, rng) for name, text in self._texts().items()}

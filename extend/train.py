@@ -12,20 +12,19 @@ The weights are stored in bfloat16 (`model.safetensors`) with `config.json` (rec
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from runtime import MAMBA1, ModelConfig, MambaLM
+from runtime import MAMBA1, MambaLM, ModelConfig
 from runtime.backend import select_backend
+from runtime.checkpoint_writer import save_hf
+from runtime.init_weights import init_weights
 from runtime.tokenizer import Tokenizer
 
 from .objectives import passkey_accuracy
@@ -36,58 +35,6 @@ from .training_text import TrainingText
 PASSKEY_MIN_LENGTH = 64
 VALIDATION_FRACTION = 0.02  # of the token stream, held out for the early-stopping check's haystacks
 VALIDATION_SAMPLES = 32  # passkey samples per early-stopping check, depths spread over 0-100%
-
-
-def init_weights(model: MambaLM, seed: int, dt_min: float = 0.001, dt_max: float = 0.1) -> None:
-    """mamba_ssm's initialisation: S4D-real A, Δ bias for Δ log-uniform in [dt_min, dt_max], rescaled out_proj.
-    dt_min bounds the longest memory a channel starts with (about 1/dt_min tokens for A = −1)."""
-    torch.manual_seed(seed)
-    c = model.config
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.reset_parameters()
-                if module.bias is not None:
-                    torch.nn.init.zeros_(module.bias)
-            elif isinstance(module, torch.nn.Conv1d):
-                module.reset_parameters()
-        torch.nn.init.normal_(model.embedding.weight, std=0.02)
-        for block in model.layers:
-            mixer = block.mixer
-            block.norm.weight.fill_(1.0)
-            std = c.dt_rank ** -0.5
-            torch.nn.init.uniform_(mixer.dt_proj.weight, -std, std)
-            log_dt = torch.rand(c.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (d,)
-            dt = torch.exp(log_dt).clamp(min=1e-4)
-            mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-            mixer.A_log.copy_(torch.log(torch.arange(1, c.d_state + 1, dtype=torch.float32)).expand(c.d_inner, -1))
-            mixer.D.fill_(1.0)
-            mixer.out_proj.weight.div_(math.sqrt(c.n_layer))
-        model.norm_f.weight.fill_(1.0)
-
-
-def hf_config(config: ModelConfig, eos_token_id: int | None) -> dict:
-    return {
-        "architectures": ["MambaForCausalLM"], "model_type": "mamba", "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layer, "vocab_size": config.vocab_size, "state_size": config.d_state,
-        "expand": config.expand, "conv_kernel": config.d_conv, "time_step_rank": config.dt_rank,
-        "use_bias": config.proj_bias, "use_conv_bias": config.conv_bias, "layer_norm_epsilon": config.norm_eps,
-        "residual_in_fp32": config.residual_in_fp32, "tie_word_embeddings": config.tie_embeddings,
-        "hidden_act": "silu", "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
-        "pad_token_id": eos_token_id, "training_context_length": config.training_context_length,
-    }
-
-
-def save_hf(model: MambaLM, tokenizer_path: Path | None, eos_token_id: int | None, out: Path) -> None:
-    """config.json + model.safetensors (bfloat16, transformers' tensor names) + tokenizer.json (if given)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(model.config, eos_token_id), indent=1) + "\n")
-    tensors = {"backbone." + name.replace("embedding.", "embeddings.", 1) if name.startswith("embedding.")
-               else "backbone." + name: t.detach().to("cpu", torch.bfloat16).contiguous()
-               for name, t in model.state_dict().items()}
-    save_file(tensors, out / "model.safetensors")
-    if tokenizer_path is not None and tokenizer_path.resolve() != (out / "tokenizer.json").resolve():
-        shutil.copy(tokenizer_path, out / "tokenizer.json")
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:

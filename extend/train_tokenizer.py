@@ -1,6 +1,7 @@
 """Train the embedded model's tokenizer: byte-level BPE on the training books.
 
-    python -m extend.train_tokenizer --data ../shared/data/gutenberg/train-00.jsonl.xz ... --vocab 8192 --out tokenizer.json
+    python -m extend.train_tokenizer --data ../shared/data/gutenberg/train-00.jsonl.xz ... --vocab 8192 \
+        --out tokenizer.json
 
 Digits are split one per token, so a 5-digit pass key is always 5 tokens: copying it is one skill, not
 one per digit group.

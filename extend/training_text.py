@@ -39,7 +39,7 @@ class TrainingText:
 
     @classmethod
     def read(cls, specs: list[SourceSpec], weights: dict[str, float], tokenizer: Tokenizer,
-             generator: torch.Generator) -> "TrainingText":
+             generator: torch.Generator) -> TrainingText:
         streams = {s.name: token_stream([d.text for d in read_source(s)], tokenizer) for s in specs if not s.is_filler}
         return cls(streams, weights, tokenizer, generator)
 
@@ -47,7 +47,7 @@ class TrainingText:
     def tokens(self) -> int:
         return sum(len(stream) for stream in self.streams.values())
 
-    def split(self, fraction: float, generator: torch.Generator) -> tuple["TrainingText", "TrainingText"]:
+    def split(self, fraction: float, generator: torch.Generator) -> tuple[TrainingText, TrainingText]:
         """(the first 1 - fraction of every stream, the rest drawn with `generator`): text never trained on."""
         cuts = {name: int(len(s) * (1 - fraction)) for name, s in self.streams.items()}
         return (TrainingText({n: s[:cuts[n]] for n, s in self.streams.items()}, self.weights, self.tokenizer,

@@ -5,8 +5,8 @@
 # never the eval books.
 #   bash models/screen_recipe.sh DATA_DIR SCREEN_DATA OUT_DIR "TRAIN_FLAGS 1" ["TRAIN_FLAGS 2" ...]
 # Each TRAIN_FLAGS adds to or overrides the shipped recipe of models/train_embedded.sh.
-# Four models side by side took 10 minutes on one H200. Then `bash models/train_embedded.sh SEED DATA_DIR
-# OUT_DIR/rK-sSEED "bank eval"` builds and scores a chosen model's bank.
+# Then `bash models/train_embedded.sh SEED DATA_DIR OUT_DIR/rK-sSEED "bank eval"` builds and scores a chosen
+# model's bank.
 set -uo pipefail
 data=$1 screen=$2 out=$3; shift 3
 mkdir -p "$out"

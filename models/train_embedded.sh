@@ -2,9 +2,8 @@
 # The embedded model's recipe, end to end: train, build its bank, evaluate base beside bank.
 #   bash models/train_embedded.sh SEED DATA_DIR OUT_DIR [STAGES]
 # DATA_DIR holds the shared Gutenberg files (train-00/01.jsonl.xz, eval.jsonl.xz). STAGES is any of
-# "train bank eval" (default: all three, in order). Run on a CUDA machine with mamba_ssm; about 25 minutes on
-# one H200, also with two seeds side by side (training 12, bank 11, evaluation 2). The bank build resumes
-# where it stopped. TRAIN_FLAGS adds to or overrides the shipped model's recipe (models/mamba-extend-default);
+# "train bank eval" (default: all three, in order). Run on a CUDA machine with mamba_ssm (the model card says
+# how long it took). The bank build resumes where it stopped. TRAIN_FLAGS adds to or overrides the shipped model's recipe (models/mamba-extend-default);
 # TRAIN_DATA replaces its training text (extend.sources specs; default: the two Gutenberg shards).
 set -euo pipefail
 train_flags=${TRAIN_FLAGS:-}

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
         config, log_level = parse_args(argv)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # The model runs on the engine thread. Once the main thread has run a multi-threaded OpenMP region
-        # (loading does), libgomp keeps that team and the engine thread's own team runs ~2x slower on a
-        # small CPU (measured: 60k-token prefill 39 s against 19 s). So the main thread stays single-threaded
-        # and the engine thread takes the machine's threads.
+        # (loading does), libgomp keeps that team and the engine thread's own team runs far slower on a small
+        # CPU (bench/RESULTS.md). So the main thread stays single-threaded and the engine thread takes the
+        # machine's threads.
         threads = config.engine.threads or torch.get_num_threads()
         config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, threads=threads))
         torch.set_num_threads(1)

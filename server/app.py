@@ -103,7 +103,8 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="mamba-extend-server", version=__version__, lifespan=lifespan)
-    app.openapi = lambda: app.openapi_schema or _openapi(app)
+    # FastAPI's documented way to customise the schema, which its method type does not allow for
+    app.openapi = lambda: app.openapi_schema or _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyGuard, max_bytes=http.max_body_bytes, timeout=http.body_timeout)
     if http.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(http.allowed_origins), allow_methods=["*"],
@@ -167,9 +168,12 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     async def tokenize(request: HttpRequest) -> dict:
         body = parse_body(TokenizeRequest, await request.body())
         service.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
+        if body.prompt is not None and body.messages is None:
+            text = body.prompt
+        elif body.messages is not None and body.prompt is None:
+            text = chat.render(body.messages, body.add_generation_prompt)
+        else:
             raise InvalidRequestError("give either prompt or messages", param="prompt")
-        text = body.prompt if body.messages is None else chat.render(body.messages, body.add_generation_prompt)
         [ids] = await asyncio.to_thread(components.tokenizer.encode_batch, [text])
         out = {"count": len(ids), "max_model_len": http.max_context, "tokens": ids}
         if body.return_token_strs:

@@ -70,7 +70,7 @@ class ChatService:
 
 def _message_choice(_submission: Submission, result: ChoiceResult) -> dict:
     return {"index": result.choice.index, "message": {"role": "assistant", "content": result.text},
-            "logprobs": None, **finish_fields(result.last)}
+            "logprobs": None, **finish_fields(result.final)}
 
 
 def _delta_choice(_submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:

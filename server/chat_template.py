@@ -66,7 +66,7 @@ class TokenizerConfig:
     chat_template: ChatTemplate | None
 
     @classmethod
-    def load(cls, model_dir: Path, tokenizer: Tokenizer, template_file: Path | None) -> "TokenizerConfig":
+    def load(cls, model_dir: Path, tokenizer: Tokenizer, template_file: Path | None) -> TokenizerConfig:
         """Raises ConfigError on an unreadable config or template, or a template that does not parse."""
         path = Path(model_dir) / TOKENIZER_CONFIG
         config = {}
@@ -78,6 +78,7 @@ class TokenizerConfig:
         eos = None if tokenizer.eos_token_id is None else tokenizer.id_to_token(tokenizer.eos_token_id)
         special = {name: _token_string(config.get(name)) for name in SPECIAL_TOKENS}
         special["eos_token"] = special["eos_token"] or eos
+        source: str | None
         if template_file is not None:
             try:
                 source, origin = Path(template_file).read_text(), str(template_file)

@@ -28,24 +28,25 @@ class InvalidRequestError(ServerError):
     type = "invalid_request_error"
 
 
-class BodyTooLargeError(InvalidRequestError):
-    """The request body is over --max-body-bytes; the rest of it is never read."""
-
-    status = 413
-    code = "request_too_large"
+class _UnreadBodyError(InvalidRequestError):
+    """An answer given before the whole request body was read: the connection closes after it."""
 
     def headers(self) -> dict[str, str]:
         return {"Connection": "close"}  # the unread rest of the body would be taken for the next request
 
 
-class BodyTimeoutError(InvalidRequestError):
+class BodyTooLargeError(_UnreadBodyError):
+    """The request body is over --max-body-bytes; the rest of it is never read."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class BodyTimeoutError(_UnreadBodyError):
     """The request body did not arrive within --body-timeout (a client too slow, or stalled)."""
 
     status = 408
     code = "body_timeout"
-
-    def headers(self) -> dict[str, str]:
-        return {"Connection": "close"}
 
 
 class PromptTooLongError(InvalidRequestError):

@@ -66,7 +66,9 @@ class HeadTimeoutProtocol(H11Protocol):
 
 def build_server(app: FastAPI, http: HttpConfig, log_level: str = "info") -> GracefulServer:
     """The server of `app` (built by server.app.build_app, whose engine it shuts down gracefully)."""
+    # uvicorn calls `http` to make each connection's protocol, so a factory serves; its stubs ask for a class
+    protocol = functools.partial(HeadTimeoutProtocol, head_timeout=http.header_timeout)
     config = uvicorn.Config(app, host=http.host, port=http.port, log_level=log_level,
-                            http=functools.partial(HeadTimeoutProtocol, head_timeout=http.header_timeout),
+                            http=protocol,  # type: ignore[arg-type]
                             limit_concurrency=http.max_connections, timeout_graceful_shutdown=FLUSH_SECONDS)
     return GracefulServer(config, app.state.engine, http.shutdown_timeout)

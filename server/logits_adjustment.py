@@ -8,7 +8,7 @@ default), so that scoring a text does not depend on how it was sampled.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -7,7 +7,7 @@ Each sequence samples with its own `torch.Generator`, so a seed gives the same t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

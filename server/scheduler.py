@@ -1,10 +1,10 @@
 """Which work the next engine step does: pure bookkeeping, no model (tests drive it with fake outputs).
 
 Each step runs at most one prefill chunk of ≤ `prefill_chunk` prompt tokens (None: whole prompts), then one
-batched decode step for every DECODING request. Waiting requests take free state slots in arrival order; requests that are
-prefilling share the chunks round-robin, so a short prompt that arrives during a long prefill starts decoding
-after one chunk of the long one, not after all of them. A decimated request's prompt is one chunk, whatever
-its length: decimation ranks the positions of the whole prompt at once.
+batched decode step for every DECODING request. Waiting requests take free state slots in arrival order;
+requests that are prefilling share the chunks round-robin, so a short prompt that arrives during a long
+prefill starts decoding after one chunk of the long one, not after all of them. A decimated request's prompt
+is one chunk, whatever its length: decimation ranks the positions of the whole prompt at once.
 
 A request with forks (n samples of one prompt) is admitted with all of them at once, each into its own slot;
 only the request prefills, and the engine copies its state into the forks' slots when the prompt is done.
@@ -82,8 +82,9 @@ class Scheduler:
         chunk = None
         if self.prefilling:
             request = self.prefilling.popleft()
-            whole = request.extension.decimation is not None or self.config.prefill_chunk is None
-            chunk_len = len(request.prompt_ids) if whole else self.config.prefill_chunk
+            chunk_len = self.config.prefill_chunk
+            if chunk_len is None or request.extension.decimation is not None:  # the whole prompt in one chunk
+                chunk_len = len(request.prompt_ids)
             end = min(request.num_computed + chunk_len, len(request.prompt_ids))
             chunk = PrefillChunk(request, request.num_computed, end)
             if not chunk.last:

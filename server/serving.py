@@ -7,8 +7,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 from scale_bank import Selection, UnknownBucketError, select
 from starlette.requests import Request as HttpRequest
@@ -181,7 +182,7 @@ class CompletionService:
         so a long prompt does not stall the event loop and every other client. No bound on the token count is
         drawn from the text's length before that: a token may span many characters and a tokenizer's normaliser
         may shorten the text, so only the body size limit bounds this work."""
-        many = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        many: list[Any] = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
         if any(not p for p in many):
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if not isinstance(many[0], str):
@@ -272,7 +273,7 @@ class CompletionService:
         yield {"data": "[DONE]"}
 
     def _result_choice(self, submission: Submission, r: ChoiceResult) -> dict:
-        return self._choice(submission, r.choice, r.text, r.token_ids, r.logprobs, r.prompt_logprobs, r.last,
+        return self._choice(submission, r.choice, r.text, r.token_ids, r.logprobs, r.prompt_logprobs, r.final,
                             submission.echo)
 
     def _chunk_choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
@@ -289,13 +290,14 @@ class CompletionService:
         if len(submission.prompts) > 1:
             body.update(scale_fields(choice.selection))
         if request.params.logprobs is not None:
-            ids, entries = token_ids, logprobs
+            ids = token_ids
+            entries: Sequence[TokenLogprob | None] = logprobs
             if prefix and prompt_logprobs is not None:
-                ids, entries = request.prompt_ids + token_ids, prompt_logprobs + logprobs
+                ids, entries = request.prompt_ids + token_ids, [*prompt_logprobs, *logprobs]
             body["logprobs"] = self._logprobs_json(ids, entries, submission.tokens_as_ids)
         return body
 
-    def _logprobs_json(self, token_ids: list[int], entries: list[TokenLogprob | None], as_ids: bool) -> dict:
+    def _logprobs_json(self, token_ids: list[int], entries: Sequence[TokenLogprob | None], as_ids: bool) -> dict:
         """OpenAI's legacy logprobs object; text offsets count from the start of this choice's text."""
         texts = [self.tokenizer.decode([t]) for t in token_ids]
         offsets, position = [], 0
@@ -340,6 +342,12 @@ class ChoiceResult:
         self.logprobs += output.logprobs
         self.prompt_logprobs = output.prompt_logprobs or self.prompt_logprobs
         self.last = output
+
+    @property
+    def final(self) -> RequestOutput:
+        """The choice's last output, which a result that `collect` returns has."""
+        assert self.last is not None, "the choice has no output yet"
+        return self.last
 
 
 def finish_fields(output: RequestOutput) -> dict:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -36,7 +36,7 @@ class GracefulServer(uvicorn.Server):
         self.engine = engine
         self.grace = grace  # seconds running requests get to finish
         self._task: asyncio.Task | None = None  # the shutdown, once a signal started it
-        self._hurry: asyncio.Event | None = None  # set by a second signal: end the grace now
+        self._hurry = asyncio.Event()  # set by a second signal: end the grace now
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -56,7 +56,6 @@ class GracefulServer(uvicorn.Server):
     def shut_down(self) -> None:
         """Starts the graceful shutdown; called again while it runs, ends the grace at once. Event loop only."""
         if self._task is None:
-            self._hurry = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._shut_down())
         else:
             self._hurry.set()

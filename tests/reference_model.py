@@ -1,13 +1,19 @@
 """A plain, literal Mamba1/Mamba2 language model for tests: one token at a time, float64, straight from the
-weights, applying scale sets exactly as DESIGN.md §2 writes them (Δ' = s·Δ; A' = s·A).
+weights, applying scale sets as their definition reads (Δ' = s·Δ; A' = s·A).
 
 Independent of `runtime.model` (it shares no code with it), so agreement means both are right.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+
+def _mixer_weight(W, layer, name):
+    return W[f"layers.{layer}.mixer.{name}"]
 
 
 def _rms(x, w, eps):
@@ -36,7 +42,7 @@ def reference_logits(config, weights: dict[str, torch.Tensor], tokens: list[int]
     L = len(tokens)
     residual = W["embedding.weight"][tokens]  # (l, D)
     for i in range(c.n_layer):
-        p = lambda name: W[f"layers.{i}.mixer.{name}"]  # noqa: E731
+        p = partial(_mixer_weight, W, i)
         u = _rms(residual, W[f"layers.{i}.norm.weight"], eps)
         proj = u @ p("in_proj.weight").T
         conv_w = p("conv1d.weight")[:, 0]  # (c, k)

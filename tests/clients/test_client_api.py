@@ -29,7 +29,8 @@ def test_complete_returns_typed_results(live):
     assert completion.text == choice.text and choice.logprobs is None
     prompt_tokens = len(live.components.tokenizer.encode(PROMPT))
     assert completion.usage == Usage(prompt_tokens, 5, prompt_tokens + 5)
-    assert (completion.scale_bucket, completion.scale_method, completion.scale_beyond_largest) == ("256", "delta", False)
+    assert (completion.scale_bucket, completion.scale_method,
+            completion.scale_beyond_largest) == ("256", "delta", False)
 
 
 def test_async_stream_yields_chunks_that_add_up_to_the_completion(live):

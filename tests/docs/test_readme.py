@@ -136,6 +136,7 @@ def json_objects(text: str) -> list[dict]:
     return objects
 
 
+@pytest.mark.slow  # pip installs into a fresh virtual environment
 def test_readme_cpu_commands_run_verbatim_in_a_fresh_venv(tmp_path):
     """About a minute: a fresh venv takes the local torch wheel and the rest from the package index."""
     if shutil.which("curl") is None or shutil.which("git") is None:

@@ -3,12 +3,15 @@
 import json
 import shutil
 
+import pytest
+
 from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.compare import METHODS, main
 from scale_bank import Bank
 
 
+@pytest.mark.slow  # a bank built per method
 def test_compare_builds_every_methods_bank_and_tabulates_them(checkpoints, tmp_path):
     model = shutil.copytree(checkpoints["mamba1"], tmp_path / "model")
     tiny_tokenizer(model / "tokenizer.json")

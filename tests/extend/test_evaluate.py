@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from checkpoints import BOOK_TEXT, tiny_tokenizer
 
 from extend.build_bank import main as build_bank
@@ -29,7 +31,8 @@ def test_evaluate_writes_table_json_and_plot(checkpoints, tmp_path, capsys):
               "--samples", "3", "--out", str(out), "--device", "cpu"])
     rows = json.loads((out / "results.json").read_text())["text"]  # keyed by domain: the unnamed --data is "text"
     assert [(r["task"], r["length"]) for r in rows] == [(t, n) for n in (80, 128, 256) for t in ("passkey", "ppl")]
-    assert [r["bucket"] for r in rows if r["task"] == "ppl"] == ["none", "128", "128"]  # identity within training length
+    # identity within the training length
+    assert [r["bucket"] for r in rows if r["task"] == "ppl"] == ["none", "128", "128"]
     assert all(0 <= r["base"] <= 1 for r in rows if r["task"] == "passkey")
     assert all(r["base"] > 1 for r in rows if r["task"] == "ppl")
     ppl_80 = next(r for r in rows if r["task"] == "ppl" and r["length"] == 80)
@@ -91,6 +94,7 @@ def test_evaluate_reports_each_domain_and_template(checkpoints, tmp_path):
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # a bank built per domain left out
 def test_transfer_leaves_each_domain_out_and_scores_it_on_that_domain(checkpoints, tmp_path):
     model, books, code = _model_books_and_code(checkpoints, tmp_path)
     out = tmp_path / "transfer"

@@ -69,6 +69,7 @@ def _build(model, books, out, *extra, ranks=1):
     return Bank.load(out)
 
 
+@pytest.mark.slow  # two processes under torchrun
 @pytest.mark.parametrize("flags", [["--task", "passkey", "--calibrator", "bp", "--granularity", "channel",
                                     "--method", "a_spectrum", "--lr", "0.2"],
                                    ["--task", "ppl", "--calibrator", "zo", "--lr", "0.5"]], ids=["bp", "zo"])

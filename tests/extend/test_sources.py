@@ -26,8 +26,9 @@ def test_sources_are_named_split_into_parts_and_bare_paths_join_one_source():
 
 
 @pytest.mark.parametrize("items,message", [
-    (["books=a@test"], "unknown part 'test'"), (["books=a,books=b"], "given twice"), (["bad name=a"], "a source name"),
-    (["filler=a"], "a source name"), (["docs=@eval"], "no path"), (["a@eval", "b"], "share one part"), ([","], "no data"),
+    (["books=a@test"], "unknown part 'test'"), (["books=a,books=b"], "given twice"),
+    (["bad name=a"], "a source name"), (["filler=a"], "a source name"), (["docs=@eval"], "no path"),
+    (["a@eval", "b"], "share one part"), ([","], "no data"),
 ])
 def test_bad_source_specs_are_refused_naming_the_item(items, message):
     with pytest.raises(DataError, match=message):

@@ -7,10 +7,11 @@ from checkpoints import BOOK_TEXT, tiny_tokenizer
 from transformers import MambaForCausalLM
 
 import pytest
-from extend.train import WEIGHT_DECAY, EarlyStop, init_weights, make_optimiser, parse_args, passkey_length_limit, train
+from extend.train import WEIGHT_DECAY, EarlyStop, make_optimiser, parse_args, passkey_length_limit, train
 from runtime import load_model
 from runtime.backend import select_backend
 from runtime.config import MAMBA1, ModelConfig
+from runtime.init_weights import init_weights
 from runtime.model import MambaLM
 
 
@@ -110,7 +111,8 @@ def test_training_text_draws_each_source_by_weight_and_the_filler_only_as_a_hays
     books.write_text(json.dumps({"text": "xx " * 400}) + "\n")  # neither "x" nor "7" is in the filler
     code.write_text(json.dumps({"text": "77 " * 400}) + "\n")
     specs = parse_sources([f"books={books},code={code},filler"])
-    text = TrainingText.read(specs, parse_mixture("books=3,filler=2", specs), tokenizer, torch.Generator().manual_seed(0))
+    text = TrainingText.read(specs, parse_mixture("books=3,filler=2", specs), tokenizer,
+                             torch.Generator().manual_seed(0))
     windows = [tokenizer.decode(w.tolist()) for w in text.windows(12, 400)]
     assert all(("x" in w) != ("7" in w) for w in windows)  # one source each, never the filler
     assert 0.65 < sum("x" in w for w in windows) / 400 < 0.85  # books 3 : code 1

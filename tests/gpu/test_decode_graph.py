@@ -36,7 +36,8 @@ def test_graph_decode_equals_eager_and_touches_only_its_rows(checkpoints, arch, 
 
     eager_pool = model.new_state(6)  # 5 slots and the scratch row
     for row in range(5):  # every row holds some history, so that a stray write would show
-        prompt = torch.randint(0, VOCAB, (1, 20 + row), device="cuda", generator=torch.Generator("cuda").manual_seed(row))
+        prompt = torch.randint(0, VOCAB, (1, 20 + row), device="cuda",
+                               generator=torch.Generator("cuda").manual_seed(row))
         row_scales = batch_scales([sets[slots.tolist().index(row)] if row in slots.tolist() else None], config, "cuda")
         eager_pool.write_rows([row], model.prefill(prompt, scales=row_scales)[1])
     graph_pool = eager_pool.clone()

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
+pytestmark = pytest.mark.slow  # Triton's interpreter
 
 from runtime.ops import torch_ops, triton_channels  # noqa: E402
 

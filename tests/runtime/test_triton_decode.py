@@ -8,6 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
+pytestmark = pytest.mark.slow  # Triton's interpreter
 
 from pools import pool_and_slots  # noqa: E402
 from runtime import load_model  # noqa: E402

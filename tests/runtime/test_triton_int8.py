@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
+pytestmark = pytest.mark.slow  # Triton's interpreter
 
 from runtime.ops import triton_int8  # noqa: E402
 from runtime.quant import QuantizedLinear, quantize_rows  # noqa: E402

@@ -60,7 +60,7 @@ class LiveServer:
     def engine(self):
         return self.app.state.engine
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:

@@ -107,7 +107,7 @@ def test_generated_logprobs_name_the_chosen_tokens(client):
     body = complete(client, prompt=PROMPT, max_tokens=6, logprobs=3)
     logprobs = body["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == body["usage"]["completion_tokens"]
-    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+    for logprob, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"]):
         assert 1 <= len(top) <= 3 and logprob <= 0
         assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
 

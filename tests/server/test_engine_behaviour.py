@@ -2,6 +2,7 @@
 chunked prefill interleaves with decode, a client that leaves frees its slot, metrics count what was sent."""
 
 import threading
+from functools import partial
 
 import httpx
 import openai
@@ -87,10 +88,9 @@ def test_token_counters_move_by_exactly_what_was_sent(live):
                   for prompt, max_tokens in (("the river", 5), ("a long road", 9), ([3] * 40, 0))]
         usages = [body["usage"] for body in bodies]
         live.wait_idle()
-        assert metric(c, "mamba_server_prompt_tokens_total") - before["mamba_server_prompt_tokens_total"] == sum(
-            u["prompt_tokens"] for u in usages)
-        assert metric(c, "mamba_server_generation_tokens_total") - before["mamba_server_generation_tokens_total"] == sum(
-            u["completion_tokens"] for u in usages)
+        for counter, field in (("mamba_server_prompt_tokens_total", "prompt_tokens"),
+                               ("mamba_server_generation_tokens_total", "completion_tokens")):
+            assert metric(c, counter) - before[counter] == sum(u[field] for u in usages)
         assert metric(c, "mamba_server_scale_bucket_requests_total", bucket="128") == bucket_before + 3
         finished_by_length = sum(body["choices"][0]["finish_reason"] == "length" for body in bodies)
         assert metric(c, "mamba_server_requests_total", finish_reason="length") == length_before + finished_by_length
@@ -132,6 +132,10 @@ def test_a_stream_gets_heartbeat_pings_while_a_long_prompt_runs(model_dirs):
     assert lines[-1] == "data: [DONE]"
 
 
+def _finished(outputs, request_id: str) -> bool:
+    return bool(outputs) and outputs[-1].request_id == request_id and outputs[-1].finished
+
+
 def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp_path, live):
     """A 72-id tokenizer on the 96-id model: sampling at temperature 2 stays below 72."""
     loaded = live.components.loaded
@@ -141,11 +145,11 @@ def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp
     engine.start()
     try:
         for seed in range(100):
-            request = Request(f"r{seed}", tokenizer.encode("the river"), SamplingParams(100, temperature=2.0, seed=seed),
-                              IDENTITY, "none", OutputText(tokenizer), outputs.append)
+            request = Request(f"r{seed}", tokenizer.encode("the river"),
+                              SamplingParams(100, temperature=2.0, seed=seed), IDENTITY, "none", OutputText(tokenizer),
+                              outputs.append)
             engine.submit(request)
-            wait_for(lambda: outputs[-1].request_id == request.request_id and outputs[-1].finished
-                     if outputs else False, what="the request to finish")
+            wait_for(partial(_finished, outputs, request.request_id), what="the request to finish")
             if sum(len(out.token_ids) for out in outputs) >= 200:
                 break
     finally:
@@ -159,7 +163,8 @@ def test_stopping_the_engine_ends_what_it_holds_with_an_error(live):
     engine = Engine(loaded.model, tokenizer, EngineConfig(max_batch_size=1), Metrics(loaded.model.device))
     outputs = []
     requests = [Request(name, [5, 6, 7], SamplingParams(100000, temperature=0.0), IDENTITY, "none",
-                        OutputText(tokenizer), outputs.append) for name in ("running", "queued")]
+                        OutputText(tokenizer), outputs.append)
+                for name in ("running", "queued")]
     engine.start()
     for request in requests:
         engine.submit(request)

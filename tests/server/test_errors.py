@@ -79,7 +79,8 @@ def test_unknown_routes_and_methods_are_json_errors(client):
 
 def test_single_prompt_in_a_list_is_accepted(client):
     as_text = client.post("/v1/completions", json=GOOD).json()["choices"][0]["text"]
-    assert client.post("/v1/completions", json={**GOOD, "prompt": ["the river"]}).json()["choices"][0]["text"] == as_text
+    as_list = client.post("/v1/completions", json={**GOOD, "prompt": ["the river"]}).json()["choices"][0]["text"]
+    assert as_list == as_text
 
 
 def test_api_key_guards_v1_but_not_health(model_dirs):

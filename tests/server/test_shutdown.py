@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 
 from server.shutdown import SHUTDOWN_REASON, GracefulServer
@@ -27,6 +28,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # a server process and its grace period
 def test_sigterm_lets_running_streams_finish_ends_the_rest_with_an_error_and_exits_0(model_dirs, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
