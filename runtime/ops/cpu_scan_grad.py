@@ -90,5 +90,5 @@ def mamba1_scan(delta: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     """The differentiable scan; `runs(delta, A)` must hold. delta, x: (b, l, d); A: (b, d, n); B, C: (b, l, n);
     h0: (b, d, n); all of one dtype. Returns y (b, l, d) without the D skip and gate, and the last state
     (b, d, n)."""
-    y, h = Mamba1Scan.apply(delta, x, A, B, C, h0)
+    y, h = Mamba1Scan.apply(delta, x, A, B, C, h0)  # type: ignore[no-untyped-call]  # torch leaves apply untyped
     return y, h
