@@ -2,6 +2,11 @@
  * a non-positive argument) and NAME(f) (f with the precision's suffix) are defined by the includer. No
  * include guard: each inclusion defines the functions of one precision.
  *
+ * Channels are split among the threads by `omp for schedule(static) nowait` in every chunk: the same loop
+ * bounds under a static schedule give each thread the same channels every time (OpenMP guarantees it), so a
+ * channel's chunks run in order on one thread and no barrier is needed between chunks (on a CPU shared with
+ * other processes a barrier waits for a descheduled thread).
+ *
  * Shapes as in cpu_scan.c: delta, x, y, dy, d_delta, d_x (b, l, d); A, h, dh, dA (b, d, n); B, C, dB, dC
  * (b, l, n); saved (b, chunks, d, n), the state entering each chunk of CHUNK tokens, chunks = ceil(l / CHUNK).
  */
@@ -39,7 +44,7 @@ void NAME(mamba1_scan_save)(const REAL *delta, const REAL *x, const REAL *A, con
         for (int64_t s = 0; s < b; s++) {
             for (int64_t k = 0; k < chunks; k++) {
                 const int64_t t0 = k * CHUNK, t1 = t0 + CHUNK < l ? t0 + CHUNK : l;
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(static) nowait
                 for (int64_t c = 0; c < d; c++) {
                     REAL *state = h + (s * d + c) * n;
                     memcpy(saved + ((s * chunks + k) * d + c) * n, state, n * sizeof(REAL));
@@ -77,7 +82,7 @@ void NAME(mamba1_scan_backward)(const REAL *delta, const REAL *x, const REAL *A,
             for (int64_t k = chunks - 1; k >= 0; k--) {
                 const int64_t t0 = k * CHUNK, t1 = t0 + CHUNK < l ? t0 + CHUNK : l;
                 memset(dB_rows, 0, 2 * CHUNK * n * sizeof(REAL));
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(static) nowait
                 for (int64_t c = 0; c < d; c++) {
                     const REAL *a = A + (s * d + c) * n;
                     REAL *g = dh + (s * d + c) * n, *da = dA + (s * d + c) * n;
