@@ -5,9 +5,10 @@ autograd over the blocked scan (the peer), beside the prefill without gradients,
 
 Per length: the prefill without gradients of a batch of passkey prompts (the compiled forward scan); BP steps
 of build_bank's passkey objective (A-spectrum scales per channel, the perplexity hinge on, the calibration half
-of --data), the mean time of a step over `--steps` steps of `calibrate_bp` and its ratio to the prefill, with
-the compiled backward at --micro-batch-size without per-layer recomputation (`build_bank --no-recompute`);
-and at --peer-lengths one step of the peer as build_bank ran it before (whole batch, per-layer recomputation).
+of --data, every book encoded beforehand), the mean time of a step over `--steps` steps of `calibrate_bp` and
+its ratio to the prefill, with the compiled backward at --micro-batch-size without per-layer recomputation
+(`build_bank --no-recompute`); and at --peer-lengths one step of the peer as build_bank ran it before (whole
+batch, per-layer recomputation).
 Peak resident memory is the process's (VmHWM), reset before each measurement (Linux /proc/self/clear_refs).
 """
 
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = find_tokenizer(str(args.model), None)
     specs = parse_sources(args.data)
     data = CalibrationData.of(specs, parse_mixture(None, specs), tokenizer, args.seed, 0.5)
+    for domain in data.calibration.text_domains:  # encoded at first use otherwise: inside the timed steps
+        for index in range(len(domain.text.docs)):
+            domain.text.ids(index)
     peer_lengths = set(parse_buckets(args.peer_lengths)) if args.peer_lengths else set()
     print(f"CPU BP step, {args.model.name}, batch {args.batch_size}, {torch.get_num_threads()} threads")
     rows = []
