@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="samples per calibration step (over all ranks)")
     p.add_argument("--micro-batch-size", type=int,
                    help="samples a rank runs at once; a step's gradient is accumulated over them (default: all)")
+    p.add_argument("--no-recompute", action="store_true",
+                   help="BP: keep every layer's activations for the backward pass instead of recomputing them "
+                        "(one forward pass less a step; memory grows with micro-batch x length)")
     p.add_argument("--eval-samples", type=int, default=20, help="held-out samples per candidate and bucket")
     p.add_argument("--eval-batch-size", type=int, default=1)
     p.add_argument("--init", choices=("previous", "identity"), default="previous",
@@ -235,10 +238,11 @@ def _objective(inputs: BuildInputs, length: int) -> Objective:
     args, data = inputs.args, inputs.data
     if args.task == "ppl":
         return language_model_objective(inputs.model, data.calibration, length, args.batch_size, args.seed,
-                                        micro_batch=args.micro_batch_size)
+                                        checkpoint=not args.no_recompute, micro_batch=args.micro_batch_size)
     return passkey_objective(inputs.model, inputs.tokenizer, data.calibration.haystack, length, args.batch_size,
                              args.seed, text=data.calibration, ppl_weight=args.ppl_weight, ppl_slack=args.ppl_slack,
-                             templates=inputs.templates, micro_batch=args.micro_batch_size)
+                             templates=inputs.templates, checkpoint=not args.no_recompute,
+                             micro_batch=args.micro_batch_size)
 
 
 def _calibrate(args: argparse.Namespace, objective: Objective, init: ScaleSet) -> CalibrationResult:

@@ -2,8 +2,8 @@
 first use and cached; `None` from `kernel()` when there is no compiler, and the PyTorch scan runs instead.
 
 Why: the PyTorch scan (torch_ops) is bound by memory traffic over its (tokens, d, n) intermediates, which grows
-with the state size: with the embedded model's d_state 48 (16 before), a 60k-token prompt's first token on a
-2-core CPU took 62 s. The kernel keeps each channel's state in cache and reads every input once (15.8 s).
+with the state size; the kernel keeps each channel's state in cache and reads every input once
+(`bench/RESULTS.md` has the time to first token of a 60k-token prompt with both).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ recurrence up to float32 rounding. Python loops run T + tokens/T times per super
 Without autograd (prefill), the same arithmetic runs in place in two buffers reused by every super-block:
 no per-step tensors to stack, no allocation per super-block (the scan is memory-bound on CPUs). On CPU
 without autograd the compiled kernel of cpu_scan runs instead where a C compiler is found (it keeps each
-channel's state in cache); this in-place path is its fallback.
+channel's state in cache); this in-place path is its fallback. On CPU in float32 with autograd, the kernels of
+cpu_scan_grad (a compiled backward pass) run instead of the differentiable blocked scan.
 
 Mamba2 scan (SSD). A is a scalar per head, so within a block the decays exp(S_t - S_s), t ≥ s, form a
 (T, T) matrix per head and the block is two matrix products plus the carried state (Dao & Gu, 2024).
@@ -26,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime.ops import cpu_decode, cpu_scan
+from runtime.ops import cpu_decode, cpu_scan, cpu_scan_grad
 from runtime.ops.contract import Mamba1Weights, Mamba2Weights
 
 Tensor = torch.Tensor
@@ -185,6 +186,9 @@ def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     kernel_reads = x.device.type == "cpu" and delta.dtype == A.dtype == torch.float32  # float32 CPU tensors
     if not differentiable and kernel_reads and cpu_scan.kernel() is not None:
         y, h = cpu_scan.mamba1_scan(delta, x, A, B, C, h)  # (b, l, d), (b, d, n)
+        return _mamba1_output(y, x, D, z, out_weight, out_bias), h
+    if differentiable and kernel_reads and cpu_scan_grad.runs(delta, A):  # its backward kernel too
+        y, h = cpu_scan_grad.mamba1_scan(delta, x, A, B, C, h)  # (b, l, d), (b, d, n)
         return _mamba1_output(y, x, D, z, out_weight, out_bias), h
     dx = delta * x  # (b, l, d)
     # Tokens per super-block: its (tokens, d, n) intermediates stay near SUPERBLOCK_ELEMENTS (cache-sized).

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from runtime.ops import cpu_scan, reference, torch_ops
+from runtime.ops import cpu_scan, cpu_scan_grad, reference, torch_ops
 
 
 @pytest.fixture(params=["compiled", "pytorch"])
@@ -71,6 +71,7 @@ def test_mamba1_scan_in_place_and_differentiable_paths_agree(monkeypatch):
     out of place. Same operations in the same order: the same result, over several super-blocks and a
     partial last block, and the differentiable one does back-propagate."""
     monkeypatch.setattr(cpu_scan, "kernel", lambda: None)  # PyTorch's scan without autograd, not the kernel
+    monkeypatch.setattr(cpu_scan_grad, "kernels", lambda: None)  # and with autograd
     monkeypatch.setattr(torch_ops, "SUPERBLOCK_ELEMENTS", 3 * 4 * 8 * 4)
     v = _mamba1_inputs(2, 45, 8, 4, seed=12)
     with torch.no_grad():
