@@ -1,7 +1,7 @@
 """One BP calibration step on CPU: the compiled scan backward (runtime/ops/cpu_scan_grad) against PyTorch's
 autograd over the blocked scan (the peer), beside the prefill without gradients, in one run.
 
-    python -m bench.cpu_calibration --data /work/shared/data/gutenberg/train-01.jsonl.xz --lengths 2k,8k
+    python -m bench.cpu_calibration --data ../shared/data/gutenberg/train-01.jsonl.xz --lengths 2k,8k
 
 Per length: the prefill without gradients of a batch of passkey prompts (the compiled forward scan); BP steps
 of build_bank's passkey objective (A-spectrum scales per channel, the perplexity hinge on, the calibration half
