@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one in the model directory)")
     p.add_argument("--bank", type=Path, help=f"scale bank directory (default: <model>/{BANK_DIRNAME} if it exists)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--backend", choices=("auto", "torch", "mamba_ssm"), default="auto")
     p.add_argument("--quantize", choices=("int8", "int6"), help="weight-only quantisation of the linear layers")
     p.add_argument("--quantize-embedding", action="store_true", help="with --quantize: the embedding too")

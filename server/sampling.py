@@ -8,7 +8,7 @@ row by row, so a seed gives the same text whatever else is batched.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
