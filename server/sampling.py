@@ -22,20 +22,24 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     along a row, so a row's result does not depend on the others); each draws u ~ U[0, 1) from its own generator
     and takes the first token whose cumulative probability exceeds u (inverse CDF): all on the logits' device, no
     per-row synchronisation."""
-    tokens = logits.argmax(dim=-1)  # (b,): the greedy choice, kept for temperature 0
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        device = logits.device
-        rows = [params[i] for i in sampled]
-        temperatures = torch.tensor([p.temperature for p in rows], dtype=torch.float64, device=device)[:, None]
-        scores = _tempered(logits[torch.tensor(sampled, device=device)], temperatures)  # (r, V)
-        probs = torch.softmax(_filtered(scores, [p.top_k for p in rows], [p.top_p for p in rows],
-                                        [p.min_p for p in rows]), dim=-1)  # (r, V)
-        cdf = probs.cumsum(dim=-1)  # (r, V)
-        u = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in sampled])  # (r,)
-        # u scaled by the row's total: rounding can leave the last cumulative value just under 1
-        choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
-        tokens[torch.tensor(sampled, device=device)] = choice.clamp(max=logits.shape[-1] - 1)
+    if not sampled:
+        return logits.argmax(dim=-1).tolist()
+    device = logits.device
+    tokens = torch.empty(len(params), dtype=torch.long, device=device)  # (b,)
+    greedy = torch.tensor([i for i, p in enumerate(params) if p.greedy], dtype=torch.long, device=device)
+    if len(greedy):
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    rows, chosen = [params[i] for i in sampled], torch.tensor(sampled, device=device)
+    temperatures = torch.tensor([p.temperature for p in rows], dtype=torch.float64, device=device)[:, None]
+    scores = _tempered(logits[chosen], temperatures)  # (r, V)
+    probs = torch.softmax(_filtered(scores, [p.top_k for p in rows], [p.top_p for p in rows],
+                                    [p.min_p for p in rows]), dim=-1)  # (r, V)
+    cdf = probs.cumsum(dim=-1)  # (r, V)
+    u = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in sampled])  # (r,)
+    # u scaled by the row's total: rounding can leave the last cumulative value just under 1
+    choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
+    tokens[chosen] = choice.clamp(max=logits.shape[-1] - 1)
     return tokens.tolist()
 
 
