@@ -8,7 +8,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from scale_bank import Selection, UnknownBucketError, select
 from starlette.requests import Request as HttpRequest
@@ -19,6 +20,7 @@ from .detokenizer import OutputText
 from .engine import Engine
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
+from .outbox import outbox
 from .protocol import SamplingFields
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
 
@@ -378,11 +380,13 @@ def sse(body: dict) -> dict:
 
 
 def _sink(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int) -> Callable[[RequestOutput], None]:
-    """A request's sink: runs on the engine thread and hands each output, with its choice's index, to the loop."""
+    """A request's sink: runs on the engine thread and hands each output, with its choice's index, to the loop
+    (through the loop's outbox: one wake-up for all the outputs of an engine step)."""
+    box = outbox(loop)
 
     def sink(output: RequestOutput) -> None:
         try:
-            loop.call_soon_threadsafe(outputs.put_nowait, (index, output))
+            box.put(outputs, (index, output))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
