@@ -8,8 +8,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from scale_bank import Selection, UnknownBucketError, select
 from starlette.requests import Request as HttpRequest
@@ -20,7 +19,6 @@ from .detokenizer import OutputText
 from .engine import Engine
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
-from .outbox import outbox
 from .protocol import SamplingFields
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
 
@@ -380,13 +378,11 @@ def sse(body: dict) -> dict:
 
 
 def _sink(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int) -> Callable[[RequestOutput], None]:
-    """A request's sink: runs on the engine thread and hands each output, with its choice's index, to the loop
-    (through the loop's outbox: one wake-up for all the outputs of an engine step)."""
-    box = outbox(loop)
+    """A request's sink: runs on the engine thread and hands each output, with its choice's index, to the loop."""
 
     def sink(output: RequestOutput) -> None:
         try:
-            box.put(outputs, (index, output))
+            loop.call_soon_threadsafe(outputs.put_nowait, (index, output))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
