@@ -34,9 +34,8 @@ from runtime import IDENTITY, load_model
 from server.config import DEFAULT_MODEL_DIR, EngineConfig, build_parser, default_max_batch_size
 from server.model_runner import ModelRunner
 
-from .http_ttft import _free_port, start_server
-from .random_model import SHAPES, save_random_model
 from .report import print_row, print_table, save_json
+from .server_process import add_server_arguments, free_port, serve_shape, start_server
 
 STEPS = 32  # timed engine steps per measurement
 WARMUP = 4
@@ -106,18 +105,13 @@ def engine_tokens_per_s(runner: ModelRunner, batch: int) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded model)")
-    parser.add_argument("--shape", choices=SHAPES, help="instead of --model: a random model of this shape")
-    parser.add_argument("--tokenizer", type=Path)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    add_server_arguments(parser)
     parser.add_argument("--streams", default="1,8,32,64,128,256", help="the numbers of concurrent streams")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128, help="completion tokens per stream")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("server_args", nargs="*", help="more flags for the server, after --")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.streams.split(",")]
     served = build_parser().parse_known_args(["--device", args.device, *args.server_args])[0]
@@ -125,9 +119,8 @@ def main(argv=None):
             "temperature": args.temperature, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     with tempfile.TemporaryDirectory() as directory:
-        if args.shape:
-            args.model = save_random_model(args.shape, Path(directory), DEFAULT_MODEL_DIR / "tokenizer.json")
-        port = _free_port()
+        serve_shape(args, Path(directory))
+        port = free_port()
         server = start_server(args, port)
         try:
             rows = measure(args, served, counts, body, f"http://127.0.0.1:{port}")
