@@ -1,7 +1,8 @@
 """CPU decode: this runtime against transformers' `MambaForCausalLM.generate` on the same weights.
 
 Greedy steps after a 64-token prompt at batch 1, 4 and 16, the runtime as the server steps it (eager
-`MambaLM.step` on rows of a state pool), with and without a per-sequence scale set, and the peer through
+`MambaLM.step` on rows of a state pool), with and without a per-sequence scale set, the same step on the
+back-end's operators layer by layer (runtime.cpu_step off, "operators"), and the peer through
 `generate` (its time per step: a run of 1 + steps new tokens minus a run of 1). The measurements of one round
 are interleaved, the rounds repeated, the medians printed with the ratios (issue 29: batch 1 ≤ 3 ms and ≥ 6×
 transformers' tokens/s, batch 16 ≤ 2× batch 1's time).
@@ -12,16 +13,19 @@ transformers' tokens/s, batch 16 ≤ 2× batch 1's time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import MambaForCausalLM
 
 from runtime import ScaleMethod, ScaleSet, batch_scales, load_model
+from runtime.cpu_step import CpuStep
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "mamba-extend-default"
 PROMPT = 64
@@ -39,8 +43,16 @@ def _random_sets(config, batch: int) -> list[ScaleSet]:
                                                    for _ in range(config.n_layer))) for _ in range(batch)]
 
 
-def runtime_ms(model, batch: int, steps: int, scaled: bool) -> float:
-    """ms per greedy step of `batch` sequences on rows 1 … batch of a pool (row 0 idle), after the prompt."""
+def runtime_ms(model, batch: int, steps: int, scaled: bool, prepared: bool = True) -> float:
+    """ms per greedy step of `batch` sequences on rows 1 … batch of a pool (row 0 idle), after the prompt; without
+    `prepared`, on the back-end's operators layer by layer (runtime.cpu_step off)."""
+    off = contextlib.nullcontext() if prepared else mock.patch.object(CpuStep, "build", lambda model: None)
+    with off:
+        model._cpu_step = None  # built again at the first step (or not, when off)
+        return _runtime_ms(model, batch, steps, scaled)
+
+
+def _runtime_ms(model, batch: int, steps: int, scaled: bool) -> float:
     config = model.config
     scales = batch_scales(_random_sets(config, batch), config, "cpu") if scaled else None
     slots = torch.arange(1, batch + 1)
@@ -83,30 +95,32 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     model = load_model(args.model).model
     peer = MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    columns = ("runtime", "runtime_scaled", "transformers")
+    columns = ("runtime", "runtime_scaled", "operators", "transformers")
     times = {(name, b): [] for name in columns for b in batches}
     with torch.no_grad():
         for round_ in range(args.rounds):
             for b in batches:
                 times["runtime", b].append(runtime_ms(model, b, args.steps, scaled=False))
                 times["runtime_scaled", b].append(runtime_ms(model, b, args.steps, scaled=True))
+                times["operators", b].append(runtime_ms(model, b, args.steps, scaled=False, prepared=False))
                 times["transformers", b].append(peer_ms(peer, b, args.steps))
                 measured = ", ".join(f"{name} {times[name, b][-1]:.2f} ms" for name in columns)
                 print(f"round {round_}, batch {b}: {measured}", file=sys.stderr, flush=True)
     median = {key: statistics.median(values) for key, values in times.items()}
     print(f"CPU decode, {args.model.name}, float32, {torch.get_num_threads()} threads, {PROMPT}-token prompt, "
           f"{args.steps} steps × {args.rounds} rounds (medians)")
-    print(f"{'batch':>5} {'runtime ms':>10} {'+scales ms':>10} {'transformers ms':>15} {'speed-up':>8} "
-          f"{'tokens/s':>8} {'÷ batch 1':>9}")
+    print(f"{'batch':>5} {'runtime ms':>10} {'+scales ms':>10} {'operators ms':>12} {'transformers ms':>15} "
+          f"{'speed-up':>8} {'tokens/s':>8} {'÷ batch 1':>9}")
     results = []
     for b in batches:
-        ours, scaled, theirs = (median[name, b] for name in columns)
+        ours, scaled, operators, theirs = (median[name, b] for name in columns)
         row = {"batch": b, "runtime_ms": round(ours, 3), "runtime_scaled_ms": round(scaled, 3),
+               "operators_ms": round(operators, 3),
                "transformers_ms": round(theirs, 3), "speed_up": round(theirs / ours, 2),
                "runtime_tokens_per_s": round(b * 1e3 / ours),
                "time_vs_batch_1": round(ours / median["runtime", batches[0]], 2)}
         results.append(row)
-        print(f"{b:>5} {ours:>10.2f} {scaled:>10.2f} {theirs:>15.2f} {row['speed_up']:>7.2f}× "
+        print(f"{b:>5} {ours:>10.2f} {scaled:>10.2f} {operators:>12.2f} {theirs:>15.2f} {row['speed_up']:>7.2f}× "
               f"{row['runtime_tokens_per_s']:>8} {row['time_vs_batch_1']:>8.2f}×", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -17,15 +17,11 @@ whole prompt (last-token logits), after a warm-up.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 from clients.client import Client
@@ -34,10 +30,8 @@ from runtime import load_model
 from runtime.tokenizer import find_tokenizer
 from server.config import DEFAULT_MODEL_DIR
 
-from .random_model import SHAPES, save_random_model
 from .report import print_row, save_json
-
-REPO = Path(__file__).resolve().parents[1]
+from .server_process import REPO, add_server_arguments, free_port, serve_shape, start_server
 
 
 def prompt_text(tokenizer, source: Path | None, tokens: int) -> str:
@@ -49,32 +43,6 @@ def prompt_text(tokenizer, source: Path | None, tokens: int) -> str:
     return tokenizer.decode(ids[:tokens])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server", "--port", str(port), "--device", args.device, *args.server_args]
-    for flag, value in (("--model", args.model), ("--tokenizer", args.tokenizer), ("--dtype", args.dtype)):
-        if value is not None:
-            command += [flag, str(value)]
-    server = subprocess.Popen(command, cwd=REPO)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}")
-        time.sleep(0.2)
-    server.kill()
-    raise SystemExit("the server did not come up in 300 s")
-
-
 def first_token_seconds(client: Client, prompt: str, sent: float) -> float:
     """Seconds from `sent` to the first stream chunk that carries generated text."""
     for chunk in client.stream(prompt, max_tokens=4, temperature=0):
@@ -84,7 +52,7 @@ def first_token_seconds(client: Client, prompt: str, sent: float) -> float:
 
 
 def measure_http(args, prompt: str) -> dict:
-    port = _free_port()
+    port = free_port()
     server = start_server(args, port)
     try:
         with Client(f"http://127.0.0.1:{port}", timeout=600) as client:
@@ -126,21 +94,15 @@ def measure_runtime(args, prompt: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded model)")
-    parser.add_argument("--shape", choices=SHAPES, help="instead of --model: a random model of this shape")
-    parser.add_argument("--tokenizer", type=Path)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    add_server_arguments(parser)
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--text", type=Path, help="documents to take the prompt from (default: README.md repeated)")
     parser.add_argument("--race", action="store_true", help="also send a short request --race-delay s later")
     parser.add_argument("--race-delay", type=float, default=1.0)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("server_args", nargs="*", help="more flags for the server, after --")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
-        if args.shape:
-            args.model = save_random_model(args.shape, Path(directory), DEFAULT_MODEL_DIR / "tokenizer.json")
+        serve_shape(args, Path(directory))
         tokenizer = find_tokenizer(args.model or DEFAULT_MODEL_DIR, args.tokenizer)
         prompt = prompt_text(tokenizer, args.text, args.tokens)
         row = {"shape": args.shape, **measure_http(args, prompt), **measure_runtime(args, prompt)}

@@ -25,6 +25,7 @@ from torch import nn
 
 from .backend import Backend
 from .config import MAMBA1, ModelConfig
+from .cpu_step import CpuStep
 from .decimation import Decimation
 from .errors import DecimationError
 from .mamba1 import Mamba1Mixer
@@ -72,6 +73,7 @@ class MambaLM(nn.Module):
         self.norm_f = Norm(config.d_model, config.norm_eps, config.rms_norm)
         self.lm_head: nn.Linear | QuantizedLinear | None = (
             None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False))
+        self._cpu_step: CpuStep | None = None  # the prepared CPU decode step, built at the first step
 
     @property
     def dtype(self) -> torch.dtype:  # read off norm_f: a quantised embedding's .weight dequantises the table
@@ -219,6 +221,15 @@ class MambaLM(nn.Module):
         projected: torch.Tensor = in_proj(hidden)
         return residual, projected
 
+    def _prepared_cpu_step(self) -> CpuStep | None:
+        """runtime.cpu_step's prepared decode step where it applies (a float32 Mamba1 model on CPU), rebuilt when a
+        weight has changed."""
+        if self.device.type != "cpu":
+            return None
+        if self._cpu_step is None or not self._cpu_step.current:
+            self._cpu_step = CpuStep.build(self)
+        return self._cpu_step
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: InferenceState, scales: BatchScales | None = None,
              slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,6 +237,10 @@ class MambaLM(nn.Module):
         a pool instead, whose row slots[i] is sequence i's (no gather before the step, no scatter after).
         Returns logits (b, V)."""
         residual = self.embedding(tokens).to(self._residual_dtype())  # (b, D)
+        prepared = self._prepared_cpu_step()
+        hidden = None if prepared is None else prepared.step(residual, state, scales, slots)  # (b, D)
+        if hidden is not None:
+            return self.logits(hidden)
         update = None  # (b, D): the last block's output, not yet added to the residual stream
         for i in range(len(self.layers)):
             block = self.block(i)

@@ -14,6 +14,11 @@ DEFAULT_MAX_CONTEXT = 131072  # tokens; a recurrent model has no positional limi
 # or code text; 4 MiB admits either with room for JSON's \u escapes of non-ASCII text, while bounding what one
 # request can make the server parse and tokenise (a 4 MiB text prompt takes seconds to tokenise).
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+# State slots by device type when --max-batch-size is not given. On CPU a decode step's time grows slowly with its
+# batch (the weights are read once for all rows), so 16 rows serve 16 streams at once; a slot of the embedded
+# model holds 0.8 MB of state.
+DEFAULT_SLOTS = {"cpu": 16}
+DEFAULT_SLOTS_ELSEWHERE = 8
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class ModelSpec:
 class EngineConfig:
     """How the engine loop schedules work; DESIGN §5."""
 
-    max_batch_size: int = 8  # state slots: sequences that decode together in one batched step
+    max_batch_size: int = DEFAULT_SLOTS_ELSEWHERE  # state slots: sequences that decode together in one batched step
     max_queue: int = 64  # requests waiting for a slot; one more is refused (429) rather than queued without bound
     prefill_chunk: int | None = 2048  # prompt tokens per step: bounds how long a long prompt holds back other
     # streams; None: each prompt in one piece (the engine's choice where continuing a prefill would be slow)
@@ -129,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error")
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="origins whose browser pages may call the API (CORS), e.g. https://app.example.org, or '*'")
-    p.add_argument("--max-batch-size", type=_positive_int, default=EngineConfig.max_batch_size)
+    p.add_argument("--max-batch-size", type=_positive_int,
+                   help=f"state slots: sequences decoded together (default: {DEFAULT_SLOTS['cpu']} on CPU, "
+                        f"{DEFAULT_SLOTS_ELSEWHERE} elsewhere)")
     p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
     p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
                    help="prompt tokens per engine step")
@@ -139,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
+
+
+def default_max_batch_size(device: str) -> int:
+    """The state slots of a server on `device` ("cpu", "cuda:1", ...) when --max-batch-size is not given."""
+    return DEFAULT_SLOTS.get(device.split(":")[0], DEFAULT_SLOTS_ELSEWHERE)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
@@ -156,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         bank = model / BANK_DIRNAME
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
                      args.quantize, args.quantize_embedding, args.chat_template)
-    engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
+    slots = args.max_batch_size or default_max_batch_size(args.device)
+    engine = EngineConfig(slots, args.max_queue, args.prefill_chunk, args.request_timeout,
                           threads=args.threads, cuda_graphs=not args.enforce_eager)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,

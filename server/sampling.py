@@ -1,7 +1,8 @@
 """Choosing the next token and reporting logprobs. Shapes: b batch, l positions, V vocabulary.
 
 Logits arrive already cut to the tokenizer's vocabulary (the model's rows past it are padding, never tokens).
-Each sequence samples with its own `torch.Generator`, so a seed gives the same text whatever else is batched.
+Each sequence samples with its own `torch.Generator`, and the batch's rows are filtered by operations that work
+row by row, so a seed gives the same text whatever else is batched.
 """
 
 from __future__ import annotations
@@ -17,45 +18,63 @@ from .request import SamplingParams, TokenLogprob
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
     """logits: (b, V) float32. Returns one token id per row, read back from the device once for the batch.
 
-    A sampled row draws u ~ U[0, 1) from its own generator and takes the first token whose cumulative
-    probability exceeds u (inverse CDF): all on the logits' device, no per-row synchronisation."""
-    tokens = logits.argmax(dim=-1)  # (b,): the greedy choice, kept for temperature 0
+    The sampled rows are filtered and normalised together, each row by its own parameters (every operation works
+    along a row, so a row's result does not depend on the others); each draws u ~ U[0, 1) from its own generator
+    and takes the first token whose cumulative probability exceeds u (inverse CDF): all on the logits' device, no
+    per-row synchronisation."""
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        probs = torch.stack([torch.softmax(_filtered(_tempered(logits[i], params[i].temperature), params[i].top_k,
-                                                     params[i].top_p, params[i].min_p), dim=-1)
-                             for i in sampled])  # (r, V)
-        cdf = probs.cumsum(dim=-1)  # (r, V)
-        u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in sampled])  # (r,)
-        # u scaled by the row's total: rounding can leave the last cumulative value just under 1
-        choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
-        tokens[torch.tensor(sampled, device=logits.device)] = choice.clamp(max=logits.shape[-1] - 1)
+    if not sampled:
+        return logits.argmax(dim=-1).tolist()
+    device = logits.device
+    tokens = torch.empty(len(params), dtype=torch.long, device=device)  # (b,)
+    greedy = torch.tensor([i for i, p in enumerate(params) if p.greedy], dtype=torch.long, device=device)
+    if len(greedy):
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    rows, chosen = [params[i] for i in sampled], torch.tensor(sampled, device=device)
+    temperatures = torch.tensor([p.temperature for p in rows], dtype=torch.float64, device=device)[:, None]
+    scores = _tempered(logits[chosen], temperatures)  # (r, V)
+    probs = torch.softmax(_filtered(scores, [p.top_k for p in rows], [p.top_p for p in rows],
+                                    [p.min_p for p in rows]), dim=-1)  # (r, V)
+    cdf = probs.cumsum(dim=-1)  # (r, V)
+    u = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in sampled])  # (r,)
+    # u scaled by the row's total: rounding can leave the last cumulative value just under 1
+    choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
+    tokens[chosen] = choice.clamp(max=logits.shape[-1] - 1)
     return tokens.tolist()
 
 
-def _tempered(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """scores: (V,) logits. Returns them divided by `temperature`, in float64 and shifted so that the largest is 0:
-    then every positive temperature (down to the smallest double) gives 0 for the largest and finite or -inf
-    values for the rest, never inf - inf or 0 / 0. A temperature just above 0 is thus greedy (the largest logits
-    share all the probability) rather than NaN, which the inverse CDF would read as the last token."""
+def _tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """scores: (r, V) logits, temperature (r, 1) float64. Returns them divided by their row's temperature, in
+    float64 and shifted so that each row's largest is 0: then every positive temperature (down to the smallest
+    double) gives 0 for the largest and finite or -inf values for the rest, never inf - inf or 0 / 0. A
+    temperature just above 0 is thus greedy (the largest logits share all the probability) rather than NaN,
+    which the inverse CDF would read as the last token."""
     scores = scores.double()
-    return (scores - scores.max()) / temperature
+    return (scores - scores.amax(dim=-1, keepdim=True)) / temperature
 
 
-def _filtered(scores: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
-    """scores: (V,), the largest 0 (`_tempered`). Sets to -inf every token less likely than min_p times the most
-    likely one, outside the top k, and outside the smallest set of most likely tokens whose probability reaches
-    top_p (the most likely token always stays)."""
-    if min_p > 0:
-        scores = scores.masked_fill(scores < math.log(min_p), float("-inf"))  # p / p_max = exp(score - 0)
-    if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k).values[-1]
+def _filtered(scores: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
+              min_p: Sequence[float]) -> torch.Tensor:
+    """scores: (r, V), each row's largest 0 (`_tempered`), and each row's top_k, top_p and min_p. Sets to -inf
+    in each row every token less likely than min_p times the most likely one, outside the top k, and outside the
+    smallest set of most likely tokens whose probability reaches top_p (the most likely token always stays)."""
+    device, vocab = scores.device, scores.shape[-1]
+    if any(p > 0 for p in min_p):  # p / p_max = exp(score - 0)
+        floor = torch.tensor([math.log(p) if p > 0 else -math.inf for p in min_p], dtype=scores.dtype, device=device)
+        scores = scores.masked_fill(scores < floor[:, None], float("-inf"))
+    if not any(0 < k < vocab for k in top_k) and not any(p < 1.0 for p in top_p):
+        return scores
+    ordered, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # (r, V)
+    if any(0 < k < vocab for k in top_k):
+        kth = ordered.gather(-1, torch.tensor([[k - 1 if 0 < k < vocab else vocab - 1] for k in top_k],
+                                              device=device))  # (r, 1): the last row value keeps every token
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)  # (V,)
-        probs = torch.softmax(ordered, dim=-1)
-        before = probs.cumsum(-1) - probs  # (V,): probability mass of the tokens ranked above each one
-        drop = torch.zeros_like(scores, dtype=torch.bool).scatter(0, order, before >= top_p)
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # still in descending order
+    if any(p < 1.0 for p in top_p):
+        probs = torch.softmax(ordered, dim=-1)  # (r, V)
+        before = probs.cumsum(-1) - probs  # (r, V): probability mass of the tokens ranked above each one
+        limit = torch.tensor([p if p < 1.0 else math.inf for p in top_p], dtype=scores.dtype, device=device)
+        drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, before >= limit[:, None])
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
 

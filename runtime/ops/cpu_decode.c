@@ -68,6 +68,40 @@ static inline float row_dot(const void *weight, const float *scale, int64_t j, c
     return acc * scale[j];
 }
 
+/* out[s · e + j] = row j of the weight · v[s] for the sequences s0 … min(s0 + 4, b) - 1: four sums at once, so
+ * that the weight row is read once for four sequences and the sums do not wait on one another (a sequence
+ * past b repeats s0's, its sum dropped). The weight as in row_dot. */
+static inline void row_dots4(const void *weight, const float *scale, int64_t j, const float *v, int64_t m,
+                             int64_t s0, int64_t b, float *out, int64_t e) {
+    const float *v0 = v + s0 * m;
+    const float *v1 = s0 + 1 < b ? v0 + m : v0, *v2 = s0 + 2 < b ? v0 + 2 * m : v0, *v3 = s0 + 3 < b ? v0 + 3 * m : v0;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    if (!scale) {
+        const float *w = (const float *)weight + j * m;
+        #pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t i = 0; i < m; i++) {
+            a0 += w[i] * v0[i];
+            a1 += w[i] * v1[i];
+            a2 += w[i] * v2[i];
+            a3 += w[i] * v3[i];
+        }
+    } else {
+        const int8_t *q = (const int8_t *)weight + j * m;
+        #pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t i = 0; i < m; i++) {
+            const float w = (float)q[i];
+            a0 += w * v0[i];
+            a1 += w * v1[i];
+            a2 += w * v2[i];
+            a3 += w * v3[i];
+        }
+        a0 *= scale[j], a1 *= scale[j], a2 *= scale[j], a3 *= scale[j];
+    }
+    const float sums[4] = {a0, a1, a2, a3};
+    for (int64_t s = s0; s < s0 + 4 && s < b; s++)
+        out[s * e + j] = sums[s - s0];
+}
+
 void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t z_stride, float *conv_state,
                        const float *conv_weight, const float *conv_bias, const void *x_proj,
                        const float *x_proj_scale, const void *dt_proj, const float *dt_proj_scale,
@@ -93,11 +127,11 @@ void mamba1_decode_f32(const float *x, int64_t x_stride, const float *z, int64_t
                     row[c] = silu(row[c]);
             }
         }
-        /* row-major over x_proj: one weight row serves every sequence while it is in L1 */
+        /* row-major over x_proj: one weight row serves every sequence while it is in L1, four at a time */
         #pragma omp for collapse(2) schedule(static)
         for (int64_t j = 0; j < e; j++)
-            for (int64_t s = 0; s < b; s++)
-                proj[s * e + j] = row_dot(x_proj, x_proj_scale, j, xc + s * d, d);
+            for (int64_t s0 = 0; s0 < b; s0 += 4)
+                row_dots4(x_proj, x_proj_scale, j, xc, d, s0, b, proj, e);
         #pragma omp for collapse(2) schedule(static)
         for (int64_t s = 0; s < b; s++) {
             for (int64_t block = 0; block < blocks; block++) {

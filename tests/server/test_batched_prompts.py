@@ -1,6 +1,7 @@
 """Several prompts in one request, and n samples of a prompt (one prefill whose state is copied into n slots),
 over real HTTP on the tiny model: each choice is what a request of its own would give, indexed as OpenAI does."""
 
+import concurrent.futures
 import json
 
 import httpx
@@ -102,3 +103,21 @@ def test_the_openai_sdk_gets_n_choices(live):
     sdk = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
     completion = sdk.completions.create(model="tiny", prompt="the river", max_tokens=4, n=3, seed=5)
     assert [c.index for c in completion.choices] == [0, 1, 2]
+
+
+def test_a_seeded_sample_is_the_same_alone_and_decoded_beside_other_samples(client, live):
+    """Sampling is one computation over the batch's rows, each with its own parameters and generator: a seeded
+    request's text does not depend on what else is decoded with it."""
+    seeded = {"prompt": PROMPTS[0], "temperature": 0.9, "top_p": 0.95, "seed": 5, "max_tokens": 16}
+    alone = text_of(client, **seeded)
+    others = [{"prompt": PROMPTS[1], "temperature": 1.3, "top_k": 20, "max_tokens": 16},
+              {"prompt": PROMPTS[2], "temperature": 0.7, "min_p": 0.1, "max_tokens": 16},
+              {"prompt": PROMPTS[0], "temperature": 0, "max_tokens": 16}]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        with httpx.Client(base_url=live.url, timeout=60) as other_client:
+            futures = [pool.submit(text_of, other_client, **body) for body in others]
+            beside = pool.submit(text_of, client, **seeded).result()
+            for future in futures:
+                future.result()
+    assert beside == alone
+    assert any(r.kind == "decode" and r.tokens > 1 for r in list(live.engine.step_log)[-40:])

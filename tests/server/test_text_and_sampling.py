@@ -59,12 +59,13 @@ def test_the_earliest_stop_string_wins(tokenizer):
 
 
 def test_top_k_and_top_p_keep_the_most_likely_tokens():
-    scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    assert torch.isfinite(_filtered(scores, 2, 1.0)).tolist() == [True, True, False, False]
-    assert torch.isfinite(_filtered(scores, 0, 0.6)).tolist() == [True, True, False, False]
-    assert torch.isfinite(_filtered(scores, 0, 0.5)).tolist() == [True, False, False, False]
-    assert torch.isfinite(_filtered(scores, 0, 0.01)).tolist() == [True, False, False, False]
-    assert torch.isfinite(_filtered(scores, 3, 0.9)).tolist() == [True, True, True, False]
+    """Each row by its own parameters, in one batch."""
+    scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]) / 0.5).repeat(7, 1)  # the largest 0, as tempered
+    top_k, top_p, min_p = [2, 0, 0, 0, 3, 0, 1], [1.0, 0.6, 0.5, 0.01, 0.9, 1.0, 1.0], [0, 0, 0, 0, 0, 0.5, 0]
+    assert torch.isfinite(_filtered(scores, top_k, top_p, min_p)).tolist() == [
+        [True, True, False, False], [True, True, False, False], [True, False, False, False],
+        [True, False, False, False], [True, True, True, False], [True, True, False, False],
+        [True, False, False, False]]
 
 
 def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise():
@@ -108,6 +109,23 @@ def test_a_huge_temperature_samples_evenly():
     gens = [torch.Generator().manual_seed(i) for i in range(3000)]
     counts = torch.bincount(torch.tensor(sample(logits, [SamplingParams(8, temperature=1e30)] * 3000, gens)))
     assert ((counts / 3000 - 1 / 3).abs() < 0.04).all(), counts
+
+
+def test_a_seeded_row_samples_the_same_tokens_whatever_else_is_batched():
+    """A request's tokens depend on its logits, parameters and generator only, not on the rows beside it."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(4))
+    params = [SamplingParams(8, temperature=0.9, top_k=40), SamplingParams(8, temperature=0.0),
+              SamplingParams(8, temperature=1.3, top_p=0.8), SamplingParams(8, temperature=0.7, min_p=0.05),
+              SamplingParams(8, temperature=1.0), SamplingParams(8, temperature=0.5, top_k=5, top_p=0.9)]
+
+    def draws(rows):
+        gens = {i: torch.Generator().manual_seed(100 + i) for i in rows}
+        picked = [sample(logits[rows], [params[i] for i in rows], [gens[i] for i in rows]) for _ in range(30)]
+        return {i: [step[j] for step in picked] for j, i in enumerate(rows)}
+
+    together = draws(list(range(6)))
+    assert all(draws([i]) == {i: together[i]} for i in range(6))
+    assert draws([5, 2]) == {5: together[5], 2: together[2]}
 
 
 def test_logprob_entries_match_log_softmax():

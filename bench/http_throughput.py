@@ -1,0 +1,164 @@
+"""Many concurrent streams through HTTP against the engine's own batched decode, in one run.
+
+Starts `python -m server` (a subprocess on a free loopback port) and, for each N of `--streams`, N concurrent
+clients (asyncio + httpx, one connection each) stream a completion of a fixed prompt (`--prompt-tokens` token
+ids) of exactly `--max-tokens` tokens (`ignore_eos`). Reported per N: aggregate output tokens/s (all tokens over
+the wall time from the first request sent to the last stream's end), time to first token p50/p99/max and the gap
+between streamed chunks p50/p99 (one chunk per token unless the server coalesces), and the client's CPU time
+over that wall time (near 1.0: the client, not the server, is the limit). The peer, measured in this process
+between the HTTP runs (the server idle): the engine's model runner decoding greedy steps of
+min(N, --max-batch-size) sequences (the batch the server runs), with the ratio of the two throughputs.
+
+    python -m bench.http_throughput --streams 1,16                       # the embedded model on CPU
+    python -m bench.http_throughput --shape 130m --device cuda --prompt-tokens 1000 -- --max-batch-size 256
+
+`--shape` serves a random model of that shape (bench.random_model) with the embedded model's tokenizer; flags
+after `--` go to the server (`--max-batch-size` is read from there too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from runtime import IDENTITY, load_model
+from server.config import DEFAULT_MODEL_DIR, EngineConfig, build_parser, default_max_batch_size
+from server.model_runner import ModelRunner
+
+from .report import print_row, print_table, save_json
+from .server_process import add_server_arguments, free_port, serve_shape, start_server
+
+STEPS = 32  # timed engine steps per measurement
+WARMUP = 4
+
+
+@dataclass
+class Stream:
+    """One client's timings: when it was sent, and when each chunk with generated text arrived."""
+
+    sent: float
+    chunks: list[float] = field(default_factory=list)
+    tokens: int = 0  # completion tokens, from the usage chunk
+
+
+async def stream_one(client: httpx.AsyncClient, body: dict) -> Stream:
+    record = Stream(time.perf_counter())
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices"):
+                record.chunks.append(time.perf_counter())
+            elif event.get("usage"):
+                record.tokens = event["usage"]["completion_tokens"]
+            else:
+                raise RuntimeError(f"unexpected event {event}")
+    return record
+
+
+async def run_streams(url: str, n: int, body: dict) -> tuple[list[Stream], float, float]:
+    """n concurrent streams of `body`. Returns them, the wall time and the client's CPU seconds."""
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        cpu, start = time.process_time(), time.perf_counter()
+        streams = await asyncio.gather(*(stream_one(client, body) for _ in range(n)))
+        return list(streams), time.perf_counter() - start, time.process_time() - cpu
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def http_row(streams: list[Stream], wall: float, client_cpu: float) -> dict:
+    first = [s.chunks[0] - s.sent for s in streams]
+    gaps = [b - a for s in streams for a, b in zip(s.chunks, s.chunks[1:])]
+    tokens = sum(s.tokens for s in streams)
+    return {"http_tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(first, 50),
+            "ttft_p99_ms": 1e3 * percentile(first, 99), "ttft_max_ms": 1e3 * max(first),
+            "gap_p50_ms": 1e3 * percentile(gaps, 50) if gaps else 0.0,
+            "gap_p99_ms": 1e3 * percentile(gaps, 99) if gaps else 0.0, "client_cpu": client_cpu / wall}
+
+
+def engine_tokens_per_s(runner: ModelRunner, batch: int) -> float:
+    """Greedy decode steps of `batch` sequences through the runner, as the engine runs them (argmax read back)."""
+    slots, extensions = list(range(batch)), [IDENTITY] * batch
+    tokens = [1] * batch
+    for _ in range(WARMUP):
+        tokens = runner.decode(slots, tokens, extensions).argmax(-1).tolist()
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        tokens = runner.decode(slots, tokens, extensions).argmax(-1).tolist()
+    return batch * STEPS / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_server_arguments(parser)
+    parser.add_argument("--streams", default="1,8,32,64,128,256", help="the numbers of concurrent streams")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128, help="completion tokens per stream")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    counts = [int(n) for n in args.streams.split(",")]
+    served = build_parser().parse_known_args(["--device", args.device, *args.server_args])[0]
+    body = {"prompt": [(7 * i) % 1000 + 10 for i in range(args.prompt_tokens)], "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with tempfile.TemporaryDirectory() as directory:
+        serve_shape(args, Path(directory))
+        port = free_port()
+        server = start_server(args, port)
+        try:
+            rows = measure(args, served, counts, body, f"http://127.0.0.1:{port}")
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    print_table(["streams", "engine batch", "HTTP tokens/s", "engine tokens/s", "ratio", "TTFT p50 / p99 ms",
+                 "gap p50 / p99 ms", "client CPU"],
+                [[str(r["streams"]), str(r["engine_batch"]), f"{r['http_tokens_per_s']:,.0f}",
+                  f"{r['engine_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}",
+                  f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f}", f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f}",
+                  f"{r['client_cpu']:.2f}"] for r in rows])
+    save_json(rows, args.json)
+
+
+def measure(args, served: argparse.Namespace, counts: list[int], body: dict, url: str) -> list[dict]:
+    """Rounds of (HTTP at N streams, then the engine at the server's batch) for every N; the medians per N."""
+    model = load_model(args.model or DEFAULT_MODEL_DIR, device=args.device, dtype=args.dtype).model
+    slots = served.max_batch_size or default_max_batch_size(args.device)
+    if served.threads:
+        torch.set_num_threads(served.threads)
+    runner = ModelRunner(model, EngineConfig(max_batch_size=min(max(counts), slots),
+                                             cuda_graphs=not served.enforce_eager))
+    runner.warm_up([])
+    asyncio.run(run_streams(url, 1, {**body, "max_tokens": 4}))  # the server's first request: warm-up
+    measured: dict[int, list[dict]] = {n: [] for n in counts}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for n in counts:
+                row = http_row(*asyncio.run(run_streams(url, n, body)))
+                row["engine_tokens_per_s"] = engine_tokens_per_s(runner, min(n, slots))
+                measured[n].append(row)
+                print_row({"streams": n, **row})
+    return [{"streams": n, "engine_batch": min(n, slots),
+             **{key: statistics.median(r[key] for r in rows) for key in rows[0]},
+             "ratio": statistics.median(r["http_tokens_per_s"] / r["engine_tokens_per_s"] for r in rows)}
+            for n, rows in measured.items()]
+
+
+if __name__ == "__main__":
+    main()
