@@ -29,8 +29,10 @@ def resident_memory_bytes() -> float:
 
 
 def peak_resident_memory_bytes() -> float:
-    """The largest resident set size this process has had (getrusage; Linux counts it in KiB)."""
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """The largest resident set size this process has had (getrusage; Linux counts it in KiB), and at least the
+    current one: Linux reads the peak from approximate per-CPU counters and /proc/self/statm from exact sums, so
+    the peak alone can fall below the size just read."""
+    return max(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), resident_memory_bytes())
 
 
 class ModelLabelled:
