@@ -99,6 +99,17 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.status.finished
 
+    def extend(self, later: RequestOutput) -> None:
+        """Appends the request's next output: this one then reads as one output of both steps."""
+        assert not self.finished, "a finished request has no later output"
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
+        self.status, self.num_output_tokens = later.status, later.num_output_tokens
+        self.error, self.stop_reason = later.error, later.stop_reason
+
 
 @dataclass(eq=False)
 class Request:
