@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +61,23 @@ class LiveServer:
     @property
     def engine(self):
         return self.app.state.engine
+
+    @contextlib.contextmanager
+    def loop_held(self) -> Iterator[None]:
+        """The server's event loop held (running a call that waits for the block to end): the engine thread goes
+        on stepping, and its outputs wait in their mailboxes until the loop runs again."""
+        entered, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            entered.set()
+            release.wait()
+
+        self._server.servers[0].get_loop().call_soon_threadsafe(hold)
+        assert entered.wait(timeout=20), "the event loop did not run the hold"
+        try:
+            yield
+        finally:
+            release.set()
 
     def __enter__(self) -> LiveServer:
         self._thread.start()
