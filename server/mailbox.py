@@ -1,11 +1,11 @@
-"""Outputs handed from the engine thread to the event loop: each submission's in a mailbox, merged per choice
-while they wait; the loop woken once for all the mailboxes an engine step filled.
+"""Outputs handed from the engine's receiving thread (server.engine_client) to the event loop: each submission's
+in a mailbox, merged per choice while they wait; the loop woken once for all the mailboxes a hand-over filled.
 
-The engine thread puts each output of each choice; the response takes everything put since its last take, one
+The receiving thread puts each output of each choice; the response takes everything put since its last take, one
 output per choice: when a reader falls behind the engine (a slow client, a busy event loop), the outputs of
 several engine steps reach it as one, so it sends one chunk for them instead of one per token, and catches up.
-Only a put into an empty mailbox asks for a wake-up: while the reader is behind, the engine thread adds to what
-waits without waking anyone. The wake-ups go through the loop's `Doorbell`, one call into the loop for all those
+Only a put into an empty mailbox asks for a wake-up: while the reader is behind, the receiving thread adds to
+what waits without waking anyone. The wake-ups go through the loop's `Doorbell`, one call into the loop for all those
 asked between two of its rounds.
 """
 
@@ -22,7 +22,8 @@ from .request import RequestOutput
 class Doorbell:
     """Sets asyncio events of one loop from other threads. The first `ring` after a round schedules the next
     round (`call_soon_threadsafe`: a write to the loop's wake-up pipe); the rings before it runs join it. The
-    engine thread puts a step's outputs holding the interpreter, so they reach the loop in one round."""
+    receiving thread puts a hand-over's outputs (an engine step's) holding the interpreter, so they reach the loop
+    in one round."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -48,7 +49,7 @@ class Doorbell:
 
 
 class Mailbox:
-    """One submission's outputs, put on the engine thread and taken in the event loop's."""
+    """One submission's outputs, put on the receiving thread and taken in the event loop's."""
 
     def __init__(self, doorbell: Doorbell) -> None:
         self._doorbell = doorbell
@@ -62,7 +63,7 @@ class Mailbox:
         return partial(self.put, index)
 
     def put(self, index: int, output: RequestOutput) -> None:
-        """Adds choice `index`'s next output; called on the engine thread."""
+        """Adds choice `index`'s next output; called on the receiving thread."""
         with self._lock:
             held = self._held.get(index)
             if held is None:

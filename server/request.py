@@ -1,7 +1,7 @@
 """A request's whole life in the engine: its parameters, extension, state slot, tokens and timing.
 
 Life cycle: WAITING → PREFILLING → DECODING → one FINISHED_* status. Only the engine thread changes a
-request after it is submitted, except `abort_requested`, which the HTTP side sets (under the engine lock).
+request after it is submitted, except `abort_requested`, which the engine's caller sets (under the engine lock).
 """
 
 from __future__ import annotations

@@ -17,13 +17,13 @@ from starlette.requests import Request as HttpRequest
 
 from .components import Components
 from .config import EngineConfig, HttpConfig
-from .detokenizer import OutputText
-from .engine import Engine
+from .engine_client import EngineClient
+from .engine_protocol import EngineRequest
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
 from .mailbox import Doorbell, Mailbox
 from .protocol import SamplingFields
-from .request import FINISH_REASON, Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
+from .request import FINISH_REASON, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,15 +41,15 @@ class Choice:
     """One sample of one prompt: choice `index` is prompt i's sample j at i × n + j, as OpenAI and vLLM number them."""
 
     index: int
-    request: Request
+    request: EngineRequest
     prompt: Prompt
     selection: Selection
 
 
 @dataclass
 class Submission:
-    """A client request in the engine (one engine request per choice) and the mailbox their outputs arrive in
-    (from the engine thread), each with its choice's index."""
+    """A client request in the engine (one engine request per choice) and the mailbox their outputs arrive in,
+    each with its choice's index."""
 
     id: str
     prompts: list[Prompt]
@@ -60,8 +60,8 @@ class Submission:
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     @property
-    def requests(self) -> list[Request]:
-        return [choice.request for choice in self.choices]
+    def request_ids(self) -> list[str]:
+        return [choice.request.request_id for choice in self.choices]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -70,7 +70,7 @@ class Submission:
 
 
 class CompletionService:
-    def __init__(self, engine: Engine, components: Components, http: HttpConfig, engine_config: EngineConfig):
+    def __init__(self, engine: EngineClient, components: Components, http: HttpConfig, engine_config: EngineConfig):
         self.engine = engine
         self.tokenizer = components.tokenizer
         self.bank = components.bank
@@ -107,22 +107,21 @@ class CompletionService:
         completion_id = f"{id_prefix}-{request_id}"
         several = len(prompts) * body.n > 1
         selections = [self._bucket(prompt.ids, params, body.scale_bucket) for prompt in prompts]
-        choices, requests = [], []
+        choices, requests, sinks = [], [], {}
         for i, (prompt, selection) in enumerate(zip(prompts, selections)):
             group = []
             for j in range(body.n):
                 index = i * body.n + j
                 seeded = params if params.seed is None else replace(params, seed=params.seed + j)  # as vLLM seeds
-                group.append(Request(f"{completion_id}-{index}" if several else completion_id, prompt.ids, seeded,
-                                     selection.extension, selection.name,
-                                     OutputText(self.tokenizer, params.stop, params.min_tokens),
-                                     outputs.sink(index), self.engine_config.request_timeout))
+                group.append(EngineRequest(f"{completion_id}-{index}" if several else completion_id, prompt.ids,
+                                           seeded, selection.name, self.engine_config.request_timeout))
+                sinks[group[-1].request_id] = outputs.sink(index)
                 choices.append(Choice(index, group[-1], prompt, selection))
             group[0].forks = group[1:]
             for fork in group[1:]:  # the same deadline: the forks cannot outlive the request they copy
                 fork.arrival_time = group[0].arrival_time
             requests.append(group[0])
-        self.engine.submit(*requests)
+        await self.engine.submit(requests, sinks)
         log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
         return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()), tokens_as_ids)
 
@@ -235,7 +234,7 @@ class CompletionService:
                     pending -= output.finished
                 yield [(submission.choices[index], output) for index, output in taken]
         finally:
-            self.engine.abort(*submission.requests)  # no-op for the finished ones
+            self.engine.abort(*submission.request_ids)  # no-op for the finished ones
 
     async def collect(self, submission: Submission) -> list[ChoiceResult]:
         """Each choice's whole result, in index order."""
@@ -250,7 +249,7 @@ class CompletionService:
         try:
             return await until_disconnected(self.collect(submission), http_request)
         finally:
-            self.engine.abort(*submission.requests)
+            self.engine.abort(*submission.request_ids)
 
     async def complete(self, submission: Submission, http_request: HttpRequest, kind: str = "text_completion",
                        choice_json: Callable[[Submission, ChoiceResult], dict] | None = None) -> dict | None:

@@ -1,4 +1,5 @@
-"""Helpers of the server tests: the test bank, a live server (uvicorn on loopback in a thread), waiting."""
+"""Helpers of the server tests: the test bank, a live server (uvicorn on loopback in a thread, its engine in a
+process of its own), waiting."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from scale_bank import Bank, BankEntry, model_info
 from server.app import build_app
 from server.components import load_components
 from server.config import parse_args
+from server.engine_client import EngineClient
 from server.http_server import build_server
 
 TRAINING_LENGTH = 64  # recorded in the test bank: auto requests up to 64 tokens use no scales
@@ -50,8 +52,9 @@ class LiveServer:
     def __init__(self, argv: list[str]):
         config, _ = parse_args(argv)
         self.config = config
-        self.components = load_components(config.model)
-        self.app = build_app(config, self.components)
+        engine = EngineClient.start(config, "warning")
+        self.components = load_components(config.model, engine.model)
+        self.app = build_app(config, self.components, engine)
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
@@ -95,7 +98,7 @@ class LiveServer:
     def wait_idle(self, timeout: float = 20) -> None:
         """Until the engine has nothing queued or running (earlier tests' aborted requests included)."""
         deadline = time.monotonic() + timeout
-        while self.engine.scheduler.has_work() or self.engine.free_slots != self.config.engine.max_batch_size:
+        while self.engine.busy or self.engine.free_slots != self.config.engine.max_batch_size:
             assert time.monotonic() < deadline, "the engine did not become idle"
             time.sleep(0.01)
 
