@@ -47,7 +47,8 @@ class EngineClient:
         self._process = process
         self._connection = connection
         self._send_lock = threading.Lock()
-        self._sinks: dict[str, Sink] = {}  # the unfinished requests' sinks, by request id
+        self._routes: dict[int, tuple[str, Sink]] = {}  # the unfinished requests' ids and sinks, by key
+        self._keys = itertools.count()
         self._calls: dict[int, concurrent.futures.Future] = {}  # calls waiting for their reply, by number
         self._numbers = itertools.count()
         self._closed = False  # admission closed (a graceful shutdown)
@@ -107,26 +108,30 @@ class EngineClient:
     # --- requests ------------------------------------------------------------------------------------------------
 
     async def submit(self, requests: list[EngineRequest], sinks: dict[str, Sink]) -> None:
-        """Queues all of `requests` (with their forks), each request's outputs to go to `sinks[request_id]`;
-        raises the engine's ServerError (QueueFullError, UnavailableError), queueing none, when it refuses them."""
+        """Queues all of `requests` (with their forks, their ids distinct), each request's outputs to go to
+        `sinks[request_id]`; gives each its key. Raises the engine's ServerError (QueueFullError,
+        UnavailableError), queueing none, when it refuses them."""
         if not self.alive:
             raise UnavailableError("the engine is not running")
         if self._closed:
             raise UnavailableError("the server is shutting down", code="shutting_down")
-        self._sinks.update(sinks)
+        members = [member for request in requests for member in request.group]
+        for member in members:
+            member.key = next(self._keys)
+            self._routes[member.key] = (member.request_id, sinks[member.request_id])
         try:
             await asyncio.wrap_future(self._call(lambda call: Submit(call, requests)))
         except asyncio.CancelledError:  # the client went away while the engine queued them
-            self.abort(*sinks)
+            self.abort(*members)
             raise
         except Exception:
-            for request_id in sinks:
-                self._sinks.pop(request_id, None)
+            for member in members:
+                self._routes.pop(member.key, None)
             raise
 
-    def abort(self, *request_ids: str) -> None:
+    def abort(self, *requests: EngineRequest) -> None:
         """Cancels the requests (no-op for those finished); their slots are freed at the engine's next step."""
-        unfinished = [request_id for request_id in request_ids if request_id in self._sinks]
+        unfinished = [request.key for request in requests if request.key in self._routes]
         if unfinished:
             self._send(Abort(unfinished))
 
@@ -197,13 +202,13 @@ class EngineClient:
                 return
             assert isinstance(message, HandOver), f"unexpected message {message!r}"
             self.status = message.status  # first: a client told of an output may read the state that came with it
-            for request_id, output in message.outputs:
+            for key, output in message.outputs:
                 if output.finished:
-                    log.info("%s finished: %s, %d prompt and %d generated tokens", request_id,
+                    log.info("%s finished: %s, %d prompt and %d generated tokens", output.request_id,
                              FINISH_REASON[output.status], output.num_prompt_tokens, output.num_output_tokens)
-                sink = self._sinks.pop(request_id, None) if output.finished else self._sinks.get(request_id)
-                if sink is not None:
-                    _deliver(sink, output)
+                route = self._routes.pop(key, None) if output.finished else self._routes.get(key)
+                if route is not None:
+                    _deliver(route[1], output)
             for reply in message.replies:
                 self._answer(reply)
 
@@ -218,8 +223,8 @@ class EngineClient:
         log.error("%s (code %s)", LOST, self._process.exitcode)
         self.status = STOPPED
         self._stopped.set()
-        sinks, self._sinks = self._sinks, {}
-        for request_id, sink in sinks.items():
+        routes, self._routes = self._routes, {}
+        for request_id, sink in routes.values():
             _deliver(sink, RequestOutput(request_id, "", [], [], None, RequestStatus.FINISHED_ERROR, 0, 0, LOST))
         calls, self._calls = self._calls, {}
         for future in calls.values():

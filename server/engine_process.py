@@ -58,13 +58,13 @@ def run(config: ServerConfig, log_level: str, connection: Connection) -> None:
 
 class EngineHost:
     """The engine with what it needs in this process: the tokenizer and bank its requests are made with, its
-    metrics, and its unfinished requests by id (for Abort)."""
+    metrics, and its unfinished requests by key (for Abort)."""
 
     def __init__(self, engine: Engine, components: Components, metrics: Metrics) -> None:
         self.engine = engine
         self.components = components
         self.metrics = metrics
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[int, Request] = {}
 
     @classmethod
     def load(cls, config: ServerConfig) -> EngineHost:
@@ -107,12 +107,12 @@ class EngineHost:
                 self.engine.submit(*requests)
                 outbox.reply(Reply(message.call))
             except ServerError as refused:
-                for request in requests:
-                    for member in request.group:
-                        self.requests.pop(member.request_id, None)
+                for spec in message.requests:
+                    for member in spec.group:
+                        self.requests.pop(member.key, None)
                 outbox.reply(Reply(message.call, error=refused))
         elif isinstance(message, Abort):
-            self.engine.abort(*[r for i in message.request_ids if (r := self.requests.get(i)) is not None])
+            self.engine.abort(*[r for key in message.keys if (r := self.requests.get(key)) is not None])
         elif isinstance(message, Close):
             self.engine.close()
         elif isinstance(message, Query):
@@ -125,17 +125,17 @@ class EngineHost:
         extension = select(components.bank, 0, spec.bucket, components.training_length).extension
         request = Request(spec.request_id, spec.prompt_ids, params, extension, spec.bucket,
                           OutputText(components.tokenizer, params.stop, params.min_tokens),
-                          partial(self._hand_over, outbox, spec.request_id), spec.timeout,
+                          partial(self._hand_over, outbox, spec.key), spec.timeout,
                           arrival_time=spec.arrival_time)
         request.forks = [self._request(fork, outbox) for fork in spec.forks]
-        self.requests[spec.request_id] = request
+        self.requests[spec.key] = request
         return request
 
-    def _hand_over(self, outbox: Outbox, request_id: str, output: RequestOutput) -> None:
+    def _hand_over(self, outbox: Outbox, key: int, output: RequestOutput) -> None:
         """A request's sink (on the engine thread)."""
         if output.finished:
-            self.requests.pop(request_id, None)
-        outbox.output(request_id, output)
+            self.requests.pop(key, None)
+        outbox.output(key, output)
 
 
 class Outbox:
@@ -146,7 +146,7 @@ class Outbox:
         self._connection = connection
         self._engine = engine
         self._cond = threading.Condition()
-        self._outputs: list[tuple[str, RequestOutput]] = []
+        self._outputs: list[tuple[int, RequestOutput]] = []
         self._replies: list[Reply] = []
         self._finishing = False
         self._thread = threading.Thread(target=self._send, name="engine-outbox", daemon=True)
@@ -154,9 +154,9 @@ class Outbox:
     def start(self) -> None:
         self._thread.start()
 
-    def output(self, request_id: str, output: RequestOutput) -> None:
+    def output(self, key: int, output: RequestOutput) -> None:
         with self._cond:
-            self._outputs.append((request_id, output))
+            self._outputs.append((key, output))
             self._cond.notify()
 
     def reply(self, reply: Reply) -> None:

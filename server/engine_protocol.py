@@ -36,7 +36,7 @@ class EngineRequest:
     """A request as the HTTP side submits it; the engine process makes its `server.request.Request` of it (with
     its own detokeniser, its bank's extension of `bucket`, and a sink that sends the outputs back)."""
 
-    request_id: str
+    request_id: str  # the client's (X-Request-Id), for logs and metrics: two requests may share one
     prompt_ids: list[int]
     params: SamplingParams
     bucket: str  # the scale bucket chosen for it ("none": identity)
@@ -44,6 +44,7 @@ class EngineRequest:
     # time.monotonic(): CLOCK_MONOTONIC on Linux, one clock for both processes
     arrival_time: float = field(default_factory=time.monotonic)
     forks: list[EngineRequest] = field(default_factory=list)  # n > 1: the prompt's other samples
+    key: int = -1  # its own number while the server runs, set when submitted: outputs and aborts go by it
 
     @property
     def group(self) -> list[EngineRequest]:
@@ -68,7 +69,7 @@ class Submit:
 
 @dataclass
 class Abort:
-    request_ids: list[str]
+    keys: list[int]
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Reply:
 class HandOver:
     """Everything the engine process sends between its start and its stop."""
 
-    outputs: list[tuple[str, RequestOutput]]  # (request id, what a step added), in the order they were made
+    outputs: list[tuple[int, RequestOutput]]  # (request key, what a step added), in the order they were made
     replies: list[Reply]
     status: EngineStatus  # read after the outputs and replies were made
 

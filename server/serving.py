@@ -60,8 +60,8 @@ class Submission:
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     @property
-    def request_ids(self) -> list[str]:
-        return [choice.request.request_id for choice in self.choices]
+    def requests(self) -> list[EngineRequest]:
+        return [choice.request for choice in self.choices]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -234,7 +234,7 @@ class CompletionService:
                     pending -= output.finished
                 yield [(submission.choices[index], output) for index, output in taken]
         finally:
-            self.engine.abort(*submission.request_ids)  # no-op for the finished ones
+            self.engine.abort(*submission.requests)  # no-op for the finished ones
 
     async def collect(self, submission: Submission) -> list[ChoiceResult]:
         """Each choice's whole result, in index order."""
@@ -249,7 +249,7 @@ class CompletionService:
         try:
             return await until_disconnected(self.collect(submission), http_request)
         finally:
-            self.engine.abort(*submission.request_ids)
+            self.engine.abort(*submission.requests)
 
     async def complete(self, submission: Submission, http_request: HttpRequest, kind: str = "text_completion",
                        choice_json: Callable[[Submission, ChoiceResult], dict] | None = None) -> dict | None:
