@@ -71,6 +71,10 @@ class EngineClient:
         except EOFError:
             process.join()
             raise EngineStartError(f"the engine process exited (code {process.exitcode}) before it was ready") from None
+        except BaseException:  # interrupted (Ctrl-C) while it loads: it ignores the signal, and would wait for us
+            process.kill()
+            process.join()
+            raise
         if isinstance(first, StartFailed):
             process.join()
             raise EngineStartError(first.message)
