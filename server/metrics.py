@@ -28,9 +28,23 @@ def resident_memory_bytes() -> float:
         return 0.0
 
 
-def peak_resident_memory_bytes() -> float:
-    """The largest resident set size this process has had (getrusage; Linux counts it in KiB)."""
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+class ResidentMemory:
+    """The process's current and peak resident memory as the gauges report them. The kernel's peak (getrusage,
+    in KiB on Linux) and /proc's current size are counted apart and can disagree by a few pages, so the peak
+    reported is also at least every current size reported before it: a scrape never shows a peak below a
+    current size."""
+
+    def __init__(self) -> None:
+        self._largest_seen = 0.0
+
+    def current(self) -> float:
+        size = resident_memory_bytes()
+        self._largest_seen = max(self._largest_seen, size)
+        return size
+
+    def peak(self) -> float:
+        return max(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), self.current(),
+                   self._largest_seen)
 
 
 class ModelLabelled:
@@ -86,10 +100,11 @@ class Metrics:
         self.waiting = per_model(Gauge, "requests_waiting", "Requests waiting for a slot")
         per_model(Gauge, "peak_accelerator_memory_bytes", "torch.cuda.max_memory_allocated (0 on CPU)").set_function(
             lambda: float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0)
+        memory = ResidentMemory()
         per_model(Gauge, "process_resident_memory_bytes", "Resident set size of the server process").set_function(
-            resident_memory_bytes)
+            memory.current)
         per_model(Gauge, "peak_resident_memory_bytes", "Largest resident set size the server process has had"
-                  ).set_function(peak_resident_memory_bytes)
+                  ).set_function(memory.peak)
         registry.register(ModelLabelled(ProcessCollector(registry=None), model_name))
 
     def exposition(self) -> bytes:
