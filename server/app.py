@@ -1,4 +1,4 @@
-"""The HTTP routes (DESIGN §5): OpenAI completions, chat completions and models; vLLM's tokenizer routes and
+"""The HTTP routes: OpenAI completions, chat completions and models; vLLM's tokenizer routes and
 version; health; Prometheus metrics.
 
 Routes stay thin: parse the body (pydantic), hand it to `CompletionService` (or `ChatService`), and shape the
@@ -90,7 +90,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
     """One app per engine: the engine thread starts and stops with the app's lifespan."""
     metrics = Metrics(torch.device(config.model.device), config.http.served_model_name)
     engine = Engine(components.loaded.model, components.tokenizer, config.engine, metrics)
-    service = CompletionService(engine, components, config.http, config.engine)
+    service = CompletionService(engine, components, config.http, engine.config)  # its slots sized
     chat = ChatService(service, components.tokenizer_config)
     http = config.http
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §5), each app with its own registry so several can live in one process.
+"""Prometheus metrics, each app with its own registry so several can live in one process.
 
 Every series carries a `model_name` label (the served model's name, as vLLM labels its series), the process
 collector's (`process_*`) too, so that one dashboard can tell several servers apart."""
@@ -98,6 +98,8 @@ class Metrics:
                                        ("bucket",))
         self.running = per_model(Gauge, "requests_running", "Requests holding a state slot")
         self.waiting = per_model(Gauge, "requests_waiting", "Requests waiting for a slot")
+        self.slots = per_model(Gauge, "state_slots", "State slots: sequences decoded together")
+        self.slot_bytes = per_model(Gauge, "state_slot_bytes", "Bytes of one sequence's recurrent state")
         per_model(Gauge, "peak_accelerator_memory_bytes", "torch.cuda.max_memory_allocated (0 on CPU)").set_function(
             lambda: float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0)
         memory = ResidentMemory()

@@ -58,7 +58,7 @@ def test_a_long_prefill_does_not_hold_back_another_requests_tokens(live):
 @pytest.mark.parametrize("streamed", [True, False])
 def test_a_client_that_disconnects_is_cancelled_and_frees_its_slot(live, streamed):
     live.wait_idle()
-    slots = live.config.engine.max_batch_size
+    slots = live.engine.config.slots
     with httpx.Client(base_url=live.url, timeout=60) as c:
         aborted = metric(c, "mamba_server_requests_total", finish_reason="abort")
         body = {"prompt": "the river", "max_tokens": 3000, "temperature": 0, "stream": streamed}
