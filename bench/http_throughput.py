@@ -3,17 +3,20 @@
 Starts `python -m server` (a subprocess on a free loopback port) and, for each N of `--streams`, N concurrent
 clients (asyncio + httpx, one connection each) stream a completion of a fixed prompt (`--prompt-tokens` token
 ids) of exactly `--max-tokens` tokens (`ignore_eos`). Reported per N: aggregate output tokens/s (all tokens over
-the wall time from the first request sent to the last stream's end), time to first token p50/p99/max and the gap
-between streamed chunks p50/p99 (one chunk per token unless the server coalesces), and the client's CPU time
-over that wall time (near 1.0: the client, not the server, is the limit). The peer, measured in this process
+the wall time from the first request sent to the last stream's end), time to first token p50/p99/max, the gap
+between streamed chunks p50/p99 and the tokens per chunk (the server sends a stream's waiting tokens in one
+chunk when it falls behind), and the client's CPU time over that wall time (near 1.0: the client, not the
+server, is the limit). The peer, measured in this process
 between the HTTP runs (the server idle): the engine's model runner decoding greedy steps of
 min(N, --max-batch-size) sequences (the batch the server runs), with the ratio of the two throughputs.
 
     python -m bench.http_throughput --streams 1,16                       # the embedded model on CPU
     python -m bench.http_throughput --shape 130m --device cuda --prompt-tokens 1000 -- --max-batch-size 256
+    python -m bench.http_throughput --shape tiny --streams 1,8,32,64 -- --max-batch-size 64 --threads 1
 
-`--shape` serves a random model of that shape (bench.random_model) with the embedded model's tokenizer; flags
-after `--` go to the server (`--max-batch-size` is read from there too).
+`--shape` serves a random model of that shape (bench.random_model) with the embedded model's tokenizer; `tiny`
+is a CPU proxy of a GPU server (a step of a fraction of a millisecond: the server's host side is the limit).
+Flags after `--` go to the server (`--max-batch-size` is read from there too).
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def http_row(streams: list[Stream], wall: float, client_cpu: float) -> dict:
     first = [s.chunks[0] - s.sent for s in streams]
     gaps = [b - a for s in streams for a, b in zip(s.chunks, s.chunks[1:])]
     tokens = sum(s.tokens for s in streams)
-    return {"http_tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(first, 50),
+    return {"http_tokens_per_s": tokens / wall, "tokens_per_chunk": tokens / sum(len(s.chunks) for s in streams),
+            "ttft_p50_ms": 1e3 * percentile(first, 50),
             "ttft_p99_ms": 1e3 * percentile(first, 99), "ttft_max_ms": 1e3 * max(first),
             "gap_p50_ms": 1e3 * percentile(gaps, 50) if gaps else 0.0,
             "gap_p99_ms": 1e3 * percentile(gaps, 99) if gaps else 0.0, "client_cpu": client_cpu / wall}
@@ -128,11 +132,12 @@ def main(argv=None):
         finally:
             server.terminate()
             server.wait(timeout=60)
-    print_table(["streams", "engine batch", "HTTP tokens/s", "engine tokens/s", "ratio", "TTFT p50 / p99 ms",
-                 "gap p50 / p99 ms", "client CPU"],
+    print_table(["streams", "engine batch", "HTTP tokens/s", "engine tokens/s", "ratio", "TTFT p50 / p99 / max ms",
+                 "gap p50 / p99 ms", "tokens/chunk", "client CPU"],
                 [[str(r["streams"]), str(r["engine_batch"]), f"{r['http_tokens_per_s']:,.0f}",
                   f"{r['engine_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}",
-                  f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f}", f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f}",
+                  f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} / {r['ttft_max_ms']:.1f}",
+                  f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f}", f"{r['tokens_per_chunk']:.2f}",
                   f"{r['client_cpu']:.2f}"] for r in rows])
     save_json(rows, args.json)
 

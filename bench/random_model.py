@@ -13,12 +13,16 @@ from runtime.init_weights import init_weights
 
 SHAPES = {"130m": (768, 24), "1.4b": (2048, 48)}  # d_model, n_layer of state-spaces/mamba-130m, mamba-1.4b
 VOCAB = 50288  # GPT-NeoX-20B's 50,280 padded to a multiple of 16
+# A model whose CPU decode step takes a fraction of a millisecond, as a larger model's does on a GPU: served, it
+# leaves the server's host side (HTTP, streaming, bookkeeping) as the limit, the regime of a GPU server on a CPU.
+# Its vocabulary is the embedded model's tokenizer's.
+HOST_BOUND_SHAPES = {"tiny": (64, 2, 8192)}  # d_model, n_layer, vocab_size
 
 
 def save_random_model(shape: str, directory: Path, tokenizer: Path | None = None) -> Path:
     """mamba_ssm's initialisation, seed 0, saved in bfloat16 (Hugging Face layout) with `tokenizer` if given."""
-    d_model, n_layer = SHAPES[shape]
-    model = MambaLM(ModelConfig(arch=MAMBA1, d_model=d_model, n_layer=n_layer, vocab_size=VOCAB),
+    d_model, n_layer, vocab = HOST_BOUND_SHAPES[shape] if shape in HOST_BOUND_SHAPES else (*SHAPES[shape], VOCAB)
+    model = MambaLM(ModelConfig(arch=MAMBA1, d_model=d_model, n_layer=n_layer, vocab_size=vocab),
                     select_backend("torch", torch.device("cpu")))
     init_weights(model, seed=0)
     save_hf(model.to(torch.bfloat16), tokenizer, None, directory)

@@ -14,7 +14,6 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -31,9 +30,8 @@ from .body_guard import BodyGuard
 from .chat import ChatService
 from .components import Components
 from .config import ServerConfig
-from .engine import Engine
+from .engine_client import EngineClient
 from .errors import AuthenticationError, InvalidRequestError, ServerError, UnavailableError
-from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
                        parse_body)
 from .request_id import RequestIdMiddleware
@@ -86,19 +84,14 @@ def include_usage(body: SamplingFields) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-def build_app(config: ServerConfig, components: Components) -> FastAPI:
-    """One app per engine: the engine thread starts and stops with the app's lifespan."""
-    metrics = Metrics(torch.device(config.model.device), config.http.served_model_name)
-    engine = Engine(components.loaded.model, components.tokenizer, config.engine, metrics)
+def build_app(config: ServerConfig, components: Components, engine: EngineClient) -> FastAPI:
+    """One app per engine (started, its model loaded and warmed up): the engine stops with the app's lifespan."""
     service = CompletionService(engine, components, config.http, engine.config)  # its slots sized
     chat = ChatService(service, components.tokenizer_config)
     http = config.http
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        bank_sets = [] if components.bank is None else list(components.bank.scale_sets.values())
-        await asyncio.to_thread(engine.warm_up, bank_sets)  # before the first request is taken
-        engine.start()
         yield
         await asyncio.to_thread(engine.stop)
 
@@ -111,15 +104,14 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id, CORS preflights too
     app.state.engine = engine
-    app.state.metrics = metrics
 
     def model_card() -> dict:
-        loaded, bank = components.loaded, components.bank
+        model, bank = components.model, components.bank
         buckets = [] if bank is None else [{"name": e.bucket, "length": e.length, "method": e.method,
                                             "granularity": e.granularity} for e in bank.manifest.entries]
         return {"id": http.served_model_name, "object": "model", "created": int(time.time()),
-                "owned_by": "mamba-extend-server", "root": str(loaded.path), "arch": loaded.config.arch,
-                "quantization": loaded.quantization, "max_model_len": http.max_context,
+                "owned_by": "mamba-extend-server", "root": str(model.path), "arch": model.config.arch,
+                "quantization": model.quantization, "max_model_len": http.max_context,
                 "training_context_length": components.training_length, "scale_buckets": buckets}
 
     async def respond(shaper: CompletionService | ChatService, submission: Submission, body: SamplingFields,
@@ -212,7 +204,7 @@ def build_app(config: ServerConfig, components: Components) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await engine.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(ServerError)
     async def on_server_error(_request: HttpRequest, error: ServerError) -> JSONResponse:

@@ -69,7 +69,7 @@ class ChatService:
 
 
 def _message_choice(_submission: Submission, result: ChoiceResult) -> dict:
-    return {"index": result.choice.index, "message": {"role": "assistant", "content": result.text},
+    return {"index": result.choice.index, "message": {"role": "assistant", "content": result.final.text},
             "logprobs": None, **finish_fields(result.final)}
 
 

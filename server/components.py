@@ -1,4 +1,5 @@
-"""What the server loads once at start: model, tokenizer, bank. Any fault stops the start with its message."""
+"""What the server loads once at start: the model (in the engine process), the tokenizer and the bank (in both
+processes). Any fault stops the start with its message."""
 
 from __future__ import annotations
 
@@ -13,39 +14,49 @@ from scale_bank import Bank
 
 from .chat_template import TokenizerConfig
 from .config import ConfigError, ModelSpec
+from .engine_protocol import ModelInfo
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Components:
-    loaded: LoadedModel
+    model: ModelInfo  # the model the engine process loaded
     tokenizer: Tokenizer
     bank: Bank | None
     training_length: int | None  # bucket selection uses no scales at or below it; None: unknown
     tokenizer_config: TokenizerConfig  # special token strings and the chat template
 
 
-def load_components(spec: ModelSpec) -> Components:
-    """Raises ConfigError, the runtime's CheckpointError/TokenizerError/BackendUnavailableError or BankError."""
+def load_served_model(spec: ModelSpec) -> LoadedModel:
+    """The model, on its device. Raises ConfigError, or the runtime's CheckpointError/BackendUnavailableError."""
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {spec.device}: CUDA is not available on this machine")
-    loaded = load_model(spec.path, spec.device, spec.dtype, spec.backend, spec.quantize, spec.quantize_embedding)
+    return load_model(spec.path, spec.device, spec.dtype, spec.backend, spec.quantize, spec.quantize_embedding)
+
+
+def model_info(loaded: LoadedModel) -> ModelInfo:
+    return ModelInfo(loaded.path, loaded.config, loaded.fingerprint, loaded.quantization)
+
+
+def load_components(spec: ModelSpec, model: ModelInfo) -> Components:
+    """The tokenizer and bank of `model` (loaded from `spec`). Raises ConfigError, the runtime's TokenizerError
+    or BankError."""
     tokenizer = find_tokenizer(spec.path, spec.tokenizer)
-    if tokenizer.vocab_size > loaded.config.vocab_size:
+    if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, more than the model's vocabulary "
-                          f"({loaded.config.vocab_size}): wrong tokenizer for {loaded.path}")
+                          f"({model.config.vocab_size}): wrong tokenizer for {model.path}")
     bank = None
     if spec.bank is not None:
-        bank = Bank.load(spec.bank, config=loaded.config, fingerprint=loaded.fingerprint,
-                         quantization=loaded.quantization)
+        bank = Bank.load(spec.bank, config=model.config, fingerprint=model.fingerprint,
+                         quantization=model.quantization)
         log.info("bank %s: buckets %s", bank.path, ", ".join(bank.buckets) or "(none)")
-    training_length = spec.training_length or loaded.config.training_context_length
+    training_length = spec.training_length or model.config.training_context_length
     if training_length is None and bank is not None:
         training_length = bank.manifest.model["training_context_length"]
     if bank is not None:
         for bucket in bank.buckets:  # a decimate entry that does not fit the model stops the start
             bank.extension(bucket, training_length)
-    return Components(loaded, tokenizer, bank, training_length,
+    return Components(model, tokenizer, bank, training_length,
                       TokenizerConfig.load(spec.path, tokenizer, spec.chat_template))

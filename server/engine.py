@@ -1,8 +1,10 @@
-"""The engine: one thread runs the scheduler's steps on the model runner and keeps the requests' books.
+"""The engine: one thread runs the scheduler's steps on the model runner and keeps the requests' books. The
+server runs it in a process of its own (server.engine_process), on the HTTP side's messages.
 
-Threads: the HTTP side calls `submit` and `abort` (they only touch the scheduler under `_cond`, and raise
-QueueFullError at once when the queue is full); the engine thread loops schedule → run the model → update →
-hand each request's output to its `sink`. The model runs outside the lock, so submitting never waits on it.
+Threads: the caller (the engine process's main thread) calls `submit` and `abort` (they only touch the scheduler
+under `_cond`, and raise QueueFullError at once when the queue is full); the engine thread loops schedule → run
+the model → update → hand each request's output to its `sink`. The model runs outside the lock, so submitting
+never waits on it.
 
 Each request owns one row (slot) of the runner's state pool from admission to finish. A prefill chunk
 continues the slot's state; a decode step steps the decoding rows as one batch, each with its own extension
@@ -27,6 +29,7 @@ from runtime import MambaLM, ScaleSet
 from runtime.tokenizer import Tokenizer
 
 from .config import EngineConfig
+from .engine_protocol import EngineStatus
 from .errors import UnavailableError
 from .finish import take_token
 from .logits_adjustment import adjusted
@@ -84,7 +87,7 @@ class Engine:
         """The runner's warm-up (`ModelRunner.warm_up`), before the server takes requests."""
         self.runner.warm_up(scale_sets)
 
-    # --- the HTTP side -------------------------------------------------------------------------------
+    # --- the caller's side ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._default_threads = torch.get_num_threads()
@@ -109,16 +112,6 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    @property
-    def accepting(self) -> bool:
-        return self.alive and not self._closed
-
-    @property
-    def busy(self) -> bool:
-        """Some request is queued or running."""
-        with self._cond:
-            return self.scheduler.has_work()
-
     def submit(self, *requests: Request) -> None:
         """Queues all of `requests` (with their forks); raises QueueFullError, queueing none, when the queue
         has no room for all."""
@@ -138,15 +131,16 @@ class Engine:
                 request.abort_requested = True
             self._cond.notify()
 
-    @property
-    def free_slots(self) -> int:
+    def status(self) -> EngineStatus:
+        """Whether it runs, whether it holds requests, its free slots and its queue, read at one moment."""
         with self._cond:
-            return len(self.scheduler.free_slots)
+            return EngineStatus(self.alive, self.scheduler.has_work(), len(self.scheduler.free_slots),
+                                len(self.scheduler.waiting))
 
     # --- the engine thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        # OpenMP's thread count is per OS thread: the engine thread sets its own (see server/__main__.py).
+        # OpenMP's thread count is per OS thread: the engine thread sets its own (see server/engine_process.py).
         torch.set_num_threads(self.config.threads or self._default_threads)
         try:
             while True:
@@ -302,8 +296,6 @@ class Engine:
             if request.status.finished:
                 out.text += request.text.finish()
                 out.stop_reason = request.stop_reason
-                log.info("%s finished: %s, %d prompt and %d generated tokens", request.request_id,
-                         FINISH_REASON[request.status], len(request.prompt_ids), len(request.output_ids))
                 self.metrics.e2e_latency.observe(now - request.arrival_time)
                 self.metrics.requests.labels(FINISH_REASON[request.status]).inc()
                 self.metrics.scale_buckets.labels(request.scale_bucket).inc()

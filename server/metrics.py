@@ -103,9 +103,9 @@ class Metrics:
         per_model(Gauge, "peak_accelerator_memory_bytes", "torch.cuda.max_memory_allocated (0 on CPU)").set_function(
             lambda: float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0)
         memory = ResidentMemory()
-        per_model(Gauge, "process_resident_memory_bytes", "Resident set size of the server process").set_function(
+        per_model(Gauge, "process_resident_memory_bytes", "Resident set size of the engine process").set_function(
             memory.current)
-        per_model(Gauge, "peak_resident_memory_bytes", "Largest resident set size the server process has had"
+        per_model(Gauge, "peak_resident_memory_bytes", "Largest resident set size the engine process has had"
                   ).set_function(memory.peak)
         registry.register(ModelLabelled(ProcessCollector(registry=None), model_name))
 

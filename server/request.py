@@ -1,7 +1,7 @@
 """A request's whole life in the engine: its parameters, extension, state slot, tokens and timing.
 
 Life cycle: WAITING → PREFILLING → DECODING → one FINISHED_* status. Only the engine thread changes a
-request after it is submitted, except `abort_requested`, which the HTTP side sets (under the engine lock).
+request after it is submitted, except `abort_requested`, which the engine's caller sets (under the engine lock).
 """
 
 from __future__ import annotations
@@ -98,6 +98,17 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.status.finished
+
+    def extend(self, later: RequestOutput) -> None:
+        """Appends the request's next output: this one then reads as one output of both steps."""
+        assert not self.finished, "a finished request has no later output"
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
+        self.status, self.num_output_tokens = later.status, later.num_output_tokens
+        self.error, self.stop_reason = later.error, later.stop_reason
 
 
 @dataclass(eq=False)

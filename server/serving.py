@@ -7,8 +7,9 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from scale_bank import Selection, UnknownBucketError, select
@@ -16,15 +17,17 @@ from starlette.requests import Request as HttpRequest
 
 from .components import Components
 from .config import EngineConfig, HttpConfig
-from .detokenizer import OutputText
-from .engine import Engine
+from .engine_client import EngineClient
+from .engine_protocol import EngineRequest
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
+from .mailbox import Doorbell, Mailbox
 from .protocol import SamplingFields
-from .request import FINISH_REASON, Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
+from .request import FINISH_REASON, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SSE_DONE = b"data: [DONE]\n\n"  # the stream's last event, as OpenAI ends one
 
 
 @dataclass
@@ -38,26 +41,26 @@ class Choice:
     """One sample of one prompt: choice `index` is prompt i's sample j at i × n + j, as OpenAI and vLLM number them."""
 
     index: int
-    request: Request
+    request: EngineRequest
     prompt: Prompt
     selection: Selection
 
 
 @dataclass
 class Submission:
-    """A client request in the engine (one engine request per choice) and the queue their outputs arrive on (from
-    the engine thread), each with its choice."""
+    """A client request in the engine (one engine request per choice) and the mailbox their outputs arrive in,
+    each with its choice's index."""
 
     id: str
     prompts: list[Prompt]
     choices: list[Choice]  # in index order
-    outputs: asyncio.Queue[tuple[int, RequestOutput]]  # (choice index, output)
+    outputs: Mailbox
     echo: bool
     created: int  # unix time, for the response objects
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     @property
-    def requests(self) -> list[Request]:
+    def requests(self) -> list[EngineRequest]:
         return [choice.request for choice in self.choices]
 
     @property
@@ -67,13 +70,14 @@ class Submission:
 
 
 class CompletionService:
-    def __init__(self, engine: Engine, components: Components, http: HttpConfig, engine_config: EngineConfig):
+    def __init__(self, engine: EngineClient, components: Components, http: HttpConfig, engine_config: EngineConfig):
         self.engine = engine
         self.tokenizer = components.tokenizer
         self.bank = components.bank
         self.training_length = components.training_length
         self.http = http
         self.engine_config = engine_config
+        self._doorbells: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Doorbell] = weakref.WeakKeyDictionary()
 
     # --- admission -----------------------------------------------------------------------------------
 
@@ -99,29 +103,34 @@ class CompletionService:
             raise InvalidRequestError(f"{len(prompts)} prompts, more than this server queues at once "
                                       f"({self.engine_config.max_queue}, --max-queue)", param="prompt")
         params = self._params(body, logprobs, echo, default_max_tokens)
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        outputs = Mailbox(self._doorbell())
         completion_id = f"{id_prefix}-{request_id}"
         several = len(prompts) * body.n > 1
         selections = [self._bucket(prompt.ids, params, body.scale_bucket) for prompt in prompts]
-        choices, requests = [], []
+        choices, requests, sinks = [], [], {}
         for i, (prompt, selection) in enumerate(zip(prompts, selections)):
             group = []
             for j in range(body.n):
                 index = i * body.n + j
                 seeded = params if params.seed is None else replace(params, seed=params.seed + j)  # as vLLM seeds
-                group.append(Request(f"{completion_id}-{index}" if several else completion_id, prompt.ids, seeded,
-                                     selection.extension, selection.name,
-                                     OutputText(self.tokenizer, params.stop, params.min_tokens),
-                                     _sink(loop, outputs, index), self.engine_config.request_timeout))
+                group.append(EngineRequest(f"{completion_id}-{index}" if several else completion_id, prompt.ids,
+                                           seeded, selection.name, self.engine_config.request_timeout))
+                sinks[group[-1].request_id] = outputs.sink(index)
                 choices.append(Choice(index, group[-1], prompt, selection))
             group[0].forks = group[1:]
             for fork in group[1:]:  # the same deadline: the forks cannot outlive the request they copy
                 fork.arrival_time = group[0].arrival_time
             requests.append(group[0])
-        self.engine.submit(*requests)
+        await self.engine.submit(requests, sinks)
         log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
         return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()), tokens_as_ids)
+
+    def _doorbell(self) -> Doorbell:
+        """The running event loop's doorbell: one for all its submissions, so that one engine step wakes it once."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._doorbells:
+            self._doorbells[loop] = Doorbell(loop)
+        return self._doorbells[loop]
 
     def _params(self, body: SamplingFields, logprobs: int | None, echo: bool,
                 default_max_tokens: int) -> SamplingParams:
@@ -211,24 +220,28 @@ class CompletionService:
 
     # --- outputs -------------------------------------------------------------------------------------
 
-    async def outputs(self, submission: Submission) -> AsyncIterator[tuple[Choice, RequestOutput]]:
-        """Every choice's outputs up to its last, as they come; a finished request with no usable result raises
-        ServerError. Leaving early (client gone, cancellation, an error) aborts every choice and frees its slot."""
+    async def outputs(self, submission: Submission) -> AsyncIterator[list[tuple[Choice, RequestOutput]]]:
+        """Every choice's outputs up to its last, as they come: each item is what came since the one before, one
+        output per choice (the outputs of several engine steps merged when the reader fell behind). A finished
+        request with no usable result raises ServerError. Leaving early (client gone, cancellation, an error)
+        aborts every choice and frees its slot."""
         pending = len(submission.choices)
         try:
             while pending:
-                index, output = await submission.outputs.get()
-                _raise_for(output)
-                yield submission.choices[index], output
-                pending -= output.finished
+                taken = await submission.outputs.take()
+                for _, output in taken:
+                    _raise_for(output)
+                    pending -= output.finished
+                yield [(submission.choices[index], output) for index, output in taken]
         finally:
             self.engine.abort(*submission.requests)  # no-op for the finished ones
 
     async def collect(self, submission: Submission) -> list[ChoiceResult]:
         """Each choice's whole result, in index order."""
         results = [ChoiceResult(choice) for choice in submission.choices]
-        async for choice, output in self.outputs(submission):
-            results[choice.index].add(output)
+        async for taken in self.outputs(submission):
+            for choice, output in taken:
+                results[choice.index].add(output)
         return results
 
     async def collect_or_abort(self, submission: Submission, http_request: HttpRequest) -> list[ChoiceResult] | None:
@@ -251,49 +264,50 @@ class CompletionService:
 
     async def stream(self, submission: Submission, include_usage: bool, kind: str = "text_completion",
                      choice_json: Callable[[Submission, Choice, RequestOutput, bool], dict] | None = None
-                     ) -> AsyncIterator[dict]:
-        """SSE events: one chunk of `kind` per engine output (of one choice) made by `choice_json(submission,
-        choice, output, first)` (default: a completion's choice), a usage chunk when asked, then [DONE]. An error
-        after the stream began is sent as an {"error": ...} event."""
+                     ) -> AsyncIterator[bytes]:
+        """Server-sent events: whenever choices have new outputs, one chunk of `kind` for each, made by
+        `choice_json(submission, choice, output, first)` (default: a completion's choice) of all that came since
+        its previous chunk (a client that falls behind gets several tokens a chunk and catches up), the chunks of
+        one wake-up in one write; a usage chunk when asked, then [DONE]. An error after the stream began is sent
+        as an {"error": ...} event."""
         choice_json = choice_json or self._chunk_choice
         started: set[int] = set()  # choices whose first chunk was sent
         results = [ChoiceResult(choice) for choice in submission.choices]
         model = self.http.served_model_name
         try:
-            async for choice, output in self.outputs(submission):
-                results[choice.index].add(output)
-                chunk = choice_json(submission, choice, output, choice.index not in started)
-                started.add(choice.index)
-                yield sse(envelope(submission, kind, model, [chunk]))
+            async for taken in self.outputs(submission):
+                events = []
+                for choice, output in taken:
+                    results[choice.index].add(output)
+                    chunk = choice_json(submission, choice, output, choice.index not in started)
+                    started.add(choice.index)
+                    events.append(sse(envelope(submission, kind, model, [chunk])))
+                yield b"".join(events)
         except ServerError as bad:
             yield sse(bad.to_json())
         else:
             if include_usage:
                 yield sse({**envelope(submission, kind, model, []), "usage": usage(submission, results)})
-        yield {"data": "[DONE]"}
+        yield SSE_DONE
 
     def _result_choice(self, submission: Submission, r: ChoiceResult) -> dict:
-        return self._choice(submission, r.choice, r.text, r.token_ids, r.logprobs, r.prompt_logprobs, r.final,
-                            submission.echo)
+        return self._choice(submission, r.choice, r.final, submission.echo)
 
     def _chunk_choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
-        return self._choice(submission, choice, output.text, output.token_ids, output.logprobs, output.prompt_logprobs,
-                            output, submission.echo and first)
+        return self._choice(submission, choice, output, submission.echo and first)
 
-    def _choice(self, submission: Submission, choice: Choice, text: str, token_ids: list[int],
-                logprobs: list[TokenLogprob], prompt_logprobs: list[TokenLogprob | None] | None,
-                output: RequestOutput, echo: bool) -> dict:
-        """One choice of a completion object or chunk; with `echo` its prompt goes first."""
+    def _choice(self, submission: Submission, choice: Choice, output: RequestOutput, echo: bool) -> dict:
+        """One choice of a completion object or chunk, of `output`; with `echo` its prompt goes first."""
         request = choice.request
         prefix = choice.prompt.text if echo else ""
-        body = {"index": choice.index, "text": prefix + text, "logprobs": None, **finish_fields(output)}
+        body = {"index": choice.index, "text": prefix + output.text, "logprobs": None, **finish_fields(output)}
         if len(submission.prompts) > 1:
             body.update(scale_fields(choice.selection))
         if request.params.logprobs is not None:
-            ids = token_ids
-            entries: Sequence[TokenLogprob | None] = logprobs
-            if prefix and prompt_logprobs is not None:
-                ids, entries = request.prompt_ids + token_ids, [*prompt_logprobs, *logprobs]
+            ids = output.token_ids
+            entries: Sequence[TokenLogprob | None] = output.logprobs
+            if prefix and output.prompt_logprobs is not None:
+                ids, entries = request.prompt_ids + ids, [*output.prompt_logprobs, *output.logprobs]
             body["logprobs"] = self._logprobs_json(ids, entries, submission.tokens_as_ids)
         return body
 
@@ -327,27 +341,22 @@ def _raise_for(output: RequestOutput) -> None:
 
 @dataclass
 class ChoiceResult:
-    """A choice's outputs, gathered."""
+    """A choice's outputs, gathered into one."""
 
     choice: Choice
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    last: RequestOutput | None = None
+    whole: RequestOutput | None = None  # every output so far, merged
 
     def add(self, output: RequestOutput) -> None:
-        self.text += output.text
-        self.token_ids += output.token_ids
-        self.logprobs += output.logprobs
-        self.prompt_logprobs = output.prompt_logprobs or self.prompt_logprobs
-        self.last = output
+        if self.whole is None:  # its own lists: the output taken stays as it was sent
+            self.whole = replace(output, token_ids=[*output.token_ids], logprobs=[*output.logprobs])
+        else:
+            self.whole.extend(output)
 
     @property
     def final(self) -> RequestOutput:
-        """The choice's last output, which a result that `collect` returns has."""
-        assert self.last is not None, "the choice has no output yet"
-        return self.last
+        """Every output of the choice, up to its last, merged (a result that `collect` returns has them all)."""
+        assert self.whole is not None, "the choice has no output yet"
+        return self.whole
 
 
 def finish_fields(output: RequestOutput) -> dict:
@@ -376,25 +385,14 @@ def shared_scale_fields(submission: Submission) -> dict:
 
 
 def usage(submission: Submission, results: list[ChoiceResult]) -> dict:
-    completion = sum(r.last.num_output_tokens for r in results if r.last is not None)
+    completion = sum(r.whole.num_output_tokens for r in results if r.whole is not None)
     prompt = submission.num_prompt_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def sse(body: dict) -> dict:
-    return {"data": json.dumps(body, ensure_ascii=False)}
-
-
-def _sink(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int) -> Callable[[RequestOutput], None]:
-    """A request's sink: runs on the engine thread and hands each output, with its choice's index, to the loop."""
-
-    def sink(output: RequestOutput) -> None:
-        try:
-            loop.call_soon_threadsafe(outputs.put_nowait, (index, output))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-    return sink
+def sse(body: dict) -> bytes:
+    """The server-sent event of `body`: one data line, as JSON escapes every line break."""
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
 async def until_disconnected(work: Awaitable[T], http_request: HttpRequest) -> T | None:

@@ -40,10 +40,10 @@ def test_async_stream_yields_chunks_that_add_up_to_the_completion(live):
             return chunks, await client.complete(PROMPT, max_tokens=9, temperature=0)
 
     chunks, completion = asyncio.run(run())
-    *tokens, usage = chunks
-    assert all(isinstance(c, StreamChunk) for c in chunks) and len(tokens) == 9
-    assert "".join(c.text for c in tokens) == completion.text
-    assert [c.finish_reason for c in tokens] == [None] * 8 + ["length"]
+    *pieces, usage = chunks
+    assert all(isinstance(c, StreamChunk) for c in chunks) and 1 <= len(pieces) <= 9  # waiting tokens come together
+    assert "".join(c.text for c in pieces) == completion.text
+    assert [c.finish_reason for c in pieces] == [None] * (len(pieces) - 1) + ["length"]
     assert usage.choices == () and usage.usage == completion.usage
     assert {c.scale_bucket for c in chunks} == {"none"}
 
@@ -129,7 +129,7 @@ def test_a_429_from_a_full_queue_is_retried_after_retry_after_and_succeeds(serve
             wait_for(lambda: server.engine.free_slots == 0, what="the slot to be taken")
             queued = threading.Thread(target=lambda: http.post("/v1/completions", json=short))
             queued.start()
-            wait_for(lambda: len(server.engine.scheduler.waiting) == 1, what="one queued request")
+            wait_for(lambda: server.engine.waiting == 1, what="one queued request")
             retried = threading.Thread(target=client_call)
             retried.start()
             wait_for(lambda: any("answered 429" in r.getMessage() for r in caplog.records), what="a 429 retry")

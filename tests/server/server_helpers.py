@@ -1,10 +1,13 @@
-"""Helpers of the server tests: the test bank, a live server (uvicorn on loopback in a thread), waiting."""
+"""Helpers of the server tests: the test bank, a live server (uvicorn on loopback in a thread, its engine in a
+process of its own), waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,6 +17,7 @@ from scale_bank import Bank, BankEntry, model_info
 from server.app import build_app
 from server.components import load_components
 from server.config import parse_args
+from server.engine_client import EngineClient
 from server.http_server import build_server
 
 TRAINING_LENGTH = 64  # recorded in the test bank: auto requests up to 64 tokens use no scales
@@ -48,8 +52,9 @@ class LiveServer:
     def __init__(self, argv: list[str]):
         config, _ = parse_args(argv)
         self.config = config
-        self.components = load_components(config.model)
-        self.app = build_app(config, self.components)
+        engine = EngineClient.start(config, "warning")
+        self.components = load_components(config.model, engine.model)
+        self.app = build_app(config, self.components, engine)
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
@@ -59,6 +64,23 @@ class LiveServer:
     @property
     def engine(self):
         return self.app.state.engine
+
+    @contextlib.contextmanager
+    def loop_held(self) -> Iterator[None]:
+        """The server's event loop held (running a call that waits for the block to end): the engine thread goes
+        on stepping, and its outputs wait in their mailboxes until the loop runs again."""
+        entered, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            entered.set()
+            release.wait()
+
+        self._server.servers[0].get_loop().call_soon_threadsafe(hold)
+        assert entered.wait(timeout=20), "the event loop did not run the hold"
+        try:
+            yield
+        finally:
+            release.set()
 
     def __enter__(self) -> LiveServer:
         self._thread.start()
@@ -76,7 +98,7 @@ class LiveServer:
     def wait_idle(self, timeout: float = 20) -> None:
         """Until the engine has nothing queued or running (earlier tests' aborted requests included)."""
         deadline = time.monotonic() + timeout
-        while self.engine.scheduler.has_work() or self.engine.free_slots != self.engine.config.slots:
+        while self.engine.busy or self.engine.free_slots != self.engine.config.slots:
             assert time.monotonic() < deadline, "the engine did not become idle"
             time.sleep(0.01)
 

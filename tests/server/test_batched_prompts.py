@@ -93,7 +93,8 @@ def test_a_client_that_leaves_frees_every_samples_slot(live):
     with httpx.Client(base_url=live.url, timeout=60) as client:
         with client.stream("POST", "/v1/completions", json={"prompt": PROMPTS[0], "n": 3, "max_tokens": 4000,
                                                              "ignore_eos": True, "stream": True}) as response:
-            next(line for line in response.iter_lines() if line.startswith("data: {"))
+            lines = response.iter_lines()  # held: a line generator dropped after next() would close the connection
+            next(line for line in lines if line.startswith("data: {"))
             assert live.engine.free_slots == 1
     wait_for(lambda: live.engine.free_slots == 4, what="the samples' slots to be freed")
     live.wait_idle()

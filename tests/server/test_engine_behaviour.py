@@ -9,7 +9,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime import IDENTITY
+from runtime import IDENTITY, load_model
 from runtime.tokenizer import Tokenizer
 from server.config import EngineConfig
 from server.detokenizer import OutputText
@@ -137,9 +137,9 @@ def _finished(outputs, request_id: str) -> bool:
     return bool(outputs) and outputs[-1].request_id == request_id and outputs[-1].finished
 
 
-def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp_path, live):
+def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp_path):
     """A 72-id tokenizer on the 96-id model: sampling at temperature 2 stays below 72."""
-    loaded = live.components.loaded
+    loaded = load_model(model_dirs["mamba1"])
     tokenizer = Tokenizer(train_tokenizer(tmp_path / "tokenizer.json", vocab_size=72))
     engine = Engine(loaded.model, tokenizer, EngineConfig(max_batch_size=2), Metrics(loaded.model.device))
     outputs = []
@@ -159,8 +159,8 @@ def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp
     assert len(tokens) >= 200 and max(tokens) < tokenizer.vocab_size == 72
 
 
-def test_stopping_the_engine_ends_what_it_holds_with_an_error(live):
-    loaded, tokenizer = live.components.loaded, live.components.tokenizer
+def test_stopping_the_engine_ends_what_it_holds_with_an_error(model_dirs, live):
+    loaded, tokenizer = load_model(model_dirs["mamba1"]), live.components.tokenizer
     engine = Engine(loaded.model, tokenizer, EngineConfig(max_batch_size=1), Metrics(loaded.model.device))
     outputs = []
     requests = [Request(name, [5, 6, 7], SamplingParams(100000, temperature=0.0), IDENTITY, "none",
@@ -174,7 +174,7 @@ def test_stopping_the_engine_ends_what_it_holds_with_an_error(live):
     finals = {out.request_id: out for out in outputs if out.finished}
     assert set(finals) == {"running", "queued"}
     assert all(out.status.value == "error" and out.error == "the engine stopped" for out in finals.values())
-    assert engine.free_slots == 1 and not engine.alive
+    assert engine.status().free_slots == 1 and not engine.alive
 
 
 def test_every_series_names_the_model_and_the_process_and_peak_memory_are_scraped(live, client):

@@ -2,7 +2,9 @@
 queue, timeouts, and a start that fails on a bad model or bank."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -101,7 +103,7 @@ def test_full_queue_answers_429_with_retry_after(model_dirs):
             wait_for(lambda: live.engine.free_slots == 0, what="the slot to be taken")
             queued = threading.Thread(target=lambda: c.post("/v1/completions", json=GOOD))
             queued.start()
-            wait_for(lambda: len(live.engine.scheduler.waiting) == 1, what="one queued request")
+            wait_for(lambda: live.engine.waiting == 1, what="one queued request")
             response = c.post("/v1/completions", json=GOOD)
             assert assert_error(response, 429)["type"] == "rate_limit_error"
             assert int(response.headers["retry-after"]) >= 1
@@ -120,6 +122,20 @@ def test_a_request_past_the_timeout_ends_with_an_error(model_dirs):
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
         assert c.post("/v1/completions", json=GOOD).status_code == 200
+
+
+def test_when_the_engine_process_dies_its_streams_end_with_an_error_and_the_server_says_it_is_down(model_dirs):
+    with LiveServer(["--model", str(model_dirs["mamba1"]), "--max-context", "100000"]) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as c:
+        long = {"prompt": "the river", "max_tokens": 50000, "temperature": 0, "stream": True}
+        with c.stream("POST", "/v1/completions", json=long) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            os.kill(live.engine.pid, signal.SIGKILL)
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["message"] == "the engine process exited"
+        assert assert_error(c.get("/health"), 503)["type"] == "unavailable_error"
+        assert assert_error(c.post("/v1/completions", json=GOOD), 503)["message"] == "the engine is not running"
 
 
 def _bank_with_decimate_layer(model_dirs, tmp_path, layer: int) -> list[str]:

@@ -2,8 +2,10 @@
 generated as vLLM's does (or is refused with a 400 naming it), `stop_reason` says what ended a choice, and
 X-Request-Id follows a request into its completion id and the logs."""
 
+import concurrent.futures
 import logging
 
+import httpx
 import pytest
 import torch
 
@@ -169,3 +171,22 @@ def test_the_request_id_is_echoed_or_made_and_names_the_completion_in_the_logs(c
     unusable = client.get("/health", headers={"X-Request-Id": "x" * 200})
     assert len(unusable.headers["x-request-id"]) == 32
     assert client.get("/v1/nothing").headers["x-request-id"]  # errors carry it too
+
+
+def test_requests_that_share_a_client_request_id_each_get_their_own_completion(client, live):
+    """A request id is the client's to choose, so two running at once may share one; each still gets its own
+    tokens, and leaving one cancels only that one."""
+    bodies = [{"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+              for prompt in (PROMPT, "a long road")]
+    alone = [client.post("/v1/completions", json=body).json()["choices"][0]["text"] for body in bodies]
+    shared = {"X-Request-Id": "same-7"}
+    with httpx.Client(base_url=live.url, timeout=60) as other:
+        with other.stream("POST", "/v1/completions", json={**bodies[1], "max_tokens": 4000, "stream": True},
+                          headers=shared) as left:
+            lines = left.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                answers = [pool.submit(client.post, "/v1/completions", json=body, headers=shared) for body in bodies]
+                texts = [answer.result().json()["choices"][0]["text"] for answer in answers]
+    assert texts == alone
+    live.wait_idle()  # the stream that was left is cancelled: its slot is back

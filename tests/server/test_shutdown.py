@@ -1,9 +1,11 @@
-"""Graceful shutdown. SIGTERM to a real `python -m server` with four streams running: new requests get 503, the
-streams that finish within the grace end with their last token and [DONE], the others (here cut short by a
-second SIGTERM) with an error event and [DONE], and the process exits 0. The grace's time-out on a fake engine."""
+"""Graceful shutdown. SIGTERM to a real `python -m server` (to its whole process group, as a supervisor sends it,
+so its engine process gets it too) with four streams running: new requests get 503, the streams that finish
+within the grace end with their last token and [DONE], the others (here cut short by a second SIGTERM) with an
+error event and [DONE], and the process exits 0. The grace's time-out on a fake engine."""
 
 import asyncio
 import json
+import os
 import time
 import signal
 import socket
@@ -35,7 +37,8 @@ def test_sigterm_lets_running_streams_finish_ends_the_rest_with_an_error_and_exi
     log = open(tmp_path / "server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model_dirs["mamba1"]), *SERVER_FLAGS,
                                 "--max-context", "200000", "--port", str(port), "--shutdown-timeout", str(GRACE)],
-                               cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT)
+                               cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     try:
         wait_for(lambda: _healthy(url), timeout=120, what="the server to start")
         events = {n: [] for n in range(4)}
@@ -51,14 +54,14 @@ def test_sigterm_lets_running_streams_finish_ends_the_rest_with_an_error_and_exi
         for thread in streams:
             thread.start()
         wait_for(lambda: all(events.values()), what="every stream's first event")
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         wait_for(lambda: httpx.get(url + "/health").status_code == 503, what="/health to answer 503")
         late = httpx.post(url + "/v1/completions", json={"prompt": "the river", "max_tokens": 2}, timeout=10)
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
         for thread in streams[:2]:
             thread.join(timeout=60)
         assert not any(events[n][-1] == "[DONE]" for n in (2, 3))  # the long ones still run
-        process.send_signal(signal.SIGTERM)  # a second signal ends the grace now
+        os.killpg(process.pid, signal.SIGTERM)  # a second signal ends the grace now
         for thread in streams[2:]:
             thread.join(timeout=60)
         assert process.wait(timeout=30) == 0
