@@ -32,9 +32,10 @@ from pathlib import Path
 
 import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from runtime import IDENTITY, load_model
-from server.config import DEFAULT_MODEL_DIR, EngineConfig, build_parser, default_max_batch_size
+from server.config import DEFAULT_MODEL_DIR, EngineConfig, build_parser
 from server.model_runner import ModelRunner
 
 from .report import print_row, print_table, save_json
@@ -141,10 +142,18 @@ def main(argv=None):
     save_json(rows, args.json)
 
 
+def served_slots(url: str) -> int:
+    """The server's state slots, as its /metrics reports them (sized at its start unless --max-batch-size)."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name == "mamba_server_state_slots":
+            return int(family.samples[0].value)
+    raise RuntimeError(f"{url}/metrics has no mamba_server_state_slots")
+
+
 def measure(args, served: argparse.Namespace, counts: list[int], body: dict, url: str) -> list[dict]:
     """Rounds of (HTTP at N streams, then the engine at the server's batch) for every N; the medians per N."""
     model = load_model(args.model or DEFAULT_MODEL_DIR, device=args.device, dtype=args.dtype).model
-    slots = served.max_batch_size or default_max_batch_size(args.device)
+    slots = served_slots(url)
     if served.threads:
         torch.set_num_threads(served.threads)
     runner = ModelRunner(model, EngineConfig(max_batch_size=min(max(counts), slots),

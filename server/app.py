@@ -1,4 +1,4 @@
-"""The HTTP routes (DESIGN §5): OpenAI completions, chat completions and models; vLLM's tokenizer routes and
+"""The HTTP routes: OpenAI completions, chat completions and models; vLLM's tokenizer routes and
 version; health; Prometheus metrics.
 
 Routes stay thin: parse the body (pydantic), hand it to `CompletionService` (or `ChatService`), and shape the
@@ -86,7 +86,7 @@ def include_usage(body: SamplingFields) -> bool:
 
 def build_app(config: ServerConfig, components: Components, engine: EngineClient) -> FastAPI:
     """One app per engine (started, its model loaded and warmed up): the engine stops with the app's lifespan."""
-    service = CompletionService(engine, components, config.http, config.engine)
+    service = CompletionService(engine, components, config.http, engine.config)  # its slots sized
     chat = ChatService(service, components.tokenizer_config)
     http = config.http
 

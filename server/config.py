@@ -14,13 +14,6 @@ DEFAULT_MAX_CONTEXT = 131072  # tokens; a recurrent model has no positional limi
 # or code text; 4 MiB admits either with room for JSON's \u escapes of non-ASCII text, while bounding what one
 # request can make the server parse and tokenise (a 4 MiB text prompt takes seconds to tokenise).
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-# State slots by device type when --max-batch-size is not given. On CPU a decode step's time grows slowly with its
-# batch (the weights are read once for all rows), so 16 rows serve 16 streams at once; a slot of the embedded
-# model holds 0.8 MB of state.
-DEFAULT_SLOTS = {"cpu": 16}
-DEFAULT_SLOTS_ELSEWHERE = 8
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """What to load at start: everything fails there or not at all."""
@@ -39,9 +32,11 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine loop schedules work; DESIGN §5."""
+    """How the engine loop schedules work."""
 
-    max_batch_size: int = DEFAULT_SLOTS_ELSEWHERE  # state slots: sequences that decode together in one batched step
+    # state slots: sequences that decode together in one batched step; None: sized at start from the device and
+    # the model (server.slots), which the engine's own config then holds
+    max_batch_size: int | None = None
     max_queue: int = 64  # requests waiting for a slot; one more is refused (429) rather than queued without bound
     prefill_chunk: int | None = 2048  # prompt tokens per step: bounds how long a long prompt holds back other
     # streams; None: each prompt in one piece (the engine's choice where continuing a prefill would be slow)
@@ -49,6 +44,12 @@ class EngineConfig:
     step_log_size: int = 4096  # engine steps kept in the step log (tests and debugging read it)
     threads: int | None = None  # intra-op threads of the engine thread; None: what torch uses by default
     cuda_graphs: bool = True  # on CUDA, decode through captured graphs (runtime.decode_graph); False: eager
+
+    @property
+    def slots(self) -> int:
+        """max_batch_size once sized: the engine's config always has it."""
+        assert self.max_batch_size is not None, "sized at start (Engine, server.slots)"
+        return self.max_batch_size
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="origins whose browser pages may call the API (CORS), e.g. https://app.example.org, or '*'")
     p.add_argument("--max-batch-size", type=_positive_int,
-                   help=f"state slots: sequences decoded together (default: {DEFAULT_SLOTS['cpu']} on CPU, "
-                        f"{DEFAULT_SLOTS_ELSEWHERE} elsewhere)")
+                   help="state slots: sequences decoded together (default: 16 on CPU; on CUDA up to 256, as many "
+                        "as a tenth of the free device memory holds)")
     p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
     p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
                    help="prompt tokens per engine step")
@@ -146,11 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
-
-
-def default_max_batch_size(device: str) -> int:
-    """The state slots of a server on `device` ("cpu", "cuda:1", ...) when --max-batch-size is not given."""
-    return DEFAULT_SLOTS.get(device.split(":")[0], DEFAULT_SLOTS_ELSEWHERE)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
@@ -168,8 +164,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         bank = model / BANK_DIRNAME
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
                      args.quantize, args.quantize_embedding, args.chat_template)
-    slots = args.max_batch_size or default_max_batch_size(args.device)
-    engine = EngineConfig(slots, args.max_queue, args.prefill_chunk, args.request_timeout,
+    engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
                           threads=args.threads, cuda_graphs=not args.enforce_eager)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,

@@ -38,6 +38,7 @@ from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import logprob_entries, sample
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
+from .slots import default_slots, slot_bytes
 
 log = logging.getLogger(__name__)
 Finished = dict[Request, RequestStatus]  # the requests a step finished
@@ -63,8 +64,15 @@ class Engine:
             log.info("prefill: whole prompts (the %s back-end's %s scan takes no initial state)", model.backend.name,
                      model.config.arch)
             config = replace(config, prefill_chunk=None)
+        if config.max_batch_size is None:
+            config = replace(config, max_batch_size=default_slots(model))
         self.config = config
         self.metrics = metrics
+        state_bytes = slot_bytes(model)
+        metrics.slots.set(config.slots)
+        metrics.slot_bytes.set(state_bytes)
+        log.info("state slots: %d, %.2f MB of state each (%.1f MB in all)", config.slots, state_bytes / 2**20,
+                 config.slots * state_bytes / 2**20)
         self.runner = ModelRunner(model, config)
         self.scheduler = Scheduler(config)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)

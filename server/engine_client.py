@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from . import engine_process
-from .config import ServerConfig
+from .config import EngineConfig, ServerConfig
 from .engine import StepRecord
 from .engine_protocol import (Abort, Close, EngineRequest, EngineStatus, HandOver, HttpMessage, ModelInfo, Query,
                               Ready, Reply, StartFailed, Stop, Stopped, Submit)
@@ -43,6 +43,7 @@ class EngineStartError(Exception):
 class EngineClient:
     def __init__(self, process: BaseProcess, connection: Connection, ready: Ready) -> None:
         self.model: ModelInfo = ready.model
+        self.config: EngineConfig = ready.engine  # its slots sized
         self.status: EngineStatus = ready.status
         self._process = process
         self._connection = connection

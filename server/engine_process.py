@@ -86,7 +86,7 @@ class EngineHost:
     def serve(self, connection: Connection) -> None:
         """Acts on the HTTP side's messages until Stop, or until the connection closes."""
         outbox = Outbox(connection, self.engine)
-        connection.send(Ready(self.components.model, self.engine.status()))
+        connection.send(Ready(self.components.model, self.engine.config, self.engine.status()))
         outbox.start()
         while True:
             try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from runtime import ModelConfig
 
+from .config import EngineConfig
 from .errors import ServerError
 from .request import RequestOutput, SamplingParams
 
@@ -107,6 +108,7 @@ class HandOver:
 @dataclass
 class Ready:
     model: ModelInfo
+    engine: EngineConfig  # the engine's own: its slots sized (server.slots) when --max-batch-size was not given
     status: EngineStatus
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §5), each app with its own registry so several can live in one process.
+"""Prometheus metrics, each app with its own registry so several can live in one process.
 
 Every series carries a `model_name` label (the served model's name, as vLLM labels its series), the process
 collector's (`process_*`) too, so that one dashboard can tell several servers apart."""
@@ -28,11 +28,23 @@ def resident_memory_bytes() -> float:
         return 0.0
 
 
-def peak_resident_memory_bytes() -> float:
-    """The largest resident set size this process has had (getrusage; Linux counts it in KiB), and at least the
-    current one: Linux reads the peak from approximate per-CPU counters and /proc/self/statm from exact sums, so
-    the peak alone can fall below the size just read."""
-    return max(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), resident_memory_bytes())
+class ResidentMemory:
+    """The process's current and peak resident memory as the gauges report them. The kernel's peak (getrusage,
+    in KiB on Linux) and /proc's current size are counted apart and can disagree by a few pages, so the peak
+    reported is also at least every current size reported before it: a scrape never shows a peak below a
+    current size."""
+
+    def __init__(self) -> None:
+        self._largest_seen = 0.0
+
+    def current(self) -> float:
+        size = resident_memory_bytes()
+        self._largest_seen = max(self._largest_seen, size)
+        return size
+
+    def peak(self) -> float:
+        return max(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), self.current(),
+                   self._largest_seen)
 
 
 class ModelLabelled:
@@ -86,12 +98,15 @@ class Metrics:
                                        ("bucket",))
         self.running = per_model(Gauge, "requests_running", "Requests holding a state slot")
         self.waiting = per_model(Gauge, "requests_waiting", "Requests waiting for a slot")
+        self.slots = per_model(Gauge, "state_slots", "State slots: sequences decoded together")
+        self.slot_bytes = per_model(Gauge, "state_slot_bytes", "Bytes of one sequence's recurrent state")
         per_model(Gauge, "peak_accelerator_memory_bytes", "torch.cuda.max_memory_allocated (0 on CPU)").set_function(
             lambda: float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0)
+        memory = ResidentMemory()
         per_model(Gauge, "process_resident_memory_bytes", "Resident set size of the engine process").set_function(
-            resident_memory_bytes)
+            memory.current)
         per_model(Gauge, "peak_resident_memory_bytes", "Largest resident set size the engine process has had"
-                  ).set_function(peak_resident_memory_bytes)
+                  ).set_function(memory.peak)
         registry.register(ModelLabelled(ProcessCollector(registry=None), model_name))
 
     def exposition(self) -> bytes:

@@ -28,7 +28,7 @@ class ModelRunner:
     def __init__(self, model: MambaLM, config: EngineConfig):
         self.model = model
         graphed = config.cuda_graphs and model.device.type == "cuda"
-        self.pool = model.new_state(config.max_batch_size + graphed)  # one row per slot (+ the graphs' scratch)
+        self.pool = model.new_state(config.slots + graphed)  # one row per slot (+ the graphs' scratch)
         self.graphs = DecodeGraphs(model, self.pool) if graphed else None
         self._prefill_scales: dict[Extension, BatchScales | None] = {}  # an extension's scales, batch of one
         self._decode_batch: tuple[Extension, ...] | None = None  # the batch the decode scales belong to

@@ -46,7 +46,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()  # round-robin order
         self.decoding: list[Request] = []
-        self.free_slots: list[int] = list(range(config.max_batch_size - 1, -1, -1))  # pop() gives the lowest
+        self.free_slots: list[int] = list(range(config.slots - 1, -1, -1))  # pop() gives the lowest
         self.step = 0
 
     @property

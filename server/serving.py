@@ -95,7 +95,7 @@ class CompletionService:
         if body.best_of is not None and body.best_of != body.n:
             raise InvalidRequestError(f"best_of ({body.best_of}) must equal n ({body.n}): every sample drawn is "
                                       "returned, none is held back", param="best_of")
-        slots = self.engine_config.max_batch_size
+        slots = self.engine_config.slots
         if body.n > slots:
             raise InvalidRequestError(f"n ({body.n}) is more than this server's state slots ({slots}, "
                                       "--max-batch-size): the samples of a prompt start together", param="n")

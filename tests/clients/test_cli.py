@@ -52,7 +52,7 @@ def test_complete_stream_prints_tokens_before_the_completion_ends(live, prompt_f
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         first = os.read(cli.stdout.fileno(), 1)
-        still_generating = live.engine.free_slots < live.config.engine.max_batch_size
+        still_generating = live.engine.free_slots < live.engine.config.slots
         rest, _ = cli.communicate(timeout=120)
     finally:
         cli.kill()

@@ -161,7 +161,7 @@ def test_backoff_without_retry_after_doubles_up_to_its_cap():
 
 
 def test_clients_import_nothing_of_the_server_side():
-    """DESIGN §3: `clients` runs where only httpx and tqdm are installed."""
+    """`clients` runs where only httpx and tqdm are installed."""
     code = ("import sys, clients, clients.cli, clients.bench; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'runtime', 'server', 'scale_bank', 'extend', "
             "'torch', 'fastapi', 'pydantic'}))")

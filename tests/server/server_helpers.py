@@ -98,7 +98,7 @@ class LiveServer:
     def wait_idle(self, timeout: float = 20) -> None:
         """Until the engine has nothing queued or running (earlier tests' aborted requests included)."""
         deadline = time.monotonic() + timeout
-        while self.engine.busy or self.engine.free_slots != self.config.engine.max_batch_size:
+        while self.engine.busy or self.engine.free_slots != self.engine.config.slots:
             assert time.monotonic() < deadline, "the engine did not become idle"
             time.sleep(0.01)
 

@@ -14,6 +14,7 @@ from runtime.tokenizer import Tokenizer
 from server.config import EngineConfig
 from server.detokenizer import OutputText
 from server.engine import Engine
+from server import metrics
 from server.metrics import Metrics
 from server.request import Request, SamplingParams
 
@@ -57,7 +58,7 @@ def test_a_long_prefill_does_not_hold_back_another_requests_tokens(live):
 @pytest.mark.parametrize("streamed", [True, False])
 def test_a_client_that_disconnects_is_cancelled_and_frees_its_slot(live, streamed):
     live.wait_idle()
-    slots = live.config.engine.max_batch_size
+    slots = live.engine.config.slots
     with httpx.Client(base_url=live.url, timeout=60) as c:
         aborted = metric(c, "mamba_server_requests_total", finish_reason="abort")
         body = {"prompt": "the river", "max_tokens": 3000, "temperature": 0, "stream": streamed}
@@ -185,5 +186,14 @@ def test_every_series_names_the_model_and_the_process_and_peak_memory_are_scrape
     names = {s.name for s in samples}
     assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "mamba_server_peak_resident_memory_bytes",
             "mamba_server_time_to_first_token_seconds_bucket", "mamba_server_generation_tokens_total"} <= names
-    current = metric(client, "mamba_server_process_resident_memory_bytes")  # first: the peak read after it bounds it
+    current = metric(client, "mamba_server_process_resident_memory_bytes")
     assert metric(client, "mamba_server_peak_resident_memory_bytes") >= current > 0
+
+
+def test_the_peak_memory_reported_is_never_below_a_current_size_reported_before_it(monkeypatch):
+    """/proc's current size and the kernel's peak are counted apart; the gauges must not contradict each other."""
+    memory = metrics.ResidentMemory()
+    monkeypatch.setattr(metrics, "resident_memory_bytes", lambda: 5e12)  # above any peak the kernel has counted
+    assert memory.current() == 5e12
+    monkeypatch.setattr(metrics, "resident_memory_bytes", lambda: 1.0)
+    assert memory.peak() == 5e12

@@ -253,7 +253,7 @@ def test_a_cancellation_storm_leaves_every_slot_free(live):
 
     asyncio.run(storm())
     live.wait_idle()
-    assert live.engine.free_slots == live.config.engine.max_batch_size
+    assert live.engine.free_slots == live.engine.config.slots
     assert_serving(live)
 
 

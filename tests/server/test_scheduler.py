@@ -175,7 +175,7 @@ def test_a_request_that_ends_before_its_prompt_is_done_ends_its_forks(when):
 
 
 def test_the_engine_layers_import_no_http_framework():
-    """DESIGN §7: pydantic and fastapi stay at the HTTP boundary."""
+    """pydantic and fastapi stay at the HTTP boundary."""
     code = ("import sys, server.engine, server.scheduler; "
             "print(sorted(m for m in ('fastapi', 'pydantic', 'starlette', 'sse_starlette') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],

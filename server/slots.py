@@ -1,0 +1,40 @@
+"""How many state slots (sequences decoded together) a server holds when --max-batch-size is not given.
+
+A Mamba sequence's whole context is its recurrent state, of a fixed size whatever the context's length (0.8 MB
+for the embedded model, about 14 MB for a 1.4b model in bfloat16), so the slots are bounded by the decode batch
+that still pays, not by memory as a transformer's KV cache is:
+- CPU: 16. Once the weights are read, a step's time grows with its rows, so more rows would mostly lengthen
+  every stream's gap between tokens.
+- CUDA: up to 256 (vLLM's default number of sequences), and no more than a tenth of the device memory free at
+  start holds, which leaves room for a long prompt's prefill. The decode graphs are captured for the powers of
+  two up to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime import MambaLM
+
+CPU_SLOTS = 16
+ACCELERATOR_SLOTS = 256
+ACCELERATOR_STATE_SHARE = 0.1  # of the free device memory at start
+
+
+def slot_bytes(model: MambaLM) -> int:
+    """Bytes of one sequence's recurrent state (every layer's convolution window and SSM state)."""
+    return model.new_state(1).nbytes()
+
+
+def accelerator_slots(free_bytes: int, state_bytes: int) -> int:
+    """Slots on an accelerator with `free_bytes` free at start, for states of `state_bytes` each."""
+    return max(1, min(ACCELERATOR_SLOTS, int(free_bytes * ACCELERATOR_STATE_SHARE) // state_bytes))
+
+
+def default_slots(model: MambaLM) -> int:
+    """The slots of a server of `model` on its device when --max-batch-size is not given."""
+    device = model.device
+    if device.type != "cuda":
+        return CPU_SLOTS
+    free, _ = torch.cuda.mem_get_info(device)
+    return accelerator_slots(free, slot_bytes(model))

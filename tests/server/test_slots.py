@@ -1,0 +1,37 @@
+"""State slots sized from the device and the model when --max-batch-size is not given (server.slots)."""
+
+from __future__ import annotations
+
+import httpx
+
+from runtime import load_model
+from server.slots import ACCELERATOR_SLOTS, CPU_SLOTS, accelerator_slots
+from server_helpers import LiveServer
+from test_engine_behaviour import metric
+
+
+def test_a_cpu_server_without_max_batch_size_holds_16_slots_and_reports_their_bytes(model_dirs):
+    model = load_model(model_dirs["mamba1"]).model
+    config = model.config
+    # per layer: the convolution window (d_inner, d_conv - 1) and the SSM state (d_inner, d_state), float32
+    expected_bytes = config.n_layer * config.d_inner * (config.d_conv - 1 + config.d_state) * 4
+    with LiveServer(["--model", str(model_dirs["mamba1"])]) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        assert server.engine.config.slots == CPU_SLOTS
+        assert metric(client, "mamba_server_state_slots") == CPU_SLOTS
+        assert metric(client, "mamba_server_state_slot_bytes") == expected_bytes
+        too_many = client.post("/v1/completions", json={"prompt": "the river", "max_tokens": 1, "n": CPU_SLOTS + 1})
+        assert too_many.status_code == 400 and "n" in too_many.json()["error"]["param"]
+
+
+def test_max_batch_size_given_is_kept(model_dirs):
+    with LiveServer(["--model", str(model_dirs["mamba1"]), "--max-batch-size", "3"]) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        assert server.engine.config.slots == 3 and metric(client, "mamba_server_state_slots") == 3
+
+
+def test_accelerator_slots_take_a_tenth_of_free_memory_up_to_256():
+    mb = 2**20
+    assert accelerator_slots(free_bytes=100_000 * mb, state_bytes=14 * mb) == ACCELERATOR_SLOTS  # 1.4b on an H200
+    assert accelerator_slots(free_bytes=1_000 * mb, state_bytes=14 * mb) == 7  # 100 MB of a nearly full card
+    assert accelerator_slots(free_bytes=10 * mb, state_bytes=14 * mb) == 1  # never none
