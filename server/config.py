@@ -14,6 +14,8 @@ DEFAULT_MAX_CONTEXT = 131072  # tokens; a recurrent model has no positional limi
 # or code text; 4 MiB admits either with room for JSON's \u escapes of non-ASCII text, while bounding what one
 # request can make the server parse and tokenise (a 4 MiB text prompt takes seconds to tokenise).
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What to load at start: everything fails there or not at all."""
