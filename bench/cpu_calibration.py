@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = find_tokenizer(str(args.model), None)
     specs = parse_sources(args.data)
     data = CalibrationData.of(specs, parse_mixture(None, specs), tokenizer, args.seed, 0.5)
-    for domain in data.calibration.text_domains:  # encoded at first use otherwise: inside the timed steps
-        for index in range(len(domain.text.docs)):
-            domain.text.ids(index)
+    for text in data.calibration.texts.values():  # encoded at first use otherwise: inside the timed steps
+        for index in range(len(text.docs)):
+            text.ids(index)
     peer_lengths = set(parse_buckets(args.peer_lengths)) if args.peer_lengths else set()
     print(f"CPU BP step, {args.model.name}, batch {args.batch_size}, {torch.get_num_threads()} threads")
     rows = []
