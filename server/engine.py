@@ -64,11 +64,11 @@ class Engine:
             log.info("prefill: whole prompts (the %s back-end's %s scan takes no initial state)", model.backend.name,
                      model.config.arch)
             config = replace(config, prefill_chunk=None)
+        state_bytes = slot_bytes(model)
         if config.max_batch_size is None:
-            config = replace(config, max_batch_size=default_slots(model))
+            config = replace(config, max_batch_size=default_slots(model.device, state_bytes))
         self.config = config
         self.metrics = metrics
-        state_bytes = slot_bytes(model)
         metrics.slots.set(config.slots)
         metrics.slot_bytes.set(state_bytes)
         log.info("state slots: %d, %.2f MB of state each (%.1f MB in all)", config.slots, state_bytes / 2**20,

@@ -31,10 +31,10 @@ def accelerator_slots(free_bytes: int, state_bytes: int) -> int:
     return max(1, min(ACCELERATOR_SLOTS, int(free_bytes * ACCELERATOR_STATE_SHARE) // state_bytes))
 
 
-def default_slots(model: MambaLM) -> int:
-    """The slots of a server of `model` on its device when --max-batch-size is not given."""
-    device = model.device
+def default_slots(device: torch.device, state_bytes: int) -> int:
+    """The slots of a server on `device`, for states of `state_bytes` each (`slot_bytes`), when --max-batch-size
+    is not given."""
     if device.type != "cuda":
         return CPU_SLOTS
     free, _ = torch.cuda.mem_get_info(device)
-    return accelerator_slots(free, slot_bytes(model))
+    return accelerator_slots(free, state_bytes)
