@@ -5,13 +5,10 @@ Peer: as `shared/device/reference_bench.py` measures it, batch 1, a 1,024-token 
 prefill's time subtracted. Runtime: after the same prefill, the mean of 256 steps of
 `DecodeGraphs.step` (greedy, the argmax on the GPU; the token never leaves the device), at batch 1 with
 identity and with a per-channel (Mamba2: per-head) Δ scale set, the eager `MambaLM.step` at batch 1, and the
-graph at batch 64 (tokens/s against batch 1's). `--profile` adds, per shape and batch, where a graph step's
-device time goes: each kernel's time per step, and the kernels' total against the step's wall time (the rest is
-the gaps between kernels).
+graph at batch 64 (tokens/s against batch 1's).
 
     python -m bench.gpu_decode --shapes 130m,1.4b --json $OUT/decode.json
     python -m bench.gpu_decode --shapes mamba2-780m,mamba2-2.7b --json $OUT/decode_mamba2.json
-    python -m bench.gpu_decode --shapes mamba2-2.7b --profile
 """
 
 from __future__ import annotations
@@ -22,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .decode_timing import WARMUP_STEPS, decode_ms_per_token, greedy_stepper
+from .decode_timing import decode_ms_per_token
 from .gpu_models import SHAPES, VOCAB, peer_and_runtime, random_delta_scales
 from .report import print_row, print_table, save_json
 
 PROMPT, NEW = 1024, 256
-PROFILED_STEPS, KERNELS_SHOWN = 32, 12
 
 
 def peer_ms_per_token(peer) -> float:
@@ -46,30 +42,7 @@ def peer_ms_per_token(peer) -> float:
     return (total - prefill) / NEW * 1e3
 
 
-def kernel_profile(model, batch: int) -> None:
-    """Prints the kernels of a graph decode step at `batch`: device µs per step each (largest first), and
-    their sum against the step's wall time."""
-    with torch.no_grad():
-        step, tokens = greedy_stepper(model, batch, PROMPT)
-        for _ in range(WARMUP_STEPS):
-            tokens = step(tokens).argmax(-1)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-            start = time.perf_counter()
-            for _ in range(PROFILED_STEPS):
-                tokens = step(tokens).argmax(-1)
-            torch.cuda.synchronize()
-            wall_us = (time.perf_counter() - start) / PROFILED_STEPS * 1e6
-    kernels = sorted((e for e in profile.key_averages() if e.self_device_time_total > 0),
-                     key=lambda e: -e.self_device_time_total)
-    busy_us = sum(e.self_device_time_total for e in kernels) / PROFILED_STEPS
-    print(f"batch {batch}: kernels {busy_us:.0f} µs of a {wall_us:.0f} µs step (profiled)")
-    print_table(["kernel", "calls per step", "µs per step", "share of kernel time"],
-                [[e.key[:90], f"{e.count / PROFILED_STEPS:.0f}", f"{e.self_device_time_total / PROFILED_STEPS:.1f}",
-                  f"{e.self_device_time_total / PROFILED_STEPS / busy_us:.1%}"] for e in kernels[:KERNELS_SHOWN]])
-
-
-def bench_shape(name: str, big_batch: int, profile: bool) -> dict:
+def bench_shape(name: str, big_batch: int) -> dict:
     peer, loaded = peer_and_runtime(name)
     model = loaded.model
     row = {"shape": name, "mamba_ssm_cg_ms": peer_ms_per_token(peer)}
@@ -84,9 +57,6 @@ def bench_shape(name: str, big_batch: int, profile: bool) -> dict:
                 "scale_overhead": row["graph_scaled_ms"] / row["graph_ms"] - 1,
                 "batch_speedup": big_batch / big * row["graph_ms"]})  # tokens/s at big batch over batch 1's
     print_row(row)
-    if profile:
-        for batch in (1, big_batch):
-            kernel_profile(model, batch)
     del model, loaded
     torch.cuda.empty_cache()
     return row
@@ -96,10 +66,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="130m", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--batch", type=int, default=64, help="the large decode batch")
-    parser.add_argument("--profile", action="store_true", help="where a graph step's device time goes, per kernel")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    rows = [bench_shape(name, args.batch, args.profile) for name in args.shapes.split(",")]
+    rows = [bench_shape(name, args.batch) for name in args.shapes.split(",")]
     print(f"\n{torch.cuda.get_device_name()}, bf16, vocabulary {VOCAB}")
     print_table(["shape", "mamba_ssm cg ms/token", "runtime eager", "runtime graph", "ratio", "graph, Δ scales",
                  f"batch {args.batch} tokens/s ÷ batch 1"],
