@@ -1,9 +1,10 @@
 """Where the GPU time goes: the kernels of one prefill (this runtime and raw `mamba_ssm`, same random weights)
-and of one batch-1 decode step (this runtime, eager and replayed from its CUDA graph), counted and timed by
-the PyTorch profiler. What `bench.gpu_prefill` and `bench.gpu_decode` time as a whole, broken down, so that
-the next optimisation aims at a measured cost.
+and of one decode step (this runtime: batch 1 eager and replayed from its CUDA graph, and the graph at
+`--batch`), counted and timed by the PyTorch profiler. What `bench.gpu_prefill` and `bench.gpu_decode` time
+as a whole, broken down, so that the next optimisation aims at a measured cost.
 
     python -m bench.gpu_profile --shape 130m --tokens 8192 --json $OUT/profile.json
+    python -m bench.gpu_profile --shape mamba2-780m --batch 64
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="130m", choices=sorted(SHAPES))
     parser.add_argument("--tokens", type=int, default=8192, help="prefill length")
+    parser.add_argument("--batch", type=int, default=64, help="the large decode batch profiled")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     peer, loaded = peer_and_runtime(args.shape)
@@ -71,6 +73,11 @@ def main(argv=None):
         graphs = DecodeGraphs(model, pool)
         tables["decode step, graph"] = kernel_table(lambda: graphs.step(token, slots, None), repeats=20)
         tables["decode step, graph, Δ scales"] = kernel_table(lambda: graphs.step(token, slots, scales), repeats=20)
+        big_pool = model.new_state(args.batch + 1)  # + the scratch row
+        big_slots = torch.arange(args.batch, device="cuda")  # (batch,)
+        big_graphs, big_tokens = DecodeGraphs(model, big_pool), tokens[0, -args.batch:]  # (batch,)
+        tables[f"decode step, graph, batch {args.batch}"] = kernel_table(
+            lambda: big_graphs.step(big_tokens, big_slots, None), repeats=20)
     for title, table in tables.items():
         report(title, table)
     save_json({"shape": args.shape, "tokens": args.tokens, **tables}, args.json)
