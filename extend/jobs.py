@@ -3,6 +3,7 @@ mostly idle, so several calibrations or evaluations side by side finish sooner t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,10 @@ class Job:
 
 def run_jobs(jobs: list[Job], parallel: int) -> list[str]:
     """Runs every job, `parallel` at a time; returns the names of those that failed (non-zero exit)."""
+    # Each process's PyTorch would otherwise start a thread per core for its host-side work, and `parallel` such
+    # teams spinning on the same cores slow every job (torchrun sets OMP_NUM_THREADS for the same reason).
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     running: dict[str, subprocess.Popen] = {}
     failed: list[str] = []
     for job in jobs:
@@ -28,7 +33,7 @@ def run_jobs(jobs: list[Job], parallel: int) -> list[str]:
         job.log.parent.mkdir(parents=True, exist_ok=True)
         with open(job.log, "w") as log:
             running[job.name] = subprocess.Popen([sys.executable, "-m", job.module, *job.argv], stdout=log,
-                                                 stderr=subprocess.STDOUT)
+                                                 stderr=subprocess.STDOUT, env=env)
     while running:
         failed += _reap(running)
     return failed

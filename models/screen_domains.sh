@@ -50,7 +50,9 @@ for stage in $stages; do
     templates) mixed_bank "$model" "$out/templates/bank" --granularity channel --templates line,inline,instructed \
                  && evaluate "$model" "$out/templates/bank" "$out/templates/eval" ;;
     train)
-      for seed in ${TRAIN_SEEDS:-0 1}; do
+      seeds=(${TRAIN_SEEDS:-0 1})  # side by side, each with its share of the cores (as extend.jobs gives)
+      export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${#seeds[@]} > 0 ? $(nproc) / ${#seeds[@]} : 1 ))}
+      for seed in "${seeds[@]}"; do
         run=$out/mixed-s$seed
         (TRAIN_DATA="books=$gut/train-00.jsonl.xz+$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train" \
            TRAIN_FLAGS="--templates line,inline,instructed,paraphrased --mixture books=2 --steps ${TRAIN_STEPS:-6000} ${TRAIN_FLAGS:-}" \
