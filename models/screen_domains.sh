@@ -12,7 +12,8 @@
 #   templates  the per-channel bank calibrated in three templates (line, inline, instructed)
 #   train      new bases (seeds TRAIN_SEEDS) of the embedded recipe trained on books (weight 2) and the domains'
 #              @train parts (1 each), passkeys in the line, inline, instructed and paraphrased templates, each
-#              given the mixed per-channel bank and evaluated on every domain
+#              given the mixed per-channel bank and evaluated on every domain; then, for the seeds in
+#              TRANSFER_SEEDS (default none), the transfer stage on that base, its mixed bank serving as `all`
 # MODEL defaults to the shipped model; STEPS, SAMPLES, EVAL_SAMPLES, BUCKETS, LENGTHS and TRAIN_STEPS shrink a
 # smoke run. Each stage logs to OUT_DIR/STAGE.log.
 set -uo pipefail
@@ -32,6 +33,11 @@ evaluate() {  # MODEL BANK OUT
   python3 -m extend.evaluate --model "$1" --bank "$2" --data "$evaluation" --templates "$templates" --task passkey,ppl \
     --lengths "$lengths" --samples "$samples" --batch-size 5 --out "$3"
 }
+transfer() {  # MODEL OUT SEED
+  python3 -m extend.transfer --model "$1" --calibration "$calibration" --evaluation "$evaluation" --buckets "$buckets" \
+    --lengths "$lengths" --templates "$templates" --samples "$samples" --jobs 6 --seed "$3" --out "$2" \
+    -- $bank_flags --granularity channel
+}
 mixed_bank() {  # MODEL OUT [build_bank flags]
   python3 -m extend.build_bank --model "$1" --data "$calibration" --buckets "$buckets" --out "$2" --resume \
     $bank_flags "${@:3}"
@@ -39,9 +45,7 @@ mixed_bank() {  # MODEL OUT [build_bank flags]
 
 for stage in $stages; do
   case $stage in
-    transfer) python3 -m extend.transfer --model "$model" --calibration "$calibration" --evaluation "$evaluation" \
-                --buckets "$buckets" --lengths "$lengths" --templates "$templates" --samples "$samples" --jobs 6 \
-                --out "$out/transfer" -- $bank_flags --granularity channel ;;
+    transfer) transfer "$model" "$out/transfer" 0 ;;
     mixed) mixed_bank "$model" "$out/mixed/bank" --granularity channel && evaluate "$model" "$out/mixed/bank" \
              "$out/mixed/eval" ;;
     shipped) evaluate "$model" "$model/bank" "$out/shipped" ;;
@@ -58,7 +62,11 @@ for stage in $stages; do
            TRAIN_FLAGS="--templates line,inline,instructed,paraphrased --mixture books=2 --steps ${TRAIN_STEPS:-6000} ${TRAIN_FLAGS:-}" \
            bash models/train_embedded.sh "$seed" "$gut" "$run" train \
          && mixed_bank "$run/model" "$run/model/bank" --granularity channel --seed "$seed" \
-         && evaluate "$run/model" "$run/model/bank" "$run/eval") > "$out/train-s$seed.log" 2>&1 &
+         && evaluate "$run/model" "$run/model/bank" "$run/eval" \
+         && if [[ " ${TRANSFER_SEEDS:-} " == *" $seed "* ]]; then
+              mkdir -p "$run/transfer/banks" && cp -r "$run/model/bank" "$run/transfer/banks/all" \
+              && transfer "$run/model" "$run/transfer" "$seed"
+            fi) > "$out/train-s$seed.log" 2>&1 &
       done
       wait ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
