@@ -38,7 +38,7 @@ from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import logprob_entries, sample
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
-from .slots import default_slots, slot_bytes
+from .slots import default_prefill_tokens, default_slots, slot_bytes
 
 log = logging.getLogger(__name__)
 Finished = dict[Request, RequestStatus]  # the requests a step finished
@@ -67,12 +67,14 @@ class Engine:
         state_bytes = slot_bytes(model)
         if config.max_batch_size is None:
             config = replace(config, max_batch_size=default_slots(model.device, state_bytes))
+        if config.max_prefill_tokens is None:
+            config = replace(config, max_prefill_tokens=default_prefill_tokens(model.device, config.prefill_chunk))
         self.config = config
         self.metrics = metrics
         metrics.slots.set(config.slots)
         metrics.slot_bytes.set(state_bytes)
-        log.info("state slots: %d, %.2f MB of state each (%.1f MB in all)", config.slots, state_bytes / 2**20,
-                 config.slots * state_bytes / 2**20)
+        log.info("state slots: %d, %.2f MB of state each (%.1f MB in all); prefill: up to %d prompt tokens a step",
+                 config.slots, state_bytes / 2**20, config.slots * state_bytes / 2**20, config.prefill_tokens)
         self.runner = ModelRunner(model, config)
         self.scheduler = Scheduler(config)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
