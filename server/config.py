@@ -16,6 +16,11 @@ DEFAULT_MAX_CONTEXT = 131072  # tokens; a recurrent model has no positional limi
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
+class ConfigError(Exception):
+    """Settings that cannot be served: no model (the default one is not built yet), a tokenizer larger than
+    the model's vocabulary, a device this machine lacks, flags that contradict each other."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What to load at start: everything fails there or not at all."""
@@ -42,16 +47,32 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting for a slot; one more is refused (429) rather than queued without bound
     prefill_chunk: int | None = 2048  # prompt tokens per step: bounds how long a long prompt holds back other
     # streams; None: each prompt in one piece (the engine's choice where continuing a prefill would be slow)
+    # prompt tokens one step prefills, over every request's chunk (vLLM's max_num_batched_tokens); None: sized at
+    # start from the device (server.slots), which the engine's own config then holds
+    max_prefill_tokens: int | None = None
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
     step_log_size: int = 4096  # engine steps kept in the step log (tests and debugging read it)
     threads: int | None = None  # intra-op threads of the engine thread; None: what torch uses by default
     cuda_graphs: bool = True  # on CUDA, decode through captured graphs (runtime.decode_graph); False: eager
+
+    def __post_init__(self) -> None:
+        if self.max_prefill_tokens is not None and self.prefill_chunk is not None \
+                and self.max_prefill_tokens < self.prefill_chunk:
+            raise ConfigError(f"--max-prefill-tokens {self.max_prefill_tokens} is below --prefill-chunk "
+                              f"{self.prefill_chunk}: one chunk would not fit in a step; raise the first or lower "
+                              "the second")
 
     @property
     def slots(self) -> int:
         """max_batch_size once sized: the engine's config always has it."""
         assert self.max_batch_size is not None, "sized at start (Engine, server.slots)"
         return self.max_batch_size
+
+    @property
+    def prefill_tokens(self) -> int:
+        """max_prefill_tokens once sized: the engine's config always has it."""
+        assert self.max_prefill_tokens is not None, "sized at start (Engine, server.slots)"
+        return self.max_prefill_tokens
 
 
 @dataclass(frozen=True)
@@ -79,11 +100,6 @@ class ServerConfig:
     model: ModelSpec
     engine: EngineConfig
     http: HttpConfig
-
-
-class ConfigError(Exception):
-    """Settings that cannot be served: no model (the default one is not built yet), a tokenizer larger than
-    the model's vocabulary, a device this machine lacks."""
 
 
 def _positive_int(text: str) -> int:
@@ -142,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "as a tenth of the free device memory holds)")
     p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
     p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
-                   help="prompt tokens per engine step")
+                   help="prompt tokens of one request per engine step")
+    p.add_argument("--max-prefill-tokens", type=_positive_int,
+                   help="prompt tokens per engine step over all the requests prefilled together, at least "
+                        "--prefill-chunk (default: 2048 on CPU, 16384 on CUDA, or --prefill-chunk if larger)")
     p.add_argument("--request-timeout", type=_positive_float, help="seconds a request may take (default: no limit)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for the model (default: torch's default)")
     p.add_argument("--enforce-eager", action="store_true",
@@ -166,8 +185,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         bank = model / BANK_DIRNAME
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
                      args.quantize, args.quantize_embedding, args.chat_template)
-    engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.request_timeout,
-                          threads=args.threads, cuda_graphs=not args.enforce_eager)
+    engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.max_prefill_tokens,
+                          args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
                       args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins))

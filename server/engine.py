@@ -6,10 +6,13 @@ under `_cond`, and raise QueueFullError at once when the queue is full); the eng
 the model → update → hand each request's output to its `sink`. The model runs outside the lock, so submitting
 never waits on it.
 
-Each request owns one row (slot) of the runner's state pool from admission to finish. A prefill chunk
-continues the slot's state; a decode step steps the decoding rows as one batch, each with its own extension
-(every request its own bucket). The runner (server.model_runner) owns the pool, the scales and the CUDA
-graphs; the engine samples the tokens and applies the finish rules (server.finish).
+Each request owns one row (slot) of the runner's state pool from admission to finish. A prefill step runs
+several requests' prompt chunks of one length as one batch, each continuing its slot's state (or starting from
+zeros), and samples the first token of every request whose prompt it finished in one batched computation; a
+decode step steps the decoding rows as one batch. In both, each request has its own extension (every request its
+own bucket) and its own generator (a seed gives the same text whatever else is batched with it). The runner
+(server.model_runner) owns the pool, the scales and the CUDA graphs; the engine samples the tokens and applies
+the finish rules (server.finish).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import logprob_entries, sample
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
-from .slots import default_slots, slot_bytes
+from .slots import default_prefill_tokens, default_slots, slot_bytes
 
 log = logging.getLogger(__name__)
 Finished = dict[Request, RequestStatus]  # the requests a step finished
@@ -49,10 +52,10 @@ Work = TypeVar("Work")
 @dataclass(frozen=True)
 class StepRecord:
     step: int  # engine step index
-    kind: str  # "prefill" (one chunk) or "decode" (one token for each request)
+    kind: str  # "prefill" (a batch of equal-length prompt chunks) or "decode" (one token for each request)
     request_ids: tuple[str, ...]
-    tokens: int  # prompt tokens in the chunk, or sequences in the decode batch
-    last_chunk: bool = False  # prefill only: the chunk ended the prompt
+    tokens: int  # prompt tokens of all the batch's chunks, or sequences in the decode batch
+    prompts_done: tuple[str, ...] = ()  # prefill only: the requests whose prompt the step finished
 
 
 class Engine:
@@ -67,12 +70,14 @@ class Engine:
         state_bytes = slot_bytes(model)
         if config.max_batch_size is None:
             config = replace(config, max_batch_size=default_slots(model.device, state_bytes))
+        if config.max_prefill_tokens is None:
+            config = replace(config, max_prefill_tokens=default_prefill_tokens(model.device, config.prefill_chunk))
         self.config = config
         self.metrics = metrics
         metrics.slots.set(config.slots)
         metrics.slot_bytes.set(state_bytes)
-        log.info("state slots: %d, %.2f MB of state each (%.1f MB in all)", config.slots, state_bytes / 2**20,
-                 config.slots * state_bytes / 2**20)
+        log.info("state slots: %d, %.2f MB of state each (%.1f MB in all); prefill: up to %d prompt tokens a step",
+                 config.slots, state_bytes / 2**20, config.slots * state_bytes / 2**20, config.prefill_tokens)
         self.runner = ModelRunner(model, config)
         self.scheduler = Scheduler(config)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
@@ -180,12 +185,13 @@ class Engine:
             seed = request.params.seed
             request.generator.manual_seed(secrets.randbits(63) if seed is None else seed % 2**64)
             self.metrics.queue_time.observe(now - request.arrival_time)
-        chunk = output.prefill
-        if chunk is not None:
-            record = StepRecord(output.step, "prefill", (chunk.request.request_id,), chunk.end - chunk.start,
-                                chunk.last)
-            group = [r for r in chunk.request.group if not r.status.finished]
-            self._guarded(record, group, finished, outputs, self._prefill, chunk)
+        chunks = output.prefill
+        if chunks:
+            record = StepRecord(output.step, "prefill", tuple(c.request.request_id for c in chunks),
+                                sum(c.end - c.start for c in chunks),
+                                tuple(c.request.request_id for c in chunks if c.last))
+            group = [m for c in chunks for m in c.request.group if not m.status.finished]
+            self._guarded(record, group, finished, outputs, self._prefill, chunks)
         if output.decode:
             record = StepRecord(output.step, "decode", tuple(r.request_id for r in output.decode), len(output.decode))
             self._guarded(record, output.decode, finished, outputs, self._decode, output.decode)
@@ -207,19 +213,33 @@ class Engine:
         self.metrics.step_time.labels(record.kind).observe(time.perf_counter() - started)
         self.step_log.append(record)
 
-    def _prefill(self, chunk: PrefillChunk, finished: Finished, outputs: Outputs) -> None:
-        request = chunk.request
-        assert request.slot is not None, "a scheduled request holds a slot"
-        # (1, c, D); decimated: (1, k, D), the kept positions, ending with the prompt's last (one chunk: c = prompt)
-        hidden = self.runner.prefill(request.slot, request.prompt_ids[chunk.start:chunk.end], chunk.start == 0,
-                                     request.extension)
-        self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
-        if request.params.prompt_logprobs:
-            self._score_prompt(request, chunk, hidden)
-        if not chunk.last:
-            return
-        assert request.admitted_time is not None, "set at admission"
-        self.metrics.prefill_time.observe(time.monotonic() - request.admitted_time)
+    def _prefill(self, chunks: list[PrefillChunk], finished: Finished, outputs: Outputs) -> None:
+        requests = [c.request for c in chunks]
+        slots = [r.slot for r in requests if r.slot is not None]
+        assert len(slots) == len(requests), "a scheduled request holds a slot"
+        # (b, c, D); decimated (alone): (1, k, D), the kept positions, ending with the prompt's last
+        hidden = self.runner.prefill(slots, [c.request.prompt_ids[c.start:c.end] for c in chunks],
+                                     [c.start == 0 for c in chunks], [r.extension for r in requests])
+        self.metrics.prompt_tokens.inc(sum(c.end - c.start for c in chunks))
+        for row, chunk in enumerate(chunks):
+            if chunk.request.params.prompt_logprobs:
+                self._score_prompt(chunk.request, chunk, hidden[row:row + 1])
+        now = time.monotonic()
+        sampling: dict[int, list[Request]] = {}  # batch row of a finished prompt → its members that sample now
+        for row, chunk in enumerate(chunks):
+            if chunk.last and (group := self._prompt_done(chunk.request, now, finished, outputs)):
+                sampling[row] = group
+        if sampling:  # one batched sampling for them all, each request with its own generator
+            logits = self.model.logits(hidden[list(sampling), -1])  # (p, V): each prompt's last position
+            members = torch.tensor([len(group) for group in sampling.values()], device=logits.device)  # (p,)
+            self._take_tokens([m for group in sampling.values() for m in group],
+                              logits.repeat_interleave(members, dim=0), finished, outputs)  # (t, V)
+
+    def _prompt_done(self, request: Request, now: float, finished: Finished, outputs: Outputs) -> list[Request]:
+        """After the chunk that finished `request`'s prompt: its forks get its state and prompt logprobs.
+        Returns the group members that sample a first token now (none when max_tokens is 0: they finish)."""
+        assert request.admitted_time is not None and request.slot is not None, "set at admission"
+        self.metrics.prefill_time.observe(now - request.admitted_time)
         group = [r for r in request.group if not r.status.finished]  # a fork may have been cancelled
         forks = [r.slot for r in group[1:] if r.slot is not None]
         if forks:  # n samples: one prefill, its state copied into each fork's slot
@@ -231,9 +251,8 @@ class Engine:
                 out.prompt_logprobs = request.prompt_logprobs
         if request.params.max_tokens == 0:
             finished.update((member, RequestStatus.FINISHED_LENGTH) for member in group)
-            return
-        logits = self.model.logits(hidden[:, -1])  # (1, V)
-        self._take_tokens(group, logits.expand(len(group), -1), finished, outputs)
+            return []
+        return group
 
     def _score_prompt(self, request: Request, chunk: PrefillChunk, hidden: torch.Tensor) -> None:
         """Logprob of each prompt token given the ones before it, for the positions of this chunk; the first

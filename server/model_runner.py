@@ -1,9 +1,10 @@
 """The model runner: runs the model for the engine thread, and owns what that needs between steps.
 
 It owns the pool of recurrent states (one row per slot, plus on CUDA the decode graphs' scratch row), the
-CUDA decode graphs (runtime.decode_graph), and the scales prepared from each request's `Extension`: a
-prefill's per extension (a bank hands out one per entry, so its folded constants are made once), a decode
-batch's per batch composition (so the graphs' static buffers are refilled only when it changes).
+CUDA decode graphs (runtime.decode_graph), and the scales prepared from the requests' `Extension`s: a
+one-request prefill's per extension (a bank hands out one per entry, so its folded constants are made once), a
+batch's (several requests' prompt chunks, or a decode step) per batch composition, kept while it repeats (so the
+graphs' static buffers are refilled only when it changes, and chunks that advance together reuse theirs).
 
 Shapes: b sequences, c chunk tokens, k kept positions, D d_model, V vocabulary.
 """
@@ -31,8 +32,8 @@ class ModelRunner:
         self.pool = model.new_state(config.slots + graphed)  # one row per slot (+ the graphs' scratch)
         self.graphs = DecodeGraphs(model, self.pool) if graphed else None
         self._prefill_scales: dict[Extension, BatchScales | None] = {}  # an extension's scales, batch of one
-        self._decode_batch: tuple[Extension, ...] | None = None  # the batch the decode scales belong to
-        self._decode_scales: BatchScales | None = None
+        self._prefill_batch = LastBatch(model)  # a prefill batch's scales, batches of several
+        self._decode_batch = LastBatch(model)
 
     def warm_up(self, scale_sets: list[ScaleSet]) -> None:
         """What a first request would otherwise wait for, done before the server takes requests (as vLLM
@@ -49,14 +50,26 @@ class ModelRunner:
         log.info("decode graphs captured: %d (batch sizes %s × scale fields %s) in %.1f s", len(self.graphs.graphs),
                  self.graphs.sizes, fields, time.monotonic() - started)
 
-    def prefill(self, slot: int, tokens: list[int], first: bool, extension: Extension) -> torch.Tensor:
-        """One prompt chunk of the sequence in `slot`, continuing its state unless `first`. Returns the hidden
-        states (1, c, D); decimated, (1, k, D) at the kept positions, ending with the prompt's last."""
-        state = None if first else self.pool.rows([slot])  # None: zeros, a fresh sequence
-        ids = torch.tensor([tokens], device=self.model.device)  # (1, c)
-        hidden, state = self.model.hidden_states(ids, state, self._scales_of(extension),
-                                                 decimation=extension.decimation)
-        self.pool.write_rows([slot], state)
+    def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool],
+                extensions: list[Extension]) -> torch.Tensor:
+        """One prompt chunk for each of b sequences, as one batch: slots, firsts and extensions (b each), tokens
+        b lists of one length c. A sequence starts from a zero state where `first`, else continues its slot's.
+        Returns the hidden states (b, c, D); a decimated sequence's, alone, (1, k, D) at the kept positions,
+        ending with the prompt's last."""
+        device = self.model.device
+        ids = torch.tensor(tokens, device=device)  # (b, c)
+        if all(firsts):  # no state rather than a zero one: Mamba1's mamba_ssm scan takes none, and with one
+            state = None  # runs off its kernels (the engine prefills whole prompts there: every chunk is first)
+        else:
+            state = self.pool.rows(slots)  # a copy: its fresh rows are zeroed, the pool's stay as they are
+            fresh = torch.tensor([i for i, first in enumerate(firsts) if first], dtype=torch.long, device=device)
+            for t in state.conv + state.ssm:
+                t.index_fill_(0, fresh, 0)
+        assert len(extensions) == 1 or all(e.decimation is None for e in extensions), "a decimation prefills alone"
+        decimation = extensions[0].decimation
+        hidden, state = self.model.hidden_states(ids, state, self._prefill_scales_of(tuple(extensions)),
+                                                 decimation=decimation)
+        self.pool.write_rows(slots, state)
         return hidden
 
     def copy_state(self, slot: int, to: list[int]) -> None:
@@ -68,19 +81,39 @@ class ModelRunner:
         place. Returns the logits (b, V) float32, valid until the next call."""
         device = self.model.device
         slot_ids, token_ids = torch.tensor(slots, device=device), torch.tensor(tokens, device=device)  # (b,), (b,)
-        batch = tuple(extensions)
-        if batch != self._decode_batch:
-            self._decode_batch = batch
-            self._decode_scales = batch_scales([e.scales for e in batch], self.model.config, device)
+        scales = self._decode_batch.scales(tuple(extensions))
         if self.graphs is not None:
-            return self.graphs.step(token_ids, slot_ids, self._decode_scales)
-        return self.model.step(token_ids, self.pool, self._decode_scales, slot_ids)
+            return self.graphs.step(token_ids, slot_ids, scales)
+        return self.model.step(token_ids, self.pool, scales, slot_ids)
 
-    def _scales_of(self, extension: Extension) -> BatchScales | None:
-        """A prefill's scales, made once per extension: the scan's folded per-layer constants are then
-        computed once, not per chunk or per request."""
+    def _prefill_scales_of(self, extensions: tuple[Extension, ...]) -> BatchScales | None:
+        """A prefill batch's scales. One request's are made once per extension: the scan's folded per-layer
+        constants are then computed once, not per chunk or per request. A batch of several's are kept while its
+        composition repeats (requests whose chunks advance together)."""
+        if len(extensions) > 1:
+            return self._prefill_batch.scales(extensions)
+        [extension] = extensions
         if extension not in self._prefill_scales:
-            scales = extension.scales
-            prepared = None if scales is None else batch_scales([scales], self.model.config, self.model.device)
-            self._prefill_scales[extension] = prepared
+            self._prefill_scales[extension] = prepared_scales(self.model, extensions)
         return self._prefill_scales[extension]
+
+
+class LastBatch:
+    """The scales of the last batch composition asked for (one extension per sequence), made again only when
+    the composition changes: one batch's worth of scale tensors is held, however many compositions pass."""
+
+    def __init__(self, model: MambaLM):
+        self.model = model
+        self.batch: tuple[Extension, ...] | None = None
+        self.prepared: BatchScales | None = None
+
+    def scales(self, batch: tuple[Extension, ...]) -> BatchScales | None:
+        if batch != self.batch:
+            self.batch = batch
+            self.prepared = prepared_scales(self.model, batch)
+        return self.prepared
+
+
+def prepared_scales(model: MambaLM, batch: tuple[Extension, ...]) -> BatchScales | None:
+    """The per-layer scales of a batch, one extension per sequence, on the model's device (None: identity)."""
+    return batch_scales([e.scales for e in batch], model.config, model.device)

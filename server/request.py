@@ -145,6 +145,11 @@ class Request:
         return None if self.timeout is None else self.arrival_time + self.timeout
 
     @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not yet prefilled."""
+        return len(self.prompt_ids) - self.num_computed
+
+    @property
     def group(self) -> list[Request]:
         """This request and its forks: what is admitted together."""
         return [self, *self.forks]

@@ -1,10 +1,18 @@
 """Which work the next engine step does: pure bookkeeping, no model (tests drive it with fake outputs).
 
-Each step runs at most one prefill chunk of ≤ `prefill_chunk` prompt tokens (None: whole prompts), then one
-batched decode step for every DECODING request. Waiting requests take free state slots in arrival order;
-requests that are prefilling share the chunks round-robin, so a short prompt that arrives during a long
-prefill starts decoding after one chunk of the long one, not after all of them. A decimated request's prompt
-is one chunk, whatever its length: decimation ranks the positions of the whole prompt at once.
+Each step runs at most one prefill, a batch of prompt chunks of one length from several requests, then one
+batched decode step for every DECODING request. Waiting requests take free state slots in arrival order.
+
+The prefill batch. A Mamba batch cannot be padded exactly (a pad token would move the recurrent state), so its
+chunks all have the same length L. The requests that are prefilling take turns round-robin: the first in turn,
+the head, fixes L (≤ `prefill_chunk` tokens of its prompt; its whole prompt when `prefill_chunk` is None), and
+runs even alone past the budget. The others join, in turn order, while the step's prompt tokens stay within
+`max_prefill_tokens`: with a chunk of L tokens where at least L of its prompt remain, or, when prompts run whole
+(`prefill_chunk` None), only where exactly L remain. A request whose prompt is not done goes to the back of the
+turns, so a short prompt that arrives during a long prefill starts decoding after one chunk of the long one, not
+after all of them (and the long one advances in the short one's batch meanwhile). A decimated request's prompt
+is one chunk, whatever its length, in a batch of its own: decimation ranks the positions of the whole prompt at
+once, one sequence at a time.
 
 A request with forks (n samples of one prompt) is admitted with all of them at once, each into its own slot;
 only the request prefills, and the engine copies its state into the forks' slots when the prompt is done.
@@ -35,7 +43,7 @@ class PrefillChunk:
 class SchedulerOutput:
     step: int  # index of this engine step, from 0
     admitted: list[Request]  # left the queue for a slot this step (their queue time ends now)
-    prefill: PrefillChunk | None  # the one prompt chunk this step runs, if any request is prefilling
+    prefill: list[PrefillChunk]  # prompt chunks of one length, run as one batch; empty when none is prefilling
     decode: list[Request]  # every DECODING request: one token each, in one batched model step
     finished: list[Request]  # finished before running (aborted, timed out): slots already freed, report them
 
@@ -79,24 +87,40 @@ class Scheduler:
                 member.status = RequestStatus.PREFILLING
             self.prefilling.append(request)
             admitted += request.group
-        chunk = None
-        if self.prefilling:
-            request = self.prefilling.popleft()
-            chunk_len = self.config.prefill_chunk
-            if chunk_len is None or request.extension.decimation is not None:  # the whole prompt in one chunk
-                chunk_len = len(request.prompt_ids)
-            end = min(request.num_computed + chunk_len, len(request.prompt_ids))
-            chunk = PrefillChunk(request, request.num_computed, end)
-            if not chunk.last:
-                self.prefilling.append(request)
-        return SchedulerOutput(self.step, admitted, chunk, list(self.decoding), finished)
+        return SchedulerOutput(self.step, admitted, self._prefill_batch(), list(self.decoding), finished)
+
+    def _prefill_batch(self) -> list[PrefillChunk]:
+        """The step's prompt chunks (the rule in the module docstring), taken out of the turns; those whose
+        prompt they do not finish go to the back, in batch order."""
+        if not self.prefilling:
+            return []
+        head = self.prefilling.popleft()
+        chunk_len = self.config.prefill_chunk
+        if chunk_len is None or head.extension.decimation is not None:  # the whole prompt in one chunk
+            chunk_len = head.prompt_left
+        length = min(head.prompt_left, chunk_len)
+        batch = [head]
+        if head.extension.decimation is None:
+            budget, turns = self.config.prefill_tokens - length, deque[Request]()
+            whole = self.config.prefill_chunk is None  # a prompt then only joins with all of its rest
+            for request in self.prefilling:
+                fits = request.prompt_left == length if whole else request.prompt_left >= length
+                if budget >= length and fits and request.extension.decimation is None:
+                    batch.append(request)
+                    budget -= length
+                else:
+                    turns.append(request)
+            self.prefilling = turns
+        chunks = [PrefillChunk(r, r.num_computed, r.num_computed + length) for r in batch]
+        self.prefilling.extend(chunk.request for chunk in chunks if not chunk.last)
+        return chunks
 
     def update(self, output: SchedulerOutput, finished: dict[Request, RequestStatus]) -> None:
         """After the step ran: `finished` holds the requests the step ended (stop, length, error)."""
-        if output.prefill is not None:
-            request = output.prefill.request
-            request.num_computed = output.prefill.end
-            if output.prefill.last:
+        for chunk in output.prefill:
+            request = chunk.request
+            request.num_computed = chunk.end
+            if chunk.last:
                 for member in request.group:
                     if member not in finished and not member.status.finished:
                         member.num_computed = request.num_computed

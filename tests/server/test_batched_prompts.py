@@ -6,6 +6,7 @@ import json
 
 import httpx
 import openai
+import pytest
 
 from server_helpers import wait_for
 
@@ -46,13 +47,31 @@ def test_several_prompts_give_each_ones_own_completion_in_order(client, live):
     assert streamed_texts(client, prompt=PROMPTS) == {c["index"]: c["text"] for c in body["choices"]}
 
 
+def test_prompts_of_one_length_prefill_together_and_complete_as_alone(client, live):
+    """A request's prompts are submitted at once: prompts of one length (40 tokens: chunks of 16, 16, 8) run in
+    the same prefill steps, here all with one bucket's Δ scales, and complete as they do alone."""
+    live.wait_idle()
+    prompts = [[(7 * i + 3 * k) % 90 + 3 for k in range(40)] for i in range(3)]
+    body = post(client, prompt=prompts, scale_bucket="128")
+    prefills = [r for r in live.engine.step_log if r.kind == "prefill"
+                and any(i.startswith(body["id"]) for i in r.request_ids)]
+    assert [(len(r.request_ids), r.tokens) for r in prefills] == [(3, 48), (3, 48), (3, 24)]
+    assert [c["text"] for c in body["choices"]] == [text_of(client, prompt=p, scale_bucket="128") for p in prompts]
+
+
 def test_batched_prompts_score_as_single_ones_each_with_its_own_bucket(client):
-    """lm-evaluation-harness batches loglikelihood requests: echo + logprobs + max_tokens 0 over a list."""
+    """lm-evaluation-harness batches loglikelihood requests: echo + logprobs + max_tokens 0 over a list. The long
+    prompt's chunks share prefill steps with the short one's (a batch of two buckets' scales), so its logprobs
+    are the single request's up to float32 rounding."""
     long = " ".join([PROMPTS[0]] * 6)  # past the test bank's training length of 64: bucket "128" under auto
     batch = post(client, prompt=[PROMPTS[1], long], max_tokens=0, echo=True, logprobs=1)
     singles = [post(client, prompt=p, max_tokens=0, echo=True, logprobs=1) for p in (PROMPTS[1], long)]
     for choice, single in zip(batch["choices"], singles):
-        assert choice["logprobs"] == single["choices"][0]["logprobs"]
+        got, want = choice["logprobs"], single["choices"][0]["logprobs"]
+        assert got["tokens"] == want["tokens"] and got["text_offset"] == want["text_offset"]
+        assert got["token_logprobs"][0] is None is want["token_logprobs"][0]  # the first token has none
+        assert got["token_logprobs"][1:] == pytest.approx(want["token_logprobs"][1:], rel=1e-5, abs=1e-5)
+        assert got["top_logprobs"][1:] == [pytest.approx(top, rel=1e-5, abs=1e-5) for top in want["top_logprobs"][1:]]
         assert choice["scale_bucket"] == single["scale_bucket"]
     assert [c["scale_bucket"] for c in batch["choices"]] == ["none", "128"]
     assert batch["scale_bucket"] is None  # the prompts' buckets differ: each choice names its own

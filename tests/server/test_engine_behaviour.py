@@ -1,6 +1,8 @@
 """The engine under concurrent clients, seen from outside (HTTP) and from its own step log and metrics:
 chunked prefill interleaves with decode, a client that leaves frees its slot, metrics count what was sent."""
 
+import concurrent.futures
+import json
 import threading
 from functools import partial
 
@@ -47,12 +49,45 @@ def test_a_long_prefill_does_not_hold_back_another_requests_tokens(live):
     long.join()
     log = list(live.engine.step_log)
     long_id, short_id = results["long"]["id"], results["short"]["id"]
-    long_chunks = [i for i, r in enumerate(log) if r.kind == "prefill" and r.request_ids == (long_id,)]
+    long_chunks = [i for i, r in enumerate(log) if r.kind == "prefill" and long_id in r.request_ids]
     short_decodes = [i for i, r in enumerate(log) if r.kind == "decode" and short_id in r.request_ids]
-    assert log[long_chunks[-1]].last_chunk and sum(log[i].tokens for i in long_chunks) == 3000
-    assert all(log[i].tokens <= 16 for i in long_chunks)
+    # a batch's chunks have one length: the long prompt's share of a step is its tokens over its requests
+    shares = [log[i].tokens // len(log[i].request_ids) for i in long_chunks]
+    assert log[long_chunks[-1]].prompts_done == (long_id,) and sum(shares) == 3000 and max(shares) <= 16
     assert short_decodes and short_decodes[0] < long_chunks[-1]
     assert results["short"]["usage"]["completion_tokens"] >= 1
+
+
+def stream_text(url: str, body: dict) -> tuple[str, str]:
+    """The completion id and text of one streamed completion."""
+    request_id, text = "", ""
+    with httpx.Client(base_url=url, timeout=60) as c, \
+            c.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                request_id = event["id"]
+                text += "".join(choice["text"] for choice in event["choices"])
+    return request_id, text
+
+
+def test_concurrent_streams_prefill_together_and_each_gets_its_text_alone(live):
+    """Four streams sent at once, of 3000-token prompts (188 chunks of 16 each), with their own buckets, greedy or
+    seeded: their chunks share prefill steps (fewer steps than their chunks one by one), and each stream's text is
+    the one it gets alone."""
+    live.wait_idle()
+    settings = [("none", {"temperature": 0}), ("128", {"temperature": 1.0, "seed": 3}),
+                ("256", {"temperature": 0}), ("none", {"temperature": 0.8, "top_p": 0.9, "seed": 4})]
+    bodies = [{"prompt": [(11 * i + 5 * k) % 90 + 3 for k in range(3000)], "max_tokens": 8, "ignore_eos": True,
+               "scale_bucket": bucket, **sampling} for i, (bucket, sampling) in enumerate(settings)]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(partial(stream_text, live.url), bodies))
+    ids = {request_id for request_id, _ in together}
+    prefills = [set(r.request_ids) & ids for r in live.engine.step_log if r.kind == "prefill"]
+    prefills = [shared for shared in prefills if shared]
+    assert len(prefills) < 4 * 188 and max(len(shared) for shared in prefills) == 4
+    alone = [stream_text(live.url, body)[1] for body in bodies]
+    assert [text for _, text in together] == alone and len(set(alone)) == 4
 
 
 @pytest.mark.parametrize("streamed", [True, False])

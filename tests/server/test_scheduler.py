@@ -1,5 +1,5 @@
-"""The scheduler alone, driven with fake model outputs (no model): chunking, round-robin prefill, slots,
-queue bound, abort and timeout."""
+"""The scheduler alone, driven with fake model outputs (no model): chunking, round-robin prefill, batches of
+equal-length chunks under the prefill budget, slots, queue bound, abort and timeout."""
 
 import subprocess
 import sys
@@ -21,54 +21,118 @@ def make_request(name: str, prompt_len: int, max_tokens: int = 4, timeout: float
                    OutputText(None), lambda output: None, timeout, arrival_time=arrival)
 
 
+def config(max_batch_size: int, prefill_chunk: int | None, max_prefill_tokens: int = 64, **more) -> EngineConfig:
+    """A scheduler's settings; the default budget of 64 prompt tokens a step is the engine's to size otherwise."""
+    return EngineConfig(max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
+                        max_prefill_tokens=max_prefill_tokens, **more)
+
+
 def run_step(scheduler: Scheduler, now: float = 0.0):
-    """One step with fake outputs: every decoding request generates a token and finishes at max_tokens."""
+    """One step with fake outputs: every request whose prompt the step finished and every decoding request
+    generates a token, and finishes at max_tokens."""
     output = scheduler.schedule(now)
     finished = {}
-    chunk = output.prefill
-    if chunk is not None and chunk.last:
-        chunk.request.output_ids.append(0)
-    for request in output.decode:
+    sampled = [chunk.request for chunk in output.prefill if chunk.last] + output.decode
+    for request in sampled:
         request.output_ids.append(0)
-    for request in ([chunk.request] if chunk is not None and chunk.last else []) + output.decode:
         if len(request.output_ids) >= request.params.max_tokens:
             finished[request] = RequestStatus.FINISHED_LENGTH
     scheduler.update(output, finished)
     return output
 
 
+def batch(output) -> list[tuple[str, int, int]]:
+    """The step's prefill batch as (request id, start, end) per chunk."""
+    return [(chunk.request.request_id, chunk.start, chunk.end) for chunk in output.prefill]
+
+
 def test_prompt_runs_in_chunks_of_at_most_prefill_chunk_tokens():
-    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=16))
+    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=16))
     request = make_request("a", 40)
     scheduler.add(request)
-    chunks = [(out.prefill.start, out.prefill.end) for out in (run_step(scheduler) for _ in range(3))]
-    assert chunks == [(0, 16), (16, 32), (32, 40)]
+    chunks = [batch(run_step(scheduler)) for _ in range(3)]
+    assert chunks == [[("a", 0, 16)], [("a", 16, 32)], [("a", 32, 40)]]
     assert request.status is RequestStatus.DECODING and request.num_computed == 40
 
 
 def test_without_a_chunk_size_every_prompt_runs_whole():
     """What the engine asks where a continued prefill would leave the kernels (Mamba1 on mamba_ssm)."""
-    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=None))
+    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=None))
     for name, length in (("long", 5000), ("short", 3)):
         scheduler.add(make_request(name, length))
-    chunks = [(out.prefill.request.request_id, out.prefill.start, out.prefill.end)
-              for out in (run_step(scheduler) for _ in range(2))]
-    assert chunks == [("long", 0, 5000), ("short", 0, 3)]
+    chunks = [batch(run_step(scheduler)) for _ in range(2)]
+    assert chunks == [[("long", 0, 5000)], [("short", 0, 3)]]  # the head runs whole, far past the budget
 
 
 def test_a_decimated_prompt_is_one_chunk_however_long():
-    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=16))
+    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=16))
     decimated, plain = make_request("decimated", 40), make_request("plain", 20)
     decimated.extension = Extension(decimation=Decimation(layer=0, l_base=8))  # ranks the whole prompt's positions
     scheduler.add(decimated)
     scheduler.add(plain)
-    chunks = [(out.prefill.request.request_id, out.prefill.start, out.prefill.end)
-              for out in (run_step(scheduler) for _ in range(3))]
-    assert chunks == [("decimated", 0, 40), ("plain", 0, 16), ("plain", 16, 20)]
+    chunks = [batch(run_step(scheduler)) for _ in range(3)]
+    assert chunks == [[("decimated", 0, 40)], [("plain", 0, 16)], [("plain", 16, 20)]]
+
+
+def test_prompts_prefill_together_in_chunks_of_one_length():
+    scheduler = Scheduler(config(max_batch_size=4, prefill_chunk=16, max_prefill_tokens=64))
+    for name in "abcd":
+        scheduler.add(make_request(name, 40))
+    steps = [batch(run_step(scheduler)) for _ in range(3)]
+    assert steps == [[(name, start, end) for name in "abcd"] for start, end in ((0, 16), (16, 32), (32, 40))]
+    assert not scheduler.prefilling and len(scheduler.decoding) == 4
+
+
+def test_a_batch_stays_within_the_budget_and_the_rest_prefill_next_in_turn():
+    scheduler = Scheduler(config(max_batch_size=5, prefill_chunk=16, max_prefill_tokens=48))
+    for name in "abcde":
+        scheduler.add(make_request(name, 16))
+    assert batch(run_step(scheduler)) == [("a", 0, 16), ("b", 0, 16), ("c", 0, 16)]  # 48 tokens
+    assert batch(run_step(scheduler)) == [("d", 0, 16), ("e", 0, 16)]
+
+
+def test_a_request_left_out_of_a_batch_heads_the_next_one():
+    """Round-robin turns are kept: b is too short to join a's 16-token chunk, so it fixes the next batch's length,
+    in which the others' prompts advance by its 8 tokens."""
+    scheduler = Scheduler(config(max_batch_size=3, prefill_chunk=16, max_prefill_tokens=32))
+    for name, length in (("a", 40), ("b", 8), ("c", 40)):
+        scheduler.add(make_request(name, length))
+    steps = [batch(run_step(scheduler)) for _ in range(3)]
+    assert steps == [[("a", 0, 16), ("c", 0, 16)],
+                     [("b", 0, 8), ("a", 16, 24), ("c", 16, 24)],
+                     [("a", 24, 40), ("c", 24, 40)]]
+
+
+def test_the_head_runs_alone_past_the_budget_and_whole_prompts_join_only_at_its_length():
+    """Without a chunk size (the engine's setting where a continued prefill would leave the kernels) a prompt
+    cannot be cut to another's length: only prompts of the head's length join it."""
+    scheduler = Scheduler(config(max_batch_size=6, prefill_chunk=None, max_prefill_tokens=32))
+    for name, length in (("long", 100), ("a", 10), ("b", 20), ("c", 10), ("d", 10), ("e", 10)):
+        scheduler.add(make_request(name, length))
+    steps = [batch(run_step(scheduler)) for _ in range(4)]
+    assert steps[0] == [("long", 0, 100)]  # 100 tokens against a budget of 32: it runs, alone
+    assert steps[1] == [("a", 0, 10), ("c", 0, 10), ("d", 0, 10)]  # b's 20 tokens are not a's 10; e is past 32
+    assert steps[2:] == [[("b", 0, 20)], [("e", 0, 10)]]
+
+
+def test_a_decimated_prompt_neither_joins_a_batch_nor_heads_one_with_others():
+    scheduler = Scheduler(config(max_batch_size=3, prefill_chunk=16, max_prefill_tokens=64))
+    plain, decimated, other = make_request("plain", 16), make_request("decimated", 16), make_request("other", 16)
+    decimated.extension = Extension(decimation=Decimation(layer=0, l_base=8))
+    for request in (plain, decimated, other):
+        scheduler.add(request)
+    assert batch(run_step(scheduler)) == [("plain", 0, 16), ("other", 0, 16)]
+    assert batch(run_step(scheduler)) == [("decimated", 0, 16)]
+    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=16, max_prefill_tokens=64))
+    for request in (make_request("decimated", 16), make_request("plain", 16)):
+        scheduler.add(request)
+    scheduler.waiting[0].extension = decimated.extension
+    assert batch(run_step(scheduler)) == [("decimated", 0, 16)]
+    assert batch(run_step(scheduler)) == [("plain", 0, 16)]
 
 
 def test_short_prompt_decodes_before_a_long_prompt_finishes_its_prefill():
-    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=8))
+    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=8))
     long, short = make_request("long", 80, max_tokens=2), make_request("short", 5, max_tokens=3)
     scheduler.add(long)
     run_step(scheduler)  # long's first chunk
@@ -76,8 +140,7 @@ def test_short_prompt_decodes_before_a_long_prompt_finishes_its_prefill():
     log = []
     while scheduler.has_work():
         out = run_step(scheduler)
-        if out.prefill is not None:
-            log.append(("prefill", out.prefill.request.request_id, out.prefill.last))
+        log += [("prefill", chunk.request.request_id, chunk.last) for chunk in out.prefill]
         log += [("decode", r.request_id, False) for r in out.decode]
     first_short_decode = log.index(("decode", "short", False))
     long_last_chunk = log.index(("prefill", "long", True))
@@ -86,7 +149,7 @@ def test_short_prompt_decodes_before_a_long_prompt_finishes_its_prefill():
 
 
 def test_every_decoding_request_steps_together_and_slots_are_bounded():
-    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=64))
+    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=64))
     requests = [make_request(str(i), 4, max_tokens=50) for i in range(3)]
     for request in requests:
         scheduler.add(request)
@@ -95,12 +158,12 @@ def test_every_decoding_request_steps_together_and_slots_are_bounded():
     assert requests[2].status is RequestStatus.WAITING and requests[2].slot is None
     run_step(scheduler)
     out = run_step(scheduler)
-    assert out.prefill is None and [r.request_id for r in out.decode] == ["0", "1"]
+    assert out.prefill == [] and [r.request_id for r in out.decode] == ["0", "1"]
     assert sorted(r.slot for r in requests[:2]) == [0, 1]
 
 
 def test_queue_full_raises_and_a_finished_request_frees_its_slot():
-    scheduler = Scheduler(EngineConfig(max_batch_size=1, max_queue=1, prefill_chunk=64))
+    scheduler = Scheduler(config(max_batch_size=1, max_queue=1, prefill_chunk=64))
     first, second = make_request("1", 4, max_tokens=2), make_request("2", 4, max_tokens=2)
     scheduler.add(first)
     run_step(scheduler)  # first takes the slot
@@ -114,7 +177,7 @@ def test_queue_full_raises_and_a_finished_request_frees_its_slot():
 
 
 def test_abort_and_timeout_finish_requests_wherever_they_are():
-    scheduler = Scheduler(EngineConfig(max_batch_size=1, prefill_chunk=4))
+    scheduler = Scheduler(config(max_batch_size=1, prefill_chunk=4))
     running = make_request("running", 40, timeout=None)
     queued = make_request("queued", 4, timeout=1.0, arrival=0.0)
     scheduler.add(running)
@@ -135,23 +198,33 @@ def with_forks(request: Request, n: int) -> Request:
 
 
 def test_a_request_with_forks_waits_for_a_slot_each_and_only_it_prefills():
-    scheduler = Scheduler(EngineConfig(max_batch_size=3, prefill_chunk=4))
+    scheduler = Scheduler(config(max_batch_size=3, prefill_chunk=4))
     single, group = make_request("single", 4, max_tokens=8), with_forks(make_request("group", 6, max_tokens=8), 3)
     scheduler.add(single, group)
     out = run_step(scheduler)
     assert out.admitted == [single] and group.status is RequestStatus.WAITING  # 2 slots left, 3 wanted
     single.abort_requested = True
     out = run_step(scheduler)
-    assert out.admitted == group.group and out.prefill.request is group
+    assert out.admitted == group.group and [chunk.request for chunk in out.prefill] == [group]
     assert {m.status for m in group.group} == {RequestStatus.PREFILLING} and len(scheduler.running) == 3
     out = run_step(scheduler)  # the prompt's last chunk: every sample decodes from the next step
-    assert out.prefill.last and {m.status for m in group.group} == {RequestStatus.DECODING}
+    assert out.prefill[0].last and {m.status for m in group.group} == {RequestStatus.DECODING}
     assert all(m.num_computed == 6 for m in group.group)
     assert run_step(scheduler).decode == group.group
 
 
+def test_a_request_with_forks_prefills_in_a_batch_beside_others_and_its_forks_decode_after():
+    scheduler = Scheduler(config(max_batch_size=4, prefill_chunk=4))
+    single, group = make_request("single", 6, max_tokens=8), with_forks(make_request("group", 6, max_tokens=8), 3)
+    scheduler.add(single, group)
+    assert batch(run_step(scheduler)) == [("single", 0, 4), ("group", 0, 4)]  # the forks do not prefill
+    assert batch(run_step(scheduler)) == [("single", 4, 6), ("group", 4, 6)]
+    assert {m.status for m in [single, *group.group]} == {RequestStatus.DECODING}
+    assert run_step(scheduler).decode == [single, *group.group]
+
+
 def test_forks_go_on_when_the_request_they_copied_ends_at_its_first_token():
-    scheduler = Scheduler(EngineConfig(max_batch_size=3, prefill_chunk=4))
+    scheduler = Scheduler(config(max_batch_size=3, prefill_chunk=4))
     group = with_forks(make_request("group", 4, max_tokens=1), 3)
     for fork in group.forks:
         fork.params = SamplingParams(max_tokens=3)
@@ -163,7 +236,7 @@ def test_forks_go_on_when_the_request_they_copied_ends_at_its_first_token():
 
 @pytest.mark.parametrize("when", ["waiting", "prefilling"])
 def test_a_request_that_ends_before_its_prompt_is_done_ends_its_forks(when):
-    scheduler = Scheduler(EngineConfig(max_batch_size=2, prefill_chunk=4))
+    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=4))
     blocker = make_request("blocker", 4, max_tokens=100)
     group = with_forks(make_request("group", 40, timeout=1.0), 2)
     scheduler.add(*([blocker] if when == "waiting" else []), group)

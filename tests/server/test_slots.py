@@ -1,11 +1,13 @@
-"""State slots sized from the device and the model when --max-batch-size is not given (server.slots)."""
+"""State slots sized from the device and the model when --max-batch-size is not given, and a step's prefill
+tokens from the device when --max-prefill-tokens is not (server.slots)."""
 
 from __future__ import annotations
 
 import httpx
+import torch
 
 from runtime import load_model
-from server.slots import ACCELERATOR_SLOTS, CPU_SLOTS, accelerator_slots
+from server.slots import ACCELERATOR_SLOTS, CPU_SLOTS, accelerator_slots, default_prefill_tokens
 from server_helpers import LiveServer
 from test_engine_behaviour import metric
 
@@ -17,17 +19,25 @@ def test_a_cpu_server_without_max_batch_size_holds_16_slots_and_reports_their_by
     expected_bytes = config.n_layer * config.d_inner * (config.d_conv - 1 + config.d_state) * 4
     with LiveServer(["--model", str(model_dirs["mamba1"])]) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
-        assert server.engine.config.slots == CPU_SLOTS
+        assert server.engine.config.slots == CPU_SLOTS and server.engine.config.prefill_tokens == 2048
         assert metric(client, "mamba_server_state_slots") == CPU_SLOTS
         assert metric(client, "mamba_server_state_slot_bytes") == expected_bytes
         too_many = client.post("/v1/completions", json={"prompt": "the river", "max_tokens": 1, "n": CPU_SLOTS + 1})
         assert too_many.status_code == 400 and "n" in too_many.json()["error"]["param"]
 
 
-def test_max_batch_size_given_is_kept(model_dirs):
-    with LiveServer(["--model", str(model_dirs["mamba1"]), "--max-batch-size", "3"]) as server, \
-            httpx.Client(base_url=server.url, timeout=60) as client:
+def test_max_batch_size_and_max_prefill_tokens_given_are_kept(model_dirs):
+    with LiveServer(["--model", str(model_dirs["mamba1"]), "--max-batch-size", "3", "--max-prefill-tokens",
+                     "5000"]) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         assert server.engine.config.slots == 3 and metric(client, "mamba_server_state_slots") == 3
+        assert server.engine.config.prefill_tokens == 5000
+
+
+def test_a_steps_prefill_tokens_are_one_chunk_on_cpu_more_on_cuda_and_never_below_a_chunk():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_prefill_tokens(cpu, 2048) == 2048 and default_prefill_tokens(cpu, None) == 2048
+    assert default_prefill_tokens(cuda, 2048) == 16384
+    assert default_prefill_tokens(cpu, 4096) == 4096 and default_prefill_tokens(cuda, 32768) == 32768
 
 
 def test_accelerator_slots_take_a_tenth_of_free_memory_up_to_256():
