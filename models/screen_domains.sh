@@ -27,6 +27,7 @@ evaluation+=",debian=$dom/debian-reference.jsonl.xz,filler"
 templates=line,inline,instructed,reworded,quizzed  # evaluated; no training or calibration asks in the last two
 bank_flags="--task passkey --calibrator bp --method a_spectrum --steps ${STEPS:-150} --lr 0.05 --batch-size 8
   --eval-samples ${EVAL_SAMPLES:-20} --eval-batch-size 5 --ppl-weight 10 --ppl-slack 0.02 --no-progress"
+user_threads=${OMP_NUM_THREADS:-}
 mkdir -p "$out"
 
 evaluate() {  # MODEL BANK OUT
@@ -34,6 +35,7 @@ evaluate() {  # MODEL BANK OUT
     --lengths "$lengths" --samples "$samples" --batch-size 5 --out "$3"
 }
 transfer() {  # MODEL OUT SEED
+  [[ -n $user_threads ]] || unset OMP_NUM_THREADS  # extend.jobs gives each of its jobs a share (a seed's is wider)
   python3 -m extend.transfer --model "$1" --calibration "$calibration" --evaluation "$evaluation" --buckets "$buckets" \
     --lengths "$lengths" --templates "$templates" --samples "$samples" --jobs 6 --seed "$3" --out "$2" \
     -- $bank_flags --granularity channel
