@@ -1,6 +1,6 @@
 """A random Mamba1 checkpoint of a published shape, for benchmarks that need a model directory.
 
-    python -m bench.random_model --shape tiny --out /tmp/tiny      # with the embedded model's tokenizer
+    python -m bench.random_model --shape tiny --out TINY      # with the embedded model's tokenizer
 """
 
 from __future__ import annotations
