@@ -215,8 +215,7 @@ class Engine:
 
     def _prefill(self, chunks: list[PrefillChunk], finished: Finished, outputs: Outputs) -> None:
         requests = [c.request for c in chunks]
-        slots = [r.slot for r in requests if r.slot is not None]
-        assert len(slots) == len(requests), "a scheduled request holds a slot"
+        slots = held_slots(requests)
         # (b, c, D); decimated (alone): (1, k, D), the kept positions, ending with the prompt's last
         hidden = self.runner.prefill(slots, [c.request.prompt_ids[c.start:c.end] for c in chunks],
                                      [c.start == 0 for c in chunks], [r.extension for r in requests])
@@ -269,8 +268,7 @@ class Engine:
                                                        targets[start:start + logits.shape[1]], top)
 
     def _decode(self, requests: list[Request], finished: Finished, outputs: Outputs) -> None:
-        slots = [r.slot for r in requests if r.slot is not None]
-        assert len(slots) == len(requests), "a decoding request holds a slot"
+        slots = held_slots(requests)
         logits = self.runner.decode(slots, [r.output_ids[-1] for r in requests],
                                     [r.extension for r in requests])  # (b, V)
         self._take_tokens(requests, logits, finished, outputs)
@@ -322,3 +320,10 @@ class Engine:
                 request.sink(out)
             except Exception:  # a sink belongs to one client; its fault must not stop the engine
                 log.exception("output sink of %s failed", request.request_id)
+
+
+def held_slots(requests: list[Request]) -> list[int]:
+    """The state slots of scheduled requests (every one holds a slot from admission to finish)."""
+    slots = [r.slot for r in requests if r.slot is not None]
+    assert len(slots) == len(requests), "a scheduled request holds a slot"
+    return slots
