@@ -22,6 +22,7 @@ VOCAB = 50288  # GPT-NeoX-20B's 50,280 padded to a multiple of 16
 # leaves the server's host side (HTTP, streaming, bookkeeping) as the limit, the regime of a GPU server on a CPU.
 # Its vocabulary is the embedded model's tokenizer's.
 HOST_BOUND_SHAPES = {"tiny": (64, 2, 8192)}  # d_model, n_layer, vocab_size
+SHAPE_NAMES = [*SHAPES, *HOST_BOUND_SHAPES]  # every shape save_random_model makes
 
 
 def save_random_model(shape: str, directory: Path, tokenizer: Path | None = None) -> Path:
@@ -36,7 +37,7 @@ def save_random_model(shape: str, directory: Path, tokenizer: Path | None = None
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", required=True, choices=[*SHAPES, *HOST_BOUND_SHAPES])
+    parser.add_argument("--shape", required=True, choices=SHAPE_NAMES)
     parser.add_argument("--out", required=True, type=Path, help="the checkpoint directory to write")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_MODEL_DIR / "tokenizer.json",
                         help="tokenizer.json copied beside it (default: the embedded model's)")

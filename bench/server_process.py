@@ -14,7 +14,7 @@ import httpx
 
 from server.config import DEFAULT_MODEL_DIR
 
-from .random_model import HOST_BOUND_SHAPES, SHAPES, save_random_model
+from .random_model import SHAPE_NAMES, save_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and device flags, and the server's own flags after `--`."""
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: the embedded model)")
-    parser.add_argument("--shape", choices=[*SHAPES, *HOST_BOUND_SHAPES],
+    parser.add_argument("--shape", choices=SHAPE_NAMES,
                         help="instead of --model: a random model of this shape")
     parser.add_argument("--tokenizer", type=Path)
     parser.add_argument("--device", default="cpu")
