@@ -10,8 +10,8 @@ template the embedded model was trained on ("line"):
 
 and its variants, so that an evaluation does not measure one wording alone: the needle inline in the text
 ("inline"), an instruction line before the haystack, as the passkey papers have it ("instructed"), and
-two other wordings of the question ("reworded", "quizzed"). "paraphrased" asks in one of 99 other
-wordings, for training a model that is then asked in wordings it never saw (the two held-out ones are none of
+three other wordings of the question ("reworded", "quizzed", "secret"). "paraphrased" asks in one of 999 other
+wordings, for training a model that is then asked in wordings it never saw (the three held-out ones are none of
 them).
 
 A sample is `length` tokens in all (prompt + answer). It is retrieved when every answer token is the
@@ -34,9 +34,11 @@ QUESTION = "What is the pass key? The pass key is"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
                "memorize it. I will quiz you about the important information there.")
-# Training wordings: every request form with every way of naming the key (99 in all: the line template's question is
-# not one of them), so that a model trained on
-# them answers a question, not a string. None uses the held-out wordings' own words ("hidden", "above", "quiz").
+# Training wordings: an optional lead-in sentence, then every request form with every way of naming the key (999 in
+# all: the line template's question is not one of them), so that a model trained on them answers a question, not a
+# string, whatever comes before it. None uses a held-out wording's own words (HELD_OUT_WORDS).
+LEAD_INS = ("", "Question: ", "Now a question. ", "One more thing. ", "Your turn to answer. ", "Last task: ",
+            "Let us check. ", "Here is a test. ", "Think back. ", "Answer briefly. ")
 REQUESTS = ("What is {}?", "Tell me {}.", "Recall {}.", "Repeat {}.", "Give {}.", "Do you know {}?",
             "Which number is {}?", "Write down {}.", "Please state {}.", "Can you remember {}?")
 KEY_NAMES = ("the pass key", "the pass key given in the text", "the pass key that was mentioned earlier",
@@ -44,8 +46,10 @@ KEY_NAMES = ("the pass key", "the pass key given in the text", "the pass key tha
              "the pass key written somewhere in this passage", "the pass key that appeared before",
              "the number that is the pass key", "the pass key stated among all these lines",
              "the pass key from the beginning or the middle")
-PARAPHRASES = tuple(f"{request.format(name)} The pass key is" for request in REQUESTS for name in KEY_NAMES
-                    if request.format(name) != "What is the pass key?")
+PARAPHRASES = tuple(f"{lead_in}{request.format(name)} The pass key is" for lead_in in LEAD_INS for request in REQUESTS
+                    for name in KEY_NAMES if f"{lead_in}{request.format(name)}" != "What is the pass key?")
+HELD_OUT_WORDS = ("hidden", "above", "quiz", "five-digit", "keep", "mind", "before you", "secret", "code", "digits",
+                  "read")
 INLINE_SEARCH = 64  # tokens past the chosen depth searched for a word boundary to put an inline needle at
 
 
@@ -76,6 +80,8 @@ TEMPLATES = {t.name: t for t in (
     Template("reworded", questions=("Recall the pass key that was hidden in the text above. The pass key is",)),
     Template("quizzed", questions=("Quiz time: which five-digit number did you have to keep in mind? The pass key "
                                    "is",)),
+    Template("secret", questions=("Before you stop reading, say which digits made up the secret code in what you just "
+                                  "read. The pass key is",)),
     Template("paraphrased", questions=PARAPHRASES),
 )}
 LINE = TEMPLATES["line"]

@@ -24,7 +24,7 @@ docs=$dom/python-docs.jsonl.xz code=$dom/python-code.jsonl.xz man=$dom/manpages.
 calibration="books=$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train,filler"
 evaluation="books=$gut/eval.jsonl.xz,docs=$docs@eval,code=$code@eval,man=$man@eval"
 evaluation+=",debian=$dom/debian-reference.jsonl.xz,filler"
-templates=line,inline,instructed,reworded,quizzed  # evaluated; no training or calibration asks in the last two
+templates=line,inline,instructed,reworded,quizzed,secret  # evaluated; no training or calibration asks in the last three
 bank_flags="--task passkey --calibrator bp --method a_spectrum --steps ${STEPS:-150} --lr 0.05 --batch-size 8
   --eval-samples ${EVAL_SAMPLES:-20} --eval-batch-size 5 --ppl-weight 10 --ppl-slack 0.02 --no-progress"
 user_threads=${OMP_NUM_THREADS:-}

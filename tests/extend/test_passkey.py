@@ -5,8 +5,8 @@ import random
 import pytest
 from checkpoints import EMBEDDED_TOKENIZER
 
-from extend.passkey import (INSTRUCTION, LINE, NEEDLE, TEMPLATES, filler_haystack, make_batch, make_sample,
-                            minimum_length, parse_templates)
+from extend.passkey import (HELD_OUT_WORDS, INSTRUCTION, LEAD_INS, LINE, NEEDLE, TEMPLATES, filler_haystack, make_batch,
+                            make_sample, minimum_length, parse_templates)
 from runtime.tokenizer import Tokenizer
 
 
@@ -69,6 +69,10 @@ def test_paraphrased_samples_ask_in_several_wordings_none_of_them_the_reworded_o
                                           TEMPLATES["paraphrased"]).tokens).rsplit("\n", 1)[1].rsplit(" ", 1)[0]
              for _ in range(40)}
     assert asked <= set(TEMPLATES["paraphrased"].questions) and len(asked) > 20
-    held_out = TEMPLATES["reworded"].questions + TEMPLATES["quizzed"].questions
-    assert not set(TEMPLATES["paraphrased"].questions) & set(held_out + LINE.questions)
-    assert not any(word in q for q in TEMPLATES["paraphrased"].questions for word in ("hidden", "above", "Quiz"))
+    held_out = [question for name in ("reworded", "quizzed", "secret") for question in TEMPLATES[name].questions]
+    assert not set(TEMPLATES["paraphrased"].questions) & set(held_out + list(LINE.questions))
+    assert all(any(word in question.lower() for word in HELD_OUT_WORDS) for question in held_out)
+    assert not any(word in question.lower() for question in TEMPLATES["paraphrased"].questions
+                   for word in HELD_OUT_WORDS)
+    assert len(TEMPLATES["paraphrased"].questions) == 999
+    assert any(question.startswith(LEAD_INS[1:]) for question in asked)  # lead-ins are drawn too
