@@ -1,11 +1,16 @@
 """The launch shapes of the fused Triton decode kernels (`runtime.ops.triton_ssm`, `triton_gemv`), swept on the GPU.
 
-Each op of a Mamba1 decode step runs on 24 layers in a captured CUDA graph (as in a decode step: each layer's
-weights are its own, so they come from memory, not the L2 cache), 130m- and 1.4b-shaped with random weights,
-for every value of its launch constants, beside the cuBLAS composition it replaces; the table gives µs per call
-and the setting with the least time summed over the shapes, which is what those modules' constants should be.
+Each op of a decode step runs on 24 layers in a captured CUDA graph (as in a decode step: each layer's weights
+are its own, so they come from memory, not the L2 cache), shaped as the named models' layers with random
+weights, for every value of its launch constants, beside the cuBLAS composition it replaces; the table gives µs
+per call and the setting with the least time summed over the shapes, which is what those modules' constants
+should be. The projections (`in_proj`, `out_proj`) take Mamba1 and Mamba2 shapes, `mamba1_decode` Mamba1's, and
+Mamba2's convolution and state update (`conv_step`, `mamba2_step`) Mamba2's, their constants those past a batch
+of GEMV_MAX_ROWS.
 
     python -m bench.gpu_kernels --json $OUT/kernels.json
+    python -m bench.gpu_kernels --ops in_proj,out_proj --shapes 130m,1.4b,mamba2-780m,mamba2-2.7b
+    python -m bench.gpu_kernels --ops conv_step,mamba2_step --shapes mamba2-780m,mamba2-2.7b --batch 64
 """
 
 from __future__ import annotations
@@ -19,21 +24,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime.ops import torch_ops, triton_gemv, triton_ssm
+from runtime.ops import torch_ops, triton_gemv, triton_mamba2, triton_ssm
 from runtime.ops.contract import Mamba1Weights
 
-from .random_model import SHAPES
+from .gpu_models import MAMBA2_SHAPES, SHAPES
 from .report import print_row, print_table, save_json
 
 LAYERS = 24  # calls per graph replay: one decode step's worth
 REPLAYS = 50
 D_STATE, CONV_K = 16, 4
+MAMBA2_D_STATE, MAMBA2_HEAD_DIM = 128, 64
 
 
 @contextlib.contextmanager
 def constants(values: dict):
     """The kernel modules' constants set to `values` for the duration."""
-    owner = {name: triton_gemv if name.startswith("GEMV_") else triton_ssm for name in values}
+    owner = {name: next(m for m in (triton_gemv, triton_ssm, triton_mamba2) if hasattr(m, name)) for name in values}
     old = {name: getattr(owner[name], name) for name in values}
     for name, value in values.items():
         setattr(owner[name], name, value)
@@ -64,9 +70,11 @@ def graph_us(calls: list) -> float:
 
 
 def layer_tensors(shape: str, batch: int, seed: int) -> dict:
-    """A Mamba1 layer's decode inputs and weights of `shape`, bf16 weights and float32 states."""
+    """A Mamba1 layer's decode inputs and weights of `shape`, bf16 weights and float32 states; for a Mamba2 shape,
+    its in_proj's rows (x, z, B, C of d_state 128 and a Δ per head of 64 channels)."""
     d_model = SHAPES[shape][0]
     d, rank = 2 * d_model, math.ceil(d_model / 16)
+    in_rows = 2 * d + (2 * 128 + d // 64 if shape in MAMBA2_SHAPES else 0)
     g = torch.Generator("cuda").manual_seed(seed)
 
     def randn(*size, dtype=torch.bfloat16, scale=1.0):
@@ -74,12 +82,21 @@ def layer_tensors(shape: str, batch: int, seed: int) -> dict:
 
     return dict(
         residual=randn(batch, d_model, dtype=torch.float32), update=randn(batch, d_model),
-        norm_weight=randn(d_model), in_proj=randn(2 * d, d_model, scale=d_model ** -0.5),
+        norm_weight=randn(d_model), in_proj=randn(in_rows, d_model, scale=d_model ** -0.5),
         projected=randn(batch, 2 * d), conv_state=randn(batch, d, CONV_K - 1), conv_weight=randn(d, CONV_K),
         conv_bias=randn(d), x_proj=randn(rank + 2 * D_STATE, d, scale=d ** -0.5), dt_proj=randn(d, rank),
         dt_bias=randn(d, dtype=torch.float32), h=randn(batch, d, D_STATE, dtype=torch.float32),
         A_log=randn(d, D_STATE, dtype=torch.float32), D=randn(d, dtype=torch.float32),
         y=randn(batch, d), out_proj=randn(d_model, d, scale=d ** -0.5),
+        # Mamba2's convolution (x, B and C) and state update
+        xBC=randn(batch, d + 2 * MAMBA2_D_STATE), xBC_state=randn(batch, d + 2 * MAMBA2_D_STATE, CONV_K - 1),
+        xBC_weight=randn(d + 2 * MAMBA2_D_STATE, CONV_K), xBC_bias=randn(d + 2 * MAMBA2_D_STATE),
+        heads_h=randn(batch, d // MAMBA2_HEAD_DIM, MAMBA2_HEAD_DIM, MAMBA2_D_STATE, dtype=torch.float32),
+        heads_x=randn(batch, d // MAMBA2_HEAD_DIM, MAMBA2_HEAD_DIM), heads_dt=randn(batch, d // MAMBA2_HEAD_DIM),
+        heads_bias=randn(d // MAMBA2_HEAD_DIM, dtype=torch.float32),
+        heads_A_log=randn(d // MAMBA2_HEAD_DIM, dtype=torch.float32),
+        heads_D=randn(d // MAMBA2_HEAD_DIM, dtype=torch.float32), B=randn(batch, 1, MAMBA2_D_STATE),
+        C=randn(batch, 1, MAMBA2_D_STATE),
     )
 
 
@@ -95,7 +112,14 @@ def ops(t: dict) -> dict:
         _, normed = triton_gemv.add_rms_norm(t["residual"], t["update"], t["norm_weight"], 1e-5, torch.bfloat16)
         F.linear(normed, t["in_proj"])
 
+    conv_args = (t["xBC"], t["xBC_state"], t["xBC_weight"], t["xBC_bias"])
+    step_args = (t["heads_h"], t["heads_x"], t["heads_dt"], t["B"], t["C"], t["heads_D"])
+    step_kwargs = dict(dt_bias=t["heads_bias"], dt_limit=(0.0, float("inf")), A_log=t["heads_A_log"], **no_scales)
     return {
+        "conv_step": (lambda: triton_ssm.causal_conv1d_step(*conv_args),
+                      lambda: torch_ops.causal_conv1d_step(*conv_args)),
+        "mamba2_step": (lambda: triton_mamba2.mamba2_step(*step_args, **step_kwargs),
+                        lambda: torch_ops.mamba2_step(*step_args, **step_kwargs)),
         "in_proj": (lambda: triton_gemv.add_rms_norm_linear(t["residual"], t["update"], t["norm_weight"], 1e-5,
                                                             t["in_proj"]), composed_in_proj),
         "mamba1_decode": (lambda: triton_ssm.mamba1_decode(*decode_args, **no_scales),
@@ -106,8 +130,9 @@ def ops(t: dict) -> dict:
 
 
 SWEEPS = {  # op -> its launch constants and the values tried
-    "in_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_WARPS": [4, 8]},
-    "out_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_WARPS": [4, 8]},
+    "in_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_MIN_ROWS": [1, 2, 4], "GEMV_WARPS": [4, 8]},
+    "out_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_MIN_ROWS": [1, 2, 4], "GEMV_WARPS": [4, 8]},
+    "conv_step": {"CONV_BATCH_CHANNELS": [16, 64, 128, 256, 512], "CONV_BATCH_WARPS": [1, 2, 4]},
     "mamba1_decode": {"X_PROJ_ROWS": [8, 16, 32], "X_PROJ_CHANNELS": [256, 512, 1024], "X_PROJ_WARPS": [4],
                       "BLOCK_CHANNELS": [16, 32], "DECODE_WARPS": [2, 4]},
 }

@@ -20,6 +20,7 @@ Tensor = torch.Tensor
 GEMV_MAX_ROWS = 4  # sequences up to which a projection (with its RMSNorm) runs as one GEMV kernel
 GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of bfloat16)
 GEMV_WARPS = 8
+GEMV_MIN_ROWS = 1  # weight rows a program takes at least, however wide the row (each recomputes the norm)
 
 
 @jit
@@ -106,7 +107,7 @@ def _gemv(x: Tensor, update: Tensor | None, norm_weight: Tensor | None, eps: flo
     rows = weight.shape[0]
     assert x.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.stride(1) == 1
     block = triton.next_power_of_2(width)
-    block_rows = max(1, GEMV_TILE // block)
+    block_rows = max(GEMV_MIN_ROWS, GEMV_TILE // block)
     out = torch.empty(b, rows, dtype=weight.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(rows, block_rows),)](
         x, update if update is not None else x, norm_weight if norm_weight is not None else weight, weight,

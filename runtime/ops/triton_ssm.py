@@ -34,6 +34,10 @@ SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it, s
 # Launch shapes, chosen by `python -m bench.gpu_kernels` (batch 1, the 130m and 1.4b shapes)
 BLOCK_CHANNELS = 16  # channels per program of the state-update kernels
 DECODE_WARPS = 4
+# The convolution step's past GEMV_MAX_ROWS sequences (Mamba2's decode), chosen by `python -m bench.gpu_kernels
+# --ops conv_step --batch 64`: there a batch's programs cover the GPU many times over
+CONV_BATCH_CHANNELS = 128
+CONV_BATCH_WARPS = 4
 X_PROJ_ROWS = 8  # x_proj rows per program (80 rows at 130m, 160 at 1.4b)
 X_PROJ_CHANNELS = 1024  # channels per x_proj program: each state-update program adds d / 1024 partial sums
 X_PROJ_WARPS = 4
@@ -100,11 +104,11 @@ def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | 
     k = weight.shape[-1]
     assert state.stride(2) == 1 and weight.is_contiguous() and x.stride(1) == 1
     out = torch.empty(b, channels, dtype=state.dtype, device=x.device)
-    grid = (triton.cdiv(channels, BLOCK_CHANNELS), b)
-    _conv_step_kernel[grid](x, state, slots if slots is not None else x, weight, bias if bias is not None else weight,
-                            out, channels, x.stride(0), state.stride(0), state.stride(1), out.stride(0),
-                            K=k, BLOCK_K=triton.next_power_of_2(k), HAS_BIAS=bias is not None,
-                            HAS_SLOTS=slots is not None, BLOCK=BLOCK_CHANNELS)
+    block, warps = (BLOCK_CHANNELS, 4) if b <= GEMV_MAX_ROWS else (CONV_BATCH_CHANNELS, CONV_BATCH_WARPS)
+    _conv_step_kernel[(triton.cdiv(channels, block), b)](
+        x, state, slots if slots is not None else x, weight, bias if bias is not None else weight, out, channels,
+        x.stride(0), state.stride(0), state.stride(1), out.stride(0), K=k, BLOCK_K=triton.next_power_of_2(k),
+        HAS_BIAS=bias is not None, HAS_SLOTS=slots is not None, BLOCK=block, num_warps=warps)
     return out
 
 

@@ -25,8 +25,9 @@ def _g(seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [4, 2])
-def test_conv_step_equals_pytorch_and_shifts_the_state(dtype, k):
-    b, c = 3, 100  # channels not a multiple of the block
+@pytest.mark.parametrize("b", [3, 6])  # 6: past GEMV_MAX_ROWS, the larger batch's launch shape
+def test_conv_step_equals_pytorch_and_shifts_the_state(dtype, k, b):
+    c = 300  # channels not a multiple of either launch shape's block
     x = torch.randn(b, 2 * c, device=DEVICE, dtype=dtype, generator=_g(0))[:, :c]  # a strided view, as from chunk
     state = torch.randn(b, c, k - 1, device=DEVICE, dtype=dtype, generator=_g(1))
     weight = torch.randn(c, k, device=DEVICE, dtype=dtype, generator=_g(2))
