@@ -5,8 +5,8 @@ are its own, so they come from memory, not the L2 cache), shaped as the named mo
 weights, for every value of its launch constants, beside the cuBLAS composition it replaces; the table gives µs
 per call and the setting with the least time summed over the shapes, which is what those modules' constants
 should be. The projections (`in_proj`, `out_proj`) take Mamba1 and Mamba2 shapes, `mamba1_decode` Mamba1's, and
-Mamba2's convolution and state update (`conv_step`, `mamba2_step`) Mamba2's, their constants those past a batch
-of GEMV_MAX_ROWS.
+Mamba2's convolution and state update (`conv_step`, `mamba2_step`) Mamba2's, the convolution's constants those
+past a batch of GEMV_MAX_ROWS.
 
     python -m bench.gpu_kernels --json $OUT/kernels.json
     python -m bench.gpu_kernels --ops in_proj,out_proj --shapes 130m,1.4b,mamba2-780m,mamba2-2.7b
@@ -133,6 +133,7 @@ SWEEPS = {  # op -> its launch constants and the values tried
     "in_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_MIN_ROWS": [1, 2, 4], "GEMV_WARPS": [4, 8]},
     "out_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_MIN_ROWS": [1, 2, 4], "GEMV_WARPS": [4, 8]},
     "conv_step": {"CONV_BATCH_CHANNELS": [16, 64, 128, 256, 512], "CONV_BATCH_WARPS": [1, 2, 4]},
+    "mamba2_step": {"BLOCK_HEAD_CHANNELS": [16, 32, 64], "STEP_WARPS": [4, 8]},
     "mamba1_decode": {"X_PROJ_ROWS": [8, 16, 32], "X_PROJ_CHANNELS": [256, 512, 1024], "X_PROJ_WARPS": [4],
                       "BLOCK_CHANNELS": [16, 32], "DECODE_WARPS": [2, 4]},
 }
