@@ -15,7 +15,8 @@
 #              given the mixed per-channel bank and evaluated on every domain; then, for the seeds in
 #              TRANSFER_SEEDS (default none), the transfer stage on that base, its mixed bank serving as `all`
 # MODEL defaults to the shipped model; STEPS, SAMPLES, EVAL_SAMPLES, BUCKETS, LENGTHS and TRAIN_STEPS shrink a
-# smoke run. Each stage logs to OUT_DIR/STAGE.log.
+# smoke run; TRANSFER_BUCKETS and TRANSFER_LENGTHS (default BUCKETS and LENGTHS) narrow the transfer experiment,
+# e.g. to 4k, the 8x the bar asks of a domain left out. Each stage logs to OUT_DIR/STAGE.log.
 set -uo pipefail
 gut=$1 dom=$2 out=$3 stages=${4:-transfer shipped layer templates train}
 model=${MODEL:-models/mamba-extend-default}
@@ -36,8 +37,9 @@ evaluate() {  # MODEL BANK OUT
 }
 transfer() {  # MODEL OUT SEED
   [[ -n $user_threads ]] || unset OMP_NUM_THREADS  # extend.jobs gives each of its jobs a share (a seed's is wider)
-  python3 -m extend.transfer --model "$1" --calibration "$calibration" --evaluation "$evaluation" --buckets "$buckets" \
-    --lengths "$lengths" --templates "$templates" --samples "$samples" --jobs 6 --seed "$3" --out "$2" \
+  python3 -m extend.transfer --model "$1" --calibration "$calibration" --evaluation "$evaluation" \
+    --buckets "${TRANSFER_BUCKETS:-$buckets}" --lengths "${TRANSFER_LENGTHS:-$lengths}" --templates "$templates" \
+    --samples "$samples" --jobs 6 --seed "$3" --out "$2" \
     -- $bank_flags --granularity channel
 }
 mixed_bank() {  # MODEL OUT [build_bank flags]
