@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime import IDENTITY, load_model
 from server.config import DEFAULT_MODEL_DIR, EngineConfig, build_parser
 from server.model_runner import ModelRunner
+from server.sampling import greedy
 
 from .report import print_row, print_table, save_json
 from .server_process import add_server_arguments, free_port, serve_shape, start_server
@@ -97,14 +98,15 @@ def http_row(streams: list[Stream], wall: float, client_cpu: float) -> dict:
 
 
 def engine_tokens_per_s(runner: ModelRunner, batch: int) -> float:
-    """Greedy decode steps of `batch` sequences through the runner, as the engine runs them (argmax read back)."""
+    """Greedy decode steps of `batch` sequences through the runner, as the engine runs them (its greedy choice,
+    read back)."""
     slots, extensions = list(range(batch)), [IDENTITY] * batch
     tokens = [1] * batch
     for _ in range(WARMUP):
-        tokens = runner.decode(slots, tokens, extensions).argmax(-1).tolist()
+        tokens = greedy(runner.decode(slots, tokens, extensions)).tolist()
     start = time.perf_counter()
     for _ in range(STEPS):
-        tokens = runner.decode(slots, tokens, extensions).argmax(-1).tolist()
+        tokens = greedy(runner.decode(slots, tokens, extensions)).tolist()
     return batch * STEPS / (time.perf_counter() - start)
 
 

@@ -56,7 +56,11 @@ class OutputText:
         return out
 
     def _release(self) -> str:
-        start = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
+        if not self._stop:  # every decoded character is final: the common case, once per token
+            out = self.text[self._emitted:]
+            self._emitted = len(self.text)
+            return out
+        start = max(0, self._emitted - max(len(s) for s in self._stop))
         searched = self._stop if len(self._ids) > self._min_tokens else ()
         hits = [(i, s) for i, s in ((self.text.find(s, start), s) for s in searched) if i >= 0]
         if hits:
