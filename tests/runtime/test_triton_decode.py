@@ -189,6 +189,18 @@ def test_linear_equals_pytorch(batch, with_bias):
     torch.testing.assert_close(got, torch_ops.linear(x, weight, bias), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("batch", [5, 20])  # past the GEMV's rows; 20 not a power of two
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rows_matmul_equals_pytorch(batch, with_bias):
+    width, rows = 300, 70  # neither a multiple of a step nor of a program's columns
+    x = torch.randn(batch, 2 * width, device=DEVICE, generator=_g(0)).bfloat16()[:, :width]  # a strided view
+    weight = (torch.randn(rows, width, device=DEVICE, generator=_g(1)) / width ** 0.5).bfloat16()
+    bias = torch.randn(rows, device=DEVICE, generator=_g(2)).bfloat16() if with_bias else None
+    got = triton_gemv.rows_matmul(x, weight, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (batch, rows)
+    torch.testing.assert_close(got, torch_ops.linear(x, weight, bias), rtol=2e-2, atol=2e-2)
+
+
 def _with_fused_decode(model):
     """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else."""
     fused = SimpleNamespace(**{name: getattr(torch_ops, name) for name in dir(torch_ops) if not name.startswith("_")})
