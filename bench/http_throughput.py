@@ -34,7 +34,8 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime import IDENTITY, load_model
+from runtime import load_model
+from scale_bank import NONE
 from server.config import DEFAULT_MODEL_DIR, EngineConfig, build_parser
 from server.model_runner import ModelRunner
 from server.sampling import greedy
@@ -100,13 +101,13 @@ def http_row(streams: list[Stream], wall: float, client_cpu: float) -> dict:
 def engine_tokens_per_s(runner: ModelRunner, batch: int) -> float:
     """Greedy decode steps of `batch` sequences through the runner, as the engine runs them (its greedy choice,
     read back)."""
-    slots, extensions = list(range(batch)), [IDENTITY] * batch
+    slots, buckets = list(range(batch)), [NONE] * batch
     tokens = [1] * batch
     for _ in range(WARMUP):
-        tokens = greedy(runner.decode(slots, tokens, extensions)).tolist()
+        tokens = greedy(runner.decode(slots, tokens, buckets)).tolist()
     start = time.perf_counter()
     for _ in range(STEPS):
-        tokens = greedy(runner.decode(slots, tokens, extensions)).tolist()
+        tokens = greedy(runner.decode(slots, tokens, buckets)).tolist()
     return batch * STEPS / (time.perf_counter() - start)
 
 
@@ -160,7 +161,7 @@ def measure(args, served: argparse.Namespace, counts: list[int], body: dict, url
         torch.set_num_threads(served.threads)
     runner = ModelRunner(model, EngineConfig(max_batch_size=min(max(counts), slots),
                                              cuda_graphs=not served.enforce_eager))
-    runner.warm_up([])
+    runner.warm_up()
     asyncio.run(run_streams(url, 1, {**body, "max_tokens": 4}))  # the server's first request: warm-up
     measured: dict[int, list[dict]] = {n: [] for n in counts}
     with torch.no_grad():

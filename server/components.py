@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime import LoadedModel, load_model
+from runtime import Extension, LoadedModel, load_model
 from runtime.tokenizer import Tokenizer, find_tokenizer
 from scale_bank import Bank
 
@@ -26,6 +26,7 @@ class Components:
     bank: Bank | None
     training_length: int | None  # bucket selection uses no scales at or below it; None: unknown
     tokenizer_config: TokenizerConfig  # special token strings and the chat template
+    extensions: dict[str, Extension]  # what each bucket of the bank applies, by name (the engine's model runner's)
 
 
 def load_served_model(spec: ModelSpec) -> LoadedModel:
@@ -55,8 +56,7 @@ def load_components(spec: ModelSpec, model: ModelInfo) -> Components:
     training_length = spec.training_length or model.config.training_context_length
     if training_length is None and bank is not None:
         training_length = bank.manifest.model["training_context_length"]
-    if bank is not None:
-        for bucket in bank.buckets:  # a decimate entry that does not fit the model stops the start
-            bank.extension(bucket, training_length)
+    # made once here: a decimate entry that does not fit the model stops the start
+    extensions = {} if bank is None else {bucket: bank.extension(bucket, training_length) for bucket in bank.buckets}
     return Components(model, tokenizer, bank, training_length,
-                      TokenizerConfig.load(spec.path, tokenizer, spec.chat_template))
+                      TokenizerConfig.load(spec.path, tokenizer, spec.chat_template), extensions)

@@ -24,11 +24,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import TypeVar
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
-from runtime import MambaLM, ScaleSet
+from runtime import Extension, MambaLM
 from runtime.tokenizer import Tokenizer
 
 from .config import EngineConfig
@@ -59,7 +59,9 @@ class StepRecord:
 
 
 class Engine:
-    def __init__(self, model: MambaLM, tokenizer: Tokenizer, config: EngineConfig, metrics: Metrics) -> None:
+    def __init__(self, model: MambaLM, tokenizer: Tokenizer, config: EngineConfig, metrics: Metrics,
+                 extensions: Mapping[str, Extension] | None = None) -> None:
+        """`extensions`: what each scale bucket of the bank applies (the model runner's); none: identity only."""
         assert tokenizer.vocab_size <= model.config.vocab_size, "tokenizer larger than the model's vocabulary"
         self.model = model
         self.tokenizer = tokenizer
@@ -78,7 +80,7 @@ class Engine:
         metrics.slot_bytes.set(state_bytes)
         log.info("state slots: %d, %.2f MB of state each (%.1f MB in all); prefill: up to %d prompt tokens a step",
                  config.slots, state_bytes / 2**20, config.slots * state_bytes / 2**20, config.prefill_tokens)
-        self.runner = ModelRunner(model, config)
+        self.runner = ModelRunner(model, config, extensions)
         self.scheduler = Scheduler(config)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
         self._cond = threading.Condition()
@@ -88,9 +90,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._default_threads: int  # set by `start`, read by the engine thread
 
-    def warm_up(self, scale_sets: list[ScaleSet]) -> None:
+    def warm_up(self) -> None:
         """The runner's warm-up (`ModelRunner.warm_up`), before the server takes requests."""
-        self.runner.warm_up(scale_sets)
+        self.runner.warm_up()
 
     # --- the caller's side ----------------------------------------------------------------------------
 
@@ -218,7 +220,7 @@ class Engine:
         slots = held_slots(requests)
         # (b, c, D); decimated (alone): (1, k, D), the kept positions, ending with the prompt's last
         hidden = self.runner.prefill(slots, [c.request.prompt_ids[c.start:c.end] for c in chunks],
-                                     [c.start == 0 for c in chunks], [r.extension for r in requests])
+                                     [c.start == 0 for c in chunks], [r.scale_bucket for r in requests])
         self.metrics.prompt_tokens.inc(sum(c.end - c.start for c in chunks))
         for row, chunk in enumerate(chunks):
             if chunk.request.params.prompt_logprobs:
@@ -270,7 +272,7 @@ class Engine:
     def _decode(self, requests: list[Request], finished: Finished, outputs: Outputs) -> None:
         slots = held_slots(requests)
         logits = self.runner.decode(slots, [r.output_ids[-1] for r in requests],
-                                    [r.extension for r in requests])  # (b, V)
+                                    [r.scale_bucket for r in requests])  # (b, V)
         self._take_tokens(requests, logits, finished, outputs)
 
     def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: Finished,

@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from runtime.errors import RuntimeErrorBase
-from scale_bank import BankError, select
+from scale_bank import BankError
 
 from .components import Components, load_components, load_served_model, model_info
 from .config import ConfigError, ServerConfig
@@ -57,8 +57,8 @@ def run(config: ServerConfig, log_level: str, connection: Connection) -> None:
 
 
 class EngineHost:
-    """The engine with what it needs in this process: the tokenizer and bank its requests are made with, its
-    metrics, and its unfinished requests by key (for Abort)."""
+    """The engine with what it needs in this process: the components its requests are made with (the tokenizer of
+    their detokenisers), its metrics, and its unfinished requests by key (for Abort)."""
 
     def __init__(self, engine: Engine, components: Components, metrics: Metrics) -> None:
         self.engine = engine
@@ -77,9 +77,9 @@ class EngineHost:
         loaded = load_served_model(config.model)
         components = load_components(config.model, model_info(loaded))
         metrics = Metrics(torch.device(config.model.device), config.http.served_model_name)
-        engine = Engine(loaded.model, components.tokenizer, replace(config.engine, threads=threads), metrics)
-        bank = components.bank
-        engine.warm_up([] if bank is None else list(bank.scale_sets.values()))
+        engine = Engine(loaded.model, components.tokenizer, replace(config.engine, threads=threads), metrics,
+                        components.extensions)
+        engine.warm_up()
         engine.start()
         return cls(engine, components, metrics)
 
@@ -122,10 +122,9 @@ class EngineHost:
     def _request(self, spec: EngineRequest, outbox: Outbox) -> Request:
         """The engine's request of `spec` (with its forks), whose outputs go to the outbox."""
         params, components = spec.params, self.components
-        extension = select(components.bank, 0, spec.bucket, components.training_length).extension
-        request = Request(spec.request_id, spec.prompt_ids, params, extension, spec.bucket,
+        request = Request(spec.request_id, spec.prompt_ids, params, spec.bucket,
                           OutputText(components.tokenizer, params.stop, params.min_tokens),
-                          partial(self._hand_over, outbox, spec.key), spec.timeout,
+                          partial(self._hand_over, outbox, spec.key), spec.timeout, spec.decimates,
                           arrival_time=spec.arrival_time)
         request.forks = [self._request(fork, outbox) for fork in spec.forks]
         self.requests[spec.key] = request

@@ -35,13 +35,14 @@ class ModelInfo:
 @dataclass
 class EngineRequest:
     """A request as the HTTP side submits it; the engine process makes its `server.request.Request` of it (with
-    its own detokeniser, its bank's extension of `bucket`, and a sink that sends the outputs back)."""
+    its own detokeniser and a sink that sends the outputs back; its model runner applies `bucket`'s extension)."""
 
     request_id: str  # the client's (X-Request-Id), for logs and metrics: two requests may share one
     prompt_ids: list[int]
     params: SamplingParams
     bucket: str  # the scale bucket chosen for it ("none": identity)
     timeout: float | None  # seconds from arrival
+    decimates: bool  # the bucket's extension drops prompt positions (a decimation)
     # time.monotonic(): CLOCK_MONOTONIC on Linux, one clock for both processes
     arrival_time: float = field(default_factory=time.monotonic)
     forks: list[EngineRequest] = field(default_factory=list)  # n > 1: the prompt's other samples

@@ -1,10 +1,11 @@
 """The model runner: runs the model for the engine thread, and owns what that needs between steps.
 
 It owns the pool of recurrent states (one row per slot, plus on CUDA the decode graphs' scratch row), the
-CUDA decode graphs (runtime.decode_graph), and the scales prepared from the requests' `Extension`s: a
-one-request prefill's per extension (a bank hands out one per entry, so its folded constants are made once), a
-batch's (several requests' prompt chunks, or a decode step) per batch composition, kept while it repeats (so the
-graphs' static buffers are refilled only when it changes, and chunks that advance together reuse theirs).
+CUDA decode graphs (runtime.decode_graph), the bank's extensions by bucket name (what a request's `scale_bucket`
+applies: "none" is identity), and the scales prepared from them: a one-request prefill's per extension (one per
+bank entry, so its folded constants are made once), a batch's (several requests' prompt chunks, or a decode
+step) per batch composition, kept while it repeats (so the graphs' static buffers are refilled only when it
+changes, and chunks that advance together reuse theirs).
 
 Shapes: b sequences, c chunk tokens, k kept positions, D d_model, V vocabulary.
 """
@@ -16,8 +17,11 @@ import time
 
 import torch
 
-from runtime import BatchScales, Extension, MambaLM, ScaleSet, batch_scales
+from collections.abc import Mapping
+
+from runtime import IDENTITY, BatchScales, Extension, MambaLM, batch_scales
 from runtime.decode_graph import DecodeGraphs, fields_of_batches
+from scale_bank import NONE
 
 from .config import EngineConfig
 
@@ -26,8 +30,10 @@ WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt 
 
 
 class ModelRunner:
-    def __init__(self, model: MambaLM, config: EngineConfig):
+    def __init__(self, model: MambaLM, config: EngineConfig, extensions: Mapping[str, Extension] | None = None):
+        """`extensions`: the bank's, by bucket name (`components.bank_extensions`); none: identity only."""
         self.model = model
+        self.extensions = {NONE: IDENTITY, **(extensions or {})}
         graphed = config.cuda_graphs and model.device.type == "cuda"
         self.pool = model.new_state(config.slots + graphed)  # one row per slot (+ the graphs' scratch)
         self.graphs = DecodeGraphs(model, self.pool) if graphed else None
@@ -35,28 +41,29 @@ class ModelRunner:
         self._prefill_batch = LastBatch(model)  # a prefill batch's scales, batches of several
         self._decode_batch = LastBatch(model)
 
-    def warm_up(self, scale_sets: list[ScaleSet]) -> None:
+    def warm_up(self) -> None:
         """What a first request would otherwise wait for, done before the server takes requests (as vLLM
         captures its graphs at start): a short prefill (kernel loading, the BLAS and convolution libraries'
         set-up) and, on CUDA, the decode graph of every batch size for every combination of scale fields
-        that batches of `scale_sets` (and identity) make."""
+        that batches of the extensions' scales (and identity) make."""
         with torch.no_grad():
             self.model.prefill(torch.zeros(1, WARM_UP_TOKENS, dtype=torch.long, device=self.model.device))
         if self.graphs is None:
             return
-        fields = fields_of_batches(scale_sets)
+        fields = fields_of_batches([e.scales for e in self.extensions.values() if e.scales is not None])
         started = time.monotonic()
         self.graphs.capture(fields)
         log.info("decode graphs captured: %d (batch sizes %s × scale fields %s) in %.1f s", len(self.graphs.graphs),
                  self.graphs.sizes, fields, time.monotonic() - started)
 
     def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool],
-                extensions: list[Extension]) -> torch.Tensor:
-        """One prompt chunk for each of b sequences, as one batch: slots, firsts and extensions (b each), tokens
+                buckets: list[str]) -> torch.Tensor:
+        """One prompt chunk for each of b sequences, as one batch: slots, firsts and scale buckets (b each), tokens
         b lists of one length c. A sequence starts from a zero state where `first`, else continues its slot's.
         Returns the hidden states (b, c, D); a decimated sequence's, alone, (1, k, D) at the kept positions,
         ending with the prompt's last."""
         device = self.model.device
+        extensions = [self.extensions[bucket] for bucket in buckets]
         ids = torch.tensor(tokens, device=device)  # (b, c)
         if all(firsts):  # no state rather than a zero one: Mamba1's mamba_ssm scan takes none, and with one
             state = None  # runs off its kernels (the engine prefills whole prompts there: every chunk is first)
@@ -76,12 +83,12 @@ class ModelRunner:
         """The state of `slot` copied into the slots `to` (the samples of one prompt)."""
         self.pool.write_rows(to, self.pool.rows([slot] * len(to)))
 
-    def decode(self, slots: list[int], tokens: list[int], extensions: list[Extension]) -> torch.Tensor:
-        """One token for each sequence: slots, tokens and extensions (b each). The pool's rows advance in
+    def decode(self, slots: list[int], tokens: list[int], buckets: list[str]) -> torch.Tensor:
+        """One token for each sequence: slots, tokens and scale buckets (b each). The pool's rows advance in
         place. Returns the logits (b, V) float32, valid until the next call."""
         device = self.model.device
         slot_ids, token_ids = torch.tensor(slots, device=device), torch.tensor(tokens, device=device)  # (b,), (b,)
-        scales = self._decode_batch.scales(tuple(extensions))
+        scales = self._decode_batch.scales(tuple(self.extensions[bucket] for bucket in buckets))
         if self.graphs is not None:
             return self.graphs.step(token_ids, slot_ids, scales)
         return self.model.step(token_ids, self.pool, scales, slot_ids)

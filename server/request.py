@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime import Extension
 
 from .detokenizer import OutputText
 
@@ -116,11 +115,11 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    extension: Extension  # its bucket's scales (prefill and every decode step) or decimation (prefill), or IDENTITY
-    scale_bucket: str  # the bucket reported to the client and in metrics ("none" for identity)
+    scale_bucket: str  # the bank's bucket whose extension it runs with ("none": identity); reported in metrics
     text: OutputText  # incremental detokeniser with the stop strings
     sink: Callable[[RequestOutput], None]  # receives every output; called on the engine thread
     timeout: float | None = None  # seconds from arrival
+    decimates: bool = False  # its bucket drops prompt positions (a decimation): the prompt prefills whole, alone
     # n > 1: the other samples of this prompt. They wait, hold slots and prefill with this request, which copies its
     # state into their slots when the prompt is done; then each decodes on its own.
     forks: list[Request] = field(default_factory=list)

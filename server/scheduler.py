@@ -96,16 +96,16 @@ class Scheduler:
             return []
         head = self.prefilling.popleft()
         chunk_len = self.config.prefill_chunk
-        if chunk_len is None or head.extension.decimation is not None:  # the whole prompt in one chunk
+        if chunk_len is None or head.decimates:  # the whole prompt in one chunk
             chunk_len = head.prompt_left
         length = min(head.prompt_left, chunk_len)
         batch = [head]
-        if head.extension.decimation is None:
+        if not head.decimates:
             budget, turns = self.config.prefill_tokens - length, deque[Request]()
             whole = self.config.prefill_chunk is None  # a prompt then only joins with all of its rest
             for request in self.prefilling:
                 fits = request.prompt_left == length if whole else request.prompt_left >= length
-                if budget >= length and fits and request.extension.decimation is None:
+                if budget >= length and fits and not request.decimates:
                     batch.append(request)
                     budget -= length
                 else:

@@ -114,7 +114,8 @@ class CompletionService:
                 index = i * body.n + j
                 seeded = params if params.seed is None else replace(params, seed=params.seed + j)  # as vLLM seeds
                 group.append(EngineRequest(f"{completion_id}-{index}" if several else completion_id, prompt.ids,
-                                           seeded, selection.name, self.engine_config.request_timeout))
+                                           seeded, selection.name, self.engine_config.request_timeout,
+                                           selection.extension.decimation is not None))
                 sinks[group[-1].request_id] = outputs.sink(index)
                 choices.append(Choice(index, group[-1], prompt, selection))
             group[0].forks = group[1:]

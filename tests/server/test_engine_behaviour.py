@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime import IDENTITY, load_model
+from runtime import load_model
 from runtime.tokenizer import Tokenizer
 from server.config import EngineConfig
 from server.detokenizer import OutputText
@@ -182,7 +182,7 @@ def test_tokens_past_the_tokenizers_vocabulary_are_never_sampled(model_dirs, tmp
     try:
         for seed in range(100):
             request = Request(f"r{seed}", tokenizer.encode("the river"),
-                              SamplingParams(100, temperature=2.0, seed=seed), IDENTITY, "none", OutputText(tokenizer),
+                              SamplingParams(100, temperature=2.0, seed=seed), "none", OutputText(tokenizer),
                               outputs.append)
             engine.submit(request)
             wait_for(partial(_finished, outputs, request.request_id), what="the request to finish")
@@ -198,7 +198,7 @@ def test_stopping_the_engine_ends_what_it_holds_with_an_error(model_dirs, live):
     loaded, tokenizer = load_model(model_dirs["mamba1"]), live.components.tokenizer
     engine = Engine(loaded.model, tokenizer, EngineConfig(max_batch_size=1), Metrics(loaded.model.device))
     outputs = []
-    requests = [Request(name, [5, 6, 7], SamplingParams(100000, temperature=0.0), IDENTITY, "none",
+    requests = [Request(name, [5, 6, 7], SamplingParams(100000, temperature=0.0), "none",
                         OutputText(tokenizer), outputs.append)
                 for name in ("running", "queued")]
     engine.start()

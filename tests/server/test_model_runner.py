@@ -1,6 +1,6 @@
-"""The model runner: an extension's scales are prepared once and reused, a batch's once per composition, what
-it runs equals the model run directly with the same extensions, and a batch of prompt chunks gives each
-sequence what it would get alone."""
+"""The model runner: a scale bucket's extension is its table's, its scales are prepared once and reused, a
+batch's once per composition, what it runs equals the model run directly with the same extensions, and a batch of
+prompt chunks gives each sequence what it would get alone."""
 
 import pytest
 import torch
@@ -20,13 +20,13 @@ def test_prefill_then_decode_equal_the_model_with_the_same_scales(checkpoints):
     model = load_model(checkpoints["mamba1"]).model
     config = model.config
     scaled = Extension(scales=_delta_set(config, 1.5))
-    runner = ModelRunner(model, EngineConfig(max_batch_size=3))
+    runner = ModelRunner(model, EngineConfig(max_batch_size=3), {"4k": scaled})
     prompts = {0: [5, 6, 7, 8], 2: [9, 10, 11]}
-    extensions = {0: scaled, 2: IDENTITY}
+    buckets = {0: "4k", 2: "none"}
     for slot, prompt in prompts.items():
-        runner.prefill([slot], [prompt[:2]], [True], [extensions[slot]])
-        runner.prefill([slot], [prompt[2:]], [False], [extensions[slot]])  # a second chunk continues the first
-    got = runner.decode([0, 2], [1, 2], [scaled, IDENTITY])
+        runner.prefill([slot], [prompt[:2]], [True], [buckets[slot]])
+        runner.prefill([slot], [prompt[2:]], [False], [buckets[slot]])  # a second chunk continues the first
+    got = runner.decode([0, 2], [1, 2], ["4k", "none"])
 
     sets = [scaled.scales, None]
     want_states = [model.prefill(torch.tensor([prompt]), scales=batch_scales([s], config, "cpu"))[1]
@@ -39,25 +39,26 @@ def test_prefill_then_decode_equal_the_model_with_the_same_scales(checkpoints):
 def test_scales_are_prepared_once_per_extension_and_per_batch(checkpoints):
     model = load_model(checkpoints["mamba1"]).model
     scaled = Extension(scales=_delta_set(model.config, 1.5))
-    runner = ModelRunner(model, EngineConfig(max_batch_size=2))
+    runner = ModelRunner(model, EngineConfig(max_batch_size=2), {"4k": scaled})
+    assert runner.extensions == {"none": IDENTITY, "4k": scaled}
     assert runner._prefill_scales_of((scaled,)) is runner._prefill_scales_of((scaled,))  # and folded constants
     assert runner._prefill_scales_of((IDENTITY,)) is None
-    runner.prefill([0, 1], [[1, 2], [3, 4]], [True, True], [scaled, IDENTITY])
+    runner.prefill([0, 1], [[1, 2], [3, 4]], [True, True], ["4k", "none"])
     prepared = runner._prefill_batch.prepared
-    runner.prefill([0, 1], [[5], [6]], [False, False], [scaled, IDENTITY])
+    runner.prefill([0, 1], [[5], [6]], [False, False], ["4k", "none"])
     assert runner._prefill_batch.prepared is prepared  # chunks that advance together reuse their scales
-    runner.decode([0, 1], [1, 2], [scaled, IDENTITY])
+    runner.decode([0, 1], [1, 2], ["4k", "none"])
     prepared = runner._decode_batch.prepared
-    runner.decode([0, 1], [3, 4], [scaled, IDENTITY])
+    runner.decode([0, 1], [3, 4], ["4k", "none"])
     assert runner._decode_batch.prepared is prepared  # the same composition: the graphs' buffers stay as filled
-    runner.decode([1, 0], [3, 4], [IDENTITY, scaled])
+    runner.decode([1, 0], [3, 4], ["none", "4k"])
     assert runner._decode_batch.prepared is not prepared
 
 
 def test_a_decimating_extension_drops_prompt_positions(checkpoints):
     model = load_model(checkpoints["mamba1"]).model
-    runner = ModelRunner(model, EngineConfig(max_batch_size=1))
-    hidden = runner.prefill([0], [list(range(1, 40))], [True], [Extension(decimation=Decimation(layer=1, l_base=8))])
+    runner = ModelRunner(model, EngineConfig(max_batch_size=1), {"1k": Extension(decimation=Decimation(1, l_base=8))})
+    hidden = runner.prefill([0], [list(range(1, 40))], [True], ["1k"])
     assert hidden.shape[1] == 9  # l_base + the last token
 
 
@@ -71,29 +72,29 @@ def test_graph_scale_fields_cover_every_batch_of_the_banks_sets(checkpoints):
 
 
 def _extensions(config) -> dict[str, Extension]:
-    """Identity, a Δ scale set and an A-spectrum scale set, per channel (Mamba1) or head (Mamba2), far from 1."""
+    """A Δ scale set and an A-spectrum scale set, per channel (Mamba1) or head (Mamba2), far from 1."""
     g = torch.Generator().manual_seed(3)
 
     def scales(low: float) -> tuple[torch.Tensor, ...]:
         return tuple(low + 2 * torch.rand(config.scale_channels, generator=g) for _ in range(config.n_layer))
 
-    return {"identity": IDENTITY, "delta": Extension(scales=ScaleSet(ScaleMethod.DELTA, scales(0.3))),
+    return {"delta": Extension(scales=ScaleSet(ScaleMethod.DELTA, scales(0.3))),
             "a": Extension(scales=ScaleSet(ScaleMethod.A_SPECTRUM, scales(0.2)))}
 
 
 def _same_as_alone(batched: ModelRunner, alone: ModelRunner, slots: list[int], chunks: list[list[int]],
-                   firsts: list[bool], extensions: list[Extension]) -> None:
+                   firsts: list[bool], buckets: list[str]) -> None:
     """One batched prefill against each sequence's alone: hidden states, states, and 4 greedy decode steps."""
-    got = batched.prefill(slots, chunks, firsts, extensions)  # (b, c, D)
+    got = batched.prefill(slots, chunks, firsts, buckets)  # (b, c, D)
     for row, slot in enumerate(slots):
-        want = alone.prefill([slot], [chunks[row]], [firsts[row]], [extensions[row]])  # (1, c, D)
+        want = alone.prefill([slot], [chunks[row]], [firsts[row]], [buckets[row]])  # (1, c, D)
         torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-5)
         for mine, theirs in zip(batched.pool.rows([slot]).ssm, alone.pool.rows([slot]).ssm):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
     tokens = batched.model.logits(got[:, -1]).argmax(-1).tolist()  # (b,): the greedy first tokens
     for _ in range(4):
-        logits = batched.decode(slots, tokens, extensions)  # (b, V)
-        solo = torch.cat([alone.decode([slot], [token], [e]) for slot, token, e in zip(slots, tokens, extensions)])
+        logits = batched.decode(slots, tokens, buckets)  # (b, V)
+        solo = torch.cat([alone.decode([slot], [token], [b]) for slot, token, b in zip(slots, tokens, buckets)])
         torch.testing.assert_close(logits, solo, rtol=1e-5, atol=1e-5)
         tokens = logits.argmax(-1).tolist()
         assert tokens == solo.argmax(-1).tolist()
@@ -105,18 +106,18 @@ def test_a_batch_of_chunks_gives_each_sequence_what_it_gets_alone(checkpoints, a
     hidden states and state, and the greedy tokens decoded after, are those of the sequence prefilled alone
     with the same chunks. Every slot held another sequence's state before (a fresh row must not continue it)."""
     model = load_model(checkpoints[arch]).model
-    ext = _extensions(model.config)
     g = torch.Generator().manual_seed(4)
-    names = ["identity", "delta", "a", "delta", "a", "identity"]  # slot i's extension
+    buckets = ["none", "delta", "a", "delta", "a", "none"]  # slot i's
     before = [0, 5, 9, 0, 0, 3]  # prompt tokens slot i prefilled alone before the batch (0: the batch's are first)
     prompts = [torch.randint(1, 96, (n + 12,), generator=g).tolist() for n in before]
-    batched, alone = (ModelRunner(model, EngineConfig(max_batch_size=len(names))) for _ in range(2))
-    slots, extensions = list(range(len(names))), [ext[name] for name in names]
+    batched, alone = (ModelRunner(model, EngineConfig(max_batch_size=len(buckets)), _extensions(model.config))
+                      for _ in range(2))
+    slots = list(range(len(buckets)))
     for runner in (batched, alone):
-        runner.prefill(slots, [[7, 8, 9]] * len(slots), [True] * len(slots), [IDENTITY] * len(slots))  # stale
+        runner.prefill(slots, [[7, 8, 9]] * len(slots), [True] * len(slots), ["none"] * len(slots))  # stale
         for slot, n in enumerate(before):
             if n:
-                runner.prefill([slot], [prompts[slot][:n]], [True], [extensions[slot]])
-    _same_as_alone(batched, alone, slots, [p[-12:] for p in prompts], [n == 0 for n in before], extensions)
+                runner.prefill([slot], [prompts[slot][:n]], [True], [buckets[slot]])
+    _same_as_alone(batched, alone, slots, [p[-12:] for p in prompts], [n == 0 for n in before], buckets)
     fresh = [1, 2, 5]  # fresh chunks only (no state: the path the whole-prompt back-ends take)
-    _same_as_alone(batched, alone, fresh, [prompts[s][:12] for s in fresh], [True] * 3, [extensions[s] for s in fresh])
+    _same_as_alone(batched, alone, fresh, [prompts[s][:12] for s in fresh], [True] * 3, [buckets[s] for s in fresh])

@@ -9,7 +9,6 @@ import httpx
 import pytest
 import torch
 
-from runtime import IDENTITY
 from server.detokenizer import OutputText
 from server.logits_adjustment import adjusted
 from server.request import Request, SamplingParams
@@ -67,7 +66,7 @@ def test_repetition_penalty_changes_the_text(client):
 def test_penalties_and_bias_follow_vllms_arithmetic(tokenizer):
     params = SamplingParams(8, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
                             logit_bias=((4, 3.0),), min_tokens=3, stop_token_ids=(5,))
-    request = Request("r", [1, 2], params, IDENTITY, "none", OutputText(tokenizer), lambda _: None)
+    request = Request("r", [1, 2], params, "none", OutputText(tokenizer), lambda _: None)
     request.output_ids = [2, 3, 3]  # 3 tokens: min_tokens is reached, nothing is banned any more
     logits = torch.tensor([[1.0, 2.0, -2.0, 4.0, 0.5, 1.0, 1.0]])
     out = adjusted(logits, [request], eos_token_id=0)[0]
@@ -77,7 +76,7 @@ def test_penalties_and_bias_follow_vllms_arithmetic(tokenizer):
     request.output_ids = [2]
     banned = adjusted(logits, [request], eos_token_id=0)[0]
     assert banned[0] == float("-inf") and banned[5] == float("-inf") and torch.isfinite(banned[1:5]).all()
-    assert adjusted(logits, [Request("p", [1], SamplingParams(8), IDENTITY, "none", OutputText(tokenizer),
+    assert adjusted(logits, [Request("p", [1], SamplingParams(8), "none", OutputText(tokenizer),
                                      lambda _: None)], 0) is logits  # no field set: the model's own scores
 
 

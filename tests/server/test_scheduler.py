@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime import IDENTITY, Decimation, Extension
 from server.config import EngineConfig
 from server.detokenizer import OutputText
 from server.errors import QueueFullError
@@ -17,8 +16,8 @@ from server.scheduler import Scheduler
 
 def make_request(name: str, prompt_len: int, max_tokens: int = 4, timeout: float | None = None,
                  arrival: float = 0.0) -> Request:
-    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), IDENTITY, "none",
-                   OutputText(None), lambda output: None, timeout, arrival_time=arrival)
+    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), "none", OutputText(None),
+                   lambda output: None, timeout, arrival_time=arrival)
 
 
 def config(max_batch_size: int, prefill_chunk: int | None, max_prefill_tokens: int = 64, **more) -> EngineConfig:
@@ -67,7 +66,7 @@ def test_without_a_chunk_size_every_prompt_runs_whole():
 def test_a_decimated_prompt_is_one_chunk_however_long():
     scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=16))
     decimated, plain = make_request("decimated", 40), make_request("plain", 20)
-    decimated.extension = Extension(decimation=Decimation(layer=0, l_base=8))  # ranks the whole prompt's positions
+    decimated.decimates = True  # its bucket ranks the whole prompt's positions
     scheduler.add(decimated)
     scheduler.add(plain)
     chunks = [batch(run_step(scheduler)) for _ in range(3)]
@@ -118,7 +117,7 @@ def test_the_head_runs_alone_past_the_budget_and_whole_prompts_join_only_at_its_
 def test_a_decimated_prompt_neither_joins_a_batch_nor_heads_one_with_others():
     scheduler = Scheduler(config(max_batch_size=3, prefill_chunk=16, max_prefill_tokens=64))
     plain, decimated, other = make_request("plain", 16), make_request("decimated", 16), make_request("other", 16)
-    decimated.extension = Extension(decimation=Decimation(layer=0, l_base=8))
+    decimated.decimates = True
     for request in (plain, decimated, other):
         scheduler.add(request)
     assert batch(run_step(scheduler)) == [("plain", 0, 16), ("other", 0, 16)]
@@ -126,7 +125,7 @@ def test_a_decimated_prompt_neither_joins_a_batch_nor_heads_one_with_others():
     scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=16, max_prefill_tokens=64))
     for request in (make_request("decimated", 16), make_request("plain", 16)):
         scheduler.add(request)
-    scheduler.waiting[0].extension = decimated.extension
+    scheduler.waiting[0].decimates = True
     assert batch(run_step(scheduler)) == [("decimated", 0, 16)]
     assert batch(run_step(scheduler)) == [("plain", 0, 16)]
 
