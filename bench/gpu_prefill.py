@@ -4,10 +4,13 @@ Both are measured in one run, the way `shared/device/reference_bench.py` measure
 last-token logits, a warm-up call, then the mean of calls repeated for a while): time and peak memory, plus
 this runtime with a per-channel (Mamba2: per-head) Δ scale set (the cost of scales against identity). The three
 take turns, `--rounds` rounds (5) of at least 0.2 s each, and each reports its median round, so that the
-machine's drift during the run does not land on one of them.
+machine's drift during the run does not land on one of them. With `--chunks`, the runtime's prefill of the same
+prompt in chunks of those lengths (each continuing the last one's state, as the server runs a long prompt) takes
+its turns too, against the prompt in one piece.
 
     python -m bench.gpu_prefill --shapes 130m --lengths 2048,8192,32768,65536 --json $OUT/prefill.json
     python -m bench.gpu_prefill --shapes mamba2-780m,mamba2-2.7b --json $OUT/prefill_mamba2.json
+    python -m bench.gpu_prefill --shapes 130m,1.4b --lengths 61440 --chunks 2048,8192,16384
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .gpu_models import SHAPES, measure_in_turns, peer_and_runtime, random_delta
 from .report import print_row, save_json
 
 
-def bench_shape(name: str, lengths: list[int], rounds: int) -> list[dict]:
+def bench_shape(name: str, lengths: list[int], rounds: int, chunks: list[int]) -> list[dict]:
     peer, loaded = peer_and_runtime(name)
     ours = loaded.model
     scales = random_delta_scales(loaded)
@@ -30,15 +33,17 @@ def bench_shape(name: str, lengths: list[int], rounds: int) -> list[dict]:
     with torch.no_grad():
         for length in lengths:
             tokens = torch.randint(0, 50000, (1, length), device="cuda")
+            chunked = {f"chunks of {c}": partial(ours.prefill, tokens, chunk_len=c) for c in chunks if c < length}
             timed = measure_in_turns({"peer": partial(peer, tokens, num_last_tokens=1),
                                       "ours": partial(ours.prefill, tokens),
-                                      "scaled": partial(ours.prefill, tokens, scales=scales)}, rounds)
-            (peer_s, peer_gib), (ours_s, ours_gib), (scaled_s, scaled_gib) = timed.values()
+                                      "scaled": partial(ours.prefill, tokens, scales=scales), **chunked}, rounds)
+            (peer_s, peer_gib), (ours_s, ours_gib), (scaled_s, scaled_gib) = list(timed.values())[:3]
             row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
                    "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),
                    "time_ratio": round(ours_s / peer_s, 3), "scale_overhead": round(scaled_s / ours_s - 1, 4),
                    "mamba_ssm_peak_gib": round(peer_gib, 3), "runtime_peak_gib": round(ours_gib, 3),
-                   "runtime_scaled_peak_gib": round(scaled_gib, 3), "memory_ratio": round(ours_gib / peer_gib, 3)}
+                   "runtime_scaled_peak_gib": round(scaled_gib, 3), "memory_ratio": round(ours_gib / peer_gib, 3),
+                   **{f"{variant} ÷ whole": round(timed[variant][0] / ours_s, 3) for variant in chunked}}
             rows.append(row)
             print_row(row)
     del peer, ours
@@ -52,11 +57,13 @@ def main(argv=None):
     parser.add_argument("--lengths", default="2048,8192,32768,65536")
     parser.add_argument("--rounds", type=int, default=5,
                         help="turns each variant takes (more steady the launch-bound short prompts' ratios)")
+    parser.add_argument("--chunks", default="", help="comma-separated chunk lengths to time the prompt in too")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    chunks = [int(x) for x in args.chunks.split(",") if x]
     torch.backends.cuda.matmul.allow_tf32 = True
     lengths = [int(x) for x in args.lengths.split(",")]
-    rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, lengths, args.rounds)]
+    rows = [row for shape in args.shapes.split(",") for row in bench_shape(shape, lengths, args.rounds, chunks)]
     print(f"\n{torch.cuda.get_device_name()}, bf16, batch 1")
     print(f"{'shape':>11} {'tokens':>7} {'mamba_ssm ms':>13} {'runtime ms':>11} {'ratio':>6} {'scaled':>7} "
           f"{'peak GiB peer':>14} {'ours':>6} {'ratio':>6}")

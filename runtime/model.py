@@ -83,12 +83,6 @@ class MambaLM(nn.Module):
     def device(self) -> torch.device:
         return self.norm_f.weight.device
 
-    @property
-    def continues_prefill_on_kernels(self) -> bool:
-        """Whether a prefill that starts from a state runs on the back-end's kernels. mamba_ssm's Mamba1 scan
-        takes no initial state, so there a continued chunk falls back to the much slower PyTorch scan."""
-        return not (self.backend.name == "mamba_ssm" and self.config.arch == MAMBA1)
-
     def _residual_dtype(self) -> torch.dtype:
         return torch.float32 if self.config.residual_in_fp32 else self.dtype
 

@@ -45,8 +45,9 @@ class EngineConfig:
     # the model (server.slots), which the engine's own config then holds
     max_batch_size: int | None = None
     max_queue: int = 64  # requests waiting for a slot; one more is refused (429) rather than queued without bound
-    prefill_chunk: int | None = 2048  # prompt tokens per step: bounds how long a long prompt holds back other
-    # streams; None: each prompt in one piece (the engine's choice where continuing a prefill would be slow)
+    # prompt tokens of one request per step: bounds how long a long prompt holds back other streams; None: sized
+    # at start from the device (server.slots), which the engine's own config then holds
+    prefill_chunk: int | None = None
     # prompt tokens one step prefills, over every request's chunk (vLLM's max_num_batched_tokens); None: sized at
     # start from the device (server.slots), which the engine's own config then holds
     max_prefill_tokens: int | None = None
@@ -67,6 +68,12 @@ class EngineConfig:
         """max_batch_size once sized: the engine's config always has it."""
         assert self.max_batch_size is not None, "sized at start (Engine, server.slots)"
         return self.max_batch_size
+
+    @property
+    def chunk(self) -> int:
+        """prefill_chunk once sized: the engine's config always has it."""
+        assert self.prefill_chunk is not None, "sized at start (Engine, server.slots)"
+        return self.prefill_chunk
 
     @property
     def prefill_tokens(self) -> int:
@@ -157,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="state slots: sequences decoded together (default: 16 on CPU; on CUDA up to 256, as many "
                         "as a tenth of the free device memory holds)")
     p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
-    p.add_argument("--prefill-chunk", type=_positive_int, default=EngineConfig.prefill_chunk,
-                   help="prompt tokens of one request per engine step")
+    p.add_argument("--prefill-chunk", type=_positive_int,
+                   help="prompt tokens of one request per engine step (default: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--max-prefill-tokens", type=_positive_int,
                    help="prompt tokens per engine step over all the requests prefilled together, at least "
                         "--prefill-chunk (default: 2048 on CPU, 16384 on CUDA, or --prefill-chunk if larger)")

@@ -41,7 +41,7 @@ from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import logprob_entries, sample
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
-from .slots import default_prefill_tokens, default_slots, slot_bytes
+from .slots import default_prefill_chunk, default_prefill_tokens, default_slots, slot_bytes
 
 log = logging.getLogger(__name__)
 Finished = dict[Request, RequestStatus]  # the requests a step finished
@@ -65,15 +65,14 @@ class Engine:
         assert tokenizer.vocab_size <= model.config.vocab_size, "tokenizer larger than the model's vocabulary"
         self.model = model
         self.tokenizer = tokenizer
-        if not model.continues_prefill_on_kernels:  # prompts run whole: a continued chunk would be far slower
-            log.info("prefill: whole prompts (the %s back-end's %s scan takes no initial state)", model.backend.name,
-                     model.config.arch)
-            config = replace(config, prefill_chunk=None)
+        if config.prefill_chunk is None:  # within a --max-prefill-tokens given alone
+            chunk = default_prefill_chunk(model.device)
+            config = replace(config, prefill_chunk=min(chunk, config.max_prefill_tokens or chunk))
         state_bytes = slot_bytes(model)
         if config.max_batch_size is None:
             config = replace(config, max_batch_size=default_slots(model.device, state_bytes))
         if config.max_prefill_tokens is None:
-            config = replace(config, max_prefill_tokens=default_prefill_tokens(model.device, config.prefill_chunk))
+            config = replace(config, max_prefill_tokens=default_prefill_tokens(model.device, config.chunk))
         self.config = config
         self.metrics = metrics
         metrics.slots.set(config.slots)

@@ -65,8 +65,8 @@ class ModelRunner:
         device = self.model.device
         extensions = [self.extensions[bucket] for bucket in buckets]
         ids = torch.tensor(tokens, device=device)  # (b, c)
-        if all(firsts):  # no state rather than a zero one: Mamba1's mamba_ssm scan takes none, and with one
-            state = None  # runs off its kernels (the engine prefills whole prompts there: every chunk is first)
+        if all(firsts):  # no state rather than a zero one: a scan from a state does more (Mamba1 on mamba_ssm
+            state = None  # adds the state's terms after its scan)
         else:
             state = self.pool.rows(slots)  # a copy: its fresh rows are zeroed, the pool's stay as they are
             fresh = torch.tensor([i for i, first in enumerate(firsts) if first], dtype=torch.long, device=device)

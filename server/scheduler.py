@@ -5,10 +5,9 @@ batched decode step for every DECODING request. Waiting requests take free state
 
 The prefill batch. A Mamba batch cannot be padded exactly (a pad token would move the recurrent state), so its
 chunks all have the same length L. The requests that are prefilling take turns round-robin: the first in turn,
-the head, fixes L (≤ `prefill_chunk` tokens of its prompt; its whole prompt when `prefill_chunk` is None), and
-runs even alone past the budget. The others join, in turn order, while the step's prompt tokens stay within
-`max_prefill_tokens`: with a chunk of L tokens where at least L of its prompt remain, or, when prompts run whole
-(`prefill_chunk` None), only where exactly L remain. A request whose prompt is not done goes to the back of the
+the head, fixes L (≤ `prefill_chunk` tokens of its prompt), and runs even alone past the budget. The others
+join, in turn order, while the step's prompt tokens stay within `max_prefill_tokens`, each with a chunk of L
+tokens where at least L of its prompt remain. A request whose prompt is not done goes to the back of the
 turns, so a short prompt that arrives during a long prefill starts decoding after one chunk of the long one, not
 after all of them (and the long one advances in the short one's batch meanwhile). A decimated request's prompt
 is one chunk, whatever its length, in a batch of its own: decimation ranks the positions of the whole prompt at
@@ -95,17 +94,13 @@ class Scheduler:
         if not self.prefilling:
             return []
         head = self.prefilling.popleft()
-        chunk_len = self.config.prefill_chunk
-        if chunk_len is None or head.decimates:  # the whole prompt in one chunk
-            chunk_len = head.prompt_left
-        length = min(head.prompt_left, chunk_len)
+        # a decimated prompt is one chunk: decimation ranks the positions of the whole prompt
+        length = head.prompt_left if head.decimates else min(head.prompt_left, self.config.chunk)
         batch = [head]
         if not head.decimates:
             budget, turns = self.config.prefill_tokens - length, deque[Request]()
-            whole = self.config.prefill_chunk is None  # a prompt then only joins with all of its rest
             for request in self.prefilling:
-                fits = request.prompt_left == length if whole else request.prompt_left >= length
-                if budget >= length and fits and not request.decimates:
+                if budget >= length and request.prompt_left >= length and not request.decimates:
                     batch.append(request)
                     budget -= length
                 else:

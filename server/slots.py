@@ -1,5 +1,6 @@
-"""How many state slots (sequences decoded together) a server holds when --max-batch-size is not given, and how
-many prompt tokens one engine step prefills when --max-prefill-tokens is not.
+"""How many state slots (sequences decoded together) a server holds when --max-batch-size is not given, how many
+prompt tokens of one request a step prefills when --prefill-chunk is not, and how many in all when
+--max-prefill-tokens is not.
 
 A Mamba sequence's whole context is its recurrent state, of a fixed size whatever the context's length (0.8 MB
 for the embedded model, about 14 MB for a 1.4b model in bfloat16), so the slots are bounded by the decode batch
@@ -10,15 +11,17 @@ that still pays, not by memory as a transformer's KV cache is:
   start holds, which leaves room for a long prompt's prefill. The decode graphs are captured for the powers of
   two up to it.
 
-The prompt tokens of a step (the chunks of the requests prefilled together in one batch) follow what a prefill's
-time grows with:
-- CPU: one chunk's worth (2048, the default --prefill-chunk). A CPU prefill is bound by its arithmetic, so its
-  time grows with its tokens: a larger batch of chunks would only hold the decode steps back longer, while the
-  prompts gain nothing over running one after another.
-- CUDA: 16384. A small model's prefill is bound by launching its kernels, not by their work, up to several
-  thousand tokens: a batch of several prompts' chunks costs little more than one chunk, so many streams that
-  arrive together start decoding after one step instead of one step each. The bound keeps a step's activations
-  small beside the model and a step short enough not to stall the decoding streams for long.
+The chunk (one request's prompt tokens a step) and the prompt tokens of a step (the chunks of the requests
+prefilled together in one batch) follow what a prefill's time grows with:
+- CPU: chunks of 2048, one chunk a step. A CPU prefill is bound by its arithmetic, so its time grows with its
+  tokens: a larger batch of chunks would only hold the decode steps back longer, while the prompts gain nothing
+  over running one after another; a chunk bounds how long a long prompt holds the decoding streams back.
+- CUDA: chunks of 8192, 16384 tokens a step. A small model's prefill is bound by launching its kernels, not by
+  their work, up to several thousand tokens, so a long prompt in short chunks would take several times as long
+  as in one piece (bench/RESULTS.md, GPU prefill: 2048 tokens of the 130m shape cost nearly what 8192 do); and a
+  batch of several prompts' chunks costs little more than one chunk, so many streams that arrive together start
+  decoding after one step instead of one step each. The bound keeps a step's activations small beside the model
+  and a step short enough not to stall the decoding streams for long.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from runtime import MambaLM
 CPU_SLOTS = 16
 ACCELERATOR_SLOTS = 256
 ACCELERATOR_STATE_SHARE = 0.1  # of the free device memory at start
-CPU_PREFILL_TOKENS = 2048
+CPU_PREFILL_CHUNK = CPU_PREFILL_TOKENS = 2048
+ACCELERATOR_PREFILL_CHUNK = 8192
 ACCELERATOR_PREFILL_TOKENS = 16384
 
 
@@ -53,8 +57,14 @@ def default_slots(device: torch.device, state_bytes: int) -> int:
     return accelerator_slots(free, state_bytes)
 
 
-def default_prefill_tokens(device: torch.device, prefill_chunk: int | None) -> int:
+def default_prefill_chunk(device: torch.device) -> int:
+    """The prompt tokens of one request one step of a server on `device` prefills when --prefill-chunk is not
+    given."""
+    return CPU_PREFILL_CHUNK if device.type != "cuda" else ACCELERATOR_PREFILL_CHUNK
+
+
+def default_prefill_tokens(device: torch.device, prefill_chunk: int) -> int:
     """The prompt tokens one step of a server on `device` prefills when --max-prefill-tokens is not given: never
     fewer than one chunk of `prefill_chunk` tokens."""
     tokens = CPU_PREFILL_TOKENS if device.type != "cuda" else ACCELERATOR_PREFILL_TOKENS
-    return max(tokens, prefill_chunk or 0)
+    return max(tokens, prefill_chunk)

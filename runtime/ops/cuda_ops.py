@@ -14,8 +14,9 @@ the state update with its per-sequence scales; out_proj (the projections as GEMV
 batches). States are read and written in the pool's rows. mamba_ssm's own step takes more kernels and could
 not take one A per sequence. Mamba2 decode runs `triton_mamba2`'s kernels at any batch (the convolution step,
 the state update with its per-sequence scales, the gated RMSNorm), between the same GEMV projections; its
-prefill hands the scan's output to the same gated-norm kernel. Mamba1 prefill from a carried state runs the
-PyTorch scan: `selective_scan_fn` takes no initial state.
+prefill hands the scan's output to the same gated-norm kernel. Mamba1 prefill from a carried state runs
+`selective_scan_fn` from zero (it takes no initial state) and adds the state's terms after it
+(`triton_scan_state`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-from . import torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_ssm
+from . import torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_scan_state, triton_ssm
 
 try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
     from causal_conv1d import causal_conv1d_fn
@@ -110,22 +111,26 @@ def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 
     The kernel discretises Δ itself (softplus of dt + bias, in float32) as in raw mamba_ssm. A Δ scale s
     is folded exactly, one sequence at a time: Δ' = s·Δ is A' = s·A with input x' = s·x and skip D' = D/s,
-    so the kernel's state and output are the scaled model's own."""
-    if h0 is not None:
-        return torch_ops.mamba1_scan(x, dt, A, B, C, D, z, h0, dt_bias=dt_bias, delta_scale=delta_scale,
-                                     out_weight=out_weight, out_bias=out_bias)
+    so the kernel's state and output are the scaled model's own. The kernel starts from zero: a scan from a
+    state h0 adds h0's terms after it (`triton_scan_state`), exactly, as the state is linear in its start."""
     if delta_scale is None and A.dim() == 2:
         y, h = _selective_scan(x, dt, dt_bias, A, B, C, D.float(), z)
-        return F.linear(y, out_weight, out_bias), h
-    outs = []
-    for i in range(x.shape[0]):
-        x_i, A_i, D_i = _row(x, i), A if A.dim() == 2 else A[i], D.float()  # (1, l, d), (d, n), (d,)
-        if delta_scale is not None:  # (an A-spectrum scale alone is already in A_i)
-            A_i, D_i = torch_ops.fold_delta_scale(A_i, D_i, delta_scale[i])
-            x_i = scale_channels(x_i, delta_scale[i:i + 1])  # (1, l, d), layout kept
-        y, h = _selective_scan(x_i, _row(dt, i), dt_bias, A_i, _row(B, i), _row(C, i), D_i, _row_or_none(z, i))
-        outs.append((F.linear(y, out_weight, out_bias), h))
-    return _stack(outs)
+        scanned_A = A  # (d, n)
+    else:
+        outs, As = [], []
+        for i in range(x.shape[0]):
+            x_i, A_i, D_i = _row(x, i), A if A.dim() == 2 else A[i], D.float()  # (1, l, d), (d, n), (d,)
+            if delta_scale is not None:  # (an A-spectrum scale alone is already in A_i)
+                A_i, D_i = torch_ops.fold_delta_scale(A_i, D_i, delta_scale[i])
+                x_i = scale_channels(x_i, delta_scale[i:i + 1])  # (1, l, d), layout kept
+            outs.append(_selective_scan(x_i, _row(dt, i), dt_bias, A_i, _row(B, i), _row(C, i), D_i,
+                                        _row_or_none(z, i)))
+            As.append(A_i)
+        y, h = _stack(outs)
+        scanned_A = torch.stack(As)  # (b, d, n)
+    if h0 is not None:
+        triton_scan_state.add_initial_state(y, h, h0, dt, dt_bias, scanned_A, C, z)
+    return F.linear(y, out_weight, out_bias), h
 
 
 def _selective_scan(x: Tensor, dt: Tensor, dt_bias: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,

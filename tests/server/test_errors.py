@@ -168,7 +168,7 @@ def _model_with_config(model_dirs, tmp_path, **changes) -> Path:
      "config.json: field 'hidden_size' must be a positive integer, got 'garbage'"),
     (lambda d, t: _bank_with_decimate_layer(d, t, 7),
      "bank.json: bucket 512: decimation layer 7 does not exist: the model has 3 layers"),
-    (lambda d, t: ["--model", str(d["mamba1"]), "--max-prefill-tokens", "1024"],
+    (lambda d, t: ["--model", str(d["mamba1"]), "--prefill-chunk", "2048", "--max-prefill-tokens", "1024"],
      "--max-prefill-tokens 1024 is below --prefill-chunk 2048"),
 ])
 def test_a_bad_model_or_bank_stops_the_start_with_its_message(model_dirs, tmp_path, capsys, flags, match):

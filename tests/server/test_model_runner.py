@@ -119,5 +119,5 @@ def test_a_batch_of_chunks_gives_each_sequence_what_it_gets_alone(checkpoints, a
             if n:
                 runner.prefill([slot], [prompts[slot][:n]], [True], [buckets[slot]])
     _same_as_alone(batched, alone, slots, [p[-12:] for p in prompts], [n == 0 for n in before], buckets)
-    fresh = [1, 2, 5]  # fresh chunks only (no state: the path the whole-prompt back-ends take)
+    fresh = [1, 2, 5]  # fresh chunks only (no state: the path every first chunk takes)
     _same_as_alone(batched, alone, fresh, [prompts[s][:12] for s in fresh], [True] * 3, [buckets[s] for s in fresh])

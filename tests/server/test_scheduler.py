@@ -20,7 +20,7 @@ def make_request(name: str, prompt_len: int, max_tokens: int = 4, timeout: float
                    lambda output: None, timeout, arrival_time=arrival)
 
 
-def config(max_batch_size: int, prefill_chunk: int | None, max_prefill_tokens: int = 64, **more) -> EngineConfig:
+def config(max_batch_size: int, prefill_chunk: int, max_prefill_tokens: int = 64, **more) -> EngineConfig:
     """A scheduler's settings; the default budget of 64 prompt tokens a step is the engine's to size otherwise."""
     return EngineConfig(max_batch_size=max_batch_size, prefill_chunk=prefill_chunk,
                         max_prefill_tokens=max_prefill_tokens, **more)
@@ -52,15 +52,6 @@ def test_prompt_runs_in_chunks_of_at_most_prefill_chunk_tokens():
     chunks = [batch(run_step(scheduler)) for _ in range(3)]
     assert chunks == [[("a", 0, 16)], [("a", 16, 32)], [("a", 32, 40)]]
     assert request.status is RequestStatus.DECODING and request.num_computed == 40
-
-
-def test_without_a_chunk_size_every_prompt_runs_whole():
-    """What the engine asks where a continued prefill would leave the kernels (Mamba1 on mamba_ssm)."""
-    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=None))
-    for name, length in (("long", 5000), ("short", 3)):
-        scheduler.add(make_request(name, length))
-    chunks = [batch(run_step(scheduler)) for _ in range(2)]
-    assert chunks == [[("long", 0, 5000)], [("short", 0, 3)]]  # the head runs whole, far past the budget
 
 
 def test_a_decimated_prompt_is_one_chunk_however_long():
@@ -100,18 +91,6 @@ def test_a_request_left_out_of_a_batch_heads_the_next_one():
     assert steps == [[("a", 0, 16), ("c", 0, 16)],
                      [("b", 0, 8), ("a", 16, 24), ("c", 16, 24)],
                      [("a", 24, 40), ("c", 24, 40)]]
-
-
-def test_the_head_runs_alone_past_the_budget_and_whole_prompts_join_only_at_its_length():
-    """Without a chunk size (the engine's setting where a continued prefill would leave the kernels) a prompt
-    cannot be cut to another's length: only prompts of the head's length join it."""
-    scheduler = Scheduler(config(max_batch_size=6, prefill_chunk=None, max_prefill_tokens=32))
-    for name, length in (("long", 100), ("a", 10), ("b", 20), ("c", 10), ("d", 10), ("e", 10)):
-        scheduler.add(make_request(name, length))
-    steps = [batch(run_step(scheduler)) for _ in range(4)]
-    assert steps[0] == [("long", 0, 100)]  # 100 tokens against a budget of 32: it runs, alone
-    assert steps[1] == [("a", 0, 10), ("c", 0, 10), ("d", 0, 10)]  # b's 20 tokens are not a's 10; e is past 32
-    assert steps[2:] == [[("b", 0, 20)], [("e", 0, 10)]]
 
 
 def test_a_decimated_prompt_neither_joins_a_batch_nor_heads_one_with_others():

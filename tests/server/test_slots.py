@@ -1,5 +1,6 @@
-"""State slots sized from the device and the model when --max-batch-size is not given, and a step's prefill
-tokens from the device when --max-prefill-tokens is not (server.slots)."""
+"""State slots sized from the device and the model when --max-batch-size is not given, a request's prefill chunk
+from the device when --prefill-chunk is not, and a step's prefill tokens when --max-prefill-tokens is not
+(server.slots)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import httpx
 import torch
 
 from runtime import load_model
-from server.slots import ACCELERATOR_SLOTS, CPU_SLOTS, accelerator_slots, default_prefill_tokens
+from server.slots import ACCELERATOR_SLOTS, CPU_SLOTS, accelerator_slots, default_prefill_chunk, default_prefill_tokens
 from server_helpers import LiveServer
 from test_engine_behaviour import metric
 
@@ -20,6 +21,7 @@ def test_a_cpu_server_without_max_batch_size_holds_16_slots_and_reports_their_by
     with LiveServer(["--model", str(model_dirs["mamba1"])]) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
         assert server.engine.config.slots == CPU_SLOTS and server.engine.config.prefill_tokens == 2048
+        assert server.engine.config.chunk == 2048
         assert metric(client, "mamba_server_state_slots") == CPU_SLOTS
         assert metric(client, "mamba_server_state_slot_bytes") == expected_bytes
         too_many = client.post("/v1/completions", json={"prompt": "the river", "max_tokens": 1, "n": CPU_SLOTS + 1})
@@ -33,9 +35,15 @@ def test_max_batch_size_and_max_prefill_tokens_given_are_kept(model_dirs):
         assert server.engine.config.prefill_tokens == 5000
 
 
+def test_a_max_prefill_tokens_below_the_devices_chunk_bounds_the_chunk_too(model_dirs):
+    with LiveServer(["--model", str(model_dirs["mamba1"]), "--max-prefill-tokens", "1000"]) as server:
+        assert server.engine.config.chunk == server.engine.config.prefill_tokens == 1000
+
+
 def test_a_steps_prefill_tokens_are_one_chunk_on_cpu_more_on_cuda_and_never_below_a_chunk():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert default_prefill_tokens(cpu, 2048) == 2048 and default_prefill_tokens(cpu, None) == 2048
+    assert default_prefill_chunk(cpu) == 2048 and default_prefill_chunk(cuda) == 8192
+    assert default_prefill_tokens(cpu, 2048) == 2048
     assert default_prefill_tokens(cuda, 2048) == 16384
     assert default_prefill_tokens(cpu, 4096) == 4096 and default_prefill_tokens(cuda, 32768) == 32768
 
