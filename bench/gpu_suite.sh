@@ -9,11 +9,14 @@ out=${1:?usage: bash bench/gpu_suite.sh OUT [SHAPES]} shapes=${2:-130m,1.4b}
 mkdir -p "$out"
 python3 -c "import torch, mamba_ssm; print(torch.__version__, torch.cuda.get_device_name(), mamba_ssm.__version__)"
 timeout 300 python3 -m pytest -q tests/gpu tests/runtime/test_triton_decode.py tests/runtime/test_triton_channels.py \
-  tests/runtime/test_triton_int8.py > "$out/tests.txt" 2>&1; grep -E "FAILED|passed|failed" "$out/tests.txt" | tail -15
+  tests/runtime/test_triton_int8.py tests/runtime/test_triton_mamba2.py tests/runtime/test_triton_scan_state.py \
+  > "$out/tests.txt" 2>&1; grep -E "FAILED|passed|failed" "$out/tests.txt" | tail -15
 python3 -m bench.gpu_decode --shapes "$shapes" --json "$out/decode.json" 2>&1 | grep -v Warning | tail -6
 python3 -m bench.gpu_kernels --shapes "$shapes" --json "$out/kernels.json" 2>&1 | tail -7
 python3 -m bench.gpu_profile --shape 130m --tokens 8192 --json "$out/profile.json" 2>&1 | grep -v -e Warning -e USDT | tail -90
 python3 -m bench.gpu_prefill --shapes "$shapes" --lengths 2048,8192,32768,65536 --rounds 9 --json "$out/prefill.json" | tail -10
+python3 -m bench.gpu_prefill --shapes "$shapes" --lengths 61440 --chunks 2048,8192,16384 --rounds 3 \
+  --json "$out/prefill_chunks.json" | tail -4
 python3 -m bench.quant_decode --shapes "$shapes" --device cuda --json "$out/quant.json" | tail -8
 python3 -m bench.http_ttft --shape 130m --device cuda --tokens 60000 --race --json "$out/http_ttft.json" 2>&1 \
   | grep -v " INFO " | tail -2
