@@ -21,7 +21,11 @@ Tensor = torch.Tensor
 GEMV_MAX_ROWS = 4  # sequences up to which a projection (with its RMSNorm) runs as one GEMV kernel
 GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of bfloat16)
 GEMV_WARPS = 8
-GEMV_MIN_ROWS = 1  # weight rows a program takes at least, however wide the row (each recomputes the norm)
+# Each GEMV program of add_rms_norm_linear recomputes the norm of its row: where a program would take fewer weight
+# rows than this (GEMV_TILE over the row's width rounded up to a power of two), the norm's reads rival the
+# weights', and the norm's own kernel then cuBLAS is faster (bench.gpu_kernels: the Mamba2 2.7b shape's in_proj,
+# 2 rows a program). The other measured shapes take 4 or more.
+GEMV_NORM_MIN_ROWS = 4
 # Past GEMV_MAX_ROWS and up to ROWS_MATMUL_MAX_ROWS sequences a projection is `rows_matmul`, a matrix product that
 # streams the weights once with every sequence's rows in one block; past it, cuBLAS. Its launch shape and whether it
 # runs at all (ROWS_MATMUL_MAX_ROWS = GEMV_MAX_ROWS: never) are `python -m bench.gpu_kernels --batch 64`'s to choose.
@@ -116,7 +120,7 @@ def _gemv(x: Tensor, update: Tensor | None, norm_weight: Tensor | None, eps: flo
     rows = weight.shape[0]
     assert x.stride(1) == 1 and (update is None or update.stride(1) == 1) and weight.stride(1) == 1
     block = triton.next_power_of_2(width)
-    block_rows = max(GEMV_MIN_ROWS, GEMV_TILE // block)
+    block_rows = max(1, GEMV_TILE // block)
     out = torch.empty(b, rows, dtype=weight.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(rows, block_rows),)](
         x, update if update is not None else x, norm_weight if norm_weight is not None else weight, weight,
@@ -167,9 +171,9 @@ def rows_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
 
 
 def _matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """A projection of more than GEMV_MAX_ROWS sequences: `rows_matmul` up to ROWS_MATMUL_MAX_ROWS of 16-bit weights
-    (float32 ones would lose bits in its TF32 products), cuBLAS otherwise."""
-    if x.shape[0] <= ROWS_MATMUL_MAX_ROWS and weight.element_size() == 2:
+    """A projection past the GEMV: `rows_matmul` for more than GEMV_MAX_ROWS and up to ROWS_MATMUL_MAX_ROWS sequences
+    of 16-bit weights (float32 ones would lose bits in its TF32 products), cuBLAS otherwise."""
+    if GEMV_MAX_ROWS < x.shape[0] <= ROWS_MATMUL_MAX_ROWS and weight.element_size() == 2:
         return rows_matmul(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -177,8 +181,10 @@ def _matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def add_rms_norm_linear(residual: Tensor, update: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor,
                         bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`contract.Ops.add_rms_norm_linear`. Up to GEMV_MAX_ROWS sequences it is one kernel (the
-    residual add, the RMSNorm and the product); a larger batch is the norm, then a matrix product (`_matmul`)."""
-    if residual.shape[0] > GEMV_MAX_ROWS:
+    residual add, the RMSNorm and the product) where a program takes GEMV_NORM_MIN_ROWS weight rows or more; a
+    larger batch or a wider row is the norm, then a matrix product (`_matmul`)."""
+    wide = GEMV_TILE // triton.next_power_of_2(residual.shape[1]) < GEMV_NORM_MIN_ROWS
+    if residual.shape[0] > GEMV_MAX_ROWS or wide:
         residual, normed = add_rms_norm(residual, update, norm_weight, eps, weight.dtype)
         return residual, _matmul(normed, weight, bias)
     assert norm_weight.is_contiguous()

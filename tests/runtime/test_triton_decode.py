@@ -162,8 +162,9 @@ def test_add_rms_norm_equals_pytorch(residual_dtype):
 @pytest.mark.parametrize("batch", [1, 3, 6])  # 6: past the fused kernel's rows, the norm then cuBLAS
 @pytest.mark.parametrize("with_update", [True, False])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_add_rms_norm_linear_equals_pytorch(residual_dtype, batch, with_update, with_bias):
-    width, rows = 200, 90  # neither a power of two; rows not a multiple of a program's
+@pytest.mark.parametrize("width", [200, 2100])  # 2100: too wide for GEMV_NORM_MIN_ROWS rows a program
+def test_add_rms_norm_linear_equals_pytorch(residual_dtype, batch, with_update, with_bias, width):
+    rows = 90  # neither it nor the width a power of two; rows not a multiple of a program's
     residual = torch.randn(batch, width, device=DEVICE, generator=_g(0)).to(residual_dtype)
     update = torch.randn(batch, width, device=DEVICE, generator=_g(1)).bfloat16() if with_update else None
     norm_weight = torch.randn(width, device=DEVICE, generator=_g(2)).bfloat16()
