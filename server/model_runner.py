@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import torch
-
-from collections.abc import Mapping
 
 from runtime import IDENTITY, BatchScales, Extension, MambaLM, batch_scales
 from runtime.decode_graph import DecodeGraphs, fields_of_batches
@@ -31,7 +30,7 @@ WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt 
 
 class ModelRunner:
     def __init__(self, model: MambaLM, config: EngineConfig, extensions: Mapping[str, Extension] | None = None):
-        """`extensions`: the bank's, by bucket name (`components.bank_extensions`); none: identity only."""
+        """`extensions`: the bank's, by bucket name (`Components.extensions`); none: identity only."""
         self.model = model
         self.extensions = {NONE: IDENTITY, **(extensions or {})}
         graphed = config.cuda_graphs and model.device.type == "cuda"

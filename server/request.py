@@ -1,4 +1,4 @@
-"""A request's whole life in the engine: its parameters, extension, state slot, tokens and timing.
+"""A request's whole life in the engine: its parameters, scale bucket, state slot, tokens and timing.
 
 Life cycle: WAITING → PREFILLING → DECODING → one FINISHED_* status. Only the engine thread changes a
 request after it is submitted, except `abort_requested`, which the engine's caller sets (under the engine lock).
@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
 
 from .detokenizer import OutputText
 

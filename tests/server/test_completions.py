@@ -209,6 +209,17 @@ def test_bucket_scales_are_used_in_prefill_and_every_decode_step(arch, live, mam
     assert text != greedy_reference(model_dirs[arch], ids, 24, "128", in_decode=False)  # the reference code's bug
 
 
+def test_auto_applies_the_scales_of_the_bucket_it_picks(client, model_dirs):
+    """The HTTP side picks the bucket and sends its name; the engine's model runner applies that name's scales:
+    an auto request's text is its bucket's, named in the request."""
+    ids = Tokenizer(model_dirs["mamba1"] / "tokenizer.json").encode(" ".join([PROMPT] * 2))
+    max_tokens = 128 - len(ids)  # n = 128: bucket "128" under auto
+    auto, named, identity = (complete(client, prompt=ids, max_tokens=max_tokens, **bucket)
+                             for bucket in ({}, {"scale_bucket": "128"}, {"scale_bucket": "none"}))
+    assert auto["scale_bucket"] == named["scale_bucket"] == "128" and auto["scale_method"] == "delta"
+    assert auto["choices"][0]["text"] == named["choices"][0]["text"] != identity["choices"][0]["text"]
+
+
 @pytest.mark.parametrize("prompt_tokens, max_tokens, bucket, beyond", [
     (10, 20, "none", False),  # n = 30 ≤ training length 64
     (10, 54, "none", False),  # n = 64
