@@ -16,7 +16,8 @@
 #              TRANSFER_SEEDS (default none), the transfer stage on that base, its mixed bank serving as `all`
 # MODEL defaults to the shipped model; STEPS, SAMPLES, EVAL_SAMPLES, BUCKETS, LENGTHS and TRAIN_STEPS shrink a
 # smoke run; TRANSFER_BUCKETS and TRANSFER_LENGTHS (default BUCKETS and LENGTHS) narrow the transfer experiment,
-# e.g. to 4k, the 8x the bar asks of a domain left out. Each stage logs to OUT_DIR/STAGE.log.
+# e.g. to 4k, the 8x the bar asks of a domain left out; BANK_BUCKETS (default BUCKETS) widens the mixed
+# banks, e.g. to 1k,...,32k for a base that may ship. Each stage logs to OUT_DIR/STAGE.log.
 set -uo pipefail
 gut=$1 dom=$2 out=$3 stages=${4:-transfer shipped layer templates train}
 model=${MODEL:-models/mamba-extend-default}
@@ -43,8 +44,8 @@ transfer() {  # MODEL OUT SEED
     -- $bank_flags --granularity channel
 }
 mixed_bank() {  # MODEL OUT [build_bank flags]
-  python3 -m extend.build_bank --model "$1" --data "$calibration" --buckets "$buckets" --out "$2" --resume \
-    $bank_flags "${@:3}"
+  python3 -m extend.build_bank --model "$1" --data "$calibration" --buckets "${BANK_BUCKETS:-$buckets}" \
+    --out "$2" --resume $bank_flags "${@:3}"
 }
 
 for stage in $stages; do
