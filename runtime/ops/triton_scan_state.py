@@ -18,8 +18,8 @@ from .triton_ssm import SOFTPLUS_THRESHOLD, softplus
 
 Tensor = torch.Tensor
 
-BLOCK_CHANNELS = 16  # channels per program: a (16, n, BLOCK_TOKENS) tile of decays (n rounded up to a power of 2)
-BLOCK_TOKENS = 32  # tokens per step of a program's walk along the sequence
+BLOCK_CHANNELS = 16  # channels per program
+DECAY_TILE = 8192  # decays a program holds at once, (channels, states, tokens): the tokens of a step follow
 
 
 @jit
@@ -80,9 +80,10 @@ def add_initial_state(y: Tensor, h: Tensor, h0: Tensor, dt: Tensor, dt_bias: Ten
     n = h.shape[-1]
     assert h.dtype == torch.float32 and h.stride(-1) == 1 and h0.stride(-1) == 1 and A.stride(-1) == 1
     A_stride_b = 0 if A.dim() == 2 else A.stride(0)
+    block_n = triton.next_power_of_2(n)
     _initial_state_kernel[(triton.cdiv(d, BLOCK_CHANNELS), b)](
         y, h, h0, dt, dt_bias, A, C, z if z is not None else y, l, d, n, y.stride(0), y.stride(1), y.stride(2),
         h.stride(0), h.stride(1), h0.stride(0), h0.stride(1), dt.stride(0), dt.stride(1), dt.stride(2), A_stride_b,
         A.stride(-2), C.stride(0), C.stride(1), C.stride(2), *(z.stride() if z is not None else (0, 0, 0)),
-        HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK_N=triton.next_power_of_2(n), BLOCK_D=BLOCK_CHANNELS,
-        BLOCK_T=BLOCK_TOKENS)
+        HAS_Z=z is not None, THRESHOLD=SOFTPLUS_THRESHOLD, BLOCK_N=block_n, BLOCK_D=BLOCK_CHANNELS,
+        BLOCK_T=max(16, DECAY_TILE // (BLOCK_CHANNELS * block_n)))
