@@ -77,8 +77,9 @@ class Engine:
         self.metrics = metrics
         metrics.slots.set(config.slots)
         metrics.slot_bytes.set(state_bytes)
-        log.info("state slots: %d, %.2f MB of state each (%.1f MB in all); prefill: up to %d prompt tokens a step",
-                 config.slots, state_bytes / 2**20, config.slots * state_bytes / 2**20, config.prefill_tokens)
+        log.info("state slots: %d, %.2f MB of state each (%.1f MB in all); prefill: chunks of up to %d tokens, up "
+                 "to %d prompt tokens a step", config.slots, state_bytes / 2**20, config.slots * state_bytes / 2**20,
+                 config.chunk, config.prefill_tokens)
         self.runner = ModelRunner(model, config, extensions)
         self.scheduler = Scheduler(config)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
