@@ -84,13 +84,17 @@ def test_a_calibration_batch_sharing_one_set_matches_pytorch_with_gradients(chec
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
-def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch):
+@pytest.mark.parametrize("sets", [1, 3])  # 3: a Δ scale, identity and an A-spectrum scale, one per sequence
+def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch, sets):
+    """Each chunk continues the last one's state (Mamba1: mamba_ssm's scan from zero plus the state's terms)."""
     cuda = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="mamba_ssm")
-    tokens = torch.randint(0, VOCAB, (1, 500), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
-    scales = batch_scales(_scale_sets(cuda.config)[:1], cuda.config, "cuda")
-    whole, _ = cuda.model.prefill(tokens, scales=scales)
-    chunked, _ = cuda.model.prefill(tokens, scales=scales, chunk_len=128)
+    tokens = torch.randint(0, VOCAB, (sets, 500), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    scales = batch_scales(_scale_sets(cuda.config)[:sets], cuda.config, "cuda")
+    whole, whole_state = cuda.model.prefill(tokens, scales=scales)
+    chunked, chunked_state = cuda.model.prefill(tokens, scales=scales, chunk_len=128)
     assert _relative(chunked, whole) < TOLERANCE["float32"]
+    for mine, theirs in zip(chunked_state.ssm, whole_state.ssm):
+        assert _relative(mine, theirs) < TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
