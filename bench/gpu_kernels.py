@@ -6,12 +6,11 @@ weights, for every value of its launch constants, beside the cuBLAS composition 
 per call and the setting with the least time summed over the shapes, which is what those modules' constants
 should be. The projections (`in_proj`, `out_proj`) take Mamba1 and Mamba2 shapes, `mamba1_decode` Mamba1's, and
 Mamba2's convolution and state update (`conv_step`, `mamba2_step`) Mamba2's, the convolution's constants those
-past a batch of GEMV_MAX_ROWS; past that batch the projections sweep `rows_matmul`'s, beside cuBLAS.
+past a batch of GEMV_MAX_ROWS.
 
     python -m bench.gpu_kernels --json $OUT/kernels.json
     python -m bench.gpu_kernels --ops in_proj,out_proj --shapes 130m,1.4b,mamba2-780m,mamba2-2.7b
     python -m bench.gpu_kernels --ops conv_step,mamba2_step --shapes mamba2-780m,mamba2-2.7b --batch 64
-    python -m bench.gpu_kernels --ops in_proj,out_proj --shapes 130m,1.4b,mamba2-780m,mamba2-2.7b --batch 64
 """
 
 from __future__ import annotations
@@ -139,18 +138,6 @@ SWEEPS = {  # op -> its launch constants and the values tried
                       "BLOCK_CHANNELS": [16, 32], "DECODE_WARPS": [2, 4]},
 }
 STAGES = {"mamba1_decode": [["X_PROJ_ROWS", "X_PROJ_CHANNELS", "X_PROJ_WARPS"], ["BLOCK_CHANNELS", "DECODE_WARPS"]]}
-# Past GEMV_MAX_ROWS sequences the projections are `rows_matmul` (forced on: the composition beside it is cuBLAS)
-ROWS_MATMUL = {"ROWS_MATMUL_MAX_ROWS": [1 << 20], "ROWS_MATMUL_BLOCK_N": [16, 32, 64],
-               "ROWS_MATMUL_BLOCK_K": [64, 128, 256], "ROWS_MATMUL_STAGES": [2, 3, 4], "ROWS_MATMUL_WARPS": [4, 8]}
-ROWS_MATMUL_STAGES = [["ROWS_MATMUL_MAX_ROWS", "ROWS_MATMUL_BLOCK_N", "ROWS_MATMUL_BLOCK_K"],
-                      ["ROWS_MATMUL_STAGES", "ROWS_MATMUL_WARPS"]]
-
-
-def sweeps_of(op: str, batch: int) -> tuple[dict, list[list[str]]]:
-    """The op's constants and values to try at `batch`, and the stages in which they are swept."""
-    if op in ("in_proj", "out_proj") and batch > triton_gemv.GEMV_MAX_ROWS:
-        return ROWS_MATMUL, ROWS_MATMUL_STAGES
-    return SWEEPS[op], STAGES.get(op, [list(SWEEPS[op])])
 
 
 def sweep(op: str, shapes: list[str], batch: int) -> list[dict]:
@@ -162,10 +149,9 @@ def sweep(op: str, shapes: list[str], batch: int) -> list[dict]:
         return graph_us([ops(t)[op][which] for t in layers[shape]])
 
     rows, best = [], {}
-    values_of, stages = sweeps_of(op, batch)
-    for names in stages:
+    for names in STAGES.get(op, [list(SWEEPS[op])]):
         totals = {}
-        for values in itertools.product(*(values_of[name] for name in names)):
+        for values in itertools.product(*(SWEEPS[op][name] for name in names)):
             setting = {**best, **dict(zip(names, values))}
             with constants(setting):
                 times = {shape: time_on(shape, 0) for shape in shapes}

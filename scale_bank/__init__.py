@@ -4,10 +4,10 @@ from .bank import MANIFEST, Bank, model_info
 from .buckets import bucket_name, parse_buckets, parse_length
 from .errors import BankError, UnknownBucketError
 from .manifest import CHOICES, FORMAT_VERSION, GRANULARITIES, METHODS, TENSOR_METHODS, BankEntry, BankManifest
-from .selection import AUTO, NONE, Selection, select
+from .selection import NONE, Selection, select
 
 __all__ = [
-    "AUTO", "CHOICES", "FORMAT_VERSION", "GRANULARITIES", "MANIFEST", "METHODS", "NONE", "TENSOR_METHODS", "Bank",
+    "CHOICES", "FORMAT_VERSION", "GRANULARITIES", "MANIFEST", "METHODS", "NONE", "TENSOR_METHODS", "Bank",
     "BankEntry", "BankError", "BankManifest", "Selection", "UnknownBucketError", "bucket_name", "model_info",
     "parse_buckets", "parse_length", "select",
 ]
