@@ -17,7 +17,8 @@
 # MODEL defaults to the shipped model; STEPS, SAMPLES, EVAL_SAMPLES, BUCKETS, LENGTHS and TRAIN_STEPS shrink a
 # smoke run; TRANSFER_BUCKETS and TRANSFER_LENGTHS (default BUCKETS and LENGTHS) narrow the transfer experiment,
 # e.g. to 4k, the 8x the bar asks of a domain left out; BANK_BUCKETS (default BUCKETS) widens the mixed
-# banks, e.g. to 1k,...,32k for a base that may ship. Each stage logs to OUT_DIR/STAGE.log.
+# banks; WIDER_BUCKETS (default none), the train stage's bank once it is evaluated (e.g. 1k,...,32k for a base
+# that may ship: the evaluation comes back first). Each stage logs to OUT_DIR/STAGE.log.
 set -uo pipefail
 gut=$1 dom=$2 out=$3 stages=${4:-transfer shipped layer templates train}
 model=${MODEL:-models/mamba-extend-default}
@@ -68,6 +69,9 @@ for stage in $stages; do
            bash models/train_embedded.sh "$seed" "$gut" "$run" train \
          && mixed_bank "$run/model" "$run/model/bank" --granularity channel --seed "$seed" \
          && evaluate "$run/model" "$run/model/bank" "$run/eval" \
+         && if [[ -n ${WIDER_BUCKETS:-} ]]; then
+              BANK_BUCKETS=$WIDER_BUCKETS mixed_bank "$run/model" "$run/model/bank" --granularity channel --seed "$seed"
+            fi \
          && if [[ " ${TRANSFER_SEEDS:-} " == *" $seed "* ]]; then
               mkdir -p "$run/transfer/banks" && cp -r "$run/model/bank" "$run/transfer/banks/all" \
               && transfer "$run/model" "$run/transfer" "$seed"
