@@ -60,20 +60,20 @@ def causal_conv1d_scaled(x: Tensor, weight: Tensor, bias: Tensor | None, state: 
 
 def _convolve(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
               scale: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Both convolutions above: (y, y · scale or None, new state), y (b, l, c) views of (b, c, l) storage."""
+    """Both convolutions above: (y, y · scale or None, new state), y (b, l, c) views of dense (b, c, l) storage:
+    mamba_ssm's scan loads its rows in 16-byte vectors, so a row may not start k-1 elements into a buffer."""
     k = weight.shape[-1]
     x = x.transpose(1, 2)  # (b, c, l)
+    carried = 0 if state is None else k - 1  # leading positions that are the state's, not outputs
     if state is not None:
         x = torch.cat((state.to(x.dtype), x), dim=-1)  # (b, c, k-1+l)
     if HAS_CONV_KERNELS:
-        y = causal_conv1d_fn(x, weight, bias, activation="silu")  # (b, c, l or k-1+l)
+        y = causal_conv1d_fn(x, weight, bias, activation="silu")[..., carried:].contiguous()  # (b, c, l)
         scaled = None if scale is None else scale_channels(y.transpose(1, 2), scale).transpose(1, 2)
     else:
-        y, scaled = triton_channels.silu(F.conv1d(x, weight[:, None].to(x.dtype), None if bias is None
-                                                  else bias.to(x.dtype), padding=k - 1, groups=x.shape[1]),
-                                         x.shape[-1], scale)  # (b, c, l or k-1+l) each
-    if state is not None:
-        y, scaled = y[..., k - 1:], None if scaled is None else scaled[..., k - 1:]
+        convolved = F.conv1d(x, weight[:, None].to(x.dtype), None if bias is None else bias.to(x.dtype),
+                             padding=k - 1, groups=x.shape[1])  # (b, c, carried + l + k-1)
+        y, scaled = triton_channels.silu(convolved[..., carried:], x.shape[-1] - carried, scale)  # (b, c, l) each
     new_state = F.pad(x[..., -(k - 1):], (max(0, k - 1 - x.shape[-1]), 0))  # (b, c, k-1)
     return y.transpose(1, 2), None if scaled is None else scaled.transpose(1, 2), new_state.contiguous()
 

@@ -18,9 +18,13 @@ def _g(seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_silu_of_a_padded_convolution_output_and_its_scaled_copy_equal_pytorch(dtype, scaled):
+@pytest.mark.parametrize("carried", [0, 3])
+def test_silu_of_a_padded_convolution_output_and_its_scaled_copy_equal_pytorch(dtype, scaled, carried):
+    """With `carried`, the positions of a carried convolution state lead the buffer: the SiLU reads past them
+    and writes dense rows (the CUDA scan's vector loads need rows that start aligned)."""
     b, d, length, pad = 2, 5, 1500, 3  # positions over one program's block
-    padded = torch.randn(b, d, length + pad, device=DEVICE, generator=_g(0)).to(dtype) * 4
+    buffer = torch.randn(b, d, carried + length + pad, device=DEVICE, generator=_g(0)).to(dtype) * 4
+    padded = buffer[..., carried:]  # (b, d, length + pad) view
     scale = torch.rand(b, d, device=DEVICE, generator=_g(5)) + 0.5 if scaled else None
     got, got_scaled = triton_channels.silu(padded, length, scale)
     assert got.shape == (b, d, length) and got.is_contiguous() and got.dtype == dtype
