@@ -107,7 +107,7 @@ def train(args) -> tuple[MambaLM, list[float]]:
     model.train()
     specs = parse_sources(args.data)
     generator = torch.Generator().manual_seed(args.seed)
-    text = TrainingText.read(specs, parse_mixture(args.mixture, specs), tokenizer, generator)
+    text = TrainingText.read(specs, parse_mixture(args.mixture, specs), tokenizer, generator, args.repeated_haystacks)
     templates = parse_templates(args.templates)
     early_stop = None
     if args.stop_at_retrieval:
@@ -177,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      "window or passkey haystack comes from a source chosen by weight (the filler "
                                      "gives haystacks only)")
     p.add_argument("--templates", default="line", help="passkey templates trained on (comma-separated, or all)")
+    p.add_argument("--repeated-haystacks", type=float, default=0.0,
+                   help="fraction of the text haystacks that cycle a short span of their source (0-1)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=8)
@@ -210,6 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.stop_patience} and --anneal-steps {args.anneal_steps} must be at least 1")
     if not 0 < args.dt_min <= args.dt_max:
         p.error(f"--dt-min {args.dt_min} and --dt-max {args.dt_max}: need 0 < dt-min <= dt-max")
+    if not 0 <= args.repeated_haystacks <= 1:
+        p.error(f"--repeated-haystacks {args.repeated_haystacks} must lie in [0, 1]")
     return args
 
 

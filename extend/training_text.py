@@ -11,6 +11,8 @@ from runtime.tokenizer import Tokenizer
 from .passkey import filler_haystack
 from .sources import FILLER, SourceSpec, read_source
 
+REPEATED_SPAN = (12, 96)  # tokens of text a repeated haystack cycles: a short sentence to a few
+
 
 def token_stream(texts: list[str], tokenizer: Tokenizer) -> torch.Tensor:
     """All texts encoded and joined by end-of-text: one (N,) int64 tensor."""
@@ -26,11 +28,14 @@ def _windows(stream: torch.Tensor, length: int, count: int, generator: torch.Gen
 
 class TrainingText:
     """Language-model windows come from the text sources, passkey haystacks from any source (the filler too),
-    each draw from a source chosen by its weight; with one source, the draws are those of a single stream."""
+    each draw from a source chosen by its weight; with one source, the draws are those of a single stream.
+    A `repeated` fraction of the text haystacks is a short span of the source cycled to the length: logs, tables
+    and boilerplate repeat themselves, and a key must outlast repetition as it outlasts prose."""
 
     def __init__(self, streams: dict[str, torch.Tensor], weights: dict[str, float], tokenizer: Tokenizer,
-                 generator: torch.Generator):
+                 generator: torch.Generator, repeated: float = 0.0):
         self.streams, self.weights, self.tokenizer, self.generator = streams, weights, tokenizer, generator
+        self.repeated = repeated
         self.text_sources = [name for name in streams if weights[name] > 0]
         self.haystack_sources = [name for name in weights if weights[name] > 0]
         if not self.text_sources:
@@ -39,9 +44,9 @@ class TrainingText:
 
     @classmethod
     def read(cls, specs: list[SourceSpec], weights: dict[str, float], tokenizer: Tokenizer,
-             generator: torch.Generator) -> TrainingText:
+             generator: torch.Generator, repeated: float = 0.0) -> TrainingText:
         streams = {s.name: token_stream([d.text for d in read_source(s)], tokenizer) for s in specs if not s.is_filler}
-        return cls(streams, weights, tokenizer, generator)
+        return cls(streams, weights, tokenizer, generator, repeated)
 
     @property
     def tokens(self) -> int:
@@ -51,9 +56,9 @@ class TrainingText:
         """(the first 1 - fraction of every stream, the rest drawn with `generator`): text never trained on."""
         cuts = {name: int(len(s) * (1 - fraction)) for name, s in self.streams.items()}
         return (TrainingText({n: s[:cuts[n]] for n, s in self.streams.items()}, self.weights, self.tokenizer,
-                             self.generator),
+                             self.generator, self.repeated),
                 TrainingText({n: s[cuts[n]:] for n, s in self.streams.items()}, self.weights, self.tokenizer,
-                             generator))
+                             generator, self.repeated))
 
     def _choose(self, names: list[str], count: int) -> list[str]:
         if len(names) == 1:
@@ -73,4 +78,7 @@ class TrainingText:
         [name] = self._choose(self.haystack_sources, 1)
         if name == FILLER:
             return self._filler(length, rng)
+        if self.repeated and rng.random() < self.repeated:  # (no draw without it: the recipe's stream stays)
+            span = _windows(self.streams[name], min(length, rng.randint(*REPEATED_SPAN)), 1, self.generator)[0]
+            return (span.tolist() * (length // len(span) + 1))[:length]
         return _windows(self.streams[name], length, 1, self.generator)[0].tolist()

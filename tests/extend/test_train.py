@@ -124,6 +124,34 @@ def test_training_text_draws_each_source_by_weight_and_the_filler_only_as_a_hays
     assert torch.equal(one.windows(12, 5), _windows(stream, 12, 5, torch.Generator().manual_seed(0)))
 
 
+def test_repeated_haystacks_cycle_a_short_span_of_their_source(tmp_path):
+    import random
+
+    from extend.sources import parse_sources
+    from extend.training_text import REPEATED_SPAN, TrainingText
+    from runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_tokenizer(tmp_path / "tok.json"))
+    books = tmp_path / "books.jsonl"
+    books.write_text(json.dumps({"text": BOOK_TEXT * 8}) + "\n")
+    specs = parse_sources([str(books)])
+    text = TrainingText.read(specs, {"text": 1.0}, tokenizer, torch.Generator().manual_seed(0), repeated=0.5)
+    stream = text.streams["text"].tolist()
+    rng = random.Random(0)
+    periods = []
+    for _ in range(200):
+        hay = text.haystack(400, rng)
+        assert len(hay) == 400
+        period = next((p for p in range(1, REPEATED_SPAN[1] + 1) if hay[p:] == hay[:-p]), None)
+        periods.append(period)
+        start = hay[:period or 400]  # a span of the source, cycled; or a window of it
+        assert any(stream[i:i + len(start)] == start for i in range(len(stream) - len(start) + 1))
+    cycled = [p for p in periods if p is not None]
+    assert 0.35 < len(cycled) / 200 < 0.65 and all(p <= REPEATED_SPAN[1] for p in cycled)
+    with pytest.raises(SystemExit):
+        parse_args(["--tokenizer", "t", "--data", "d", "--out", "o", "--repeated-haystacks", "1.5"])
+
+
 def test_train_on_a_mixture_of_sources_and_templates(tmp_path):
     tokenizer = tiny_tokenizer(tmp_path / "tok.json")
     books, code = tmp_path / "books.jsonl", tmp_path / "code.jsonl"
