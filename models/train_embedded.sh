@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The embedded model's recipe, end to end: train, build its bank, evaluate base beside bank.
+# The embedded model's books-only recipe, end to end: train, build its bank, evaluate base beside bank.
 #   bash models/train_embedded.sh SEED DATA_DIR OUT_DIR [STAGES]
 # DATA_DIR holds the shared Gutenberg files (train-00/01.jsonl.xz, eval.jsonl.xz). STAGES is any of
 # "train bank eval" (default: all three, in order). Run on a CUDA machine with mamba_ssm (the model card says
-# how long it took). The bank build resumes where it stopped. TRAIN_FLAGS adds to or overrides the shipped model's recipe (models/mamba-extend-default);
-# TRAIN_DATA replaces its training text (extend.sources specs; default: the two Gutenberg shards).
+# how long it took). The bank build resumes where it stopped. TRAIN_FLAGS adds to or overrides the recipe's
+# flags; TRAIN_DATA replaces its training text (extend.sources specs; default: the two Gutenberg shards). The
+# shipped model (models/mamba-extend-default) is trained on books and other kinds of text: models/screen_domains.sh's
+# train stage runs this script's training with its TRAIN_DATA and TRAIN_FLAGS, then a bank calibrated on every kind.
 set -euo pipefail
 train_flags=${TRAIN_FLAGS:-}
 seed=$1 data=$2 out=$3 stages=${4:-train bank eval}

@@ -35,7 +35,7 @@ def test_model_and_bank_belong_together(shipped):
     loaded, tokenizer, bank = shipped
     assert bank.manifest.model["fingerprint"] == loaded.fingerprint
     assert loaded.config.training_context_length == 512
-    assert bank.buckets == ["1k", "2k", "4k", "8k", "16k", "32k"]
+    assert bank.buckets == ["1k", "2k", "4k", "8k", "16k"]
     assert all(bank.entry(b).method == "a_spectrum" and bank.entry(b).granularity == "channel" for b in bank.buckets)
     assert tokenizer.vocab_size <= loaded.config.vocab_size
 
