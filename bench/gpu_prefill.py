@@ -37,7 +37,8 @@ def bench_shape(name: str, lengths: list[int], rounds: int, chunks: list[int]) -
             timed = measure_in_turns({"peer": partial(peer, tokens, num_last_tokens=1),
                                       "ours": partial(ours.prefill, tokens),
                                       "scaled": partial(ours.prefill, tokens, scales=scales), **chunked}, rounds)
-            (peer_s, peer_gib), (ours_s, ours_gib), (scaled_s, scaled_gib) = list(timed.values())[:3]
+            (peer_s, peer_gib), (ours_s, ours_gib) = timed["peer"], timed["ours"]
+            scaled_s, scaled_gib = timed["scaled"]
             row = {"shape": name, "tokens": length, "mamba_ssm_ms": round(peer_s * 1e3, 2),
                    "runtime_ms": round(ours_s * 1e3, 2), "runtime_scaled_ms": round(scaled_s * 1e3, 2),
                    "time_ratio": round(ours_s / peer_s, 3), "scale_overhead": round(scaled_s / ours_s - 1, 4),

@@ -113,11 +113,12 @@ def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     is folded exactly, one sequence at a time: Δ' = s·Δ is A' = s·A with input x' = s·x and skip D' = D/s,
     so the kernel's state and output are the scaled model's own. The kernel starts from zero: a scan from a
     state h0 adds h0's terms after it (`triton_scan_state`), exactly, as the state is linear in its start."""
-    if delta_scale is None and A.dim() == 2:
+    one_A = delta_scale is None and A.dim() == 2  # every sequence scanned with A as it is
+    As: list[Tensor] = []  # otherwise the A each sequence was scanned with, its Δ scale folded in
+    if one_A:
         y, h = _selective_scan(x, dt, dt_bias, A, B, C, D.float(), z)
-        scanned_A = A  # (d, n)
     else:
-        outs, As = [], []
+        outs = []
         for i in range(x.shape[0]):
             x_i, A_i, D_i = _row(x, i), A if A.dim() == 2 else A[i], D.float()  # (1, l, d), (d, n), (d,)
             if delta_scale is not None:  # (an A-spectrum scale alone is already in A_i)
@@ -127,9 +128,8 @@ def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
                                         _row_or_none(z, i)))
             As.append(A_i)
         y, h = _stack(outs)
-        scanned_A = torch.stack(As)  # (b, d, n)
-    if h0 is not None:
-        triton_scan_state.add_initial_state(y, h, h0, dt, dt_bias, scanned_A, C, z)
+    if h0 is not None:  # A (d, n), or per sequence (b, d, n)
+        triton_scan_state.add_initial_state(y, h, h0, dt, dt_bias, A if one_A else torch.stack(As), C, z)
     return F.linear(y, out_weight, out_bias), h
 
 
