@@ -191,7 +191,10 @@ def test_linear_equals_pytorch(batch, with_bias):
 
 
 def _with_fused_decode(model):
-    """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else."""
+    """The model with the CUDA back-end's decode kernels (these Triton ones) and PyTorch for everything else,
+    its weights row-major as on CUDA (the loader stores a CPU model's projections input-major)."""
+    for param in model.parameters():
+        param.data = param.data.contiguous()
     fused = SimpleNamespace(**{name: getattr(torch_ops, name) for name in dir(torch_ops) if not name.startswith("_")})
     for module, names in ((triton_ssm, ("causal_conv1d_step", "mamba1_step", "mamba1_decode")),
                           (triton_mamba2, ("mamba2_step", "mamba2_decode", "gated_rms_norm")),
