@@ -2,7 +2,9 @@
 
 Greedy steps after a 64-token prompt at batch 1, 4 and 16, the runtime as the server steps it (eager
 `MambaLM.step` on rows of a state pool), with and without a per-sequence scale set, the same step on the
-back-end's operators layer by layer (runtime.cpu_step off, "operators"), and the peer through
+back-end's operators layer by layer (runtime.cpu_step off, "operators"), the runtime on a second copy of the
+model whose projection weights are row-major again ("row-major": the layout before the loader stored a CPU
+model's input-major), and the peer through
 `generate` (its time per step: a run of 1 + steps new tokens minus a run of 1). The measurements of one round
 are interleaved, the rounds repeated, the medians printed with the ratios (issue 29: batch 1 ≤ 3 ms and ≥ 6×
 transformers' tokens/s, batch 16 ≤ 2× batch 1's time).
@@ -94,14 +96,18 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     model = load_model(args.model).model
+    row_major = load_model(args.model).model
+    for param in row_major.parameters():
+        param.data = param.data.contiguous()
     peer = MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    columns = ("runtime", "runtime_scaled", "operators", "transformers")
+    columns = ("runtime", "runtime_scaled", "row_major", "operators", "transformers")
     times = {(name, b): [] for name in columns for b in batches}
     with torch.no_grad():
         for round_ in range(args.rounds):
             for b in batches:
                 times["runtime", b].append(runtime_ms(model, b, args.steps, scaled=False))
                 times["runtime_scaled", b].append(runtime_ms(model, b, args.steps, scaled=True))
+                times["row_major", b].append(runtime_ms(row_major, b, args.steps, scaled=False))
                 times["operators", b].append(runtime_ms(model, b, args.steps, scaled=False, prepared=False))
                 times["transformers", b].append(peer_ms(peer, b, args.steps))
                 measured = ", ".join(f"{name} {times[name, b][-1]:.2f} ms" for name in columns)
@@ -109,19 +115,21 @@ def main(argv=None):
     median = {key: statistics.median(values) for key, values in times.items()}
     print(f"CPU decode, {args.model.name}, float32, {torch.get_num_threads()} threads, {PROMPT}-token prompt, "
           f"{args.steps} steps × {args.rounds} rounds (medians)")
-    print(f"{'batch':>5} {'runtime ms':>10} {'+scales ms':>10} {'operators ms':>12} {'transformers ms':>15} "
+    print(f"{'batch':>5} {'runtime ms':>10} {'+scales ms':>10} {'row-major ms':>12} {'operators ms':>12} "
+          f"{'transformers ms':>15} "
           f"{'speed-up':>8} {'tokens/s':>8} {'÷ batch 1':>9}")
     results = []
     for b in batches:
-        ours, scaled, operators, theirs = (median[name, b] for name in columns)
+        ours, scaled, row_major_ms, operators, theirs = (median[name, b] for name in columns)
         row = {"batch": b, "runtime_ms": round(ours, 3), "runtime_scaled_ms": round(scaled, 3),
+               "row_major_ms": round(row_major_ms, 3),
                "operators_ms": round(operators, 3),
                "transformers_ms": round(theirs, 3), "speed_up": round(theirs / ours, 2),
                "runtime_tokens_per_s": round(b * 1e3 / ours),
                "time_vs_batch_1": round(ours / median["runtime", batches[0]], 2)}
         results.append(row)
-        print(f"{b:>5} {ours:>10.2f} {scaled:>10.2f} {operators:>12.2f} {theirs:>15.2f} {row['speed_up']:>7.2f}× "
-              f"{row['runtime_tokens_per_s']:>8} {row['time_vs_batch_1']:>8.2f}×", flush=True)
+        print(f"{b:>5} {ours:>10.2f} {scaled:>10.2f} {row_major_ms:>12.2f} {operators:>12.2f} {theirs:>15.2f} "
+              f"{row['speed_up']:>7.2f}× {row['runtime_tokens_per_s']:>8} {row['time_vs_batch_1']:>8.2f}×", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
