@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 from safetensors.torch import save_file
@@ -58,6 +62,26 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+@contextlib.contextmanager
+def _default_initialisation_skipped() -> Iterator[None]:
+    """torch.nn.init's initialisers leave their tensor as it is while a skeleton is built on the meta device: the
+    checkpoint overwrites every value, and on meta tensors the random initialisers run through torch._refs, whose
+    first call imports torch._dynamo (seconds of every model load, which nothing else here needs). The patch is
+    process-wide for the few milliseconds the skeleton takes: models are not built concurrently with a load."""
+    with contextlib.ExitStack() as stack:
+        for name in _INITIALISERS:
+            stack.enter_context(mock.patch.object(torch.nn.init, name, _unchanged))
+        yield
+
+
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_",
+                 "constant_")
+
+
+def _unchanged(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
 def _place(model: MambaLM, dtype: torch.dtype) -> None:
     """Float parameters to `dtype`; quantised weights keep their integers and float32 row scales and
     dequantise to `dtype`. On CPU, the dense in_proj, out_proj and embedding (the tied LM head) weights are then
@@ -88,7 +112,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
                               f"saved quantised as {checkpoint.quantization}; cannot load as {requested}")
     quantization = checkpoint.quantization or requested
     scheme, _, with_embedding = (quantization or "").partition("+")
-    with torch.device("meta"):
+    with torch.device("meta"), _default_initialisation_skipped():
         skeleton = MambaLM(checkpoint.config, select_backend(backend, device))
         if checkpoint.quantization:
             quantize_model(skeleton, scheme, bool(with_embedding))
