@@ -15,15 +15,14 @@ import atexit
 import concurrent.futures
 import itertools
 import logging
-import multiprocessing
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from . import engine_process
 from .config import EngineConfig, ServerConfig
 from .engine import StepRecord
+from .engine_launch import launch
 from .engine_protocol import (Abort, Close, EngineRequest, EngineStatus, HandOver, HttpMessage, ModelInfo, Query,
                               Ready, Reply, StartFailed, Stop, Stopped, Submit)
 from .errors import UnavailableError
@@ -60,15 +59,16 @@ class EngineClient:
 
     @classmethod
     def start(cls, config: ServerConfig, log_level: str) -> EngineClient:
-        """Starts the engine process (spawned: CUDA cannot be forked) and waits until it has loaded the model and
-        warmed up. Raises EngineStartError with its message when it cannot."""
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        process = context.Process(target=engine_process.run, args=(config, log_level, theirs), name="mamba-engine")
-        process.start()
-        theirs.close()  # the process holds its end: ours reads EOF when it exits
+        """Starts the engine process and waits until it has loaded the model and warmed up. Raises
+        EngineStartError with its message when it cannot."""
+        return cls.wait(*launch(config, log_level))
+
+    @classmethod
+    def wait(cls, process: BaseProcess, connection: Connection) -> EngineClient:
+        """The client of a launched engine process (server.engine_launch), once it is ready. Raises
+        EngineStartError with its message when it cannot start."""
         try:
-            first = ours.recv()
+            first = connection.recv()
         except EOFError:
             process.join()
             raise EngineStartError(f"the engine process exited (code {process.exitcode}) before it was ready") from None
@@ -80,7 +80,7 @@ class EngineClient:
             process.join()
             raise EngineStartError(first.message)
         assert isinstance(first, Ready), f"unexpected first message {first!r}"
-        return cls(process, ours, first)
+        return cls(process, connection, first)
 
     @property
     def pid(self) -> int | None:

@@ -32,6 +32,7 @@ from .components import Components, load_components, load_served_model, model_in
 from .config import ConfigError, ServerConfig
 from .detokenizer import OutputText
 from .engine import Engine
+from .engine_launch import LOG_FORMAT
 from .engine_protocol import (Abort, Close, EngineRequest, HandOver, HttpMessage, Query, Ready, Reply, StartFailed,
                               Stop, Stopped, Submit)
 from .errors import ServerError
@@ -39,7 +40,6 @@ from .metrics import Metrics
 from .request import Request, RequestOutput
 
 log = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 GONE = "the server's HTTP process exited"  # what the requests held are told when it goes without a Stop
 
 

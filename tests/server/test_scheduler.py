@@ -232,3 +232,12 @@ def test_the_engine_layers_import_no_http_framework():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_python_dash_m_server_launches_the_engine_before_it_imports_torch():
+    """What `python -m server` imports before it launches the engine process (its entry module, the
+    configuration, the launcher) leaves torch to the two processes' concurrent imports."""
+    code = "import sys, server.__main__; print('torch' in sys.modules, 'fastapi' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False False", result.stderr
