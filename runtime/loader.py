@@ -25,6 +25,8 @@ from .quant import QuantizedWeight, quantize_model
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_",
+                 "constant_")  # torch.nn.init's, skipped while a skeleton is built
 FINGERPRINT_SAMPLES = 4096  # values hashed per tensor: enough to tell any two trainings apart, fast at 2.8b
 
 
@@ -66,16 +68,12 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 def _default_initialisation_skipped() -> Iterator[None]:
     """torch.nn.init's initialisers leave their tensor as it is while a skeleton is built on the meta device: the
     checkpoint overwrites every value, and on meta tensors the random initialisers run through torch._refs, whose
-    first call imports torch._dynamo (seconds of every model load, which nothing else here needs). The patch is
+    first call imports torch._dynamo, a slow import that nothing else here needs. The patch is
     process-wide for the few milliseconds the skeleton takes: models are not built concurrently with a load."""
     with contextlib.ExitStack() as stack:
         for name in _INITIALISERS:
             stack.enter_context(mock.patch.object(torch.nn.init, name, _unchanged))
         yield
-
-
-_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_",
-                 "constant_")
 
 
 def _unchanged(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

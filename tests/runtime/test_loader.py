@@ -26,7 +26,7 @@ def test_a_cpu_models_products_weights_are_input_major_with_the_checkpoints_valu
 
 
 def test_loading_a_model_does_not_import_torch_dynamo(checkpoints):
-    """The meta-device skeleton's default initialisers would import it (seconds of every start)."""
+    """The meta-device skeleton's default initialisers would import it, slowing every start."""
     code = ("import sys; from runtime import load_model; load_model(sys.argv[1]); "
             "print('torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code, str(checkpoints["mamba1"])], capture_output=True,
