@@ -2,7 +2,8 @@
 
 Text is released only when it is final:
 - never a broken UTF-8 character: while the decoded tail ends in U+FFFD (a multi-byte character split across
-  tokens) it is held until the next token completes it, or until the request ends;
+  tokens) it is held until the next token completes it, until the request ends, or until the oldest held
+  token has been held longer than a character can be (it is then invalid bytes, which go out as U+FFFD);
 - never part of a stop string: text that could be the start of a stop string is held until it is known not
   to be one; a stop string found (also one split across tokens) ends the request and is not emitted. While
   fewer than `min_tokens + 1` tokens have come, stop strings are not looked for (vLLM's rule).
@@ -37,19 +38,28 @@ class OutputText:
         """Adds one generated token; returns the text that became final (possibly empty)."""
         assert not self.stopped, "no tokens after a stop string"
         self._ids.append(token_id)
-        known = self._tokenizer.decode(self._ids[self._prefix:self._read])
-        full = self._tokenizer.decode(self._ids[self._prefix:])
-        if full.endswith(REPLACEMENT) and len(self._ids) - self._read < MAX_HELD_TOKENS:
-            return ""  # an incomplete character: wait for its next bytes
-        self.text += full[len(known):]
-        self._prefix, self._read = self._read, len(self._ids)
+        full, end = self._decoded(len(self._ids)), len(self._ids)
+        if full.endswith(REPLACEMENT):
+            if end - self._read < MAX_HELD_TOKENS:
+                return ""  # an incomplete character: wait for its next bytes
+            # The oldest held token cannot begin a character still incomplete (it would have too many bytes): the
+            # held tokens up to the last one that ends a whole character go out (else the oldest alone), and the
+            # rest stay held, since a character may have begun after them.
+            end = next((k for k in range(end - 1, self._read + 1, -1) if not self._decoded(k).endswith(REPLACEMENT)),
+                       self._read + 1)
+            full = self._decoded(end)
+        self.text += full[len(self._decoded(self._read)):]
+        self._prefix, self._read = self._read, end
         return self._release()
+
+    def _decoded(self, end: int) -> str:
+        """The text of ids[prefix:end]: those since `prefix`, whose first ones are context for the rest."""
+        return self._tokenizer.decode(self._ids[self._prefix:end])
 
     def finish(self) -> str:
         """The request ends (length, end of text, timeout): hand out whatever is held, broken characters too."""
         if not self.stopped:
-            tail = self._tokenizer.decode(self._ids[self._prefix:])
-            self.text += tail[len(self._tokenizer.decode(self._ids[self._prefix:self._read])):]
+            self.text += self._decoded(len(self._ids))[len(self._decoded(self._read)):]
             self._read = len(self._ids)
         out = self.text[self._emitted:]
         self._emitted = len(self.text)

@@ -36,8 +36,17 @@ def test_a_character_split_across_tokens_is_held_until_complete(tokenizer):
 def test_invalid_bytes_are_released_rather_than_held_forever(tokenizer):
     lead = tokenizer.encode("€")[0]  # a lead byte with no continuation is never a character
     out = OutputText(tokenizer)
-    parts = [out.push(lead) for _ in range(MAX_HELD_TOKENS)]
-    assert parts[:-1] == [""] * (MAX_HELD_TOKENS - 1) and parts[-1] == tokenizer.decode([lead] * MAX_HELD_TOKENS)
+    parts = [out.push(lead) for _ in range(MAX_HELD_TOKENS + 2)]
+    assert parts == [""] * (MAX_HELD_TOKENS - 1) + ["\ufffd"] * 3  # from then on, the oldest goes out at each token
+    assert "".join(parts) + out.finish() == tokenizer.decode([lead] * (MAX_HELD_TOKENS + 2))
+
+
+def test_a_character_after_invalid_bytes_is_whole(tokenizer):
+    """Three lone lead bytes then €, whose three bytes come while the lead bytes are still held."""
+    lead, euro = tokenizer.encode("€")[0], tokenizer.encode("€")
+    ids = [lead] * 3 + euro
+    out = OutputText(tokenizer)
+    assert "".join(out.push(token) for token in ids) + out.finish() == tokenizer.decode(ids) == "\ufffd" * 3 + "€"
 
 
 def test_stop_string_across_a_token_boundary_is_not_emitted(tokenizer):
