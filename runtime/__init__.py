@@ -10,10 +10,10 @@ from .extension import IDENTITY, Extension
 from .loader import LoadedModel, fingerprint, load_model
 from .model import MambaLM
 from .scales import BatchScales, LayerScales, ScaleMethod, ScaleSet, batch_scales
-from .state import InferenceState
+from .state import InferenceState, PoolRows
 
 __all__ = [
     "IDENTITY", "MAMBA1", "MAMBA2", "BackendUnavailableError", "BatchScales", "CheckpointError", "Decimation",
     "DecimationError", "Extension", "InferenceState", "LayerScales", "LoadedModel", "MambaLM", "ModelConfig",
-    "ScaleMethod", "ScaleSet", "ScaleSetError", "batch_scales", "fingerprint", "load_model",
+    "PoolRows", "ScaleMethod", "ScaleSet", "ScaleSetError", "batch_scales", "fingerprint", "load_model",
 ]

@@ -7,7 +7,8 @@ The model holds no per-request state. Callers say what they do:
   token's logits and a new state; `chunk_len` bounds memory on long prompts;
 - `step(tokens, state, scales)`: one token per sequence, the state updated in place;
 - `hidden_states(...)` + `logits(...)` / `token_logprobs(...)`: every position's output, its logits taken in
-  slices so a 64k prompt's full (l, V) logits never exist at once.
+  slices so a 64k prompt's full (l, V) logits never exist at once; `prefill_rows(...)` the same for a batch
+  whose states are rows of a pool, written layer by layer (what a server's prefill runs).
 `scales` is a `BatchScales` (one `LayerScales` per layer, each sequence its own row) or None for identity.
 `decimation` (runtime.decimation) drops prompt positions after one layer in `hidden_states` and `prefill`;
 None, or a prompt short enough that it drops nothing, is exactly the base model.
@@ -15,7 +16,7 @@ None, or a prompt short enough that it drops nothing, is exactly the base model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import torch
@@ -32,7 +33,7 @@ from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .quant import QuantizedEmbedding, QuantizedLinear, QuantizedWeight, linear
 from .scales import BatchScales
-from .state import InferenceState, MixerOutput
+from .state import InferenceState, MixerOutput, PoolRows
 
 LOGITS_SLICE = 2048  # positions per slice of logits: (2048, V) float32 is 400 MB at V = 50k
 
@@ -92,15 +93,16 @@ class MambaLM(nn.Module):
     def block(self, i: int) -> Block:
         return cast(Block, self.layers[i])
 
-    def _layer(self, i: int, residual: torch.Tensor, state: InferenceState | None, scales: BatchScales | None,
+    def _layer(self, i: int, residual: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
+               scales: BatchScales | None,
                decimation: Decimation | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """residual (b, l, D) -> (b, l, D), or (b, k, D) at the kept positions when this layer decimates; and the
-        layer's new conv and ssm states."""
+        layer's new conv and ssm states, from its (conv, ssm) `state` or none."""
         block = self.block(i)
         mixed: MixerOutput = block.mixer(
             block.norm(residual).to(self.dtype),
-            None if state is None else state.conv[i],
-            None if state is None else state.ssm[i],
+            None if state is None else state[0],
+            None if state is None else state[1],
             None if scales is None else scales[i],
             return_delta=decimation is not None,
         )
@@ -123,22 +125,44 @@ class MambaLM(nn.Module):
         With `decimation`, the hidden states are those of the kept positions only, (b, k, D) in order,
         ending with the last `keep_last` positions: logits of every prompt position (`token_logprobs`,
         echo) do not exist for a decimated prompt, only those of its last `keep_last` positions."""
+        conv_states: list[torch.Tensor] = []
+        ssm_states: list[torch.Tensor] = []
+
+        def keep(i: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+            conv_states.append(conv)
+            ssm_states.append(ssm)
+
+        hidden = self._layers(tokens, None if state is None else lambda i: (state.conv[i], state.ssm[i]), keep,
+                              scales, checkpoint, decimation)
+        return hidden, InferenceState(conv_states, ssm_states)
+
+    def prefill_rows(self, tokens: torch.Tensor, rows: PoolRows, scales: BatchScales | None = None,
+                     decimation: Decimation | None = None) -> torch.Tensor:
+        """`hidden_states` of a batch whose states are rows of a pool, which advance in place layer by layer
+        (`PoolRows`). Returns the final-normed hidden states (b, l, D) float32 (with `decimation`, (b, k, D))."""
+        return self._layers(tokens, rows.read, rows.write, scales, False, decimation)
+
+    def _layers(self, tokens: torch.Tensor, read: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None,
+                write: Callable[[int, torch.Tensor, torch.Tensor], None], scales: BatchScales | None,
+                checkpoint: bool, decimation: Decimation | None) -> torch.Tensor:
+        """tokens (b, l) through every layer: layer i starts from `read(i)` (None: no state) and hands its new
+        conv and ssm states to `write` as soon as it is done. Returns the final-normed hidden states."""
         if decimation is not None:
             decimation.check(len(self.layers))
             if not decimation.drops(tokens.shape[1]):
                 decimation = None  # nothing to drop: run exactly the base model
         residual = self.embedding(tokens).to(self._residual_dtype())  # (b, l, D)
-        conv_states, ssm_states = [], []
         for i in range(len(self.layers)):
             decimating = decimation if decimation is not None and i == decimation.layer else None
+            state = None if read is None else read(i)
             if checkpoint:
                 residual, conv, ssm = torch.utils.checkpoint.checkpoint(
                     self._layer, i, residual, state, scales, decimating, use_reentrant=False)
             else:
                 residual, conv, ssm = self._layer(i, residual, state, scales, decimating)
-            conv_states.append(conv)
-            ssm_states.append(ssm)
-        return self.norm_f(residual), InferenceState(conv_states, ssm_states)
+            write(i, conv, ssm)
+        hidden: torch.Tensor = self.norm_f(residual)  # (b, l, D)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., D) -> (..., V) float32."""

@@ -61,6 +61,31 @@ class InferenceState:
         return sum(t.numel() * t.element_size() for t in self.conv + self.ssm)
 
 
+@dataclass
+class PoolRows:
+    """Rows of a state pool as one batch's state, layer by layer: a prefill reads a layer's rows just before the
+    layer runs and writes its new state into them as soon as it is done, so the batch's states of every layer
+    never exist at once beside the pool's (they are large: float32, per layer and prompt of a batched prefill)."""
+
+    pool: InferenceState
+    rows: torch.Tensor  # (b,) the pool rows of the batch's sequences
+    fresh: torch.Tensor | None  # batch positions that start from a zero state; None: every one does
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's (conv, ssm) states of the batch, a copy (the fresh positions zeroed), or None when every
+        sequence starts from zero: no state rather than a zero one, since a scan from a state does more work."""
+        if self.fresh is None:
+            return None
+        conv, ssm = (t.index_select(0, self.rows) for t in (self.pool.conv[layer], self.pool.ssm[layer]))
+        for t in (conv, ssm):
+            t.index_fill_(0, self.fresh, 0)
+        return conv, ssm
+
+    def write(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        self.pool.conv[layer].index_copy_(0, self.rows, conv.to(self.pool.conv[layer].dtype))
+        self.pool.ssm[layer].index_copy_(0, self.rows, ssm.to(self.pool.ssm[layer].dtype))
+
+
 class MixerOutput(NamedTuple):
     """A mixer's prefill of one layer."""
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from runtime import IDENTITY, BatchScales, Extension, MambaLM, batch_scales
+from runtime import IDENTITY, BatchScales, Extension, MambaLM, PoolRows, batch_scales
 from runtime.decode_graph import DecodeGraphs, fields_of_batches
 from scale_bank import NONE
 
@@ -64,19 +64,12 @@ class ModelRunner:
         device = self.model.device
         extensions = [self.extensions[bucket] for bucket in buckets]
         ids = torch.tensor(tokens, device=device)  # (b, c)
-        if all(firsts):  # no state rather than a zero one: a scan from a state does more (Mamba1 on mamba_ssm
-            state = None  # adds the state's terms after its scan)
-        else:
-            state = self.pool.rows(slots)  # a copy: its fresh rows are zeroed, the pool's stay as they are
-            fresh = torch.tensor([i for i, first in enumerate(firsts) if first], dtype=torch.long, device=device)
-            for t in state.conv + state.ssm:
-                t.index_fill_(0, fresh, 0)
+        fresh = None if all(firsts) else torch.tensor([i for i, first in enumerate(firsts) if first],
+                                                      dtype=torch.long, device=device)
+        rows = PoolRows(self.pool, torch.tensor(slots, device=device), fresh)
         assert len(extensions) == 1 or all(e.decimation is None for e in extensions), "a decimation prefills alone"
-        decimation = extensions[0].decimation
-        hidden, state = self.model.hidden_states(ids, state, self._prefill_scales_of(tuple(extensions)),
-                                                 decimation=decimation)
-        self.pool.write_rows(slots, state)
-        return hidden
+        return self.model.prefill_rows(ids, rows, self._prefill_scales_of(tuple(extensions)),
+                                       decimation=extensions[0].decimation)
 
     def copy_state(self, slot: int, to: list[int]) -> None:
         """The state of `slot` copied into the slots `to` (the samples of one prompt)."""

@@ -5,7 +5,7 @@ import torch
 from checkpoints import VOCAB
 from reference_model import reference_logits
 
-from runtime import ScaleMethod, ScaleSet, batch_scales, load_model
+from runtime import PoolRows, ScaleMethod, ScaleSet, batch_scales, load_model
 
 ARCHS = ["mamba1", "mamba2"]
 
@@ -153,3 +153,26 @@ def test_channels_first_projections_change_nothing(checkpoints):
         layer.mixer.backend = backend
     got = loaded.model.logits(loaded.model.hidden_states(tokens, scales=scales)[0])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_prefill_into_pool_rows_is_a_prefill_then_a_write(checkpoints, arch):
+    """Rows 3 and 0 of a pool of 4: row 3 continues its state, row 0 starts afresh; with per-row scales. Both
+    rows advance as `hidden_states` then `write_rows` would have them, the other rows stay."""
+    model = load_model(checkpoints[arch]).model
+    pool = model.new_state(4)
+    for t in pool.conv + pool.ssm:
+        t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel())))
+    expected_pool = pool.clone()
+    rows, tokens = torch.tensor([3, 0]), _tokens(12, seed=5, batch=2)
+    scales = batch_scales([_random_set(model.config, "delta", "channel", 1), None], model.config, "cpu")
+    start = expected_pool.rows(rows)
+    for t in start.conv + start.ssm:
+        t[1] = 0
+    expected_hidden, state = model.hidden_states(tokens, start, scales)
+    expected_pool.write_rows(rows, state)
+
+    hidden = model.prefill_rows(tokens, PoolRows(pool, rows, fresh=torch.tensor([1])), scales)
+    torch.testing.assert_close(hidden, expected_hidden)
+    for mine, theirs in zip(pool.conv + pool.ssm, expected_pool.conv + expected_pool.ssm):
+        torch.testing.assert_close(mine, theirs)
