@@ -55,6 +55,9 @@ class EngineConfig:
     step_log_size: int = 4096  # engine steps kept in the step log (tests and debugging read it)
     threads: int | None = None  # intra-op threads of the engine thread; None: what torch uses by default
     cuda_graphs: bool = True  # on CUDA, decode through captured graphs (runtime.decode_graph); False: eager
+    # launch a decode step before the last one's tokens are taken, so that the host's per-token work (finish rules,
+    # detokenising, outputs) runs while the device computes; None: on CUDA (on a CPU the host is the device)
+    overlap_decode: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_prefill_tokens is not None and self.prefill_chunk is not None \
@@ -173,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, help="CPU threads for the model (default: torch's default)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
+    p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
+                   help="launch each decode step before the last one's tokens are taken, so that the host's "
+                        "per-token work overlaps the device's step (auto: on CUDA)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -193,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
                      args.quantize, args.quantize_embedding, args.chat_template)
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.max_prefill_tokens,
-                          args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager)
+                          args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager,
+                          overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode])
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
                       args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins))

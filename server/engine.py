@@ -4,7 +4,8 @@ server runs it in a process of its own (server.engine_process), on the HTTP side
 Threads: the caller (the engine process's main thread) calls `submit` and `abort` (they only touch the scheduler
 under `_cond`, and raise QueueFullError at once when the queue is full); the engine thread loops schedule → run
 the model → update → hand each request's output to its `sink`. The model runs outside the lock, so submitting
-never waits on it.
+never waits on it. With `overlap_decode` (on CUDA), a decode step is launched before the last one's tokens are
+taken, which then land while the device computes it (`_overlaps` says when a step may).
 
 Each request owns one row (slot) of the runner's state pool from admission to finish. A prefill step runs
 several requests' prompt chunks of one length as one batch, each continuing its slot's state (or starting from
@@ -22,7 +23,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 from collections.abc import Callable, Mapping
 
@@ -39,7 +40,7 @@ from .logits_adjustment import adjusted
 from .metrics import Metrics
 from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
-from .sampling import logprob_entries, sample
+from .sampling import choose, logprob_entries
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 from .slots import default_prefill_chunk, default_prefill_tokens, default_slots, slot_bytes
 
@@ -56,6 +57,33 @@ class StepRecord:
     request_ids: tuple[str, ...]
     tokens: int  # prompt tokens of all the batch's chunks, or sequences in the decode batch
     prompts_done: tuple[str, ...] = ()  # prefill only: the requests whose prompt the step finished
+
+
+@dataclass
+class InFlight:
+    """A decode step launched whose tokens are not yet taken: its batch, and its tokens on the device, with a copy
+    to the host started behind them (read at landing, when the device has gone on to the next step)."""
+
+    output: SchedulerOutput
+    requests: list[Request]
+    tokens: torch.Tensor  # (b,) int64 on the model's device
+    record: StepRecord
+    started: float  # perf_counter at launch
+    host: torch.Tensor = field(init=False)  # (b,) int64, pinned on CUDA
+    ready: torch.cuda.Event | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        on_cuda = self.tokens.device.type == "cuda"
+        self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=on_cuda)
+        self.host.copy_(self.tokens, non_blocking=on_cuda)
+        self.ready = torch.cuda.Event() if on_cuda else None
+        if self.ready is not None:
+            self.ready.record()
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 class Engine:
@@ -81,6 +109,8 @@ class Engine:
                  "to %d prompt tokens a step", config.slots, state_bytes / 2**20, config.slots * state_bytes / 2**20,
                  config.chunk, config.prefill_tokens)
         self.runner = ModelRunner(model, config, extensions)
+        self._overlap = model.device.type == "cuda" if config.overlap_decode is None else config.overlap_decode
+        self._in_flight: InFlight | None = None  # the decode step launched and not yet landed (overlap only)
         self.scheduler = Scheduler(config)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
         self._cond = threading.Condition()
@@ -152,21 +182,93 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self.scheduler.has_work():
+                    while not self._stopping and not self.scheduler.has_work() and self._in_flight is None:
                         self._cond.wait()
                     if self._stopping:
                         break
                     output = self.scheduler.schedule(time.monotonic())
-                finished, outputs = self._run(output)
-                with self._cond:
-                    self.scheduler.update(output, finished)
-                    self.metrics.running.set(len(self.scheduler.running))
-                    self.metrics.waiting.set(len(self.scheduler.waiting))
-                self._report(outputs)
+                if self._overlaps(output):  # launch this step, then take the last one's tokens while it runs
+                    finished: Finished = {}
+                    outputs = {r: self._new_output(r) for r in output.finished}
+                    landing = self._in_flight
+                    self._in_flight = self._launch(output, finished, outputs)  # from the landing step's tokens
+                    self._settle(output, finished, outputs)
+                    if landing is not None:
+                        self._settle(landing.output, *self._land(landing))
+                else:  # the step in flight lands first: this one needs every request's books up to date
+                    if self._in_flight is not None:
+                        landing, self._in_flight = self._in_flight, None
+                        self._settle(landing.output, *self._land(landing))
+                        output = replace(output, decode=[r for r in output.decode if not r.status.finished])
+                    self._settle(output, *self._run(output))
         except Exception:  # a fault outside the model (bookkeeping): nothing after it can be trusted
             log.exception("the engine loop failed; the engine stops")
         finally:
             self._drain()
+
+    def _settle(self, output: SchedulerOutput, finished: Finished, outputs: Outputs) -> None:
+        """After a step has run (or been launched): the scheduler's books, the gauges, the outputs handed over."""
+        with self._cond:
+            self.scheduler.update(output, finished)
+            self.metrics.running.set(len(self.scheduler.running))
+            self.metrics.waiting.set(len(self.scheduler.waiting))
+        self._report(outputs)
+
+    def _overlaps(self, output: SchedulerOutput) -> bool:
+        """Whether `output` launches before the step in flight lands: a decode step alone (a prefill changes the
+        books: admissions, prompts done), none of whose requests reads its tokens so far before its next choice
+        (logit adjustments: penalties, min_tokens) or wants its logprobs (the logits are overwritten by the next
+        step)."""
+        return self._overlap and bool(output.decode) and not output.prefill and not output.admitted and all(
+            not r.params.adjusts_logits and r.params.logprobs is None for r in output.decode)
+
+    def _launch(self, output: SchedulerOutput, finished: Finished, outputs: Outputs) -> InFlight | None:
+        """Launches `output`'s decode step, its tokens chosen on the device; None if it failed (its requests are
+        then in `finished` with an error)."""
+        requests = output.decode
+        record = StepRecord(output.step, "decode", tuple(r.request_id for r in requests), len(requests))
+        launched: list[InFlight] = []
+        started = time.perf_counter()
+
+        def launch(work: list[Request], _finished: Finished, _outputs: Outputs) -> None:
+            logits = self.runner.decode(held_slots(work), self._decode_inputs(work), [r.scale_bucket for r in work])
+            tokens = self._choose(work, logits[:, :self.tokenizer.vocab_size])  # (b,) on the device
+            launched.append(InFlight(output, work, tokens, record, started))
+
+        self._guarded(record, requests, finished, outputs, launch, requests, log_step=False)
+        return launched[0] if launched else None
+
+    def _decode_inputs(self, requests: list[Request]) -> torch.Tensor | list[int]:
+        """Each request's last token: from the step in flight where it has one there (still on the device), else
+        from its books."""
+        flying = self._in_flight
+        if flying is None:
+            return [r.output_ids[-1] for r in requests]
+        if flying.requests == requests:
+            return flying.tokens
+        rows = {id(r): i for i, r in enumerate(flying.requests)}
+        inputs = torch.tensor([r.output_ids[-1] if id(r) not in rows else 0 for r in requests],
+                              device=flying.tokens.device)  # (b,)
+        taken = [(i, rows[id(r)]) for i, r in enumerate(requests) if id(r) in rows]
+        if taken:
+            into, source = zip(*taken)
+            inputs[list(into)] = flying.tokens[list(source)]
+        return inputs
+
+    def _land(self, flying: InFlight) -> tuple[Finished, Outputs]:
+        """Takes the tokens of a launched decode step: the finish rules and outputs of its requests that were not
+        finished meanwhile (those whose previous step finished them, or aborted)."""
+        finished: Finished = {}
+        outputs: Outputs = {}
+        live = [r for r in flying.requests if not r.status.finished]
+
+        def take(work: list[Request], done: Finished, out: Outputs) -> None:
+            tokens = flying.read()
+            self._take(work, [tokens[i] for i, r in enumerate(flying.requests) if not r.status.finished], None,
+                       done, out)
+
+        self._guarded(flying.record, live, finished, outputs, take, live, started=flying.started)
+        return finished, outputs
 
     def _drain(self) -> None:
         """On stop: the engine takes no more requests, and every one still queued or running ends with an error."""
@@ -200,10 +302,11 @@ class Engine:
         return finished, outputs
 
     def _guarded(self, record: StepRecord, requests: list[Request], finished: Finished, outputs: Outputs,
-                 run: Callable[[Work, Finished, Outputs], None], work: Work) -> None:
-        """Runs `run(work, finished, outputs)`, timed and logged; if the model raises, ends `requests` with an
-        error and keeps serving the others."""
-        started = time.perf_counter()
+                 run: Callable[[Work, Finished, Outputs], None], work: Work, log_step: bool = True,
+                 started: float | None = None) -> None:
+        """Runs `run(work, finished, outputs)`, timed (from `started`, default now) and logged unless `log_step` is
+        false; if the model raises, ends `requests` with an error and keeps serving the others."""
+        started = time.perf_counter() if started is None else started
         try:
             with torch.no_grad():
                 run(work, finished, outputs)
@@ -212,8 +315,9 @@ class Engine:
             for request in requests:
                 finished[request] = RequestStatus.FINISHED_ERROR
                 outputs.setdefault(request, self._new_output(request)).error = f"{type(bad).__name__}: {bad}"
-        self.metrics.step_time.labels(record.kind).observe(time.perf_counter() - started)
-        self.step_log.append(record)
+        if log_step:
+            self.metrics.step_time.labels(record.kind).observe(time.perf_counter() - started)
+            self.step_log.append(record)
 
     def _prefill(self, chunks: list[PrefillChunk], finished: Finished, outputs: Outputs) -> None:
         requests = [c.request for c in chunks]
@@ -279,10 +383,20 @@ class Engine:
                      outputs: Outputs) -> None:
         """logits: (b, V) of the model. Samples one token per request and applies the finish rules."""
         logits = logits[:, :self.tokenizer.vocab_size]  # (b, V'): ids past the tokenizer are padding
+        self._take(requests, self._choose(requests, logits).tolist(), logits, finished, outputs)
+
+    def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """logits: (b, V'). Each request's next token by its own sampling fields and generator, (b,) on the
+        device."""
         scores = adjusted(logits, requests, self.tokenizer.eos_token_id)  # (b, V'); logprobs stay the model's
         generators = [g for r in requests if (g := r.generator) is not None]
         assert len(generators) == len(requests), "made at admission"
-        tokens = sample(scores, [r.params for r in requests], generators)
+        return choose(scores, [r.params for r in requests], generators)
+
+    def _take(self, requests: list[Request], tokens: list[int], logits: torch.Tensor | None, finished: Finished,
+              outputs: Outputs) -> None:
+        """Each request's new token into its books and output, and the finish rules; `logits` (b, V') for the
+        requests that want logprobs."""
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(tokens))
         for i, (request, token) in enumerate(zip(requests, tokens)):
@@ -290,6 +404,7 @@ class Engine:
             request.output_ids.append(token)
             out.token_ids.append(token)
             if request.params.logprobs is not None:
+                assert logits is not None, "a step whose requests want logprobs keeps its logits"
                 out.logprobs += logprob_entries(logits[i:i + 1], torch.tensor([token], device=logits.device),
                                                 request.params.logprobs)
             if request.first_token_time is None:

@@ -75,11 +75,11 @@ class ModelRunner:
         """The state of `slot` copied into the slots `to` (the samples of one prompt)."""
         self.pool.write_rows(to, self.pool.rows([slot] * len(to)))
 
-    def decode(self, slots: list[int], tokens: list[int], buckets: list[str]) -> torch.Tensor:
-        """One token for each sequence: slots, tokens and scale buckets (b each). The pool's rows advance in
-        place. Returns the logits (b, V) float32, valid until the next call."""
+    def decode(self, slots: list[int], tokens: list[int] | torch.Tensor, buckets: list[str]) -> torch.Tensor:
+        """One token for each sequence: slots, tokens (a list, or a tensor on the device) and scale buckets (b
+        each). The pool's rows advance in place. Returns the logits (b, V) float32, valid until the next call."""
         device = self.model.device
-        slot_ids, token_ids = torch.tensor(slots, device=device), torch.tensor(tokens, device=device)  # (b,), (b,)
+        slot_ids, token_ids = torch.tensor(slots, device=device), torch.as_tensor(tokens, device=device)  # (b,), (b,)
         scales = self._decode_batch.scales(tuple(self.extensions[bucket] for bucket in buckets))
         if self.graphs is not None:
             return self.graphs.step(token_ids, slot_ids, scales)

@@ -23,7 +23,14 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
-    """logits: (b, V) float32. Returns one token id per row, read back from the device once for the batch.
+    """logits: (b, V) float32. Returns one token id per row (`choose`), read back from the device once."""
+    return choose(logits, params, generators).tolist()
+
+
+def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """logits: (b, V) float32. Returns one token id per row, (b,) int64 on the logits' device, without waiting
+    for the device.
 
     The sampled rows are filtered and normalised together, each row by its own parameters (every operation works
     along a row, so a row's result does not depend on the others); each draws u ~ U[0, 1) from its own generator
@@ -31,7 +38,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     per-row synchronisation."""
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
-        return greedy(logits).tolist()
+        return greedy(logits)
     device = logits.device
     tokens = torch.empty(len(params), dtype=torch.long, device=device)  # (b,)
     greedy_rows = torch.tensor([i for i, p in enumerate(params) if p.greedy], dtype=torch.long, device=device)
@@ -47,7 +54,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     # u scaled by the row's total: rounding can leave the last cumulative value just under 1
     choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
     tokens[chosen] = choice.clamp(max=logits.shape[-1] - 1)
-    return tokens.tolist()
+    return tokens
 
 
 def _tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,8 @@ class Scheduler:
                 member.status = RequestStatus.PREFILLING
             self.prefilling.append(request)
             admitted += request.group
-        return SchedulerOutput(self.step, admitted, self._prefill_batch(), list(self.decoding), finished)
+        self.step += 1
+        return SchedulerOutput(self.step - 1, admitted, self._prefill_batch(), list(self.decoding), finished)
 
     def _prefill_batch(self) -> list[PrefillChunk]:
         """The step's prompt chunks (the rule in the module docstring), taken out of the turns; those whose
@@ -123,7 +124,6 @@ class Scheduler:
                         self.decoding.append(member)
         for request, status in finished.items():
             self.finish(request, status)
-        self.step += 1
 
     def finish(self, request: Request, status: RequestStatus) -> list[Request]:
         """Ends `request` wherever it is and frees its slot; returns the requests this ended: none when it had

@@ -1,0 +1,78 @@
+"""Decode steps launched before the last one's tokens are taken (`overlap_decode`, the default on CUDA, forced
+here on the CPU) give every request the tokens and text it gets without: greedy and seeded sampling, requests
+finishing at different steps (lengths, stop strings, end of text), requests that arrive while others decode,
+an abort, and requests whose steps cannot overlap (logprobs, penalties) batched with the others."""
+
+import threading
+
+import pytest
+
+from runtime import load_model
+from server.config import EngineConfig
+from server.detokenizer import OutputText
+from server.engine import Engine
+from server.metrics import Metrics
+from server.request import Request, SamplingParams
+
+from server_helpers import wait_for
+
+EARLY = {  # request id -> sampling fields; these are submitted together
+    "greedy": SamplingParams(20, temperature=0.0, ignore_eos=True),
+    "seeded": SamplingParams(35, temperature=1.0, seed=1, ignore_eos=True),
+    "nucleus": SamplingParams(12, temperature=0.8, top_p=0.9, seed=2, stop=("e",)),
+    "eos": SamplingParams(40, temperature=1.0, seed=3),
+    "aborted": SamplingParams(200, temperature=1.0, seed=4, ignore_eos=True),
+}
+LATE = {  # submitted once the early ones decode
+    "logprobs": SamplingParams(10, temperature=0.0, logprobs=2, ignore_eos=True),
+    "penalised": SamplingParams(15, temperature=1.0, seed=5, presence_penalty=1.0, ignore_eos=True),
+    "late": SamplingParams(25, temperature=1.0, seed=6, ignore_eos=True),
+}
+
+
+def _serve(model, tokenizer, overlap: bool) -> tuple[dict[str, tuple[list[int], str]], int]:
+    """Every request's (token ids, text), and how many steps landed while the next was in flight."""
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, overlap_decode=overlap), Metrics(model.device))
+    landings = []
+    land = engine._land
+    engine._land = lambda flying: landings.append(flying) or land(flying)
+    results: dict[str, tuple[list[int], str]] = {}
+    finished = threading.Event()
+
+    def sink(name):
+        def take(out):
+            ids, text = results.get(name, ([], ""))
+            results[name] = (ids + out.token_ids, text + out.text)
+            if out.finished and len(results) == len(EARLY) + len(LATE) and all(
+                    r.status.finished for r in requests.values()):
+                finished.set()
+        return take
+
+    requests = {name: Request(name, tokenizer.encode(f"the river {i}"), params, "none",
+                              OutputText(tokenizer, params.stop), sink(name))
+                for i, (name, params) in enumerate({**EARLY, **LATE}.items())}
+    engine.start()
+    try:
+        engine.submit(*(requests[name] for name in EARLY))
+        wait_for(lambda: len(results.get("greedy", ([], ""))[0]) >= 3, what="the early requests to decode")
+        engine.submit(*(requests[name] for name in LATE))
+        wait_for(lambda: len(results.get("aborted", ([], ""))[0]) >= 30, what="the request to abort to decode")
+        engine.abort(requests["aborted"])
+        assert finished.wait(60), "every request finishes"
+    finally:
+        engine.stop()
+    results.pop("aborted")  # where it stopped depends on timing; that it stopped is checked above
+    return results, len(landings)
+
+
+@pytest.fixture(scope="module")
+def served(model_dirs, live):
+    model, tokenizer = load_model(model_dirs["mamba1"]).model, live.components.tokenizer
+    return _serve(model, tokenizer, overlap=False), _serve(model, tokenizer, overlap=True)
+
+
+def test_overlapped_steps_give_the_same_tokens_and_text(served):
+    (plain, plain_landings), (overlapped, landings) = served
+    assert plain_landings == 0 and landings > 10, "the overlapped run launched steps before landing the last"
+    assert overlapped == plain
+    assert len(plain["greedy"][0]) == 20 and len(plain["late"][0]) == 25
