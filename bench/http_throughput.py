@@ -5,9 +5,9 @@ clients (asyncio + httpx, one connection each) stream a completion of a fixed pr
 ids) of exactly `--max-tokens` tokens (`ignore_eos`). Reported per N: aggregate output tokens/s (all tokens over
 the wall time from the first request sent to the last stream's end), time to first token p50/p99/max, the gap
 between streamed chunks p50/p99 and the tokens per chunk (the server sends a stream's waiting tokens in one
-chunk when it falls behind), and the client's CPU time over that wall time (near 1.0: the client, not the
-server, is the limit). The peer, measured in this process
-between the HTTP runs (the server idle): the engine's model runner decoding greedy steps of
+chunk when it falls behind), and the client's CPU time over that wall time (of the busiest client process, when
+`--client-processes` share the streams; near 1.0: the client, not the server, is the limit). The peer, measured
+in this process between the HTTP runs (the server idle): the engine's model runner decoding greedy steps of
 min(N, --max-batch-size) sequences (the batch the server runs), with the ratio of the two throughputs.
 
     python -m bench.http_throughput --streams 1,16                       # the embedded model on CPU
@@ -24,9 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,7 @@ class Stream:
     sent: float
     chunks: list[float] = field(default_factory=list)
     tokens: int = 0  # completion tokens, from the usage chunk
+    ended: float = 0.0
 
 
 async def stream_one(client: httpx.AsyncClient, body: dict) -> Stream:
@@ -70,6 +74,7 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> Stream:
                 record.tokens = event["usage"]["completion_tokens"]
             else:
                 raise RuntimeError(f"unexpected event {event}")
+    record.ended = time.perf_counter()
     return record
 
 
@@ -80,6 +85,26 @@ async def run_streams(url: str, n: int, body: dict) -> tuple[list[Stream], float
         cpu, start = time.process_time(), time.perf_counter()
         streams = await asyncio.gather(*(stream_one(client, body) for _ in range(n)))
         return list(streams), time.perf_counter() - start, time.process_time() - cpu
+
+
+def client_share(url: str, n: int, body: dict) -> tuple[list[Stream], float]:
+    """A client process's share of the streams: its streams and its CPU seconds."""
+    streams, _, cpu = asyncio.run(run_streams(url, n, body))
+    return streams, cpu
+
+
+def run_clients(pool: ProcessPoolExecutor | None, workers: int, url: str, n: int,
+                body: dict) -> tuple[list[Stream], float, float]:
+    """n concurrent streams of `body`, shared among the pool's `workers` processes (no pool: this process),
+    which start together. Returns them, the wall time from the first sent to the last ended, and the CPU seconds
+    of the busiest client process."""
+    if pool is None:
+        return asyncio.run(run_streams(url, n, body))
+    shares = [n // workers + (i < n % workers) for i in range(workers)]
+    results = [future.result() for future in [pool.submit(client_share, url, s, body) for s in shares if s]]
+    streams = [s for share, _ in results for s in share]
+    wall = max(s.ended for s in streams) - min(s.sent for s in streams)
+    return streams, wall, max(cpu for _, cpu in results)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -119,6 +144,9 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=128, help="completion tokens per stream")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                        help="processes the streams are shared among, so that the client is not the limit "
+                             "(default: half the cores, at most 8; 1: the streams run in this process)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.streams.split(",")]
@@ -162,15 +190,20 @@ def measure(args, served: argparse.Namespace, counts: list[int], body: dict, url
     runner = ModelRunner(model, EngineConfig(max_batch_size=min(max(counts), slots),
                                              cuda_graphs=not served.enforce_eager))
     runner.warm_up()
-    asyncio.run(run_streams(url, 1, {**body, "max_tokens": 4}))  # the server's first request: warm-up
+    workers = args.client_processes
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    # the server's first request, and the client processes' start and imports, before any timing
+    run_clients(pool, workers, url, workers, {**body, "max_tokens": 4})
     measured: dict[int, list[dict]] = {n: [] for n in counts}
     with torch.no_grad():
         for _ in range(args.rounds):
             for n in counts:
-                row = http_row(*asyncio.run(run_streams(url, n, body)))
+                row = http_row(*run_clients(pool, workers, url, n, body))
                 row["engine_tokens_per_s"] = engine_tokens_per_s(runner, min(n, slots))
                 measured[n].append(row)
                 print_row({"streams": n, **row})
+    if pool is not None:
+        pool.shutdown()
     return [{"streams": n, "engine_batch": min(n, slots),
              **{key: statistics.median(r[key] for r in rows) for key in rows[0]},
              "ratio": statistics.median(r["http_tokens_per_s"] / r["engine_tokens_per_s"] for r in rows)}
