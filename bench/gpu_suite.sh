@@ -3,7 +3,8 @@
 #   bash bench/gpu_suite.sh OUT [SHAPES]
 # Needs mamba_ssm importable, and the server's packages for the HTTP step (on a machine without them, install
 # the wheels that bench/server_wheels.sh downloads). Runs the GPU tests first; each step is independent and the
-# run goes on if one fails.
+# run goes on if one fails. SHAPES are Mamba1 shapes; decode and prefill also run the Mamba2 ones, and the HTTP
+# streams run with the decode overlap on and off.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT [SHAPES]} shapes=${2:-130m,1.4b}
 mkdir -p "$out"
@@ -11,12 +12,21 @@ python3 -c "import torch, mamba_ssm; print(torch.__version__, torch.cuda.get_dev
 timeout 300 python3 -m pytest -q tests/gpu tests/runtime/test_triton_decode.py tests/runtime/test_triton_channels.py \
   tests/runtime/test_triton_int8.py tests/runtime/test_triton_mamba2.py tests/runtime/test_triton_scan_state.py \
   > "$out/tests.txt" 2>&1; grep -E "FAILED|passed|failed" "$out/tests.txt" | tail -15
-python3 -m bench.gpu_decode --shapes "$shapes" --json "$out/decode.json" 2>&1 | grep -v Warning | tail -6
+python3 -m bench.gpu_decode --shapes "$shapes,mamba2-780m,mamba2-2.7b" --batch 64 --json "$out/decode.json" 2>&1 \
+  | grep -v Warning | tail -8
 python3 -m bench.gpu_kernels --shapes "$shapes" --json "$out/kernels.json" 2>&1 | tail -7
 python3 -m bench.gpu_profile --shape 130m --tokens 8192 --json "$out/profile.json" 2>&1 | grep -v -e Warning -e USDT | tail -90
-python3 -m bench.gpu_prefill --shapes "$shapes" --lengths 2048,8192,32768,65536 --rounds 9 --json "$out/prefill.json" | tail -10
+python3 -m bench.gpu_prefill --shapes "$shapes,mamba2-780m,mamba2-2.7b" --lengths 2048,8192,32768,65536 --rounds 9 \
+  --json "$out/prefill.json" | tail -18
 python3 -m bench.gpu_prefill --shapes "$shapes" --lengths 61440 --chunks 2048,8192,16384 --rounds 3 \
   --json "$out/prefill_chunks.json" | tail -4
 python3 -m bench.quant_decode --shapes "$shapes" --device cuda --json "$out/quant.json" | tail -8
 python3 -m bench.http_ttft --shape 130m --device cuda --tokens 60000 --race --json "$out/http_ttft.json" 2>&1 \
   | grep -v " INFO " | tail -2
+for shape in ${shapes//,/ }; do
+  for overlap in on off; do
+    python3 -m bench.http_throughput --shape "$shape" --device cuda --prompt-tokens 1000 --streams 1,8,32,64,256 \
+      --json "$out/http_${shape}_overlap_$overlap.json" -- --max-batch-size 256 --max-queue 256 \
+      --overlap-decode "$overlap" 2>&1 | grep -v " INFO " | tail -8
+  done
+done
