@@ -6,6 +6,7 @@ an abort, and requests whose steps cannot overlap (logprobs, penalties) batched 
 import threading
 
 import pytest
+import torch
 
 from runtime import load_model
 from server.config import EngineConfig
@@ -65,9 +66,12 @@ def _serve(model, tokenizer, overlap: bool) -> tuple[dict[str, tuple[list[int], 
     return results, len(landings)
 
 
-@pytest.fixture(scope="module")
-def served(model_dirs, live):
-    model, tokenizer = load_model(model_dirs["mamba1"]).model, live.components.tokenizer
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def served(request, model_dirs, live):
+    """On the CPU the overlap is forced; on CUDA it is the default, with the pinned copy and event it uses there,
+    and the decode graphs."""
+    model, tokenizer = load_model(model_dirs["mamba1"], device=request.param).model, live.components.tokenizer
     return _serve(model, tokenizer, overlap=False), _serve(model, tokenizer, overlap=True)
 
 
