@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from runtime.tokenizer import Tokenizer
 from scale_bank import Selection, UnknownBucketError, select
 from starlette.requests import Request as HttpRequest
 
@@ -33,7 +34,12 @@ SSE_DONE = b"data: [DONE]\n\n"  # the stream's last event, as OpenAI ends one
 @dataclass
 class Prompt:
     ids: list[int]
-    text: str  # what echo puts before the completion
+    text: str | None  # as the request gave it, what echo puts before the completion; None: it gave token ids
+
+    def echoed(self, tokenizer: Tokenizer) -> str:
+        """What echo puts before the completion: token ids are decoded only when asked (a request without echo
+        would pay for decoding a long prompt on the event loop)."""
+        return tokenizer.decode(self.ids) if self.text is None else self.text
 
 
 @dataclass
@@ -196,7 +202,7 @@ class CompletionService:
         if any(not p for p in many):
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if not isinstance(many[0], str):
-            return [Prompt(self.token_ids(ids, "prompt"), self.tokenizer.decode(ids)) for ids in many]
+            return [Prompt(self.token_ids(ids, "prompt"), None) for ids in many]
         out = [Prompt(ids, text) for text, ids in zip(many, await asyncio.to_thread(self.tokenizer.encode_batch, many))]
         for p in out:
             if not p.ids:
@@ -300,7 +306,7 @@ class CompletionService:
     def _choice(self, submission: Submission, choice: Choice, output: RequestOutput, echo: bool) -> dict:
         """One choice of a completion object or chunk, of `output`; with `echo` its prompt goes first."""
         request = choice.request
-        prefix = choice.prompt.text if echo else ""
+        prefix = choice.prompt.echoed(self.tokenizer) if echo else ""
         body = {"index": choice.index, "text": prefix + output.text, "logprobs": None, **finish_fields(output)}
         if len(submission.prompts) > 1:
             body.update(scale_fields(choice.selection))

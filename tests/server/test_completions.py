@@ -75,6 +75,12 @@ def test_max_tokens_zero_and_echo(client):
     assert "".join(c["choices"][0]["text"] for c in chunks) == echoed["choices"][0]["text"]
 
 
+def test_echo_of_token_ids_is_their_text(client, model_dirs):
+    ids = Tokenizer(model_dirs["mamba1"] / "tokenizer.json").encode(PROMPT)
+    assert complete(client, prompt=ids, max_tokens=0, echo=True)["choices"][0]["text"] == PROMPT
+    assert stream(client, prompt=ids, max_tokens=2, echo=True)[0]["choices"][0]["text"].startswith(PROMPT)
+
+
 def test_stop_string_split_across_tokens_is_not_emitted(client):
     baseline = complete(client, prompt=PROMPT, max_tokens=20, logprobs=0)
     text, tokens = baseline["choices"][0]["text"], baseline["choices"][0]["logprobs"]["tokens"]
