@@ -22,11 +22,6 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
-    """logits: (b, V) float32. Returns one token id per row (`choose`), read back from the device once."""
-    return choose(logits, params, generators).tolist()
-
-
 def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator]) -> torch.Tensor:
     """logits: (b, V) float32. Returns one token id per row, (b,) int64 on the logits' device, without waiting

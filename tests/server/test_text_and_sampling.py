@@ -9,7 +9,7 @@ import torch
 from runtime.tokenizer import Tokenizer
 from server.detokenizer import MAX_HELD_TOKENS, OutputText
 from server.request import SamplingParams
-from server.sampling import _filtered, logprob_entries, sample
+from server.sampling import _filtered, choose, logprob_entries
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise():
 
     def draw(seed):
         gens = [torch.Generator().manual_seed(seed) for _ in params]
-        return [sample(logits, params, gens) for _ in range(20)]
+        return [choose(logits, params, gens).tolist() for _ in range(20)]
 
     first = draw(1)
     assert all(row[0] == int(logits[0].argmax()) for row in first)
@@ -95,10 +95,9 @@ def test_sampled_tokens_follow_the_filtered_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = torch.log(probs).repeat(4000, 1)  # (4000, 4): many rows, each its own generator
     gens = [torch.Generator().manual_seed(i) for i in range(4000)]
-    counts = torch.bincount(torch.tensor(sample(logits, [SamplingParams(8, temperature=1.0)] * 4000, gens)),
-                            minlength=4)
+    counts = torch.bincount(choose(logits, [SamplingParams(8, temperature=1.0)] * 4000, gens), minlength=4)
     assert ((counts / 4000 - probs).abs() < 0.03).all(), counts
-    top_p = sample(logits[:500], [SamplingParams(8, temperature=1.0, top_p=0.6)] * 500, gens[:500])
+    top_p = choose(logits[:500], [SamplingParams(8, temperature=1.0, top_p=0.6)] * 500, gens[:500]).tolist()
     assert set(top_p) == {0, 1}  # 0.5 + 0.3 reach 0.6: the rest is never drawn
 
 
@@ -108,7 +107,7 @@ def test_a_temperature_just_above_zero_is_greedy(temperature):
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, 2.0, 2.0, -7.0]])
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     params = [SamplingParams(8, temperature=temperature)] * 2
-    draws = [sample(logits, params, gens) for _ in range(40)]
+    draws = [choose(logits, params, gens).tolist() for _ in range(40)]
     assert all(first == 1 for first, _ in draws)
     assert {second for _, second in draws} == {1, 2}
 
@@ -116,7 +115,7 @@ def test_a_temperature_just_above_zero_is_greedy(temperature):
 def test_a_huge_temperature_samples_evenly():
     logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).repeat(3000, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(3000)]
-    counts = torch.bincount(torch.tensor(sample(logits, [SamplingParams(8, temperature=1e30)] * 3000, gens)))
+    counts = torch.bincount(choose(logits, [SamplingParams(8, temperature=1e30)] * 3000, gens))
     assert ((counts / 3000 - 1 / 3).abs() < 0.04).all(), counts
 
 
@@ -129,7 +128,7 @@ def test_a_seeded_row_samples_the_same_tokens_whatever_else_is_batched():
 
     def draws(rows):
         gens = {i: torch.Generator().manual_seed(100 + i) for i in rows}
-        picked = [sample(logits[rows], [params[i] for i in rows], [gens[i] for i in rows]) for _ in range(30)]
+        picked = [choose(logits[rows], [params[i] for i in rows], [gens[i] for i in rows]).tolist() for _ in range(30)]
         return {i: [step[j] for step in picked] for j, i in enumerate(rows)}
 
     together = draws(list(range(6)))
