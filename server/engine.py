@@ -231,8 +231,7 @@ class Engine:
         started = time.perf_counter()
 
         def launch(work: list[Request], _finished: Finished, _outputs: Outputs) -> None:
-            logits = self.runner.decode(held_slots(work), self._decode_inputs(work), [r.scale_bucket for r in work])
-            tokens = self._choose(work, logits[:, :self.tokenizer.vocab_size])  # (b,) on the device
+            tokens = self._choose(work, self._decode_logits(work)[:, :self.tokenizer.vocab_size])  # (b,) on the device
             launched.append(InFlight(output, work, tokens, record, started))
 
         self._guarded(record, requests, finished, outputs, launch, requests, log_step=False)
@@ -246,10 +245,10 @@ class Engine:
             return [r.output_ids[-1] for r in requests]
         if flying.requests == requests:
             return flying.tokens
-        rows = {id(r): i for i, r in enumerate(flying.requests)}
-        inputs = torch.tensor([r.output_ids[-1] if id(r) not in rows else 0 for r in requests],
+        rows = {r: i for i, r in enumerate(flying.requests)}
+        inputs = torch.tensor([0 if r in rows else r.output_ids[-1] for r in requests],
                               device=flying.tokens.device)  # (b,)
-        taken = [(i, rows[id(r)]) for i, r in enumerate(requests) if id(r) in rows]
+        taken = [(i, rows[r]) for i, r in enumerate(requests) if r in rows]
         if taken:
             into, source = zip(*taken)
             inputs[list(into)] = flying.tokens[list(source)]
@@ -260,12 +259,12 @@ class Engine:
         finished meanwhile (those whose previous step finished them, or aborted)."""
         finished: Finished = {}
         outputs: Outputs = {}
-        live = [r for r in flying.requests if not r.status.finished]
+        rows = [i for i, r in enumerate(flying.requests) if not r.status.finished]
+        live = [flying.requests[i] for i in rows]
 
         def take(work: list[Request], done: Finished, out: Outputs) -> None:
             tokens = flying.read()
-            self._take(work, [tokens[i] for i, r in enumerate(flying.requests) if not r.status.finished], None,
-                       done, out)
+            self._take(work, [tokens[i] for i in rows], None, done, out)
 
         self._guarded(flying.record, live, finished, outputs, take, live, started=flying.started)
         return finished, outputs
@@ -374,10 +373,12 @@ class Engine:
                                                        targets[start:start + logits.shape[1]], top)
 
     def _decode(self, requests: list[Request], finished: Finished, outputs: Outputs) -> None:
-        slots = held_slots(requests)
-        logits = self.runner.decode(slots, [r.output_ids[-1] for r in requests],
-                                    [r.scale_bucket for r in requests])  # (b, V)
-        self._take_tokens(requests, logits, finished, outputs)
+        self._take_tokens(requests, self._decode_logits(requests), finished, outputs)
+
+    def _decode_logits(self, requests: list[Request]) -> torch.Tensor:
+        """The batch's decode step on the runner, each request from its last token: logits (b, V)."""
+        return self.runner.decode(held_slots(requests), self._decode_inputs(requests),
+                                  [r.scale_bucket for r in requests])
 
     def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: Finished,
                      outputs: Outputs) -> None:

@@ -86,8 +86,9 @@ class Scheduler:
                 member.status = RequestStatus.PREFILLING
             self.prefilling.append(request)
             admitted += request.group
+        output = SchedulerOutput(self.step, admitted, self._prefill_batch(), list(self.decoding), finished)
         self.step += 1
-        return SchedulerOutput(self.step - 1, admitted, self._prefill_batch(), list(self.decoding), finished)
+        return output
 
     def _prefill_batch(self) -> list[PrefillChunk]:
         """The step's prompt chunks (the rule in the module docstring), taken out of the turns; those whose
