@@ -8,7 +8,11 @@ between streamed chunks p50/p99 and the tokens per chunk (the server sends a str
 chunk when it falls behind), and the client's CPU time over that wall time (of the busiest client process, when
 `--client-processes` share the streams; near 1.0: the client, not the server, is the limit). The peer, measured
 in this process between the HTTP runs (the server idle): the engine's model runner decoding greedy steps of
-min(N, --max-batch-size) sequences (the batch the server runs), with the ratio of the two throughputs.
+min(N, --max-batch-size) sequences (the batch the server runs), with the ratio of the two throughputs; and the
+engine's round of the same work, its prefill included: that batch's prompts prefilled in the server's chunks and
+steps, their first tokens chosen, then the decode steps of the rest of the completions. A stream's prompt is GPU
+work that the decode-only figure leaves out (a batch of 64 1,000-token prompts is one 64k-token prefill), so that
+round's throughput bounds what HTTP can reach; the second ratio is HTTP's share of it.
 
     python -m bench.http_throughput --streams 1,16                       # the embedded model on CPU
     python -m bench.http_throughput --shape 130m --device cuda --prompt-tokens 1000 -- --max-batch-size 256
@@ -42,6 +46,7 @@ from scale_bank import NONE
 from server.config import DEFAULT_MODEL_DIR, EngineConfig, build_parser
 from server.model_runner import ModelRunner
 from server.sampling import greedy
+from server.slots import default_prefill_chunk, default_prefill_tokens
 
 from .report import print_row, print_table, save_json
 from .server_process import add_server_arguments, free_port, serve_shape, start_server
@@ -136,6 +141,31 @@ def engine_tokens_per_s(runner: ModelRunner, batch: int) -> float:
     return batch * STEPS / (time.perf_counter() - start)
 
 
+def prefill_seconds(runner: ModelRunner, batch: int, prompt: list[int], chunk: int, step_tokens: int) -> float:
+    """`batch` copies of `prompt` prefilled as the engine's steps do (chunks of up to `chunk` tokens, as many
+    prompts a step as `step_tokens` holds), then each one's first token chosen greedily and read back."""
+    slots, length = list(range(batch)), min(len(prompt), chunk)
+    rows = max(1, step_tokens // length)  # prompts a step
+    start = time.perf_counter()
+    for begin in range(0, len(prompt), length):
+        for first in range(0, batch, rows):
+            group = slots[first:first + rows]
+            hidden = runner.prefill(group, [prompt[begin:begin + length]] * len(group), [begin == 0] * len(group),
+                                    [NONE] * len(group))  # (g, c, D)
+            if begin + length >= len(prompt):
+                greedy(runner.model.logits(hidden[:, -1])).tolist()
+    return time.perf_counter() - start
+
+
+def round_tokens_per_s(runner: ModelRunner, batch: int, prompt: list[int], max_tokens: int, chunk: int,
+                       step_tokens: int, decode_tokens_per_s: float) -> float:
+    """The engine's throughput over a round of `batch` streams: their prefill (timed), then max_tokens - 1 decode
+    steps at the decode-only rate."""
+    prefill_seconds(runner, batch, prompt, chunk, step_tokens)  # warm: this batch's shapes
+    prefill = prefill_seconds(runner, batch, prompt, chunk, step_tokens)
+    return batch * max_tokens / (prefill + (max_tokens - 1) * batch / decode_tokens_per_s)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_server_arguments(parser)
@@ -163,10 +193,12 @@ def main(argv=None):
         finally:
             server.terminate()
             server.wait(timeout=60)
-    print_table(["streams", "engine batch", "HTTP tokens/s", "engine tokens/s", "ratio", "TTFT p50 / p99 / max ms",
-                 "gap p50 / p99 ms", "tokens/chunk", "client CPU"],
+    print_table(["streams", "engine batch", "HTTP tokens/s", "engine decode tokens/s", "ratio",
+                 "engine round with prefill tokens/s", "ratio", "TTFT p50 / p99 / max ms", "gap p50 / p99 ms",
+                 "tokens/chunk", "client CPU"],
                 [[str(r["streams"]), str(r["engine_batch"]), f"{r['http_tokens_per_s']:,.0f}",
-                  f"{r['engine_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}",
+                  f"{r['engine_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}", f"{r['round_tokens_per_s']:,.0f}",
+                  f"{r['round_ratio']:.2f}",
                   f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} / {r['ttft_max_ms']:.1f}",
                   f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f}", f"{r['tokens_per_chunk']:.2f}",
                   f"{r['client_cpu']:.2f}"] for r in rows])
@@ -189,6 +221,8 @@ def measure(args, served: argparse.Namespace, counts: list[int], body: dict, url
         torch.set_num_threads(served.threads)
     runner = ModelRunner(model, EngineConfig(max_batch_size=min(max(counts), slots),
                                              cuda_graphs=not served.enforce_eager))
+    chunk = served.prefill_chunk or default_prefill_chunk(model.device)  # as the server sizes them
+    step_tokens = served.max_prefill_tokens or default_prefill_tokens(model.device, chunk)
     runner.warm_up()
     workers = args.client_processes
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
@@ -200,13 +234,17 @@ def measure(args, served: argparse.Namespace, counts: list[int], body: dict, url
             for n in counts:
                 row = http_row(*run_clients(pool, workers, url, n, body))
                 row["engine_tokens_per_s"] = engine_tokens_per_s(runner, min(n, slots))
+                row["round_tokens_per_s"] = round_tokens_per_s(runner, min(n, slots), body["prompt"],
+                                                               body["max_tokens"], chunk, step_tokens,
+                                                               row["engine_tokens_per_s"])
                 measured[n].append(row)
                 print_row({"streams": n, **row})
     if pool is not None:
         pool.shutdown()
     return [{"streams": n, "engine_batch": min(n, slots),
              **{key: statistics.median(r[key] for r in rows) for key in rows[0]},
-             "ratio": statistics.median(r["http_tokens_per_s"] / r["engine_tokens_per_s"] for r in rows)}
+             "ratio": statistics.median(r["http_tokens_per_s"] / r["engine_tokens_per_s"] for r in rows),
+             "round_ratio": statistics.median(r["http_tokens_per_s"] / r["round_tokens_per_s"] for r in rows)}
             for n, rows in measured.items()]
 
 

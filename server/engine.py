@@ -400,6 +400,7 @@ class Engine:
         requests that want logprobs."""
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(tokens))
+        gaps = []  # inter-token latencies, observed together
         for i, (request, token) in enumerate(zip(requests, tokens)):
             out = outputs.setdefault(request, self._new_output(request))
             request.output_ids.append(token)
@@ -412,12 +413,13 @@ class Engine:
                 request.first_token_time = now
                 self.metrics.time_to_first_token.observe(now - request.arrival_time)
             elif request.last_token_time is not None:  # set with the first token
-                self.metrics.inter_token_latency.observe(now - request.last_token_time)
+                gaps.append(now - request.last_token_time)
             request.last_token_time = now
             text, status = take_token(request, token, self.tokenizer.eos_token_id)
             out.text += text
             if status is not None:
                 finished[request] = status
+        self.metrics.inter_token_latency.observe_many(gaps)
 
     def _new_output(self, request: Request, error: str | None = None) -> RequestOutput:
         return RequestOutput(request.request_id, "", [], [], None, request.status, len(request.prompt_ids), 0, error)

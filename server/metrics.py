@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable
+from itertools import accumulate
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "mamba_server_"
 MODEL_LABEL = "model_name"
@@ -73,6 +78,36 @@ class PerModel:
         return self._metric.labels(self._model_name, *values)
 
 
+class StepHistogram:
+    """A histogram fed an engine step's observations at once: one lock and a bisection each, where
+    prometheus_client's Histogram takes two locks and scans its bounds per observation (the inter-token latency
+    has one observation per generated token). A collector of the registry: it is scraped as a histogram of the
+    same name and series would be (`_bucket`, `_count`, `_sum`, with model_name)."""
+
+    def __init__(self, name: str, documentation: str, model_name: str, registry: CollectorRegistry,
+                 buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self._name, self._documentation, self._model_name = name, documentation, model_name
+        self._bounds = [*buckets, float("inf")]
+        self._counts = [0] * len(self._bounds)  # observations in each bucket alone (cumulated when scraped)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        with self._lock:
+            for value in values:
+                self._counts[bisect_left(self._bounds, value)] += 1  # the first bound ≥ value, as `le` reads
+                self._sum += value
+
+    def collect(self):
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[MODEL_LABEL])
+        family.add_metric([self._model_name], [(floatToGoString(bound), float(count))
+                                               for bound, count in zip(self._bounds, accumulate(counts))], total)
+        yield family
+
+
 class Metrics:
     def __init__(self, device: torch.device, model_name: str = "mamba"):
         self.registry = CollectorRegistry()
@@ -86,7 +121,8 @@ class Metrics:
             return per_model(Histogram, name, doc, labels, buckets=LATENCY_BUCKETS)
 
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first generated token")
-        self.inter_token_latency = histogram("inter_token_latency_seconds", "Between consecutive tokens of a request")
+        self.inter_token_latency = StepHistogram(PREFIX + "inter_token_latency_seconds",
+                                                 "Between consecutive tokens of a request", model_name, registry)
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Arrival to finish")
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to admission into a state slot")
         self.prefill_time = histogram("request_prefill_time_seconds", "Admission to the end of the prompt's prefill")

@@ -116,7 +116,8 @@ def test_token_counters_move_by_exactly_what_was_sent(live):
     live.wait_idle()
     with httpx.Client(base_url=live.url, timeout=60) as c:
         before = {name: metric(c, name) for name in ("mamba_server_prompt_tokens_total",
-                                                    "mamba_server_generation_tokens_total")}
+                                                    "mamba_server_generation_tokens_total",
+                                                    "mamba_server_inter_token_latency_seconds_count")}
         length_before = metric(c, "mamba_server_requests_total", finish_reason="length")
         bucket_before = metric(c, "mamba_server_scale_bucket_requests_total", bucket="128")
         bodies = [c.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
@@ -127,6 +128,9 @@ def test_token_counters_move_by_exactly_what_was_sent(live):
         for counter, field in (("mamba_server_prompt_tokens_total", "prompt_tokens"),
                                ("mamba_server_generation_tokens_total", "completion_tokens")):
             assert metric(c, counter) - before[counter] == sum(u[field] for u in usages)
+        gaps = sum(max(0, u["completion_tokens"] - 1) for u in usages)  # one between each two tokens of a request
+        assert metric(c, "mamba_server_inter_token_latency_seconds_count") == \
+            before["mamba_server_inter_token_latency_seconds_count"] + gaps
         assert metric(c, "mamba_server_scale_bucket_requests_total", bucket="128") == bucket_before + 3
         finished_by_length = sum(body["choices"][0]["finish_reason"] == "length" for body in bodies)
         assert metric(c, "mamba_server_requests_total", finish_reason="length") == length_before + finished_by_length
