@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def peer_ms_per_token(peer) -> float:
 def bench_shape(name: str, big_batch: int) -> dict:
     peer, loaded = peer_and_runtime(name)
     model = loaded.model
-    row = {"shape": name, "mamba_ssm_cg_ms": peer_ms_per_token(peer)}
+    row: dict[str, Any] = {"shape": name, "mamba_ssm_cg_ms": peer_ms_per_token(peer)}
     del peer
     torch.cuda.empty_cache()
     row["eager_ms"] = decode_ms_per_token(model, 1, PROMPT, NEW, graphed=False)

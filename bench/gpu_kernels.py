@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import itertools
 import math
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -106,7 +107,7 @@ def ops(t: dict) -> dict:
     weights = Mamba1Weights(t["conv_weight"], t["conv_bias"], t["x_proj"], t["dt_proj"], t["dt_bias"], t["A_log"],
                             t["D"])
     decode_args = (x, z, t["conv_state"], t["h"], weights)
-    no_scales = dict(delta_scale=None, a_scale=None)
+    no_scales: dict[str, Any] = dict(delta_scale=None, a_scale=None)
 
     def composed_in_proj():
         _, normed = triton_gemv.add_rms_norm(t["residual"], t["update"], t["norm_weight"], 1e-5, torch.bfloat16)
@@ -148,9 +149,10 @@ def sweep(op: str, shapes: list[str], batch: int) -> list[dict]:
     def time_on(shape: str, which: int) -> float:  # which: 0 the fused op, 1 the composition
         return graph_us([ops(t)[op][which] for t in layers[shape]])
 
-    rows, best = [], {}
+    rows: list[dict] = []
+    best: dict[str, int] = {}
     for names in STAGES.get(op, [list(SWEEPS[op])]):
-        totals = {}
+        totals: dict[tuple[int, ...], float] = {}
         for values in itertools.product(*(SWEEPS[op][name] for name in names)):
             setting = {**best, **dict(zip(names, values))}
             with constants(setting):
@@ -159,7 +161,7 @@ def sweep(op: str, shapes: list[str], batch: int) -> list[dict]:
             row = {"op": op, "batch": batch, **setting, **{f"{s}_us": us for s, us in times.items()}}
             print_row(row)
             rows.append(row)
-        best.update(zip(names, min(totals, key=totals.get)))
+        best.update(zip(names, min(totals.items(), key=lambda tried: tried[1])[0]))
     for shape in shapes:
         rows.append({"op": op, "batch": batch, "composed": True, f"{shape}_us": time_on(shape, 1)})
         print_row(rows[-1])

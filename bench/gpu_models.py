@@ -41,8 +41,8 @@ def measure_in_turns(fns: dict, rounds: int = 5, min_seconds: float = 0.2) -> di
     """name -> (median over `rounds` of the seconds per call, peak GiB) for each of `fns`, which take turns a
     round at a time: a drift of the machine during the run (clocks, the host's other work) then touches every
     variant alike instead of whichever ran during it, which matters for ratios of a few percent."""
-    times = {name: [] for name in fns}
-    peaks = {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float] = {}
     for _ in range(rounds):
         for name, fn in fns.items():
             seconds, peaks[name] = measure(fn, min_repeats=1, min_seconds=min_seconds)

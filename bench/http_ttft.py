@@ -36,7 +36,7 @@ from .server_process import REPO, add_server_arguments, free_port, serve_shape, 
 
 def prompt_text(tokenizer, source: Path | None, tokens: int) -> str:
     """About `tokens` tokens of text: the documents of `source`, or this repository's README repeated."""
-    text = "\n\n".join(d.text for d in read_documents(source)) if source else (REPO / "README.md").read_text()
+    text = "\n\n".join(d.text for d in read_documents([source])) if source else (REPO / "README.md").read_text()
     ids = tokenizer.encode(text)
     while len(ids) < tokens:
         text, ids = text + "\n\n" + text, ids + ids

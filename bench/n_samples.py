@@ -22,7 +22,8 @@ import httpx
 from runtime.tokenizer import find_tokenizer
 from server.config import DEFAULT_MODEL_DIR
 
-from .http_ttft import _free_port, prompt_text, start_server
+from .http_ttft import prompt_text
+from .server_process import free_port, start_server
 from .report import print_row, save_json
 
 
@@ -53,7 +54,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     prompt = prompt_text(find_tokenizer(args.model or DEFAULT_MODEL_DIR, args.tokenizer), None, args.tokens)
     body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "ignore_eos": True}
-    port = _free_port()
+    port = free_port()
     server = start_server(args, port)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -39,9 +40,10 @@ def bench_shape(name: str, device: torch.device, steps: int) -> list[dict]:
         for scheme in SCHEMES:
             loaded = load_model(directory, device=str(device), dtype="bfloat16", quantize=scheme,
                                 quantize_embedding=scheme is not None)
-            row = {"shape": name, "weights": scheme or "bfloat16", "weight_gib": weight_bytes(loaded.model) / 2**30,
-                   "allocated_gib": _allocated(device),
-                   "decode_ms": decode_ms_per_token(loaded.model, 1, 64, steps, graphed=device.type == "cuda")}
+            row: dict[str, Any] = {
+                "shape": name, "weights": scheme or "bfloat16", "weight_gib": weight_bytes(loaded.model) / 2**30,
+                "allocated_gib": _allocated(device),
+                "decode_ms": decode_ms_per_token(loaded.model, 1, 64, steps, graphed=device.type == "cuda")}
             quantized = [m for m in loaded.model.modules() if isinstance(m, QuantizedWeight)]
             row["quantized_layers"] = len(quantized)
             rows.append(row)

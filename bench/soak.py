@@ -18,12 +18,13 @@ import os
 import random
 import threading
 import time
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from .http_ttft import _free_port, start_server
+from .server_process import free_port, start_server
 from .report import print_row, save_json
 
 WORDS = ("the river ran past the old mill and the pass key is 48213 remember it what is the pass key "
@@ -36,8 +37,9 @@ RSS_PERIOD = 1.0  # seconds between two readings of the server's resident memory
 def mixed_request(rng: random.Random) -> dict:
     """One request of the mix: prompt length, streaming, stop strings and echo drawn from `rng`."""
     words = rng.choice((8, 8, 64, 512, 2048))
-    body = {"prompt": " ".join(rng.choice(WORDS) for _ in range(words)), "max_tokens": rng.choice((1, 16, 64)),
-            "temperature": rng.choice((0, 0.8)), "seed": rng.randrange(1000), "stream": rng.random() < 0.5}
+    body: dict[str, Any] = {
+        "prompt": " ".join(rng.choice(WORDS) for _ in range(words)), "max_tokens": rng.choice((1, 16, 64)),
+        "temperature": rng.choice((0, 0.8)), "seed": rng.randrange(1000), "stream": rng.random() < 0.5}
     if body["stream"]:
         body["stream_options"] = {"include_usage": True}
     if rng.random() < 0.3:
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("server_args", nargs="*", help="more flags for the server, after --")
     args = parser.parse_args(argv)
     args.server_args = ["--log-level", "warning", *args.server_args]  # no access log line per request
-    port = _free_port()
+    port = free_port()
     server = start_server(args, port)
     try:
         seconds = args.minutes * 60
