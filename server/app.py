@@ -35,7 +35,7 @@ from .errors import AuthenticationError, InvalidRequestError, ServerError, Unava
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
                        parse_body)
 from .request_id import RequestIdMiddleware
-from .serving import CompletionService, Submission
+from .serving import CompletionService, Submission, UsageChunks
 
 HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
 
@@ -80,8 +80,11 @@ def _openapi(app: FastAPI) -> dict:
     return schema
 
 
-def include_usage(body: SamplingFields) -> bool:
-    return body.stream_options is not None and body.stream_options.include_usage
+def usage_chunks(body: SamplingFields) -> UsageChunks:
+    """Where the stream reports usage: vLLM's continuous_usage_stats only with include_usage, as vLLM reads it."""
+    options = body.stream_options
+    final = options is not None and options.include_usage
+    return UsageChunks(final, final and options is not None and options.continuous_usage_stats)
 
 
 def build_app(config: ServerConfig, components: Components, engine: EngineClient) -> FastAPI:
@@ -118,7 +121,7 @@ def build_app(config: ServerConfig, components: Components, engine: EngineClient
                       request: HttpRequest) -> Response:
         """The stream of `submission` as server-sent events, or its whole object (499: the client left first)."""
         if body.stream:
-            return EventSourceResponse(shaper.stream(submission, include_usage(body)), ping=http.heartbeat, sep="\n")
+            return EventSourceResponse(shaper.stream(submission, usage_chunks(body)), ping=http.heartbeat, sep="\n")
         completion = await shaper.complete(submission, request)
         return JSONResponse(completion) if completion is not None else Response(status_code=499)
 
@@ -136,7 +139,7 @@ def build_app(config: ServerConfig, components: Components, engine: EngineClient
              responses=answers(schemas.Completion, streamed=True))
     async def completions(request: HttpRequest) -> Response:
         body = parse_body(CompletionRequest, await request.body())
-        prompts = await service.prompts(body.prompt)
+        prompts = await service.prompts(body.prompt, body.truncate_prompt_tokens)
         submission = await service.submit(body, prompts, request.state.request_id, echo=body.echo,
                                           logprobs=body.logprobs, tokens_as_ids=body.return_tokens_as_token_ids)
         return await respond(service, submission, body, request)

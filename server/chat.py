@@ -9,7 +9,7 @@ from .chat_template import TemplateRenderError, TokenizerConfig
 from .errors import InvalidRequestError
 from .protocol import ChatCompletionRequest, ChatMessage
 from .request import RequestOutput
-from .serving import Choice, ChoiceResult, CompletionService, Submission, finish_fields
+from .serving import Choice, ChoiceResult, CompletionService, Submission, UsageChunks, finish_fields
 
 NO_TEMPLATE = ("this model has no chat template (its directory's tokenizer_config.json has no chat_template): "
                "start the server with --chat-template FILE, a jinja2 chat template as transformers uses, or send "
@@ -49,7 +49,7 @@ class ChatService:
                                           param=name)
         self.completions.check_model(body.model)
         prompts = await self.completions.prompts(self.render(body.messages, body.add_generation_prompt,
-                                                             body.chat_template_kwargs))
+                                                             body.chat_template_kwargs), body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await self.completions.submit(body.model_copy(update={"max_tokens": max_tokens}), prompts, request_id,
                                              default_max_tokens=self._default_max_tokens(len(prompts[0].ids)),
@@ -64,8 +64,8 @@ class ChatService:
     async def complete(self, submission: Submission, http_request: HttpRequest) -> dict | None:
         return await self.completions.complete(submission, http_request, "chat.completion", _message_choice)
 
-    def stream(self, submission: Submission, include_usage: bool):
-        return self.completions.stream(submission, include_usage, "chat.completion.chunk", _delta_choice)
+    def stream(self, submission: Submission, usage_chunks: UsageChunks):
+        return self.completions.stream(submission, usage_chunks, "chat.completion.chunk", _delta_choice)
 
 
 def _message_choice(_submission: Submission, result: ChoiceResult) -> dict:

@@ -5,8 +5,9 @@ Text is released only when it is final:
   tokens) it is held until the next token completes it, until the request ends, or until the oldest held
   token has been held longer than a character can be (it is then invalid bytes, which go out as U+FFFD);
 - never part of a stop string: text that could be the start of a stop string is held until it is known not
-  to be one; a stop string found (also one split across tokens) ends the request and is not emitted. While
-  fewer than `min_tokens + 1` tokens have come, stop strings are not looked for (vLLM's rule).
+  to be one; a stop string found (also one split across tokens) ends the request and is not emitted (unless
+  `include_stop`: it then ends the text). While fewer than `min_tokens + 1` tokens have come, stop strings are
+  not looked for (vLLM's rule).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ class Decoder(Protocol):
 
 
 class OutputText:
-    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = (), min_tokens: int = 0):
+    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = (), min_tokens: int = 0, include_stop: bool = False):
         self._tokenizer = tokenizer
         self._stop = tuple(s for s in stop if s)
         self._min_tokens = min_tokens
+        self._include_stop = include_stop
         self._ids: list[int] = []
         self._prefix = 0  # ids[prefix:read] decode to text already taken into `text`; kept as context
         self._read = 0
@@ -75,7 +77,7 @@ class OutputText:
         hits = [(i, s) for i, s in ((self.text.find(s, start), s) for s in searched) if i >= 0]
         if hits:
             at, self.stop_string = min(hits, key=lambda hit: hit[0])
-            self.text = self.text[:at]
+            self.text = self.text[:at + len(self.stop_string) if self._include_stop else at]
             self.stopped = True
             return self.finish()
         end = len(self.text) - self._partial_stop_len()

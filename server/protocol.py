@@ -22,6 +22,7 @@ MAX_STOP_LENGTH = 256
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: with include_usage, usage so far in every chunk
 
 
 class ResponseFormat(BaseModel):
@@ -64,6 +65,9 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # vLLM's extension; 1: off
     min_tokens: int = Field(0, ge=0)  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension
+    include_stop_str_in_output: bool = False  # vLLM's extension: the stop string that ended it ends its text
+    # vLLM's extension: only the prompt's last k tokens are run (-1: the context limit's worth)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
     response_format: ResponseFormat | None = None
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
     # OpenAI's and vLLM's fields for what this server does not do: refused when set, rather than ignored
@@ -73,14 +77,24 @@ class SamplingFields(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
 
-    @field_validator("suffix", "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    @field_validator("suffix", "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "allowed_token_ids", "bad_words")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, False):
-            raise ValueError(f"{info.field_name} is not served: this server has no insertion, beam search or "
-                             "constrained decoding")
+            raise ValueError(f"{info.field_name} is not served: this server has no insertion, beam search, "
+                             "constrained decoding or token filters (logit_bias serves single tokens)")
         return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _some_tokens(cls, keep: int | None) -> int | None:
+        if keep == 0:
+            raise ValueError("keeps the prompt's last k ≥ 1 tokens (or -1: the context limit's worth), got 0")
+        return keep
 
     @field_validator("logit_bias")
     @classmethod

@@ -54,6 +54,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one's probability
     stop_token_ids: tuple[int, ...] = ()  # these end the completion (kept in its tokens, not in its text)
     ignore_eos: bool = False  # end of text does not end the completion
+    include_stop_str: bool = False  # the stop string that ends a completion stays at the end of its text
     min_tokens: int = 0  # before this many tokens, end of text, stop tokens and stop strings cannot end it
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated

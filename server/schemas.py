@@ -53,7 +53,8 @@ class Completion(ScaleFields):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None  # streamed: only in the last event, when stream_options.include_usage
+    usage: Usage | None = None  # streamed: in the last event when stream_options.include_usage, and so far in every
+    # event with continuous_usage_stats too
 
 
 class ChatMessageOut(Schema):

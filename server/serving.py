@@ -42,6 +42,15 @@ class Prompt:
         return tokenizer.decode(self.ids) if self.text is None else self.text
 
 
+@dataclass(frozen=True)
+class UsageChunks:
+    """Where a stream reports usage (OpenAI's stream_options): in a last chunk of its own, and (vLLM's
+    continuous_usage_stats) so far in every chunk."""
+
+    final: bool = False
+    continuous: bool = False
+
+
 @dataclass
 class Choice:
     """One sample of one prompt: choice `index` is prompt i's sample j at i × n + j, as OpenAI and vLLM number them."""
@@ -164,6 +173,7 @@ class CompletionService:
             min_p=body.min_p or 0.0,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
+            include_stop_str=body.include_stop_str_in_output,
             min_tokens=body.min_tokens,
             logit_bias=bias,
             presence_penalty=body.presence_penalty or 0.0,
@@ -190,9 +200,11 @@ class CompletionService:
                                       code="decimated_prompt_logprobs")
         return selection
 
-    async def prompts(self, prompt: str | list) -> list[Prompt]:
-        """The prompts of a request: a string, token ids, or a non-empty list of either. Each one's length is
-        judged as soon as it is known: token ids before anything else, text once tokenised.
+    async def prompts(self, prompt: str | list, truncate: int | None = None) -> list[Prompt]:
+        """The prompts of a request: a string, token ids, or a non-empty list of either, each cut to its last
+        `truncate` tokens when given (-1: the context limit's worth; echo then gives the text of the tokens
+        kept). Each one's length is judged as soon as it is known: token ids before anything else, text once
+        tokenised.
 
         Text is tokenised on a worker thread through `encode_batch`, which releases the GIL (`encode` holds it),
         so a long prompt does not stall the event loop and every other client. No bound on the token count is
@@ -201,9 +213,12 @@ class CompletionService:
         many: list[Any] = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
         if any(not p for p in many):
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        keep = self.http.max_context if truncate == -1 else truncate
         if not isinstance(many[0], str):
-            return [Prompt(self.token_ids(ids, "prompt"), None) for ids in many]
-        out = [Prompt(ids, text) for text, ids in zip(many, await asyncio.to_thread(self.tokenizer.encode_batch, many))]
+            return [Prompt(self.token_ids(ids[-keep:] if keep else ids, "prompt"), None) for ids in many]
+        encoded = await asyncio.to_thread(self.tokenizer.encode_batch, many)
+        out = [Prompt(ids[-keep:], None) if keep and len(ids) > keep else Prompt(ids, text)
+               for text, ids in zip(many, encoded)]
         for p in out:
             if not p.ids:
                 raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
@@ -269,14 +284,14 @@ class CompletionService:
         choices = [choice_json(submission, result) for result in results]
         return {**envelope(submission, kind, self.http.served_model_name, choices), "usage": usage(submission, results)}
 
-    async def stream(self, submission: Submission, include_usage: bool, kind: str = "text_completion",
+    async def stream(self, submission: Submission, usage_chunks: UsageChunks, kind: str = "text_completion",
                      choice_json: Callable[[Submission, Choice, RequestOutput, bool], dict] | None = None
                      ) -> AsyncIterator[bytes]:
         """Server-sent events: whenever choices have new outputs, one chunk of `kind` for each, made by
         `choice_json(submission, choice, output, first)` (default: a completion's choice) of all that came since
         its previous chunk (a client that falls behind gets several tokens a chunk and catches up), the chunks of
-        one wake-up in one write; a usage chunk when asked, then [DONE]. An error after the stream began is sent
-        as an {"error": ...} event."""
+        one wake-up in one write, each with the usage so far when `usage_chunks.continuous`; a usage chunk when
+        `usage_chunks.final`, then [DONE]. An error after the stream began is sent as an {"error": ...} event."""
         choice_json = choice_json or self._chunk_choice
         started: set[int] = set()  # choices whose first chunk was sent
         results = [ChoiceResult(choice) for choice in submission.choices]
@@ -288,12 +303,15 @@ class CompletionService:
                     results[choice.index].add(output)
                     chunk = choice_json(submission, choice, output, choice.index not in started)
                     started.add(choice.index)
-                    events.append(sse(envelope(submission, kind, model, [chunk])))
+                    body = envelope(submission, kind, model, [chunk])
+                    if usage_chunks.continuous:
+                        body["usage"] = usage(submission, results)
+                    events.append(sse(body))
                 yield b"".join(events)
         except ServerError as bad:
             yield sse(bad.to_json())
         else:
-            if include_usage:
+            if usage_chunks.final:
                 yield sse({**envelope(submission, kind, model, []), "usage": usage(submission, results)})
         yield SSE_DONE
 

@@ -63,6 +63,17 @@ def test_stream_is_ordered_chunks_then_usage_then_done_and_equals_the_non_stream
     assert stream(client, prompt=PROMPT, max_tokens=3)[-2].get("usage") is None  # not asked: no usage chunk
 
 
+def test_continuous_usage_stats_give_the_usage_so_far_in_every_chunk(client):
+    events = stream(client, prompt=PROMPT, max_tokens=10,
+                    stream_options={"include_usage": True, "continuous_usage_stats": True})
+    *chunks, last = events[:-1]
+    so_far = [c["usage"]["completion_tokens"] for c in chunks]
+    assert so_far == sorted(so_far) and so_far[-1] == last["usage"]["completion_tokens"] == 10
+    assert all(c["usage"]["prompt_tokens"] == last["usage"]["prompt_tokens"] for c in chunks)
+    alone = stream(client, prompt=PROMPT, max_tokens=4, stream_options={"continuous_usage_stats": True})
+    assert all("usage" not in c for c in alone[:-1])  # as vLLM reads it: only with include_usage
+
+
 def test_max_tokens_zero_and_echo(client):
     body = complete(client, prompt=PROMPT, max_tokens=0)
     assert body["choices"][0]["text"] == "" and body["usage"]["completion_tokens"] == 0

@@ -113,6 +113,30 @@ def test_stop_reason_names_the_stop_string(client):
     assert complete(client, max_tokens=3)["choices"][0]["stop_reason"] is None  # length
 
 
+def test_include_stop_str_in_output_ends_the_text_with_the_stop_string(client):
+    text = complete(client, max_tokens=20)["choices"][0]["text"]
+    stop = text[4:7]
+    choice = complete(client, max_tokens=20, stop=[stop], include_stop_str_in_output=True)["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
+    assert choice["text"] == text[:text.index(stop) + len(stop)]
+    assert complete(client, max_tokens=20, stop=[stop])["choices"][0]["text"] == text[:text.index(stop)]
+
+
+def test_truncate_prompt_tokens_runs_the_prompts_last_tokens(client, tokenizer, live):
+    ids = tokenizer.encode(PROMPT)
+    kept = complete(client, truncate_prompt_tokens=3, echo=True)
+    as_ids = complete(client, prompt=ids[-3:], echo=True)
+    assert kept["usage"]["prompt_tokens"] == 3
+    assert kept["choices"][0]["text"] == as_ids["choices"][0]["text"]  # the text of the tokens kept, then theirs
+    assert complete(client, prompt=ids, truncate_prompt_tokens=3)["choices"][0]["text"] == \
+        complete(client, prompt=ids[-3:])["choices"][0]["text"]
+    assert complete(client, truncate_prompt_tokens=-1)["usage"]["prompt_tokens"] == len(ids)  # the limit's worth
+    limit = live.config.http.max_context
+    too_long = [ids[0]] * (limit + 5)
+    assert client.post("/v1/completions", json={"prompt": too_long, "max_tokens": 1}).status_code == 413  # too long
+    assert complete(client, prompt=too_long, max_tokens=1, truncate_prompt_tokens=100)["usage"]["prompt_tokens"] == 100
+
+
 def test_min_tokens_defers_stop_strings(client, tokenizer):
     ids = generated_ids(client, max_tokens=20)
     stop = tokenizer.decode(ids[:1])  # the first token's text: a stop string at once
@@ -146,6 +170,10 @@ def test_min_p_one_keeps_only_the_most_likely_token(client):
     ("suffix", "the end", "suffix is not served"),
     ("guided_json", {"type": "object"}, "guided_json is not served"),
     ("guided_choice", ["a", "b"], "guided_choice is not served"),
+    ("allowed_token_ids", [1, 2], "allowed_token_ids is not served"),
+    ("bad_words", ["river"], "bad_words is not served"),
+    ("truncate_prompt_tokens", 0, "got 0"),
+    ("truncate_prompt_tokens", -2, "greater than or equal to -1"),
 ])
 def test_bad_sampling_fields_are_refused_by_name(client, field, value, match):
     response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, field: value})
