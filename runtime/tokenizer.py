@@ -37,8 +37,9 @@ class Tokenizer:
         """Many texts at once, encoded in parallel by the tokenizers library."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; special tokens (end of text, padding) are left out when `skip_special_tokens`."""
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

@@ -19,12 +19,15 @@ MAX_HELD_TOKENS = 4  # a UTF-8 character has at most 4 bytes: past that the byte
 
 
 class Decoder(Protocol):
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
 class OutputText:
-    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = (), min_tokens: int = 0, include_stop: bool = False):
+    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = (), min_tokens: int = 0, include_stop: bool = False,
+                 skip_special: bool = False):
+        """`skip_special`: special tokens (end of text, padding) add no text."""
         self._tokenizer = tokenizer
+        self._skip_special = skip_special
         self._stop = tuple(s for s in stop if s)
         self._min_tokens = min_tokens
         self._include_stop = include_stop
@@ -56,7 +59,7 @@ class OutputText:
 
     def _decoded(self, end: int) -> str:
         """The text of ids[prefix:end]: those since `prefix`, whose first ones are context for the rest."""
-        return self._tokenizer.decode(self._ids[self._prefix:end])
+        return self._tokenizer.decode(self._ids[self._prefix:end], self._skip_special)
 
     def finish(self) -> str:
         """The request ends (length, end of text, timeout): hand out whatever is held, broken characters too."""

@@ -123,7 +123,8 @@ class EngineHost:
         """The engine's request of `spec` (with its forks), whose outputs go to the outbox."""
         params, components = spec.params, self.components
         request = Request(spec.request_id, spec.prompt_ids, params, spec.bucket,
-                          OutputText(components.tokenizer, params.stop, params.min_tokens, params.include_stop_str),
+                          OutputText(components.tokenizer, params.stop, params.min_tokens, params.include_stop_str,
+                                     params.skip_special_tokens),
                           partial(self._hand_over, outbox, spec.key), spec.timeout, spec.decimates,
                           arrival_time=spec.arrival_time)
         request.forks = [self._request(fork, outbox) for fork in spec.forks]

@@ -66,6 +66,7 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0)  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension
     include_stop_str_in_output: bool = False  # vLLM's extension: the stop string that ended it ends its text
+    skip_special_tokens: bool = True  # vLLM's extension: special tokens (end of text) add no text
     # vLLM's extension: only the prompt's last k tokens are run (-1: the context limit's worth)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     response_format: ResponseFormat | None = None

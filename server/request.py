@@ -55,6 +55,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # these end the completion (kept in its tokens, not in its text)
     ignore_eos: bool = False  # end of text does not end the completion
     include_stop_str: bool = False  # the stop string that ends a completion stays at the end of its text
+    skip_special_tokens: bool = True  # special tokens (end of text, padding) add no text, as vLLM's default
     min_tokens: int = 0  # before this many tokens, end of text, stop tokens and stop strings cannot end it
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated

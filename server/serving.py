@@ -174,6 +174,7 @@ class CompletionService:
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             include_stop_str=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
             min_tokens=body.min_tokens,
             logit_bias=bias,
             presence_penalty=body.presence_penalty or 0.0,
