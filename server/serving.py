@@ -291,8 +291,9 @@ class CompletionService:
         """Server-sent events: whenever choices have new outputs, one chunk of `kind` for each, made by
         `choice_json(submission, choice, output, first)` (default: a completion's choice) of all that came since
         its previous chunk (a client that falls behind gets several tokens a chunk and catches up), the chunks of
-        one wake-up in one write, each with the usage so far when `usage_chunks.continuous`; a usage chunk when
-        `usage_chunks.final`, then [DONE]. An error after the stream began is sent as an {"error": ...} event."""
+        one wake-up in one write, each with its choice's usage so far when `usage_chunks.continuous`; a usage
+        chunk when `usage_chunks.final`, then [DONE]. An error after the stream began is sent as an {"error": ...}
+        event."""
         choice_json = choice_json or self._chunk_choice
         started: set[int] = set()  # choices whose first chunk was sent
         results = [ChoiceResult(choice) for choice in submission.choices]
@@ -305,8 +306,9 @@ class CompletionService:
                     chunk = choice_json(submission, choice, output, choice.index not in started)
                     started.add(choice.index)
                     body = envelope(submission, kind, model, [chunk])
-                    if usage_chunks.continuous:
-                        body["usage"] = usage(submission, results)
+                    if usage_chunks.continuous:  # the choice's own, as vLLM counts it
+                        body["usage"] = token_counts(len(choice.prompt.ids),
+                                                     results[choice.index].final.num_output_tokens)
                     events.append(sse(body))
                 yield b"".join(events)
         except ServerError as bad:
@@ -412,7 +414,10 @@ def shared_scale_fields(submission: Submission) -> dict:
 
 def usage(submission: Submission, results: list[ChoiceResult]) -> dict:
     completion = sum(r.whole.num_output_tokens for r in results if r.whole is not None)
-    prompt = submission.num_prompt_tokens
+    return token_counts(submission.num_prompt_tokens, completion)
+
+
+def token_counts(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -63,7 +63,7 @@ def test_stream_is_ordered_chunks_then_usage_then_done_and_equals_the_non_stream
     assert stream(client, prompt=PROMPT, max_tokens=3)[-2].get("usage") is None  # not asked: no usage chunk
 
 
-def test_continuous_usage_stats_give_the_usage_so_far_in_every_chunk(client):
+def test_continuous_usage_stats_give_the_usage_so_far_in_every_chunk(client, live):
     events = stream(client, prompt=PROMPT, max_tokens=10,
                     stream_options={"include_usage": True, "continuous_usage_stats": True})
     *chunks, last = events[:-1]
@@ -72,6 +72,16 @@ def test_continuous_usage_stats_give_the_usage_so_far_in_every_chunk(client):
     assert all(c["usage"]["prompt_tokens"] == last["usage"]["prompt_tokens"] for c in chunks)
     alone = stream(client, prompt=PROMPT, max_tokens=4, stream_options={"continuous_usage_stats": True})
     assert all("usage" not in c for c in alone[:-1])  # as vLLM reads it: only with include_usage
+    samples = stream(client, prompt=[PROMPT, "a long road"], n=2, max_tokens=5, temperature=1.0, seed=3,
+                     ignore_eos=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    *chunks, last = samples[:-1]
+    prompt_tokens = [len(live.components.tokenizer.encode(p)) for p in (PROMPT, "a long road")]
+    for index in range(4):  # each chunk counts its own choice (prompt i × n + j), as vLLM's do
+        mine = [c["usage"] for c in chunks if c["choices"][0]["index"] == index]
+        assert [u["completion_tokens"] for u in mine][-1] == 5
+        assert {u["prompt_tokens"] for u in mine} == {prompt_tokens[index // 2]}
+    assert last["usage"] == {"prompt_tokens": sum(prompt_tokens), "completion_tokens": 20, "total_tokens":
+                             sum(prompt_tokens) + 20}  # the last counts them all
 
 
 def test_max_tokens_zero_and_echo(client):
