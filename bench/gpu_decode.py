@@ -53,7 +53,11 @@ def bench_shape(name: str, big_batch: int) -> dict:
     row["graph_ms"] = decode_ms_per_token(model, 1, PROMPT, NEW)
     row["graph_scaled_ms"] = decode_ms_per_token(model, 1, PROMPT, NEW, random_delta_scales(loaded))
     big = decode_ms_per_token(model, big_batch, PROMPT, NEW)
-    row.update({"batch": big_batch, f"graph_b{big_batch}_ms": big,
+    narrow = decode_ms_per_token(model, 1, PROMPT, NEW, ssm_dtype=model.dtype)  # --mamba-ssm-cache-dtype auto
+    big_narrow = decode_ms_per_token(model, big_batch, PROMPT, NEW, ssm_dtype=model.dtype)
+    row.update({"batch": big_batch, f"graph_b{big_batch}_ms": big, "graph_model_dtype_states_ms": narrow,
+                f"graph_b{big_batch}_model_dtype_states_ms": big_narrow,
+                "batch_speedup_model_dtype_states": big_batch / big_narrow * narrow,
                 "time_ratio_vs_peer": row["graph_ms"] / row["mamba_ssm_cg_ms"],
                 "scale_overhead": row["graph_scaled_ms"] / row["graph_ms"] - 1,
                 "batch_speedup": big_batch / big * row["graph_ms"]})  # tokens/s at big batch over batch 1's
@@ -72,10 +76,12 @@ def main(argv=None):
     rows = [bench_shape(name, args.batch) for name in args.shapes.split(",")]
     print(f"\n{torch.cuda.get_device_name()}, bf16, vocabulary {VOCAB}")
     print_table(["shape", "mamba_ssm cg ms/token", "runtime eager", "runtime graph", "ratio", "graph, Δ scales",
-                 f"batch {args.batch} tokens/s ÷ batch 1"],
+                 f"batch {args.batch} tokens/s ÷ batch 1", "graph, bf16 states", f"batch {args.batch} ms, bf16 states",
+                 f"batch {args.batch} ÷ batch 1, bf16 states"],
                 [[r["shape"], f"{r['mamba_ssm_cg_ms']:.3f}", f"{r['eager_ms']:.3f}", f"{r['graph_ms']:.3f}",
-                  f"{r['time_ratio_vs_peer']:.3f}", f"{r['scale_overhead']:+.1%}", f"{r['batch_speedup']:.1f}"]
-                 for r in rows])
+                  f"{r['time_ratio_vs_peer']:.3f}", f"{r['scale_overhead']:+.1%}", f"{r['batch_speedup']:.1f}",
+                  f"{r['graph_model_dtype_states_ms']:.3f}", f"{r[f'graph_b{args.batch}_model_dtype_states_ms']:.3f}",
+                  f"{r['batch_speedup_model_dtype_states']:.1f}"] for r in rows])
     save_json(rows, args.json)
 
 

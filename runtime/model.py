@@ -87,8 +87,9 @@ class MambaLM(nn.Module):
     def _residual_dtype(self) -> torch.dtype:
         return torch.float32 if self.config.residual_in_fp32 else self.dtype
 
-    def new_state(self, batch: int) -> InferenceState:
-        return InferenceState.zeros(self.config, batch, self.device, self.dtype)
+    def new_state(self, batch: int, ssm_dtype: torch.dtype = torch.float32) -> InferenceState:
+        """Zero states of `batch` sequences, the SSM states stored in `ssm_dtype` (runtime.state)."""
+        return InferenceState.zeros(self.config, batch, self.device, self.dtype, ssm_dtype)
 
     def block(self, i: int) -> Block:
         return cast(Block, self.layers[i])

@@ -1,7 +1,9 @@
 """Recurrent state of a batch of sequences. The model holds none: callers own states (or a pool of them).
 
 Per layer: `conv` holds the last k-1 inputs of the causal convolution (b, c, k-1) in the model's dtype;
-`ssm` holds the SSM state in float32, (b, d, n) for Mamba1 and (b, h, p, n) for Mamba2.
+`ssm` holds the SSM state, (b, d, n) for Mamba1 and (b, h, p, n) for Mamba2, in float32, or in a narrower dtype
+where a state pool asks for one (vLLM's mamba_ssm_cache_dtype): the steps then compute in float32 from the
+stored values and round once as they store, as mamba_ssm's own decode does with bfloat16 states.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from .config import MAMBA1, ModelConfig
 @dataclass
 class InferenceState:
     conv: list[torch.Tensor]  # per layer (b, conv_dim, d_conv - 1)
-    ssm: list[torch.Tensor]  # per layer (b, d_inner, d_state) or (b, nheads, headdim, d_state), float32
+    ssm: list[torch.Tensor]  # per layer (b, d_inner, d_state) or (b, nheads, headdim, d_state), float32 or `ssm_dtype`
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, device: torch.device | str, dtype: torch.dtype) -> InferenceState:
+    def zeros(cls, config: ModelConfig, batch: int, device: torch.device | str, dtype: torch.dtype,
+              ssm_dtype: torch.dtype = torch.float32) -> InferenceState:
         ssm_shape: tuple[int, ...]
         if config.arch == MAMBA1:
             ssm_shape = (batch, config.d_inner, config.d_state)
@@ -29,7 +32,7 @@ class InferenceState:
         conv_shape = (batch, config.conv_dim, config.d_conv - 1)
         return cls(
             [torch.zeros(conv_shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
-            [torch.zeros(ssm_shape, device=device, dtype=torch.float32) for _ in range(config.n_layer)],
+            [torch.zeros(ssm_shape, device=device, dtype=ssm_dtype) for _ in range(config.n_layer)],
         )
 
     @property
@@ -76,7 +79,8 @@ class PoolRows:
         sequence starts from zero: no state rather than a zero one, since a scan from a state does more work."""
         if self.fresh is None:
             return None
-        conv, ssm = (t.index_select(0, self.rows) for t in (self.pool.conv[layer], self.pool.ssm[layer]))
+        conv = self.pool.conv[layer].index_select(0, self.rows)
+        ssm = self.pool.ssm[layer].index_select(0, self.rows).float()  # the scans start from float32 states
         for t in (conv, ssm):
             t.index_fill_(0, self.fresh, 0)
         return conv, ssm

@@ -58,6 +58,8 @@ class EngineConfig:
     # launch a decode step before the last one's tokens are taken, so that the host's per-token work (finish rules,
     # detokenising, outputs) runs while the device computes; None: on CUDA (on a CPU the host is the device)
     overlap_decode: bool | None = None
+    # dtype the state slots store SSM states in ("float32", "bfloat16", "float16"); None: the model's dtype
+    ssm_state_dtype: str | None = "float32"
 
     def __post_init__(self) -> None:
         if self.max_prefill_tokens is not None and self.prefill_chunk is not None \
@@ -179,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
                    help="launch each decode step before the last one's tokens are taken, so that the host's "
                         "per-token work overlaps the device's step (auto: on CUDA)")
+    p.add_argument("--mamba-ssm-cache-dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+                   help="dtype the state slots store the SSM states in (vLLM's flag; the steps compute in float32 "
+                        "either way). auto: the model's dtype, as vLLM's default and mamba_ssm's generate keep them; "
+                        "narrower states halve a large decode batch's state traffic, at one rounding per step")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -200,7 +206,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                      args.quantize, args.quantize_embedding, args.chat_template)
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.max_prefill_tokens,
                           args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager,
-                          overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode])
+                          overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
+                          ssm_state_dtype=None if args.mamba_ssm_cache_dtype == "auto" else args.mamba_ssm_cache_dtype)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
                       args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins))

@@ -42,7 +42,7 @@ from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import choose, logprob_entries
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
-from .slots import default_prefill_chunk, default_prefill_tokens, default_slots, slot_bytes
+from .slots import default_prefill_chunk, default_prefill_tokens, default_slots, slot_bytes, ssm_state_dtype
 
 log = logging.getLogger(__name__)
 Finished = dict[Request, RequestStatus]  # the requests a step finished
@@ -96,7 +96,8 @@ class Engine:
         if config.prefill_chunk is None:  # within a --max-prefill-tokens given alone
             chunk = default_prefill_chunk(model.device)
             config = replace(config, prefill_chunk=min(chunk, config.max_prefill_tokens or chunk))
-        state_bytes = slot_bytes(model)
+        ssm_dtype = ssm_state_dtype(model, config.ssm_state_dtype)
+        state_bytes = slot_bytes(model, ssm_dtype)
         if config.max_batch_size is None:
             config = replace(config, max_batch_size=default_slots(model.device, state_bytes))
         if config.max_prefill_tokens is None:
@@ -105,9 +106,10 @@ class Engine:
         self.metrics = metrics
         metrics.slots.set(config.slots)
         metrics.slot_bytes.set(state_bytes)
-        log.info("state slots: %d, %.2f MB of state each (%.1f MB in all); prefill: chunks of up to %d tokens, up "
-                 "to %d prompt tokens a step", config.slots, state_bytes / 2**20, config.slots * state_bytes / 2**20,
-                 config.chunk, config.prefill_tokens)
+        log.info("state slots: %d, %.2f MB of state each (SSM states in %s; %.1f MB in all); prefill: chunks of up "
+                 "to %d tokens, up to %d prompt tokens a step", config.slots, state_bytes / 2**20,
+                 str(ssm_dtype).removeprefix("torch."), config.slots * state_bytes / 2**20, config.chunk,
+                 config.prefill_tokens)
         self.runner = ModelRunner(model, config, extensions)
         self._overlap = model.device.type == "cuda" if config.overlap_decode is None else config.overlap_decode
         self._in_flight: InFlight | None = None  # the decode step launched and not yet landed (overlap only)

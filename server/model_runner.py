@@ -23,6 +23,7 @@ from runtime.decode_graph import DecodeGraphs, fields_of_batches
 from scale_bank import NONE
 
 from .config import EngineConfig
+from .slots import ssm_state_dtype
 
 log = logging.getLogger(__name__)
 WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt runs
@@ -34,7 +35,8 @@ class ModelRunner:
         self.model = model
         self.extensions = {NONE: IDENTITY, **(extensions or {})}
         graphed = config.cuda_graphs and model.device.type == "cuda"
-        self.pool = model.new_state(config.slots + graphed)  # one row per slot (+ the graphs' scratch)
+        # one row per slot (+ the graphs' scratch)
+        self.pool = model.new_state(config.slots + graphed, ssm_state_dtype(model, config.ssm_state_dtype))
         self.graphs = DecodeGraphs(model, self.pool) if graphed else None
         self._prefill_scales: dict[Extension, BatchScales | None] = {}  # an extension's scales, batch of one
         self._prefill_batch = LastBatch(model)  # a prefill batch's scales, batches of several

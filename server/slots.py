@@ -38,9 +38,15 @@ ACCELERATOR_PREFILL_CHUNK = 8192
 ACCELERATOR_PREFILL_TOKENS = 16384
 
 
-def slot_bytes(model: MambaLM) -> int:
-    """Bytes of one sequence's recurrent state (every layer's convolution window and SSM state)."""
-    return model.new_state(1).nbytes()
+def ssm_state_dtype(model: MambaLM, name: str | None) -> torch.dtype:
+    """The dtype the state slots store SSM states in: `name` (--mamba-ssm-cache-dtype), or None: the model's."""
+    return model.dtype if name is None else getattr(torch, name)
+
+
+def slot_bytes(model: MambaLM, ssm_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one sequence's recurrent state (every layer's convolution window and SSM state, the latter in
+    `ssm_dtype`)."""
+    return model.new_state(1, ssm_dtype).nbytes()
 
 
 def accelerator_slots(free_bytes: int, state_bytes: int) -> int:

@@ -82,6 +82,20 @@ def on_rows(state: Tensor, slots: Tensor | None, step: Callable[[Tensor], Tensor
     return out
 
 
+def on_float32_rows(state: Tensor, slots: Tensor | None, step: Callable[[Tensor], Tensor]) -> Tensor:
+    """`on_rows` for an SSM state, which `step` updates in float32: a state stored narrower (runtime.state) is
+    widened first and rounded once as it is written back."""
+    if state.dtype == torch.float32:
+        return on_rows(state, slots, step)
+    rows = (state if slots is None else state.index_select(0, slots)).float()
+    out = step(rows)
+    if slots is None:
+        state.copy_(rows)
+    else:
+        state.index_copy_(0, slots, rows.to(state.dtype))
+    return out
+
+
 def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (b, l, d) times a per-sequence, per-channel scale (b, d) float32 rounded to x's dtype. Returns (b, l, d)."""
     return x * scale[:, None, :].to(x.dtype)
@@ -235,7 +249,7 @@ def mamba1_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tenso
     def update(rows: Tensor) -> Tensor:
         rows.mul_(torch.exp(delta[..., None] * A)).add_((delta * xf)[..., None] * B[:, None, :])  # (b, d, n)
         return (rows @ C[..., None]).squeeze(-1)  # (b, d)
-    y = on_rows(h, slots, update) + xf * D.float()  # (b, d)
+    y = on_float32_rows(h, slots, update) + xf * D.float()  # (b, d)
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(x.dtype)
@@ -343,7 +357,7 @@ def mamba2_step(h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tenso
     def update(rows: Tensor) -> Tensor:
         rows.mul_(torch.exp(delta * A)[..., None, None]).add_((x * delta[..., None])[..., None] * B[:, :, None, :])
         return (rows @ C[..., None]).squeeze(-1)  # (b, h, p)
-    return on_rows(h, slots, update) + x * D.float()[:, None]  # (b, h, p)
+    return on_float32_rows(h, slots, update) + x * D.float()[:, None]  # (b, h, p)
 
 
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float) -> Tensor:

@@ -53,3 +53,18 @@ def test_accelerator_slots_take_a_tenth_of_free_memory_up_to_256():
     assert accelerator_slots(free_bytes=100_000 * mb, state_bytes=14 * mb) == ACCELERATOR_SLOTS  # 1.4b on an H200
     assert accelerator_slots(free_bytes=1_000 * mb, state_bytes=14 * mb) == 7  # 100 MB of a nearly full card
     assert accelerator_slots(free_bytes=10 * mb, state_bytes=14 * mb) == 1  # never none
+
+
+def test_bfloat16_ssm_states_halve_their_bytes_and_serve(model_dirs):
+    """--mamba-ssm-cache-dtype: the slots store SSM states in bfloat16 (the convolution windows stay in the
+    model's dtype), the slot bytes say so, and completions are served from them; auto is the model's dtype."""
+    config = load_model(model_dirs["mamba1"]).model.config
+    window = config.n_layer * config.d_inner * (config.d_conv - 1) * 4  # float32, the model's dtype on CPU
+    ssm = config.n_layer * config.d_inner * config.d_state
+    for flag, expected_bytes in (("bfloat16", window + 2 * ssm), ("auto", window + 4 * ssm)):
+        with LiveServer(["--model", str(model_dirs["mamba1"]), "--mamba-ssm-cache-dtype", flag]) as server, \
+                httpx.Client(base_url=server.url, timeout=60) as client:
+            assert metric(client, "mamba_server_state_slot_bytes") == expected_bytes
+            body = client.post("/v1/completions", json={"prompt": "the river", "max_tokens": 8, "temperature": 0,
+                                                         "ignore_eos": True}).json()
+            assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["text"]
