@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mamba-ssm-cache-dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
                    help="dtype the state slots store the SSM states in (vLLM's flag; the steps compute in float32 "
                         "either way). auto: the model's dtype, as vLLM's default and mamba_ssm's generate keep them; "
-                        "narrower states halve a large decode batch's state traffic, at one rounding per step")
+                        "narrower states halve a large GPU decode batch's state traffic, at one rounding per step "
+                        "(on a CPU they leave the compiled decode for PyTorch's slower step)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
