@@ -13,7 +13,9 @@
 #   train      new bases (seeds TRAIN_SEEDS) of the embedded recipe trained on books (weight 2) and the domains'
 #              @train parts (1 each), passkeys in the line, inline, instructed and paraphrased templates, each
 #              given the mixed per-channel bank and evaluated on every domain; then, for the seeds in
-#              TRANSFER_SEEDS (default none), the transfer stage on that base, its mixed bank serving as `all`
+#              TRANSFER_SEEDS (default none), the transfer stage on that base, its mixed bank serving as `all`.
+#              A base already in OUT_DIR/mixed-sSEED/model is not trained again, and TRAIN_ONLY=1 stops after
+#              training: a GPU session can train, hand the models back, and a later one bank and evaluate them
 # MODEL defaults to the shipped model; STEPS, SAMPLES, EVAL_SAMPLES, BUCKETS, LENGTHS and TRAIN_STEPS shrink a
 # smoke run; TRANSFER_BUCKETS and TRANSFER_LENGTHS (default BUCKETS and LENGTHS) narrow the transfer experiment,
 # e.g. to 4k, the 8x the issue's bar asks of a domain left out; BANK_BUCKETS (default BUCKETS) widens the mixed
@@ -64,9 +66,12 @@ for stage in $stages; do
       export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${#seeds[@]} > 0 ? $(nproc) / ${#seeds[@]} : 1 ))}
       for seed in "${seeds[@]}"; do
         run=$out/mixed-s$seed
-        (TRAIN_DATA="books=$gut/train-00.jsonl.xz+$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train" \
-           TRAIN_FLAGS="--templates line,inline,instructed,paraphrased --mixture books=2 --steps ${TRAIN_STEPS:-6000} ${TRAIN_FLAGS:-}" \
-           bash models/train_embedded.sh "$seed" "$gut" "$run" train \
+        (if [[ ! -f $run/model/model.safetensors ]]; then
+           TRAIN_DATA="books=$gut/train-00.jsonl.xz+$gut/train-01.jsonl.xz,docs=$docs@train,code=$code@train,man=$man@train" \
+             TRAIN_FLAGS="--templates line,inline,instructed,paraphrased --mixture books=2 --steps ${TRAIN_STEPS:-6000} ${TRAIN_FLAGS:-}" \
+             bash models/train_embedded.sh "$seed" "$gut" "$run" train
+         fi \
+         && [[ -z ${TRAIN_ONLY:-} ]] \
          && mixed_bank "$run/model" "$run/model/bank" --granularity channel --seed "$seed" \
          && evaluate "$run/model" "$run/model/bank" "$run/eval" \
          && if [[ -n ${WIDER_BUCKETS:-} ]]; then
