@@ -34,7 +34,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -43,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runtime import load_model
 from scale_bank import NONE
-from server.config import DEFAULT_MODEL_DIR, EngineConfig, build_parser
+from server.config import DEFAULT_MODEL_DIR, EngineConfig, parse_args
 from server.model_runner import ModelRunner
 from server.sampling import greedy
 from server.slots import default_prefill_chunk, default_prefill_tokens
@@ -180,7 +180,7 @@ def main(argv=None):
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.streams.split(",")]
-    served = build_parser().parse_known_args(["--device", args.device, *args.server_args])[0]
+    served = parse_args(["--device", args.device, *args.server_args])[0].engine  # the server's engine settings
     body = {"prompt": [(7 * i) % 1000 + 10 for i in range(args.prompt_tokens)], "max_tokens": args.max_tokens,
             "temperature": args.temperature, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -213,14 +213,13 @@ def served_slots(url: str) -> int:
     raise RuntimeError(f"{url}/metrics has no mamba_server_state_slots")
 
 
-def measure(args, served: argparse.Namespace, counts: list[int], body: dict, url: str) -> list[dict]:
+def measure(args, served: EngineConfig, counts: list[int], body: dict, url: str) -> list[dict]:
     """Rounds of (HTTP at N streams, then the engine at the server's batch) for every N; the medians per N."""
     model = load_model(args.model or DEFAULT_MODEL_DIR, device=args.device, dtype=args.dtype).model
     slots = served_slots(url)
     if served.threads:
         torch.set_num_threads(served.threads)
-    runner = ModelRunner(model, EngineConfig(max_batch_size=min(max(counts), slots),
-                                             cuda_graphs=not served.enforce_eager))
+    runner = ModelRunner(model, replace(served, max_batch_size=min(max(counts), slots)))  # its graphs, state dtype
     chunk = served.prefill_chunk or default_prefill_chunk(model.device)  # as the server sizes them
     step_tokens = served.max_prefill_tokens or default_prefill_tokens(model.device, chunk)
     runner.warm_up()
