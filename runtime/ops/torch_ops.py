@@ -85,15 +85,12 @@ def on_rows(state: Tensor, slots: Tensor | None, step: Callable[[Tensor], Tensor
 def on_float32_rows(state: Tensor, slots: Tensor | None, step: Callable[[Tensor], Tensor]) -> Tensor:
     """`on_rows` for an SSM state, which `step` updates in float32: a state stored narrower (runtime.state) is
     widened first and rounded once as it is written back."""
-    if state.dtype == torch.float32:
-        return on_rows(state, slots, step)
-    rows = (state if slots is None else state.index_select(0, slots)).float()
-    out = step(rows)
-    if slots is None:
-        state.copy_(rows)
-    else:
-        state.index_copy_(0, slots, rows.to(state.dtype))
-    return out
+    def widened(rows: Tensor) -> Tensor:
+        wide = rows.float()
+        out = step(wide)
+        rows.copy_(wide)
+        return out
+    return on_rows(state, slots, step if state.dtype == torch.float32 else widened)
 
 
 def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
