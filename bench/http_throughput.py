@@ -46,7 +46,7 @@ from scale_bank import NONE
 from server.config import DEFAULT_MODEL_DIR, EngineConfig, parse_args
 from server.model_runner import ModelRunner
 from server.sampling import greedy
-from server.slots import default_prefill_chunk, default_prefill_tokens
+from server.slots import sized, slot_bytes, ssm_state_dtype
 
 from .report import print_row, print_table, save_json
 from .server_process import add_server_arguments, free_port, serve_shape, start_server
@@ -219,9 +219,11 @@ def measure(args, served: EngineConfig, counts: list[int], body: dict, url: str)
     slots = served_slots(url)
     if served.threads:
         torch.set_num_threads(served.threads)
-    runner = ModelRunner(model, replace(served, max_batch_size=min(max(counts), slots)))  # its graphs, state dtype
-    chunk = served.prefill_chunk or default_prefill_chunk(model.device)  # as the server sizes them
-    step_tokens = served.max_prefill_tokens or default_prefill_tokens(model.device, chunk)
+    # the server's settings, sized as it sizes them (its chunks, graphs, state dtype), at the batch it runs
+    served = replace(sized(served, model.device, slot_bytes(model, ssm_state_dtype(model, served.ssm_state_dtype))),
+                     max_batch_size=min(max(counts), slots))
+    runner = ModelRunner(model, served)
+    chunk, step_tokens = served.chunk, served.prefill_tokens
     runner.warm_up()
     workers = args.client_processes
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None

@@ -42,7 +42,7 @@ from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import choose, logprob_entries
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
-from .slots import default_prefill_chunk, default_prefill_tokens, default_slots, slot_bytes, ssm_state_dtype
+from .slots import sized, slot_bytes, ssm_state_dtype
 
 log = logging.getLogger(__name__)
 Finished = dict[Request, RequestStatus]  # the requests a step finished
@@ -93,16 +93,9 @@ class Engine:
         assert tokenizer.vocab_size <= model.config.vocab_size, "tokenizer larger than the model's vocabulary"
         self.model = model
         self.tokenizer = tokenizer
-        if config.prefill_chunk is None:  # within a --max-prefill-tokens given alone
-            chunk = default_prefill_chunk(model.device)
-            config = replace(config, prefill_chunk=min(chunk, config.max_prefill_tokens or chunk))
         ssm_dtype = ssm_state_dtype(model, config.ssm_state_dtype)
         state_bytes = slot_bytes(model, ssm_dtype)
-        if config.max_batch_size is None:
-            config = replace(config, max_batch_size=default_slots(model.device, state_bytes))
-        if config.max_prefill_tokens is None:
-            config = replace(config, max_prefill_tokens=default_prefill_tokens(model.device, config.chunk))
-        self.config = config
+        self.config = config = sized(config, model.device, state_bytes)
         self.metrics = metrics
         metrics.slots.set(config.slots)
         metrics.slot_bytes.set(state_bytes)

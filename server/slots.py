@@ -26,9 +26,13 @@ prefilled together in one batch) follow what a prefill's time grows with:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from runtime import MambaLM
+
+from .config import EngineConfig
 
 CPU_SLOTS = 16
 ACCELERATOR_SLOTS = 256
@@ -47,6 +51,19 @@ def slot_bytes(model: MambaLM, ssm_dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one sequence's recurrent state (every layer's convolution window and SSM state, the latter in
     `ssm_dtype`)."""
     return model.new_state(1, ssm_dtype).nbytes()
+
+
+def sized(config: EngineConfig, device: torch.device, state_bytes: int) -> EngineConfig:
+    """`config` with what it leaves to the device filled in, for states of `state_bytes` each: the prefill chunk
+    (within a --max-prefill-tokens given alone), the slots, and the prompt tokens of a step."""
+    if config.prefill_chunk is None:
+        chunk = default_prefill_chunk(device)
+        config = replace(config, prefill_chunk=min(chunk, config.max_prefill_tokens or chunk))
+    if config.max_batch_size is None:
+        config = replace(config, max_batch_size=default_slots(device, state_bytes))
+    if config.max_prefill_tokens is None:
+        config = replace(config, max_prefill_tokens=default_prefill_tokens(device, config.chunk))
+    return config
 
 
 def accelerator_slots(free_bytes: int, state_bytes: int) -> int:
