@@ -5,10 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders
 
 from .errors import RuntimeErrorBase
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The character that stands for each byte in a byte-level BPE's vocabulary (GPT-2's table, which the
+    `tokenizers` ByteLevel pre-tokenizer uses but does not expose): printable bytes stand for themselves, the
+    others for the code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
 
 
 class TokenizerError(RuntimeErrorBase):
@@ -25,6 +38,8 @@ class Tokenizer:
         except Exception as bad:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"{self.path}: not a valid tokenizer.json ({bad})") from None
         self.eos_token_id = next((i for t in EOS_TOKENS if (i := self._tok.token_to_id(t)) is not None), None)
+        self._added = {i: token.content for i, token in self._tok.get_added_tokens_decoder().items()}
+        self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
 
     @property
     def vocab_size(self) -> int:
@@ -43,6 +58,15 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token's text, also where it holds part of a character (which `decode` of the token
+        alone shows as U+FFFD): a byte-level BPE's tokens are spelt in its byte alphabet. Other tokenizers: the
+        UTF-8 of the token's decoded text."""
+        piece = self._tok.id_to_token(token_id)
+        if self._byte_level and piece is not None and token_id not in self._added:
+            return bytes(BYTE_LEVEL[c] for c in piece)
+        return self.decode([token_id]).encode("utf-8")
 
 
 def find_tokenizer(model_dir: str | Path, explicit: str | Path | None = None) -> Tokenizer:

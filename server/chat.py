@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 from starlette.requests import Request as HttpRequest
 
 from .chat_template import TemplateRenderError, TokenizerConfig
@@ -25,6 +27,15 @@ def message_variables(message: ChatMessage) -> dict:
     return fields
 
 
+@dataclass
+class ChatSubmission(Submission):
+    """A chat request in the engine: its choices answer in `role`, each one's text starting with `echoed`."""
+
+    role: str = "assistant"
+    echoed: str = ""
+    logprobs: bool = False
+
+
 class ChatService:
     def __init__(self, completions: CompletionService, tokenizer_config: TokenizerConfig):
         self.completions = completions
@@ -42,18 +53,24 @@ class ChatService:
             raise InvalidRequestError(f"the chat template ({template.origin}) refused the messages: {bad}",
                                       param="messages") from None
 
-    async def submit(self, body: ChatCompletionRequest, request_id: str) -> Submission:
-        for name in ("logprobs", "echo"):
-            if getattr(body, name):
-                raise InvalidRequestError(f"{name} is not served on chat completions; /v1/completions serves it",
-                                          param=name)
+    async def submit(self, body: ChatCompletionRequest, request_id: str) -> ChatSubmission:
+        if body.top_logprobs and not body.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         self.completions.check_model(body.model)
         prompts = await self.completions.prompts(self.render(body.messages, body.add_generation_prompt,
                                                              body.chat_template_kwargs), body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await self.completions.submit(body.model_copy(update={"max_tokens": max_tokens}), prompts, request_id,
-                                             default_max_tokens=self._default_max_tokens(len(prompts[0].ids)),
-                                             id_prefix="chatcmpl")
+        submission = await self.completions.submit(
+            body.model_copy(update={"max_tokens": max_tokens}), prompts, request_id,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            default_max_tokens=self._default_max_tokens(len(prompts[0].ids)), id_prefix="chatcmpl")
+        # as vLLM: a reply continues the last message's role when no generation prompt opens the assistant's turn,
+        # and echo starts it with that message's text
+        last = body.messages[-1]
+        role = "assistant" if body.add_generation_prompt else last.role
+        echoed = message_variables(last).get("content", "") if body.echo and last.role == role else ""
+        return ChatSubmission(**{f.name: getattr(submission, f.name) for f in fields(Submission)}, role=role,
+                              echoed=echoed, logprobs=body.logprobs)
 
     def _default_max_tokens(self, prompt_tokens: int) -> int:
         """A turn without max_tokens may run to the model's training length, past which it was never trained
@@ -62,17 +79,30 @@ class ChatService:
         return DEFAULT_MAX_TOKENS if training is None else max(training - prompt_tokens, DEFAULT_MAX_TOKENS)
 
     async def complete(self, submission: Submission, http_request: HttpRequest) -> dict | None:
-        return await self.completions.complete(submission, http_request, "chat.completion", _message_choice)
+        return await self.completions.complete(submission, http_request, "chat.completion", self._message_choice)
 
     def stream(self, submission: Submission, usage_chunks: UsageChunks):
-        return self.completions.stream(submission, usage_chunks, "chat.completion.chunk", _delta_choice)
+        return self.completions.stream(submission, usage_chunks, "chat.completion.chunk", self._delta_choice)
+
+    def _message_choice(self, submission: Submission, result: ChoiceResult) -> dict:
+        chat = _chat(submission)
+        message = {"role": chat.role, "content": chat.echoed + result.final.text}
+        return {"index": result.choice.index, "message": message, "logprobs": self._logprobs(chat, result.final),
+                **finish_fields(result.final)}
+
+    def _delta_choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
+        chat = _chat(submission)
+        delta = {"role": chat.role, "content": chat.echoed + output.text} if first else {"content": output.text}
+        return {"index": choice.index, "delta": delta, "logprobs": self._logprobs(chat, output),
+                **finish_fields(output)}
+
+    def _logprobs(self, chat: ChatSubmission, output: RequestOutput) -> dict | None:
+        """The logprobs of the tokens of `output`, when the request asked for them."""
+        if not chat.logprobs:
+            return None
+        return self.completions.chat_logprobs_json(output.token_ids, output.logprobs, chat.tokens_as_ids)
 
 
-def _message_choice(_submission: Submission, result: ChoiceResult) -> dict:
-    return {"index": result.choice.index, "message": {"role": "assistant", "content": result.final.text},
-            "logprobs": None, **finish_fields(result.final)}
-
-
-def _delta_choice(_submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
-    delta = {"role": "assistant", "content": output.text} if first else {"content": output.text}
-    return {"index": choice.index, "delta": delta, "logprobs": None, **finish_fields(output)}
+def _chat(submission: Submission) -> ChatSubmission:
+    assert isinstance(submission, ChatSubmission), "chat choices are made of chat submissions"
+    return submission

@@ -71,6 +71,7 @@ class SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     response_format: ResponseFormat | None = None
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:<id>"
     # OpenAI's and vLLM's fields for what this server does not do: refused when set, rather than ignored
     suffix: Any = None
     use_beam_search: bool = False
@@ -124,7 +125,6 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:<id>"
 
 
 class TextPart(BaseModel):
@@ -143,11 +143,12 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
-    logprobs: bool = False
+    logprobs: bool = False  # each generated token's logprob (and top_logprobs alternatives)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM's extension: end the prompt with the assistant turn's opening
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: more variables for the template
-    echo: bool = False  # vLLM's extension (the last message before the reply): refused
+    # vLLM's extension: the reply's text starts with the last message's, when that message is in the reply's role
+    echo: bool = False
 
 
 class TokenizeRequest(BaseModel):

@@ -58,7 +58,7 @@ class Completion(ScaleFields):
 
 
 class ChatMessageOut(Schema):
-    role: str  # "assistant"
+    role: str  # "assistant"; without add_generation_prompt, the last message's role
     content: str
 
 
@@ -67,16 +67,30 @@ class ChatDelta(Schema):
     content: str
 
 
+class ChatTokenLogprob(Schema):
+    token: str  # its text, or "token_id:<id>" with return_tokens_as_token_ids
+    logprob: float
+    bytes: list[int]  # the UTF-8 bytes of its text, also those of a character split across tokens
+
+
+class ChatLogprobEntry(ChatTokenLogprob):
+    top_logprobs: list[ChatTokenLogprob]  # the top_logprobs most likely tokens at its position, best first
+
+
+class ChatLogprobs(Schema):
+    content: list[ChatLogprobEntry]  # one per generated token (streamed: the chunk's tokens)
+
+
 class ChatChoice(FinishFields):
     index: int
     message: ChatMessageOut
-    logprobs: None
+    logprobs: ChatLogprobs | None  # null unless the request set logprobs
 
 
 class ChatChunkChoice(FinishFields):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
 
 
 class ChatCompletion(ScaleFields):

@@ -102,8 +102,7 @@ class CompletionService:
                                      f"{self.http.served_model_name!r}", param="model")
 
     async def submit(self, body: SamplingFields, prompts: list[Prompt], request_id: str, *, echo: bool = False,
-                     logprobs: int | None = None, tokens_as_ids: bool = False, default_max_tokens: int = 16,
-                     id_prefix: str = "cmpl") -> Submission:
+                     logprobs: int | None = None, default_max_tokens: int = 16, id_prefix: str = "cmpl") -> Submission:
         """Validates the request, picks each prompt's bucket and queues `body.n` samples of every prompt (all
         or none). Raises a ServerError (4xx) on any fault."""
         self.check_model(body.model)
@@ -139,7 +138,8 @@ class CompletionService:
             requests.append(group[0])
         await self.engine.submit(requests, sinks)
         log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
-        return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()), tokens_as_ids)
+        return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()),
+                          body.return_tokens_as_token_ids)
 
     def _doorbell(self) -> Doorbell:
         """The running event loop's doorbell: one for all its submissions, so that one engine step wakes it once."""
@@ -348,7 +348,7 @@ class CompletionService:
             position += len(text)
 
         def name(token_id: int) -> str:
-            return f"token_id:{token_id}" if as_ids else self.tokenizer.decode([token_id])
+            return self.token_name(token_id, as_ids)
 
         return {
             "tokens": [name(t) for t in token_ids],
@@ -356,6 +356,21 @@ class CompletionService:
             "top_logprobs": [None if e is None else {name(i): lp for i, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
+
+
+    def token_name(self, token_id: int, as_id: bool) -> str:
+        """A token as logprobs name it: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
+        return f"token_id:{token_id}" if as_id else self.tokenizer.decode([token_id])
+
+    def chat_logprobs_json(self, token_ids: list[int], entries: Sequence[TokenLogprob], as_ids: bool) -> dict:
+        """OpenAI's chat logprobs object: each token with its logprob, its bytes (also those of a character split
+        across tokens) and its `top_logprobs` alternatives, best first."""
+        def entry(token_id: int, logprob: float) -> dict:
+            return {"token": self.token_name(token_id, as_ids), "logprob": logprob,
+                    "bytes": list(self.tokenizer.token_bytes(token_id))}
+
+        return {"content": [{**entry(token_id, e.logprob), "top_logprobs": [entry(i, lp) for i, lp in e.top]}
+                            for token_id, e in zip(token_ids, entries)]}
 
 
 def _raise_for(output: RequestOutput) -> None:

@@ -95,14 +95,69 @@ def test_chat_renders_the_template_and_completes_it(chat_client, chat_live):
         schemas.ChatCompletionChunk.model_validate(chunk.model_dump(exclude_unset=True))
 
 
+def test_chat_logprobs_are_those_of_the_rendered_prompts_completion(chat_client, chat_live):
+    """OpenAI's chat logprobs: each token's logprob and top alternatives as /v1/completions gives them for the
+    rendered prompt, with bytes that rebuild the text; streamed, the chunks' entries add up to the same."""
+    completion = chat_client.post("/v1/completions", json={"prompt": RENDERED, "max_tokens": 10, "temperature": 0,
+                                                           "logprobs": 3}).json()["choices"][0]
+    legacy = completion["logprobs"]
+    sdk = openai.OpenAI(base_url=chat_live.url + "/v1", api_key="unused", max_retries=0)
+    chat = sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert [e.token for e in content] == legacy["tokens"]
+    assert [e.logprob for e in content] == pytest.approx(legacy["token_logprobs"])
+    for entry, top in zip(content, legacy["top_logprobs"]):
+        assert {t.token: t.logprob for t in entry.top_logprobs} == pytest.approx(top)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob and len(entry.top_logprobs) == 3
+    assert bytes(b for e in content for b in e.bytes).decode() == chat.choices[0].message.content == \
+        completion["text"]
+    schemas.ChatCompletion.model_validate(chat.model_dump(exclude_unset=True))
+
+    chunks = list(sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]
+    for chunk in chunks:
+        schemas.ChatCompletionChunk.model_validate(chunk.model_dump(exclude_unset=True))
+
+    plain = chat_client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4, "logprobs": True,
+                                                           "return_tokens_as_token_ids": True}).json()
+    entries = plain["choices"][0]["logprobs"]["content"]
+    assert len(entries) == plain["usage"]["completion_tokens"] and all(e["top_logprobs"] == [] for e in entries)
+    assert all(e["token"].startswith("token_id:") for e in entries)
+    without = chat_client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4}).json()
+    assert without["choices"][0]["logprobs"] is None
+
+
+def test_chat_echo_continues_the_last_message_in_its_role(chat_client):
+    """vLLM's echo: without a generation prompt the reply continues the last message, in its role, and starts
+    with its text; a reply in another role echoes nothing."""
+    opening = "what is the pass key? the pass key is"
+    messages = [MESSAGES[0], {"role": "assistant", "content": opening}]
+    prompt = chat_client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    completion = chat_client.post("/v1/completions", json={"prompt": prompt["tokens"], "max_tokens": 8,
+                                                           "temperature": 0}).json()["choices"][0]["text"]
+    body = {"messages": messages, "add_generation_prompt": False, "echo": True, "max_tokens": 8, "temperature": 0}
+    message = chat_client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": opening + completion}
+    with chat_client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"]["content"].startswith(opening)
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == opening + completion
+    asked = chat_client.post("/v1/chat/completions", json={"messages": MESSAGES, "echo": True, "max_tokens": 4,
+                                                           "temperature": 0}).json()["choices"][0]["message"]
+    assert asked["role"] == "assistant" and not asked["content"].startswith(MESSAGES[-1]["content"])
+
+
 def test_chat_refuses_what_it_does_not_serve(chat_client):
     def error(**body):
         response = chat_client.post("/v1/chat/completions", json={"messages": MESSAGES, **body})
         assert response.status_code == 400, response.text
         return response.json()["error"]
 
-    assert error(logprobs=True)["param"] == "logprobs"
-    assert error(echo=True)["param"] == "echo"
+    assert error(top_logprobs=2)["param"] == "top_logprobs"  # without logprobs, as OpenAI refuses it
+    assert error(logprobs=True, top_logprobs=21)["param"] == "top_logprobs"
     assert error(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])["param"] == \
         "messages"
     assert error(messages=[])["param"] == "messages"
