@@ -1,6 +1,7 @@
-"""What a request's sampling fields do to the model's scores before its next token is chosen, in vLLM's order:
-repetition penalty, presence and frequency penalties, logit bias, then the end-of-text and stop-token ban that
-`min_tokens` sets. Temperature, top-k, top-p and min-p follow in server.sampling.
+"""What a request's sampling fields do to the model's scores before its next token is chosen: repetition
+penalty, presence and frequency penalties, logit bias, then the bans: the end-of-text and stop-token ban that
+`min_tokens` sets, the last token of each bad word whose other tokens the completion ends with, and every token
+outside `allowed_token_ids`. Temperature, top-k, top-p and min-p follow in server.sampling.
 
 The logprobs reported to clients are the model's own scores, taken before any of this (as vLLM reports them by
 default), so that scoring a text does not depend on how it was sampled.
@@ -42,8 +43,30 @@ def _adjusted_row(scores: torch.Tensor, request: Request, eos_token_id: int | No
         ids, biases = zip(*params.logit_bias)
         scores = scores.index_add(0, torch.tensor(ids, device=device),
                                   torch.tensor(biases, dtype=scores.dtype, device=device))
+    # a penalty can overflow to +inf (a repetition penalty of 1e-30), which sampling would turn into NaN: the
+    # largest float keeps such tokens the likeliest
+    scores = scores.clamp(max=torch.finfo(scores.dtype).max)
+    allowed = scores
+    if params.allowed_token_ids:
+        allowed_ids = torch.tensor(params.allowed_token_ids, device=device)
+        allowed = torch.full_like(scores, float("-inf")).index_copy(0, allowed_ids, scores[allowed_ids])
+    banned = [*bad_word_ends(params.bad_words, request.output_ids)]
     if len(request.output_ids) < params.min_tokens:
-        banned = [*params.stop_token_ids, *([] if params.ignore_eos or eos_token_id is None else [eos_token_id])]
-        if banned:
-            scores = scores.index_fill(0, torch.tensor(banned, device=device), float("-inf"))
-    return scores
+        banned += [*params.stop_token_ids, *([] if params.ignore_eos or eos_token_id is None else [eos_token_id])]
+    if not banned:
+        return allowed
+    kept = allowed.index_fill(0, torch.tensor(banned, device=device), float("-inf"))
+    # bans that leave no token (a bad word's end the only allowed token) are lifted for this step: admission
+    # refuses the fields that always would (server.serving), this keeps the rest choosing an allowed token
+    return torch.where(torch.isneginf(kept).all(), allowed, kept)
+
+
+def bad_word_ends(bad_words: Sequence[Sequence[int]], generated: Sequence[int]) -> list[int]:
+    """The last token of each bad word whose other tokens `generated` ends with (as vLLM matches them: against
+    the generated tokens only, not the prompt)."""
+    ends = []
+    for word in bad_words:
+        prefix = len(word) - 1
+        if prefix <= len(generated) and list(generated[len(generated) - prefix:]) == list(word[:-1]):
+            ends.append(word[-1])
+    return ends

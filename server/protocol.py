@@ -17,6 +17,9 @@ MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 5)
 # markers, code fences).
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+# Each bad word (twice: with and without a leading space) is compared with a completion's last tokens before every
+# token it chooses, on the engine thread, so their number is bounded like the stop strings'.
+MAX_BAD_WORDS = 64
 
 
 class StreamOptions(BaseModel):
@@ -70,6 +73,8 @@ class SamplingFields(BaseModel):
     # vLLM's extension: only the prompt's last k tokens are run (-1: the context limit's worth)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     response_format: ResponseFormat | None = None
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's extension: only these are chosen
+    bad_words: list[str] | None = None  # vLLM's extension: words never generated, as vLLM tokenises and bans them
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:<id>"
     # OpenAI's and vLLM's fields for what this server does not do: refused when set, rather than ignored
@@ -79,17 +84,24 @@ class SamplingFields(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
-    allowed_token_ids: Any = None
-    bad_words: Any = None
 
-    @field_validator("suffix", "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "allowed_token_ids", "bad_words")
+    @field_validator("suffix", "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, False):
-            raise ValueError(f"{info.field_name} is not served: this server has no insertion, beam search, "
-                             "constrained decoding or token filters (logit_bias serves single tokens)")
+            raise ValueError(f"{info.field_name} is not served: this server has no insertion, beam search or "
+                             "constrained decoding")
         return value
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bounded_bad_words(cls, words: list[str] | None) -> list[str] | None:
+        if words is not None and len(words) > MAX_BAD_WORDS:
+            raise ValueError(f"at most {MAX_BAD_WORDS} bad words, got {len(words)}")
+        for word in words or []:
+            if not word.strip() or len(word) > MAX_STOP_LENGTH:
+                raise ValueError(f"a bad word has 1 to {MAX_STOP_LENGTH} characters besides spaces, got {word!r}")
+        return words
 
     @field_validator("truncate_prompt_tokens")
     @classmethod

@@ -61,6 +61,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # subtracted once per time a token was already generated
     repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and generated tokens
+    allowed_token_ids: tuple[int, ...] = ()  # only these may be chosen; empty: every token
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never generated: a sequence's last token is banned
+    # where the generated tokens end with the rest of it
 
     @property
     def greedy(self) -> bool:
@@ -70,7 +73,7 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Some field changes the model's scores before the choice (server.logits_adjustment)."""
         return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.min_tokens
-                    or self.repetition_penalty != 1.0)
+                    or self.repetition_penalty != 1.0 or self.allowed_token_ids or self.bad_words)
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,8 @@ class CompletionService:
                 default_max_tokens: int) -> SamplingParams:
         vocab = self.tokenizer.vocab_size
         bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
-        for name, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", body.stop_token_ids or [])):
+        for name, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", body.stop_token_ids or []),
+                          ("allowed_token_ids", body.allowed_token_ids or [])):
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})",
@@ -161,6 +162,8 @@ class CompletionService:
         if body.min_tokens > max_tokens:
             raise InvalidRequestError(f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
                                       param="min_tokens")
+        bad_words = self._bad_word_ids(body.bad_words or [])
+        self._check_some_token_allowed(body, bad_words)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -180,7 +183,34 @@ class CompletionService:
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            allowed_token_ids=tuple(body.allowed_token_ids or ()),
+            bad_words=bad_words,
         )
+
+    def _bad_word_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """The token sequences of `words` as vLLM bans them: each word without its leading spaces, and after one
+        space where that makes a new first token (a word in mid-text) of the same length."""
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            alone = tuple(self.tokenizer.encode(word.lstrip()))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip()))
+            if not alone:
+                raise InvalidRequestError(f"the bad word {word!r} encodes to no tokens", param="bad_words")
+            out += [alone, spaced] if spaced[0] != alone[0] and len(spaced) == len(alone) else [alone]
+        return tuple(out)
+
+    def _check_some_token_allowed(self, body: SamplingFields, bad_words: tuple[tuple[int, ...], ...]) -> None:
+        """Refuses allowed_token_ids that the bad words' single tokens, or (before min_tokens) the end of text
+        and stop tokens, would always ban every one of."""
+        if not body.allowed_token_ids:
+            return
+        left = set(body.allowed_token_ids) - {word[0] for word in bad_words if len(word) == 1}
+        if not left:
+            raise InvalidRequestError("bad_words ban every token of allowed_token_ids", param="allowed_token_ids")
+        ends = {*(body.stop_token_ids or ()), *((self.tokenizer.eos_token_id,) if not body.ignore_eos else ())}
+        if body.min_tokens and not left - ends:
+            raise InvalidRequestError(f"allowed_token_ids holds only tokens that end the text, which min_tokens "
+                                      f"({body.min_tokens}) bans", param="allowed_token_ids")
 
     def _bucket(self, prompt_ids: list[int], params: SamplingParams, bucket: str) -> Selection:
         """Each prompt's own bucket: a prompt batched with others is served as it would be alone."""

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from server.detokenizer import OutputText
-from server.logits_adjustment import adjusted
+from server.logits_adjustment import adjusted, bad_word_ends
 from server.request import Request, SamplingParams
+from server.sampling import choose
 
 PROMPT = "the river ran past the old mill"
 
@@ -78,6 +79,70 @@ def test_penalties_and_bias_follow_vllms_arithmetic(tokenizer):
     assert banned[0] == float("-inf") and banned[5] == float("-inf") and torch.isfinite(banned[1:5]).all()
     assert adjusted(logits, [Request("p", [1], SamplingParams(8), "none", OutputText(tokenizer),
                                      lambda _: None)], 0) is logits  # no field set: the model's own scores
+
+
+def test_allowed_token_ids_are_the_only_tokens_chosen(client, tokenizer):
+    first = generated_ids(client)[0]
+    allowed = [t for t in tokenizer.encode(" river mill") if t != first]
+    for sampled in ({}, {"temperature": 1.0, "seed": 3}):
+        ids = generated_ids(client, allowed_token_ids=allowed, **sampled)
+        assert len(ids) == 12 and set(ids) <= set(allowed)
+
+
+def test_bad_words_are_never_generated(client, tokenizer):
+    """A word the greedy text holds, banned as vLLM bans it: its tokens, with and without a leading space, never
+    appear in a row in the completion."""
+    plain = complete(client, max_tokens=30)["choices"][0]["text"]
+    word = max(plain.split(), key=len)
+    assert len(tokenizer.encode(" " + word)) > 1, "a word of several tokens shows the prefix rule"
+    banned = complete(client, max_tokens=30, bad_words=[word], return_tokens_as_token_ids=True, logprobs=0)
+    ids = [int(t.removeprefix("token_id:")) for t in banned["choices"][0]["logprobs"]["tokens"]]
+    for form in (word, " " + word):
+        sequence = tokenizer.encode(form)
+        assert all(ids[i:i + len(sequence)] != sequence for i in range(len(ids)))
+    assert banned["choices"][0]["text"] != plain
+
+
+def test_bad_word_ends_match_the_generated_tokens_only():
+    assert bad_word_ends([(7,), (1, 2, 3), (2, 9)], generated=[5, 1, 2]) == [7, 3, 9]
+    assert bad_word_ends([(1, 2, 3), (4, 5)], generated=[2]) == []  # the prompt does not count
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"allowed_token_ids": [0], "min_tokens": 2}, "only tokens that end the text"),
+    ({"allowed_token_ids": [0, 5], "min_tokens": 2, "stop_token_ids": [5]}, "only tokens that end the text"),
+])
+def test_allowed_token_ids_that_every_choice_would_ban_are_refused(client, fields, match):
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, **fields})
+    assert response.status_code == 400 and match in response.json()["error"]["message"], response.text
+    assert response.json()["error"]["param"] == "allowed_token_ids"
+
+
+def test_bad_words_banning_every_allowed_token_are_refused(client, tokenizer):
+    single = next(w for w in ("e", "a", "the") if len(tokenizer.encode(w)) == 1)
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "bad_words": [single],
+                                                    "allowed_token_ids": tokenizer.encode(single)})
+    assert response.status_code == 400 and "ban every token" in response.json()["error"]["message"]
+
+
+def test_bans_that_leave_no_token_are_lifted_for_the_step(tokenizer):
+    params = SamplingParams(8, allowed_token_ids=(2, 3), bad_words=((1, 2), (1, 3)))
+    request = Request("r", [4], params, "none", OutputText(tokenizer), lambda _: None)
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]])
+    request.output_ids = [1]  # both allowed tokens end a bad word here
+    assert adjusted(logits, [request], eos_token_id=0)[0].tolist() == [float("-inf"), float("-inf"), 1.0, 2.0]
+    request.output_ids = [0]
+    assert adjusted(logits, [request], eos_token_id=0)[0].tolist() == [float("-inf"), float("-inf"), 1.0, 2.0]
+
+
+def test_a_penalty_that_overflows_keeps_the_penalised_tokens_likeliest(tokenizer):
+    """A repetition penalty of 1e-300 sends the prompt's positive logits to +inf; sampling must not read NaN."""
+    request = Request("r", [1, 3], SamplingParams(8, temperature=1.0, repetition_penalty=1e-300), "none",
+                      OutputText(tokenizer), lambda _: None)
+    scores = adjusted(torch.tensor([[1.0, 2.0, -1.0, 0.5]]), [request], eos_token_id=None)
+    assert torch.isfinite(scores).all() and scores.argmax() == 1
+    chosen = {choose(scores, [request.params], [torch.Generator().manual_seed(s)]).item() for s in range(20)}
+    assert chosen <= {1, 3}  # the prompt's tokens with positive logits, now the largest floats
 
 
 def test_min_tokens_holds_off_the_end_of_text(client, eos):
@@ -172,8 +237,10 @@ def test_min_p_one_keeps_only_the_most_likely_token(client):
     ("suffix", "the end", "suffix is not served"),
     ("guided_json", {"type": "object"}, "guided_json is not served"),
     ("guided_choice", ["a", "b"], "guided_choice is not served"),
-    ("allowed_token_ids", [1, 2], "allowed_token_ids is not served"),
-    ("bad_words", ["river"], "bad_words is not served"),
+    ("allowed_token_ids", [], "at least 1 item"),
+    ("allowed_token_ids", [3, 96], "token id 96 is outside the vocabulary"),
+    ("bad_words", [" "], "1 to 256 characters besides spaces"),
+    ("bad_words", ["x"] * 65, "at most 64 bad words"),
     ("truncate_prompt_tokens", 0, "got 0"),
     ("truncate_prompt_tokens", -2, "greater than or equal to -1"),
 ])
