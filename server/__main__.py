@@ -22,20 +22,22 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as bad:
         _exit_with(bad)
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
-    process, connection = launch(config, log_level)
+    launched = launch(config, log_level)
     try:
         from runtime.errors import RuntimeErrorBase
         from scale_bank import BankError
 
         from .app import build_app
         from .components import load_components
-        from .engine_client import EngineClient, EngineStartError
+        from .engine_client import EngineStartError
+        from .engine_pool import connect
         from .http_server import build_server
     except BaseException:
-        process.kill()
+        for process, _ in launched:
+            process.kill()
         raise
     try:
-        engine = EngineClient.wait(process, connection)
+        engine = connect(launched)
         try:
             components = load_components(config.model, engine.model)
         except BaseException:

@@ -30,7 +30,7 @@ from .body_guard import BodyGuard
 from .chat import ChatService
 from .components import Components
 from .config import ServerConfig
-from .engine_client import EngineClient
+from .engine_pool import Engines
 from .errors import AuthenticationError, InvalidRequestError, ServerError, UnavailableError
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
                        parse_body)
@@ -87,7 +87,7 @@ def usage_chunks(body: SamplingFields) -> UsageChunks:
     return UsageChunks(final, final and options is not None and options.continuous_usage_stats)
 
 
-def build_app(config: ServerConfig, components: Components, engine: EngineClient) -> FastAPI:
+def build_app(config: ServerConfig, components: Components, engine: Engines) -> FastAPI:
     """One app per engine (started, its model loaded and warmed up): the engine stops with the app's lifespan."""
     service = CompletionService(engine, components, config.http, engine.config)  # its slots sized
     chat = ChatService(service, components.tokenizer_config)

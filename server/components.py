@@ -34,6 +34,9 @@ def load_served_model(spec: ModelSpec) -> LoadedModel:
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {spec.device}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec.device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          "(with --data-parallel-size N, engine i runs on the i-th device after --device's)")
     return load_model(spec.path, spec.device, spec.dtype, spec.backend, spec.quantize, spec.quantize_embedding)
 
 

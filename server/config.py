@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # The embedded default model and its bank, served when no --model is given (built by extend/, committed).
@@ -112,6 +113,23 @@ class ServerConfig:
     model: ModelSpec
     engine: EngineConfig
     http: HttpConfig
+    data_parallel_size: int = 1  # engine processes, each with the whole model on a device of its own
+
+
+def engine_ranks(config: ServerConfig) -> list[ServerConfig]:
+    """Each engine process's config (vLLM's data parallelism): engine i on the i-th CUDA device from --device's,
+    or on CPU with its share of the cores (unless --threads says how many each takes)."""
+    n = config.data_parallel_size
+    if n == 1:
+        return [config]
+    kind, _, index = config.model.device.partition(":")
+    if kind == "cuda":
+        first = int(index or 0)
+        return [replace(config, model=replace(config.model, device=f"cuda:{first + i}")) for i in range(n)]
+    if kind != "cpu":
+        raise ConfigError(f"--data-parallel-size runs engines on CUDA devices or on the CPU, not on {kind}")
+    threads = config.engine.threads or max(1, len(os.sched_getaffinity(0)) // n)
+    return [replace(config, engine=replace(config.engine, threads=threads))] * n
 
 
 def _positive_int(text: str) -> int:
@@ -175,7 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per engine step over all the requests prefilled together, at least "
                         "--prefill-chunk (default: 2048 on CPU, 16384 on CUDA, or --prefill-chunk if larger)")
     p.add_argument("--request-timeout", type=_positive_float, help="seconds a request may take (default: no limit)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for the model (default: torch's default)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for the model, of each engine (default: torch's default; with "
+                        "--data-parallel-size N, the cores shared out)")
+    p.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1,
+                   help="engines, each a process with the whole model on a device of its own (CUDA devices from "
+                        "--device's on, or CPU cores); requests go to the least loaded. --max-batch-size and "
+                        "--max-queue are per engine")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
@@ -212,4 +236,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
                       args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins))
-    return ServerConfig(spec, engine, http), args.log_level
+    config = ServerConfig(spec, engine, http, args.data_parallel_size)
+    engine_ranks(config)  # refuses a device kind that engines cannot share out
+    return config, args.log_level

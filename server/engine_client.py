@@ -1,7 +1,7 @@
 """The engine as the HTTP side sees it: a process of its own (server.engine_process), reached over one
 connection (server.engine_protocol).
 
-`EngineClient.start` starts the process and waits until its model is loaded and warmed up. A receiver thread
+`EngineClient.wait` waits until a launched process's model is loaded and warmed up. A receiver thread
 takes each hand-over and routes its outputs to the sinks the requests were submitted with (the outputs of a
 whole engine step in one message), resolves the calls that were waiting for a reply, and keeps the engine's
 last status (`alive`, `busy`, `free_slots`, `waiting`). The engine process's faults come back as outputs: a
@@ -16,13 +16,12 @@ import concurrent.futures
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from .config import EngineConfig, ServerConfig
+from .config import EngineConfig
 from .engine import StepRecord
-from .engine_launch import launch
 from .engine_protocol import (Abort, Close, EngineRequest, EngineStatus, HandOver, HttpMessage, ModelInfo, Query,
                               Ready, Reply, StartFailed, Stop, Stopped, Submit)
 from .errors import UnavailableError
@@ -40,7 +39,8 @@ class EngineStartError(Exception):
 
 
 class EngineClient:
-    def __init__(self, process: BaseProcess, connection: Connection, ready: Ready) -> None:
+    def __init__(self, process: BaseProcess, connection: Connection, ready: Ready,
+                 keys: Iterator[int] | None = None) -> None:
         self.model: ModelInfo = ready.model
         self.config: EngineConfig = ready.engine  # its slots sized
         self.status: EngineStatus = ready.status
@@ -48,7 +48,7 @@ class EngineClient:
         self._connection = connection
         self._send_lock = threading.Lock()
         self._routes: dict[int, tuple[str, Sink]] = {}  # the unfinished requests' ids and sinks, by key
-        self._keys = itertools.count()
+        self._keys = itertools.count() if keys is None else keys  # shared by a pool's engines (server.engine_pool)
         self._calls: dict[int, concurrent.futures.Future] = {}  # calls waiting for their reply, by number
         self._numbers = itertools.count()
         self._closed = False  # admission closed (a graceful shutdown)
@@ -58,15 +58,9 @@ class EngineClient:
         atexit.register(self.stop)  # runs before multiprocessing's exit handler, which waits for the process
 
     @classmethod
-    def start(cls, config: ServerConfig, log_level: str) -> EngineClient:
-        """Starts the engine process and waits until it has loaded the model and warmed up. Raises
-        EngineStartError with its message when it cannot."""
-        return cls.wait(*launch(config, log_level))
-
-    @classmethod
-    def wait(cls, process: BaseProcess, connection: Connection) -> EngineClient:
-        """The client of a launched engine process (server.engine_launch), once it is ready. Raises
-        EngineStartError with its message when it cannot start."""
+    def wait(cls, process: BaseProcess, connection: Connection, keys: Iterator[int] | None = None) -> EngineClient:
+        """The client of a launched engine process (server.engine_launch), once it is ready, numbering its
+        requests with `keys`. Raises EngineStartError with its message when it cannot start."""
         try:
             first = connection.recv()
         except EOFError:
@@ -80,7 +74,7 @@ class EngineClient:
             process.join()
             raise EngineStartError(first.message)
         assert isinstance(first, Ready), f"unexpected first message {first!r}"
-        return cls(process, connection, first)
+        return cls(process, connection, first, keys)
 
     @property
     def pid(self) -> int | None:
@@ -109,6 +103,12 @@ class EngineClient:
     @property
     def waiting(self) -> int:
         return self.status.waiting
+
+    @property
+    def unfinished(self) -> int:
+        """Requests submitted here and not finished: queued, prefilling or decoding (known at once, where the
+        engine's own counts come with its next hand-over)."""
+        return len(self._routes)
 
     # --- requests ------------------------------------------------------------------------------------------------
 

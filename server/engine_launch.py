@@ -1,7 +1,7 @@
-"""Starting the engine process without importing what it runs: `launch` spawns it (spawned: CUDA cannot be
-forked) with a target whose module imports nothing heavy, so that the HTTP process can import its own modules
-(torch among them) while the engine process imports, loads the model and warms up. `EngineClient.wait` then
-waits for it."""
+"""Starting the engine processes without importing what they run: `launch` spawns them (spawned: CUDA cannot be
+forked; one per --data-parallel-size rank) with a target whose module imports nothing heavy, so that the HTTP
+process can import its own modules (torch among them) while the engine processes import, load the model and warm
+up. `server.engine_pool.connect` then waits for them."""
 
 from __future__ import annotations
 
@@ -9,19 +9,25 @@ import multiprocessing
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from .config import ServerConfig
+from .config import ServerConfig, engine_ranks
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# an engine's lines name its process: with --data-parallel-size, the engine they come from
+ENGINE_LOG_FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s"
 
 
-def launch(config: ServerConfig, log_level: str) -> tuple[BaseProcess, Connection]:
-    """The started engine process and this side's end of its connection."""
+def launch(config: ServerConfig, log_level: str) -> list[tuple[BaseProcess, Connection]]:
+    """Each engine's started process and this side's end of its connection, in rank order."""
     context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe()
-    process = context.Process(target=_run, args=(config, log_level, theirs), name="mamba-engine")
-    process.start()
-    theirs.close()  # the process holds its end: ours reads EOF when it exits
-    return process, ours
+    launched: list[tuple[BaseProcess, Connection]] = []
+    for rank, rank_config in enumerate(engine_ranks(config)):
+        ours, theirs = context.Pipe()
+        name = "mamba-engine" if config.data_parallel_size == 1 else f"mamba-engine-{rank}"
+        process = context.Process(target=_run, args=(rank_config, log_level, theirs), name=name)
+        process.start()
+        theirs.close()  # the process holds its end: ours reads EOF when it exits
+        launched.append((process, ours))
+    return launched
 
 
 def _run(config: ServerConfig, log_level: str, connection: Connection) -> None:

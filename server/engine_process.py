@@ -32,7 +32,7 @@ from .components import Components, load_components, load_served_model, model_in
 from .config import ConfigError, ServerConfig
 from .detokenizer import OutputText
 from .engine import Engine
-from .engine_launch import LOG_FORMAT
+from .engine_launch import ENGINE_LOG_FORMAT
 from .engine_protocol import (Abort, Close, EngineRequest, HandOver, HttpMessage, Query, Ready, Reply, StartFailed,
                               Stop, Stopped, Submit)
 from .errors import ServerError
@@ -47,7 +47,7 @@ def run(config: ServerConfig, log_level: str, connection: Connection) -> None:
     """The engine process (multiprocessing's spawn runs it): Ready, or StartFailed with the fault's message."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    logging.basicConfig(level=log_level.upper(), format=ENGINE_LOG_FORMAT)
     try:
         host = EngineHost.load(config)
     except (ConfigError, RuntimeErrorBase, BankError) as bad:

@@ -18,7 +18,7 @@ from starlette.requests import Request as HttpRequest
 
 from .components import Components
 from .config import EngineConfig, HttpConfig
-from .engine_client import EngineClient
+from .engine_pool import Engines
 from .engine_protocol import EngineRequest
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
@@ -85,7 +85,7 @@ class Submission:
 
 
 class CompletionService:
-    def __init__(self, engine: EngineClient, components: Components, http: HttpConfig, engine_config: EngineConfig):
+    def __init__(self, engine: Engines, components: Components, http: HttpConfig, engine_config: EngineConfig):
         self.engine = engine
         self.tokenizer = components.tokenizer
         self.bank = components.bank

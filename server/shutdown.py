@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from .engine_client import EngineClient
+from .engine_pool import Engines
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -31,7 +31,7 @@ POLL_SECONDS = 0.05  # how often the drain checks whether the engine has finishe
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: EngineClient, grace: float):
+    def __init__(self, config: uvicorn.Config, engine: Engines, grace: float):
         super().__init__(config)
         self.engine = engine
         self.grace = grace  # seconds running requests get to finish

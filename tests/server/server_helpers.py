@@ -17,7 +17,7 @@ from scale_bank import Bank, BankEntry, model_info
 from server.app import build_app
 from server.components import load_components
 from server.config import parse_args
-from server.engine_client import EngineClient
+from server.engine_pool import start_engines
 from server.http_server import build_server
 
 TRAINING_LENGTH = 64  # recorded in the test bank: auto requests up to 64 tokens use no scales
@@ -52,7 +52,7 @@ class LiveServer:
     def __init__(self, argv: list[str]):
         config, _ = parse_args(argv)
         self.config = config
-        engine = EngineClient.start(config, "warning")
+        engine = start_engines(config, "warning")
         self.components = load_components(config.model, engine.model)
         self.app = build_app(config, self.components, engine)
         self._socket = socket.socket()
@@ -98,7 +98,8 @@ class LiveServer:
     def wait_idle(self, timeout: float = 20) -> None:
         """Until the engine has nothing queued or running (earlier tests' aborted requests included)."""
         deadline = time.monotonic() + timeout
-        while self.engine.busy or self.engine.free_slots != self.engine.config.slots:
+        engines = getattr(self.engine, "engines", [self.engine])  # a data-parallel pool's, or the one
+        while any(e.busy or e.free_slots != e.config.slots for e in engines):
             assert time.monotonic() < deadline, "the engine did not become idle"
             time.sleep(0.01)
 
