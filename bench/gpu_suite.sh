@@ -4,7 +4,8 @@
 # Needs mamba_ssm importable, and the server's packages for the HTTP step (on a machine without them, install
 # the wheels that bench/server_wheels.sh downloads). Runs the GPU tests first; each step is independent and the
 # run goes on if one fails. SHAPES are Mamba1 shapes; decode and prefill also run the Mamba2 ones, and the HTTP
-# streams run with the decode overlap on and off, and with SSM states in the model's dtype.
+# streams run with the decode overlap on and off, with SSM states in the model's dtype, and (on a machine with
+# several GPUs) over one engine per GPU.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT [SHAPES]} shapes=${2:-130m,1.4b}
 mkdir -p "$out"
@@ -31,3 +32,13 @@ for shape in ${shapes//,/ }; do
       --${setting% *} "${setting#* }" 2>&1 | grep -v " INFO " | tail -8
   done
 done
+# Several GPUs (a multi-GPU machine only): the same streams over --data-parallel-size engines, one per GPU; the
+# bench's engine peer is one engine, so its ratio reads as how many engines' worth HTTP delivers
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -gt 1 ]; then
+  for shape in ${shapes//,/ }; do
+    python3 -m bench.http_throughput --shape "$shape" --device cuda --prompt-tokens 1000 --streams 64,256,512 \
+      --json "$out/http_${shape}_dp${gpus}.json" -- --max-batch-size 256 --max-queue 512 \
+      --data-parallel-size "$gpus" 2>&1 | grep -v " INFO " | tail -6
+  done
+fi

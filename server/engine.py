@@ -174,6 +174,8 @@ class Engine:
     def _loop(self) -> None:
         # OpenMP's thread count is per OS thread: the engine thread sets its own (see server/engine_process.py).
         torch.set_num_threads(self.config.threads or self._default_threads)
+        if self.model.device.type == "cuda":  # CUDA's current device is per thread too: Triton launches on it
+            torch.cuda.set_device(self.model.device)
         try:
             while True:
                 with self._cond:

@@ -74,9 +74,12 @@ class EngineHost:
         # single-threaded and the engine thread takes the machine's threads.
         threads = config.engine.threads or torch.get_num_threads()
         torch.set_num_threads(1)
-        loaded = load_served_model(config.model)
+        loaded = load_served_model(config.model)  # refuses a device this machine lacks
+        device = torch.device(config.model.device)
+        if device.type == "cuda":  # the device Triton launches on and the decode graphs capture on
+            torch.cuda.set_device(device)
         components = load_components(config.model, model_info(loaded))
-        metrics = Metrics(torch.device(config.model.device), config.http.served_model_name)
+        metrics = Metrics(device, config.http.served_model_name)
         engine = Engine(loaded.model, components.tokenizer, replace(config.engine, threads=threads), metrics,
                         components.extensions)
         engine.warm_up()
