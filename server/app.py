@@ -141,7 +141,7 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
         body = parse_body(CompletionRequest, await request.body())
         prompts = await service.prompts(body.prompt, body.truncate_prompt_tokens)
         submission = await service.submit(body, prompts, request.state.request_id, echo=body.echo,
-                                          logprobs=body.logprobs)
+                                          logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs)
         return await respond(service, submission, body, request)
 
     @v1.post("/chat/completions", openapi_extra=body_of(ChatCompletionRequest),

@@ -56,6 +56,9 @@ class ChatService:
     async def submit(self, body: ChatCompletionRequest, request_id: str) -> ChatSubmission:
         if body.top_logprobs and not body.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if body.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs is served on /v1/completions (send the rendered prompt: "
+                                      "/tokenize gives its tokens)", param="prompt_logprobs")
         self.completions.check_model(body.model)
         prompts = await self.completions.prompts(self.render(body.messages, body.add_generation_prompt,
                                                              body.chat_template_kwargs), body.truncate_prompt_tokens)

@@ -323,7 +323,7 @@ class Engine:
                                      [c.start == 0 for c in chunks], [r.scale_bucket for r in requests])
         self.metrics.prompt_tokens.inc(sum(c.end - c.start for c in chunks))
         for row, chunk in enumerate(chunks):
-            if chunk.request.params.prompt_logprobs:
+            if chunk.request.params.prompt_logprobs is not None:
                 self._score_prompt(chunk.request, chunk, hidden[row:row + 1])
         now = time.monotonic()
         sampling: dict[int, list[Request]] = {}  # batch row of a finished prompt → its members that sample now
@@ -347,7 +347,7 @@ class Engine:
             self.runner.copy_state(request.slot, forks)
         for member in group:
             out = outputs.setdefault(member, self._new_output(member))
-            if request.params.prompt_logprobs:
+            if request.params.prompt_logprobs is not None:
                 member.prompt_logprobs = request.prompt_logprobs
                 out.prompt_logprobs = request.prompt_logprobs
         if request.params.max_tokens == 0:
@@ -363,8 +363,8 @@ class Engine:
             request.prompt_logprobs = [None]
         scored = min(chunk.end, len(prompt) - 1) - chunk.start  # positions whose next token is in the prompt
         targets = torch.tensor(prompt[chunk.start + 1:chunk.start + 1 + scored], device=hidden.device)  # (s,)
-        top = request.params.logprobs
-        assert top is not None, "prompt logprobs come with logprobs"
+        top = request.params.prompt_logprobs
+        assert top is not None, "scored only when asked"
         for start, logits in self.model.iter_logits(hidden[:, :scored]):  # (1, slice, V)
             request.prompt_logprobs += logprob_entries(logits[0, :, :self.tokenizer.vocab_size],
                                                        targets[start:start + logits.shape[1]], top)

@@ -137,6 +137,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's extension: each choice's prompt_logprobs, the prompt's tokens scored with this many alternatives
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class TextPart(BaseModel):
@@ -161,6 +163,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: more variables for the template
     # vLLM's extension: the reply's text starts with the last message's, when that message is in the reply's role
     echo: bool = False
+    prompt_logprobs: Any = None  # vLLM's extension, served on /v1/completions: refused here
 
 
 class TokenizeRequest(BaseModel):

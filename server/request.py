@@ -50,7 +50,7 @@ class SamplingParams:
     seed: int | None = None  # same seed, same text
     stop: tuple[str, ...] = ()  # stop strings, not emitted
     logprobs: int | None = None  # top alternatives per token; None: no logprobs
-    prompt_logprobs: bool = False  # also score the prompt's tokens (echo with logprobs)
+    prompt_logprobs: int | None = None  # score the prompt's tokens too, with this many alternatives; None: no
     min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one's probability
     stop_token_ids: tuple[int, ...] = ()  # these end the completion (kept in its tokens, not in its text)
     ignore_eos: bool = False  # end of text does not end the completion
@@ -81,6 +81,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # the `k` most likely tokens and their logprobs, best first
+    rank: int = 1  # the token's place among the vocabulary's by probability (1: the most likely)
 
 
 @dataclass

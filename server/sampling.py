@@ -90,9 +90,11 @@ def _filtered(scores: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
 
 def logprob_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
     """logits: (l, V) of the positions that predict `targets` (l,). Returns each target's logprob under the
-    model's distribution and the k most likely tokens there."""
+    model's distribution, its rank there (1 + the tokens more likely) and the k most likely tokens there."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (l, V)
-    chosen = logp.gather(-1, targets[:, None]).squeeze(-1).tolist()  # (l,)
+    chosen = logp.gather(-1, targets[:, None])  # (l, 1)
+    ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()  # (l,)
     top_values, top_ids = torch.topk(logp, k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())  # (l, k)
-    return [TokenLogprob(int(t), lp, tuple(zip(ids, values)))
-            for t, lp, ids, values in zip(targets.tolist(), chosen, top_ids.tolist(), top_values.tolist())]
+    return [TokenLogprob(int(t), lp, tuple(zip(ids, values)), rank)
+            for t, lp, ids, values, rank in zip(targets.tolist(), chosen.squeeze(-1).tolist(), top_ids.tolist(),
+                                                top_values.tolist(), ranks)]

@@ -29,10 +29,19 @@ class FinishFields(Schema):
     stop_reason: str | int | None  # the stop string or stop token id that ended it
 
 
+class PromptTokenLogprob(Schema):
+    logprob: float
+    rank: int  # 1: the most likely token at its position
+    decoded_token: str
+
+
 class CompletionChoice(FinishFields):
     index: int
     text: str
     logprobs: Logprobs | None
+    # vLLM's, with prompt_logprobs: per prompt token (null for the first), that token and the most likely ones
+    # by token id
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None
     # several prompts: the choice's own prompt's scale fields
     scale_bucket: str | None = None
     scale_beyond_largest: bool | None = None

@@ -73,6 +73,7 @@ class Submission:
     echo: bool
     created: int  # unix time, for the response objects
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
+    prompt_logprobs: int | None = None  # each choice shows its prompt's logprobs with this many alternatives
 
     @property
     def requests(self) -> list[EngineRequest]:
@@ -102,7 +103,8 @@ class CompletionService:
                                      f"{self.http.served_model_name!r}", param="model")
 
     async def submit(self, body: SamplingFields, prompts: list[Prompt], request_id: str, *, echo: bool = False,
-                     logprobs: int | None = None, default_max_tokens: int = 16, id_prefix: str = "cmpl") -> Submission:
+                     logprobs: int | None = None, prompt_logprobs: int | None = None, default_max_tokens: int = 16,
+                     id_prefix: str = "cmpl") -> Submission:
         """Validates the request, picks each prompt's bucket and queues `body.n` samples of every prompt (all
         or none). Raises a ServerError (4xx) on any fault."""
         self.check_model(body.model)
@@ -116,7 +118,10 @@ class CompletionService:
         if len(prompts) > self.engine_config.max_queue:
             raise InvalidRequestError(f"{len(prompts)} prompts, more than this server queues at once "
                                       f"({self.engine_config.max_queue}, --max-queue)", param="prompt")
-        params = self._params(body, logprobs, echo, default_max_tokens)
+        if prompt_logprobs is not None and body.stream:
+            raise InvalidRequestError("prompt_logprobs are not served on a stream (as in vLLM): ask without stream",
+                                      param="prompt_logprobs")
+        params = self._params(body, logprobs, echo, default_max_tokens, prompt_logprobs)
         outputs = Mailbox(self._doorbell())
         completion_id = f"{id_prefix}-{request_id}"
         several = len(prompts) * body.n > 1
@@ -139,7 +144,7 @@ class CompletionService:
         await self.engine.submit(requests, sinks)
         log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
         return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()),
-                          body.return_tokens_as_token_ids)
+                          body.return_tokens_as_token_ids, prompt_logprobs)
 
     def _doorbell(self) -> Doorbell:
         """The running event loop's doorbell: one for all its submissions, so that one engine step wakes it once."""
@@ -148,8 +153,8 @@ class CompletionService:
             self._doorbells[loop] = Doorbell(loop)
         return self._doorbells[loop]
 
-    def _params(self, body: SamplingFields, logprobs: int | None, echo: bool,
-                default_max_tokens: int) -> SamplingParams:
+    def _params(self, body: SamplingFields, logprobs: int | None, echo: bool, default_max_tokens: int,
+                prompt_logprobs: int | None) -> SamplingParams:
         vocab = self.tokenizer.vocab_size
         bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
         for name, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", body.stop_token_ids or []),
@@ -172,7 +177,9 @@ class CompletionService:
             seed=body.seed,
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
             logprobs=logprobs,
-            prompt_logprobs=echo and logprobs is not None,
+            # the prompt is scored for echo with logprobs and for prompt_logprobs, with the alternatives of either
+            prompt_logprobs=max((k for k in (logprobs if echo else None, prompt_logprobs) if k is not None),
+                                default=None),
             min_p=body.min_p or 0.0,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
@@ -224,7 +231,7 @@ class CompletionService:
             selection = select(self.bank, n_tokens, bucket, self.training_length)
         except UnknownBucketError as bad:
             raise InvalidRequestError(str(bad), param="scale_bucket", code="unknown_scale_bucket") from None
-        if selection.extension.decimation is not None and params.prompt_logprobs:
+        if selection.extension.decimation is not None and params.prompt_logprobs is not None:
             raise InvalidRequestError(f"bucket {selection.name} decimates the prompt (drops positions in one layer), "
                                       "so it has no logprobs of the prompt's tokens: ask for echo with logprobs "
                                       "with scale_bucket 'none' or a bucket of another method", param="scale_bucket",
@@ -366,11 +373,25 @@ class CompletionService:
             entries: Sequence[TokenLogprob | None] = output.logprobs
             if prefix and output.prompt_logprobs is not None:
                 ids, entries = request.prompt_ids + ids, [*output.prompt_logprobs, *output.logprobs]
-            body["logprobs"] = self._logprobs_json(ids, entries, submission.tokens_as_ids)
+            body["logprobs"] = self._logprobs_json(ids, entries, submission.tokens_as_ids, request.params.logprobs)
+        if submission.prompt_logprobs is not None and output.prompt_logprobs is not None:
+            body["prompt_logprobs"] = [None if e is None else self._prompt_logprob_json(e, submission.prompt_logprobs)
+                                       for e in output.prompt_logprobs]
         return body
 
-    def _logprobs_json(self, token_ids: list[int], entries: Sequence[TokenLogprob | None], as_ids: bool) -> dict:
-        """OpenAI's legacy logprobs object; text offsets count from the start of this choice's text."""
+    def _prompt_logprob_json(self, entry: TokenLogprob, k: int) -> dict:
+        """vLLM's prompt_logprobs entry of one prompt token: that token, then the k most likely others, each by id
+        with its logprob, rank and text."""
+        def item(token_id: int, logprob: float, rank: int) -> tuple[str, dict]:
+            return str(token_id), {"logprob": logprob, "rank": rank, "decoded_token": self.tokenizer.decode([token_id])}
+
+        return dict([item(entry.token_id, entry.logprob, entry.rank),
+                     *(item(i, lp, rank) for rank, (i, lp) in enumerate(entry.top[:k], 1) if i != entry.token_id)])
+
+    def _logprobs_json(self, token_ids: list[int], entries: Sequence[TokenLogprob | None], as_ids: bool,
+                       k: int) -> dict:
+        """OpenAI's legacy logprobs object with k alternatives a token; text offsets count from the start of this
+        choice's text."""
         texts = [self.tokenizer.decode([t]) for t in token_ids]
         offsets, position = [], 0
         for text in texts:
@@ -383,7 +404,7 @@ class CompletionService:
         return {
             "tokens": [name(t) for t in token_ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
-            "top_logprobs": [None if e is None else {name(i): lp for i, lp in e.top} for e in entries],
+            "top_logprobs": [None if e is None else {name(i): lp for i, lp in e.top[:k]} for e in entries],
             "text_offset": offsets,
         }
 

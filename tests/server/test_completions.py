@@ -11,6 +11,7 @@ import torch
 from runtime import Decimation, batch_scales, load_model
 from runtime.tokenizer import Tokenizer
 from scale_bank import Bank
+from server import schemas
 
 from server_helpers import SERVER_FLAGS, TRAINING_LENGTH, LiveServer, make_bank
 
@@ -157,6 +158,45 @@ def test_echo_logprobs_equal_the_runtimes_token_logprobs(client, model_dirs, pro
     assert len(ids) > 16 or bucket == "none"
     assert torch.allclose(torch.tensor(logprobs["token_logprobs"][1:]), expected, atol=1e-4)
     assert body["choices"][0]["text"] == prompt_text
+
+
+def test_prompt_logprobs_score_each_prompt_token_with_its_rank(client, model_dirs):
+    """vLLM's prompt_logprobs: each prompt token (none for the first) by id, with its logprob (the same as echo's),
+    its rank among the vocabulary, and the k most likely tokens there; alongside echo's own k."""
+    text = Tokenizer(model_dirs["mamba1"] / "tokenizer.json").encode(" ".join([PROMPT] * 3))
+    greedy = complete(client, prompt=text, max_tokens=6, logprobs=0, return_tokens_as_token_ids=True)
+    continuation = [int(t.removeprefix("token_id:")) for t in greedy["choices"][0]["logprobs"]["tokens"]]
+    ids = text + continuation  # the model's own greedy tokens: each the most likely at its place (rank 1)
+    body = complete(client, prompt=ids, max_tokens=2, echo=True, logprobs=1, prompt_logprobs=20)
+    choice = body["choices"][0]
+    scored, echoed = choice["prompt_logprobs"], choice["logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    assert all(top is None or len(top) == 1 for top in echoed["top_logprobs"])  # echo keeps its own k
+    schemas.Completion.model_validate(body)
+    ranks = []
+    for token_id, entry, echoed_logprob in zip(ids[1:], scored[1:], echoed["token_logprobs"][1:len(ids)]):
+        first, *others = entry.items()
+        assert first[0] == str(token_id) and first[1]["logprob"] == pytest.approx(echoed_logprob)
+        assert first[1]["decoded_token"] == client.post("/detokenize", json={"tokens": [token_id]}).json()["prompt"]
+        alternatives = [v["logprob"] for k, v in others]
+        assert [v["rank"] for k, v in others] == sorted(v["rank"] for k, v in others)
+        assert alternatives == sorted(alternatives, reverse=True)
+        rank = first[1]["rank"]
+        ranks.append(rank)
+        if rank <= 20:  # then the top 20 hold every more likely token
+            assert rank - 1 == sum(lp > first[1]["logprob"] for lp in alternatives)
+        else:
+            assert len(others) == 20 and min(alternatives) >= first[1]["logprob"]
+    assert ranks[-len(continuation):] == [1] * len(continuation) and max(ranks) > 20
+    assert "prompt_logprobs" not in complete(client, prompt=ids, max_tokens=2)["choices"][0]
+
+
+def test_prompt_logprobs_refused_on_a_stream_and_on_chat(client):
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "prompt_logprobs": 1, "stream": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs"
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "prompt_logprobs": 1})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "prompt_logprobs"
 
 
 def test_a_quantised_model_is_served_with_its_own_bank(model_dirs, tmp_path):
