@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,6 +107,8 @@ class HttpConfig:
     max_connections: int = 512  # open connections (uvicorn's limit_concurrency): past it, requests get 503
     shutdown_timeout: float = 30.0  # on SIGTERM/SIGINT, seconds running requests get to finish
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any); empty: no CORS headers
+    ssl_keyfile: Path | None = None  # with ssl_certfile: HTTPS (PEM files); None: plain HTTP
+    ssl_certfile: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections; past it, requests get 503")
     p.add_argument("--shutdown-timeout", type=_positive_float, default=HttpConfig.shutdown_timeout,
                    help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error")
+    p.add_argument("--ssl-keyfile", type=Path, help="with --ssl-certfile: serve HTTPS with this PEM private key")
+    p.add_argument("--ssl-certfile", type=Path, help="with --ssl-keyfile: the PEM certificate (chain) to present")
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="origins whose browser pages may call the API (CORS), e.g. https://app.example.org, or '*'")
     p.add_argument("--max-batch-size", type=_positive_int,
@@ -214,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tls_files(keyfile: Path | None, certfile: Path | None) -> tuple[Path | None, Path | None]:
+    """The key and certificate files of HTTPS, both given and present, or neither."""
+    if (keyfile is None) != (certfile is None):
+        raise ConfigError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    if certfile is not None:
+        try:  # as uvicorn will load them, so that a bad file stops the start here with its name
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        except ssl.SSLError as bad:
+            raise ConfigError(f"--ssl-certfile {certfile} and --ssl-keyfile {keyfile}: not a PEM certificate and "
+                              f"its private key ({bad.reason or bad})") from None
+    return keyfile, certfile
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     """The server's config and the log level. Raises ConfigError when no --model is given and the embedded
     default model is not there."""
@@ -235,7 +256,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                           ssm_state_dtype=None if args.mamba_ssm_cache_dtype == "auto" else args.mamba_ssm_cache_dtype)
     http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
-                      args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins))
+                      args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins),
+                      *_tls_files(args.ssl_keyfile, args.ssl_certfile))
     config = ServerConfig(spec, engine, http, args.data_parallel_size)
     engine_ranks(config)  # refuses a device kind that engines cannot share out
     return config, args.log_level

@@ -70,5 +70,6 @@ def build_server(app: FastAPI, http: HttpConfig, log_level: str = "info") -> Gra
     protocol = functools.partial(HeadTimeoutProtocol, head_timeout=http.header_timeout)
     config = uvicorn.Config(app, host=http.host, port=http.port, log_level=log_level,
                             http=protocol,  # type: ignore[arg-type]
-                            limit_concurrency=http.max_connections, timeout_graceful_shutdown=FLUSH_SECONDS)
+                            limit_concurrency=http.max_connections, timeout_graceful_shutdown=FLUSH_SECONDS,
+                            ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile)
     return GracefulServer(config, app.state.engine, http.shutdown_timeout)

@@ -57,7 +57,8 @@ class LiveServer:
         self.app = build_app(config, self.components, engine)
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        scheme = "http" if config.http.ssl_certfile is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self._socket.getsockname()[1]}"
         self._server = build_server(self.app, config.http, "warning")
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
