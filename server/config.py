@@ -11,6 +11,7 @@ from pathlib import Path
 # The embedded default model and its bank, served when no --model is given (built by extend/, committed).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "mamba-extend-default"
 BANK_DIRNAME = "bank"  # a model directory may carry its bank here
+API_KEY_VARIABLE = "MAMBA_EXTEND_API_KEY"  # the key when --api-key is not given (the clients read it too)
 DEFAULT_MAX_CONTEXT = 131072  # tokens; a recurrent model has no positional limit, so this only bounds work per request
 # A prompt of DEFAULT_MAX_CONTEXT tokens is about 0.9 MB as token ids ("12345, " per id) and 0.5-1 MB as English
 # or code text; 4 MiB admits either with room for JSON's \u escapes of non-ASCII text, while bounding what one
@@ -169,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints record none; theirs is 2048)")
     p.add_argument("--host", default=HttpConfig.host)
     p.add_argument("--port", type=int, default=HttpConfig.port)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/*")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer <key>' on /v1/* (default: ${API_KEY_VARIABLE}, "
+                   "which keeps the key out of the process list)")
     p.add_argument("--served-model-name", help="model name in the API (default: the model directory's name)")
     p.add_argument("--max-context", type=_positive_int, default=HttpConfig.max_context,
                    help="most tokens (prompt + max_tokens) one request may reach")
@@ -254,7 +256,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                           args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager,
                           overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
                           ssm_state_dtype=None if args.mamba_ssm_cache_dtype == "auto" else args.mamba_ssm_cache_dtype)
-    http = HttpConfig(args.host, args.port, args.api_key, args.served_model_name or model.resolve().name,
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    http = HttpConfig(args.host, args.port, api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
                       args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins),
                       *_tls_files(args.ssl_keyfile, args.ssl_certfile))

@@ -11,6 +11,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
+# A key in the environment would guard every test server (server.config reads it when --api-key is not given);
+# the tests that want one set it themselves.
+os.environ.pop("MAMBA_EXTEND_API_KEY", None)
 
 from checkpoints import hf_mamba1, hf_mamba2, to_mamba_ssm_layout  # noqa: E402
 

@@ -85,8 +85,12 @@ def test_single_prompt_in_a_list_is_accepted(client):
     assert as_list == as_text
 
 
-def test_api_key_guards_v1_but_not_health(model_dirs):
-    with LiveServer(["--model", str(model_dirs["mamba1"]), "--api-key", "s3cret", *SERVER_FLAGS]) as live, \
+@pytest.mark.parametrize("given", ["flag", "environment"])
+def test_api_key_guards_v1_but_not_health(model_dirs, monkeypatch, given):
+    key = ["--api-key", "s3cret"] if given == "flag" else []
+    if given == "environment":  # kept out of the process list
+        monkeypatch.setenv("MAMBA_EXTEND_API_KEY", "s3cret")
+    with LiveServer(["--model", str(model_dirs["mamba1"]), *key, *SERVER_FLAGS]) as live, \
             httpx.Client(base_url=live.url, timeout=60) as c:
         assert assert_error(c.post("/v1/completions", json=GOOD), 401)["type"] == "authentication_error"
         assert_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
