@@ -36,6 +36,7 @@ from .config import EngineConfig
 from .engine_protocol import EngineStatus
 from .errors import UnavailableError
 from .finish import take_token
+from .guided import Guides
 from .logits_adjustment import adjusted
 from .metrics import Metrics
 from .model_runner import ModelRunner
@@ -93,6 +94,8 @@ class Engine:
         assert tokenizer.vocab_size <= model.config.vocab_size, "tokenizer larger than the model's vocabulary"
         self.model = model
         self.tokenizer = tokenizer
+        self.guides = Guides(tokenizer)  # the grammar states of guided requests
+        threading.Thread(target=self.guides.preload, name="guides-preload", daemon=True).start()
         ssm_dtype = ssm_state_dtype(model, config.ssm_state_dtype)
         state_bytes = slot_bytes(model, ssm_dtype)
         self.config = config = sized(config, model.device, state_bytes)
@@ -386,6 +389,9 @@ class Engine:
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """logits: (b, V'). Each request's next token by its own sampling fields and generator, (b,) on the
         device."""
+        for request in requests:
+            if request.params.guide is not None and request.guide is None:  # its grammar's start
+                request.guide = self.guides.state(request.params.guide)
         scores = adjusted(logits, requests, self.tokenizer.eos_token_id)  # (b, V'); logprobs stay the model's
         generators = [g for r in requests if (g := r.generator) is not None]
         assert len(generators) == len(requests), "made at admission"

@@ -1,7 +1,8 @@
 """What a request's sampling fields do to the model's scores before its next token is chosen: repetition
 penalty, presence and frequency penalties, logit bias, then the bans: the end-of-text and stop-token ban that
-`min_tokens` sets, the last token of each bad word whose other tokens the completion ends with, and every token
-outside `allowed_token_ids`. Temperature, top-k, top-p and min-p follow in server.sampling.
+`min_tokens` sets, the last token of each bad word whose other tokens the completion ends with, every token
+outside `allowed_token_ids`, and every token a guided request's grammar cannot take next (server.guided).
+Temperature, top-k, top-p and min-p follow in server.sampling.
 
 The logprobs reported to clients are the model's own scores, taken before any of this (as vLLM reports them by
 default), so that scoring a text does not depend on how it was sampled.
@@ -50,6 +51,8 @@ def _adjusted_row(scores: torch.Tensor, request: Request, eos_token_id: int | No
     if params.allowed_token_ids:
         allowed_ids = torch.tensor(params.allowed_token_ids, device=device)
         allowed = torch.full_like(scores, float("-inf")).index_copy(0, allowed_ids, scores[allowed_ids])
+    if request.guide is not None:  # what its grammar can take next
+        allowed = request.guide.mask(allowed)
     banned = [*bad_word_ends(params.bad_words, request.output_ids)]
     if len(request.output_ids) < params.min_tokens:
         banned += [*params.stop_token_ids, *([] if params.ignore_eos or eos_token_id is None else [eos_token_id])]

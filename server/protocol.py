@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .errors import InvalidRequestError
 
@@ -28,18 +29,28 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's extension: with include_usage, usage so far in every chunk
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: the schema the completion's JSON follows."""
+
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
-    """Only plain text: this server has no constrained decoding, so a JSON format would be a promise it breaks."""
+    """OpenAI's: plain text, any JSON object, or JSON following a schema (server.guided holds the completion to
+    it)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, kind: str) -> str:
-        if kind != "text":
-            raise ValueError(f"only {{'type': 'text'}} is served (there is no constrained decoding), got {kind!r}")
-        return kind
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema (with its schema) goes with type 'json_schema', and only with it")
+        return self
 
 
 class SamplingFields(BaseModel):
@@ -77,20 +88,21 @@ class SamplingFields(BaseModel):
     bad_words: list[str] | None = None  # vLLM's extension: words never generated, as vLLM tokenises and bans them
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:<id>"
+    # vLLM's structured output (server.guided), one a request: a JSON schema, a regular expression, one of some
+    # strings, an EBNF grammar
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
     # OpenAI's and vLLM's fields for what this server does not do: refused when set, rather than ignored
     suffix: Any = None
     use_beam_search: bool = False
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
 
-    @field_validator("suffix", "use_beam_search", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    @field_validator("suffix", "use_beam_search")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, False):
-            raise ValueError(f"{info.field_name} is not served: this server has no insertion, beam search or "
-                             "constrained decoding")
+            raise ValueError(f"{info.field_name} is not served: this server has no insertion or beam search")
         return value
 
     @field_validator("bad_words")

@@ -9,11 +9,15 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
 import torch
 
 from .detokenizer import OutputText
+
+if TYPE_CHECKING:
+    from .guided import Guide, GuideState
 
 
 class RequestStatus(enum.Enum):
@@ -64,6 +68,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] = ()  # only these may be chosen; empty: every token
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never generated: a sequence's last token is banned
     # where the generated tokens end with the rest of it
+    guide: Guide | None = None  # structured output: the grammar the completion follows (server.guided)
 
     @property
     def greedy(self) -> bool:
@@ -73,7 +78,8 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Some field changes the model's scores before the choice (server.logits_adjustment)."""
         return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.min_tokens
-                    or self.repetition_penalty != 1.0 or self.allowed_token_ids or self.bad_words)
+                    or self.repetition_penalty != 1.0 or self.allowed_token_ids or self.bad_words
+                    or self.guide is not None)
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # filled chunk by chunk when asked
     generator: torch.Generator | None = None  # per-request sampling randomness, made at admission
+    guide: GuideState | None = None  # its place in params.guide's grammar, made at its first choice
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's stop_reason)
     admitted_time: float | None = None
     first_token_time: float | None = None

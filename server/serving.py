@@ -22,6 +22,7 @@ from .engine_pool import Engines
 from .engine_protocol import EngineRequest
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
+from .guided import Guides, guide_of
 from .mailbox import Doorbell, Mailbox
 from .protocol import SamplingFields
 from .request import FINISH_REASON, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
@@ -93,6 +94,7 @@ class CompletionService:
         self.training_length = components.training_length
         self.http = http
         self.engine_config = engine_config
+        self.guides = Guides(components.tokenizer)  # compiles each request's constraint once, to refuse a bad one
         self._doorbells: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Doorbell] = weakref.WeakKeyDictionary()
 
     # --- admission -----------------------------------------------------------------------------------
@@ -121,7 +123,10 @@ class CompletionService:
         if prompt_logprobs is not None and body.stream:
             raise InvalidRequestError("prompt_logprobs are not served on a stream (as in vLLM): ask without stream",
                                       param="prompt_logprobs")
-        params = self._params(body, logprobs, echo, default_max_tokens, prompt_logprobs)
+        guide = guide_of(body)
+        if guide is not None:  # compiled (and cached) off the event loop: a large schema takes a while
+            await asyncio.to_thread(self.guides.compiled, guide)
+        params = replace(self._params(body, logprobs, echo, default_max_tokens, prompt_logprobs), guide=guide)
         outputs = Mailbox(self._doorbell())
         completion_id = f"{id_prefix}-{request_id}"
         several = len(prompts) * body.n > 1

@@ -221,8 +221,7 @@ def test_min_p_one_keeps_only_the_most_likely_token(client):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("response_format", {"type": "json_object"}, "only {'type': 'text'} is served"),
-    ("response_format", {"type": "json_schema", "json_schema": {}}, "only {'type': 'text'} is served"),
+    ("response_format", {"type": "json_schema", "json_schema": {}}, "Field required"),
     ("logit_bias", {"x": 1}, "keys are token ids"),
     ("logit_bias", {"3": 101}, "[-100, 100]"),
     ("logit_bias", {"96": 1}, "token id 96 is outside the vocabulary"),
@@ -235,8 +234,8 @@ def test_min_p_one_keeps_only_the_most_likely_token(client):
     ("ignore_eos", "yes", "boolean"),
     ("use_beam_search", True, "use_beam_search is not served"),
     ("suffix", "the end", "suffix is not served"),
-    ("guided_json", {"type": "object"}, "guided_json is not served"),
-    ("guided_choice", ["a", "b"], "guided_choice is not served"),
+    ("guided_json", 5, "Input should be an object"),
+    ("guided_choice", "a", "should be a valid array"),
     ("allowed_token_ids", [], "at least 1 item"),
     ("allowed_token_ids", [3, 96], "token id 96 is outside the vocabulary"),
     ("bad_words", [" "], "1 to 256 characters besides spaces"),

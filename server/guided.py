@@ -1,0 +1,167 @@
+"""Structured output (vLLM's guided decoding): a completion held to a JSON schema, any JSON object, a regular
+expression, one of several strings, or an EBNF grammar. xgrammar (the `guided` extra) compiles the constraint
+against the tokenizer's vocabulary; each step, a request's grammar state masks the tokens that cannot continue it,
+and takes the token chosen. The completion ends when the grammar takes the end of text (also with ignore_eos).
+
+The HTTP side compiles a request's constraint once to refuse a bad one with its field's name; the engine process
+compiles it again for the grammar states (compiled grammars are cached by constraint on both sides).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runtime.tokenizer import Tokenizer
+
+from .errors import InvalidRequestError
+from .protocol import ResponseFormat, SamplingFields
+
+INSTALL = "pip install 'mamba-extend-server[guided]' (xgrammar)"
+CACHED = 64  # compiled grammars kept per process
+ANY_OBJECT = '{"type": "object"}'  # response_format json_object's schema
+XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[00:42:10] /project/cpp/regex_converter.cc:94: "
+
+
+@dataclass(frozen=True)
+class Guide:
+    """A request's constraint, as it travels to the engine: `kind` and its text (a JSON schema's JSON, a regular
+    expression, the JSON list of choices, an EBNF grammar; empty for any JSON object)."""
+
+    kind: str  # "json_schema", "json_object", "regex", "choice", "grammar"
+    spec: str
+    field: str  # the request field it came from, named in errors
+
+
+def guide_of(body: SamplingFields) -> Guide | None:
+    """The constraint of a request (response_format or one of vLLM's guided_* fields), or None. Raises
+    InvalidRequestError when more than one is set."""
+    given = [guide for guide in (
+        _response_format_guide(body.response_format),
+        None if body.guided_json is None else Guide("json_schema", _json_text(body.guided_json), "guided_json"),
+        None if body.guided_regex is None else Guide("regex", body.guided_regex, "guided_regex"),
+        None if body.guided_choice is None else Guide("choice", json.dumps(body.guided_choice), "guided_choice"),
+        None if body.guided_grammar is None else Guide("grammar", body.guided_grammar, "guided_grammar"),
+    ) if guide is not None]
+    if len(given) > 1:
+        raise InvalidRequestError(f"one constraint a request: {', '.join(g.field for g in given)} were all given",
+                                  param=given[1].field)
+    return given[0] if given else None
+
+
+def _response_format_guide(response_format: ResponseFormat | None) -> Guide | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema with its schema."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.json_schema is None:
+        return Guide("json_object", "", "response_format")
+    return Guide("json_schema", _json_text(response_format.json_schema.schema_), "response_format")
+
+
+def _json_text(schema: dict[str, Any] | str) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
+class Guides:
+    """The constraints of one tokenizer's requests: compiled (cached) and turned into grammar states. xgrammar is
+    imported at the first constraint, not at start (it brings transformers)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()  # the HTTP side checks on worker threads
+        self._cache: dict[Guide, Any] = {}  # compiled grammars, the oldest dropped past CACHED
+        self._made: Any = None  # the compiler, once made
+
+    def _compiler(self) -> Any:
+        """xgrammar's compiler for this vocabulary, made at the first call (under the lock)."""
+        if self._made is None:
+            xgrammar = _xgrammar()
+            from transformers import PreTrainedTokenizerFast
+
+            vocab = PreTrainedTokenizerFast(tokenizer_file=str(self.tokenizer.path))
+            eos = self.tokenizer.eos_token_id
+            info = xgrammar.TokenizerInfo.from_huggingface(vocab, vocab_size=self.tokenizer.vocab_size,
+                                                           stop_token_ids=None if eos is None else [eos])
+            self._made = xgrammar.GrammarCompiler(info)
+        return self._made
+
+    def compiled(self, guide: Guide) -> Any:
+        """The compiled grammar of `guide`. Raises InvalidRequestError naming its field when it does not compile."""
+        with self._lock:
+            if guide not in self._cache:
+                if len(self._cache) >= CACHED:
+                    del self._cache[next(iter(self._cache))]
+                self._cache[guide] = self._compile(guide)
+            return self._cache[guide]
+
+    def _compile(self, guide: Guide) -> Any:
+        compiler = self._compiler()
+        try:
+            if guide.kind in ("json_object", "json_schema"):
+                # whitespace only as json.dumps writes it: a grammar that allows any lets a small model pad for ever
+                return compiler.compile_json_schema(guide.spec or ANY_OBJECT, any_whitespace=False)
+            if guide.kind == "regex":
+                return compiler.compile_regex(guide.spec)
+            if guide.kind == "choice":  # one EBNF alternative a choice, each a JSON-escaped string literal
+                return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in json.loads(guide.spec)))
+            return compiler.compile_grammar(guide.spec)
+        except RuntimeError as bad:  # xgrammar's parse errors, after its log prefix: what and where
+            reason = XGRAMMAR_PREFIX.sub("", str(bad).strip().splitlines()[-1]) if str(bad).strip() else repr(bad)
+            raise InvalidRequestError(f"{guide.field}: cannot be compiled as a {guide.kind.replace('_', ' ')}: "
+                                      f"{reason}", param=guide.field) from None
+
+    def preload(self) -> None:
+        """Imports xgrammar and reads the vocabulary now (a second or more), where it is installed, so that the
+        first guided request does not wait for it."""
+        try:
+            with self._lock:
+                self._compiler()
+        except InvalidRequestError:  # not installed: guided requests are refused by the HTTP side
+            pass
+
+    def state(self, guide: Guide) -> GuideState:
+        """A new grammar state of `guide` (one a sequence: n samples each have their own)."""
+        return GuideState(_xgrammar().GrammarMatcher(self.compiled(guide)))
+
+
+class GuideState:
+    """One sequence's place in its grammar."""
+
+    def __init__(self, matcher: Any):
+        self._matcher = matcher
+        self._bitmask: torch.Tensor | None = None
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores: (V,) of one sequence. Returns a copy with every token the grammar cannot take next at -inf."""
+        xgrammar = _xgrammar()
+        if self._bitmask is None:
+            self._bitmask = xgrammar.allocate_token_bitmask(1, scores.shape[-1])
+        self._matcher.fill_next_token_bitmask(self._bitmask)
+        masked = scores.float().cpu().clone()[None]  # (1, V) on the CPU, where the bitmask is
+        xgrammar.apply_token_bitmask_inplace(masked, self._bitmask)
+        if torch.isneginf(masked).all():  # e.g. a character the vocabulary cannot spell
+            raise RuntimeError("no token of the vocabulary continues the grammar here")
+        return masked[0].to(scores.device, scores.dtype)
+
+    def accept(self, token: int) -> bool:
+        """Takes the chosen token; True when the grammar is over (it took the end of text). Raises RuntimeError
+        for a token it cannot take (the mask did not hold: an engine fault, which ends the request)."""
+        if not self._matcher.accept_token(token):
+            raise RuntimeError(f"the grammar cannot take token {token}")
+        return bool(self._matcher.is_terminated())
+
+
+@functools.cache
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise InvalidRequestError(f"structured output is not installed on this server: {INSTALL}",
+                                  code="guided_decoding_unavailable") from None
+    return xgrammar

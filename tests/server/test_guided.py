@@ -1,0 +1,118 @@
+"""Structured output over real HTTP: guided_choice and guided_regex on the tiny model (whose 96-token vocabulary
+spells digits and lower case), JSON schemas and any JSON object on the embedded model (a full byte-level
+vocabulary), each completion checked against its constraint; bad constraints refused with their field's name."""
+
+import json
+import re
+import sys
+
+import httpx
+import openai
+import pytest
+
+from server.config import DEFAULT_MODEL_DIR
+from server.errors import InvalidRequestError
+from server.guided import Guide, Guides, _xgrammar
+
+from server_helpers import LiveServer
+
+pytest.importorskip("xgrammar")
+PROMPT = "the river ran past the old mill"
+CHOICES = ["the mill", "a boat", "four"]
+
+
+def complete(client, **body) -> dict:
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_guided_choice_gives_one_of_the_choices(client):
+    for sampled in ({"temperature": 0}, {"temperature": 1.0, "seed": 1, "n": 3}, {"temperature": 1.0, "seed": 5}):
+        for choice in complete(client, guided_choice=CHOICES, **sampled)["choices"]:
+            assert choice["text"] in CHOICES and choice["finish_reason"] == "stop", choice
+
+
+def test_guided_regex_holds_greedy_sampled_and_streamed(client):
+    pattern = r"[0-9]{3}: [0-9]{2} (river|mill)"
+    texts = [complete(client, guided_regex=pattern, temperature=0)["choices"][0]["text"],
+             *[c["text"] for c in complete(client, guided_regex=pattern, temperature=1.0, seed=2, n=2)["choices"]]]
+    with client.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "stream": True,
+                                                        "guided_regex": pattern, "ignore_eos": True}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    texts.append("".join(e["choices"][0]["text"] for e in events))
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"  # the grammar ended it, ignore_eos or not
+    for text in texts:
+        assert re.fullmatch(pattern, text), text
+
+
+@pytest.mark.parametrize("fields, param, match", [
+    ({"guided_regex": "(unclosed"}, "guided_regex", "cannot be compiled as a regex: Regex parsing error"),
+    ({"guided_json": {"type": "nonsense"}}, "guided_json", 'Unsupported type "nonsense"'),
+    ({"guided_grammar": "root ::= "}, "guided_grammar", "cannot be compiled as a grammar"),
+    ({"guided_choice": []}, "guided_choice", "at least 1 item"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "one constraint a request"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "goes with type 'json_schema'"),
+    ({"response_format": {"type": "xml"}}, "response_format", "'text', 'json_object' or 'json_schema'"),
+])
+def test_bad_constraints_are_refused_by_name(client, fields, param, match):
+    response = client.post("/v1/completions", json={"prompt": PROMPT, **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and match in error["message"], error
+
+
+def test_a_grammar_the_vocabulary_cannot_spell_ends_with_an_error(client):
+    body = client.post("/v1/completions", json={"prompt": PROMPT, "guided_regex": "[{}]+"}).json()
+    assert "no token of the vocabulary continues the grammar" in body["error"]["message"]
+    assert complete(client, guided_choice=CHOICES)["choices"][0]["text"] in CHOICES  # and the server goes on
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    with LiveServer(["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", "embedded"]) as server:
+        yield server
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def _follows_schema(value) -> bool:
+    return (set(value) == {"name", "age", "tags"} and isinstance(value["name"], str) and len(value["name"]) <= 12
+            and isinstance(value["age"], int) and 0 <= value["age"] <= 120
+            and all(t in ("a", "b") for t in value["tags"]) and len(value["tags"]) <= 2)
+
+
+def test_json_schema_and_json_object_through_the_openai_sdk(embedded):
+    sdk = openai.OpenAI(base_url=embedded.url + "/v1", api_key="unused", max_retries=0)
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    for seed in (1, 2, 3):
+        completion = sdk.completions.create(model="embedded", prompt="A person:", max_tokens=80, temperature=0.9,
+                                            seed=seed, extra_body={"response_format": response_format})
+        assert completion.choices[0].finish_reason == "stop", completion.choices[0].text
+        assert _follows_schema(json.loads(completion.choices[0].text)), completion.choices[0].text
+    with httpx.Client(base_url=embedded.url, timeout=60) as client:
+        body = client.post("/v1/completions", json={"prompt": "Data:", "max_tokens": 200, "temperature": 0.7,
+                                                    "seed": 4, "response_format": {"type": "json_object"}}).json()
+        choice = body["choices"][0]
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(choice["text"]), dict)
+        else:  # cut by max_tokens: a prefix of an object
+            assert choice["text"].startswith("{")
+        via_guided_json = client.post("/v1/completions", json={"prompt": "A person:", "max_tokens": 80, "seed": 1,
+                                                               "temperature": 0.9, "guided_json": SCHEMA}).json()
+        assert _follows_schema(json.loads(via_guided_json["choices"][0]["text"]))
+
+
+def test_without_xgrammar_a_constraint_is_refused_saying_what_to_install(live, monkeypatch):
+    _xgrammar.cache_clear()
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar now raises ImportError
+    try:
+        with pytest.raises(InvalidRequestError, match=re.escape("pip install 'mamba-extend-server[guided]'")) as bad:
+            Guides(live.components.tokenizer).compiled(Guide("regex", "[0-9]", "guided_regex"))
+        assert bad.value.code == "guided_decoding_unavailable"
+    finally:
+        _xgrammar.cache_clear()
