@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 from .errors import InvalidRequestError
+from .guided import Guide
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -210,3 +212,32 @@ def parse_body(model: type[Body], body: bytes) -> Body:
         loc = [str(part) for part in error["loc"] if not isinstance(part, int)][:1]
         param = loc[0] if loc else None
         raise InvalidRequestError(f"{param or 'body'}: {error['msg']}", param=param) from None
+
+
+def guide_of(body: SamplingFields) -> Guide | None:
+    """The constraint of a request (response_format or one of vLLM's guided_* fields), or None. Raises
+    InvalidRequestError when more than one is set."""
+    given = [guide for guide in (
+        _response_format_guide(body.response_format),
+        None if body.guided_json is None else Guide("json_schema", _json_text(body.guided_json), "guided_json"),
+        None if body.guided_regex is None else Guide("regex", body.guided_regex, "guided_regex"),
+        None if body.guided_choice is None else Guide("choice", json.dumps(body.guided_choice), "guided_choice"),
+        None if body.guided_grammar is None else Guide("grammar", body.guided_grammar, "guided_grammar"),
+    ) if guide is not None]
+    if len(given) > 1:
+        raise InvalidRequestError(f"one constraint a request: {', '.join(g.field for g in given)} were all given",
+                                  param=given[1].field)
+    return given[0] if given else None
+
+
+def _response_format_guide(response_format: ResponseFormat | None) -> Guide | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema with its schema."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.json_schema is None:
+        return Guide("json_object", "", "response_format")
+    return Guide("json_schema", _json_text(response_format.json_schema.schema_), "response_format")
+
+
+def _json_text(schema: dict[str, Any] | str) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)

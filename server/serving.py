@@ -22,9 +22,9 @@ from .engine_pool import Engines
 from .engine_protocol import EngineRequest
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
-from .guided import Guides, guide_of
+from .guided import Guides
 from .mailbox import Doorbell, Mailbox
-from .protocol import SamplingFields
+from .protocol import SamplingFields, guide_of
 from .request import FINISH_REASON, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
