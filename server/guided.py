@@ -39,8 +39,9 @@ class Guide:
 
 
 class Guides:
-    """The constraints of one tokenizer's requests: compiled (cached) and turned into grammar states. xgrammar is
-    imported at the first constraint, not at start (it brings transformers)."""
+    """The constraints of one tokenizer's requests: compiled (cached) and turned into grammar states. xgrammar (which
+    brings transformers) is imported at the first constraint, or by `preload`, which the engine runs in the
+    background at start."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
