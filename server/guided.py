@@ -64,6 +64,9 @@ class Guides:
 
     def compiled(self, guide: Guide) -> Any:
         """The compiled grammar of `guide`. Raises InvalidRequestError naming its field when it does not compile."""
+        hit = self._cache.get(guide)  # without the lock: the engine thread never waits for another's compile
+        if hit is not None:
+            return hit
         with self._lock:
             if guide not in self._cache:
                 if len(self._cache) >= CACHED:
