@@ -23,6 +23,9 @@ MAX_STOP_LENGTH = 256
 # Each bad word (twice: with and without a leading space) is compared with a completion's last tokens before every
 # token it chooses, on the engine thread, so their number is bounded like the stop strings'.
 MAX_BAD_WORDS = 64
+# A request's constraint is compiled on both sides (server.guided), off the event loop and off the engine thread but
+# not for free: 64k characters hold thousands of choices or a schema of hundreds of fields.
+MAX_GUIDE_CHARS = 65536
 
 
 class StreamOptions(BaseModel):
@@ -227,6 +230,9 @@ def guide_of(body: SamplingFields) -> Guide | None:
     if len(given) > 1:
         raise InvalidRequestError(f"one constraint a request: {', '.join(g.field for g in given)} were all given",
                                   param=given[1].field)
+    if given and len(given[0].spec) > MAX_GUIDE_CHARS:
+        raise InvalidRequestError(f"{given[0].field}: a constraint of {len(given[0].spec):,} characters, more than "
+                                  f"the {MAX_GUIDE_CHARS:,} this server compiles", param=given[0].field)
     return given[0] if given else None
 
 

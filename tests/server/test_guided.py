@@ -54,6 +54,7 @@ def test_guided_regex_holds_greedy_sampled_and_streamed(client):
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "one constraint a request"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "goes with type 'json_schema'"),
     ({"response_format": {"type": "xml"}}, "response_format", "'text', 'json_object' or 'json_schema'"),
+    ({"guided_regex": "a" * 70000}, "guided_regex", "a constraint of 70,000 characters, more than the 65,536"),
 ])
 def test_bad_constraints_are_refused_by_name(client, fields, param, match):
     response = client.post("/v1/completions", json={"prompt": PROMPT, **fields})
