@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer <key>' on /v1/* (default: ${API_KEY_VARIABLE}, "
                    "which keeps the key out of the process list)")
     p.add_argument("--served-model-name", help="model name in the API (default: the model directory's name)")
-    p.add_argument("--max-context", type=_positive_int, default=HttpConfig.max_context,
+    p.add_argument("--max-context", "--max-model-len", type=_positive_int, default=HttpConfig.max_context,
                    help="most tokens (prompt + max_tokens) one request may reach")
     p.add_argument("--heartbeat", type=_positive_float, default=HttpConfig.heartbeat, help="seconds between SSE pings")
     p.add_argument("--max-body-bytes", type=_positive_int, default=HttpConfig.max_body_bytes,
@@ -190,13 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssl-certfile", type=Path, help="with --ssl-keyfile: the PEM certificate (chain) to present")
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="origins whose browser pages may call the API (CORS), e.g. https://app.example.org, or '*'")
-    p.add_argument("--max-batch-size", type=_positive_int,
+    p.add_argument("--max-batch-size", "--max-num-seqs", type=_positive_int,
                    help="state slots: sequences decoded together (default: 16 on CPU; on CUDA up to 256, as many "
                         "as a tenth of the free device memory holds)")
     p.add_argument("--max-queue", type=_positive_int, default=EngineConfig.max_queue)
     p.add_argument("--prefill-chunk", type=_positive_int,
                    help="prompt tokens of one request per engine step (default: 2048 on CPU, 8192 on CUDA)")
-    p.add_argument("--max-prefill-tokens", type=_positive_int,
+    p.add_argument("--max-prefill-tokens", "--max-num-batched-tokens", type=_positive_int,
                    help="prompt tokens per engine step over all the requests prefilled together, at least "
                         "--prefill-chunk (default: 2048 on CPU, 16384 on CUDA, or --prefill-chunk if larger)")
     p.add_argument("--request-timeout", type=_positive_float, help="seconds a request may take (default: no limit)")
@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "either way). auto: the model's dtype, as vLLM's default and mamba_ssm's generate keep them; "
                         "narrower states halve a large GPU decode batch's state traffic, at one rounding per step "
                         "(on a CPU they leave the compiled decode for PyTorch's slower step)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1,
+                   help="only 1: a Mamba model of a size this server serves fits one device, and a state slot is "
+                        "small; for more devices, --data-parallel-size")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -241,6 +244,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     """The server's config and the log level. Raises ConfigError when no --model is given and the embedded
     default model is not there."""
     args = build_parser().parse_args(argv)
+    if args.tensor_parallel_size != 1:
+        raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size}: this server runs a model on one "
+                          "device; serve on several with --data-parallel-size, one engine a device")
     model = args.model
     if model is None:
         if not DEFAULT_MODEL_DIR.is_dir():

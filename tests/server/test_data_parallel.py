@@ -1,6 +1,6 @@
-"""--data-parallel-size: several engine processes behind one HTTP side, over real HTTP on the tiny model (two
-engines on the CPU): requests spread over the engines and come back as one engine gives them, /metrics labels
-each engine's series, and an engine that dies takes only its own requests with it."""
+"""--data-parallel-size (and vLLM's other serving flags): several engine processes behind one HTTP side, over real
+HTTP on the tiny model (two engines on the CPU): requests spread over the engines and come back as one engine
+gives them, /metrics labels each engine's series, and an engine that dies takes only its own requests with it."""
 
 import json
 import os
@@ -103,3 +103,13 @@ def test_engine_ranks_take_their_own_device_or_share_of_the_cores(model_dirs):
     assert [rank.engine.threads for rank in engine_ranks(config)] == [3, 3]
     with pytest.raises(ConfigError, match="not on mps"):
         parse_args(["--model", str(model_dirs["mamba1"]), "-dp", "2", "--device", "mps"])
+
+
+def test_vllms_flag_names_are_taken(model_dirs):
+    """A vLLM launch line's serving flags mean the same here; tensor parallelism is refused, pointing at -dp."""
+    config, _ = parse_args(["--model", str(model_dirs["mamba1"]), "--max-num-seqs", "8", "--max-model-len", "9000",
+                            "--max-num-batched-tokens", "4096", "--prefill-chunk", "1024", "-tp", "1"])
+    assert (config.engine.max_batch_size, config.http.max_context, config.engine.max_prefill_tokens) == \
+        (8, 9000, 4096)
+    with pytest.raises(ConfigError, match="--tensor-parallel-size 2: .*--data-parallel-size"):
+        parse_args(["--model", str(model_dirs["mamba1"]), "--tensor-parallel-size", "2"])
