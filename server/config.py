@@ -63,6 +63,8 @@ class EngineConfig:
     overlap_decode: bool | None = None
     # dtype the state slots store SSM states in ("float32", "bfloat16", "float16"); None: the model's dtype
     ssm_state_dtype: str | None = "float32"
+    # prefix caching (server.prefix_cache): rows of stored prompt-prefix states; 0: off, None: as many as slots
+    prefix_cache_slots: int | None = 0
 
     def __post_init__(self) -> None:
         if self.max_prefill_tokens is not None and self.prefill_chunk is not None \
@@ -76,6 +78,11 @@ class EngineConfig:
         """max_batch_size once sized: the engine's config always has it."""
         assert self.max_batch_size is not None, "sized at start (Engine, server.slots)"
         return self.max_batch_size
+
+    @property
+    def prefix_rows(self) -> int:
+        """Rows of the prefix cache once the slots are sized (0: no prefix caching)."""
+        return self.slots if self.prefix_cache_slots is None else self.prefix_cache_slots
 
     @property
     def chunk(self) -> int:
@@ -217,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "either way). auto: the model's dtype, as vLLM's default and mamba_ssm's generate keep them; "
                         "narrower states halve a large GPU decode batch's state traffic, at one rounding per step "
                         "(on a CPU they leave the compiled decode for PyTorch's slower step)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="keep the states of prompts' prefixes, so that a prompt that starts as an earlier one did "
+                        "(a document asked again, a chat's next turn) under the same scale bucket skips those "
+                        "tokens' prefill")
+    p.add_argument("--prefix-cache-slots", type=_positive_int,
+                   help="with --enable-prefix-caching: the prefix states kept, each one slot's bytes (default: as "
+                        "many as state slots)")
     p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1,
                    help="only 1: a Mamba model of a size this server serves fits one device, and a state slot is "
                         "small; for more devices, --data-parallel-size")
@@ -244,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     """The server's config and the log level. Raises ConfigError when no --model is given and the embedded
     default model is not there."""
     args = build_parser().parse_args(argv)
+    if args.prefix_cache_slots is not None and not args.enable_prefix_caching:
+        raise ConfigError("--prefix-cache-slots sizes the prefix cache of --enable-prefix-caching, which is off")
     if args.tensor_parallel_size != 1:
         raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size}: this server runs a model on one "
                           "device; serve on several with --data-parallel-size, one engine a device")
@@ -261,7 +277,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.max_prefill_tokens,
                           args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager,
                           overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
-                          ssm_state_dtype=None if args.mamba_ssm_cache_dtype == "auto" else args.mamba_ssm_cache_dtype)
+                          ssm_state_dtype=None if args.mamba_ssm_cache_dtype == "auto" else args.mamba_ssm_cache_dtype,
+                          prefix_cache_slots=args.prefix_cache_slots if args.enable_prefix_caching else 0)
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     http = HttpConfig(args.host, args.port, api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,

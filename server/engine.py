@@ -38,6 +38,7 @@ from .errors import UnavailableError
 from .finish import take_token
 from .guided import Guides
 from .logits_adjustment import adjusted
+from .prefix_cache import PrefixCache
 from .metrics import Metrics
 from .model_runner import ModelRunner
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
@@ -107,9 +108,12 @@ class Engine:
                  str(ssm_dtype).removeprefix("torch."), config.slots * state_bytes / 2**20, config.chunk,
                  config.prefill_tokens)
         self.runner = ModelRunner(model, config, extensions)
+        self.prefixes = PrefixCache(config.prefix_rows) if config.prefix_rows else None
+        if self.prefixes is not None:
+            log.info("prefix cache: %d states (%.1f MB)", config.prefix_rows, config.prefix_rows * state_bytes / 2**20)
         self._overlap = model.device.type == "cuda" if config.overlap_decode is None else config.overlap_decode
         self._in_flight: InFlight | None = None  # the decode step launched and not yet landed (overlap only)
-        self.scheduler = Scheduler(config)
+        self.scheduler = Scheduler(config, None if self.prefixes is None else self._resume)
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
         self._cond = threading.Condition()
         self._stopping = False
@@ -288,6 +292,12 @@ class Engine:
             seed = request.params.seed
             request.generator.manual_seed(secrets.randbits(63) if seed is None else seed % 2**64)
             self.metrics.queue_time.observe(now - request.arrival_time)
+        resumed = [r for r in output.admitted if r.resume_row is not None]
+        if resumed:  # prompts that continue from a stored prefix's state (`_resume`)
+            self.runner.load_prefix([r.resume_row for r in resumed if r.resume_row is not None],
+                                    held_slots(resumed))
+            for request in resumed:
+                request.resume_row = None
         chunks = output.prefill
         if chunks:
             record = StepRecord(output.step, "prefill", tuple(c.request.request_id for c in chunks),
@@ -325,6 +335,8 @@ class Engine:
         hidden = self.runner.prefill(slots, [c.request.prompt_ids[c.start:c.end] for c in chunks],
                                      [c.start == 0 for c in chunks], [r.scale_bucket for r in requests])
         self.metrics.prompt_tokens.inc(sum(c.end - c.start for c in chunks))
+        if self.prefixes is not None:
+            self._store_prefixes(chunks)
         for row, chunk in enumerate(chunks):
             if chunk.request.params.prompt_logprobs is not None:
                 self._score_prompt(chunk.request, chunk, hidden[row:row + 1])
@@ -338,6 +350,39 @@ class Engine:
             members = torch.tensor([len(group) for group in sampling.values()], device=logits.device)  # (p,)
             self._take_tokens([m for group in sampling.values() for m in group],
                               logits.repeat_interleave(members, dim=0), finished, outputs)  # (t, V)
+
+    def _resume(self, request: Request) -> int:
+        """At admission: the prompt tokens a stored prefix state covers (its row noted for `_run` to load), or 0.
+        A prompt whose every position is scored (prompt logprobs) or that is decimated prefills whole."""
+        assert self.prefixes is not None, "the scheduler asks only with prefix caching on"
+        if request.decimates or request.params.prompt_logprobs is not None:
+            return 0
+        entry = self.prefixes.lookup(request.scale_bucket, request.prompt_ids)
+        self.metrics.prefix_cache_queries.inc(len(request.prompt_ids))
+        if entry is None:
+            return 0
+        self.metrics.prefix_cache_hits.inc(len(entry.tokens))
+        request.resume_row = entry.row
+        return len(entry.tokens)
+
+    def _store_prefixes(self, chunks: list[PrefillChunk]) -> None:
+        """After a prefill step: each prompt's state at the chunk's end into the prefix cache, in the prompt's
+        running row before its end, in a row of its own at its end (server.prefix_cache)."""
+        assert self.prefixes is not None, "prefix caching is on"
+        slots, rows = [], []
+        for chunk in chunks:
+            request = chunk.request
+            if request.decimates or request.slot is None:
+                continue
+            owner = None if chunk.last else request.request_id
+            row = self.prefixes.place(request.scale_bucket, request.prompt_ids[:chunk.end], owner)
+            if chunk.last:
+                self.prefixes.release(request.request_id)
+            if row is not None:
+                slots.append(request.slot)
+                rows.append(row)
+        if rows:
+            self.runner.save_prefix(slots, rows)
 
     def _prompt_done(self, request: Request, now: float, finished: Finished, outputs: Outputs) -> list[Request]:
         """After the chunk that finished `request`'s prompt: its forks get its state and prompt logprobs.

@@ -129,6 +129,10 @@ class Metrics:
         self.step_time = histogram("engine_step_seconds", "One engine step's model work, by kind", ("kind",))
         self.prompt_tokens = per_model(Counter, "prompt_tokens", "Prompt tokens prefilled")
         self.generation_tokens = per_model(Counter, "generation_tokens", "Tokens generated")
+        self.prefix_cache_queries = per_model(Counter, "prefix_cache_queries",
+                                              "Prompt tokens looked up in the prefix cache")
+        self.prefix_cache_hits = per_model(Counter, "prefix_cache_hits",
+                                           "Prompt tokens a stored prefix state covered (not prefilled)")
         self.requests = per_model(Counter, "requests", "Finished requests by finish reason", ("finish_reason",))
         self.scale_buckets = per_model(Counter, "scale_bucket_requests", "Finished requests by the scale bucket used",
                                        ("bucket",))

@@ -36,7 +36,10 @@ class ModelRunner:
         self.extensions = {NONE: IDENTITY, **(extensions or {})}
         graphed = config.cuda_graphs and model.device.type == "cuda"
         # one row per slot (+ the graphs' scratch)
-        self.pool = model.new_state(config.slots + graphed, ssm_state_dtype(model, config.ssm_state_dtype))
+        ssm_dtype = ssm_state_dtype(model, config.ssm_state_dtype)
+        self.pool = model.new_state(config.slots + graphed, ssm_dtype)
+        # the prefix cache's rows (server.prefix_cache): states of prompt prefixes, copied from and into slots
+        self.prefix_pool = model.new_state(config.prefix_rows, ssm_dtype) if config.prefix_rows else None
         self.graphs = DecodeGraphs(model, self.pool) if graphed else None
         self._prefill_scales: dict[Extension, BatchScales | None] = {}  # an extension's scales, batch of one
         self._prefill_batch = LastBatch(model)  # a prefill batch's scales, batches of several
@@ -76,6 +79,16 @@ class ModelRunner:
     def copy_state(self, slot: int, to: list[int]) -> None:
         """The state of `slot` copied into the slots `to` (the samples of one prompt)."""
         self.pool.write_rows(to, self.pool.rows([slot] * len(to)))
+
+    def save_prefix(self, slots: list[int], rows: list[int]) -> None:
+        """The states of `slots` copied into the prefix cache's `rows`."""
+        assert self.prefix_pool is not None, "prefix caching is on"
+        self.prefix_pool.write_rows(rows, self.pool.rows(slots))
+
+    def load_prefix(self, rows: list[int], slots: list[int]) -> None:
+        """The prefix cache's `rows` copied into `slots` (prompts that continue from them)."""
+        assert self.prefix_pool is not None, "prefix caching is on"
+        self.pool.write_rows(slots, self.prefix_pool.rows(rows))
 
     def decode(self, slots: list[int], tokens: list[int] | torch.Tensor, buckets: list[str]) -> torch.Tensor:
         """One token for each sequence: slots, tokens (a list, or a tensor on the device) and scale buckets (b

@@ -143,6 +143,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # filled chunk by chunk when asked
     generator: torch.Generator | None = None  # per-request sampling randomness, made at admission
     guide: GuideState | None = None  # its place in params.guide's grammar, made at its first choice
+    resume_row: int | None = None  # admitted onto a stored prefix: its prefix cache row, until the engine loads it
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's stop_reason)
     admitted_time: float | None = None
     first_token_time: float | None = None

@@ -15,11 +15,15 @@ once, one sequence at a time.
 
 A request with forks (n samples of one prompt) is admitted with all of them at once, each into its own slot;
 only the request prefills, and the engine copies its state into the forks' slots when the prompt is done.
+
+With prefix caching, `resume` says at admission how many of a prompt's first tokens a stored state covers (the
+engine copies it into the slot before the step runs); the prompt's chunks start there.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import EngineConfig
@@ -48,8 +52,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, resume: Callable[[Request], int] | None = None):
         self.config = config
+        self.resume = resume  # an admitted request's prompt tokens already computed (a cached prefix); None: 0
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()  # round-robin order
         self.decoding: list[Request] = []
@@ -84,6 +89,8 @@ class Scheduler:
             for member in request.group:
                 member.slot = self.free_slots.pop()
                 member.status = RequestStatus.PREFILLING
+            if self.resume is not None:
+                request.num_computed = self.resume(request)
             self.prefilling.append(request)
             admitted += request.group
         output = SchedulerOutput(self.step, admitted, self._prefill_batch(), list(self.decoding), finished)
