@@ -362,7 +362,7 @@ class Engine:
         if entry is None:
             return 0
         self.metrics.prefix_cache_hits.inc(len(entry.tokens))
-        request.resume_row = entry.row
+        request.resume_row, request.num_cached = entry.row, len(entry.tokens)
         return len(entry.tokens)
 
     def _store_prefixes(self, chunks: list[PrefillChunk]) -> None:
@@ -470,7 +470,8 @@ class Engine:
         self.metrics.inter_token_latency.observe_many(gaps)
 
     def _new_output(self, request: Request, error: str | None = None) -> RequestOutput:
-        return RequestOutput(request.request_id, "", [], [], None, request.status, len(request.prompt_ids), 0, error)
+        return RequestOutput(request.request_id, "", [], [], None, request.status, len(request.prompt_ids), 0, error,
+                             num_cached_tokens=request.num_cached)
 
     def _report(self, outputs: dict[Request, RequestOutput]) -> None:
         """Completes each output with the request's status (set by the scheduler) and hands it over."""

@@ -103,6 +103,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens a stored prefix state covered (prefix caching)
     stop_reason: str | int | None = None  # finished: the stop string or stop token id that ended it; None otherwise
 
     @property
@@ -118,6 +119,7 @@ class RequestOutput:
         if self.prompt_logprobs is None:
             self.prompt_logprobs = later.prompt_logprobs
         self.status, self.num_output_tokens = later.status, later.num_output_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, later.num_cached_tokens)
         self.error, self.stop_reason = later.error, later.stop_reason
 
 
@@ -144,6 +146,7 @@ class Request:
     generator: torch.Generator | None = None  # per-request sampling randomness, made at admission
     guide: GuideState | None = None  # its place in params.guide's grammar, made at its first choice
     resume_row: int | None = None  # admitted onto a stored prefix: its prefix cache row, until the engine loads it
+    num_cached: int = 0  # prompt tokens that stored prefix covered
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's stop_reason)
     admitted_time: float | None = None
     first_token_time: float | None = None

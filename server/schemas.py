@@ -48,10 +48,15 @@ class CompletionChoice(FinishFields):
     scale_method: str | None = None
 
 
+class PromptTokensDetails(Schema):
+    cached_tokens: int  # prompt tokens a stored prefix state covered (not prefilled)
+
+
 class Usage(Schema):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # with --enable-prefix-caching
 
 
 class Completion(ScaleFields):

@@ -325,7 +325,8 @@ class CompletionService:
             return None
         choice_json = choice_json or self._result_choice
         choices = [choice_json(submission, result) for result in results]
-        return {**envelope(submission, kind, self.http.served_model_name, choices), "usage": usage(submission, results)}
+        return {**envelope(submission, kind, self.http.served_model_name, choices),
+                "usage": usage(submission, results, self.engine_config.prefix_rows > 0)}
 
     async def stream(self, submission: Submission, usage_chunks: UsageChunks, kind: str = "text_completion",
                      choice_json: Callable[[Submission, Choice, RequestOutput, bool], dict] | None = None
@@ -357,7 +358,8 @@ class CompletionService:
             yield sse(bad.to_json())
         else:
             if usage_chunks.final:
-                yield sse({**envelope(submission, kind, model, []), "usage": usage(submission, results)})
+                yield sse({**envelope(submission, kind, model, []),
+                           "usage": usage(submission, results, self.engine_config.prefix_rows > 0)})
         yield SSE_DONE
 
     def _result_choice(self, submission: Submission, r: ChoiceResult) -> dict:
@@ -483,9 +485,16 @@ def shared_scale_fields(submission: Submission) -> dict:
     return fields[0] if all(f == fields[0] for f in fields) else dict.fromkeys(fields[0])
 
 
-def usage(submission: Submission, results: list[ChoiceResult]) -> dict:
+def usage(submission: Submission, results: list[ChoiceResult], cached: bool = False) -> dict:
+    """The submission's token counts; with `cached` (prefix caching on), OpenAI's prompt_tokens_details: the prompt
+    tokens a stored prefix covered, each prompt counted once."""
     completion = sum(r.whole.num_output_tokens for r in results if r.whole is not None)
-    return token_counts(submission.num_prompt_tokens, completion)
+    counts = token_counts(submission.num_prompt_tokens, completion)
+    if cached:
+        covered = sum(max((r.whole.num_cached_tokens for r in results if r.choice.prompt is prompt and r.whole),
+                          default=0) for prompt in submission.prompts)
+        counts["prompt_tokens_details"] = {"cached_tokens": covered}
+    return counts
 
 
 def token_counts(prompt: int, completion: int) -> dict:

@@ -6,6 +6,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server import schemas
 from server.config import ConfigError, parse_args
 from server.prefix_cache import PrefixCache
 
@@ -73,8 +74,14 @@ def test_a_chats_next_turn_continues_from_the_whole_last_prompt(cached, live):
     _text(cached.url, prompt=first)
     before = _hits(cached.url)
     longer = first + " remember it. what is the pass key?"
-    assert _text(cached.url, prompt=longer) == _text(live.url, prompt=longer)
-    assert _hits(cached.url) - before == len(cached.components.tokenizer.encode(first))
+    body = {"prompt": longer, "max_tokens": 12, "temperature": 0}
+    answer, plain = (httpx.post(url + "/v1/completions", json=body).json() for url in (cached.url, live.url))
+    assert answer["choices"][0]["text"] == plain["choices"][0]["text"]
+    covered = len(cached.components.tokenizer.encode(first))
+    assert _hits(cached.url) - before == covered
+    assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": covered}  # OpenAI's field
+    assert "prompt_tokens_details" not in plain["usage"]
+    schemas.Completion.model_validate(answer)
 
 
 def test_a_prefix_is_reused_only_under_its_own_scale_bucket(cached, live):
