@@ -96,7 +96,6 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.guides = Guides(tokenizer)  # the grammar states of guided requests
-        threading.Thread(target=self.guides.preload, name="guides-preload", daemon=True).start()
         ssm_dtype = ssm_state_dtype(model, config.ssm_state_dtype)
         state_bytes = slot_bytes(model, ssm_dtype)
         self.config = config = sized(config, model.device, state_bytes)
@@ -129,6 +128,8 @@ class Engine:
     # --- the caller's side ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        # after the warm-up: an import on another thread must not meet the decode graphs' capture
+        threading.Thread(target=self.guides.preload, name="guides-preload", daemon=True).start()
         self._default_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="mamba-engine", daemon=True)
         self._thread.start()
