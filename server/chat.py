@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from starlette.requests import Request as HttpRequest
 
@@ -12,6 +12,7 @@ from .errors import InvalidRequestError
 from .protocol import ChatCompletionRequest, ChatMessage
 from .request import RequestOutput
 from .serving import Choice, ChoiceResult, CompletionService, Submission, UsageChunks, finish_fields
+from .tools import ToolCalling, tool_calling, tool_calls
 
 NO_TEMPLATE = ("this model has no chat template (its directory's tokenizer_config.json has no chat_template): "
                "start the server with --chat-template FILE, a jinja2 chat template as transformers uses, or send "
@@ -29,11 +30,17 @@ def message_variables(message: ChatMessage) -> dict:
 
 @dataclass
 class ChatSubmission(Submission):
-    """A chat request in the engine: its choices answer in `role`, each one's text starting with `echoed`."""
+    """A chat request in the engine: its choices answer in `role`, each one's text starting with `echoed`, or
+    as tool calls."""
 
     role: str = "assistant"
     echoed: str = ""
     logprobs: bool = False
+    tools: ToolCalling | None = None
+    streamed: dict[int, str] = field(default_factory=dict)  # a stream's text so far, by choice (tool calls)
+
+    def call_id(self, choice: Choice) -> str:
+        return f"call-{self.id.removeprefix('chatcmpl-')}-{choice.index}"
 
 
 class ChatService:
@@ -60,20 +67,24 @@ class ChatService:
             raise InvalidRequestError("prompt_logprobs is served on /v1/completions (send the rendered prompt: "
                                       "/tokenize gives its tokens)", param="prompt_logprobs")
         self.completions.check_model(body.model)
-        prompts = await self.completions.prompts(self.render(body.messages, body.add_generation_prompt,
-                                                             body.chat_template_kwargs), body.truncate_prompt_tokens)
+        calling = tool_calling(body)
+        variables = {**(body.chat_template_kwargs or {}),
+                     **({"tools": [tool.model_dump(exclude_none=True) for tool in body.tools]} if body.tools else {})}
+        prompts = await self.completions.prompts(self.render(body.messages, body.add_generation_prompt, variables),
+                                                 body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         submission = await self.completions.submit(
             body.model_copy(update={"max_tokens": max_tokens}), prompts, request_id,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            default_max_tokens=self._default_max_tokens(len(prompts[0].ids)), id_prefix="chatcmpl")
+            default_max_tokens=self._default_max_tokens(len(prompts[0].ids)), id_prefix="chatcmpl",
+            guide=None if calling is None else calling.guide)
         # as vLLM: a reply continues the last message's role when no generation prompt opens the assistant's turn,
         # and echo starts it with that message's text
         last = body.messages[-1]
         role = "assistant" if body.add_generation_prompt else last.role
         echoed = message_variables(last).get("content", "") if body.echo and last.role == role else ""
         return ChatSubmission(**{f.name: getattr(submission, f.name) for f in fields(Submission)}, role=role,
-                              echoed=echoed, logprobs=body.logprobs)
+                              echoed=echoed, logprobs=body.logprobs, tools=calling)
 
     def _default_max_tokens(self, prompt_tokens: int) -> int:
         """A turn without max_tokens may run to the model's training length, past which it was never trained
@@ -89,15 +100,43 @@ class ChatService:
 
     def _message_choice(self, submission: Submission, result: ChoiceResult) -> dict:
         chat = _chat(submission)
-        message = {"role": chat.role, "content": chat.echoed + result.final.text}
+        text = result.final.text
+        calls = None if chat.tools is None else tool_calls(chat.tools, text, chat.call_id(result.choice))
+        message: dict = {"role": chat.role, "content": chat.echoed + text}
+        if calls is not None:  # a reply cut short of its JSON stays text
+            message = {"role": chat.role, "content": None, "tool_calls": calls}
         return {"index": result.choice.index, "message": message, "logprobs": self._logprobs(chat, result.final),
                 **finish_fields(result.final)}
 
     def _delta_choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
         chat = _chat(submission)
-        delta = {"role": chat.role, "content": chat.echoed + output.text} if first else {"content": output.text}
+        if chat.tools is not None:
+            delta = self._tool_delta(chat, choice, output)
+        else:
+            delta = {"content": chat.echoed + output.text if first else output.text}
+        delta = {"role": chat.role, **delta} if first else delta
         return {"index": choice.index, "delta": delta, "logprobs": self._logprobs(chat, output),
                 **finish_fields(output)}
+
+    @staticmethod
+    def _tool_delta(chat: ChatSubmission, choice: Choice, output: RequestOutput) -> dict:
+        """A chunk of tool calls: a named call's arguments as they come (its id and name in the first); a
+        required array's calls all at its end, once its JSON is whole."""
+        assert chat.tools is not None, "a chat with tool calls"
+        so_far = chat.streamed.get(choice.index)
+        chat.streamed[choice.index] = (so_far or "") + output.text
+        if chat.tools.name is not None:
+            call: dict = {"index": 0, "function": {"arguments": output.text}}
+            if so_far is None:
+                call = {**call, "id": f"{chat.call_id(choice)}-0", "type": "function",
+                        "function": {"name": chat.tools.name, "arguments": output.text}}
+            return {"tool_calls": [call]}
+        if not output.finished:
+            return {}
+        calls = tool_calls(chat.tools, chat.streamed[choice.index], chat.call_id(choice))
+        if calls is None:
+            return {"content": chat.streamed[choice.index]}
+        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
 
     def _logprobs(self, chat: ChatSubmission, output: RequestOutput) -> dict | None:
         """The logprobs of the tokens of `output`, when the request asked for them."""

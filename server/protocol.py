@@ -171,6 +171,30 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of its arguments; None: any object
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
@@ -181,6 +205,9 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extension: the reply's text starts with the last message's, when that message is in the reply's role
     echo: bool = False
     prompt_logprobs: Any = None  # vLLM's extension, served on /v1/completions: refused here
+    tools: list[Tool] | None = Field(None, max_length=128)  # given to the chat template as `tools`
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # server.tools
+    parallel_tool_calls: bool | None = None  # false: "required" makes one call
 
 
 class TokenizeRequest(BaseModel):

@@ -71,14 +71,39 @@ class Completion(ScaleFields):
     # event with continuous_usage_stats too
 
 
+class FunctionCall(Schema):
+    name: str
+    arguments: str  # JSON
+
+
+class ToolCall(Schema):
+    id: str
+    type: str  # "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(Schema):
+    name: str | None = None  # the first chunk of a call
+    arguments: str
+
+
+class ToolCallDelta(Schema):
+    index: int
+    id: str | None = None  # the first chunk of a call
+    type: str | None = None
+    function: FunctionCallDelta
+
+
 class ChatMessageOut(Schema):
     role: str  # "assistant"; without add_generation_prompt, the last message's role
-    content: str
+    content: str | None  # null with tool_calls
+    tool_calls: list[ToolCall] | None = None  # with tool_choice a function or "required"
 
 
 class ChatDelta(Schema):
     role: str | None = None  # the first chunk of each choice
-    content: str
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatTokenLogprob(Schema):

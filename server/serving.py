@@ -22,7 +22,7 @@ from .engine_pool import Engines
 from .engine_protocol import EngineRequest
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
-from .guided import Guides
+from .guided import Guide, Guides
 from .mailbox import Doorbell, Mailbox
 from .protocol import SamplingFields, guide_of
 from .request import FINISH_REASON, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
@@ -106,7 +106,7 @@ class CompletionService:
 
     async def submit(self, body: SamplingFields, prompts: list[Prompt], request_id: str, *, echo: bool = False,
                      logprobs: int | None = None, prompt_logprobs: int | None = None, default_max_tokens: int = 16,
-                     id_prefix: str = "cmpl") -> Submission:
+                     id_prefix: str = "cmpl", guide: Guide | None = None) -> Submission:
         """Validates the request, picks each prompt's bucket and queues `body.n` samples of every prompt (all
         or none). Raises a ServerError (4xx) on any fault."""
         self.check_model(body.model)
@@ -123,7 +123,11 @@ class CompletionService:
         if prompt_logprobs is not None and body.stream:
             raise InvalidRequestError("prompt_logprobs are not served on a stream (as in vLLM): ask without stream",
                                       param="prompt_logprobs")
-        guide = guide_of(body)
+        given = guide_of(body)
+        if guide is not None and given is not None:
+            raise InvalidRequestError(f"a tool call is held to its function's schema: {given.field} cannot be given "
+                                      "with it", param=given.field)
+        guide = guide or given
         if guide is not None:  # compiled (and cached) off the event loop: a large schema takes a while
             await asyncio.to_thread(self.guides.compiled, guide)
         params = replace(self._params(body, logprobs, echo, default_max_tokens, prompt_logprobs), guide=guide)
