@@ -25,6 +25,7 @@ from .engine_client import EngineClient, Sink
 from .engine_launch import launch
 from .engine_protocol import EngineRequest
 from .errors import QueueFullError, UnavailableError
+from .prefix_affinity import PrefixAffinity
 
 ENGINE_LABEL = "engine"  # vLLM's label for a data-parallel engine's series
 
@@ -38,6 +39,8 @@ class EnginePool:
         self.engines = engines
         self.model = engines[0].model
         self.config = min((engine.config for engine in engines), key=lambda config: config.slots)  # n fits any
+        # with prefix caching, where each prompt's prefixes were sent (a prefix's states are in that engine only)
+        self.affinity = PrefixAffinity(self.config.chunk) if self.config.prefix_rows else None
 
     @property
     def alive(self) -> bool:
@@ -53,16 +56,28 @@ class EnginePool:
 
     async def submit(self, requests: list[EngineRequest], sinks: dict[str, Sink]) -> None:
         """Queues `requests` in the engine with the fewest unfinished requests (the next least loaded when its
-        queue is full). Raises the last engine's ServerError when none takes them."""
+        queue is full), or with prefix caching in the engine that ran the longest prefix of the first prompt while
+        it has fewer than a batch of requests more than the least loaded. Raises the last engine's ServerError
+        when none takes them."""
         candidates = sorted((engine for engine in self.engines if engine.alive), key=lambda engine: engine.unfinished)
         if not candidates:
             raise UnavailableError("the engine is not running")
-        for engine in candidates[:-1]:
+        hashes: list[int] = []
+        if self.affinity is not None:
+            held, hashes = self.affinity.engine(requests[0].bucket, requests[0].prompt_ids)
+            holder = None if held is None else self.engines[held]
+            if holder in candidates and holder.unfinished < candidates[0].unfinished + holder.config.slots:
+                candidates = [holder, *(engine for engine in candidates if engine is not holder)]
+        for engine in candidates:
             try:
-                return await engine.submit(requests, sinks)
+                await engine.submit(requests, sinks)
             except QueueFullError:
+                if engine is candidates[-1]:
+                    raise
                 continue
-        await candidates[-1].submit(requests, sinks)
+            if self.affinity is not None:
+                self.affinity.ran(hashes, self.engines.index(engine))
+            return
 
     def abort(self, *requests: EngineRequest) -> None:
         for engine in self.engines:  # keys are unique in the pool: each engine cancels only its own

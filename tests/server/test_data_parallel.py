@@ -113,3 +113,31 @@ def test_vllms_flag_names_are_taken(model_dirs):
         (8, 9000, 4096)
     with pytest.raises(ConfigError, match="--tensor-parallel-size 2: .*--data-parallel-size"):
         parse_args(["--model", str(model_dirs["mamba1"]), "--tensor-parallel-size", "2"])
+
+
+def _prefix_hits_by_engine(url: str) -> dict[str, float]:
+    hits: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "mamba_server_prefix_cache_hits_total":
+                hits[sample.labels["engine"]] = sample.value
+    return hits
+
+
+def test_a_prompt_goes_to_the_engine_that_holds_its_prefix(model_dirs):
+    """With prefix caching, a second question about a document goes to the engine that ran the first (its
+    stored states are there), although another engine is idler, and gets the text one engine gives it."""
+    document = " ".join(PROMPTS) * 2
+    flags = ["--model", str(model_dirs["mamba1"]), *SERVER_FLAGS, "-dp", "2", "--enable-prefix-caching"]
+    with LiveServer(flags) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        body = {"max_tokens": 8, "temperature": 0}
+        first = c.post("/v1/completions", json={**body, "prompt": document + " what is"}).json()
+        long = {"prompt": "the river", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/v1/completions", json=long) as response:  # keeps the first's engine busy
+            next(line for line in response.iter_lines() if line.startswith("data: {"))
+            [busy] = [i for i, e in enumerate(server.engine.engines) if e.unfinished]
+            second = c.post("/v1/completions", json={**body, "prompt": document + " she counted"}).json()
+        assert first["choices"][0]["text"]
+        hits = _prefix_hits_by_engine(server.url)
+        assert hits[str(busy)] >= len(server.components.tokenizer.encode(document)) - 16, (busy, hits)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

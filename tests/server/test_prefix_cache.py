@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import schemas
 from server.config import ConfigError, parse_args
+from server.prefix_affinity import PrefixAffinity
 from server.prefix_cache import PrefixCache
 
 from server_helpers import SERVER_FLAGS, LiveServer
@@ -104,3 +105,15 @@ def test_the_prefix_cache_flags(model_dirs):
     assert sized.engine.prefix_cache_slots == 3
     with pytest.raises(ConfigError, match="--enable-prefix-caching, which is off"):
         parse_args([*model, "--prefix-cache-slots", "3"])
+
+
+def test_prefix_affinity_names_the_engine_of_the_longest_known_prefix():
+    affinity = PrefixAffinity(block=2, size=3)
+    engine, hashes = affinity.engine("none", [1, 2, 3, 4, 5])
+    assert engine is None and len(hashes) == 2  # blocks [1, 2] and [3, 4]: the last token is left to run
+    affinity.ran(hashes, 0)
+    affinity.ran(affinity.engine("none", [1, 2, 7, 7, 7])[1], 1)  # shares only the first block
+    assert affinity.engine("none", [1, 2, 3, 4, 9])[0] == 0 and affinity.engine("none", [1, 2, 8, 8])[0] == 1
+    assert affinity.engine("8k", [1, 2, 3, 4, 5])[0] is None  # another bucket's states
+    affinity.ran(affinity.engine("none", [5, 5, 5, 5, 5])[1], 1)  # past `size` prefixes: the oldest go
+    assert affinity.engine("none", [1, 2, 3, 4, 9])[0] == 1  # [1, 2, 3, 4] forgotten, [1, 2] (engine 1) kept
