@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from starlette.requests import Request as HttpRequest
 
@@ -37,7 +37,6 @@ class ChatSubmission(Submission):
     echoed: str = ""
     logprobs: bool = False
     tools: ToolCalling | None = None
-    streamed: dict[int, str] = field(default_factory=dict)  # a stream's text so far, by choice (tool calls)
 
     def call_id(self, choice: Choice) -> str:
         return f"call-{self.id.removeprefix('chatcmpl-')}-{choice.index}"
@@ -102,40 +101,40 @@ class ChatService:
         chat = _chat(submission)
         text = result.final.text
         calls = None if chat.tools is None else tool_calls(chat.tools, text, chat.call_id(result.choice))
-        message: dict = {"role": chat.role, "content": chat.echoed + text}
-        if calls is not None:  # a reply cut short of its JSON stays text
+        message: dict
+        if calls is None:  # a reply in text, or one cut short of its tool calls' JSON
+            message = {"role": chat.role, "content": chat.echoed + text}
+        else:
             message = {"role": chat.role, "content": None, "tool_calls": calls}
         return {"index": result.choice.index, "message": message, "logprobs": self._logprobs(chat, result.final),
                 **finish_fields(result.final)}
 
-    def _delta_choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
+    def _delta_choice(self, submission: Submission, result: ChoiceResult, output: RequestOutput, first: bool) -> dict:
         chat = _chat(submission)
         if chat.tools is not None:
-            delta = self._tool_delta(chat, choice, output)
+            delta = self._tool_delta(chat, result, output, first)
         else:
             delta = {"content": chat.echoed + output.text if first else output.text}
         delta = {"role": chat.role, **delta} if first else delta
-        return {"index": choice.index, "delta": delta, "logprobs": self._logprobs(chat, output),
+        return {"index": result.choice.index, "delta": delta, "logprobs": self._logprobs(chat, output),
                 **finish_fields(output)}
 
     @staticmethod
-    def _tool_delta(chat: ChatSubmission, choice: Choice, output: RequestOutput) -> dict:
+    def _tool_delta(chat: ChatSubmission, result: ChoiceResult, output: RequestOutput, first: bool) -> dict:
         """A chunk of tool calls: a named call's arguments as they come (its id and name in the first); a
-        required array's calls all at its end, once its JSON is whole."""
+        required array's calls all at its end, once its JSON (the choice's whole text) is complete."""
         assert chat.tools is not None, "a chat with tool calls"
-        so_far = chat.streamed.get(choice.index)
-        chat.streamed[choice.index] = (so_far or "") + output.text
         if chat.tools.name is not None:
-            call: dict = {"index": 0, "function": {"arguments": output.text}}
-            if so_far is None:
-                call = {**call, "id": f"{chat.call_id(choice)}-0", "type": "function",
-                        "function": {"name": chat.tools.name, "arguments": output.text}}
-            return {"tool_calls": [call]}
+            if not first:
+                return {"tool_calls": [{"index": 0, "function": {"arguments": output.text}}]}
+            return {"tool_calls": [{"index": 0, "id": f"{chat.call_id(result.choice)}-0", "type": "function",
+                                    "function": {"name": chat.tools.name, "arguments": output.text}}]}
         if not output.finished:
             return {}
-        calls = tool_calls(chat.tools, chat.streamed[choice.index], chat.call_id(choice))
+        text = result.final.text
+        calls = tool_calls(chat.tools, text, chat.call_id(result.choice))
         if calls is None:
-            return {"content": chat.streamed[choice.index]}
+            return {"content": text}
         return {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
 
     def _logprobs(self, chat: ChatSubmission, output: RequestOutput) -> dict | None:

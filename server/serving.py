@@ -333,14 +333,14 @@ class CompletionService:
                 "usage": usage(submission, results, self.engine_config.prefix_rows > 0)}
 
     async def stream(self, submission: Submission, usage_chunks: UsageChunks, kind: str = "text_completion",
-                     choice_json: Callable[[Submission, Choice, RequestOutput, bool], dict] | None = None
+                     choice_json: Callable[[Submission, ChoiceResult, RequestOutput, bool], dict] | None = None
                      ) -> AsyncIterator[bytes]:
         """Server-sent events: whenever choices have new outputs, one chunk of `kind` for each, made by
-        `choice_json(submission, choice, output, first)` (default: a completion's choice) of all that came since
-        its previous chunk (a client that falls behind gets several tokens a chunk and catches up), the chunks of
-        one wake-up in one write, each with its choice's usage so far when `usage_chunks.continuous`; a usage
-        chunk when `usage_chunks.final`, then [DONE]. An error after the stream began is sent as an {"error": ...}
-        event."""
+        `choice_json(submission, result, output, first)` (default: a completion's choice; `result` holds the
+        choice's outputs so far, `output` included) of all that came since its previous chunk (a client that falls
+        behind gets several tokens a chunk and catches up), the chunks of one wake-up in one write, each with its
+        choice's usage so far when `usage_chunks.continuous`; a usage chunk when `usage_chunks.final`, then
+        [DONE]. An error after the stream began is sent as an {"error": ...} event."""
         choice_json = choice_json or self._chunk_choice
         started: set[int] = set()  # choices whose first chunk was sent
         results = [ChoiceResult(choice) for choice in submission.choices]
@@ -350,7 +350,7 @@ class CompletionService:
                 events = []
                 for choice, output in taken:
                     results[choice.index].add(output)
-                    chunk = choice_json(submission, choice, output, choice.index not in started)
+                    chunk = choice_json(submission, results[choice.index], output, choice.index not in started)
                     started.add(choice.index)
                     body = envelope(submission, kind, model, [chunk])
                     if usage_chunks.continuous:  # the choice's own, as vLLM counts it
@@ -369,8 +369,8 @@ class CompletionService:
     def _result_choice(self, submission: Submission, r: ChoiceResult) -> dict:
         return self._choice(submission, r.choice, r.final, submission.echo)
 
-    def _chunk_choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
-        return self._choice(submission, choice, output, submission.echo and first)
+    def _chunk_choice(self, submission: Submission, result: ChoiceResult, output: RequestOutput, first: bool) -> dict:
+        return self._choice(submission, result.choice, output, submission.echo and first)
 
     def _choice(self, submission: Submission, choice: Choice, output: RequestOutput, echo: bool) -> dict:
         """One choice of a completion object or chunk, of `output`; with `echo` its prompt goes first."""
