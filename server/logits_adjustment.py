@@ -53,7 +53,7 @@ def _adjusted_row(scores: torch.Tensor, request: Request, eos_token_id: int | No
         allowed = torch.full_like(scores, float("-inf")).index_copy(0, allowed_ids, scores[allowed_ids])
     if request.guide is not None:  # what its grammar can take next
         allowed = request.guide.mask(allowed)
-    banned = [*bad_word_ends(params.bad_words, request.output_ids)]
+    banned = bad_word_ends(params.bad_words, request.output_ids)
     if len(request.output_ids) < params.min_tokens:
         banned += [*params.stop_token_ids, *([] if params.ignore_eos or eos_token_id is None else [eos_token_id])]
     if not banned:

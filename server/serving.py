@@ -128,13 +128,13 @@ class CompletionService:
             raise InvalidRequestError(f"a tool call is held to its function's schema: {given.field} cannot be given "
                                       "with it", param=given.field)
         guide = guide or given
-        if guide is not None:  # compiled (and cached) off the event loop: a large schema takes a while
-            await asyncio.to_thread(self.guides.compiled, guide)
         params = replace(self._params(body, logprobs, echo, default_max_tokens, prompt_logprobs), guide=guide)
+        selections = [self._bucket(prompt.ids, params, body.scale_bucket) for prompt in prompts]
+        if guide is not None:  # once the rest holds; compiled (and cached) off the event loop: a schema takes a while
+            await asyncio.to_thread(self.guides.compiled, guide)
         outputs = Mailbox(self._doorbell())
         completion_id = f"{id_prefix}-{request_id}"
         several = len(prompts) * body.n > 1
-        selections = [self._bucket(prompt.ids, params, body.scale_bucket) for prompt in prompts]
         choices, requests, sinks = [], [], {}
         for i, (prompt, selection) in enumerate(zip(prompts, selections)):
             group = []
@@ -409,16 +409,13 @@ class CompletionService:
             offsets.append(position)
             position += len(text)
 
-        def name(token_id: int) -> str:
-            return self.token_name(token_id, as_ids)
-
         return {
-            "tokens": [name(t) for t in token_ids],
+            "tokens": [self.token_name(t, as_ids) for t in token_ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
-            "top_logprobs": [None if e is None else {name(i): lp for i, lp in e.top[:k]} for e in entries],
+            "top_logprobs": [None if e is None else {self.token_name(i, as_ids): lp for i, lp in e.top[:k]}
+                             for e in entries],
             "text_offset": offsets,
         }
-
 
     def token_name(self, token_id: int, as_id: bool) -> str:
         """A token as logprobs name it: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
