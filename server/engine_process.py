@@ -76,8 +76,8 @@ class EngineHost:
         torch.set_num_threads(1)
         loaded = load_served_model(config.model)  # refuses a device this machine lacks
         device = torch.device(config.model.device)
-        if device.type == "cuda":  # the device Triton launches on and the decode graphs capture on
-            torch.cuda.set_device(device)
+        if device.type == "cuda" and device.index is not None:  # Triton launches and graphs capture on it; a bare
+            torch.cuda.set_device(device)                        # "cuda" is the current device already
         components = load_components(config.model, model_info(loaded))
         metrics = Metrics(device, config.http.served_model_name)
         engine = Engine(loaded.model, components.tokenizer, replace(config.engine, threads=threads), metrics,

@@ -16,22 +16,27 @@ def _g(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _randn(*shape, seed, like):
+    """Seeded on the CPU (the same values on every device), then moved to `like`'s device."""
+    return torch.randn(*shape, generator=_g(seed)).to(like.device)
+
+
 def _mamba1_step(ops, h, slots):
     b = 2
-    x, dt, z = (torch.randn(b, D, generator=_g(i)) for i in range(3))
-    B, C = (torch.randn(b, N, generator=_g(i)) for i in (3, 4))
-    skip, dt_bias = (torch.randn(D, generator=_g(i)) for i in (5, 6))
-    A_log = torch.randn(D, N, generator=_g(7))
+    x, dt, z = (_randn(b, D, seed=i, like=h) for i in range(3))
+    B, C = (_randn(b, N, seed=i, like=h) for i in (3, 4))
+    skip, dt_bias = (_randn(D, seed=i, like=h) for i in (5, 6))
+    A_log = _randn(D, N, seed=7, like=h)
     return ops.mamba1_step(h, x, dt, B, C, skip, z, dt_bias=dt_bias, A_log=A_log, delta_scale=None, a_scale=None,
                            slots=slots)
 
 
 def _mamba2_step(ops, h, slots):
     b = 2
-    x = torch.randn(b, HEADS, P, generator=_g(0))
-    dt = torch.randn(b, HEADS, generator=_g(1))
-    B, C = (torch.randn(b, GROUPS, N, generator=_g(i)) for i in (2, 3))
-    skip, dt_bias, A_log = (torch.randn(HEADS, generator=_g(i)) for i in (4, 5, 6))
+    x = _randn(b, HEADS, P, seed=0, like=h)
+    dt = _randn(b, HEADS, seed=1, like=h)
+    B, C = (_randn(b, GROUPS, N, seed=i, like=h) for i in (2, 3))
+    skip, dt_bias, A_log = (_randn(HEADS, seed=i, like=h) for i in (4, 5, 6))
     return ops.mamba2_step(h, x, dt, B, C, skip, dt_bias=dt_bias, dt_limit=(0.0, float("inf")), A_log=A_log,
                            delta_scale=None, a_scale=None, slots=slots)
 
@@ -55,19 +60,21 @@ def test_a_narrow_state_steps_in_float32_and_rounds_once(arch, pooled):
         assert torch.equal(narrow[[0, 2, 4]].float(), wide[[0, 2, 4]])  # rows no sequence owns are left alone
 
 
-@pytest.mark.slow  # Triton's interpreter
+@pytest.mark.slow  # Triton's interpreter on a CPU
 @pytest.mark.parametrize("arch", STEPS)
 def test_the_triton_steps_round_a_narrow_state_as_pytorch_does(arch):
     pytest.importorskip("triton")
     from runtime.ops import triton_mamba2, triton_ssm
     step, shape = STEPS[arch]
     kernels = triton_ssm if arch == "mamba1" else triton_mamba2
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter takes CPU tensors, a GPU's Triton not
     pool = (torch.randn(5, *shape, generator=_g(9)) * 3).bfloat16()
     slots = torch.tensor([3, 1])
-    mine, theirs = pool.clone(), pool.clone()
-    torch.testing.assert_close(step(kernels, mine, slots), step(torch_ops, theirs, slots), rtol=1e-5, atol=1e-5)
+    mine, theirs = pool.to(device), pool.clone()
+    got = step(kernels, mine, slots.to(device)).cpu()
+    torch.testing.assert_close(got, step(torch_ops, theirs, slots), rtol=1e-5, atol=1e-5)
     assert mine.dtype == torch.bfloat16
-    torch.testing.assert_close(mine.float(), theirs.float(), rtol=8e-3, atol=1e-5)  # at most one rounding apart
+    torch.testing.assert_close(mine.float().cpu(), theirs.float(), rtol=8e-3, atol=1e-5)  # at most one rounding apart
 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])

@@ -5,6 +5,7 @@ cache, and a guided request's text is one of its choices."""
 import importlib.util
 import threading
 
+import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +17,7 @@ from server.engine import Engine
 from server.guided import Guide
 from server.metrics import Metrics
 from server.request import Request, SamplingParams
+from server_helpers import SERVER_FLAGS, LiveServer
 
 DOCUMENT = ("the river ran past the old mill, and the miller's daughter sat on the bank to watch the water go by. "
             "she counted the boats: one, two, three.")
@@ -65,3 +67,14 @@ def test_a_stored_prefix_and_a_grammar_on_the_device(device, model_dirs, live):
     assert hits >= len(tokenizer.encode(DOCUMENT)) - 16  # the second question skipped the document's chunks
     if guided:
         assert cached[-1][1] in CHOICES
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_the_server_started_on_a_bare_device_name_answers(device, model_dirs):
+    # `--device cuda` names no index: the engine process must take the current device, not ask CUDA for "cuda"
+    with LiveServer(["--model", str(model_dirs["mamba1"]), *SERVER_FLAGS, "--device", device]) as server:
+        reply = httpx.post(f"{server.url}/v1/completions", timeout=120,
+                           json={"prompt": DOCUMENT, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 8
