@@ -61,8 +61,9 @@ class EngineConfig:
     # launch a decode step before the last one's tokens are taken, so that the host's per-token work (finish rules,
     # detokenising, outputs) runs while the device computes; None: on CUDA (on a CPU the host is the device)
     overlap_decode: bool | None = None
-    # dtype the state slots store SSM states in ("float32", "bfloat16", "float16"); None: the model's dtype
-    ssm_state_dtype: str | None = "float32"
+    # dtype the state slots store SSM states in ("float32", "bfloat16", "float16"); None: the model's dtype, as
+    # vLLM's default and mamba_ssm's generate keep them (a bfloat16 GPU model's batch-64 step waits on their traffic)
+    ssm_state_dtype: str | None = None
     # prefix caching (server.prefix_cache): rows of stored prompt-prefix states; 0: off, None: as many as slots
     prefix_cache_slots: int | None = 0
 
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
                    help="launch each decode step before the last one's tokens are taken, so that the host's "
                         "per-token work overlaps the device's step (auto: on CUDA)")
-    p.add_argument("--mamba-ssm-cache-dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+    p.add_argument("--mamba-ssm-cache-dtype", choices=("float32", "bfloat16", "float16", "auto"), default="auto",
                    help="dtype the state slots store the SSM states in (vLLM's flag; the steps compute in float32 "
                         "either way). auto: the model's dtype, as vLLM's default and mamba_ssm's generate keep them; "
                         "narrower states halve a large GPU decode batch's state traffic, at one rounding per step "

@@ -57,12 +57,15 @@ def test_accelerator_slots_take_a_tenth_of_free_memory_up_to_256():
 
 def test_bfloat16_ssm_states_halve_their_bytes_and_serve(model_dirs):
     """--mamba-ssm-cache-dtype: the slots store SSM states in bfloat16 (the convolution windows stay in the
-    model's dtype), the slot bytes say so, and completions are served from them; auto is the model's dtype."""
+    model's dtype), the slot bytes say so, and completions are served from them; auto, the default, is the model's
+    dtype."""
     config = load_model(model_dirs["mamba1"]).model.config
     window = config.n_layer * config.d_inner * (config.d_conv - 1) * 4  # float32, the model's dtype on CPU
     ssm = config.n_layer * config.d_inner * config.d_state
-    for flag, expected_bytes in (("bfloat16", window + 2 * ssm), ("auto", window + 4 * ssm)):
-        with LiveServer(["--model", str(model_dirs["mamba1"]), "--mamba-ssm-cache-dtype", flag]) as server, \
+    for flags, expected_bytes in ((["--mamba-ssm-cache-dtype", "bfloat16"], window + 2 * ssm),
+                                  (["--mamba-ssm-cache-dtype", "auto"], window + 4 * ssm),
+                                  (["--dtype", "bfloat16"], window // 2 + 2 * ssm)):  # the default: the model's
+        with LiveServer(["--model", str(model_dirs["mamba1"]), *flags]) as server, \
                 httpx.Client(base_url=server.url, timeout=60) as client:
             assert metric(client, "mamba_server_state_slot_bytes") == expected_bytes
             body = client.post("/v1/completions", json={"prompt": "the river", "max_tokens": 8, "temperature": 0,
