@@ -27,6 +27,7 @@ from .slots import ssm_state_dtype
 
 log = logging.getLogger(__name__)
 WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt runs
+WARM_UP_CLASSES = 17  # chunk lengths 1 to 17 give every residue by 16, 1 and 17 apart (Triton sets 1 apart)
 
 
 class ModelRunner:
@@ -37,6 +38,7 @@ class ModelRunner:
         graphed = config.cuda_graphs and model.device.type == "cuda"
         # one row per slot (+ the graphs' scratch)
         ssm_dtype = ssm_state_dtype(model, config.ssm_state_dtype)
+        self.slot_count = config.slots
         self.pool = model.new_state(config.slots + graphed, ssm_dtype)
         # the prefix cache's rows (server.prefix_cache): states of prompt prefixes, copied from and into slots
         self.prefix_pool = model.new_state(config.prefix_rows, ssm_dtype) if config.prefix_rows else None
@@ -52,6 +54,10 @@ class ModelRunner:
         that batches of the extensions' scales (and identity) make."""
         with torch.no_grad():
             self.model.prefill(torch.zeros(1, WARM_UP_TOKENS, dtype=torch.long, device=self.model.device))
+            if self.model.device.type == "cuda":
+                started = time.monotonic()
+                self._warm_up_prefill_shapes()
+                log.info("prefill kernels compiled for every chunk-length class in %.1f s", time.monotonic() - started)
         if self.graphs is None:
             return
         fields = fields_of_batches([e.scales for e in self.extensions.values() if e.scales is not None])
@@ -59,6 +65,23 @@ class ModelRunner:
         self.graphs.capture(fields)
         log.info("decode graphs captured: %d (batch sizes %s × scale fields %s) in %.1f s", len(self.graphs.graphs),
                  self.graphs.sizes, fields, time.monotonic() - started)
+
+    def _warm_up_prefill_shapes(self) -> None:
+        """Triton compiles a kernel anew for each class of its integer arguments (1, divisible by 16, other) at
+        its first launch, and a prompt chunk's length makes the lengths and strides of the prefill's kernels: a
+        first prompt of a new class would stall every stream for the compile. So each class of chunk length (1 to
+        WARM_UP_CLASSES) runs here through the served path: alone and in a batch of two, as a first chunk, a
+        continuing one and both in one batch, with identity and with each scale method of the bank. The rows
+        used are free slots: a request's first chunk starts from a zero state."""
+        slots = list(range(min(2, self.slot_count)))
+        methods = {e.scales.method: bucket for bucket, e in self.extensions.items()
+                   if e.scales is not None and e.decimation is None}
+        for bucket in [NONE, *methods.values()]:
+            for length in range(1, WARM_UP_CLASSES + 1):
+                for b in range(1, len(slots) + 1):
+                    firsts_of_batch = [[True] * b, [False] * b] + ([[True, False]] if b == 2 else [])
+                    for firsts in firsts_of_batch:
+                        self.prefill(slots[:b], [[0] * length] * b, firsts, [bucket] * b)
 
     def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool],
                 buckets: list[str]) -> torch.Tensor:

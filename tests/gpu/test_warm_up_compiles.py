@@ -1,0 +1,47 @@
+"""After the model runner's warm-up, serving compiles no Triton kernel: prompt chunks of any length, alone or
+batched, first or continuing, with or without scales, launch kernels compiled at start (runs only where CUDA is).
+Triton compiles a kernel anew for each class of its integer arguments at first launch; a compile during serving
+stalls every stream."""
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+import triton  # noqa: E402
+
+from checkpoints import VOCAB  # noqa: E402
+
+from runtime import Extension, ScaleMethod, ScaleSet, load_model  # noqa: E402
+from server.config import EngineConfig  # noqa: E402
+from server.model_runner import ModelRunner  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_kernel_compiles_after_the_warm_up(checkpoints, arch, dtype):
+    model = load_model(checkpoints[arch], device="cuda", dtype=dtype).model
+    config = model.config
+    g = torch.Generator().manual_seed(0)
+    delta = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(config.scale_channels, generator=g) + 0.5
+                                              for _ in range(config.n_layer)))
+    a = ScaleSet(ScaleMethod.A_SPECTRUM, tuple(torch.rand((), generator=g) + 0.5 for _ in range(config.n_layer)))
+    runner = ModelRunner(model, EngineConfig(max_batch_size=4, prefill_chunk=64, max_prefill_tokens=256),
+                         {"4k": Extension(scales=delta), "8k": Extension(scales=a)})
+    runner.warm_up()
+    compiled: list[str] = []
+    triton.knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(kw["repr"])
+    try:
+        tokens = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for length in [*range(1, 41), 64, 100, 255, 1000]:
+                for slots, firsts, buckets in (([0], [True], ["none"]), ([1, 2], [True, True], ["4k", "4k"]),
+                                               ([1, 2], [False, True], ["8k", "none"]),
+                                               ([0, 1, 3], [False, False, False], ["none", "8k", "4k"])):
+                    prompt = torch.randint(0, VOCAB, (len(slots), length), generator=tokens).tolist()
+                    runner.prefill(slots, prompt, firsts, buckets)
+                    torch.cuda.synchronize()
+                    assert not compiled, f"chunks of {length} tokens, batch {buckets}: compiled {compiled[:3]}"
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = None
