@@ -67,21 +67,26 @@ class ModelRunner:
                  self.graphs.sizes, fields, time.monotonic() - started)
 
     def _warm_up_prefill_shapes(self) -> None:
-        """Triton compiles a kernel anew for each class of its integer arguments (1, divisible by 16, other) at
-        its first launch, and a prompt chunk's length makes the lengths and strides of the prefill's kernels: a
-        first prompt of a new class would stall every stream for the compile. So each class of chunk length (1 to
-        WARM_UP_CLASSES) runs here through the served path: alone and in a batch of two, as a first chunk, a
-        continuing one and both in one batch, with identity and with each scale method of the bank. The rows
-        used are free slots: a request's first chunk starts from a zero state."""
+        """Triton compiles a kernel anew for each class of its integer arguments (1, divisible by 16, other) and
+        of its scale fields at its first launch, and a prompt chunk's length makes the lengths and strides of the
+        prefill's kernels: a first prompt of a new class would stall every stream for the compile. So each class
+        of chunk length (1 to WARM_UP_CLASSES) runs here through the served path: alone and in a batch of two, as
+        a first chunk, a continuing one and both in one batch, with identity, with each scale method of the bank,
+        and with a batch holding both methods where the bank has both (as the decode graphs are captured for
+        each field combination). The rows used are free slots: a request's first chunk starts from a zero
+        state."""
         slots = list(range(min(2, self.slot_count)))
-        methods = {e.scales.method: bucket for bucket, e in self.extensions.items()
-                   if e.scales is not None and e.decimation is None}
-        for bucket in [NONE, *methods.values()]:
+        by_method = {e.scales.method: bucket for bucket, e in self.extensions.items()
+                     if e.scales is not None and e.decimation is None}
+        groups = [[NONE], *([bucket] for bucket in by_method.values())]
+        if len(by_method) > 1:
+            groups.append(list(by_method.values()))  # a batch carrying both methods' fields
+        for group in groups:
             for length in range(1, WARM_UP_CLASSES + 1):
-                for b in range(1, len(slots) + 1):
-                    firsts_of_batch = [[True] * b, [False] * b] + ([[True, False]] if b == 2 else [])
-                    for firsts in firsts_of_batch:
-                        self.prefill(slots[:b], [[0] * length] * b, firsts, [bucket] * b)
+                for b in range(len(group), len(slots) + 1):
+                    buckets = [group[i % len(group)] for i in range(b)]
+                    for firsts in [[True] * b, [False] * b] + ([[True, False]] if b == 2 else []):
+                        self.prefill(slots[:b], [[0] * length] * b, firsts, buckets)
 
     def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool],
                 buckets: list[str]) -> torch.Tensor:
