@@ -1,4 +1,4 @@
-"""The HTTP routes: OpenAI completions, chat completions and models; vLLM's tokenizer routes and
+"""The HTTP routes: OpenAI completions, chat completions, responses and models; vLLM's tokenizer routes and
 version; health; Prometheus metrics.
 
 Routes stay thin: parse the body (pydantic), hand it to `CompletionService` (or `ChatService`), and shape the
@@ -32,9 +32,10 @@ from .components import Components
 from .config import ServerConfig
 from .engine_pool import Engines
 from .errors import AuthenticationError, InvalidRequestError, ServerError, UnavailableError
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
-                       parse_body)
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponsesRequest, SamplingFields,
+                       TokenizeRequest, parse_body)
 from .request_id import RequestIdMiddleware
+from .responses import ResponsesService
 from .serving import CompletionService, Submission, UsageChunks
 
 HTTP_ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
@@ -46,7 +47,7 @@ def error_response(error: ServerError) -> JSONResponse:
 
 # The bodies the routes parse themselves (strictly, into OpenAI errors), so FastAPI does not see them: the
 # schema names them through `body_of`, and `_openapi` adds them (and the chunks of chat streams) to its components.
-REQUEST_BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+REQUEST_BODIES = (CompletionRequest, ChatCompletionRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest)
 ERROR_STATUSES = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
                   408: "the body came too slowly", 413: "body or prompt too large", 429: "queue full (Retry-After)",
                   503: "shutting down, stopped, or past --request-timeout"}
@@ -72,7 +73,7 @@ def answers(model: type[BaseModel], streamed: type[BaseModel] | bool = False) ->
 def _openapi(app: FastAPI) -> dict:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (*REQUEST_BODIES, schemas.ChatCompletionChunk):
+    for model in (*REQUEST_BODIES, schemas.ChatCompletionChunk, schemas.ResponseStreamEvent):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
@@ -91,6 +92,7 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
     """One app per engine (started, its model loaded and warmed up): the engine stops with the app's lifespan."""
     service = CompletionService(engine, components, config.http, engine.config)  # its slots sized
     chat = ChatService(service, components.tokenizer_config)
+    responses = ResponsesService(chat)
     http = config.http
 
     @asynccontextmanager
@@ -149,6 +151,16 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
     async def chat_completions(request: HttpRequest) -> Response:
         body = parse_body(ChatCompletionRequest, await request.body())
         return await respond(chat, await chat.submit(body, request.state.request_id), body, request)
+
+    @v1.post("/responses", openapi_extra=body_of(ResponsesRequest),
+             responses=answers(schemas.ResponseObject, streamed=schemas.ResponseStreamEvent))
+    async def create_response(request: HttpRequest) -> Response:
+        body = parse_body(ResponsesRequest, await request.body())
+        submission = await responses.submit(body, request.state.request_id)
+        if body.stream:
+            return EventSourceResponse(responses.stream(body, submission), ping=http.heartbeat, sep="\n")
+        response = await responses.complete(body, submission, request)
+        return JSONResponse(response) if response is not None else Response(status_code=499)
 
     @v1.get("/models", responses=answers(schemas.ModelList))
     async def models() -> dict:

@@ -59,7 +59,7 @@ class ChatService:
             raise InvalidRequestError(f"the chat template ({template.origin}) refused the messages: {bad}",
                                       param="messages") from None
 
-    async def submit(self, body: ChatCompletionRequest, request_id: str) -> ChatSubmission:
+    async def submit(self, body: ChatCompletionRequest, request_id: str, id_prefix: str = "chatcmpl") -> ChatSubmission:
         if body.top_logprobs and not body.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         if body.prompt_logprobs is not None:
@@ -75,7 +75,7 @@ class ChatService:
         submission = await self.completions.submit(
             body.model_copy(update={"max_tokens": max_tokens}), prompts, request_id,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            default_max_tokens=self._default_max_tokens(len(prompts[0].ids)), id_prefix="chatcmpl",
+            default_max_tokens=self._default_max_tokens(len(prompts[0].ids)), id_prefix=id_prefix,
             guide=None if calling is None else calling.guide)
         # as vLLM: a reply continues the last message's role when no generation prompt opens the assistant's turn,
         # and echo starts it with that message's text

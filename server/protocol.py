@@ -210,6 +210,102 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None  # false: "required" makes one call
 
 
+class ResponseInputText(BaseModel):
+    """A text part of an input message (an earlier assistant turn's is `output_text`)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")  # annotations and the like add nothing to the prompt
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class ResponseInputMessage(BaseModel):
+    """An input message of the Responses API; images, files and tool outputs are not for this text model."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")  # an earlier output's id and status
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[ResponseInputText]
+
+
+class ResponseTextFormat(BaseModel):
+    """The Responses API's text.format: plain text, any JSON object, or JSON following `schema`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseTextFormat:
+        if (self.type == "json_schema") != (self.schema_ is not None):
+            raise ValueError("a schema goes with type 'json_schema', and only with it")
+        return self
+
+
+class ResponseText(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # verbosity: for reasoning models
+    format: ResponseTextFormat = ResponseTextFormat.model_validate({"type": "text"})
+
+
+class ResponsesRequest(SamplingFields):
+    """OpenAI's Responses API as vLLM serves it without storing responses: the input (a string: one user message;
+    or messages) after `instructions` (a system message), rendered by the chat template and generated as a chat
+    completion of one choice. The other sampling fields are the chat's (vLLM's extensions included)."""
+
+    input: str | list[ResponseInputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=0)
+    text: ResponseText = ResponseText()
+    store: bool = True  # nothing is stored whatever it says: the response object says store false
+    metadata: dict[str, str] | None = None  # returned as given
+    # what this server does not do on this route: refused when set, rather than ignored
+    previous_response_id: str | None = None
+    tools: list[Any] | None = None
+    background: bool = False
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_messages(cls, items: Any) -> Any:
+        """Names the item or part this text model cannot take (pydantic's union error would say only that the
+        input is not a string)."""
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+            if kind != "message":
+                raise ValueError(f"input[{i}] is a {kind!r} item: this server takes messages of text")
+            parts = item.get("content")
+            for part in parts if isinstance(parts, list) else []:
+                part_kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if part_kind not in ("input_text", "output_text"):
+                    raise ValueError(f"input[{i}] has a {part_kind!r} part: this text model takes input_text parts")
+        return items
+
+    @field_validator("previous_response_id", "background")
+    @classmethod
+    def _not_stored(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, False):
+            raise ValueError(f"{info.field_name} is not served: this server stores no responses (send the whole "
+                             "conversation as input)")
+        return value
+
+    @field_validator("tools", "top_logprobs", "include")
+    @classmethod
+    def _on_chat(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(f"{info.field_name} is not served on /v1/responses: /v1/chat/completions serves tools "
+                             "and logprobs")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_output(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("a response has one output: n is 1 here (/v1/chat/completions serves n choices)")
+        return n
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""
 

@@ -214,3 +214,84 @@ class ErrorDetail(Schema):
 
 class Error(Schema):
     error: ErrorDetail
+
+
+class OutputText(Schema):
+    type: str  # "output_text"
+    text: str
+    annotations: list[dict]  # always empty: this server cites nothing
+    logprobs: list[dict]  # always empty (logprobs are served on /v1/chat/completions)
+
+
+class OutputMessage(Schema):
+    type: str  # "message"
+    id: str
+    status: str  # "in_progress", "completed", "incomplete"
+    role: str  # "assistant"
+    content: list[OutputText]
+
+
+class InputTokensDetails(Schema):
+    cached_tokens: int  # prompt tokens a stored prefix state covered (0 without --enable-prefix-caching)
+
+
+class OutputTokensDetails(Schema):
+    reasoning_tokens: int  # 0: no reasoning model
+
+
+class ResponseUsage(Schema):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(Schema):
+    reason: str  # "max_output_tokens"
+
+
+class ResponseError(Schema):
+    code: str
+    message: str
+
+
+class ResponseObject(ScaleFields):
+    """A response of the Responses API (nothing is stored: `store` is false whatever the request said)."""
+
+    id: str
+    object: str  # "response"
+    created_at: int
+    status: str  # "in_progress" (stream events before the end), "completed", "incomplete", "failed"
+    error: ResponseError | None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[OutputMessage]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    store: bool
+    temperature: float | None
+    top_p: float | None
+    text: dict  # the request's text setting: {"format": {"type": ...}}
+    tool_choice: str  # "none"
+    tools: list[dict]  # empty
+    metadata: dict[str, str]
+    usage: ResponseUsage | None  # null until the response is done
+
+
+class ResponseStreamEvent(Schema):
+    """One event of a streamed response: `type` says which fields it has, as OpenAI's events do."""
+
+    type: str  # "response.created", "response.output_text.delta", ..., "response.completed" or "response.failed"
+    sequence_number: int
+    response: ResponseObject | None = None
+    output_index: int | None = None
+    item: OutputMessage | None = None
+    item_id: str | None = None
+    content_index: int | None = None
+    part: OutputText | None = None
+    delta: str | None = None
+    text: str | None = None
+    logprobs: list[dict] | None = None
