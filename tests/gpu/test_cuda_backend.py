@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from checkpoints import VOCAB  # noqa: E402
+from scale_sets import delta_and_a_scales  # noqa: E402
 
 from runtime import Decimation, ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
 
@@ -20,10 +21,7 @@ def _relative(a, b):
 
 
 def _scale_sets(config):
-    g = torch.Generator().manual_seed(0)
-    delta = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(config.scale_channels, generator=g) + 0.5
-                                              for _ in range(config.n_layer)))
-    a = ScaleSet(ScaleMethod.A_SPECTRUM, tuple(torch.rand((), generator=g) + 0.5 for _ in range(config.n_layer)))
+    delta, a = delta_and_a_scales(config)
     return [delta, None, a]
 
 

@@ -7,6 +7,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from checkpoints import VOCAB  # noqa: E402
+from scale_sets import delta_and_a_scales  # noqa: E402
 
 from runtime import ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
 from runtime.decode_graph import DecodeGraphs, graph_sizes  # noqa: E402
@@ -27,10 +28,7 @@ def test_graph_sizes_cover_every_batch():
 def test_graph_decode_equals_eager_and_touches_only_its_rows(checkpoints, arch, dtype):
     model = load_model(checkpoints[arch], device="cuda", dtype=dtype).model
     config = model.config
-    g = torch.Generator().manual_seed(0)
-    delta = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(config.scale_channels, generator=g) + 0.5
-                                              for _ in range(config.n_layer)))
-    a = ScaleSet(ScaleMethod.A_SPECTRUM, tuple(torch.rand((), generator=g) + 0.5 for _ in range(config.n_layer)))
+    delta, a = delta_and_a_scales(config)
     sets, slots = [delta, None, a], torch.tensor([4, 0, 2], device="cuda")
     scales = batch_scales(sets, config, "cuda")
 

@@ -12,8 +12,9 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from checkpoints import VOCAB  # noqa: E402
+from scale_sets import delta_and_a_scales  # noqa: E402
 
-from runtime import Extension, ScaleMethod, ScaleSet, load_model  # noqa: E402
+from runtime import Extension, load_model  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.model_runner import ModelRunner  # noqa: E402
 
@@ -22,11 +23,7 @@ from server.model_runner import ModelRunner  # noqa: E402
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_no_kernel_compiles_after_the_warm_up(checkpoints, arch, dtype):
     model = load_model(checkpoints[arch], device="cuda", dtype=dtype).model
-    config = model.config
-    g = torch.Generator().manual_seed(0)
-    delta = ScaleSet(ScaleMethod.DELTA, tuple(torch.rand(config.scale_channels, generator=g) + 0.5
-                                              for _ in range(config.n_layer)))
-    a = ScaleSet(ScaleMethod.A_SPECTRUM, tuple(torch.rand((), generator=g) + 0.5 for _ in range(config.n_layer)))
+    delta, a = delta_and_a_scales(model.config)
     runner = ModelRunner(model, EngineConfig(max_batch_size=4, prefill_chunk=64, max_prefill_tokens=256),
                          {"4k": Extension(scales=delta), "8k": Extension(scales=a)})
     runner.warm_up()

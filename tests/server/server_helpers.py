@@ -16,7 +16,7 @@ from runtime import ScaleMethod, ScaleSet, load_model
 from scale_bank import Bank, BankEntry, model_info
 from server.app import build_app
 from server.components import load_components
-from server.config import parse_args
+from server.config import DEFAULT_MODEL_DIR, parse_args
 from server.engine_pool import start_engines
 from server.http_server import build_server
 
@@ -110,3 +110,13 @@ def wait_for(condition, timeout: float = 20, what: str = "condition") -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def embedded_with_template(directory: Path, template: str) -> Iterator[LiveServer]:
+    """The embedded model (whose byte-level vocabulary spells any text) served as "embedded" with the chat
+    `template` (written into `directory`): the base model has no template of its own."""
+    (directory / "template.jinja").write_text(template)
+    with LiveServer(["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", "embedded", "--chat-template",
+                     str(directory / "template.jinja")]) as live:
+        yield live

@@ -9,9 +9,8 @@ import openai
 import pytest
 
 from server import schemas
-from server.config import DEFAULT_MODEL_DIR
 
-from server_helpers import LiveServer
+from server_helpers import LiveServer, embedded_with_template
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -25,10 +24,7 @@ CLOSING_EVENTS = ["response.output_text.done", "response.content_part.done", "re
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    template = tmp_path_factory.mktemp("responses") / "template.jinja"
-    template.write_text(TEMPLATE)
-    with LiveServer(["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", "embedded", "--chat-template",
-                     str(template)]) as live:
+    with embedded_with_template(tmp_path_factory.mktemp("responses"), TEMPLATE) as live:
         yield live
 
 

@@ -9,9 +9,8 @@ import openai
 import pytest
 
 from server import schemas
-from server.config import DEFAULT_MODEL_DIR
 
-from server_helpers import LiveServer
+from server_helpers import embedded_with_template
 
 pytest.importorskip("xgrammar")
 TEMPLATE = ("{% if tools %}tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}\n{% endif %}"
@@ -30,10 +29,7 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris for the ne
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    template = tmp_path_factory.mktemp("tools") / "template.jinja"
-    template.write_text(TEMPLATE)
-    with LiveServer(["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", "embedded", "--chat-template",
-                     str(template)]) as live:
+    with embedded_with_template(tmp_path_factory.mktemp("tools"), TEMPLATE) as live:
         yield live
 
 
