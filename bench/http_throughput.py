@@ -6,7 +6,10 @@ ids) of exactly `--max-tokens` tokens (`ignore_eos`). Reported per N: aggregate 
 the wall time from the first request sent to the last stream's end), time to first token p50/p99/max, the gap
 between streamed chunks p50/p99 and the tokens per chunk (the server sends a stream's waiting tokens in one
 chunk when it falls behind), and the client's CPU time over that wall time (of the busiest client process, when
-`--client-processes` share the streams; near 1.0: the client, not the server, is the limit). The peer, measured
+`--client-processes` share the streams; near 1.0: the client, not the server, is the limit), and from the
+server's own histograms over that run (/metrics) each request's mean wait for a slot and prefill, and the engine's
+steps of each kind, how many and their mean time (a decode step's against the engine's alone below: the host work
+serving adds to each step). The peer, measured
 in this process between the HTTP runs (the server idle): the engine's model runner decoding greedy steps of
 min(N, --max-batch-size) sequences (the batch the server runs), with the ratio of the two throughputs; and the
 engine's round of the same work, its prefill included: that batch's prompts prefilled in the server's chunks and
@@ -195,14 +198,50 @@ def main(argv=None):
             server.wait(timeout=60)
     print_table(["streams", "engine batch", "HTTP tokens/s", "engine decode tokens/s", "ratio",
                  "engine round with prefill tokens/s", "ratio", "TTFT p50 / p99 / max ms", "gap p50 / p99 ms",
-                 "tokens/chunk", "client CPU"],
+                 "tokens/chunk", "client CPU", "server: queue / prefill ms a request",
+                 "engine steps: prefill n × ms, decode n × ms"],
                 [[str(r["streams"]), str(r["engine_batch"]), f"{r['http_tokens_per_s']:,.0f}",
                   f"{r['engine_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}", f"{r['round_tokens_per_s']:,.0f}",
                   f"{r['round_ratio']:.2f}",
                   f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} / {r['ttft_max_ms']:.1f}",
                   f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f}", f"{r['tokens_per_chunk']:.2f}",
-                  f"{r['client_cpu']:.2f}"] for r in rows])
+                  f"{r['client_cpu']:.2f}", f"{r.get('queue_ms', 0):.1f} / {r.get('prefill_ms', 0):.1f}",
+                  f"{r.get('step_prefill_count', 0):.0f} × {r.get('step_prefill_ms', 0):.2f}, "
+                  f"{r.get('step_decode_count', 0):.0f} × {r.get('step_decode_ms', 0):.2f}"] for r in rows])
     save_json(rows, args.json)
+
+
+# the server's histograms whose sums and counts over one HTTP run say where its time went: per request, the wait
+# for a slot and the prompt's prefill; per engine step (by kind), the step's own time
+SERVER_BOOKS = ("mamba_server_request_queue_time_seconds", "mamba_server_request_prefill_time_seconds",
+                "mamba_server_engine_step_seconds")
+
+
+def server_books(url: str) -> dict[str, list[float]]:
+    """{histogram (with its kind label, if any): [sum, count]} from the server's /metrics, over its engines."""
+    books: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name not in SERVER_BOOKS:
+            continue
+        for sample in family.samples:
+            part = sample.name.removeprefix(family.name)
+            if part in ("_sum", "_count"):
+                key = ":".join(filter(None, (family.name.removeprefix("mamba_server_"), sample.labels.get("kind"))))
+                books.setdefault(key, [0.0, 0.0])[part == "_count"] += sample.value
+    return books
+
+
+def books_row(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict:
+    """Means over one HTTP run: each request's queue and prefill ms, and per kind of engine step its count and
+    mean ms."""
+    row = {}
+    for key, (total, count) in after.items():
+        total, count = total - before.get(key, [0.0, 0.0])[0], count - before.get(key, [0.0, 0.0])[1]
+        name = key.removeprefix("request_").replace("_time_seconds", "").replace("engine_step_seconds:", "step_")
+        row[f"{name}_ms"] = 1e3 * total / count if count else 0.0
+        if name.startswith("step_"):
+            row[f"{name}_count"] = count
+    return row
 
 
 def served_slots(url: str) -> int:
@@ -233,7 +272,9 @@ def measure(args, served: EngineConfig, counts: list[int], body: dict, url: str)
     with torch.no_grad():
         for _ in range(args.rounds):
             for n in counts:
+                before = server_books(url)
                 row = http_row(*run_clients(pool, workers, url, n, body))
+                row.update(books_row(before, server_books(url)))
                 row["engine_tokens_per_s"] = engine_tokens_per_s(runner, min(n, slots))
                 row["round_tokens_per_s"] = round_tokens_per_s(runner, min(n, slots), body["prompt"],
                                                                body["max_tokens"], chunk, step_tokens,
