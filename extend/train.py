@@ -140,32 +140,42 @@ def train(args) -> tuple[MambaLM, list[float]]:
             lr = early_stop.lr(step, lr)
         for group in optimiser.param_groups:
             group["lr"] = lr
-        windows = text.windows(args.length + 1, half).to(device)  # (half, L+1)
+        windows = to_device(text.windows(args.length + 1, half), device)  # (half, L+1)
         length = rng.randint(shortest, passkey_length_limit(step, args, shortest))
         passkey = make_batch(tokenizer, length, half, rng, text.haystack, [rng.random() for _ in range(half)],
-                             templates).to(device)
+                             templates)
+        tokens, answer_mask = to_device(passkey.tokens, device), to_device(passkey.answer_mask, device)  # (half, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             text_loss = F.cross_entropy(model.logits(model.hidden_states(windows[:, :-1])[0]).flatten(0, 1),
                                         windows[:, 1:].flatten())
-            logits = model.logits(model.hidden_states(passkey.tokens[:, :-1])[0])  # (half, L-1, V)
-            targets, answer = passkey.tokens[:, 1:], passkey.answer_mask[:, 1:]
+            logits = model.logits(model.hidden_states(tokens[:, :-1])[0])  # (half, L-1, V)
+            targets, answer = tokens[:, 1:], answer_mask[:, 1:]
             all_ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-            passkey_loss = all_ce.mean() + args.answer_weight * all_ce[answer].mean()
+            # the answer tokens' mean, as a masked sum: indexing by the mask would wait for the device
+            answer_ce = (all_ce * answer).sum() / answer.sum()
+            passkey_loss = all_ce.mean() + args.answer_weight * answer_ce
         loss = text_loss + passkey_loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read back at the end: a read each step would make the host wait for it
         last = step == args.steps - 1 or (early_stop is not None and step + 1 == early_stop.stop_step)
         if step % args.log_every == 0 or last:
             hits = ((logits.argmax(-1) != targets) & answer).sum(1) == 0
-            print(f"step {step:5d}  lm {text_loss.item():.3f}  passkey answer ce {all_ce[answer].mean().item():.3f}  "
+            print(f"step {step:5d}  lm {text_loss.item():.3f}  passkey answer ce {answer_ce.item():.3f}  "
                   f"retrieved {hits.float().mean().item():.2f} at {length} tokens  {time.perf_counter() - start:.0f}s",
                   flush=True)
     model.eval()
     save_hf(model, Path(args.tokenizer), tokenizer.eos_token_id, args.out)
-    return model, losses
+    return model, torch.stack(losses).tolist()
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; on CUDA through pinned memory without waiting, so that the host makes the next
+    step's batch while the device still runs this one (a copy from pageable memory waits for every kernel queued
+    before it)."""
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
