@@ -7,7 +7,9 @@ the wall time from the first request sent to the last stream's end), time to fir
 between streamed chunks p50/p99 and the tokens per chunk (the server sends a stream's waiting tokens in one
 chunk when it falls behind), and the client's CPU time over that wall time (of the busiest client process, when
 `--client-processes` share the streams; near 1.0: the client, not the server, is the limit), and from the
-server's own histograms over that run (/metrics) each request's mean wait for a slot and prefill, and the engine's
+server's own histograms over that run (/metrics) each request's mean time to first token from its arrival (the
+HTTP side's parsing before it, and the delivery after, are what the client's TTFT adds), wait for a slot and
+prefill, and the engine's
 steps of each kind, how many and their mean time (a decode step's against the engine's alone below: the host work
 serving adds to each step). The peer, measured
 in this process between the HTTP runs (the server idle): the engine's model runner decoding greedy steps of
@@ -198,27 +200,31 @@ def main(argv=None):
             server.wait(timeout=60)
     print_table(["streams", "engine batch", "HTTP tokens/s", "engine decode tokens/s", "ratio",
                  "engine round with prefill tokens/s", "ratio", "TTFT p50 / p99 / max ms", "gap p50 / p99 ms",
-                 "tokens/chunk", "client CPU", "server: queue / prefill ms a request",
+                 "tokens/chunk", "client CPU", "server: TTFT / queue / prefill ms a request",
                  "engine steps: prefill n × ms, decode n × ms"],
                 [[str(r["streams"]), str(r["engine_batch"]), f"{r['http_tokens_per_s']:,.0f}",
                   f"{r['engine_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}", f"{r['round_tokens_per_s']:,.0f}",
                   f"{r['round_ratio']:.2f}",
                   f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} / {r['ttft_max_ms']:.1f}",
                   f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f}", f"{r['tokens_per_chunk']:.2f}",
-                  f"{r['client_cpu']:.2f}", f"{r.get('queue_ms', 0):.1f} / {r.get('prefill_ms', 0):.1f}",
+                  f"{r['client_cpu']:.2f}",
+                  f"{r.get('server_ttft_ms', 0):.1f} / {r.get('queue_ms', 0):.1f} / {r.get('prefill_ms', 0):.1f}",
                   f"{r.get('step_prefill_count', 0):.0f} × {r.get('step_prefill_ms', 0):.2f}, "
                   f"{r.get('step_decode_count', 0):.0f} × {r.get('step_decode_ms', 0):.2f}"] for r in rows])
     save_json(rows, args.json)
 
 
-# the server's histograms whose sums and counts over one HTTP run say where its time went: per request, the wait
-# for a slot and the prompt's prefill; per engine step (by kind), the step's own time
-SERVER_BOOKS = ("mamba_server_request_queue_time_seconds", "mamba_server_request_prefill_time_seconds",
-                "mamba_server_engine_step_seconds")
+# the server's histograms whose sums and counts over one HTTP run say where its time went (short names): per
+# request, from its arrival (made by the HTTP side) to its first token, its wait for a slot, and its prefill; per
+# engine step (by kind), the step's own time
+SERVER_BOOKS = {"mamba_server_time_to_first_token_seconds": "server_ttft",
+                "mamba_server_request_queue_time_seconds": "queue", "mamba_server_request_prefill_time_seconds":
+                "prefill", "mamba_server_engine_step_seconds": "step"}
 
 
 def server_books(url: str) -> dict[str, list[float]]:
-    """{histogram (with its kind label, if any): [sum, count]} from the server's /metrics, over its engines."""
+    """{short name (a step's with its kind): [sum, count]} of SERVER_BOOKS from the server's /metrics, summed over
+    its engines."""
     books: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
         if family.name not in SERVER_BOOKS:
@@ -226,21 +232,20 @@ def server_books(url: str) -> dict[str, list[float]]:
         for sample in family.samples:
             part = sample.name.removeprefix(family.name)
             if part in ("_sum", "_count"):
-                key = ":".join(filter(None, (family.name.removeprefix("mamba_server_"), sample.labels.get("kind"))))
+                key = "_".join(filter(None, (SERVER_BOOKS[family.name], sample.labels.get("kind"))))
                 books.setdefault(key, [0.0, 0.0])[part == "_count"] += sample.value
     return books
 
 
 def books_row(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict:
-    """Means over one HTTP run: each request's queue and prefill ms, and per kind of engine step its count and
-    mean ms."""
+    """Means over one HTTP run, in ms: each request's server-side TTFT, queue and prefill; per kind of engine step
+    its mean and count."""
     row = {}
     for key, (total, count) in after.items():
         total, count = total - before.get(key, [0.0, 0.0])[0], count - before.get(key, [0.0, 0.0])[1]
-        name = key.removeprefix("request_").replace("_time_seconds", "").replace("engine_step_seconds:", "step_")
-        row[f"{name}_ms"] = 1e3 * total / count if count else 0.0
-        if name.startswith("step_"):
-            row[f"{name}_count"] = count
+        row[f"{key}_ms"] = 1e3 * total / count if count else 0.0
+        if key.startswith("step_"):
+            row[f"{key}_count"] = count
     return row
 
 
