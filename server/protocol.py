@@ -218,12 +218,15 @@ class ResponseInputText(BaseModel):
     text: str
 
 
+INPUT_ROLES = ("user", "assistant", "system", "developer")
+
+
 class ResponseInputMessage(BaseModel):
     """An input message of the Responses API; images, files and tool outputs are not for this text model."""
 
     model_config = ConfigDict(strict=True, extra="ignore")  # an earlier output's id and status
     type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
+    role: Literal["user", "assistant", "system", "developer"]  # INPUT_ROLES
     content: str | list[ResponseInputText]
 
 
@@ -275,11 +278,17 @@ class ResponsesRequest(SamplingFields):
             kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
             if kind != "message":
                 raise ValueError(f"input[{i}] is a {kind!r} item: this server takes messages of text")
+            if item.get("role") not in INPUT_ROLES:
+                raise ValueError(f"input[{i}].role is one of {', '.join(INPUT_ROLES)}, got {item.get('role')!r}")
             parts = item.get("content")
+            if not isinstance(parts, (str, list)):
+                raise ValueError(f"input[{i}].content is a string or a list of input_text parts")
             for part in parts if isinstance(parts, list) else []:
                 part_kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 if part_kind not in ("input_text", "output_text"):
                     raise ValueError(f"input[{i}] has a {part_kind!r} part: this text model takes input_text parts")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"input[{i}] has a {part_kind} part without its text")
         return items
 
     @field_validator("previous_response_id", "background")

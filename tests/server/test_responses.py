@@ -118,6 +118,9 @@ def test_a_json_schema_text_format_holds_the_output_to_it(sdk):
     ({"input": []}, "input"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input"),
+    ({"input": [{"role": "user"}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
     ({"text": {"format": {"type": "json_object"}}, "response_format": {"type": "json_object"}}, "text"),
     ({"max_output_tokens": -1}, "max_output_tokens"),
@@ -127,7 +130,8 @@ def test_what_is_not_served_is_refused_by_name(server, fields, param):
     answer = httpx.post(server.url + "/v1/responses", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
-    named = {"input_image": "'input_image' part", "function_call_output": "'function_call_output' item"}
+    named = {"input_image": "'input_image' part", "function_call_output": "'function_call_output' item",
+             "'tool'": "input[0].role", "'user'}": "input[0].content", "'input_text'}": "part without its text"}
     assert all(words in answer.json()["error"]["message"] for kind, words in named.items() if kind in str(fields))
     assert httpx.post(server.url + "/v1/responses", json={"input": QUESTION, "max_output_tokens": 2},
                       timeout=60).status_code == 200  # and serves on
