@@ -31,7 +31,7 @@ from .chat import ChatService
 from .components import Components
 from .config import ServerConfig
 from .engine_pool import Engines
-from .errors import AuthenticationError, InvalidRequestError, ServerError, UnavailableError
+from .errors import AuthenticationError, InvalidRequestError, ResponseNotFoundError, ServerError, UnavailableError
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponsesRequest, SamplingFields,
                        TokenizeRequest, parse_body)
 from .request_id import RequestIdMiddleware
@@ -161,6 +161,11 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
             return EventSourceResponse(responses.stream(body, submission), ping=http.heartbeat, sep="\n")
         response = await responses.complete(body, submission, request)
         return JSONResponse(response) if response is not None else Response(status_code=499)
+
+    @v1.get("/responses/{response_id}", responses=answers(schemas.Error))
+    async def stored_response(response_id: str) -> Response:
+        raise ResponseNotFoundError(f"response {response_id!r} is not stored: this server stores no responses (send "
+                                    "the whole conversation as input)", param="response_id")
 
     @v1.get("/models", responses=answers(schemas.ModelList))
     async def models() -> dict:

@@ -59,6 +59,11 @@ class ModelNotFoundError(InvalidRequestError):
     code = "model_not_found"
 
 
+class ResponseNotFoundError(InvalidRequestError):
+    status = 404
+    code = "response_not_found"
+
+
 class AuthenticationError(ServerError):
     status = 401
     type = "authentication_error"

@@ -142,3 +142,9 @@ def test_a_model_without_a_chat_template_names_the_input(model_dirs):
         answer = httpx.post(live.url + "/v1/responses", json={"input": "the river"}, timeout=60)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "input"
     assert answer.json()["error"]["code"] == "no_chat_template"
+
+
+def test_a_stored_response_is_not_found_and_says_why(server):
+    answer = httpx.get(server.url + "/v1/responses/resp-1", timeout=60)
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "response_not_found"
+    assert "stores no responses" in answer.json()["error"]["message"]
