@@ -6,7 +6,7 @@
 set -euo pipefail
 dir=${1:?usage: bash bench/server_wheels.sh DIR [PYTHON_VERSION]} py=${2:-3.12}
 packages=$(python3 -m pip list --format=freeze 2>/dev/null | tr '_' '-' | grep -i -E \
-  '^(fastapi|starlette|uvicorn|sse-starlette|prometheus-client|pydantic|pydantic-core|annotated-types|annotated-doc|typing-inspection|typing-extensions|anyio|sniffio|h11|click|httpx|httpcore|certifi|idna|opentelemetry-api|importlib-metadata|zipp)==')
+  '^(fastapi|starlette|uvicorn|sse-starlette|prometheus-client|pydantic|pydantic-core|annotated-types|annotated-doc|typing-inspection|typing-extensions|anyio|sniffio|h11|httptools|click|httpx|httpcore|certifi|idna|opentelemetry-api|importlib-metadata|zipp)==')
 python3 -m pip download -q -d "$dir" --only-binary=:all: --no-deps --python-version "$py" \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 $packages
 ls "$dir"

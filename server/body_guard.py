@@ -71,7 +71,7 @@ class BodyGuard:
 
 
 def _content_length(scope: Scope) -> int | None:
-    """The declared body size; the HTTP parser (h11) has already refused a Content-Length that is not a number."""
+    """The declared body size; the HTTP parser (httptools) has already refused a Content-Length that is not a number."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             return int(value)
