@@ -1,8 +1,8 @@
 """The HTTP routes: OpenAI completions, chat completions, responses and models; vLLM's tokenizer routes and
 version; health; Prometheus metrics.
 
-Routes stay thin: parse the body (pydantic), hand it to `CompletionService` (or `ChatService`), and shape the
-HTTP response.
+Routes stay thin: parse the body (pydantic), hand it to `CompletionService` (or `ChatService`,
+`ResponsesService`), and shape the HTTP response.
 Every ServerError raised below, and every HTTP fault Starlette raises (unknown route, wrong method), leaves
 as OpenAI error JSON through the handlers here.
 """
