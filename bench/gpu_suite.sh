@@ -10,7 +10,7 @@ set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT [SHAPES]} shapes=${2:-130m,1.4b}
 mkdir -p "$out"
 python3 -c "import torch, mamba_ssm; print(torch.__version__, torch.cuda.get_device_name(), mamba_ssm.__version__)"
-timeout 300 python3 -m pytest -q tests/gpu tests/runtime/test_triton_decode.py tests/runtime/test_triton_channels.py \
+timeout 480 python3 -m pytest -q tests/gpu tests/runtime/test_triton_decode.py tests/runtime/test_triton_channels.py \
   tests/runtime/test_triton_int8.py tests/runtime/test_triton_mamba2.py tests/runtime/test_triton_scan_state.py \
   tests/runtime/test_state_dtype.py tests/server/test_overlap_decode.py tests/server/test_engine_on_device.py \
   > "$out/tests.txt" 2>&1; grep -E "FAILED|passed|failed" "$out/tests.txt" | tail -15
