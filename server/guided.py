@@ -24,7 +24,7 @@ from .errors import InvalidRequestError
 
 INSTALL = "pip install 'mamba-extend-server[guided]' (xgrammar)"
 CACHED = 64  # compiled grammars kept per process
-ANY_OBJECT = '{"type": "object"}'  # response_format json_object's schema
+ANY_OBJECT = {"type": "object"}  # the schema of any JSON object: response_format json_object's
 XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[00:42:10] /project/cpp/regex_converter.cc:94: "
 
 
@@ -79,7 +79,7 @@ class Guides:
         try:
             if guide.kind in ("json_object", "json_schema"):
                 # whitespace only as json.dumps writes it: a grammar that allows any lets a small model pad for ever
-                return compiler.compile_json_schema(guide.spec or ANY_OBJECT, any_whitespace=False)
+                return compiler.compile_json_schema(guide.spec or json.dumps(ANY_OBJECT), any_whitespace=False)
             if guide.kind == "regex":
                 return compiler.compile_regex(guide.spec)
             if guide.kind == "choice":  # one EBNF alternative a choice, each a JSON-escaped string literal

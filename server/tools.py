@@ -11,10 +11,8 @@ import json
 from dataclasses import dataclass
 
 from .errors import InvalidRequestError
-from .guided import Guide
+from .guided import ANY_OBJECT, Guide
 from .protocol import ChatCompletionRequest, NamedToolChoice
-
-ANY_OBJECT = {"type": "object"}  # a function declared without parameters
 
 
 @dataclass(frozen=True)
@@ -39,6 +37,7 @@ def tool_calling(body: ChatCompletionRequest) -> ToolCalling | None:
                                   param="tool_choice", code="auto_tool_choice_unavailable")
     if choice == "none":
         return None
+    # a function declared without parameters takes any object
     parameters = {tool.function.name: tool.function.parameters or ANY_OBJECT for tool in tools}
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
