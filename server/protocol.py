@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -218,7 +218,8 @@ class ResponseInputText(BaseModel):
     text: str
 
 
-INPUT_ROLES = ("user", "assistant", "system", "developer")
+InputRole = Literal["user", "assistant", "system", "developer"]
+INPUT_ROLES = get_args(InputRole)
 
 
 class ResponseInputMessage(BaseModel):
@@ -226,7 +227,7 @@ class ResponseInputMessage(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")  # an earlier output's id and status
     type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]  # INPUT_ROLES
+    role: InputRole
     content: str | list[ResponseInputText]
 
 
