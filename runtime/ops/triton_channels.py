@@ -40,12 +40,17 @@ def _channel_rows_kernel(in_ptr: tl.tensor, scale_ptr: tl.tensor, out_ptr: tl.te
         tl.store(scaled_ptr + r * stride_out + t, v.to(scaled_ptr.dtype.element_ty), mask=live)
 
 
+def _dense_rows(x: torch.Tensor) -> bool:
+    """x (b, d, l)'s rows are each contiguous and follow one another (a row's stride apart, batch rows too)."""
+    return x.stride(-1) == 1 and x.stride(0) == x.shape[1] * x.stride(1)
+
+
 def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None,
           silu: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """x: (b, d, ≥ length) with rows of stride x.stride(1) one after another. Returns (silu(x) or None,
     x or silu(x) times scale or None), each (b, d, length) contiguous."""
     b, d = x.shape[:2]
-    assert x.stride(-1) == 1 and x.stride(0) == d * x.stride(1)
+    assert _dense_rows(x)
     out = torch.empty(b, d, length, dtype=x.dtype, device=x.device) if silu else None
     scaled = torch.empty(b, d, length, dtype=x.dtype, device=x.device) if scale is not None else None
     _channel_rows_kernel[(b * d, triton.cdiv(length, BLOCK_POSITIONS))](
@@ -63,6 +68,8 @@ def silu(x: torch.Tensor, length: int,
     if torch_ops.records_autograd(x, scale):
         y = F.silu(x[..., :length])
         return y, None if scale is None else torch_ops.scale_channels(y.transpose(1, 2), scale).transpose(1, 2)
+    if not _dense_rows(x):  # a convolution of a one-position input laid out channels-last answers in that
+        x = x.contiguous()   # layout (Mamba2's first chunk of one token: its xBC is a slice of in_proj's output)
     out, scaled = _rows(x, length, None if scale is None else scale.contiguous(), True)
     assert out is not None
     return out, scaled
@@ -73,8 +80,7 @@ def scale_channels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     dtype and layout; the kernel runs where x is the (b, l, d) view of (b, d, l) storage that the
     convolution hands on, PyTorch otherwise."""
     channels_first = x.transpose(1, 2)  # (b, d, l)
-    dense = channels_first.stride(-1) == 1 and channels_first.stride(0) == x.shape[2] * channels_first.stride(1)
-    if not dense or torch_ops.records_autograd(x, scale):
+    if not _dense_rows(channels_first) or torch_ops.records_autograd(x, scale):
         return torch_ops.scale_channels(x, scale)
     scaled = _rows(channels_first, x.shape[1], scale.contiguous(), False)[1]
     assert scaled is not None

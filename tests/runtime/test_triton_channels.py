@@ -42,6 +42,21 @@ def test_silu_of_a_padded_convolution_output_and_its_scaled_copy_equal_pytorch(d
     torch.testing.assert_close(got_scaled, want, rtol=0 if exact else 1.6e-2, atol=0)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_silu_of_a_one_position_convolution_answered_channels_last(scaled):
+    """Mamba2's xBC is a slice of in_proj's (b, l, ·) output: a first chunk of one token, alone, reaches the
+    convolution channels-last, and the convolution answers in that layout, whose rows are not dense."""
+    c, k = 24, 4
+    projected = torch.randn(1, 1, 64, device=DEVICE, generator=_g(6))  # (b, l, in_proj rows)
+    convolved = F.conv1d(projected[..., 8:8 + c].transpose(1, 2), torch.randn(c, 1, k, device=DEVICE, generator=_g(7)),
+                         padding=k - 1, groups=c)  # (1, c, k)
+    scale = torch.rand(1, c, device=DEVICE, generator=_g(8)) + 0.5 if scaled else None
+    got, got_scaled = triton_channels.silu(convolved, 1, scale)
+    torch.testing.assert_close(got, F.silu(convolved[..., :1]), rtol=1e-6, atol=1e-6)
+    if scaled:
+        torch.testing.assert_close(got_scaled, got * scale[..., None], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scale_channels_equals_pytorch_and_keeps_the_channels_first_layout(dtype):
     b, length, d = 2, 1300, 6
