@@ -127,7 +127,9 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
         completion = await shaper.complete(submission, request)
         return JSONResponse(completion) if completion is not None else Response(status_code=499)
 
-    def require_key(request: HttpRequest) -> None:
+    async def require_key(request: HttpRequest) -> None:
+        # async, so that FastAPI runs it on the event loop: a plain function would take every request through a
+        # worker thread and back
         if http.api_key is None:
             return
         given = request.headers.get("authorization", "")
