@@ -118,6 +118,9 @@ class Engine:
         self._stopping = False
         self._stop_reason = "the engine stopped"  # what the requests still held when it stops are told
         self._closed = False  # admission closed (shutting down): submit refuses, the requests held run on
+        # called on the engine thread once a step's outputs have all gone to their sinks: a sink that gathers
+        # them (the engine process's outbox) sends them on then, one message a step
+        self.handed_over: Callable[[], None] = lambda: None
         self._thread: threading.Thread | None = None
         self._default_threads: int  # set by `start`, read by the engine thread
 
@@ -490,6 +493,8 @@ class Engine:
                 request.sink(out)
             except Exception:  # a sink belongs to one client; its fault must not stop the engine
                 log.exception("output sink of %s failed", request.request_id)
+        if outputs:
+            self.handed_over()
 
 
 def held_slots(requests: list[Request]) -> list[int]:

@@ -89,6 +89,7 @@ class EngineHost:
     def serve(self, connection: Connection) -> None:
         """Acts on the HTTP side's messages until Stop, or until the connection closes."""
         outbox = Outbox(connection, self.engine)
+        self.engine.handed_over = outbox.send_outputs
         connection.send(Ready(self.components.model, self.engine.config, self.engine.status()))
         outbox.start()
         while True:
@@ -145,8 +146,9 @@ class EngineHost:
 
 
 class Outbox:
-    """What goes to the HTTP side, sent by a thread of its own: the outputs and replies put while it sends one
-    hand-over go together in the next, with the engine's status read after them."""
+    """What goes to the HTTP side, sent by a thread of its own: the outputs of each engine step together (and
+    those of several steps while it sends one hand-over), with the replies put meanwhile and the engine's status
+    read after them."""
 
     def __init__(self, connection: Connection, engine: Engine) -> None:
         self._connection = connection
@@ -161,8 +163,14 @@ class Outbox:
         self._thread.start()
 
     def output(self, key: int, output: RequestOutput) -> None:
+        """Gathers a step's output; `send_outputs` sends them once the step has handed over all of its own: one
+        wake-up of the sending thread a step, not one per output, each of which contends for the engine thread's
+        interpreter lock."""
         with self._cond:
             self._outputs.append((key, output))
+
+    def send_outputs(self) -> None:
+        with self._cond:
             self._cond.notify()
 
     def reply(self, reply: Reply) -> None:
