@@ -1,5 +1,5 @@
 """`python -m server` / `mamba-extend-server`: start the engine process (it loads the model and warms up), load
-the tokenizer and bank, then serve.
+the tokenizer and bank, then serve (with --api-server-count N, in N HTTP processes: server.api_servers).
 
 The engine process is launched before this process imports the HTTP side and the runtime (torch among them), so
 that the two processes' imports run at the same time; until then only the light configuration module is
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         from runtime.errors import RuntimeErrorBase
         from scale_bank import BankError
 
+        from . import api_servers
         from .app import build_app
         from .components import load_components
         from .engine_client import EngineStartError
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
             process.kill()
         raise
     try:
-        engine = connect(launched)
+        engine = connect([(process, connections[0]) for process, connections in launched])
         try:
             components = load_components(config.model, engine.model)
         except BaseException:
@@ -45,7 +46,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
     except (ConfigError, RuntimeErrorBase, BankError, EngineStartError) as bad:
         _exit_with(bad)
-    build_server(build_app(config, components, engine), config.http, log_level).run()
+    server = build_server(build_app(config, components, engine), config.http, log_level)
+    if config.api_server_count == 1:
+        server.run()
+        return
+    sock = server.config.bind_socket()  # one listening socket, which every HTTP process accepts on
+    others = api_servers.spawn(config, log_level, launched, sock)
+    server.run(sockets=[sock])
+    api_servers.join(others)
 
 
 def _exit_with(bad: Exception) -> NoReturn:

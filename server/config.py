@@ -126,6 +126,7 @@ class ServerConfig:
     engine: EngineConfig
     http: HttpConfig
     data_parallel_size: int = 1  # engine processes, each with the whole model on a device of its own
+    api_server_count: int = 1  # HTTP processes, sharing the listening socket and every engine
 
 
 def engine_ranks(config: ServerConfig) -> list[ServerConfig]:
@@ -215,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engines, each a process with the whole model on a device of its own (CUDA devices from "
                         "--device's on, or CPU cores); requests go to the least loaded. --max-batch-size and "
                         "--max-queue are per engine")
+    p.add_argument("--api-server-count", "-asc", type=_positive_int, default=1,
+                   help="HTTP processes, sharing the port and the engines: HTTP, JSON and server-sent events on "
+                        "several cores, for many streams at once (--max-connections is per process)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
@@ -285,6 +289,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
                       args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins),
                       *_tls_files(args.ssl_keyfile, args.ssl_certfile))
-    config = ServerConfig(spec, engine, http, args.data_parallel_size)
+    config = ServerConfig(spec, engine, http, args.data_parallel_size, args.api_server_count)
     engine_ranks(config)  # refuses a device kind that engines cannot share out
     return config, args.log_level

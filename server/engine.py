@@ -175,10 +175,14 @@ class Engine:
             self._cond.notify()
 
     def status(self) -> EngineStatus:
-        """Whether it runs, whether it holds requests, its free slots and its queue, read at one moment."""
+        """Whether it runs, whether it holds requests, its free slots, its queue and whether it takes new requests,
+        read at one moment."""
         with self._cond:
-            return EngineStatus(self.alive, self.scheduler.has_work(), len(self.scheduler.free_slots),
-                                len(self.scheduler.waiting))
+            free = len(self.scheduler.free_slots)
+            # a held slot counts too: between its prefill's last chunk and its first decode step a request is in
+            # neither of the scheduler's running lists
+            busy = self.scheduler.has_work() or free < self.config.slots
+            return EngineStatus(self.alive, busy, free, len(self.scheduler.waiting), not self._closed)
 
     # --- the engine thread ---------------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
 """The engine as the HTTP side sees it: a process of its own (server.engine_process), reached over one
 connection (server.engine_protocol).
 
-`EngineClient.wait` waits until a launched process's model is loaded and warmed up. A receiver thread
-takes each hand-over and routes its outputs to the sinks the requests were submitted with (the outputs of a
-whole engine step in one message), resolves the calls that were waiting for a reply, and keeps the engine's
-last status (`alive`, `busy`, `free_slots`, `waiting`). The engine process's faults come back as outputs: a
-request it could not run ends with an error, and if the process dies every request still running ends so.
+`EngineClient.wait` waits until a launched process's model is loaded and warmed up. The HTTP process that
+launched the engine owns it (its `stop` stops it); another HTTP process (--api-server-count) only leaves it. A
+receiver thread takes each hand-over and routes its outputs to the sinks the requests were submitted with (the
+outputs of a whole engine step in one message), resolves the calls that were waiting for a reply, and keeps the
+engine's last status (`alive`, `busy`, `free_slots`, `waiting`, `accepting`). The engine process's faults come
+back as outputs: a request it could not run ends with an error, and if the process dies every request still
+running ends so.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 Sink = Callable[[RequestOutput], None]
 STOP_SECONDS = 60  # how long `stop` waits for the engine process to hand over its last outputs and exit
 LOST = "the engine process exited"
+LEFT = "the server's HTTP process stopped"  # what a leaving HTTP process's requests still running are told
 STOPPED = EngineStatus(alive=False, busy=False, free_slots=0, waiting=0)
 
 
@@ -39,8 +42,9 @@ class EngineStartError(Exception):
 
 
 class EngineClient:
-    def __init__(self, process: BaseProcess, connection: Connection, ready: Ready,
+    def __init__(self, process: BaseProcess | None, connection: Connection, ready: Ready,
                  keys: Iterator[int] | None = None) -> None:
+        """`process`: the engine process where this HTTP process launched it; None where another did."""
         self.model: ModelInfo = ready.model
         self.config: EngineConfig = ready.engine  # its slots sized
         self.status: EngineStatus = ready.status
@@ -58,28 +62,34 @@ class EngineClient:
         atexit.register(self.stop)  # runs before multiprocessing's exit handler, which waits for the process
 
     @classmethod
-    def wait(cls, process: BaseProcess, connection: Connection, keys: Iterator[int] | None = None) -> EngineClient:
+    def wait(cls, process: BaseProcess | None, connection: Connection,
+             keys: Iterator[int] | None = None) -> EngineClient:
         """The client of a launched engine process (server.engine_launch), once it is ready, numbering its
         requests with `keys`. Raises EngineStartError with its message when it cannot start."""
         try:
             first = connection.recv()
         except EOFError:
+            if process is None:
+                raise EngineStartError("the engine process exited before it was ready") from None
             process.join()
             raise EngineStartError(f"the engine process exited (code {process.exitcode}) before it was ready") from None
         except BaseException:  # interrupted (Ctrl-C) while it loads: it ignores the signal, and would wait for us
-            process.kill()
-            process.join()
+            if process is not None:
+                process.kill()
+                process.join()
             raise
         if isinstance(first, StartFailed):
-            process.join()
+            if process is not None:
+                process.join()
             raise EngineStartError(first.message)
         assert isinstance(first, Ready), f"unexpected first message {first!r}"
         return cls(process, connection, first, keys)
 
     @property
     def pid(self) -> int | None:
-        """The engine process's id (operators tell the two processes apart by it)."""
-        return self._process.pid
+        """The engine process's id (operators tell the processes apart by it); None where another HTTP process
+        launched it."""
+        return None if self._process is None else self._process.pid
 
     # --- the engine's state, as of its last hand-over ---------------------------------------------------------
 
@@ -89,7 +99,7 @@ class EngineClient:
 
     @property
     def accepting(self) -> bool:
-        return self.alive and not self._closed
+        return self.alive and not self._closed and self.status.accepting
 
     @property
     def busy(self) -> bool:
@@ -156,14 +166,25 @@ class EngineClient:
 
     # --- life cycle ----------------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Takes no more requests (a graceful shutdown); those already queued or running go on."""
+    async def close(self) -> None:
+        """Takes no more requests (a graceful shutdown); those already queued or running go on. Returns once the
+        engine has closed, its status (`busy`) then counting every HTTP process's requests."""
         self._closed = True
-        self._send(Close())
+        try:
+            await asyncio.wrap_future(self._call(lambda call: Close(call)))
+        except UnavailableError:  # the engine has stopped already
+            pass
 
     def stop(self, reason: str | None = None) -> None:
         """Stops the engine: every request still queued or running ends with an error saying `reason`; returns
-        once the engine process has handed those outputs over and exited. Blocks: not in the event loop."""
+        once the engine process has handed those outputs over and exited. Blocks: not in the event loop.
+        Where another HTTP process launched the engine, this one leaves it instead: its own requests end so (the
+        engine process aborts them when the connection closes) and the engine serves on."""
+        if self._process is None:
+            self._end_all(reason or LEFT)
+            self._connection.close()
+            atexit.unregister(self.stop)
+            return
         if not self._stopped.is_set():
             self._send(Stop(reason))
             if not self._stopped.wait(STOP_SECONDS):
@@ -225,15 +246,20 @@ class EngineClient:
         with an error, and every call waiting for a reply fails."""
         if self._stopped.is_set():
             return
-        log.error("%s (code %s)", LOST, self._process.exitcode)
+        log.error("%s (code %s)", LOST, None if self._process is None else self._process.exitcode)
+        self._end_all(LOST)
+
+    def _end_all(self, reason: str) -> None:
+        """This side ends every request still running with an error saying `reason`, and every call waiting for a
+        reply; the engine counts as stopped."""
         self.status = STOPPED
         self._stopped.set()
         routes, self._routes = self._routes, {}
         for request_id, sink in routes.values():
-            _deliver(sink, RequestOutput(request_id, "", [], [], None, RequestStatus.FINISHED_ERROR, 0, 0, LOST))
+            _deliver(sink, RequestOutput(request_id, "", [], [], None, RequestStatus.FINISHED_ERROR, 0, 0, reason))
         calls, self._calls = self._calls, {}
         for future in calls.values():
-            _settle(future, error=UnavailableError(LOST))
+            _settle(future, error=UnavailableError(reason))
 
 
 def _settle(future: concurrent.futures.Future, value: object = None, error: BaseException | None = None) -> None:

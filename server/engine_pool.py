@@ -92,9 +92,8 @@ class EnginePool:
         """Every engine's last steps, engine by engine."""
         return [record for engine in self.engines for record in engine.step_log]
 
-    def close(self) -> None:
-        for engine in self.engines:
-            engine.close()
+    async def close(self) -> None:
+        await asyncio.gather(*(engine.close() for engine in self.engines))
 
     def stop(self, reason: str | None = None) -> None:
         for engine in self.engines:
@@ -106,12 +105,14 @@ Engines = EngineClient | EnginePool
 
 def start_engines(config: ServerConfig, log_level: str) -> Engines:
     """Starts the engine processes and waits until each has loaded the model and warmed up."""
-    return connect(launch(config, log_level))
+    return connect([(process, connections[0]) for process, connections in launch(config, log_level)])
 
 
-def connect(launched: list[tuple[BaseProcess, Connection]]) -> Engines:
-    """The client of the launched engine processes (server.engine_launch) once every one is ready. Raises
-    EngineStartError with the first fault's message, the other engines stopped, when one cannot start."""
+def connect(launched: list[tuple[BaseProcess | None, Connection]]) -> Engines:
+    """The client of the launched engine processes (server.engine_launch) once every one is ready, over one
+    connection each: the process where this HTTP process launched it, None where another did (its client then
+    leaves the engine when it stops, server.api_servers). Raises EngineStartError with the first fault's message,
+    the other engines stopped, when one cannot start."""
     if len(launched) == 1:
         return EngineClient.wait(*launched[0])
     keys = itertools.count()  # one numbering for every engine's requests: an abort names one request
@@ -123,7 +124,8 @@ def connect(launched: list[tuple[BaseProcess, Connection]]) -> Engines:
         for engine in engines:
             engine.stop()
         for process, _ in launched[len(engines):]:
-            process.kill()
+            if process is not None:
+                process.kill()
         raise
     return EnginePool(engines)
 

@@ -1,8 +1,8 @@
-"""The messages between the HTTP process and the engine process (server.engine_process), pickled over one
-multiprocessing connection.
+"""The messages between an HTTP process and the engine process (server.engine_process), pickled over one
+multiprocessing connection (one for each HTTP process: --api-server-count).
 
 HTTP side → engine: Submit (answered by a Reply: None, or the ServerError that refused the requests), Abort,
-Close, Query (answered by a Reply), Stop.
+Close and Query (answered by a Reply), Stop (the first HTTP process only: it owns the shutdown).
 Engine → HTTP side: Ready (or StartFailed) once; then hand-overs, each with the outputs made and the replies
 written since the previous one (one engine step's outputs, or several steps' while the connection was busy)
 and the engine's status after them; Stopped last.
@@ -61,6 +61,7 @@ class EngineStatus:
     busy: bool  # some request is queued or running
     free_slots: int
     waiting: int  # requests queued for a slot
+    accepting: bool = True  # takes new requests (false once a graceful shutdown has begun: Close)
 
 
 @dataclass
@@ -76,7 +77,10 @@ class Abort:
 
 @dataclass
 class Close:
-    """No more requests: a graceful shutdown has begun."""
+    """No more requests: a graceful shutdown has begun. Answered by a Reply, whose hand-over's status is the
+    engine's after it (whether any HTTP process's requests still run)."""
+
+    call: int
 
 
 @dataclass

@@ -64,8 +64,9 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def build_server(app: FastAPI, http: HttpConfig, log_level: str = "info") -> GracefulServer:
-    """The server of `app` (built by server.app.build_app, whose engine it shuts down gracefully)."""
+def build_server(app: FastAPI, http: HttpConfig, log_level: str = "info", follower: bool = False) -> GracefulServer:
+    """The server of `app` (built by server.app.build_app, whose engine it shuts down gracefully; a `follower`,
+    an HTTP process that did not launch the engines, exits once they have stopped: server.api_servers)."""
     # uvicorn calls `http` to make each connection's protocol, so a factory serves; its stubs ask for a class
     protocol = functools.partial(HeadTimeoutProtocol, head_timeout=http.header_timeout)
     config = uvicorn.Config(app, host=http.host, port=http.port, log_level=log_level,
@@ -74,4 +75,4 @@ def build_server(app: FastAPI, http: HttpConfig, log_level: str = "info") -> Gra
                             http=protocol, loop="asyncio",  # type: ignore[arg-type]
                             limit_concurrency=http.max_connections, timeout_graceful_shutdown=FLUSH_SECONDS,
                             ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile)
-    return GracefulServer(config, app.state.engine, http.shutdown_timeout)
+    return GracefulServer(config, app.state.engine, http.shutdown_timeout, follower)

@@ -8,7 +8,8 @@ a last event, and uvicorn re-raises the signal at the end, so the process dies b
 3. the engine stops: what still runs ends with an error event (then [DONE]), a non-streamed one with an
    error answer, each saying that the server shut down;
 4. uvicorn closes the connections once those last answers are sent, and the process exits 0.
-A second signal skips what is left of step 2.
+A second signal skips what is left of step 2. The other HTTP processes (--api-server-count) take no signal: they
+exit once the engine has stopped (server.api_servers).
 """
 
 from __future__ import annotations
@@ -31,17 +32,19 @@ POLL_SECONDS = 0.05  # how often the drain checks whether the engine has finishe
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engines, grace: float):
+    def __init__(self, config: uvicorn.Config, engine: Engines, grace: float, follower: bool = False):
         super().__init__(config)
         self.engine = engine
         self.grace = grace  # seconds running requests get to finish
+        self.follower = follower  # another HTTP process owns the shutdown: exit when the engine has stopped
         self._task: asyncio.Task | None = None  # the shutdown, once a signal started it
         self._hurry = asyncio.Event()  # set by a second signal: end the grace now
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM start `shut_down` instead of uvicorn's exit (only the main thread gets signals)."""
-        if threading.current_thread() is not threading.main_thread():
+        """SIGINT and SIGTERM start `shut_down` instead of uvicorn's exit (only the main thread gets signals; a
+        follower ignores them)."""
+        if self.follower or threading.current_thread() is not threading.main_thread():
             yield
             return
         loop = asyncio.get_running_loop()
@@ -53,6 +56,11 @@ class GracefulServer(uvicorn.Server):
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
 
+    async def on_tick(self, counter: int) -> bool:
+        if self.follower and not self.engine.alive:  # stopped by the first HTTP process's shutdown, or lost
+            self.should_exit = True
+        return await super().on_tick(counter)
+
     def shut_down(self) -> None:
         """Starts the graceful shutdown; called again while it runs, ends the grace at once. Event loop only."""
         if self._task is None:
@@ -61,7 +69,7 @@ class GracefulServer(uvicorn.Server):
             self._hurry.set()
 
     async def _shut_down(self) -> None:
-        self.engine.close()
+        await self.engine.close()
         log.info("shutting down: no new requests; running ones get up to %g s to finish", self.grace)
         waits = [asyncio.ensure_future(self._idle()), asyncio.ensure_future(self._hurry.wait())]
         await asyncio.wait(waits, timeout=self.grace, return_when=asyncio.FIRST_COMPLETED)

@@ -95,7 +95,7 @@ class BusyEngine:
     def __init__(self):
         self.closed_at = self.stopped_at = self.reason = None
 
-    def close(self):
+    async def close(self):
         self.closed_at = time.monotonic()
 
     def stop(self, reason):
