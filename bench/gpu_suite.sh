@@ -4,8 +4,8 @@
 # Needs mamba_ssm importable, and the server's packages for the HTTP step (on a machine without them, install
 # the wheels that bench/server_wheels.sh downloads). Runs the GPU tests first; each step is independent and the
 # run goes on if one fails. SHAPES are Mamba1 shapes; decode and prefill also run the Mamba2 ones, and the HTTP
-# streams run with the decode overlap on and off, with SSM states in float32 (not the model's dtype), and (on a machine with
-# several GPUs) over one engine per GPU.
+# streams run with the decode overlap on and off, with SSM states in float32 (not the model's dtype), over four HTTP
+# processes, and (on a machine with several GPUs) over one engine per GPU.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT [SHAPES]} shapes=${2:-130m,1.4b}
 mkdir -p "$out"
@@ -26,7 +26,7 @@ python3 -m bench.quant_decode --shapes "$shapes" --device cuda --json "$out/quan
 python3 -m bench.http_ttft --shape 130m --device cuda --tokens 60000 --race --json "$out/http_ttft.json" 2>&1 \
   | grep -v " INFO " | tail -2
 for shape in ${shapes//,/ }; do
-  for setting in "overlap-decode on" "overlap-decode off" "mamba-ssm-cache-dtype float32"; do
+  for setting in "overlap-decode on" "overlap-decode off" "mamba-ssm-cache-dtype float32" "api-server-count 4"; do
     python3 -m bench.http_throughput --shape "$shape" --device cuda --prompt-tokens 1000 --streams 1,8,32,64,256 \
       --json "$out/http_${shape}_${setting// /_}.json" -- --max-batch-size 256 --max-queue 256 \
       --${setting% *} "${setting#* }" 2>&1 | grep -v " INFO " | tail -8
