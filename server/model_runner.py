@@ -49,15 +49,17 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """What a first request would otherwise wait for, done before the server takes requests (as vLLM
-        captures its graphs at start): a short prefill (kernel loading, the BLAS and convolution libraries'
-        set-up) and, on CUDA, the decode graph of every batch size for every combination of scale fields
-        that batches of the extensions' scales (and identity) make."""
+        captures its graphs at start): a short prefill through the served path (kernel loading, the BLAS and
+        convolution libraries' set-up; on CUDA a chunk of every length class, `_warm_up_prefill_shapes`) and, on
+        CUDA, the decode graph of every batch size for every combination of scale fields that batches of the
+        extensions' scales (and identity) make."""
         with torch.no_grad():
-            self.model.prefill(torch.zeros(1, WARM_UP_TOKENS, dtype=torch.long, device=self.model.device))
             if self.model.device.type == "cuda":
                 started = time.monotonic()
                 self._warm_up_prefill_shapes()
                 log.info("prefill kernels compiled for every chunk-length class in %.1f s", time.monotonic() - started)
+            else:  # the served path once (slot 0 is free: a request's first chunk starts from zeros)
+                self.prefill([0], [[0] * WARM_UP_TOKENS], [True], [NONE])
         if self.graphs is None:
             return
         fields = fields_of_batches([e.scales for e in self.extensions.values() if e.scales is not None])
