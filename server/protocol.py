@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -218,16 +218,12 @@ class ResponseInputText(BaseModel):
     text: str
 
 
-InputRole = Literal["user", "assistant", "system", "developer"]
-INPUT_ROLES = get_args(InputRole)
-
-
 class ResponseInputMessage(BaseModel):
     """An input message of the Responses API; images, files and tool outputs are not for this text model."""
 
     model_config = ConfigDict(strict=True, extra="ignore")  # an earlier output's id and status
     type: Literal["message"] = "message"
-    role: InputRole
+    role: Literal["user", "assistant", "system", "developer"]
     content: str | list[ResponseInputText]
 
 
@@ -273,23 +269,19 @@ class ResponsesRequest(SamplingFields):
     @field_validator("input", mode="before")
     @classmethod
     def _text_messages(cls, items: Any) -> Any:
-        """Names the item or part this text model cannot take (pydantic's union error would say only that the
-        input is not a string)."""
+        """Says why an item or part of another kind (a tool's output, an image) is refused: this is a text model.
+        The messages' own fields are the model's to check (parse_body names the one at fault)."""
         for i, item in enumerate(items if isinstance(items, list) else []):
-            kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+            if not isinstance(item, dict):
+                continue
+            kind = item.get("type", "message")
             if kind != "message":
                 raise ValueError(f"input[{i}] is a {kind!r} item: this server takes messages of text")
-            if item.get("role") not in INPUT_ROLES:
-                raise ValueError(f"input[{i}].role is one of {', '.join(INPUT_ROLES)}, got {item.get('role')!r}")
             parts = item.get("content")
-            if not isinstance(parts, (str, list)):
-                raise ValueError(f"input[{i}].content is a string or a list of input_text parts")
             for part in parts if isinstance(parts, list) else []:
-                part_kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                if part_kind not in ("input_text", "output_text"):
+                part_kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(part_kind, str) and part_kind not in ("input_text", "output_text"):
                     raise ValueError(f"input[{i}] has a {part_kind!r} part: this text model takes input_text parts")
-                if not isinstance(part.get("text"), str):
-                    raise ValueError(f"input[{i}] has a {part_kind} part without its text")
         return items
 
     @field_validator("previous_response_id", "background")
@@ -342,12 +334,35 @@ def parse_body(model: type[Body], body: bytes) -> Body:
     try:
         return model.model_validate_json(text)
     except ValidationError as bad:
-        error = bad.errors()[0]
-        if error["type"] == "json_invalid":
-            raise InvalidRequestError(f"malformed JSON: {error['ctx']['error']}") from None
-        loc = [str(part) for part in error["loc"] if not isinstance(part, int)][:1]
-        param = loc[0] if loc else None
-        raise InvalidRequestError(f"{param or 'body'}: {error['msg']}", param=param) from None
+        errors = bad.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise InvalidRequestError(f"malformed JSON: {errors[0]['ctx']['error']}") from None
+        # a field that takes several forms (a string or a list of messages) fails once for each: the error that
+        # reached deepest into the body is about the form the client meant (the first such)
+        document = json.loads(text)
+        where, error = max(((_path_in(document, e), e) for e in errors), key=lambda found: len(found[0]))
+        param = where[0] if where and isinstance(where[0], str) else None
+        raise InvalidRequestError(f"{_dotted(where) or 'body'}: {error['msg']}", param=param) from None
+
+
+def _path_in(document: Any, error: Any) -> list[str | int]:
+    """The part of a validation error's location that names places in the body (keys and indexes), without the
+    names pydantic gives a union's forms; a missing field's name last."""
+    path: list[str | int] = []
+    node, loc = document, error["loc"]
+    for i, part in enumerate(loc):
+        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int)
+                                                          and 0 <= part < len(node)):
+            path.append(part)
+            node = node[part]
+        elif error["type"] == "missing" and i == len(loc) - 1:
+            path.append(part)
+    return path
+
+
+def _dotted(path: list[str | int]) -> str:
+    """["messages", 0, "content"] -> "messages[0].content"."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).removeprefix(".")
 
 
 def guide_of(body: SamplingFields) -> Guide | None:

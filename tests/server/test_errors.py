@@ -58,6 +58,10 @@ def assert_error(response: httpx.Response, status: int, param=None, match: str =
     ({**GOOD, "prompt": ["the river"] * 65}, 400, "prompt", "65 prompts, more than this server queues at once"),
     ({**GOOD, "prompt": [5] * 5000}, 413, "prompt", "5000 tokens, more than this server's context limit of 4096"),
     ({**GOOD, "stream_options": {"include_usage": 1}}, 400, "stream_options", ""),
+    # a field of several forms: the error about the form the body took, at its place in the body
+    ({**GOOD, "prompt": [5, "the river"]}, 400, "prompt", "prompt[1]: Input should be a valid integer"),
+    ({**GOOD, "stop": ["x", 3]}, 400, "stop", "stop[1]: Input should be a valid string"),
+    ({**GOOD, "stream_options": {"include_usage": 1}}, 400, "stream_options", "stream_options.include_usage: "),
 ])
 def test_bad_request_bodies(client, body, status, param, match):
     assert_error(client.post("/v1/completions", json=body), status, param, match)

@@ -131,7 +131,8 @@ def test_what_is_not_served_is_refused_by_name(server, fields, param):
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
     named = {"input_image": "'input_image' part", "function_call_output": "'function_call_output' item",
-             "'tool'": "input[0].role", "'user'}": "input[0].content", "'input_text'}": "part without its text"}
+             "'tool'": "input[0].role", "'user'}": "input[0].content",
+             "'input_text'}": "input[0].content[0].text: Field required"}
     assert all(words in answer.json()["error"]["message"] for kind, words in named.items() if kind in str(fields))
     assert httpx.post(server.url + "/v1/responses", json={"input": QUESTION, "max_output_tokens": 2},
                       timeout=60).status_code == 200  # and serves on

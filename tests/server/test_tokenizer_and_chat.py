@@ -161,6 +161,9 @@ def test_chat_refuses_what_it_does_not_serve(chat_client):
     assert error(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])["param"] == \
         "messages"
     assert error(messages=[])["param"] == "messages"
+    # a text part without its text: named where it is, not as "messages: Input should be a valid string"
+    part = error(messages=[{"role": "user", "content": [{"type": "text"}]}])
+    assert part["param"] == "messages" and part["message"] == "messages[0].content[0].text: Field required"
 
 
 def test_cors_answers_the_allowed_origin_only(chat_client, client):
