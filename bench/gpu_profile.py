@@ -3,6 +3,11 @@ and of one decode step (this runtime: batch 1 eager and replayed from its CUDA g
 `--batch`), counted and timed by the PyTorch profiler. What `bench.gpu_prefill` and `bench.gpu_decode` time
 as a whole, broken down, so that the next optimisation aims at a measured cost.
 
+And the engine's prefill step of short prompts (`--served-chunk` tokens, alone and `--batch` of them, as the
+server runs a step: the model runner's prefill, the last position's logits, a greedy choice read back): its wall
+time against its kernels' time (far above it: the step waits on the host) and the host operations that take the
+difference, by their own CPU time.
+
     python -m bench.gpu_profile --shape 130m --tokens 8192 --json $OUT/profile.json
     python -m bench.gpu_profile --shape mamba2-780m --batch 64
 """
@@ -10,6 +15,8 @@ as a whole, broken down, so that the next optimisation aims at a measured cost.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +24,13 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from runtime import MambaLM
 from runtime.decode_graph import DecodeGraphs
+from scale_bank import NONE
+from server.config import EngineConfig
+from server.model_runner import ModelRunner
+from server.sampling import greedy
+from server.slots import sized, slot_bytes, ssm_state_dtype
 
 from .gpu_models import SHAPES, peer_and_runtime, random_delta_scales
 from .report import print_table, save_json
@@ -44,6 +57,34 @@ def kernel_table(fn, repeats: int) -> dict:
             "kernels": [{"name": name, "count": count, "us": round(us, 2)} for name, count, us in kernels]}
 
 
+def served_prefill(model: MambaLM, chunk: int, batch: int) -> dict:
+    """The engine's prefill step of `batch` prompts' first chunks of `chunk` tokens: its median wall time over 15
+    steps (ms), its kernels (kernel_table), and the host operations by their own CPU time per step."""
+    config = sized(EngineConfig(max_batch_size=batch), model.device, slot_bytes(model, ssm_state_dtype(model, None)))
+    runner = ModelRunner(model, config)
+    prompts = [[(7 * i) % 1000 + 10 for i in range(chunk)]] * batch
+
+    def step() -> list[int]:
+        hidden = runner.prefill(list(range(batch)), prompts, [True] * batch, [NONE] * batch)  # (b, c, D)
+        chosen: list[int] = greedy(model.logits(hidden[:, -1])).tolist()
+        return chosen
+
+    step()  # compiles this chunk length's kernels
+    times = []
+    for _ in range(15):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    table = kernel_table(step, repeats=5)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step()
+    host = sorted(prof.key_averages(), key=lambda event: -event.self_cpu_time_total)[:TOP]
+    return {"wall_ms": round(statistics.median(times) * 1e3, 3), **table,
+            "host": [{"name": e.key, "count": e.count / 5, "self_us": round(e.self_cpu_time_total / 5, 1)}
+                     for e in host]}
+
+
 def report(title: str, table: dict) -> None:
     print(f"\n### {title}: {table['kernels_per_call']:.0f} kernels, "
           f"{table['kernel_us_per_call']:.0f} µs of kernels per call")
@@ -55,7 +96,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="130m", choices=sorted(SHAPES))
     parser.add_argument("--tokens", type=int, default=8192, help="prefill length")
-    parser.add_argument("--batch", type=int, default=64, help="the large decode batch profiled")
+    parser.add_argument("--batch", type=int, default=64, help="the large decode (and served prefill) batch profiled")
+    parser.add_argument("--served-chunk", type=int, default=64, help="prompt tokens of the served prefill step")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     peer, loaded = peer_and_runtime(args.shape)
@@ -78,9 +120,16 @@ def main(argv=None):
         big_graphs, big_tokens = DecodeGraphs(model, big_pool), tokens[0, -args.batch:]  # (batch,)
         tables[f"decode step, graph, batch {args.batch}"] = kernel_table(
             lambda: big_graphs.step(big_tokens, big_slots, None), repeats=20)
+        served = {batch: served_prefill(model, args.served_chunk, batch) for batch in (1, args.batch)}
     for title, table in tables.items():
         report(title, table)
-    save_json({"shape": args.shape, "tokens": args.tokens, **tables}, args.json)
+    for batch, step in served.items():
+        report(f"served prefill step, {batch} × {args.served_chunk} tokens: wall {step['wall_ms']:.2f} ms, "
+               f"{step['wall_ms'] * 1e3 / step['kernel_us_per_call']:.1f}× its kernels' time", step)
+        print_table(["host operation", "per step", "own CPU µs per step"],
+                    [[row["name"][:90], f"{row['count']:.0f}", f"{row['self_us']:.1f}"] for row in step["host"]])
+    save_json({"shape": args.shape, "tokens": args.tokens, **tables,
+               **{f"served prefill, batch {batch}": step for batch, step in served.items()}}, args.json)
 
 
 if __name__ == "__main__":
