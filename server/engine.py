@@ -45,6 +45,7 @@ from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import choose, logprob_entries
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 from .slots import sized, slot_bytes, ssm_state_dtype
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 Finished = dict[Request, RequestStatus]  # the requests a step finished
@@ -258,12 +259,12 @@ class Engine:
         if flying.requests == requests:
             return flying.tokens
         rows = {r: i for i, r in enumerate(flying.requests)}
-        inputs = torch.tensor([0 if r in rows else r.output_ids[-1] for r in requests],
-                              device=flying.tokens.device)  # (b,)
+        device = flying.tokens.device
+        inputs = to_device([0 if r in rows else r.output_ids[-1] for r in requests], device)  # (b,)
         taken = [(i, rows[r]) for i, r in enumerate(requests) if r in rows]
         if taken:
             into, source = zip(*taken)
-            inputs[list(into)] = flying.tokens[list(source)]
+            inputs[to_device(into, device)] = flying.tokens[to_device(source, device)]
         return inputs
 
     def _land(self, flying: InFlight) -> tuple[Finished, Outputs]:

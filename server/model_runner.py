@@ -24,6 +24,7 @@ from scale_bank import NONE
 
 from .config import EngineConfig
 from .slots import ssm_state_dtype
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt runs
@@ -124,7 +125,8 @@ class ModelRunner:
         """One token for each sequence: slots, tokens (a list, or a tensor on the device) and scale buckets (b
         each). The pool's rows advance in place. Returns the logits (b, V) float32, valid until the next call."""
         device = self.model.device
-        slot_ids, token_ids = torch.tensor(slots, device=device), torch.as_tensor(tokens, device=device)  # (b,), (b,)
+        slot_ids = to_device(slots, device)  # (b,)
+        token_ids = tokens if isinstance(tokens, torch.Tensor) else to_device(tokens, device)  # (b,)
         scales = self._decode_batch.scales(tuple(self.extensions[bucket] for bucket in buckets))
         if self.graphs is not None:
             return self.graphs.step(token_ids, slot_ids, scales)

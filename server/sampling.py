@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .request import SamplingParams, TokenLogprob
+from .transfer import to_device
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -36,11 +37,12 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
         return greedy(logits)
     device = logits.device
     tokens = torch.empty(len(params), dtype=torch.long, device=device)  # (b,)
-    greedy_rows = torch.tensor([i for i, p in enumerate(params) if p.greedy], dtype=torch.long, device=device)
-    if len(greedy_rows):
-        tokens[greedy_rows] = greedy(logits[greedy_rows])
-    rows, chosen = [params[i] for i in sampled], torch.tensor(sampled, device=device)
-    temperatures = torch.tensor([p.temperature for p in rows], dtype=torch.float64, device=device)[:, None]
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    if greedy_rows:
+        on_device = to_device(greedy_rows, device)
+        tokens[on_device] = greedy(logits[on_device])
+    rows, chosen = [params[i] for i in sampled], to_device(sampled, device)
+    temperatures = to_device([p.temperature for p in rows], device, torch.float64)[:, None]
     scores = _tempered(logits[chosen], temperatures)  # (r, V)
     probs = torch.softmax(_filtered(scores, [p.top_k for p in rows], [p.top_p for p in rows],
                                     [p.min_p for p in rows]), dim=-1)  # (r, V)
@@ -69,20 +71,20 @@ def _filtered(scores: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
     smallest set of most likely tokens whose probability reaches top_p (the most likely token always stays)."""
     device, vocab = scores.device, scores.shape[-1]
     if any(p > 0 for p in min_p):  # p / p_max = exp(score - 0)
-        floor = torch.tensor([math.log(p) if p > 0 else -math.inf for p in min_p], dtype=scores.dtype, device=device)
+        floor = to_device([math.log(p) if p > 0 else -math.inf for p in min_p], device, scores.dtype)
         scores = scores.masked_fill(scores < floor[:, None], float("-inf"))
     if not any(0 < k < vocab for k in top_k) and not any(p < 1.0 for p in top_p):
         return scores
     ordered, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # (r, V)
     if any(0 < k < vocab for k in top_k):
-        kth = ordered.gather(-1, torch.tensor([[k - 1 if 0 < k < vocab else vocab - 1] for k in top_k],
-                                              device=device))  # (r, 1): the last row value keeps every token
+        kth = ordered.gather(-1, to_device([k - 1 if 0 < k < vocab else vocab - 1 for k in top_k],
+                                           device)[:, None])  # (r, 1): the last row value keeps every token
         scores = scores.masked_fill(scores < kth, float("-inf"))
         ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # still in descending order
     if any(p < 1.0 for p in top_p):
         probs = torch.softmax(ordered, dim=-1)  # (r, V)
         before = probs.cumsum(-1) - probs  # (r, V): probability mass of the tokens ranked above each one
-        limit = torch.tensor([p if p < 1.0 else math.inf for p in top_p], dtype=scores.dtype, device=device)
+        limit = to_device([p if p < 1.0 else math.inf for p in top_p], device, scores.dtype)
         drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, before >= limit[:, None])
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
