@@ -5,8 +5,8 @@ as a whole, broken down, so that the next optimisation aims at a measured cost.
 
 And the engine's prefill step of short prompts (`--served-chunk` tokens, alone and `--batch` of them, as the
 server runs a step: the model runner's prefill, the last position's logits, a greedy choice read back): its wall
-time against its kernels' time (far above it: the step waits on the host) and the host operations that take the
-difference, by their own CPU time.
+time against its kernels' time, and the host operations by their own CPU time (where a short step's wall time
+goes beyond its kernels).
 
     python -m bench.gpu_profile --shape 130m --tokens 8192 --json $OUT/profile.json
     python -m bench.gpu_profile --shape mamba2-780m --batch 64

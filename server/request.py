@@ -112,8 +112,8 @@ class RequestOutput:
         return self.status.finished
 
     def __reduce__(self) -> tuple[type[RequestOutput], tuple]:
-        # the fields in order, for the constructor: the engine process pickles every output of every step, and the
-        # HTTP side's unpickling of these takes half the time of a dataclass's default (a state dict to set)
+        # the fields in order, for the constructor, rather than a dataclass's default state dict: the engine process
+        # pickles every output of every step and the HTTP side unpickles them
         return RequestOutput, _output_fields(self)
 
     def extend(self, later: RequestOutput) -> None:
