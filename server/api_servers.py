@@ -31,7 +31,7 @@ def spawn(config: ServerConfig, log_level: str, launched: list[tuple[BaseProcess
     context = multiprocessing.get_context("spawn")
     processes: list[BaseProcess] = []
     for k in range(1, config.api_server_count):
-        connections = [connections[k] for _, connections in launched]
+        connections = [ends[k] for _, ends in launched]
         process = context.Process(target=_serve, args=(config, log_level, connections, sock), name=f"mamba-api-{k}")
         process.start()
         for connection in connections:
