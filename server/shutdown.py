@@ -19,7 +19,8 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import uvicorn
 
@@ -69,16 +70,24 @@ class GracefulServer(uvicorn.Server):
             self._hurry.set()
 
     async def _shut_down(self) -> None:
-        await self.engine.close()
+        deadline = asyncio.get_running_loop().time() + self.grace
         log.info("shutting down: no new requests; running ones get up to %g s to finish", self.grace)
-        waits = [asyncio.ensure_future(self._idle()), asyncio.ensure_future(self._hurry.wait())]
-        await asyncio.wait(waits, timeout=self.grace, return_when=asyncio.FIRST_COMPLETED)
-        for wait in waits:
-            wait.cancel()
+        # admission closed (the engine answers once it has), then the running requests done: each within the grace
+        if await self._within(self.engine.close(), deadline):
+            await self._within(self._idle(), deadline)
         if self.engine.busy:
             log.warning("shutting down: the requests still running end with an error")
         await asyncio.to_thread(self.engine.stop, SHUTDOWN_REASON)
         self.should_exit = True  # uvicorn closes the connections once their answers are sent
+
+    async def _within(self, work: Coroutine[Any, Any, None], deadline: float) -> bool:
+        """Whether `work` finished before `deadline` (loop time) and before a second signal."""
+        tasks = [asyncio.ensure_future(work), asyncio.ensure_future(self._hurry.wait())]
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        return tasks[0] in done
 
     async def _idle(self) -> None:
         while self.engine.busy:

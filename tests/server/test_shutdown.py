@@ -102,8 +102,17 @@ class BusyEngine:
         self.stopped_at, self.reason = time.monotonic(), reason
 
 
-def test_past_the_shutdown_timeout_the_engine_stops_with_the_reason_and_uvicorn_is_told_to_exit():
-    engine = BusyEngine()
+class SilentEngine(BusyEngine):
+    """An engine that never answers Close."""
+
+    async def close(self):
+        await super().close()
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("kind", [BusyEngine, SilentEngine])
+def test_past_the_shutdown_timeout_the_engine_stops_with_the_reason_and_uvicorn_is_told_to_exit(kind):
+    engine = kind()
     server = GracefulServer(uvicorn.Config(app=None), engine, grace=0.3)
 
     async def shut_down():
