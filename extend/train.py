@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from runtime import MAMBA1, MambaLM, ModelConfig
 from runtime.backend import select_backend
 from runtime.checkpoint_writer import save_hf
+from runtime.device_copy import to_device
 from runtime.init_weights import init_weights
 from runtime.tokenizer import Tokenizer
 
@@ -169,13 +170,6 @@ def train(args) -> tuple[MambaLM, list[float]]:
     model.eval()
     save_hf(model, Path(args.tokenizer), tokenizer.eos_token_id, args.out)
     return model, torch.stack(losses).tolist()
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; on CUDA through pinned memory without waiting, so that the host makes the next
-    step's batch while the device still runs this one (a copy from pageable memory waits for every kernel queued
-    before it)."""
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

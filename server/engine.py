@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from runtime import Extension, MambaLM
+from runtime.device_copy import to_device
 from runtime.tokenizer import Tokenizer
 
 from .config import EngineConfig
@@ -45,7 +46,6 @@ from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import choose, logprob_entries
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 from .slots import sized, slot_bytes, ssm_state_dtype
-from .transfer import to_device
 
 log = logging.getLogger(__name__)
 Finished = dict[Request, RequestStatus]  # the requests a step finished

@@ -20,11 +20,11 @@ import torch
 
 from runtime import IDENTITY, BatchScales, Extension, MambaLM, PoolRows, batch_scales
 from runtime.decode_graph import DecodeGraphs, fields_of_batches
+from runtime.device_copy import to_device
 from scale_bank import NONE
 
 from .config import EngineConfig
 from .slots import ssm_state_dtype
-from .transfer import to_device
 
 log = logging.getLogger(__name__)
 WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt runs

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from runtime.device_copy import to_device
+
 from .request import SamplingParams, TokenLogprob
-from .transfer import to_device
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
