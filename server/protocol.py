@@ -53,9 +53,14 @@ class ResponseFormat(BaseModel):
 
     @model_validator(mode="after")
     def _schema_with_its_type(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema (with its schema) goes with type 'json_schema', and only with it")
+        _schema_goes_with_its_type(self.type, self.json_schema is not None, "json_schema (with its schema)")
         return self
+
+
+def _schema_goes_with_its_type(kind: str, has_schema: bool, schema_field: str) -> None:
+    """A structured-output format's schema is given with type 'json_schema', and only with it."""
+    if (kind == "json_schema") != has_schema:
+        raise ValueError(f"{schema_field} goes with type 'json_schema', and only with it")
 
 
 class SamplingFields(BaseModel):
@@ -238,8 +243,7 @@ class ResponseTextFormat(BaseModel):
 
     @model_validator(mode="after")
     def _schema_with_its_type(self) -> ResponseTextFormat:
-        if (self.type == "json_schema") != (self.schema_ is not None):
-            raise ValueError("a schema goes with type 'json_schema', and only with it")
+        _schema_goes_with_its_type(self.type, self.schema_ is not None, "a schema")
         return self
 
 
