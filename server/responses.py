@@ -107,11 +107,10 @@ class ResponsesService:
     def _response(self, body: ResponsesRequest, submission: ChatSubmission, results: list[ChoiceResult]) -> dict:
         """The response object of `results` (none yet: in progress, no output, no usage)."""
         final = results[0].final if results else None
-        cut = final is not None and final.status is RequestStatus.FINISHED_LENGTH
-        status = "in_progress" if final is None else "incomplete" if cut else "completed"
+        status = status_of(final)
         return {
             "id": submission.id, "object": "response", "created_at": submission.created, "status": status,
-            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "model": self.completions.http.served_model_name,
             "output": [] if final is None else [message_item(message_id(submission), final.text, final)],
@@ -141,7 +140,13 @@ def output_text(text: str) -> dict:
 
 def message_item(item_id: str, text: str, final: RequestOutput | None) -> dict:
     """The response's one output item: the assistant's message (in progress until `final`, its last output)."""
-    status = ("in_progress" if final is None else
-              "incomplete" if final.status is RequestStatus.FINISHED_LENGTH else "completed")
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+    return {"type": "message", "id": item_id, "status": status_of(final), "role": "assistant",
             "content": [] if final is None else [output_text(text)]}
+
+
+def status_of(final: RequestOutput | None) -> str:
+    """A response's status, and its message's, from the last output: in progress until there is one, incomplete
+    when max_output_tokens cut it short, else completed."""
+    if final is None:
+        return "in_progress"
+    return "incomplete" if final.status is RequestStatus.FINISHED_LENGTH else "completed"
