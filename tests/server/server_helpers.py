@@ -1,5 +1,5 @@
 """Helpers of the server tests: the test bank, a live server (uvicorn on loopback in a thread, its engine in a
-process of its own), waiting."""
+process of its own), a free port, health, waiting."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import torch
 
 from runtime import ScaleMethod, ScaleSet, load_model
@@ -103,6 +104,20 @@ class LiveServer:
         while any(e.busy or e.free_slots != e.config.slots for e in engines):
             assert time.monotonic() < deadline, "the engine did not become idle"
             time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    """The server at `url` answers /health with 200 (False while it starts, or when it refuses)."""
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def wait_for(condition, timeout: float = 20, what: str = "condition") -> None:

@@ -14,9 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_helpers import SERVER_FLAGS, wait_for
-
-from test_shutdown import free_port
+from server_helpers import SERVER_FLAGS, free_port, healthy, wait_for
 
 BODY = {"prompt": "the river ran past the old mill", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
@@ -33,20 +31,13 @@ def two_processes(model_dirs, tmp_path):
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _healthy(url) and "[mamba-api-1]" in log_path.read_text(), timeout=120,
+        wait_for(lambda: healthy(url) and "[mamba-api-1]" in log_path.read_text(), timeout=120,
                  what="both HTTP processes to start")
         yield url, process, log_path
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _stream(url: str, body: dict) -> list[str]:
@@ -104,5 +95,5 @@ def test_an_http_process_that_dies_takes_only_its_own_requests(two_processes):
     follower = int(re.search(r"HTTP process 1 started \(pid (\d+)\)", log_path.read_text()).group(1))
     os.kill(follower, signal.SIGKILL)
     wait_for(lambda: "HTTP process 1 closed its connection" in log_path.read_text(), what="the engine to see it")
-    assert _healthy(url)
+    assert healthy(url)
     assert all(_text(events) for events in _concurrently(url, 6))  # every connection now reaches the first

@@ -4,21 +4,16 @@ throughput and peak-memory series arrive, each labelled with the model."""
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 
 import httpx
 import pytest
 
+from server_helpers import free_port
+
 WANTED = ("process_cpu_seconds_total", "mamba_server_time_to_first_token_seconds_count",
           "mamba_server_generation_tokens_total", "mamba_server_peak_resident_memory_bytes")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import time
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,15 +18,9 @@ import pytest
 import uvicorn
 
 from server.shutdown import SHUTDOWN_REASON, GracefulServer
-from server_helpers import SERVER_FLAGS, wait_for
+from server_helpers import SERVER_FLAGS, free_port, healthy, wait_for
 
 GRACE = 120  # --shutdown-timeout: the 200-token streams finish within it, the 150,000-token ones not
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow  # a server process and its grace period
@@ -40,7 +33,7 @@ def test_sigterm_lets_running_streams_finish_ends_the_rest_with_an_error_and_exi
                                cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        wait_for(lambda: _healthy(url), timeout=120, what="the server to start")
+        wait_for(lambda: healthy(url), timeout=120, what="the server to start")
         events = {n: [] for n in range(4)}
 
         def stream(n: int, max_tokens: int) -> None:
@@ -78,13 +71,6 @@ def test_sigterm_lets_running_streams_finish_ends_the_rest_with_an_error_and_exi
         else:
             assert last["error"]["message"] == SHUTDOWN_REASON
     assert "Traceback" not in (tmp_path / "server.log").read_text()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 class BusyEngine:
