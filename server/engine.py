@@ -179,11 +179,8 @@ class Engine:
         """Whether it runs, whether it holds requests, its free slots, its queue and whether it takes new requests,
         read at one moment."""
         with self._cond:
-            free = len(self.scheduler.free_slots)
-            # a held slot counts too: between its prefill's last chunk and its first decode step a request is in
-            # neither of the scheduler's running lists
-            busy = self.scheduler.has_work() or free < self.config.slots
-            return EngineStatus(self.alive, busy, free, len(self.scheduler.waiting), not self._closed)
+            return EngineStatus(self.alive, self.scheduler.has_work(), len(self.scheduler.free_slots),
+                                len(self.scheduler.waiting), not self._closed)
 
     # --- the engine thread ---------------------------------------------------------------------------
 

@@ -67,7 +67,9 @@ class Scheduler:
         return [*(m for r in self.prefilling for m in r.group if not m.status.finished), *self.decoding]
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.decoding)
+        """Some request is queued or holds a slot: from its prefill's last chunk until the step's update, a request
+        is in none of the running lists, but it holds its slot."""
+        return bool(self.waiting or self.prefilling or self.decoding) or len(self.free_slots) < self.config.slots
 
     def add(self, *requests: Request) -> None:
         """Queues all of `requests` or, when the queue has no room for all of them, none."""
