@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from .config import ServerConfig
-from .engine_launch import ENGINE_LOG_FORMAT
+from .engine_launch import NAMED_PROCESS_LOG_FORMAT
 
 log = logging.getLogger(__name__)
 JOIN_SECONDS = 15  # after the engines stopped, how long the first process waits for the others to exit
@@ -54,7 +54,7 @@ def join(processes: list[BaseProcess]) -> None:
 def _serve(config: ServerConfig, log_level: str, connections: list[Connection], sock: socket.socket) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(level=log_level.upper(), format=ENGINE_LOG_FORMAT)  # its lines name the process
+    logging.basicConfig(level=log_level.upper(), format=NAMED_PROCESS_LOG_FORMAT)
     from .app import build_app  # in this process only: the launcher imports nothing heavy
     from .components import load_components
     from .engine_pool import connect

@@ -14,7 +14,7 @@ from .config import ServerConfig, engine_ranks
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # an engine's lines name its process (with --data-parallel-size, the engine they come from), as do the lines of
 # the HTTP processes after the first (--api-server-count)
-ENGINE_LOG_FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s"
+NAMED_PROCESS_LOG_FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s"
 
 
 def launch(config: ServerConfig, log_level: str) -> list[tuple[BaseProcess, list[Connection]]]:

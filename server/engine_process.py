@@ -33,7 +33,7 @@ from .components import Components, load_components, load_served_model, model_in
 from .config import ConfigError, ServerConfig
 from .detokenizer import OutputText
 from .engine import Engine
-from .engine_launch import ENGINE_LOG_FORMAT
+from .engine_launch import NAMED_PROCESS_LOG_FORMAT
 from .engine_protocol import (Abort, Close, EngineRequest, HandOver, HttpMessage, Query, Ready, Reply, StartFailed,
                               Stop, Stopped, Submit)
 from .errors import ServerError
@@ -49,7 +49,7 @@ def run(config: ServerConfig, log_level: str, connections: list[Connection]) -> 
     StartFailed with the fault's message."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(level=log_level.upper(), format=ENGINE_LOG_FORMAT)
+    logging.basicConfig(level=log_level.upper(), format=NAMED_PROCESS_LOG_FORMAT)
     try:
         host = EngineHost.load(config)
     except (ConfigError, RuntimeErrorBase, BankError) as bad:
