@@ -16,6 +16,8 @@ from runtime.device_copy import to_device
 
 from .request import SamplingParams, TokenLogprob
 
+SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny
+
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """logits: (b, V). Each row's most likely token, the first of those that tie: (b,). These are max's indices,
@@ -42,53 +44,79 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
     if greedy_rows:
         on_device = to_device(greedy_rows, device)
         tokens[on_device] = greedy(logits[on_device])
-    rows, chosen = [params[i] for i in sampled], to_device(sampled, device)
-    temperatures = to_device([p.temperature for p in rows], device, torch.float64)[:, None]
-    scores = _tempered(logits[chosen], temperatures)  # (r, V)
-    probs = torch.softmax(_filtered(scores, [p.top_k for p in rows], [p.top_p for p in rows],
-                                    [p.min_p for p in rows]), dim=-1)  # (r, V)
-    cdf = probs.cumsum(dim=-1)  # (r, V)
+    rows = [params[i] for i in sampled]
+    chosen = None if len(sampled) == len(params) else to_device(sampled, device)  # (r,); None: every row
+    # a temperature below float32's smallest normal number samples as that one does: greedy, ties shared
+    temperatures = to_device([max(p.temperature, SMALLEST_TEMPERATURE) for p in rows], device, torch.float32)
+    scores = _tempered(logits if chosen is None else logits[chosen], temperatures[:, None])  # (r, V)
+    _filter(scores, [p.top_k for p in rows], [p.top_p for p in rows], [p.min_p for p in rows])
+    # (softmax's exponential, unlike exp's, is as fast where it underflows: a low temperature, filtered tokens)
+    cdf = torch.softmax(scores, dim=-1).cumsum_(dim=-1)  # (r, V)
     u = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in sampled])  # (r,)
     # u scaled by the row's total: rounding can leave the last cumulative value just under 1
     choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
-    tokens[chosen] = choice.clamp(max=logits.shape[-1] - 1)
+    choice = choice.clamp_(max=logits.shape[-1] - 1)
+    if chosen is None:
+        return choice
+    tokens[chosen] = choice
     return tokens
 
 
 def _tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """scores: (r, V) logits, temperature (r, 1) float64. Returns them divided by their row's temperature, in
-    float64 and shifted so that each row's largest is 0: then every positive temperature (down to the smallest
-    double) gives 0 for the largest and finite or -inf values for the rest, never inf - inf or 0 / 0. A
+    """scores: (r, V) logits, temperature (r, 1) float32, each at least SMALLEST_TEMPERATURE. Returns a new
+    float32 tensor of them shifted so that each row's largest is 0, then divided by their row's temperature: every
+    such temperature gives 0 for the largest and finite or -inf values for the rest, never inf - inf or 0 / 0. A
     temperature just above 0 is thus greedy (the largest logits share all the probability) rather than NaN,
     which the inverse CDF would read as the last token."""
-    scores = scores.double()
-    return (scores - scores.amax(dim=-1, keepdim=True)) / temperature
+    scores = scores.float()
+    return (scores - scores.amax(dim=-1, keepdim=True)).div_(temperature)
 
 
-def _filtered(scores: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
-              min_p: Sequence[float]) -> torch.Tensor:
-    """scores: (r, V), each row's largest 0 (`_tempered`), and each row's top_k, top_p and min_p. Sets to -inf
-    in each row every token less likely than min_p times the most likely one, outside the top k, and outside the
-    smallest set of most likely tokens whose probability reaches top_p (the most likely token always stays)."""
+def _filter(scores: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]) -> None:
+    """scores: (r, V), each row's largest 0 (`_tempered`), and each row's top_k, top_p and min_p. Sets to -inf,
+    in place, in each row every token less likely than min_p times the most likely one, outside the top k (ties
+    with the k-th all stay), and outside the smallest set of most likely tokens whose probability reaches top_p
+    (the most likely token always stays)."""
     device, vocab = scores.device, scores.shape[-1]
     if any(p > 0 for p in min_p):  # p / p_max = exp(score - 0)
         floor = to_device([math.log(p) if p > 0 else -math.inf for p in min_p], device, scores.dtype)
-        scores = scores.masked_fill(scores < floor[:, None], float("-inf"))
-    if not any(0 < k < vocab for k in top_k) and not any(p < 1.0 for p in top_p):
-        return scores
-    ordered, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # (r, V)
+        scores.masked_fill_(scores < floor[:, None], float("-inf"))
     if any(0 < k < vocab for k in top_k):
-        kth = ordered.gather(-1, to_device([k - 1 if 0 < k < vocab else vocab - 1 for k in top_k],
-                                           device)[:, None])  # (r, 1): the last row value keeps every token
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-        ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # still in descending order
+        largest = scores.topk(max(k for k in top_k if 0 < k < vocab), dim=-1).values  # (r, K), descending
+        kth = largest.gather(-1, to_device([k - 1 if 0 < k < vocab else 0 for k in top_k], device)[:, None])  # (r, 1)
+        kth.masked_fill_(to_device([not 0 < k < vocab for k in top_k], device)[:, None], float("-inf"))  # keep all
+        scores.masked_fill_(scores < kth, float("-inf"))
     if any(p < 1.0 for p in top_p):
-        probs = torch.softmax(ordered, dim=-1)  # (r, V)
-        before = probs.cumsum(-1) - probs  # (r, V): probability mass of the tokens ranked above each one
-        limit = to_device([p if p < 1.0 else math.inf for p in top_p], device, scores.dtype)
-        drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, before >= limit[:, None])
-        scores = scores.masked_fill(drop, float("-inf"))
-    return scores
+        limit = to_device([p if p < 1.0 else math.inf for p in top_p], device, scores.dtype)  # (r,)
+        probs = torch.softmax(scores, dim=-1)  # (r, V)
+        among = vocab
+        if device.type == "cpu":  # (reading a count from the device would wait for it)
+            # the tokens less likely than (1 - limit) / V hold less than 1 - limit together: no nucleus reaches them
+            floor = to_device([(1 - p) / vocab if p < 1.0 else math.inf for p in top_p], device, scores.dtype)
+            among = max(1, int((probs >= floor[:, None]).sum(dim=-1).max()))
+        scores.masked_fill_(~_nucleus(probs, limit, among), float("-inf"))
+
+
+def _nucleus(probs: torch.Tensor, limit: torch.Tensor, among: int) -> torch.Tensor:
+    """probs: (r, V), limit (r,) (inf: no limit), `among`: how many of each row's most likely tokens hold its
+    nucleus at most. Returns (r, V) bool: each row's nucleus, the smallest set of its most likely tokens whose
+    probability reaches its limit, tokens of equal probability ranked by id (as a stable sort ranks them). Only
+    the values of the `among` most likely tokens are ranked (a CPU sorts a whole vocabulary slowly); a row's
+    answer does not depend on how many that is."""
+    if among < probs.shape[-1]:
+        values = probs.topk(among, dim=-1).values  # (r, a), descending
+    else:
+        values = probs.sort(dim=-1, descending=True).values  # (r, V)
+    inside = values.cumsum(dim=-1) - values < limit[:, None]  # (r, a): the mass ranked above each is below the limit
+    cut = values.gather(-1, inside.sum(dim=-1, keepdim=True) - 1)  # (r, 1): the least likely kept value
+    ties = (inside & (values == cut)).sum(dim=-1, keepdim=True)  # (r, 1): how many of the cut's value are kept
+    at_cut = probs == cut  # (r, V)
+    kept = (probs > cut) | (at_cut & (at_cut.cumsum(dim=-1) <= ties)) | limit.isinf()[:, None]  # (r, V)
+    if among < probs.shape[-1]:  # a row whose last candidate is kept may keep more (rounding): it ranks them all
+        further = (inside[:, -1] & limit.isfinite()).nonzero().squeeze(-1)  # (f,)
+        if len(further):
+            kept[further] = _nucleus(probs[further], limit[further], probs.shape[-1])
+    return kept
 
 
 def logprob_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:

@@ -9,7 +9,7 @@ import torch
 from runtime.tokenizer import Tokenizer
 from server.detokenizer import MAX_HELD_TOKENS, OutputText
 from server.request import SamplingParams
-from server.sampling import _filtered, choose, logprob_entries
+from server.sampling import _filter, _nucleus, choose, logprob_entries
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +71,48 @@ def test_top_k_and_top_p_keep_the_most_likely_tokens():
     """Each row by its own parameters, in one batch."""
     scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]) / 0.5).repeat(7, 1)  # the largest 0, as tempered
     top_k, top_p, min_p = [2, 0, 0, 0, 3, 0, 1], [1.0, 0.6, 0.5, 0.01, 0.9, 1.0, 1.0], [0, 0, 0, 0, 0, 0.5, 0]
-    assert torch.isfinite(_filtered(scores, top_k, top_p, min_p)).tolist() == [
+    _filter(scores, top_k, top_p, min_p)
+    assert torch.isfinite(scores).tolist() == [
         [True, True, False, False], [True, True, False, False], [True, False, False, False],
         [True, False, False, False], [True, True, True, False], [True, True, False, False],
         [True, False, False, False]]
+
+
+def stable_sort_nucleus(probs: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """The nucleus by its definition: the whole row ranked by a stable sort, a token kept while the mass ranked
+    above it is below the limit."""
+    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    before = ordered.cumsum(dim=-1) - ordered
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < limit[:, None])
+
+
+def test_the_nucleus_among_the_likeliest_tokens_is_the_nucleus_among_all():
+    """On the CPU only the tokens a nucleus can reach are ranked: the cut must be the one of the whole row, ties
+    included, whatever number of tokens is ranked (it is the batch's largest need)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(48, 300, generator=gen) * torch.linspace(0.2, 10, 48)[:, None]  # flat to peaked rows
+    logits[:8, :6] = logits[:8].max(dim=-1, keepdim=True).values  # ties among the likeliest
+    logits[8:24] = (logits[8:24] / 2).round()  # ties everywhere, at the cut too
+    logits[40:, 100:] = float("-inf")  # tokens a top-k or min-p removed
+    probs = torch.softmax(logits, dim=-1)
+    limit = torch.rand(48, generator=gen) * 0.999
+    limit[::7] = float("inf")  # rows without top-p
+    expected = stable_sort_nucleus(probs, limit)
+    expected[limit.isinf()] = True
+    for among in (1, 3, 20, 150, 299, 300):
+        assert torch.equal(_nucleus(probs, limit, among), expected), among
+
+
+def test_top_p_keeps_the_smallest_set_whose_probability_reaches_it():
+    probs = torch.tensor([[0.1, 0.25, 0.05, 0.25, 0.2, 0.15]])
+    kept = []
+    for top_p in (0.2, 0.3, 0.65):
+        scores = torch.log(probs / 0.25)
+        _filter(scores, [0], [top_p], [0])
+        kept += torch.isfinite(scores).tolist()
+    assert kept == [[False, True, False, False, False, False],  # of two equally likely, the first id ranks first
+                    [False, True, False, True, False, False],
+                    [False, True, False, True, True, False]]
 
 
 def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise():
