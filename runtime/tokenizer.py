@@ -38,7 +38,10 @@ class Tokenizer:
         except Exception as bad:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"{self.path}: not a valid tokenizer.json ({bad})") from None
         self.eos_token_id = next((i for t in EOS_TOKENS if (i := self._tok.token_to_id(t)) is not None), None)
-        self._added = {i: token.content for i, token in self._tok.get_added_tokens_decoder().items()}
+        added = self._tok.get_added_tokens_decoder()
+        self._added = {i: token.content for i, token in added.items()}
+        self._special = {i for i, token in added.items() if token.special}
+        self._byte_pieces: dict[bool, list[bytes]] = {}  # by skip_special_tokens
         self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
 
     @property
@@ -55,6 +58,18 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`; special tokens (end of text, padding) are left out when `skip_special_tokens`."""
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def byte_pieces(self, skip_special_tokens: bool = False) -> list[bytes] | None:
+        """Each id's bytes (special tokens none when skipped) where the text of any ids is the UTF-8 of their
+        bytes one after another, invalid bytes replaced (a byte-level BPE's decoder does no more): text can then
+        be decoded token by token. None for other tokenizers, whose decoders join, replace or strip across tokens."""
+        if not self._byte_level:
+            return None
+        if skip_special_tokens not in self._byte_pieces:
+            skipped = self._special if skip_special_tokens else set()
+            self._byte_pieces[skip_special_tokens] = [
+                b"" if i in skipped else self.token_bytes(i) for i in range(self.vocab_size)]
+        return self._byte_pieces[skip_special_tokens]
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

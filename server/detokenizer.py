@@ -1,9 +1,12 @@
 """Incremental detokenisation with stop strings.
 
 Text is released only when it is final:
-- never a broken UTF-8 character: while the decoded tail ends in U+FFFD (a multi-byte character split across
-  tokens) it is held until the next token completes it, until the request ends, or until the oldest held
-  token has been held longer than a character can be (it is then invalid bytes, which go out as U+FFFD);
+- never a broken UTF-8 character. A byte-level tokenizer's text is its tokens' bytes one after another: they are
+  decoded as they come, an incomplete character held while its next bytes can still complete it (bytes that
+  cannot go out as U+FFFD at once). Other tokenizers' text is decoded from the ids: while the decoded tail ends in
+  U+FFFD (a multi-byte character split across tokens) it is held until the next token completes it, until the
+  request ends, or until the oldest held token has been held longer than a character can be (it is then invalid
+  bytes, which go out as U+FFFD);
 - never part of a stop string: text that could be the start of a stop string is held until it is known not
   to be one; a stop string found (also one split across tokens) ends the request and is not emitted (unless
   `include_stop`: it then ends the text). While fewer than `min_tokens + 1` tokens have come, stop strings are
@@ -12,6 +15,7 @@ Text is released only when it is final:
 
 from __future__ import annotations
 
+import codecs
 from typing import Protocol
 
 REPLACEMENT = "\ufffd"
@@ -20,6 +24,8 @@ MAX_HELD_TOKENS = 4  # a UTF-8 character has at most 4 bytes: past that the byte
 
 class Decoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+    def byte_pieces(self, skip_special_tokens: bool = False) -> list[bytes] | None: ...
 
 
 class OutputText:
@@ -31,8 +37,10 @@ class OutputText:
         self._stop = tuple(s for s in stop if s)
         self._min_tokens = min_tokens
         self._include_stop = include_stop
+        self._pieces = tokenizer.byte_pieces(skip_special)  # each id's bytes; None: decoded from the ids
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # with `_pieces`
         self._ids: list[int] = []
-        self._prefix = 0  # ids[prefix:read] decode to text already taken into `text`; kept as context
+        self._prefix = 0  # without `_pieces`: ids[prefix:read] decode to text taken into `text`; kept as context
         self._read = 0
         self.text = ""  # decoded so far (complete characters), up to a stop string
         self._emitted = 0  # characters of `text` handed out
@@ -43,10 +51,18 @@ class OutputText:
         """Adds one generated token; returns the text that became final (possibly empty)."""
         assert not self.stopped, "no tokens after a stop string"
         self._ids.append(token_id)
+        if self._pieces is not None:
+            self.text += self._utf8.decode(self._pieces[token_id])
+        elif not self._decode_ids():
+            return ""  # an incomplete character: wait for its next bytes
+        return self._release()
+
+    def _decode_ids(self) -> bool:
+        """Without `_pieces`: the text the ids read so far add; False while the tail is held."""
         full, end = self._decoded(len(self._ids)), len(self._ids)
         if full.endswith(REPLACEMENT):
             if end - self._read < MAX_HELD_TOKENS:
-                return ""  # an incomplete character: wait for its next bytes
+                return False
             # The oldest held token cannot begin a character still incomplete (it would have too many bytes): the
             # held tokens up to the last one that ends a whole character go out (else the oldest alone), and the
             # rest stay held, since a character may have begun after them.
@@ -55,7 +71,7 @@ class OutputText:
             full = self._decoded(end)
         self.text += full[len(self._decoded(self._read)):]
         self._prefix, self._read = self._read, end
-        return self._release()
+        return True
 
     def _decoded(self, end: int) -> str:
         """The text of ids[prefix:end]: those since `prefix`, whose first ones are context for the rest."""
@@ -63,7 +79,9 @@ class OutputText:
 
     def finish(self) -> str:
         """The request ends (length, end of text, timeout): hand out whatever is held, broken characters too."""
-        if not self.stopped:
+        if not self.stopped and self._pieces is not None:
+            self.text += self._utf8.decode(b"", final=True)
+        elif not self.stopped:
             self.text += self._decoded(len(self._ids))[len(self._decoded(self._read)):]
             self._read = len(self._ids)
         out = self.text[self._emitted:]

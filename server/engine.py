@@ -126,8 +126,12 @@ class Engine:
         self._default_threads: int  # set by `start`, read by the engine thread
 
     def warm_up(self) -> None:
-        """The runner's warm-up (`ModelRunner.warm_up`), before the server takes requests."""
+        """The runner's warm-up (`ModelRunner.warm_up`) and the tokenizer's table of token bytes (tens of
+        milliseconds for a large vocabulary, which the first request would wait for), before the server takes
+        requests."""
         self.runner.warm_up()
+        for skip_special in (False, True):
+            self.tokenizer.byte_pieces(skip_special)
 
     # --- the caller's side ----------------------------------------------------------------------------
 

@@ -32,3 +32,19 @@ def train_tokenizer(path: Path, vocab_size: int = 96) -> Path:
     assert tokenizer.get_vocab_size() == vocab_size, f"trained {tokenizer.get_vocab_size()} ids, wanted {vocab_size}"
     tokenizer.save(str(path))
     return path
+
+
+def byte_fallback_tokenizer(path: Path) -> Path:
+    """A sentencepiece-style tokenizer (Llama's layout) saved at `path`: one token per character of TEXT, "▁" for a
+    space, other characters as their UTF-8 bytes in byte tokens <0xNN>, decoded by replacing "▁" and fusing the
+    bytes across tokens, so that its text is not its tokens' texts one after another."""
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for character in sorted(set(TEXT.replace(" ", "▁").replace("\n", ""))):
+        if character.isascii() or character == "▁":
+            vocab.setdefault(character, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([EOS])
+    tokenizer.save(str(path))
+    return path

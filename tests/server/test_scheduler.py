@@ -7,16 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from server.config import EngineConfig
+from runtime.tokenizer import Tokenizer
+from server.config import DEFAULT_MODEL_DIR, EngineConfig
 from server.detokenizer import OutputText
 from server.errors import QueueFullError
 from server.request import Request, RequestStatus, SamplingParams
 from server.scheduler import Scheduler
 
 
+TOKENIZER = Tokenizer(DEFAULT_MODEL_DIR / "tokenizer.json")  # the requests' text is never decoded here
+
+
 def make_request(name: str, prompt_len: int, max_tokens: int = 4, timeout: float | None = None,
                  arrival: float = 0.0) -> Request:
-    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), "none", OutputText(None),
+    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), "none", OutputText(TOKENIZER),
                    lambda output: None, timeout, arrival_time=arrival)
 
 

@@ -1,7 +1,8 @@
-"""Incremental detokenisation (UTF-8 hold-back, stop strings split across tokens) with the real test
-tokenizer, and the sampling filters."""
+"""Incremental detokenisation (UTF-8 hold-back, stop strings split across tokens) with real test tokenizers (a
+byte-level BPE and a sentencepiece-style one), and the sampling filters."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from runtime.tokenizer import Tokenizer
 from server.detokenizer import MAX_HELD_TOKENS, OutputText
 from server.request import SamplingParams
 from server.sampling import _filter, _nucleus, choose, logprob_entries
+from tokenizers_for_tests import byte_fallback_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +28,31 @@ def pushes(tokenizer, text: str, stop=()) -> tuple[list[str], OutputText]:
     return parts, out
 
 
-def test_a_character_split_across_tokens_is_held_until_complete(tokenizer):
-    ids = tokenizer.encode(" €")
+@pytest.fixture(scope="module", params=["byte-level", "byte-fallback"])
+def any_tokenizer(request, tokenizer, tmp_path_factory) -> Tokenizer:
+    """The test models' byte-level BPE, whose text is decoded token by token from each token's bytes, and a
+    sentencepiece-style one, whose text is decoded from the ids."""
+    if request.param == "byte-level":
+        return tokenizer
+    return Tokenizer(byte_fallback_tokenizer(tmp_path_factory.mktemp("byte-fallback") / "tokenizer.json"))
+
+
+def test_a_character_split_across_tokens_is_held_until_complete(any_tokenizer):
+    ids = any_tokenizer.encode(" €")
     assert len(ids) == 4, "the test text must split € into its three UTF-8 bytes"
-    parts, _ = pushes(tokenizer, " €")
+    parts, _ = pushes(any_tokenizer, " €")
     assert parts == [" ", "", "", "€"]
 
 
-def test_invalid_bytes_are_released_rather_than_held_forever(tokenizer):
-    lead = tokenizer.encode("€")[0]  # a lead byte with no continuation is never a character
-    out = OutputText(tokenizer)
+def test_invalid_bytes_are_released_rather_than_held_forever(any_tokenizer):
+    lead = any_tokenizer.encode("€")[0]  # a lead byte with no continuation is never a character
+    out = OutputText(any_tokenizer)
     parts = [out.push(lead) for _ in range(MAX_HELD_TOKENS + 2)]
-    assert parts == [""] * (MAX_HELD_TOKENS - 1) + ["\ufffd"] * 3  # from then on, the oldest goes out at each token
-    assert "".join(parts) + out.finish() == tokenizer.decode([lead] * (MAX_HELD_TOKENS + 2))
+    if any_tokenizer.byte_pieces() is not None:  # each lead byte goes out once the next shows it incomplete
+        assert parts == [""] + ["\ufffd"] * (MAX_HELD_TOKENS + 1)
+    else:  # from the text of the ids: held as long as a character can be, then the oldest goes out at each token
+        assert parts == [""] * (MAX_HELD_TOKENS - 1) + ["\ufffd"] * 3
+    assert "".join(parts) + out.finish() == any_tokenizer.decode([lead] * (MAX_HELD_TOKENS + 2))
 
 
 def test_a_character_after_invalid_bytes_is_whole(tokenizer):
@@ -47,6 +61,19 @@ def test_a_character_after_invalid_bytes_is_whole(tokenizer):
     ids = [lead] * 3 + euro
     out = OutputText(tokenizer)
     assert "".join(out.push(token) for token in ids) + out.finish() == tokenizer.decode(ids) == "\ufffd" * 3 + "€"
+
+
+@pytest.mark.parametrize("skip_special", [False, True])
+def test_the_text_pushed_token_by_token_is_the_text_of_the_ids(tokenizer, skip_special):
+    """A byte-level tokenizer, random ids (end of text, lone and broken bytes among them): what is released token
+    by token, and at the end, is the tokenizer's text of the whole. (A byte-fallback decoder's text of a byte is
+    U+FFFD or the byte's character depending on the bytes around it: decoded from the ids, a byte held as long as
+    a character can be may come out otherwise.)"""
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 12))]
+        out = OutputText(tokenizer, skip_special=skip_special)
+        assert "".join(out.push(token) for token in ids) + out.finish() == tokenizer.decode(ids, skip_special)
 
 
 def test_stop_string_across_a_token_boundary_is_not_emitted(tokenizer):
