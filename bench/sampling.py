@@ -14,6 +14,7 @@ rounds repeated, the medians printed with the ratios.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -106,7 +107,7 @@ def main() -> None:
         logits = all_logits[:batch]
         for name, fields in SETTINGS.items():
             params = [SamplingParams(1, **fields) for _ in range(batch)]  # type: ignore[arg-type]
-            generators = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+            generators = [random.Random(i) for i in range(batch)]
             sides: dict[str, Callable[[], object]] = {
                 "server": partial(choose, logits, params, generators), "transformers": partial(peer(fields), logits),
                 "greedy": partial(greedy, logits)}

@@ -19,6 +19,7 @@ the finish rules (server.finish).
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
 import time
@@ -298,9 +299,8 @@ class Engine:
         now = time.monotonic()
         for request in output.admitted:
             request.admitted_time = now
-            request.generator = torch.Generator(self.model.device)
             seed = request.params.seed
-            request.generator.manual_seed(secrets.randbits(63) if seed is None else seed % 2**64)
+            request.generator = random.Random(secrets.randbits(63) if seed is None else seed % 2**64)
             self.metrics.queue_time.observe(now - request.arrival_time)
         resumed = [r for r in output.admitted if r.resume_row is not None]
         if resumed:  # prompts that continue from a stored prefix's state (`_resume`)

@@ -7,13 +7,12 @@ request after it is submitted, except `abort_requested`, which the engine's call
 from __future__ import annotations
 
 import enum
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
-
-import torch
 
 from .detokenizer import OutputText
 
@@ -152,7 +151,7 @@ class Request:
     num_computed: int = 0  # prompt tokens prefilled so far
     output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # filled chunk by chunk when asked
-    generator: torch.Generator | None = None  # per-request sampling randomness, made at admission
+    generator: random.Random | None = None  # per-request sampling randomness, made at admission
     guide: GuideState | None = None  # its place in params.guide's grammar, made at its first choice
     resume_row: int | None = None  # admitted onto a stored prefix: its prefix cache row, until the engine loads it
     num_cached: int = 0  # prompt tokens that stored prefix covered

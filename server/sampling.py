@@ -1,13 +1,15 @@
 """Choosing the next token and reporting logprobs. Shapes: b batch, l positions, V vocabulary.
 
 Logits arrive already cut to the tokenizer's vocabulary (the model's rows past it are padding, never tokens).
-Each sequence samples with its own `torch.Generator`, and the batch's rows are filtered by operations that work
-row by row, so a seed gives the same text whatever else is batched.
+Each sequence samples with its own generator (a `random.Random`, drawn on the host: the same draws on every
+device), and the batch's rows are filtered by operations that work row by row, so a seed gives the same text
+whatever else is batched.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +19,7 @@ from runtime.device_copy import to_device
 from .request import SamplingParams, TokenLogprob
 
 SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny
+U_BITS = 24  # a uniform draw's random bits: every value a float32 holds exactly
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -27,7 +30,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator]) -> torch.Tensor:
+           generators: Sequence[random.Random]) -> torch.Tensor:
     """logits: (b, V) float32. Returns one token id per row, (b,) int64 on the logits' device, without waiting
     for the device.
 
@@ -52,10 +55,11 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
     _filter(scores, [p.top_k for p in rows], [p.top_p for p in rows], [p.min_p for p in rows])
     # (softmax's exponential, unlike exp's, is as fast where it underflows: a low temperature, filtered tokens)
     cdf = torch.softmax(scores, dim=-1).cumsum_(dim=-1)  # (r, V)
-    u = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in sampled])  # (r,)
-    # u scaled by the row's total: rounding can leave the last cumulative value just under 1
+    # u ~ U[0, 1) from each row's own generator, on the host (one copy, not a draw launched a row); on float32's
+    # grid below 1, so u times the row's total (about 1: rounding) rounds below the total, and the token found is
+    # one of positive probability, never one past the last
+    u = to_device([generators[i].getrandbits(U_BITS) / 2**U_BITS for i in sampled], device, cdf.dtype)  # (r,)
     choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (r,)
-    choice = choice.clamp_(max=logits.shape[-1] - 1)
     if chosen is None:
         return choice
     tokens[chosen] = choice

@@ -2,6 +2,8 @@
 device, or the device idles while the host queues each step. PyTorch's synchronisation check turns every wait
 (a copy from pageable memory, a read back) into an error (runs only where CUDA is)."""
 
+import random
+
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ def test_launching_decode_steps_and_choosing_their_tokens_waits_for_nothing(chec
     runner.warm_up()
     params = [SamplingParams(8, temperature=0.0), SamplingParams(8, temperature=0.8, top_p=0.9, top_k=5, min_p=0.05,
                                                                  seed=1)]
-    generators = [torch.Generator("cuda").manual_seed(i) for i in range(2)]
+    generators = [random.Random(i) for i in range(2)]
     with torch.no_grad():
         tokens = runner.decode([0, 1], [3, 4], [NONE, "4k"])[:, :100].argmax(-1)  # (2,) on the device
         torch.cuda.synchronize()

@@ -147,7 +147,7 @@ def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise():
     params = [SamplingParams(8, temperature=0.0), SamplingParams(8, temperature=1.0), SamplingParams(8, top_k=1)]
 
     def draw(seed):
-        gens = [torch.Generator().manual_seed(seed) for _ in params]
+        gens = [random.Random(seed) for _ in params]
         return [choose(logits, params, gens).tolist() for _ in range(20)]
 
     first = draw(1)
@@ -159,7 +159,7 @@ def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise():
 def test_sampled_tokens_follow_the_filtered_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = torch.log(probs).repeat(4000, 1)  # (4000, 4): many rows, each its own generator
-    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    gens = [random.Random(i) for i in range(4000)]
     counts = torch.bincount(choose(logits, [SamplingParams(8, temperature=1.0)] * 4000, gens), minlength=4)
     assert ((counts / 4000 - probs).abs() < 0.03).all(), counts
     top_p = choose(logits[:500], [SamplingParams(8, temperature=1.0, top_p=0.6)] * 500, gens[:500]).tolist()
@@ -170,7 +170,7 @@ def test_sampled_tokens_follow_the_filtered_distribution():
 def test_a_temperature_just_above_zero_is_greedy(temperature):
     """logits / temperature overflows float32 below ~1e-37; the largest logit must still win, ties shared."""
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, 2.0, 2.0, -7.0]])
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    gens = [random.Random(i) for i in range(2)]
     params = [SamplingParams(8, temperature=temperature)] * 2
     draws = [choose(logits, params, gens).tolist() for _ in range(40)]
     assert all(first == 1 for first, _ in draws)
@@ -179,7 +179,7 @@ def test_a_temperature_just_above_zero_is_greedy(temperature):
 
 def test_a_huge_temperature_samples_evenly():
     logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).repeat(3000, 1)
-    gens = [torch.Generator().manual_seed(i) for i in range(3000)]
+    gens = [random.Random(i) for i in range(3000)]
     counts = torch.bincount(choose(logits, [SamplingParams(8, temperature=1e30)] * 3000, gens))
     assert ((counts / 3000 - 1 / 3).abs() < 0.04).all(), counts
 
@@ -192,7 +192,7 @@ def test_a_seeded_row_samples_the_same_tokens_whatever_else_is_batched():
               SamplingParams(8, temperature=1.0), SamplingParams(8, temperature=0.5, top_k=5, top_p=0.9)]
 
     def draws(rows):
-        gens = {i: torch.Generator().manual_seed(100 + i) for i in rows}
+        gens = {i: random.Random(100 + i) for i in rows}
         picked = [choose(logits[rows], [params[i] for i in rows], [gens[i] for i in rows]).tolist() for _ in range(30)]
         return {i: [step[j] for step in picked] for j, i in enumerate(rows)}
 
@@ -209,3 +209,18 @@ def test_logprob_entries_match_log_softmax():
     for row, (entry, target) in enumerate(zip(entries, targets.tolist())):
         assert entry.token_id == target and math.isclose(entry.logprob, expected[row, target].item(), abs_tol=1e-6)
         assert [i for i, _ in entry.top] == expected[row].topk(3).indices.tolist()
+
+
+class LargestDraw(random.Random):
+    """A generator whose every draw is the largest value below 1 that a sampler can draw."""
+
+    def getrandbits(self, k: int) -> int:
+        return 2**k - 1
+
+
+def test_the_largest_draw_takes_the_last_token_of_positive_probability():
+    """u just below 1 times a row's total must stay below the total: the tokens after the last one (by id) left by
+    the filters (top-k here: 0, 1 and 3), or by underflow, are never chosen."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -1.0, -2.0], [0.0, 0.0, -200.0, -200.0, -200.0, -200.0]])
+    params = [SamplingParams(8, temperature=1.0, top_k=3), SamplingParams(8, temperature=0.01)]
+    assert choose(logits, params, [LargestDraw(), LargestDraw()]).tolist() == [3, 1]
