@@ -87,8 +87,10 @@ class Guides:
             return compiler.compile_grammar(guide.spec)
         except RuntimeError as bad:  # xgrammar's parse errors, after its log prefix: what and where
             reason = XGRAMMAR_PREFIX.sub("", str(bad).strip().splitlines()[-1]) if str(bad).strip() else repr(bad)
-            raise InvalidRequestError(f"{guide.field}: cannot be compiled as a {guide.kind.replace('_', ' ')}: "
-                                      f"{reason}", param=guide.field) from None
+        except UnicodeDecodeError:  # a parse error whose message quotes the text cut inside a character
+            reason = "a parse error (its message, which quotes the text, was cut inside a character)"
+        raise InvalidRequestError(f"{guide.field}: cannot be compiled as a {guide.kind.replace('_', ' ')}: {reason}",
+                                  param=guide.field)
 
     def preload(self) -> None:
         """Imports xgrammar and reads the vocabulary now (a second or more), where it is installed, so that the

@@ -112,6 +112,7 @@ def _nucleus(probs: torch.Tensor, limit: torch.Tensor, among: int) -> torch.Tens
     else:
         values = probs.sort(dim=-1, descending=True).values  # (r, V)
     inside = values.cumsum(dim=-1) - values < limit[:, None]  # (r, a): the mass ranked above each is below the limit
+    inside[:, 0] = True  # the most likely token stays, also where a tiny top_p rounds to 0 in float32
     cut = values.gather(-1, inside.sum(dim=-1, keepdim=True) - 1)  # (r, 1): the least likely kept value
     ties = (inside & (values == cut)).sum(dim=-1, keepdim=True)  # (r, 1): how many of the cut's value are kept
     at_cut = probs == cut  # (r, V)

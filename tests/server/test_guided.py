@@ -50,6 +50,7 @@ def test_guided_regex_holds_greedy_sampled_and_streamed(client):
     ({"guided_regex": "(unclosed"}, "guided_regex", "cannot be compiled as a regex: Regex parsing error"),
     ({"guided_json": {"type": "nonsense"}}, "guided_json", 'Unsupported type "nonsense"'),
     ({"guided_grammar": "root ::= "}, "guided_grammar", "cannot be compiled as a grammar"),
+    ({"guided_grammar": "🙂" * 10}, "guided_grammar", "cannot be compiled as a grammar: a parse error"),
     ({"guided_choice": []}, "guided_choice", "at least 1 item"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "one constraint a request"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "goes with type 'json_schema'"),

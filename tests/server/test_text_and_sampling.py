@@ -133,11 +133,12 @@ def test_the_nucleus_among_the_likeliest_tokens_is_the_nucleus_among_all():
 def test_top_p_keeps_the_smallest_set_whose_probability_reaches_it():
     probs = torch.tensor([[0.1, 0.25, 0.05, 0.25, 0.2, 0.15]])
     kept = []
-    for top_p in (0.2, 0.3, 0.65):
+    for top_p in (1e-320, 0.2, 0.3, 0.65):
         scores = torch.log(probs / 0.25)
         _filter(scores, [0], [top_p], [0])
         kept += torch.isfinite(scores).tolist()
-    assert kept == [[False, True, False, False, False, False],  # of two equally likely, the first id ranks first
+    assert kept == [[False, True, False, False, False, False],  # 0 in float32: the most likely stays
+                    [False, True, False, False, False, False],  # of two equally likely, the first id ranks first
                     [False, True, False, True, False, False],
                     [False, True, False, True, True, False]]
 
