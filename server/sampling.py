@@ -19,6 +19,7 @@ from runtime.device_copy import to_device
 from .request import SamplingParams, TokenLogprob
 
 SMALLEST_TEMPERATURE = torch.finfo(torch.float32).tiny
+LARGEST_TEMPERATURE = torch.finfo(torch.float32).max
 U_BITS = 24  # a uniform draw's random bits: every value a float32 holds exactly
 
 
@@ -49,8 +50,11 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
         tokens[on_device] = greedy(logits[on_device])
     rows = [params[i] for i in sampled]
     chosen = None if len(sampled) == len(params) else to_device(sampled, device)  # (r,); None: every row
-    # a temperature below float32's smallest normal number samples as that one does: greedy, ties shared
-    temperatures = to_device([max(p.temperature, SMALLEST_TEMPERATURE) for p in rows], device, torch.float32)
+    # a temperature below float32's smallest normal number samples as that one does (greedy, ties shared), one
+    # above its largest as that one does (evenly among the tokens left): never inf, which makes a banned token's
+    # -inf NaN
+    temperatures = to_device([min(max(p.temperature, SMALLEST_TEMPERATURE), LARGEST_TEMPERATURE) for p in rows],
+                             device, torch.float32)
     scores = _tempered(logits if chosen is None else logits[chosen], temperatures[:, None])  # (r, V)
     _filter(scores, [p.top_k for p in rows], [p.top_p for p in rows], [p.min_p for p in rows])
     # (softmax's exponential, unlike exp's, is as fast where it underflows: a low temperature, filtered tokens)
@@ -67,11 +71,11 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def _tempered(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """scores: (r, V) logits, temperature (r, 1) float32, each at least SMALLEST_TEMPERATURE. Returns a new
-    float32 tensor of them shifted so that each row's largest is 0, then divided by their row's temperature: every
-    such temperature gives 0 for the largest and finite or -inf values for the rest, never inf - inf or 0 / 0. A
-    temperature just above 0 is thus greedy (the largest logits share all the probability) rather than NaN,
-    which the inverse CDF would read as the last token."""
+    """scores: (r, V) logits, temperature (r, 1) float32, each finite and at least SMALLEST_TEMPERATURE. Returns
+    a new float32 tensor of them shifted so that each row's largest is 0, then divided by their row's
+    temperature: every such temperature gives 0 for the largest and finite or -inf values for the rest, never
+    inf - inf, 0 / 0 or -inf / inf. A temperature just above 0 is thus greedy (the largest logits share all the
+    probability) rather than NaN, which the inverse CDF would read as the last token."""
     scores = scores.float()
     return (scores - scores.amax(dim=-1, keepdim=True)).div_(temperature)
 

@@ -121,9 +121,9 @@ def test_a_temperature_just_above_zero_gives_the_greedy_text(client, temperature
 
 
 # Values of every JSON type, edge cases included; small enough that a request they make valid runs in milliseconds.
-FUZZ_VALUES = [None, True, False, -1, 0, 1, 2, 16, 10**12, 2**64, -0.5, 0.0, 1e-40, 1e-320, 0.5, 1.0, 7.5, "", "x",
-               "the river", "é€\u0000", "🙂" * 3, "y" * 300, "none", "auto", "128", "tiny", [], [5, 6], [-1], [96], ["the river"],
-               ["x"] * 17, [[5, 6]], [True], {}, {"include_usage": True}, {"include_usage": 1}]
+FUZZ_VALUES = [None, True, False, -1, 0, 1, 2, 16, 10**12, 2**64, -0.5, 0.0, 1e-40, 1e-320, 1e308, 0.5, 1.0, 7.5,
+               "", "x", "the river", "é€\u0000", "🙂" * 3, "y" * 300, "none", "auto", "128", "tiny", [], [5, 6], [-1],
+               [96], ["the river"], ["x"] * 17, [[5, 6]], [True], {}, {"include_usage": True}, {"include_usage": 1}]
 
 
 def fuzzed_body(rng: random.Random) -> dict:

@@ -178,11 +178,13 @@ def test_a_temperature_just_above_zero_is_greedy(temperature):
     assert {second for _, second in draws} == {1, 2}
 
 
-def test_a_huge_temperature_samples_evenly():
-    logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).repeat(3000, 1)
+@pytest.mark.parametrize("temperature", [1e30, 1e308])
+def test_a_huge_temperature_samples_evenly_among_the_tokens_not_banned(temperature):
+    """Above float32's largest, too: logits / inf would make a banned token's -inf NaN."""
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1, 0.0])).repeat(3000, 1)  # the last token banned (-inf)
     gens = [random.Random(i) for i in range(3000)]
-    counts = torch.bincount(choose(logits, [SamplingParams(8, temperature=1e30)] * 3000, gens))
-    assert ((counts / 3000 - 1 / 3).abs() < 0.04).all(), counts
+    counts = torch.bincount(choose(logits, [SamplingParams(8, temperature=temperature)] * 3000, gens), minlength=4)
+    assert ((counts[:3] / 3000 - 1 / 3).abs() < 0.04).all() and counts[3] == 0, counts
 
 
 def test_a_seeded_row_samples_the_same_tokens_whatever_else_is_batched():
