@@ -223,10 +223,15 @@ SERVER_BOOKS = {"mamba_server_time_to_first_token_seconds": "server_ttft",
 
 
 def server_books(url: str) -> dict[str, list[float]]:
-    """{short name (a step's with its kind): [sum, count]} of SERVER_BOOKS from the server's /metrics, summed over
+    """`books_of` the server's /metrics."""
+    return books_of(httpx.get(f"{url}/metrics").text)
+
+
+def books_of(exposition: str) -> dict[str, list[float]]:
+    """{short name (a step's with its kind): [sum, count]} of SERVER_BOOKS in a Prometheus exposition, summed over
     its engines."""
     books: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+    for family in text_string_to_metric_families(exposition):
         if family.name not in SERVER_BOOKS:
             continue
         for sample in family.samples:
