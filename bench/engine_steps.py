@@ -6,7 +6,8 @@ the engine idle, the peer: its model runner's decode steps at the same batch, gr
 engine's step runs them (bench.http_throughput's decode-only figure). Reported per N: the engine's mean decode
 step (its step histogram) and the runner's, their ratio (what the engine adds to a step: the finish rules,
 detokenising, sampling, the outputs), and tokens/s of the engine's round (its prefill and every step's books
-included) and of the runner, and their ratio. What `bench.http_throughput` adds on top of this is the HTTP side's and the hand-over's.
+included) and of the runner, and their ratio. What `bench.http_throughput` adds on top of this is the HTTP
+side's and the hand-over's.
 
 With `--profile`, the engine thread's functions by their own time over one more round (cProfile; the model's
 operators are the `torch` rows).
