@@ -178,6 +178,7 @@ def main(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128, help="completion tokens per stream")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                         help="processes the streams are shared among, so that the client is not the limit "
@@ -187,7 +188,7 @@ def main(argv=None):
     counts = [int(n) for n in args.streams.split(",")]
     served = parse_args(["--device", args.device, *args.server_args])[0].engine  # the server's engine settings
     body = {"prompt": [(7 * i) % 1000 + 10 for i in range(args.prompt_tokens)], "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "ignore_eos": True, "stream": True,
+            "temperature": args.temperature, "top_p": args.top_p, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     with tempfile.TemporaryDirectory() as directory:
         serve_shape(args, Path(directory))
