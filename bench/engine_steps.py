@@ -39,7 +39,7 @@ from server.request import Request, RequestOutput, SamplingParams
 
 from .http_throughput import books_of, books_row, engine_tokens_per_s
 from .report import print_row, print_table, save_json
-from .server_process import add_server_arguments, serve_shape
+from .server_process import add_server_arguments, add_workload_arguments, serve_shape, workload_prompt
 
 PROFILED = 25  # functions listed by --profile
 
@@ -102,17 +102,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_server_arguments(parser)
     parser.add_argument("--batch", default="1,16,64", help="requests submitted together")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens each request generates")
-    parser.add_argument("--temperature", type=float, default=0.0)
+    add_workload_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each batch; medians are reported")
     parser.add_argument("--profile", action="store_true", help="the engine thread's functions, largest batch")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     batches = [int(n) for n in args.batch.split(",")]
     config = parse_args(["--device", args.device, *args.server_args])[0].engine
-    prompt = [(7 * i) % 1000 + 10 for i in range(args.prompt_tokens)]
-    params = SamplingParams(args.max_tokens, temperature=args.temperature, ignore_eos=True, seed=0)
+    prompt = workload_prompt(args.prompt_tokens)
+    params = SamplingParams(args.max_tokens, temperature=args.temperature, top_p=args.top_p, ignore_eos=True, seed=0)
     with tempfile.TemporaryDirectory() as directory:  # the model's, read again by the engine (its tokenizer)
         serve_shape(args, Path(directory))
         loaded = load_model(args.model or DEFAULT_MODEL_DIR, args.device, args.dtype)

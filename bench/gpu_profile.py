@@ -34,6 +34,7 @@ from server.slots import sized, slot_bytes, ssm_state_dtype
 
 from .gpu_models import SHAPES, peer_and_runtime, random_delta_scales
 from .report import print_table, save_json
+from .server_process import workload_prompt
 
 TOP = 12  # kernels listed per profile
 
@@ -62,7 +63,7 @@ def served_prefill(model: MambaLM, chunk: int, batch: int) -> dict:
     steps (ms), its kernels (kernel_table), and the host operations by their own CPU time per step."""
     config = sized(EngineConfig(max_batch_size=batch), model.device, slot_bytes(model, ssm_state_dtype(model, None)))
     runner = ModelRunner(model, config)
-    prompts = [[(7 * i) % 1000 + 10 for i in range(chunk)]] * batch
+    prompts = [workload_prompt(chunk)] * batch
 
     def step() -> list[int]:
         hidden = runner.prefill(list(range(batch)), prompts, [True] * batch, [NONE] * batch)  # (b, c, D)

@@ -54,7 +54,8 @@ from server.sampling import greedy
 from server.slots import sized, slot_bytes, ssm_state_dtype
 
 from .report import print_row, print_table, save_json
-from .server_process import add_server_arguments, free_port, serve_shape, start_server
+from .server_process import (add_server_arguments, add_workload_arguments, free_port, serve_shape, start_server,
+                             workload_prompt)
 
 STEPS = 32  # timed engine steps per measurement
 WARMUP = 4
@@ -175,10 +176,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_server_arguments(parser)
     parser.add_argument("--streams", default="1,8,32,64,128,256", help="the numbers of concurrent streams")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=128, help="completion tokens per stream")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    add_workload_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                         help="processes the streams are shared among, so that the client is not the limit "
@@ -187,7 +185,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.streams.split(",")]
     served = parse_args(["--device", args.device, *args.server_args])[0].engine  # the server's engine settings
-    body = {"prompt": [(7 * i) % 1000 + 10 for i in range(args.prompt_tokens)], "max_tokens": args.max_tokens,
+    body = {"prompt": workload_prompt(args.prompt_tokens), "max_tokens": args.max_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     with tempfile.TemporaryDirectory() as directory:

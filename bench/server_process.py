@@ -30,6 +30,20 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("server_args", nargs="*", help="more flags for the server, after --")
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """What each request of a throughput bench is: a fixed prompt (`workload_prompt`) and exactly --max-tokens
+    generated tokens, with these sampling fields."""
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens each request generates")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+
+
+def workload_prompt(tokens: int) -> list[int]:
+    """The throughput benches' prompt: `tokens` token ids, varied, within any vocabulary of 1,010 or more."""
+    return [(7 * i) % 1000 + 10 for i in range(tokens)]
+
+
 def serve_shape(args: argparse.Namespace, directory: Path) -> None:
     """With --shape, saves a random model of that shape (bench.random_model) with the embedded model's
     tokenizer in `directory` and serves it (args.model)."""
