@@ -1,5 +1,5 @@
 """The HTTP routes: OpenAI completions, chat completions, responses and models; vLLM's tokenizer routes and
-version; health; Prometheus metrics.
+version; health; Prometheus metrics; SageMaker's /ping and /invocations, as vLLM serves them.
 
 Routes stay thin: parse the body (pydantic), hand it to `CompletionService` (or `ChatService`,
 `ResponsesService`), and shape the HTTP response.
@@ -32,8 +32,8 @@ from .components import Components
 from .config import ServerConfig
 from .engine_pool import Engines
 from .errors import AuthenticationError, InvalidRequestError, ResponseNotFoundError, ServerError, UnavailableError
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponsesRequest, SamplingFields,
-                       TokenizeRequest, parse_body)
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, InvocationRequest, ResponsesRequest,
+                       SamplingFields, TokenizeRequest, parse_body)
 from .request_id import RequestIdMiddleware
 from .responses import ResponsesService
 from .serving import CompletionService, Submission, UsageChunks
@@ -47,7 +47,8 @@ def error_response(error: ServerError) -> JSONResponse:
 
 # The bodies the routes parse themselves (strictly, into OpenAI errors), so FastAPI does not see them: the
 # schema names them through `body_of`, and `_openapi` adds them (and the chunks of chat streams) to its components.
-REQUEST_BODIES = (CompletionRequest, ChatCompletionRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest)
+REQUEST_BODIES = (CompletionRequest, ChatCompletionRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest,
+                  InvocationRequest)
 ERROR_STATUSES = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
                   408: "the body came too slowly", 413: "body or prompt too large", 429: "queue full (Retry-After)",
                   503: "shutting down, stopped, or past --request-timeout"}
@@ -178,6 +179,16 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
         service.check_model(model_id)
         return model_card()
 
+    @keyed.post("/invocations", openapi_extra=body_of(InvocationRequest), responses=answers(schemas.Invocation))
+    async def invocations(request: HttpRequest) -> Response:
+        """SageMaker's inference route: the body goes to the generation route whose body it is."""
+        given = parse_body(InvocationRequest, await request.body()).model_fields_set
+        for field, route in (("messages", chat_completions), ("prompt", completions), ("input", create_response)):
+            if field in given:
+                return await route(request)  # which reads the body again (Starlette keeps it)
+        raise InvalidRequestError("an invocation is the body of chat completions ('messages'), completions ('prompt') "
+                                  "or responses ('input'): it has none of them", param="messages")
+
     @keyed.post("/tokenize", openapi_extra=body_of(TokenizeRequest), responses=answers(schemas.Tokenized))
     async def tokenize(request: HttpRequest) -> dict:
         body = parse_body(TokenizeRequest, await request.body())
@@ -217,6 +228,8 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
         return {"version": __version__}
 
     @app.get("/health", responses=answers(schemas.Health))
+    @app.get("/ping", responses=answers(schemas.Health))  # SageMaker's health check (GET, and POST below)
+    @app.post("/ping", include_in_schema=False)
     async def health() -> Response:
         if not engine.alive:
             return error_response(UnavailableError("the engine is not running"))

@@ -323,6 +323,16 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
+class InvocationRequest(BaseModel):
+    """SageMaker's /invocations (as vLLM serves it): a body of one of the generation routes, routed by its shape:
+    `messages` to chat completions, else `prompt` to completions, else `input` to responses."""
+
+    model_config = ConfigDict(extra="allow")
+    messages: Any = None
+    prompt: Any = None
+    input: Any = None
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None

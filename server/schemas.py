@@ -4,7 +4,7 @@ the schema and the answers cannot drift apart unnoticed."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, RootModel
 
 
 class Schema(BaseModel):
@@ -295,3 +295,7 @@ class ResponseStreamEvent(Schema):
     delta: str | None = None
     text: str | None = None
     logprobs: list[dict] | None = None
+
+
+class Invocation(RootModel[Completion | ChatCompletion | ResponseObject]):
+    """The answer to /invocations: the answer of the route its body went to."""

@@ -100,6 +100,7 @@ def test_api_key_guards_v1_but_not_health(model_dirs, monkeypatch, given):
         assert_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         assert c.post("/v1/completions", json=GOOD, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+        assert assert_error(c.post("/invocations", json=GOOD), 401) and c.get("/ping").status_code == 200
 
 
 def test_full_queue_answers_429_with_retry_after(model_dirs):

@@ -1,6 +1,7 @@
 """vLLM's routes around completions, over real HTTP: /tokenize, /detokenize, /tokenizer_info (as lm-evaluation-
-harness's remote tokenizer reads it), /version, GET /v1/models/{id}, CORS, and chat completions with the model's
-chat template; and the requests lm-evaluation-harness's local-completions sends, batched and concurrent."""
+harness's remote tokenizer reads it), /version, GET /v1/models/{id}, CORS, SageMaker's /ping and /invocations, and
+chat completions with the model's chat template; and the requests lm-evaluation-harness's local-completions sends,
+batched and concurrent."""
 
 import json
 import shutil
@@ -173,6 +174,32 @@ def test_cors_answers_the_allowed_origin_only(chat_client, client):
     other = chat_client.options("/v1/completions", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
     assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": "https://app.example"}).headers
+
+
+def texts(answer: dict) -> list[str]:
+    """The generated texts of a completion, chat completion or response."""
+    if "choices" in answer:
+        return [c["text"] if "text" in c else c["message"]["content"] for c in answer["choices"]]
+    return ["".join(part["text"] for item in answer["output"] for part in item["content"])]
+
+
+def test_sagemakers_invocations_go_to_the_route_whose_body_they_are(chat_client):
+    """As vLLM serves SageMaker: /ping is the health check (GET and POST), and /invocations answers a chat body
+    as chat completions, a completions body as completions and a responses body as responses, streams included."""
+    assert chat_client.get("/ping").json() == chat_client.post("/ping").json() == {"status": "ok"}
+    messages = [{"role": "user", "content": "the river"}]
+    for route, body in (("/v1/chat/completions", {"messages": messages}), ("/v1/completions", {"prompt": "the river"}),
+                        ("/v1/responses", {"input": "the river", "max_output_tokens": 6})):
+        body = {"max_tokens": 6, "temperature": 0, **body} if route != "/v1/responses" else {"temperature": 0, **body}
+        direct, invoked = chat_client.post(route, json=body).json(), chat_client.post("/invocations", json=body).json()
+        assert invoked["object"] == direct["object"] and texts(invoked) == texts(direct) != [""], invoked
+    with chat_client.stream("POST", "/invocations", json={"prompt": "the river", "max_tokens": 3,
+                                                          "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert response.headers["content-type"].startswith("text/event-stream") and lines[-1] == "data: [DONE]"
+    refused = chat_client.post("/invocations", json={"max_tokens": 3})
+    assert refused.status_code == 400 and "has none of them" in refused.json()["error"]["message"]
+    assert chat_client.post("/invocations", content=b"[1, 2]").status_code == 400
 
 
 def test_a_chat_template_file_overrides_the_config(model_dirs, tmp_path):
