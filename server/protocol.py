@@ -63,6 +63,19 @@ def _schema_goes_with_its_type(kind: str, has_schema: bool, schema_field: str) -
         raise ValueError(f"{schema_field} goes with type 'json_schema', and only with it")
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs (its field since v0.12, in place of the guided_* fields): a JSON schema, any JSON
+    object, a regular expression, one of some strings or an EBNF grammar, one of them. Its other keys
+    (whitespace_pattern, structural_tag, …) are refused, not ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+
+
 class SamplingFields(BaseModel):
     """What completions and chat completions share: the model, how many tokens, how they are chosen, streaming."""
 
@@ -104,6 +117,7 @@ class SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None  # the same, as vLLM asks for it since v0.12
     # OpenAI's and vLLM's fields for what this server does not do: refused when set, rather than ignored
     suffix: Any = None
     use_beam_search: bool = False
@@ -380,14 +394,15 @@ def _dotted(path: list[str | int]) -> str:
 
 
 def guide_of(body: SamplingFields) -> Guide | None:
-    """The constraint of a request (response_format or one of vLLM's guided_* fields), or None. Raises
-    InvalidRequestError when more than one is set."""
+    """The constraint of a request (response_format, one of vLLM's guided_* fields or a key of its
+    structured_outputs), or None. Raises InvalidRequestError when more than one is set."""
+    so = body.structured_outputs
+    structured = [] if so is None else _guides("structured_outputs.", so.json_, so.json_object, so.regex, so.choice,
+                                               so.grammar)
     given = [guide for guide in (
         _response_format_guide(body.response_format),
-        None if body.guided_json is None else Guide("json_schema", _json_text(body.guided_json), "guided_json"),
-        None if body.guided_regex is None else Guide("regex", body.guided_regex, "guided_regex"),
-        None if body.guided_choice is None else Guide("choice", json.dumps(body.guided_choice), "guided_choice"),
-        None if body.guided_grammar is None else Guide("grammar", body.guided_grammar, "guided_grammar"),
+        *_guides("guided_", body.guided_json, None, body.guided_regex, body.guided_choice, body.guided_grammar),
+        *structured,
     ) if guide is not None]
     if len(given) > 1:
         raise InvalidRequestError(f"one constraint a request: {', '.join(g.field for g in given)} were all given",
@@ -396,6 +411,16 @@ def guide_of(body: SamplingFields) -> Guide | None:
         raise InvalidRequestError(f"{given[0].field}: a constraint of {len(given[0].spec):,} characters, more than "
                                   f"the {MAX_GUIDE_CHARS:,} this server compiles", param=given[0].field)
     return given[0] if given else None
+
+
+def _guides(prefix: str, schema: dict[str, Any] | str | None, json_object: bool | None, regex: str | None,
+            choice: list[str] | None, grammar: str | None) -> list[Guide | None]:
+    """vLLM's constraints, by the names after `prefix` ("guided_" or "structured_outputs.") that they have."""
+    return [None if schema is None else Guide("json_schema", _json_text(schema), f"{prefix}json"),
+            Guide("json_object", "", f"{prefix}json_object") if json_object else None,
+            None if regex is None else Guide("regex", regex, f"{prefix}regex"),
+            None if choice is None else Guide("choice", json.dumps(choice), f"{prefix}choice"),
+            None if grammar is None else Guide("grammar", grammar, f"{prefix}grammar")]
 
 
 def _response_format_guide(response_format: ResponseFormat | None) -> Guide | None:

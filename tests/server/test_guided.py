@@ -1,6 +1,7 @@
 """Structured output over real HTTP: guided_choice and guided_regex on the tiny model (whose 96-token vocabulary
 spells digits and lower case), JSON schemas and any JSON object on the embedded model (a full byte-level
-vocabulary), each completion checked against its constraint; bad constraints refused with their field's name."""
+vocabulary), each completion checked against its constraint, also as vLLM's structured_outputs asks for them; bad
+constraints refused with their field's name."""
 
 import json
 import re
@@ -33,6 +34,16 @@ def test_guided_choice_gives_one_of_the_choices(client):
             assert choice["text"] in CHOICES and choice["finish_reason"] == "stop", choice
 
 
+def test_structured_outputs_as_vllm_asks_for_them_since_its_guided_fields_went(client):
+    """vLLM 0.12 replaced guided_choice, guided_regex, … by structured_outputs: {"choice": …}, {"regex": …}, …;
+    the same constraints, never ignored."""
+    for choice in complete(client, structured_outputs={"choice": CHOICES}, temperature=1.0, seed=3, n=3)["choices"]:
+        assert choice["text"] in CHOICES and choice["finish_reason"] == "stop", choice
+    pattern = r"[0-9]{3}: (river|mill)"
+    text = complete(client, structured_outputs={"regex": pattern}, temperature=0.8, seed=2)["choices"][0]["text"]
+    assert re.fullmatch(pattern, text), text
+
+
 def test_guided_regex_holds_greedy_sampled_and_streamed(client):
     pattern = r"[0-9]{3}: [0-9]{2} (river|mill)"
     texts = [complete(client, guided_regex=pattern, temperature=0)["choices"][0]["text"],
@@ -56,6 +67,12 @@ def test_guided_regex_holds_greedy_sampled_and_streamed(client):
     ({"response_format": {"type": "json_schema"}}, "response_format", "goes with type 'json_schema'"),
     ({"response_format": {"type": "xml"}}, "response_format", "'text', 'json_object' or 'json_schema'"),
     ({"guided_regex": "a" * 70000}, "guided_regex", "a constraint of 70,000 characters, more than the 65,536"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex", "cannot be compiled as a regex"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "b"}}, "structured_outputs.choice", "one constraint a request"),
+    ({"structured_outputs": {"choice": ["a"]}, "guided_regex": "b"}, "structured_outputs.choice",
+     "one constraint a request"),
+    ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs",
+     "structured_outputs.whitespace_pattern: Extra inputs are not permitted"),
 ])
 def test_bad_constraints_are_refused_by_name(client, fields, param, match):
     response = client.post("/v1/completions", json={"prompt": PROMPT, **fields})
@@ -104,9 +121,14 @@ def test_json_schema_and_json_object_through_the_openai_sdk(embedded):
             assert isinstance(json.loads(choice["text"]), dict)
         else:  # cut by max_tokens: a prefix of an object
             assert choice["text"].startswith("{")
-        via_guided_json = client.post("/v1/completions", json={"prompt": "A person:", "max_tokens": 80, "seed": 1,
-                                                               "temperature": 0.9, "guided_json": SCHEMA}).json()
-        assert _follows_schema(json.loads(via_guided_json["choices"][0]["text"]))
+        for constraint in ({"guided_json": SCHEMA}, {"structured_outputs": {"json": SCHEMA}}):
+            answer = client.post("/v1/completions", json={"prompt": "A person:", "max_tokens": 80, "seed": 1,
+                                                          "temperature": 0.9, **constraint}).json()
+            assert _follows_schema(json.loads(answer["choices"][0]["text"])), constraint
+        any_object = client.post("/v1/completions", json={
+            "prompt": "Data:", "max_tokens": 200, "temperature": 0.7, "seed": 4,
+            "structured_outputs": {"json_object": True}}).json()
+        assert any_object["choices"][0]["text"] == choice["text"]  # as response_format's json_object, same seed
 
 
 def test_without_xgrammar_a_constraint_is_refused_saying_what_to_install(live, monkeypatch):
