@@ -92,10 +92,17 @@ class ChatService:
         return DEFAULT_MAX_TOKENS if training is None else max(training - prompt_tokens, DEFAULT_MAX_TOKENS)
 
     async def complete(self, submission: Submission, http_request: HttpRequest) -> dict | None:
-        return await self.completions.complete(submission, http_request, "chat.completion", self._message_choice)
+        response = await self.completions.complete(submission, http_request, "chat.completion", self._message_choice)
+        return response if response is None else {**response, **self._prompt_token_ids(submission)}
 
     def stream(self, submission: Submission, usage_chunks: UsageChunks):
-        return self.completions.stream(submission, usage_chunks, "chat.completion.chunk", self._delta_choice)
+        return self.completions.stream(submission, usage_chunks, "chat.completion.chunk", self._delta_choice,
+                                       opening=self._prompt_token_ids(submission))
+
+    @staticmethod
+    def _prompt_token_ids(submission: Submission) -> dict:
+        """vLLM's return_token_ids: a chat's rendered prompt's token ids, beside its choices."""
+        return {"prompt_token_ids": submission.prompts[0].ids} if submission.token_ids else {}
 
     def _message_choice(self, submission: Submission, result: ChoiceResult) -> dict:
         chat = _chat(submission)
@@ -107,7 +114,7 @@ class ChatService:
         else:
             message = {"role": chat.role, "content": None, "tool_calls": calls}
         return {"index": result.choice.index, "message": message, "logprobs": self._logprobs(chat, result.final),
-                **finish_fields(result.final)}
+                **finish_fields(result.final), **({"token_ids": result.final.token_ids} if chat.token_ids else {})}
 
     def _delta_choice(self, submission: Submission, result: ChoiceResult, output: RequestOutput, first: bool) -> dict:
         chat = _chat(submission)
@@ -117,7 +124,7 @@ class ChatService:
             delta = {"content": chat.echoed + output.text if first else output.text}
         delta = {"role": chat.role, **delta} if first else delta
         return {"index": result.choice.index, "delta": delta, "logprobs": self._logprobs(chat, output),
-                **finish_fields(output)}
+                **finish_fields(output), **({"token_ids": output.token_ids} if chat.token_ids else {})}
 
     @staticmethod
     def _tool_delta(chat: ChatSubmission, result: ChoiceResult, output: RequestOutput, first: bool) -> dict:

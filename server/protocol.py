@@ -111,6 +111,7 @@ class SamplingFields(BaseModel):
     bad_words: list[str] | None = None  # vLLM's extension: words never generated, as vLLM tokenises and bans them
     scale_bucket: str = "auto"  # "auto", "none", or a bank bucket name
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:<id>"
+    return_token_ids: bool | None = None  # vLLM's extension: the prompt's and the generated token ids too
     # vLLM's structured output (server.guided), one a request: a JSON schema, a regular expression, one of some
     # strings, an EBNF grammar
     guided_json: dict[str, Any] | str | None = None

@@ -42,6 +42,10 @@ class CompletionChoice(FinishFields):
     # vLLM's, with prompt_logprobs: per prompt token (null for the first), that token and the most likely ones
     # by token id
     prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None
+    # vLLM's, with return_token_ids: the prompt's token ids (streamed: in the choice's first chunk) and the generated
+    # ones (streamed: those new in the chunk), the token that ended the choice included
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
     # several prompts: the choice's own prompt's scale fields
     scale_bucket: str | None = None
     scale_beyond_largest: bool | None = None
@@ -124,12 +128,14 @@ class ChatChoice(FinishFields):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None  # null unless the request set logprobs
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids: the generated tokens, the last one included
 
 
 class ChatChunkChoice(FinishFields):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None
+    token_ids: list[int] | None = None  # with return_token_ids: those new in the chunk
 
 
 class ChatCompletion(ScaleFields):
@@ -139,6 +145,7 @@ class ChatCompletion(ScaleFields):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = None  # vLLM's, with return_token_ids: the rendered prompt's tokens
 
 
 class ChatCompletionChunk(ScaleFields):
@@ -148,6 +155,7 @@ class ChatCompletionChunk(ScaleFields):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: in the stream's first chunk
 
 
 class ScaleBucket(Schema):

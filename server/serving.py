@@ -74,6 +74,7 @@ class Submission:
     echo: bool
     created: int  # unix time, for the response objects
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
+    token_ids: bool = False  # the prompt's and the generated token ids shown too (vLLM's return_token_ids)
     prompt_logprobs: int | None = None  # each choice shows its prompt's logprobs with this many alternatives
 
     @property
@@ -153,7 +154,8 @@ class CompletionService:
         await self.engine.submit(requests, sinks)
         log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
         return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()),
-                          body.return_tokens_as_token_ids, prompt_logprobs)
+                          tokens_as_ids=body.return_tokens_as_token_ids, token_ids=bool(body.return_token_ids),
+                          prompt_logprobs=prompt_logprobs)
 
     def _doorbell(self) -> Doorbell:
         """The running event loop's doorbell: one for all its submissions, so that one engine step wakes it once."""
@@ -333,14 +335,15 @@ class CompletionService:
                 "usage": usage(submission, results, self.engine_config.prefix_rows > 0)}
 
     async def stream(self, submission: Submission, usage_chunks: UsageChunks, kind: str = "text_completion",
-                     choice_json: Callable[[Submission, ChoiceResult, RequestOutput, bool], dict] | None = None
-                     ) -> AsyncIterator[bytes]:
+                     choice_json: Callable[[Submission, ChoiceResult, RequestOutput, bool], dict] | None = None,
+                     opening: dict | None = None) -> AsyncIterator[bytes]:
         """Server-sent events: whenever choices have new outputs, one chunk of `kind` for each, made by
         `choice_json(submission, result, output, first)` (default: a completion's choice; `result` holds the
         choice's outputs so far, `output` included) of all that came since its previous chunk (a client that falls
         behind gets several tokens a chunk and catches up), the chunks of one wake-up in one write, each with its
-        choice's usage so far when `usage_chunks.continuous`; a usage chunk when `usage_chunks.final`, then
-        [DONE]. An error after the stream began is sent as an {"error": ...} event."""
+        choice's usage so far when `usage_chunks.continuous`, the first with `opening`'s fields too; a usage chunk
+        when `usage_chunks.final`, then [DONE]. An error after the stream began is sent as an {"error": ...}
+        event."""
         choice_json = choice_json or self._chunk_choice
         started: set[int] = set()  # choices whose first chunk was sent
         results = [ChoiceResult(choice) for choice in submission.choices]
@@ -352,7 +355,8 @@ class CompletionService:
                     results[choice.index].add(output)
                     chunk = choice_json(submission, results[choice.index], output, choice.index not in started)
                     started.add(choice.index)
-                    body = envelope(submission, kind, model, [chunk])
+                    body = {**envelope(submission, kind, model, [chunk]), **(opening or {})}
+                    opening = None
                     if usage_chunks.continuous:  # the choice's own, as vLLM counts it
                         body["usage"] = token_counts(len(choice.prompt.ids),
                                                      results[choice.index].final.num_output_tokens)
@@ -367,16 +371,19 @@ class CompletionService:
         yield SSE_DONE
 
     def _result_choice(self, submission: Submission, r: ChoiceResult) -> dict:
-        return self._choice(submission, r.choice, r.final, submission.echo)
+        return self._choice(submission, r.choice, r.final, True)
 
     def _chunk_choice(self, submission: Submission, result: ChoiceResult, output: RequestOutput, first: bool) -> dict:
-        return self._choice(submission, result.choice, output, submission.echo and first)
+        return self._choice(submission, result.choice, output, first)
 
-    def _choice(self, submission: Submission, choice: Choice, output: RequestOutput, echo: bool) -> dict:
-        """One choice of a completion object or chunk, of `output`; with `echo` its prompt goes first."""
+    def _choice(self, submission: Submission, choice: Choice, output: RequestOutput, first: bool) -> dict:
+        """One choice of a completion object or chunk, of `output`; in its `first` (or only) one, the prompt goes
+        first with echo, and its token ids with return_token_ids."""
         request = choice.request
-        prefix = choice.prompt.echoed(self.tokenizer) if echo else ""
+        prefix = choice.prompt.echoed(self.tokenizer) if submission.echo and first else ""
         body = {"index": choice.index, "text": prefix + output.text, "logprobs": None, **finish_fields(output)}
+        if submission.token_ids:
+            body.update(prompt_token_ids=choice.prompt.ids if first else None, token_ids=output.token_ids)
         if len(submission.prompts) > 1:
             body.update(scale_fields(choice.selection))
         if request.params.logprobs is not None:

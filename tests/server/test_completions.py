@@ -103,6 +103,25 @@ def test_echo_of_token_ids_is_their_text(client, model_dirs):
     assert stream(client, prompt=ids, max_tokens=2, echo=True)[0]["choices"][0]["text"].startswith(PROMPT)
 
 
+def test_return_token_ids_gives_each_choices_prompt_and_generated_tokens(client, live):
+    """vLLM's return_token_ids: each choice's prompt token ids (streamed: in its first chunk only) and its
+    generated ones (streamed: those new in each chunk), which decode to its text."""
+    tokenizer = live.components.tokenizer
+    prompts = [PROMPT, "a boat"]
+    body = complete(client, prompt=prompts, n=2, temperature=0.9, seed=3, ignore_eos=True, return_token_ids=True)
+    schemas.Completion.model_validate(body)
+    for choice in body["choices"]:
+        assert choice["prompt_token_ids"] == tokenizer.encode(prompts[choice["index"] // 2])
+        assert len(choice["token_ids"]) == 12 and tokenizer.decode(choice["token_ids"], True) == choice["text"]
+    assert "token_ids" not in complete(client, prompt=PROMPT)["choices"][0]
+    events = [e for e in stream(client, prompt=PROMPT, ignore_eos=True, return_token_ids=True) if e != "[DONE]"]
+    chosen = [e["choices"][0] for e in events if e["choices"]]
+    assert chosen[0]["prompt_token_ids"] == tokenizer.encode(PROMPT)
+    assert all(c["prompt_token_ids"] is None for c in chosen[1:])
+    whole = complete(client, prompt=PROMPT, ignore_eos=True, return_token_ids=True)["choices"][0]["token_ids"]
+    assert [t for c in chosen for t in c["token_ids"]] == whole
+
+
 def test_stop_string_split_across_tokens_is_not_emitted(client):
     baseline = complete(client, prompt=PROMPT, max_tokens=20, logprobs=0)
     text, tokens = baseline["choices"][0]["text"], baseline["choices"][0]["logprobs"]["tokens"]

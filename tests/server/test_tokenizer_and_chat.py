@@ -176,6 +176,21 @@ def test_cors_answers_the_allowed_origin_only(chat_client, client):
     assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": "https://app.example"}).headers
 
 
+def test_chat_return_token_ids_gives_the_rendered_prompts_and_the_replys_tokens(chat_client, chat_live):
+    tokenizer = chat_live.components.tokenizer
+    body = {"messages": [{"role": "user", "content": "the river"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    rendered = chat_client.post("/tokenize", json={"messages": body["messages"]}).json()["tokens"]
+    answer = chat_client.post("/v1/chat/completions", json=body).json()
+    schemas.ChatCompletion.model_validate(answer)
+    assert answer["prompt_token_ids"] == rendered
+    assert tokenizer.decode(answer["choices"][0]["token_ids"], True) == answer["choices"][0]["message"]["content"]
+    with chat_client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["prompt_token_ids"] == rendered and all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == answer["choices"][0]["token_ids"]
+
+
 def texts(answer: dict) -> list[str]:
     """The generated texts of a completion, chat completion or response."""
     if "choices" in answer:
