@@ -196,7 +196,8 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
         if body.prompt is not None and body.messages is None:
             text = body.prompt
         elif body.messages is not None and body.prompt is None:
-            text = chat.render(body.messages, body.add_generation_prompt)
+            text = chat.render(body.messages, body.add_generation_prompt,
+                               continue_final_message=body.continue_final_message)
         else:
             raise InvalidRequestError("give either prompt or messages", param="prompt")
         [ids] = await asyncio.to_thread(components.tokenizer.encode_batch, [text])

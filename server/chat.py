@@ -47,17 +47,28 @@ class ChatService:
         self.completions = completions
         self.tokenizer_config = tokenizer_config
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool, variables: dict | None = None) -> str:
-        """The prompt of `messages`; InvalidRequestError when there is no template or it refuses them."""
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool, variables: dict | None = None,
+               continue_final_message: bool = False) -> str:
+        """The prompt of `messages`; with `continue_final_message`, cut just after the last message's text (as
+        transformers cuts it: its turn left open). InvalidRequestError when there is no template, it refuses them,
+        or it does not put that text in the prompt."""
         template = self.tokenizer_config.chat_template
         if template is None:
             raise InvalidRequestError(NO_TEMPLATE, param="messages", code="no_chat_template")
         try:
-            return template.render([message_variables(m) for m in messages], add_generation_prompt,
-                                   {**self.tokenizer_config.special_tokens, **(variables or {})})
+            rendered = template.render([message_variables(m) for m in messages], add_generation_prompt,
+                                       {**self.tokenizer_config.special_tokens, **(variables or {})})
         except TemplateRenderError as bad:
             raise InvalidRequestError(f"the chat template ({template.origin}) refused the messages: {bad}",
                                       param="messages") from None
+        if not continue_final_message:
+            return rendered
+        final = message_variables(messages[-1]).get("content", "").strip()
+        if final not in rendered:
+            raise InvalidRequestError(f"continue_final_message: the chat template ({template.origin}) does not put "
+                                      "the last message's text in the prompt, so it cannot be continued",
+                                      param="continue_final_message")
+        return rendered[:rendered.rindex(final) + len(final)]
 
     async def submit(self, body: ChatCompletionRequest, request_id: str, id_prefix: str = "chatcmpl") -> ChatSubmission:
         if body.top_logprobs and not body.logprobs:
@@ -69,8 +80,9 @@ class ChatService:
         calling = tool_calling(body)
         variables = {**(body.chat_template_kwargs or {}),
                      **({"tools": [tool.model_dump(exclude_none=True) for tool in body.tools]} if body.tools else {})}
-        prompts = await self.completions.prompts(self.render(body.messages, body.add_generation_prompt, variables),
-                                                 body.truncate_prompt_tokens)
+        prompts = await self.completions.prompts(
+            self.render(body.messages, body.add_generation_prompt, variables, body.continue_final_message),
+            body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         submission = await self.completions.submit(
             body.model_copy(update={"max_tokens": max_tokens}), prompts, request_id,

@@ -221,13 +221,29 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False  # each generated token's logprob (and top_logprobs alternatives)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM's extension: end the prompt with the assistant turn's opening
+    # vLLM's extension: the prompt ends inside the last message (its turn left open), which the reply continues
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: more variables for the template
+    chat_template: Any = None  # vLLM's, a template of the request's own: refused, as vLLM refuses it by default
     # vLLM's extension: the reply's text starts with the last message's, when that message is in the reply's role
     echo: bool = False
     prompt_logprobs: Any = None  # vLLM's extension, served on /v1/completions: refused here
     tools: list[Tool] | None = Field(None, max_length=128)  # given to the chat template as `tools`
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # server.tools
     parallel_tool_calls: bool | None = None  # false: "required" makes one call
+
+    @field_validator("chat_template")
+    @classmethod
+    def _the_servers_template(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("a request's own chat template is not served: the server renders with its model's (or "
+                             "the one given with --chat-template)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_open_turn(self) -> ChatCompletionRequest:
+        _open_turn_or_new_one(self.continue_final_message, self.add_generation_prompt)
+        return self
 
 
 class ResponseInputText(BaseModel):
@@ -335,7 +351,19 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_open_turn(self) -> TokenizeRequest:
+        _open_turn_or_new_one(self.continue_final_message, self.add_generation_prompt)
+        return self
+
+
+def _open_turn_or_new_one(continue_final_message: bool, add_generation_prompt: bool) -> None:
+    """A prompt ends either inside the last message or with a new turn's opening, not both (vLLM's rule)."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message continues the last message: set add_generation_prompt to false")
 
 
 class InvocationRequest(BaseModel):

@@ -14,7 +14,10 @@ import pytest
 from runtime import __version__
 from runtime.tokenizer import Tokenizer
 from server import schemas
-from server.chat_template import TokenizerConfig
+from server.chat import ChatService
+from server.chat_template import ChatTemplate, TokenizerConfig
+from server.errors import InvalidRequestError
+from server.protocol import ChatMessage
 
 from server_helpers import SERVER_FLAGS, LiveServer
 
@@ -151,6 +154,35 @@ def test_chat_echo_continues_the_last_message_in_its_role(chat_client):
     assert asked["role"] == "assistant" and not asked["content"].startswith(MESSAGES[-1]["content"])
 
 
+def test_continue_final_message_cuts_the_prompt_after_the_last_messages_text():
+    template = ChatTemplate("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+                            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}", "test")
+    chat = ChatService(None, TokenizerConfig({}, template))  # type: ignore[arg-type]  # rendering needs no engine
+    messages = [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content=" the key is ")]
+    assert chat.render(messages, False) == "<user>hi</user><assistant> the key is </assistant>"
+    assert chat.render(messages, False, continue_final_message=True) == "<user>hi</user><assistant> the key is"
+    hidden = ChatService(None, TokenizerConfig({}, ChatTemplate("{{ messages | length }}", "t")))  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="does not put the last message's text in the prompt"):
+        hidden.render(messages, False, continue_final_message=True)
+
+
+def test_continue_final_message_leaves_the_last_turn_open(chat_client, chat_live):
+    """vLLM's continue_final_message over HTTP: the reply continues the prompt that ends with the last message's
+    text."""
+    opening = "what is the pass key? the pass key is"
+    messages = [MESSAGES[0], {"role": "assistant", "content": opening}]
+    shape = {"messages": messages, "add_generation_prompt": False}
+    left_open = chat_client.post("/tokenize", json={**shape, "continue_final_message": True}).json()["tokens"]
+    assert chat_live.components.tokenizer.decode(left_open).endswith(opening)
+    completion = chat_client.post("/v1/completions", json={"prompt": left_open, "max_tokens": 8,
+                                                           "temperature": 0}).json()["choices"][0]["text"]
+    reply = chat_client.post("/v1/chat/completions", json={**shape, "continue_final_message": True, "max_tokens": 8,
+                                                           "temperature": 0}).json()["choices"][0]["message"]
+    assert reply == {"role": "assistant", "content": completion}
+    both = chat_client.post("/v1/chat/completions", json={"messages": messages, "continue_final_message": True})
+    assert both.status_code == 400 and "set add_generation_prompt to false" in both.json()["error"]["message"]
+
+
 def test_chat_refuses_what_it_does_not_serve(chat_client):
     def error(**body):
         response = chat_client.post("/v1/chat/completions", json={"messages": MESSAGES, **body})
@@ -158,6 +190,7 @@ def test_chat_refuses_what_it_does_not_serve(chat_client):
         return response.json()["error"]
 
     assert error(top_logprobs=2)["param"] == "top_logprobs"  # without logprobs, as OpenAI refuses it
+    assert error(chat_template="{{ messages }}")["param"] == "chat_template"  # as vLLM refuses it by default
     assert error(logprobs=True, top_logprobs=21)["param"] == "top_logprobs"
     assert error(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])["param"] == \
         "messages"
