@@ -28,6 +28,14 @@ def message_variables(message: ChatMessage) -> dict:
     return fields
 
 
+def template_variables(body: ChatCompletionRequest) -> dict:
+    """The chat template's variables beyond the messages and add_generation_prompt, as vLLM gives them: the
+    request's chat_template_kwargs, its tools and its documents."""
+    return {**(body.chat_template_kwargs or {}),
+            **({"tools": [tool.model_dump(exclude_none=True) for tool in body.tools]} if body.tools else {}),
+            **({"documents": body.documents} if body.documents is not None else {})}
+
+
 @dataclass
 class ChatSubmission(Submission):
     """A chat request in the engine: its choices answer in `role`, each one's text starting with `echoed`, or
@@ -78,10 +86,9 @@ class ChatService:
                                       "/tokenize gives its tokens)", param="prompt_logprobs")
         self.completions.check_model(body.model)
         calling = tool_calling(body)
-        variables = {**(body.chat_template_kwargs or {}),
-                     **({"tools": [tool.model_dump(exclude_none=True) for tool in body.tools]} if body.tools else {})}
         prompts = await self.completions.prompts(
-            self.render(body.messages, body.add_generation_prompt, variables, body.continue_final_message),
+            self.render(body.messages, body.add_generation_prompt, template_variables(body),
+                        body.continue_final_message),
             body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         submission = await self.completions.submit(

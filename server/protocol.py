@@ -224,6 +224,7 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extension: the prompt ends inside the last message (its turn left open), which the reply continues
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension: more variables for the template
+    documents: list[dict[str, Any]] | None = None  # vLLM's extension: the template's `documents` (a RAG template's)
     chat_template: Any = None  # vLLM's, a template of the request's own: refused, as vLLM refuses it by default
     # vLLM's extension: the reply's text starts with the last message's, when that message is in the reply's role
     echo: bool = False

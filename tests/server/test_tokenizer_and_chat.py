@@ -14,10 +14,10 @@ import pytest
 from runtime import __version__
 from runtime.tokenizer import Tokenizer
 from server import schemas
-from server.chat import ChatService
+from server.chat import ChatService, template_variables
 from server.chat_template import ChatTemplate, TokenizerConfig
 from server.errors import InvalidRequestError
-from server.protocol import ChatMessage
+from server.protocol import ChatCompletionRequest, ChatMessage
 
 from server_helpers import SERVER_FLAGS, LiveServer
 
@@ -164,6 +164,17 @@ def test_continue_final_message_cuts_the_prompt_after_the_last_messages_text():
     hidden = ChatService(None, TokenizerConfig({}, ChatTemplate("{{ messages | length }}", "t")))  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="does not put the last message's text in the prompt"):
         hidden.render(messages, False, continue_final_message=True)
+
+
+def test_the_template_reads_the_requests_kwargs_tools_and_documents():
+    template = ChatTemplate("{% for d in documents %}[{{ d['title'] }}]{% endfor %}{{ tools | length }} {{ flavour }}: "
+                            "{{ messages[0]['content'] }}", "test")
+    chat = ChatService(None, TokenizerConfig({}, template))  # type: ignore[arg-type]  # rendering needs no engine
+    body = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "hi"}], "documents": [{"title": "a"}, {"title": "b"}],
+        "chat_template_kwargs": {"flavour": "plain"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})
+    assert chat.render(body.messages, True, template_variables(body)) == "[a][b]1 plain: hi"
 
 
 def test_continue_final_message_leaves_the_last_turn_open(chat_client, chat_live):
