@@ -154,22 +154,24 @@ def test_chat_echo_continues_the_last_message_in_its_role(chat_client):
     assert asked["role"] == "assistant" and not asked["content"].startswith(MESSAGES[-1]["content"])
 
 
+def renderer(template: str) -> ChatService:
+    """A chat service of `template` that only renders (rendering needs no engine)."""
+    return ChatService(None, TokenizerConfig({}, ChatTemplate(template, "test")))  # type: ignore[arg-type]
+
+
 def test_continue_final_message_cuts_the_prompt_after_the_last_messages_text():
-    template = ChatTemplate("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
-                            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}", "test")
-    chat = ChatService(None, TokenizerConfig({}, template))  # type: ignore[arg-type]  # rendering needs no engine
+    chat = renderer("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+                    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
     messages = [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content=" the key is ")]
     assert chat.render(messages, False) == "<user>hi</user><assistant> the key is </assistant>"
     assert chat.render(messages, False, continue_final_message=True) == "<user>hi</user><assistant> the key is"
-    hidden = ChatService(None, TokenizerConfig({}, ChatTemplate("{{ messages | length }}", "t")))  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="does not put the last message's text in the prompt"):
-        hidden.render(messages, False, continue_final_message=True)
+        renderer("{{ messages | length }}").render(messages, False, continue_final_message=True)
 
 
 def test_the_template_reads_the_requests_kwargs_tools_and_documents():
-    template = ChatTemplate("{% for d in documents %}[{{ d['title'] }}]{% endfor %}{{ tools | length }} {{ flavour }}: "
-                            "{{ messages[0]['content'] }}", "test")
-    chat = ChatService(None, TokenizerConfig({}, template))  # type: ignore[arg-type]  # rendering needs no engine
+    chat = renderer("{% for d in documents %}[{{ d['title'] }}]{% endfor %}{{ tools | length }} {{ flavour }}: "
+                    "{{ messages[0]['content'] }}")
     body = ChatCompletionRequest.model_validate({
         "messages": [{"role": "user", "content": "hi"}], "documents": [{"title": "a"}, {"title": "b"}],
         "chat_template_kwargs": {"flavour": "plain"},
