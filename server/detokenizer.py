@@ -79,11 +79,12 @@ class OutputText:
 
     def finish(self) -> str:
         """The request ends (length, end of text, timeout): hand out whatever is held, broken characters too."""
-        if not self.stopped and self._pieces is not None:
-            self.text += self._utf8.decode(b"", final=True)
-        elif not self.stopped:
-            self.text += self._decoded(len(self._ids))[len(self._decoded(self._read)):]
-            self._read = len(self._ids)
+        if not self.stopped:
+            if self._pieces is not None:
+                self.text += self._utf8.decode(b"", final=True)
+            else:
+                self.text += self._decoded(len(self._ids))[len(self._decoded(self._read)):]
+                self._read = len(self._ids)
         out = self.text[self._emitted:]
         self._emitted = len(self.text)
         return out
