@@ -105,8 +105,11 @@ class ChatService:
                               echoed=echoed, logprobs=body.logprobs, tools=calling)
 
     def _default_max_tokens(self, prompt_tokens: int) -> int:
-        """A turn without max_tokens may run to the model's training length, past which it was never trained
-        (vLLM lets it run to the context limit, which here would also pick the largest scale bucket)."""
+        """A turn without max_tokens runs to the generation config's max_new_tokens or else to the model's
+        training length, past which it was never trained (vLLM lets it run to the context limit, which here would
+        also pick the largest scale bucket)."""
+        if self.completions.generation.max_tokens is not None:
+            return self.completions.generation.max_tokens
         training = self.completions.training_length
         return DEFAULT_MAX_TOKENS if training is None else max(training - prompt_tokens, DEFAULT_MAX_TOKENS)
 

@@ -15,6 +15,7 @@ from scale_bank import Bank
 from .chat_template import TokenizerConfig
 from .config import ConfigError, ModelSpec
 from .engine_protocol import ModelInfo
+from .generation_defaults import GenerationDefaults, load_generation_defaults
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class Components:
     training_length: int | None  # bucket selection uses no scales at or below it; None: unknown
     tokenizer_config: TokenizerConfig  # special token strings and the chat template
     extensions: dict[str, Extension]  # what each bucket of the bank applies, by name (the engine's model runner's)
+    generation: GenerationDefaults  # what requests that leave fields out get
 
 
 def load_served_model(spec: ModelSpec) -> LoadedModel:
@@ -61,5 +63,7 @@ def load_components(spec: ModelSpec, model: ModelInfo) -> Components:
         training_length = bank.manifest.model["training_context_length"]
     # made once here: a decimate entry that does not fit the model stops the start
     extensions = {} if bank is None else {bucket: bank.extension(bucket, training_length) for bucket in bank.buckets}
+    generation = load_generation_defaults(spec.path, spec.generation_config, spec.override_generation_config,
+                                          tokenizer.eos_token_id, tokenizer.vocab_size)
     return Components(model, tokenizer, bank, training_length,
-                      TokenizerConfig.load(spec.path, tokenizer, spec.chat_template), extensions)
+                      TokenizerConfig.load(spec.path, tokenizer, spec.chat_template), extensions, generation)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
-from dataclasses import dataclass, replace
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 # The embedded default model and its bank, served when no --model is given (built by extend/, committed).
@@ -38,6 +39,10 @@ class ModelSpec:
     quantize: str | None = None  # int8 | int6: quantise the weights as they load (a bank must match it)
     quantize_embedding: bool = False  # the embedding (and an untied LM head) too
     chat_template: Path | None = None  # a jinja2 chat template file; None: tokenizer_config.json's, if any
+    # where requests' default sampling fields come from (server.generation_defaults): "auto" (the model
+    # directory's generation_config.json), "vllm" (none) or a directory; the override's keys replace its values
+    generation_config: str = "auto"
+    override_generation_config: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as bad:
+        raise argparse.ArgumentTypeError(f"not JSON ({bad}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object expected, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mamba-extend-server", description="OpenAI-compatible server for Mamba "
                                 "models with per-request Δ-scale buckets (MambaExtend).")
@@ -174,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", type=Path,
                    help="jinja2 chat template for /v1/chat/completions (default: the chat_template of the model "
                         "directory's tokenizer_config.json)")
+    p.add_argument("--generation-config", default="auto",
+                   help="where requests' default temperature, top_p, top_k, min_p, repetition_penalty and chat "
+                        "turn length (max_new_tokens) come from, for the fields a request leaves out: auto (the "
+                        "model directory's generation_config.json, if any), vllm (none: neutral sampling), or a "
+                        "directory holding a generation_config.json (its max_new_tokens then caps every request)")
+    p.add_argument("--override-generation-config", type=_json_object, default={}, metavar="JSON",
+                   help="generation config values replacing the chosen one's, e.g. '{\"temperature\": 0.7}' "
+                        "(a max_new_tokens here caps every request)")
     p.add_argument("--training-length", type=_positive_int,
                    help="the model's training context length, overriding the checkpoint's (state-spaces "
                         "checkpoints record none; theirs is 2048)")
@@ -278,7 +301,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     if bank is None and (model / BANK_DIRNAME).is_dir():
         bank = model / BANK_DIRNAME
     spec = ModelSpec(model, args.tokenizer, bank, args.device, args.dtype, args.backend, args.training_length,
-                     args.quantize, args.quantize_embedding, args.chat_template)
+                     args.quantize, args.quantize_embedding, args.chat_template, args.generation_config,
+                     args.override_generation_config)
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.max_prefill_tokens,
                           args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager,
                           overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],

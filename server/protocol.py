@@ -85,8 +85,9 @@ class SamplingFields(BaseModel):
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=0)  # None: the endpoint's default
-    temperature: float | None = Field(1.0, ge=0, allow_inf_nan=False)  # JSON's Infinity would make every score NaN
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    # None (these and the other sampling fields): the model's generation config's default, or the neutral value
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)  # JSON's Infinity would make every score NaN
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1, 0 or None: off
     min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extension; 0 or None: off
     stop: str | list[str] | None = None

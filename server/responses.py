@@ -108,6 +108,7 @@ class ResponsesService:
         """The response object of `results` (none yet: in progress, no output, no usage)."""
         final = results[0].final if results else None
         status = status_of(final)
+        params = submission.choices[0].request.params  # the sampling served, the generation config's defaults too
         return {
             "id": submission.id, "object": "response", "created_at": submission.created, "status": status,
             "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
@@ -115,7 +116,7 @@ class ResponsesService:
             "model": self.completions.http.served_model_name,
             "output": [] if final is None else [message_item(message_id(submission), final.text, final)],
             "parallel_tool_calls": False, "previous_response_id": None, "store": False,
-            "temperature": body.temperature, "top_p": body.top_p,
+            "temperature": params.temperature, "top_p": params.top_p,
             "text": {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)},
             "tool_choice": "none", "tools": [], "metadata": body.metadata or {},
             "usage": None if final is None else self._usage(submission, results),

@@ -22,6 +22,7 @@ from .engine_pool import Engines
 from .engine_protocol import EngineRequest
 from .errors import (EngineFailure, InvalidRequestError, ModelNotFoundError, PromptTooLongError, ServerError,
                      UnavailableError)
+from .generation_defaults import SAMPLING_FIELDS
 from .guided import Guide, Guides
 from .mailbox import Doorbell, Mailbox
 from .protocol import SamplingFields, guide_of
@@ -95,6 +96,7 @@ class CompletionService:
         self.training_length = components.training_length
         self.http = http
         self.engine_config = engine_config
+        self.generation = components.generation
         self.guides = Guides(components.tokenizer)  # compiles each request's constraint once, to refuse a bad one
         self._doorbells: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Doorbell] = weakref.WeakKeyDictionary()
 
@@ -175,24 +177,30 @@ class CompletionService:
                 raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})",
                                           param=name)
         max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
+        if self.generation.max_tokens_cap is not None:
+            max_tokens = min(max_tokens, self.generation.max_tokens_cap)
         if body.min_tokens > max_tokens:
             raise InvalidRequestError(f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
                                       param="min_tokens")
         bad_words = self._bad_word_ids(body.bad_words or [])
-        self._check_some_token_allowed(body, bad_words)
+        stop_token_ids = self._stop_token_ids(body)
+        self._check_some_token_allowed(body, bad_words, stop_token_ids)
+        default = self.generation.sampling
+        given = {name: value if (value := getattr(body, name)) is not None else default.get(name)
+                 for name in SAMPLING_FIELDS}
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
+            temperature=1.0 if given["temperature"] is None else given["temperature"],
+            top_p=1.0 if given["top_p"] is None else given["top_p"],
+            top_k=int(given["top_k"] or 0),
             seed=body.seed,
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
             logprobs=logprobs,
             # the prompt is scored for echo with logprobs and for prompt_logprobs, with the alternatives of either
             prompt_logprobs=max((k for k in (logprobs if echo else None, prompt_logprobs) if k is not None),
                                 default=None),
-            min_p=body.min_p or 0.0,
-            stop_token_ids=tuple(body.stop_token_ids or ()),
+            min_p=given["min_p"] or 0.0,
+            stop_token_ids=stop_token_ids,
             ignore_eos=body.ignore_eos,
             include_stop_str=body.include_stop_str_in_output,
             skip_special_tokens=body.skip_special_tokens,
@@ -200,7 +208,7 @@ class CompletionService:
             logit_bias=bias,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            repetition_penalty=1.0 if given["repetition_penalty"] is None else given["repetition_penalty"],
             allowed_token_ids=tuple(body.allowed_token_ids or ()),
             bad_words=bad_words,
         )
@@ -217,7 +225,14 @@ class CompletionService:
             out += [alone, spaced] if spaced[0] != alone[0] and len(spaced) == len(alone) else [alone]
         return tuple(out)
 
-    def _check_some_token_allowed(self, body: SamplingFields, bad_words: tuple[tuple[int, ...], ...]) -> None:
+    def _stop_token_ids(self, body: SamplingFields) -> tuple[int, ...]:
+        """The request's stop tokens and, unless it ignores the end of text, the generation config's end-of-turn
+        tokens (vLLM's)."""
+        ends = () if body.ignore_eos else self.generation.stop_token_ids
+        return tuple(dict.fromkeys((*(body.stop_token_ids or ()), *ends)))
+
+    def _check_some_token_allowed(self, body: SamplingFields, bad_words: tuple[tuple[int, ...], ...],
+                                  stop_token_ids: tuple[int, ...]) -> None:
         """Refuses allowed_token_ids that the bad words' single tokens, or (before min_tokens) the end of text
         and stop tokens, would always ban every one of."""
         if not body.allowed_token_ids:
@@ -225,7 +240,7 @@ class CompletionService:
         left = set(body.allowed_token_ids) - {word[0] for word in bad_words if len(word) == 1}
         if not left:
             raise InvalidRequestError("bad_words ban every token of allowed_token_ids", param="allowed_token_ids")
-        ends = {*(body.stop_token_ids or ()), *((self.tokenizer.eos_token_id,) if not body.ignore_eos else ())}
+        ends = {*stop_token_ids, *((self.tokenizer.eos_token_id,) if not body.ignore_eos else ())}
         if body.min_tokens and not left - ends:
             raise InvalidRequestError(f"allowed_token_ids holds only tokens that end the text, which min_tokens "
                                       f"({body.min_tokens}) bans", param="allowed_token_ids")
