@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -20,34 +18,6 @@ from . import random_model
 VOCAB = 50280  # GPT-NeoX-20B's vocabulary, padded by MambaLMHeadModel itself
 MAMBA2_SHAPES = {"mamba2-780m": (1536, 48), "mamba2-2.7b": (2560, 64)}  # d_model, n_layer of state-spaces' models
 SHAPES = {**random_model.SHAPES, **MAMBA2_SHAPES}
-
-
-def measure(fn, min_repeats: int = 3, min_seconds: float = 0.5) -> tuple[float, float]:
-    """(seconds per call, peak GiB) after one warm-up call; calls repeat until `min_seconds` have passed
-    (at least `min_repeats`), so that short prefills are timed over enough calls to be steady."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    start, calls = time.perf_counter(), 0
-    while calls < min_repeats or time.perf_counter() - start < min_seconds:
-        fn()
-        calls += 1
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls, torch.cuda.max_memory_allocated() / 2**30
-
-
-def measure_in_turns(fns: dict, rounds: int = 5, min_seconds: float = 0.2) -> dict[str, tuple[float, float]]:
-    """name -> (median over `rounds` of the seconds per call, peak GiB) for each of `fns`, which take turns a
-    round at a time: a drift of the machine during the run (clocks, the host's other work) then touches every
-    variant alike instead of whichever ran during it, which matters for ratios of a few percent."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    peaks: dict[str, float] = {}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            seconds, peaks[name] = measure(fn, min_repeats=1, min_seconds=min_seconds)
-            times[name].append(seconds)
-    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
 def peer_config(name: str, conv_kernels: bool | None = None) -> dict:

@@ -28,8 +28,9 @@ import torch
 
 from runtime import MambaLM, PoolRows
 
-from .gpu_models import SHAPES, measure_in_turns, peer_and_runtime, random_delta_scales
+from .gpu_models import SHAPES, peer_and_runtime, random_delta_scales
 from .report import print_row, save_json
+from .timing import measure_in_turns
 
 
 def bench_shape(name: str, lengths: list[int], rounds: int, chunks: list[int]) -> list[dict]:

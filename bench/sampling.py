@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -33,6 +31,7 @@ from server.request import SamplingParams
 from server.sampling import choose, greedy
 
 from .report import print_row, print_table, save_json
+from .timing import measure_in_turns
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name: the request's sampling fields
@@ -42,7 +41,7 @@ SETTINGS = {  # name: the request's sampling fields
     "temperature 0.8, top_k 40": {"temperature": 0.8, "top_k": 40},
     "temperature 1, min_p 0.05": {"temperature": 1.0, "min_p": 0.05},
 }
-CALLS = 10  # timed calls of each side per round
+MIN_SECONDS = 0.1  # of calls of each side in a round
 
 
 def model_logits(model_dir: Path, text: Path, rows: int, device: str) -> torch.Tensor:
@@ -75,19 +74,6 @@ def peer(fields: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     return sample
 
 
-def timed(call: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds a call, over CALLS calls (the device waited for)."""
-    call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(CALLS):
-        call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / CALLS * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
@@ -101,7 +87,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]
     all_logits = model_logits(args.model, args.text, max(batches), args.device)
-    device = all_logits.device
     rows, lines = [], []
     for batch in batches:
         logits = all_logits[:batch]
@@ -111,11 +96,8 @@ def main() -> None:
             sides: dict[str, Callable[[], object]] = {
                 "server": partial(choose, logits, params, generators), "transformers": partial(peer(fields), logits),
                 "greedy": partial(greedy, logits)}
-            times: dict[str, list[float]] = {side: [] for side in sides}
-            for _ in range(args.rounds):
-                for side, call in sides.items():
-                    times[side].append(timed(call, device))
-            ms = {side: statistics.median(values) for side, values in times.items()}
+            ms = {side: seconds * 1e3 for side, (seconds, _) in
+                  measure_in_turns(sides, args.rounds, MIN_SECONDS).items()}
             row = {"batch": batch, "setting": name, **{f"{side}_ms": value for side, value in ms.items()},
                    "server_over_transformers": ms["server"] / ms["transformers"],
                    "server_over_greedy": ms["server"] / ms["greedy"]}
