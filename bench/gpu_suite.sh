@@ -25,7 +25,7 @@ python3 -m bench.gpu_prefill --shapes "$shapes" --lengths 61440 --chunks 2048,81
 python3 -m bench.quant_decode --shapes "$shapes" --device cuda --json "$out/quant.json" | tail -8
 for temperature in 0 0.8; do  # the engine alone against its runner: what its books add to a step
   python3 -m bench.engine_steps --shape 130m --device cuda --batch 1,64,256 --temperature $temperature --profile \
-    --json "$out/engine_steps_t$temperature.json" -- --max-batch-size 256 2>&1 | grep -v " INFO " | tail -40
+    --json "$out/engine_steps_t$temperature.json" -- --max-batch-size 256 --max-queue 256 2>&1 | grep -v " INFO " | tail -40
 done
 python3 -m bench.http_ttft --shape 130m --device cuda --tokens 60000 --race --json "$out/http_ttft.json" 2>&1 \
   | grep -v " INFO " | tail -2

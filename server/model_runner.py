@@ -21,14 +21,14 @@ import torch
 from runtime import IDENTITY, BatchScales, Extension, MambaLM, PoolRows, batch_scales
 from runtime.decode_graph import DecodeGraphs, fields_of_batches
 from runtime.device_copy import to_device
+from runtime.ops.launch_classes import chunk_length_classes
 from scale_bank import NONE
 
 from .config import EngineConfig
-from .slots import ssm_state_dtype
+from .slots import default_prefill_chunk, ssm_state_dtype
 
 log = logging.getLogger(__name__)
 WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt runs
-WARM_UP_CLASSES = 17  # chunk lengths 1 to 17 give every residue by 16, 1 and 17 apart (Triton sets 1 apart)
 
 
 class ModelRunner:
@@ -40,6 +40,9 @@ class ModelRunner:
         # one row per slot (+ the graphs' scratch)
         ssm_dtype = ssm_state_dtype(model, config.ssm_state_dtype)
         self.slot_count = config.slots
+        # the longest prompt chunk a step prefills (the engine's config is sized): the warm-up runs chunks of every
+        # length class up to it
+        self.longest_chunk = config.prefill_chunk or default_prefill_chunk(model.device)
         self.pool = model.new_state(config.slots + graphed, ssm_dtype)
         # the prefix cache's rows (server.prefix_cache): states of prompt prefixes, copied from and into slots
         self.prefix_pool = model.new_state(config.prefix_rows, ssm_dtype) if config.prefix_rows else None
@@ -73,7 +76,8 @@ class ModelRunner:
         """Triton compiles a kernel anew for each class of its integer arguments (1, divisible by 16, other) and
         of its scale fields at its first launch, and a prompt chunk's length makes the lengths and strides of the
         prefill's kernels: a first prompt of a new class would stall every stream for the compile. So each class
-        of chunk length (1 to WARM_UP_CLASSES) runs here through the served path: alone and in a batch of two, as
+        of chunk length up to the longest chunk (`chunk_length_classes`) runs here through the served path: alone
+        and in a batch of two, as
         a first chunk, a continuing one and both in one batch, with identity, with each scale method of the bank,
         and with a batch holding both methods where the bank has both (as the decode graphs are captured for
         each field combination). The rows used are free slots: a request's first chunk starts from a zero
@@ -85,7 +89,7 @@ class ModelRunner:
         if len(by_method) > 1:
             groups.append(list(by_method.values()))  # a batch carrying both methods' fields
         for group in groups:
-            for length in range(1, WARM_UP_CLASSES + 1):
+            for length in chunk_length_classes(self.model.config.arch, self.longest_chunk):
                 for b in range(len(group), len(slots) + 1):
                     buckets = [group[i % len(group)] for i in range(b)]
                     for firsts in [[True] * b, [False] * b] + ([[True, False]] if b == 2 else []):

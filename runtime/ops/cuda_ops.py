@@ -27,6 +27,7 @@ from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
 from . import torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_scan_state, triton_ssm
+from .launch_classes import SSD_CHUNK
 
 try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
     from causal_conv1d import causal_conv1d_fn
@@ -36,7 +37,6 @@ except ImportError:
     HAS_CONV_KERNELS = False
 
 Tensor = torch.Tensor
-SSD_CHUNK = 256  # chunk length of mamba_chunk_scan_combined; the result does not depend on it
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:

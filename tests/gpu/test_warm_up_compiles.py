@@ -24,21 +24,25 @@ from server.model_runner import ModelRunner  # noqa: E402
 def test_no_kernel_compiles_after_the_warm_up(checkpoints, arch, dtype):
     model = load_model(checkpoints[arch], device="cuda", dtype=dtype).model
     delta, a = delta_and_a_scales(model.config)
-    runner = ModelRunner(model, EngineConfig(max_batch_size=4, prefill_chunk=64, max_prefill_tokens=256),
+    runner = ModelRunner(model, EngineConfig(max_batch_size=4, prefill_chunk=4096, max_prefill_tokens=8192),
                          {"4k": Extension(scales=delta), "8k": Extension(scales=a)})
     runner.warm_up()
-    compiled: list[str] = []
-    triton.knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(kw["repr"])
+    compiled: list[str] = []  # each compile after the warm-up: the chunk, the batch and the kernel's variant
+    case = ""
+    triton.knobs.runtime.jit_post_compile_hook = \
+        lambda **kw: compiled.append(f"{case}: {kw['repr']} {kw.get('key')}")
     try:
         tokens = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for length in [*range(1, 41), 64, 100, 255, 1000]:
+            # chunks up to the prefill chunk, Mamba2's of one, a few and 16 SSD chunks among them
+            for length in [*range(1, 41), 64, 100, 255, 256, 257, 300, 1000, 2048, 4000, 4096]:
                 for slots, firsts, buckets in (([0], [True], ["none"]), ([1, 2], [True, True], ["4k", "4k"]),
                                                ([1, 2], [False, True], ["8k", "none"]),
                                                ([0, 1, 3], [False, False, False], ["none", "8k", "4k"])):
+                    case = f"chunks of {length} tokens, batch {buckets}, first {firsts}"
                     prompt = torch.randint(0, VOCAB, (len(slots), length), generator=tokens).tolist()
                     runner.prefill(slots, prompt, firsts, buckets)
                     torch.cuda.synchronize()
-                    assert not compiled, f"chunks of {length} tokens, batch {buckets}: compiled {compiled[:3]}"
     finally:
         triton.knobs.runtime.jit_post_compile_hook = None
+    assert not compiled, f"{len(compiled)} compiles after the warm-up:\n" + "\n".join(compiled[:8])
