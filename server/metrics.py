@@ -14,7 +14,7 @@ from itertools import accumulate
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 PREFIX = "mamba_server_"
@@ -22,6 +22,25 @@ MODEL_LABEL = "model_name"
 # 0.1 ms … 120 s: fine enough for a sub-millisecond decode step on a small model, wide enough for a 64k prefill.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 20.0, 40.0, 80.0, 120.0)
+
+# vLLM's names for the series it also has (this server's name after PREFIX → vLLM's, and vLLM's names for labels
+# where they differ): each such series is scraped under both names, so that a dashboard or an alert written for
+# vLLM reads this server as it is
+VLLM_NAMES: dict[str, tuple[str, dict[str, str]]] = {
+    "time_to_first_token_seconds": ("vllm:time_to_first_token_seconds", {}),
+    "inter_token_latency_seconds": ("vllm:inter_token_latency_seconds", {}),
+    "e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds", {}),
+    "request_queue_time_seconds": ("vllm:request_queue_time_seconds", {}),
+    "request_prefill_time_seconds": ("vllm:request_prefill_time_seconds", {}),
+    "prompt_tokens": ("vllm:prompt_tokens", {}),
+    "generation_tokens": ("vllm:generation_tokens", {}),
+    "prefix_cache_queries": ("vllm:prefix_cache_queries", {}),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits", {}),
+    "requests": ("vllm:request_success", {"finish_reason": "finished_reason"}),
+    "requests_running": ("vllm:num_requests_running", {}),
+    "requests_waiting": ("vllm:num_requests_waiting", {}),
+}
+VLLM_CACHE_USAGE = "vllm:kv_cache_usage_perc"  # here the fraction of state slots held (a sequence's whole cache)
 
 
 def resident_memory_bytes() -> float:
@@ -108,21 +127,49 @@ class StepHistogram:
         yield family
 
 
+class VllmNamed:
+    """The series of `collectors` (by their names after PREFIX) again under VLLM_NAMES, and vLLM's cache usage."""
+
+    def __init__(self, collectors: dict, model_name: str):
+        self.collectors = collectors
+        self.model_name = model_name
+
+    def collect(self):
+        values = {}  # the running requests' and slots' gauges, for the cache usage
+        for name, collector in self.collectors.items():
+            for family in collector.collect():
+                if name in ("requests_running", "state_slots"):
+                    values[name] = family.samples[0].value
+                if name not in VLLM_NAMES:
+                    continue
+                vllm_name, labels = VLLM_NAMES[name]
+                renamed = Metric(vllm_name, family.documentation, family.type, family.unit)
+                renamed.samples = [s._replace(name=vllm_name + s.name.removeprefix(family.name),  # _total, _bucket…
+                                              labels={labels.get(k, k): v for k, v in s.labels.items()})
+                                   for s in family.samples]
+                yield renamed
+        usage = GaugeMetricFamily(VLLM_CACHE_USAGE, "Fraction of the state slots held by requests",
+                                  labels=[MODEL_LABEL])
+        usage.add_metric([self.model_name], values["requests_running"] / max(values["state_slots"], 1.0))
+        yield usage
+
+
 class Metrics:
     def __init__(self, device: torch.device, model_name: str = "mamba"):
         self.registry = CollectorRegistry()
         registry = self.registry
+        named: dict = {}  # name after PREFIX → the metric over every label, for VllmNamed
 
         def per_model(kind, name: str, doc: str, labels: tuple[str, ...] = (), **options):
-            metric = kind(PREFIX + name, doc, (MODEL_LABEL, *labels), registry=registry, **options)
+            metric = named[name] = kind(PREFIX + name, doc, (MODEL_LABEL, *labels), registry=registry, **options)
             return PerModel(metric, model_name) if labels else metric.labels(model_name)
 
         def histogram(name: str, doc: str, labels: tuple[str, ...] = ()):
             return per_model(Histogram, name, doc, labels, buckets=LATENCY_BUCKETS)
 
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first generated token")
-        self.inter_token_latency = StepHistogram(PREFIX + "inter_token_latency_seconds",
-                                                 "Between consecutive tokens of a request", model_name, registry)
+        self.inter_token_latency = named["inter_token_latency_seconds"] = StepHistogram(
+            PREFIX + "inter_token_latency_seconds", "Between consecutive tokens of a request", model_name, registry)
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Arrival to finish")
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to admission into a state slot")
         self.prefill_time = histogram("request_prefill_time_seconds", "Admission to the end of the prompt's prefill")
@@ -148,6 +195,7 @@ class Metrics:
         per_model(Gauge, "peak_resident_memory_bytes", "Largest resident set size the engine process has had"
                   ).set_function(memory.peak)
         registry.register(ModelLabelled(ProcessCollector(registry=None), model_name))
+        registry.register(VllmNamed(named, model_name))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
