@@ -16,9 +16,9 @@ def completion_body(prompt: str | list[int], *, max_tokens: int = 16, temperatur
                     seed: int | None = None, scale_bucket: str | None = None, model: str | None = None,
                     **extra) -> dict:
     """The JSON body of a completion request. Fields left None are left out, so the server's defaults apply
-    (temperature 1, top_p 1, scale_bucket "auto", the served model). `scale_bucket` is this server's own field:
-    "auto", "none" or a bank bucket name such as "8k". `extra` passes any other OpenAI field as it is (echo,
-    logprobs, ...)."""
+    (the model's generation config, else temperature 1 and top_p 1; scale_bucket "auto"; the served model).
+    `scale_bucket` is this server's own field: "auto", "none" or a bank bucket name such as "8k". `extra` passes
+    any other OpenAI field as it is (echo, logprobs, ...)."""
     fields = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
               "top_p": top_p, "top_k": top_k, "stop": stop, "seed": seed, "scale_bucket": scale_bucket, **extra}
     return {name: value for name, value in fields.items() if value is not None}
