@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import time
 from pathlib import Path
 
 from clients.client import AsyncClient
-from extend.objectives import passkey_accuracy
-from extend.passkey import make_batch, parse_templates
+from extend.objectives import passkey_accuracy, passkey_samples
+from extend.passkey import parse_templates
 from extend.sources import Domain, parse_sources, read_source
 from runtime import load_model
 from runtime.tokenizer import find_tokenizer
@@ -77,9 +76,7 @@ def main(argv=None) -> None:
     rows = []
     try:
         for domain, template, length in cells:
-            # extend.objectives.passkey_accuracy's samples
-            batch = make_batch(tokenizer, length, args.samples, random.Random(f"passkey:{args.seed}:{length}"),
-                               domain.haystack, templates=[template])
+            batch = passkey_samples(tokenizer, domain.haystack, length, args.samples, args.seed, template)
             prompts, answers = [], []  # token ids before and of the answer
             for tokens, in_answer in zip(batch.tokens.tolist(), batch.answer_mask.tolist()):
                 start = in_answer.index(True)

@@ -89,14 +89,21 @@ def perplexity(model: MambaLM, source: TokenSource | Mixture, length: int, sampl
     return math.exp(distributed.sum_across(total).item() / samples)
 
 
+def passkey_samples(tokenizer: Tokenizer, haystack, length: int, samples: int, seed: int,
+                    template: Template | None = None) -> PasskeyBatch:
+    """The samples `passkey_accuracy` scores: `samples` of `length` tokens at depths spread over 0-100%, in
+    `template` (default: the trained one), drawn from `seed` and the length alone."""
+    return make_batch(tokenizer, length, samples, random.Random(f"passkey:{seed}:{length}"), haystack,
+                      templates=[template] if template else None)
+
+
 @torch.no_grad()
 def passkey_accuracy(model: MambaLM, tokenizer: Tokenizer, haystack, length: int, samples: int,
                      scale_set: ScaleSet | None, seed: int, batch_size: int = 1,
                      decimation: Decimation | None = None, template: Template | None = None) -> tuple[float, float]:
     """(fraction retrieved, mean answer cross-entropy) over `samples` samples at depths spread over 0-100%,
     in `template` (default: the trained one). Under torchrun each rank scores every world-size-th batch of them."""
-    rng = random.Random(f"passkey:{seed}:{length}")
-    batch = make_batch(tokenizer, length, samples, rng, haystack, templates=[template] if template else None)
+    batch = passkey_samples(tokenizer, haystack, length, samples, seed, template)
     totals = torch.zeros(2, dtype=torch.float64)  # (answer cross-entropy, retrieved) summed over samples
     for i in distributed.shard(range(0, samples, batch_size)):
         loss, hit = passkey_scores(model, batch.rows(list(range(i, min(i + batch_size, samples)))), scale_set,

@@ -77,11 +77,10 @@ class ModelRunner:
         of its scale fields at its first launch, and a prompt chunk's length makes the lengths and strides of the
         prefill's kernels: a first prompt of a new class would stall every stream for the compile. So each class
         of chunk length up to the longest chunk (`chunk_length_classes`) runs here through the served path: alone
-        and in a batch of two, as
-        a first chunk, a continuing one and both in one batch, with identity, with each scale method of the bank,
-        and with a batch holding both methods where the bank has both (as the decode graphs are captured for
-        each field combination). The rows used are free slots: a request's first chunk starts from a zero
-        state."""
+        and in a batch of two, as a first chunk, a continuing one and both in one batch, with identity, with each
+        scale method of the bank, and with a batch holding both methods where the bank has both (as the decode
+        graphs are captured for each field combination). The rows used are free slots: a request's first chunk
+        starts from a zero state."""
         slots = list(range(min(2, self.slot_count)))
         by_method = {e.scales.method: bucket for bucket, e in self.extensions.items()
                      if e.scales is not None and e.decimation is None}
