@@ -1,23 +1,23 @@
 """Many concurrent streams through HTTP against the engine's own batched decode, in one run.
 
 Starts `python -m server` (a subprocess on a free loopback port) and, for each N of `--streams`, N concurrent
-clients (asyncio + httpx, one connection each) stream a completion of a fixed prompt (`--prompt-tokens` token
-ids) of exactly `--max-tokens` tokens (`ignore_eos`). Reported per N: aggregate output tokens/s (all tokens over
-the wall time from the first request sent to the last stream's end), time to first token p50/p99/max, the gap
-between streamed chunks p50/p99 and the tokens per chunk (the server sends a stream's waiting tokens in one
-chunk when it falls behind), and the client's CPU time over that wall time (of the busiest client process, when
-`--client-processes` share the streams; near 1.0: the client, not the server, is the limit), and from the
-server's own histograms over that run (/metrics) each request's mean time to first token from its arrival (the
-HTTP side's parsing before it, and the delivery after, are what the client's TTFT adds), wait for a slot and
-prefill, and the engine's
-steps of each kind, how many and their mean time (a decode step's against the engine's alone below: the host work
-serving adds to each step). The peer, measured
-in this process between the HTTP runs (the server idle): the engine's model runner decoding greedy steps of
-min(N, --max-batch-size) sequences (the batch the server runs), with the ratio of the two throughputs; and the
-engine's round of the same work, its prefill included: that batch's prompts prefilled in the server's chunks and
-steps, their first tokens chosen, then the decode steps of the rest of the completions. A stream's prompt is GPU
-work that the decode-only figure leaves out (a batch of 64 1,000-token prompts is one 64k-token prefill), so that
-round's throughput bounds what HTTP can reach; the second ratio is HTTP's share of it.
+clients (asyncio + httpx, one connection each) stream a completion of a fixed prompt (`--prompt-tokens` token ids)
+of exactly `--max-tokens` tokens (`ignore_eos`). Reported per N: aggregate output tokens/s (all tokens over the wall
+time from the first request sent to the last stream's end), time to first token p50/p99/max, the gap between
+streamed chunks p50/p99 and the tokens per chunk (the server sends a stream's waiting tokens in one chunk when it
+falls behind), the spread of the requests' sends and each stream's own time, p50 and max (the wall is at most their
+sum: whether the sends or the slowest stream made it), and the client's CPU time over that wall time (of the busiest
+client process, when `--client-processes` share the streams; near 1.0: the client, not the server, is the limit),
+and from the server's own histograms over that run (/metrics) each request's mean time to first token from its
+arrival (the HTTP side's parsing before it, and the delivery after, are what the client's TTFT adds), wait for a
+slot and prefill, and the engine's steps of each kind, how many and their mean time (a decode step's against the
+engine's alone below: the host work serving adds to each step). The peer, measured in this process between the HTTP
+runs (the server idle): the engine's model runner decoding greedy steps of min(N, --max-batch-size) sequences (the
+batch the server runs), with the ratio of the two throughputs; and the engine's round of the same work, its prefill
+included: that batch's prompts prefilled in the server's chunks and steps, their first tokens chosen, then the
+decode steps of the rest of the completions. A stream's prompt is GPU work that the decode-only figure leaves out (a
+batch of 64 1,000-token prompts is one 64k-token prefill), so that round's throughput bounds what HTTP can reach;
+the second ratio is HTTP's share of it.
 
     python -m bench.http_throughput --streams 1,16                       # the embedded model on CPU
     python -m bench.http_throughput --shape 130m --device cuda --prompt-tokens 1000 -- --max-batch-size 256
@@ -127,7 +127,11 @@ def http_row(streams: list[Stream], wall: float, client_cpu: float) -> dict:
     first = [s.chunks[0] - s.sent for s in streams]
     gaps = [b - a for s in streams for a, b in zip(s.chunks, s.chunks[1:])]
     tokens = sum(s.tokens for s in streams)
+    lasted = [s.ended - s.sent for s in streams]
     return {"http_tokens_per_s": tokens / wall, "tokens_per_chunk": tokens / sum(len(s.chunks) for s in streams),
+            # the wall is the spread of the sends plus the streams' own time: which of them made it
+            "send_spread_ms": 1e3 * (max(s.sent for s in streams) - min(s.sent for s in streams)),
+            "stream_p50_ms": 1e3 * percentile(lasted, 50), "stream_max_ms": 1e3 * max(lasted),
             "ttft_p50_ms": 1e3 * percentile(first, 50),
             "ttft_p99_ms": 1e3 * percentile(first, 99), "ttft_max_ms": 1e3 * max(first),
             "gap_p50_ms": 1e3 * percentile(gaps, 50) if gaps else 0.0,
@@ -199,13 +203,15 @@ def main(argv=None):
             server.wait(timeout=60)
     print_table(["streams", "engine batch", "HTTP tokens/s", "engine decode tokens/s", "ratio",
                  "engine round with prefill tokens/s", "ratio", "TTFT p50 / p99 / max ms", "gap p50 / p99 ms",
-                 "tokens/chunk", "client CPU", "server: TTFT / queue / prefill ms a request",
+                 "tokens/chunk", "sends' spread / stream p50 / max ms", "client CPU",
+                 "server: TTFT / queue / prefill ms a request",
                  "engine steps: prefill n × ms, decode n × ms"],
                 [[str(r["streams"]), str(r["engine_batch"]), f"{r['http_tokens_per_s']:,.0f}",
                   f"{r['engine_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}", f"{r['round_tokens_per_s']:,.0f}",
                   f"{r['round_ratio']:.2f}",
                   f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} / {r['ttft_max_ms']:.1f}",
                   f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f}", f"{r['tokens_per_chunk']:.2f}",
+                  f"{r['send_spread_ms']:.1f} / {r['stream_p50_ms']:.1f} / {r['stream_max_ms']:.1f}",
                   f"{r['client_cpu']:.2f}",
                   f"{r.get('server_ttft_ms', 0):.1f} / {r.get('queue_ms', 0):.1f} / {r.get('prefill_ms', 0):.1f}",
                   f"{r.get('step_prefill_count', 0):.0f} × {r.get('step_prefill_ms', 0):.2f}, "
