@@ -12,11 +12,13 @@ mkdir -p "$out"
 python3 -c "import torch, mamba_ssm; print(torch.__version__, torch.cuda.get_device_name(), mamba_ssm.__version__)"
 timeout 480 python3 -m pytest -q tests/gpu tests/runtime/test_triton_decode.py tests/runtime/test_triton_channels.py \
   tests/runtime/test_triton_int8.py tests/runtime/test_triton_mamba2.py tests/runtime/test_triton_scan_state.py \
+  tests/runtime/test_triton_short_scan.py \
   tests/runtime/test_state_dtype.py tests/server/test_overlap_decode.py tests/server/test_engine_on_device.py \
   > "$out/tests.txt" 2>&1; grep -E "FAILED|passed|failed" "$out/tests.txt" | tail -15
 python3 -m bench.gpu_decode --shapes "$shapes,mamba2-780m,mamba2-2.7b" --batch 64 --json "$out/decode.json" 2>&1 \
   | grep -v Warning | tail -8
 python3 -m bench.gpu_kernels --shapes "$shapes" --json "$out/kernels.json" 2>&1 | tail -7
+python3 -m bench.gpu_short_scan --shapes "$shapes" --json "$out/short_scan.json" 2>&1 | tail -24
 python3 -m bench.gpu_profile --shape 130m --tokens 8192 --json "$out/profile.json" 2>&1 | grep -v -e Warning -e USDT | tail -90
 python3 -m bench.gpu_prefill --shapes "$shapes,mamba2-780m,mamba2-2.7b" --lengths 2048,8192,32768,65536 --rounds 9 \
   --json "$out/prefill.json" | tail -18

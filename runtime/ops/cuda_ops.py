@@ -16,7 +16,8 @@ not take one A per sequence. Mamba2 decode runs `triton_mamba2`'s kernels at any
 the state update with its per-sequence scales, the gated RMSNorm), between the same GEMV projections; its
 prefill hands the scan's output to the same gated-norm kernel. Mamba1 prefill from a carried state runs
 `selective_scan_fn` from zero (it takes no initial state) and adds the state's terms after it
-(`triton_scan_state`).
+(`triton_scan_state`); a short chunk's (`launch_classes.SHORT_CHUNK`), as a burst of short prompts makes, runs
+`triton_short_scan`, which takes states, an A and a Δ scale per sequence.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-from . import torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_scan_state, triton_ssm
-from .launch_classes import SSD_CHUNK
+from . import torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_scan_state, triton_short_scan, triton_ssm
+from .launch_classes import SHORT_CHUNK, SSD_CHUNK
 
 try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
     from causal_conv1d import causal_conv1d_fn
@@ -107,7 +108,20 @@ def _stack(outs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
                 h0: Tensor | None, *, dt_bias: Tensor, delta_scale: Tensor | None, out_weight: Tensor,
                 out_bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """`contract.Ops.mamba1_scan`; inputs are (b, l, ·) views of (b, ·, l) storage.
+    """`contract.Ops.mamba1_scan`; inputs are (b, l, ·) views of (b, ·, l) storage. A chunk of at most
+    SHORT_CHUNK tokens, for which mamba_ssm's kernel is built poorly, runs `triton_short_scan` (one launch for the
+    batch, its states, A's and Δ scales whatever they are) unless autograd records the scan (that kernel has no
+    backward); a longer one `long_chunk_scan`."""
+    if x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, dt, A, B, C, D, z, h0, dt_bias, delta_scale):
+        y, h = triton_short_scan.mamba1_short_scan(x, dt, dt_bias, A, B, C, D, z, h0, delta_scale)
+    else:
+        y, h = long_chunk_scan(x, dt, A, B, C, D, z, h0, dt_bias=dt_bias, delta_scale=delta_scale)
+    return F.linear(y, out_weight, out_bias), h  # (b, l, D), (b, d, n)
+
+
+def long_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
+                    h0: Tensor | None, *, dt_bias: Tensor, delta_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`mamba1_scan` before the projection on mamba_ssm's kernel: y (b, l, d) and the last state (b, d, n) float32.
 
     The kernel discretises Δ itself (softplus of dt + bias, in float32) as in raw mamba_ssm. A Δ scale s
     is folded exactly, one sequence at a time: Δ' = s·Δ is A' = s·A with input x' = s·x and skip D' = D/s,
@@ -130,7 +144,7 @@ def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         y, h = _stack(outs)
     if h0 is not None:  # A (d, n), or per sequence (b, d, n)
         triton_scan_state.add_initial_state(y, h, h0, dt, dt_bias, A if one_A else torch.stack(As), C, z)
-    return F.linear(y, out_weight, out_bias), h
+    return y, h
 
 
 def _selective_scan(x: Tensor, dt: Tensor, dt_bias: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,

@@ -12,6 +12,7 @@ from checkpoints import VOCAB  # noqa: E402
 from scale_sets import delta_and_a_scales  # noqa: E402
 
 from runtime import Decimation, ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
+from runtime.ops.launch_classes import SHORT_CHUNK  # noqa: E402
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}
 
@@ -27,12 +28,13 @@ def _scale_sets(config):
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kernels_match_pytorch_prefill_and_decode(checkpoints, arch, dtype):
+@pytest.mark.parametrize("length", [300, SHORT_CHUNK - 7])  # a long prompt's kernels and a short chunk's
+def test_kernels_match_pytorch_prefill_and_decode(checkpoints, arch, dtype, length):
     cuda = load_model(checkpoints[arch], device="cuda", dtype=dtype, backend="mamba_ssm")
     ref = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="torch")
     assert cuda.model.backend.name == "mamba_ssm"
     sets = _scale_sets(cuda.config)
-    tokens = torch.randint(0, VOCAB, (3, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    tokens = torch.randint(0, VOCAB, (3, length), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     for scales in (None, batch_scales(sets, cuda.config, "cuda")):
         got, got_state = cuda.model.prefill(tokens, scales=scales)
         want, want_state = ref.model.prefill(tokens, scales=scales)
@@ -83,13 +85,15 @@ def test_a_calibration_batch_sharing_one_set_matches_pytorch_with_gradients(chec
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 @pytest.mark.parametrize("sets", [1, 3])  # 3: a Δ scale, identity and an A-spectrum scale, one per sequence
-def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch, sets):
-    """Each chunk continues the last one's state (Mamba1: mamba_ssm's scan from zero plus the state's terms)."""
+@pytest.mark.parametrize("chunk", [128, SHORT_CHUNK])
+def test_chunked_prefill_on_kernels_equals_whole(checkpoints, arch, sets, chunk):
+    """Each chunk continues the last one's state (Mamba1: mamba_ssm's scan from zero plus the state's terms, or a
+    short chunk's scan from the state)."""
     cuda = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="mamba_ssm")
     tokens = torch.randint(0, VOCAB, (sets, 500), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     scales = batch_scales(_scale_sets(cuda.config)[:sets], cuda.config, "cuda")
     whole, whole_state = cuda.model.prefill(tokens, scales=scales)
-    chunked, chunked_state = cuda.model.prefill(tokens, scales=scales, chunk_len=128)
+    chunked, chunked_state = cuda.model.prefill(tokens, scales=scales, chunk_len=chunk)
     assert _relative(chunked, whole) < TOLERANCE["float32"]
     for mine, theirs in zip(chunked_state.ssm, whole_state.ssm):
         assert _relative(mine, theirs) < TOLERANCE["float32"]

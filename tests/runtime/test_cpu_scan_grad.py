@@ -88,7 +88,8 @@ def test_a_layer_takes_the_kernel_and_its_scale_gradients_match_the_blocked_scan
     assert len(calls) == model.config.n_layer
     for mine, reference in zip(ours, theirs):
         assert reference.abs().max() > 0
-        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+        # float32 sums in another order: an element that nearly cancels differs by up to ~2e-5 of the largest
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=5e-5 * reference.abs().max().item())
 
 
 def test_without_gradients_the_forward_kernel_runs(monkeypatch):

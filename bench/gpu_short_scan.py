@@ -1,0 +1,126 @@
+"""Where the short-chunk Mamba1 scan (`runtime.ops.triton_short_scan`) beats mamba_ssm's, swept on the GPU.
+
+The CUDA back-end's `mamba1_scan` (the scan and out_proj) of a batch of equal-length prompt chunks, shaped as a
+Mamba1 layer of the named models with random bf16 inputs in the layouts the back-end hands on (the channels-first
+views of its convolution and projections), both ways in the same run: mamba_ssm's `selective_scan_fn` (with
+`triton_scan_state` after it for a chunk that continues a state: `cuda_ops.long_chunk_scan`) and the short-chunk
+kernel, each followed by out_proj; µs per call in a replayed CUDA graph, for each batch and chunk length. `launch_classes.SHORT_CHUNK` (the longest chunk that takes
+the short kernel) should be the longest length at which the short kernel wins at every batch of the sweep.
+`--sweep` also times the short kernel's launch constants at one batch and length.
+
+    python -m bench.gpu_short_scan --json $OUT/short_scan.json
+    python -m bench.gpu_short_scan --shapes 130m --batch 64 --lengths 64 --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from runtime.ops import cuda_ops, triton_short_scan
+
+from .gpu_kernels import D_STATE, graph_us
+from .gpu_models import SHAPES
+from .report import print_row, print_table, save_json
+
+CALLS = 8  # calls per graph replay (on the same tensors)
+BLOCKS, WARPS = (16, 32, 64), (2, 4, 8)  # the short kernel's launch constants tried by --sweep
+
+
+def scan_inputs(shape: str, batch: int, length: int, from_state: bool, seed: int = 0) -> dict:
+    """`cuda_ops.mamba1_scan`'s arguments for a layer of `shape`: x, dt, z (b, l, d) and B, C (b, l, n) as (b, l, ·)
+    views of (b, ·, l) storage, bf16; A, D, dt_bias float32; out_proj bf16; h0 (b, d, n) float32 or None."""
+    d_model = SHAPES[shape][0]
+    d, rank = 2 * d_model, math.ceil(d_model / 16)
+    g = torch.Generator("cuda").manual_seed(seed)
+
+    def randn(*size, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*size, device="cuda", generator=g) * scale).to(dtype)
+
+    def channels_first(rows: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:  # (b, l, rows) view
+        return (randn(batch, rows, length, scale=scale) + shift).to(torch.bfloat16).transpose(1, 2)
+
+    projected = channels_first(rank + 2 * D_STATE)  # x_proj's output: [dt_low | B | C]
+    return dict(x=channels_first(d), dt=channels_first(d, 0.5, -1.0), A=-torch.exp(randn(d, D_STATE, scale=0.5)),
+                B=projected[..., rank:rank + D_STATE], C=projected[..., rank + D_STATE:], D=randn(d),
+                z=channels_first(d), h0=randn(batch, d, D_STATE) if from_state else None, dt_bias=randn(d, scale=0.1),
+                out_weight=randn(d_model, d, dtype=torch.bfloat16, scale=d ** -0.5))
+
+
+def scan_us(t: dict, short: bool) -> float:
+    """µs per `cuda_ops.mamba1_scan` call on `t` (the scan and out_proj), by the short kernel or by mamba_ssm's."""
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["h0"])
+
+    def call():
+        if short:
+            y, _ = triton_short_scan.mamba1_short_scan(*args[:2], t["dt_bias"], *args[2:], None)
+        else:
+            y, _ = cuda_ops.long_chunk_scan(*args, dt_bias=t["dt_bias"], delta_scale=None)
+        return F.linear(y, t["out_weight"])
+
+    return graph_us([call] * CALLS)
+
+
+def sweep_constants(shape: str, batch: int, length: int, from_state: bool) -> list[dict]:
+    """The short kernel's time for each BLOCK_CHANNELS × SCAN_WARPS; the last row names the fastest."""
+    t = scan_inputs(shape, batch, length, from_state)
+    rows: list[dict] = []
+    for block, warps in itertools.product(BLOCKS, WARPS):
+        old = triton_short_scan.BLOCK_CHANNELS, triton_short_scan.SCAN_WARPS
+        triton_short_scan.BLOCK_CHANNELS, triton_short_scan.SCAN_WARPS = block, warps
+        try:
+            rows.append({"shape": shape, "batch": batch, "length": length, "BLOCK_CHANNELS": block,
+                         "SCAN_WARPS": warps, "short_us": scan_us(t, True)})
+        finally:
+            triton_short_scan.BLOCK_CHANNELS, triton_short_scan.SCAN_WARPS = old
+        print_row(rows[-1])
+    best = min(rows, key=lambda row: row["short_us"])
+    rows.append({"shape": shape, "best": {k: best[k] for k in ("BLOCK_CHANNELS", "SCAN_WARPS")}})
+    print_row(rows[-1])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="130m,1.4b")
+    parser.add_argument("--batch", default="1,8,64,256")
+    parser.add_argument("--lengths", default="16,32,64,128,256")
+    parser.add_argument("--from-state", action="store_true", help="chunks that continue a state")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the short kernel's launch constants, at the first batch and length")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    shapes, batches = args.shapes.split(","), [int(b) for b in args.batch.split(",")]
+    lengths = [int(n) for n in args.lengths.split(",")]
+    rows: list[dict] = []
+    if args.sweep:
+        for shape in shapes:
+            rows += sweep_constants(shape, batches[0], lengths[0], args.from_state)
+    lines = []
+    for shape, batch, length in itertools.product(shapes, batches, lengths):
+        t = scan_inputs(shape, batch, length, args.from_state)
+        long_us, short_us = scan_us(t, False), scan_us(t, True)
+        del t  # freed before the next batch's inputs are made
+        rows.append({"shape": shape, "batch": batch, "length": length, "mamba_ssm_us": long_us, "short_us": short_us,
+                     "ratio": short_us / long_us})
+        print_row(rows[-1])
+        lines.append([shape, str(batch), str(length), f"{long_us:.1f}", f"{short_us:.1f}", f"{short_us / long_us:.2f}"])
+    for shape in shapes:  # the longest length at which the short kernel wins at every batch
+        wins = [length for length in lengths
+                if all(r["ratio"] < 1 for r in rows if r.get("shape") == shape and r.get("length") == length)]
+        longest = max((n for n in lengths if all(w in wins for w in lengths if w <= n)), default=0)
+        rows.append({"shape": shape, "short_wins_up_to": longest})
+        print_row(rows[-1])
+    state = "continuing a state" if args.from_state else "from zero"
+    print(f"\n{torch.cuda.get_device_name()}, chunks {state}, µs per mamba1_scan call (scan + out_proj)")
+    print_table(["shape", "batch", "tokens a chunk", "mamba_ssm", "short kernel", "short ÷ mamba_ssm"], lines)
+    save_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""A Mamba1 scan of short prompt chunks in one Triton kernel: each program walks its channels' tokens one by one.
+
+mamba_ssm's selective scan is built for long sequences: a warp per (sequence, channel) scans a chunk of up to 2,048
+tokens in parallel, once per state. A burst of many short prompts (a server's prefill step of 64 prompts of 64
+tokens) makes that many tiny warps, and the scan then costs several times as much a token as one long prompt's.
+Here a program holds the states of a block of channels of one sequence, (BLOCK_D, n) float32 in registers, and
+steps through the chunk's tokens: the work a token is the decode step's, the programs are b · d / BLOCK_D, and no
+token waits for a parallel scan's passes. It also takes what mamba_ssm's kernel cannot, so a batch is one launch
+whatever it carries: an initial state per sequence (a continued chunk), an A per sequence (an A-spectrum scale)
+and a Δ scale per sequence. It writes y (b, l, d) dense, the layout out_proj multiplies without a copy.
+
+Maths as `torch_ops` (Δ = softplus(dt + dt_bias) with softplus's threshold, times the scale; float32 throughout,
+y rounded once to x's dtype). Triton's interpreter (TRITON_INTERPRET=1) runs it on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_jit import jit
+from .triton_ssm import SOFTPLUS_THRESHOLD, softplus
+
+Tensor = torch.Tensor
+
+BLOCK_CHANNELS = 32  # channels per program
+SCAN_WARPS = 4
+
+
+@jit
+def _short_scan_kernel(
+        # tensors
+        x_ptr: tl.tensor, dt_ptr: tl.tensor, dt_bias_ptr: tl.tensor, scale_ptr: tl.tensor, A_ptr: tl.tensor,
+        B_ptr: tl.tensor, C_ptr: tl.tensor, D_ptr: tl.tensor, z_ptr: tl.tensor, h0_ptr: tl.tensor, y_ptr: tl.tensor,
+        h_ptr: tl.tensor,
+        # sizes and strides (batch, token and channel strides of the (b, l, d) tensors, batch and token ones of B, C)
+        length: tl.tensor, channels: tl.tensor, states: tl.tensor, stride_xb: tl.tensor, stride_xt: tl.tensor,
+        stride_xd: tl.tensor, stride_dtb: tl.tensor, stride_dtt: tl.tensor, stride_dtd: tl.tensor,
+        stride_zb: tl.tensor, stride_zt: tl.tensor, stride_zd: tl.tensor, stride_Bb: tl.tensor, stride_Bt: tl.tensor,
+        stride_Bn: tl.tensor, stride_Cb: tl.tensor, stride_Ct: tl.tensor, stride_Cn: tl.tensor, stride_sb: tl.tensor,
+        stride_Ab: tl.tensor, stride_Ad: tl.tensor, stride_h0b: tl.tensor, stride_h0d: tl.tensor,
+        HAS_SCALE: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, THRESHOLD: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr) -> None:
+    """Channels d (BLOCK_D,) of sequence b, token by token: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t,
+    y_t = (C_t · h_t + D x_t) · SiLU(z_t); then the last state. y is (b, l, d) dense, h (b, d, n) dense."""
+    b = tl.program_id(1).to(tl.int64)
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    live_d, live_n = d < channels, n < states
+    dn = live_d[:, None] & live_n[None, :]  # (BLOCK_D, BLOCK_N)
+    A = tl.load(A_ptr + b * stride_Ab + d[:, None] * stride_Ad + n[None, :], mask=dn, other=0.0).to(tl.float32)
+    bias = tl.load(dt_bias_ptr + d, mask=live_d, other=0.0).to(tl.float32)
+    skip = tl.load(D_ptr + d, mask=live_d, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + b * stride_sb + d, mask=live_d, other=1.0)
+    if HAS_H0:
+        h = tl.load(h0_ptr + b * stride_h0b + d[:, None] * stride_h0d + n[None, :], mask=dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    x_row, dt_row, z_row = x_ptr + b * stride_xb, dt_ptr + b * stride_dtb, z_ptr + b * stride_zb
+    B_row, C_row = B_ptr + b * stride_Bb, C_ptr + b * stride_Cb
+    y_row = y_ptr + b * length * channels
+    for t in range(length):
+        x = tl.load(x_row + t * stride_xt + d * stride_xd, mask=live_d, other=0.0).to(tl.float32)
+        v = tl.load(dt_row + t * stride_dtt + d * stride_dtd, mask=live_d, other=0.0).to(tl.float32)
+        B = tl.load(B_row + t * stride_Bt + n * stride_Bn, mask=live_n, other=0.0).to(tl.float32)
+        C = tl.load(C_row + t * stride_Ct + n * stride_Cn, mask=live_n, other=0.0).to(tl.float32)
+        delta = softplus(v + bias, THRESHOLD)
+        if HAS_SCALE:
+            delta *= scale
+        h = h * tl.exp(delta[:, None] * A) + (delta * x)[:, None] * B[None, :]
+        y = tl.sum(h * C[None, :], axis=1) + skip * x
+        if HAS_Z:
+            z = tl.load(z_row + t * stride_zt + d * stride_zd, mask=live_d, other=0.0).to(tl.float32)
+            y *= z / (1.0 + tl.exp(-z))  # SiLU gate
+        tl.store(y_row + t * channels + d, y.to(y_ptr.dtype.element_ty), mask=live_d)
+    tl.store(h_ptr + b * channels * states + d[:, None] * states + n[None, :], h, mask=dn)
+
+
+def mamba1_short_scan(x: Tensor, dt: Tensor, dt_bias: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                      z: Tensor | None, h0: Tensor | None, delta_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mamba1's scan of a batch of equal-length chunks, before the output projection. x, dt, z (b, l, d) and B, C
+    (b, l, n) with any strides (the channels-first views the CUDA back-end's convolution and projections hand
+    on); dt before the bias and softplus; dt_bias, D (d,); A (d, n) or, per sequence, (b, d, n); h0 (b, d, n) or
+    None for zeros; delta_scale (b, d) float32 or None. Returns y (b, l, d) dense in x's dtype and the last state
+    (b, d, n) float32 dense."""
+    b, l, d = x.shape
+    n = A.shape[-1]
+    assert all(t is None or t.stride(-1) == 1 for t in (A, h0, delta_scale))
+    y = torch.empty(b, l, d, dtype=x.dtype, device=x.device)
+    h = torch.empty(b, d, n, dtype=torch.float32, device=x.device)
+    unused = x  # a placeholder pointer where an optional input is absent (its constexpr flag is off)
+    _short_scan_kernel[(triton.cdiv(d, BLOCK_CHANNELS), b)](
+        x, dt, dt_bias, delta_scale if delta_scale is not None else unused, A, B, C, D, z if z is not None else unused,
+        h0 if h0 is not None else unused, y, h, l, d, n, *x.stride(), *dt.stride(),
+        *(z.stride() if z is not None else (0, 0, 0)), *B.stride(), *C.stride(),
+        delta_scale.stride(0) if delta_scale is not None else 0, 0 if A.dim() == 2 else A.stride(0), A.stride(-2),
+        *(h0.stride()[:2] if h0 is not None else (0, 0)),
+        HAS_SCALE=delta_scale is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, THRESHOLD=SOFTPLUS_THRESHOLD,
+        BLOCK_D=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n), num_warps=SCAN_WARPS)
+    return y, h

@@ -1,0 +1,69 @@
+"""The short-chunk Mamba1 scan against the float64 reference scan (on CPU through Triton's interpreter; compiled on
+a GPU), with every input it takes: initial states, an A per sequence, Δ scales, the z gate, channels-first views."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
+pytestmark = pytest.mark.slow  # Triton's interpreter
+
+from runtime.ops import reference, triton_short_scan  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(b: int, l: int, d: int, n: int, dtype: torch.dtype, seed: int) -> dict:
+    g = torch.Generator(DEVICE).manual_seed(seed)
+
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*size, device=DEVICE, generator=g) * scale
+
+    def channels_first(t: torch.Tensor) -> torch.Tensor:  # (b, l, ·) view of (b, ·, l) storage, in the model's dtype
+        return t.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+
+    return dict(x=channels_first(randn(b, l, d)), dt=channels_first(randn(b, l, d, scale=0.5) - 1.0),
+                A=-torch.exp(randn(d, n, scale=0.5)), A_per_sequence=-torch.exp(randn(b, d, n, scale=0.5)),
+                B=channels_first(randn(b, l, n)), C=channels_first(randn(b, l, n)), D=randn(d),
+                z=channels_first(randn(b, l, d)), h0=randn(b, d, n), dt_bias=randn(d, scale=0.1),
+                delta_scale=torch.rand(b, d, device=DEVICE, generator=g) + 0.5)
+
+
+def _check(t: dict, *, A: torch.Tensor, z: torch.Tensor | None, h0: torch.Tensor | None,
+           delta_scale: torch.Tensor | None, dtype: torch.dtype) -> None:
+    b, l, d = t["x"].shape
+    y, h = triton_short_scan.mamba1_short_scan(t["x"], t["dt"], t["dt_bias"], A, t["B"], t["C"], t["D"], z, h0,
+                                               delta_scale)
+    identity = torch.eye(d, device=DEVICE, dtype=torch.float64)  # out_proj: y itself, unrounded
+    want_y, want_h = reference.mamba1_scan(t["x"], t["dt"], A, t["B"], t["C"], t["D"], z, h0, dt_bias=t["dt_bias"],
+                                           delta_scale=delta_scale, out_weight=identity, out_bias=None)
+    assert y.shape == (b, l, d) and y.is_contiguous() and y.dtype == dtype
+    assert h.shape == (b, d, A.shape[-1]) and h.is_contiguous() and h.dtype == torch.float32
+    # float32 maths against float64: y rounded once to the model's dtype
+    y_tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(y.double(), want_y, **y_tolerance)
+    torch.testing.assert_close(h, want_h, rtol=3e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("from_state", [False, True])
+def test_the_short_scan_equals_the_reference_scan(dtype, scaled, from_state):
+    b, l, d, n = 3, 21, 40, 16  # channels not a multiple of the kernel's block
+    t = _inputs(b, l, d, n, dtype, seed=int(scaled) + 2 * int(from_state))
+    _check(t, A=t["A"], z=t["z"], h0=t["h0"] if from_state else None,
+           delta_scale=t["delta_scale"] if scaled else None, dtype=dtype)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_an_a_per_sequence_and_states_that_are_not_a_power_of_two(gated):
+    """An A-spectrum scale gives each sequence its own A; the embedded model has 48 states a channel."""
+    b, l, d, n = 2, 9, 24, 48
+    t = _inputs(b, l, d, n, torch.float32, seed=7)
+    _check(t, A=t["A_per_sequence"], z=t["z"] if gated else None, h0=t["h0"], delta_scale=t["delta_scale"],
+           dtype=torch.float32)
+
+
+def test_one_token_is_a_decode_step():
+    """A chunk of one token (Triton makes a length of 1 a constant)."""
+    t = _inputs(2, 1, 8, 16, torch.float32, seed=9)
+    _check(t, A=t["A"], z=t["z"], h0=t["h0"], delta_scale=None, dtype=torch.float32)
