@@ -7,7 +7,12 @@ import torch
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
 pytestmark = pytest.mark.slow  # Triton's interpreter
 
-from runtime.ops import reference, triton_short_scan  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from checkpoints import VOCAB  # noqa: E402
+from scale_sets import delta_and_a_scales  # noqa: E402
+
+from runtime import batch_scales, load_model  # noqa: E402
+from runtime.ops import reference, torch_ops, triton_short_scan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,3 +72,26 @@ def test_one_token_is_a_decode_step():
     """A chunk of one token (Triton makes a length of 1 a constant)."""
     t = _inputs(2, 1, 8, 16, torch.float32, seed=9)
     _check(t, A=t["A"], z=t["z"], h0=t["h0"], delta_scale=None, dtype=torch.float32)
+
+
+def test_a_model_on_the_short_scan_equals_its_pytorch_scan(checkpoints, monkeypatch):
+    """The mixer hands the scan what the CUDA back-end's short path takes: a chunked prefill of a batch holding a Δ
+    set, identity and an A-spectrum set (each sequence its own A and Δ scale), every chunk from the last one's state,
+    and a batch of one whose Δ set the mixer folds into A, D and the input."""
+    model = load_model(checkpoints["mamba1"], dtype="float32", backend="torch").model
+    delta, a = delta_and_a_scales(model.config)
+    tokens = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    cases = [(tokens, batch_scales([delta, None, a], model.config, DEVICE)),
+             (tokens[:1], batch_scales([delta], model.config, DEVICE))]
+    wanted = [model.prefill(ids, scales=scales, chunk_len=8) for ids, scales in cases]
+
+    def short_scan(x, dt, A, B, C, D, z, h0, *, dt_bias, delta_scale, out_weight, out_bias):  # as cuda_ops runs it
+        y, h = triton_short_scan.mamba1_short_scan(x, dt, dt_bias, A, B, C, D, z, h0, delta_scale)
+        return F.linear(y, out_weight, out_bias), h
+
+    monkeypatch.setattr(torch_ops, "mamba1_scan", short_scan)
+    for (ids, scales), (want, want_state) in zip(cases, wanted):
+        got, got_state = model.prefill(ids, scales=scales, chunk_len=8)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for mine, theirs in zip(got_state.ssm, want_state.ssm):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
