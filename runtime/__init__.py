@@ -9,11 +9,13 @@ from .errors import BackendUnavailableError, CheckpointError, DecimationError, S
 from .extension import IDENTITY, Extension
 from .loader import LoadedModel, fingerprint, load_model
 from .model import MambaLM
+from .padding import Padding, pads_exactly
 from .scales import BatchScales, LayerScales, ScaleMethod, ScaleSet, batch_scales
 from .state import InferenceState, PoolRows
 
 __all__ = [
     "IDENTITY", "MAMBA1", "MAMBA2", "BackendUnavailableError", "BatchScales", "CheckpointError", "Decimation",
-    "DecimationError", "Extension", "InferenceState", "LayerScales", "LoadedModel", "MambaLM", "ModelConfig",
+    "DecimationError", "Extension", "InferenceState", "LayerScales", "LoadedModel", "MambaLM", "ModelConfig", "Padding",
     "PoolRows", "ScaleMethod", "ScaleSet", "ScaleSetError", "batch_scales", "fingerprint", "load_model",
+    "pads_exactly",
 ]

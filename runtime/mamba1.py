@@ -12,6 +12,7 @@ from .backend import Backend
 from .config import ModelConfig
 from .ops.contract import Int8DecodeOps, Mamba1Weights
 from .ops.torch_ops import discretise, ssm_A
+from .padding import Padding
 from .quant import Projection, QuantizedWeight, linear
 from .scales import LayerScales
 from .state import MixerOutput
@@ -56,11 +57,13 @@ class Mamba1Mixer(nn.Module):
         return self._project(dt_low, self.dt_proj), B, C  # (..., d), (..., n), (..., n)
 
     def forward(self, hidden: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None,
-                scales: LayerScales | None, return_delta: bool = False) -> MixerOutput:
+                scales: LayerScales | None, return_delta: bool = False, padding: Padding | None = None) -> MixerOutput:
         """Prefill. hidden: (b, l, D); conv_state (b, d, k-1) and ssm_state (b, d, n) or None for zeros.
-        With `return_delta` the output's Δ is (b, l, d) float32."""
+        With `return_delta` the output's Δ is (b, l, d) float32; with `padding`, rows padded on the right, each
+        new state is its row's after its last real token."""
         ops = self.backend.ops
         x, z = self._project(hidden, self.in_proj, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
+        conv_input, conv_start = x, conv_state
         one_set = scales is not None and (x.shape[0] == 1 or scales.shared)  # every sequence scaled alike
         a_scale = None if scales is None or scales.a is None else scales.a[0] if one_set else scales.a
         A = ssm_A(self.A_log, a_scale)  # (d, n), or (b, d, n) for sets that differ
@@ -75,6 +78,9 @@ class Mamba1Mixer(nn.Module):
             x, conv_state = ops.causal_conv1d(x, conv_weight, conv_bias, conv_state)  # (b, l, d)
             scan_x, scan_A, scan_D, scan_scale = x, A, self.D, delta_scale
         dt, B, C = self._ssm_inputs(x)
+        if padding is not None:
+            dt = padding.silence(dt)
+            conv_state = padding.conv_state(conv_input, conv_start, self.config.d_conv)
         out, ssm_state = ops.mamba1_scan(scan_x, dt, scan_A, B, C, scan_D, z, ssm_state, dt_bias=self.dt_bias,
                                          delta_scale=scan_scale, out_weight=self.out_proj.weight,
                                          out_bias=self.out_proj.bias)  # (b, l, D), (b, d, n)

@@ -13,6 +13,7 @@ from .backend import Backend
 from .config import ModelConfig
 from .ops.contract import Mamba2Weights
 from .ops.torch_ops import discretise, ssm_A
+from .padding import Padding
 from .quant import Projection, linear
 from .scales import LayerScales
 from .state import MixerOutput
@@ -60,13 +61,19 @@ class Mamba2Mixer(nn.Module):
                 C.unflatten(-1, (c.ngroups, c.d_state)))  # type: ignore[no-untyped-call]
 
     def forward(self, hidden: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None,
-                scales: LayerScales | None, return_delta: bool = False) -> MixerOutput:
+                scales: LayerScales | None, return_delta: bool = False, padding: Padding | None = None) -> MixerOutput:
         """Prefill. hidden: (b, l, D). Returns out (b, l, D) and the new (conv_state, ssm_state); with
-        `return_delta` also the scan's Δ (b, l, h) float32 (what a decimating layer ranks positions by)."""
+        `return_delta` also the scan's Δ (b, l, h) float32 (what a decimating layer ranks positions by); with
+        `padding` (where `pads_exactly`), rows padded on the right, each new state is its row's after its last
+        real token."""
         c, ops = self.config, self.backend.ops
         delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, h) each
         z, xBC, dt = self._split(self.in_proj(hidden))  # (b, l, d), (b, l, conv_dim), (b, l, h)
+        conv_input, conv_start = xBC, conv_state
         xBC, conv_state = ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        if padding is not None:
+            dt = padding.silence(dt)
+            conv_state = padding.conv_state(conv_input, conv_start, c.d_conv)
         x, B, C = self._ssm_inputs(xBC)
         y, ssm_state = ops.mamba2_scan(x, dt, ssm_A(self.A_log, a_scale), B, C, self.D, ssm_state,
                                        dt_bias=self.dt_bias, dt_limit=c.dt_limit,

@@ -31,6 +31,7 @@ from .decimation import Decimation
 from .errors import DecimationError
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
+from .padding import Padding, pads_exactly
 from .quant import QuantizedEmbedding, QuantizedLinear, QuantizedWeight, linear
 from .scales import BatchScales
 from .state import InferenceState, MixerOutput, PoolRows
@@ -95,10 +96,11 @@ class MambaLM(nn.Module):
         return cast(Block, self.layers[i])
 
     def _layer(self, i: int, residual: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
-               scales: BatchScales | None,
-               decimation: Decimation | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               scales: BatchScales | None, decimation: Decimation | None = None,
+               padding: Padding | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """residual (b, l, D) -> (b, l, D), or (b, k, D) at the kept positions when this layer decimates; and the
-        layer's new conv and ssm states, from its (conv, ssm) `state` or none."""
+        layer's new conv and ssm states, from its (conv, ssm) `state` or none (with `padding`, each row's after its
+        last real token)."""
         block = self.block(i)
         mixed: MixerOutput = block.mixer(
             block.norm(residual).to(self.dtype),
@@ -106,6 +108,7 @@ class MambaLM(nn.Module):
             None if state is None else state[1],
             None if scales is None else scales[i],
             return_delta=decimation is not None,
+            padding=padding,
         )
         conv, ssm = mixed.state
         residual = residual + mixed.out  # (b, l, D)
@@ -138,14 +141,16 @@ class MambaLM(nn.Module):
         return hidden, InferenceState(conv_states, ssm_states)
 
     def prefill_rows(self, tokens: torch.Tensor, rows: PoolRows, scales: BatchScales | None = None,
-                     decimation: Decimation | None = None) -> torch.Tensor:
+                     decimation: Decimation | None = None, padding: Padding | None = None) -> torch.Tensor:
         """`hidden_states` of a batch whose states are rows of a pool, which advance in place layer by layer
-        (`PoolRows`). Returns the final-normed hidden states (b, l, D) float32 (with `decimation`, (b, k, D))."""
-        return self._layers(tokens, rows.read, rows.write, scales, False, decimation)
+        (`PoolRows`); with `padding` (where `pads_exactly`), rows padded on the right, each row's state ends at its
+        last real token. Returns the final-normed hidden states (b, l, D) float32 (with `decimation`, (b, k, D))."""
+        assert padding is None or (decimation is None and pads_exactly(self.config)), "padding is exact here"
+        return self._layers(tokens, rows.read, rows.write, scales, False, decimation, padding)
 
     def _layers(self, tokens: torch.Tensor, read: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None,
                 write: Callable[[int, torch.Tensor, torch.Tensor], None], scales: BatchScales | None,
-                checkpoint: bool, decimation: Decimation | None) -> torch.Tensor:
+                checkpoint: bool, decimation: Decimation | None, padding: Padding | None = None) -> torch.Tensor:
         """tokens (b, l) through every layer: layer i starts from `read(i)` (None: no state) and hands its new
         conv and ssm states to `write` as soon as it is done. Returns the final-normed hidden states."""
         if decimation is not None:
@@ -160,7 +165,7 @@ class MambaLM(nn.Module):
                 residual, conv, ssm = torch.utils.checkpoint.checkpoint(
                     self._layer, i, residual, state, scales, decimating, use_reentrant=False)
             else:
-                residual, conv, ssm = self._layer(i, residual, state, scales, decimating)
+                residual, conv, ssm = self._layer(i, residual, state, scales, decimating, padding)
             write(i, conv, ssm)
         hidden: torch.Tensor = self.norm_f(residual)  # (b, l, D)
         return hidden

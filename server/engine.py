@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from runtime import Extension, MambaLM
+from runtime import Extension, MambaLM, pads_exactly
 from runtime.device_copy import to_device
 from runtime.tokenizer import Tokenizer
 
@@ -57,7 +57,7 @@ Work = TypeVar("Work")
 @dataclass(frozen=True)
 class StepRecord:
     step: int  # engine step index
-    kind: str  # "prefill" (a batch of equal-length prompt chunks) or "decode" (one token for each request)
+    kind: str  # "prefill" (a batch of prompt chunks) or "decode" (one token for each request)
     request_ids: tuple[str, ...]
     tokens: int  # prompt tokens of all the batch's chunks, or sequences in the decode batch
     prompts_done: tuple[str, ...] = ()  # prefill only: the requests whose prompt the step finished
@@ -114,7 +114,7 @@ class Engine:
             log.info("prefix cache: %d states (%.1f MB)", config.prefix_rows, config.prefix_rows * state_bytes / 2**20)
         self._overlap = model.device.type == "cuda" if config.overlap_decode is None else config.overlap_decode
         self._in_flight: InFlight | None = None  # the decode step launched and not yet landed (overlap only)
-        self.scheduler = Scheduler(config, None if self.prefixes is None else self._resume)
+        self.scheduler = Scheduler(config, None if self.prefixes is None else self._resume, pads_exactly(model.config))
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
         self._cond = threading.Condition()
         self._stopping = False
@@ -356,7 +356,11 @@ class Engine:
             if chunk.last and (group := self._prompt_done(chunk.request, now, finished, outputs)):
                 sampling[row] = group
         if sampling:  # one batched sampling for them all, each request with its own generator
-            logits = self.model.logits(hidden[list(sampling), -1])  # (p, V): each prompt's last position
+            # each prompt's last position: a shorter chunk's row is padded after it (a decimated one's kept
+            # positions end with it)
+            longest = max(c.end - c.start for c in chunks)
+            last = [hidden.shape[1] - 1 - longest + chunks[row].end - chunks[row].start for row in sampling]
+            logits = self.model.logits(hidden[list(sampling), last])  # (p, V)
             members = torch.tensor([len(group) for group in sampling.values()], device=logits.device)  # (p,)
             self._take_tokens([m for group in sampling.values() for m in group],
                               logits.repeat_interleave(members, dim=0), finished, outputs)  # (t, V)

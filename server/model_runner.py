@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from runtime import IDENTITY, BatchScales, Extension, MambaLM, PoolRows, batch_scales
+from runtime import IDENTITY, BatchScales, Extension, MambaLM, Padding, PoolRows, batch_scales
 from runtime.decode_graph import DecodeGraphs, fields_of_batches
 from runtime.device_copy import to_device
 from runtime.ops.launch_classes import chunk_length_classes
@@ -97,18 +97,21 @@ class ModelRunner:
     def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool],
                 buckets: list[str]) -> torch.Tensor:
         """One prompt chunk for each of b sequences, as one batch: slots, firsts and scale buckets (b each), tokens
-        b lists of one length c. A sequence starts from a zero state where `first`, else continues its slot's.
-        Returns the hidden states (b, c, D); a decimated sequence's, alone, (1, k, D) at the kept positions,
-        ending with the prompt's last."""
+        b lists of at most c tokens, of one length or (where the model `pads_exactly`) of several: the shorter
+        ones padded on the right, each state left at its chunk's end. A sequence starts from a zero state where
+        `first`, else continues its slot's. Returns the hidden states (b, c, D), a row's chunk at its first
+        positions; a decimated sequence's, alone, (1, k, D) at the kept positions, ending with the prompt's last."""
         device = self.model.device
         extensions = [self.extensions[bucket] for bucket in buckets]
-        ids = torch.tensor(tokens, device=device)  # (b, c)
+        longest = max(len(chunk) for chunk in tokens)
+        ids = torch.tensor([chunk + [0] * (longest - len(chunk)) for chunk in tokens], device=device)  # (b, c)
+        padding = Padding.of([len(chunk) for chunk in tokens], device)
         fresh = None if all(firsts) else torch.tensor([i for i, first in enumerate(firsts) if first],
                                                       dtype=torch.long, device=device)
         rows = PoolRows(self.pool, torch.tensor(slots, device=device), fresh)
         assert len(extensions) == 1 or all(e.decimation is None for e in extensions), "a decimation prefills alone"
         return self.model.prefill_rows(ids, rows, self._prefill_scales_of(tuple(extensions)),
-                                       decimation=extensions[0].decimation)
+                                       decimation=extensions[0].decimation, padding=padding)
 
     def copy_state(self, slot: int, to: list[int]) -> None:
         """The state of `slot` copied into the slots `to` (the samples of one prompt)."""

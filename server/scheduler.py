@@ -1,17 +1,19 @@
 """Which work the next engine step does: pure bookkeeping, no model (tests drive it with fake outputs).
 
-Each step runs at most one prefill, a batch of prompt chunks of one length from several requests, then one
+Each step runs at most one prefill, a batch of prompt chunks from several requests, then one
 batched decode step for every DECODING request. Waiting requests take free state slots in arrival order.
 
-The prefill batch. A Mamba batch cannot be padded exactly (a pad token would move the recurrent state), so its
-chunks all have the same length L. The requests that are prefilling take turns round-robin: the first in turn,
+The prefill batch: rows of L tokens. The requests that are prefilling take turns round-robin: the first in turn,
 the head, fixes L (≤ `prefill_chunk` tokens of its prompt), and runs even alone past the budget. The others
-join, in turn order, while the step's prompt tokens stay within `max_prefill_tokens`, each with a chunk of L
-tokens where at least L of its prompt remain. A request whose prompt is not done goes to the back of the
-turns, so a short prompt that arrives during a long prefill starts decoding after one chunk of the long one, not
-after all of them (and the long one advances in the short one's batch meanwhile). A decimated request's prompt
-is one chunk, whatever its length, in a batch of its own: decimation ranks the positions of the whole prompt at
-once, one sequence at a time.
+join, in turn order, while the step's rows of L stay within `max_prefill_tokens`, each with a chunk of L tokens
+where at least L of its prompt remain. Where the model pads rows exactly (`runtime.pads_exactly`: a pad position
+with Δ = 0 leaves the state as it was), a shorter rest of a prompt joins too, padded, when it is at least half of
+L, and L is the longest chunk of a prefilling request within twice the head's: a burst of prompts of different
+lengths prefills in a step or a few, not in one step per length. A request whose prompt is not done goes to the
+back of the turns, so a short prompt that arrives during a long prefill starts decoding after one chunk of the
+long one, not after all of them (and the long one advances in the short one's batch meanwhile). A decimated
+request's prompt is one chunk, whatever its length, in a batch of its own: decimation ranks the positions of the
+whole prompt at once, one sequence at a time.
 
 A request with forks (n samples of one prompt) is admitted with all of them at once, each into its own slot;
 only the request prefills, and the engine copies its state into the forks' slots when the prompt is done.
@@ -46,15 +48,16 @@ class PrefillChunk:
 class SchedulerOutput:
     step: int  # index of this engine step, from 0
     admitted: list[Request]  # left the queue for a slot this step (their queue time ends now)
-    prefill: list[PrefillChunk]  # prompt chunks of one length, run as one batch; empty when none is prefilling
+    prefill: list[PrefillChunk]  # prompt chunks, run as one batch (rows of the longest); empty when none is prefilling
     decode: list[Request]  # every DECODING request: one token each, in one batched model step
     finished: list[Request]  # finished before running (aborted, timed out): slots already freed, report them
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, resume: Callable[[Request], int] | None = None):
+    def __init__(self, config: EngineConfig, resume: Callable[[Request], int] | None = None, pads: bool = False):
         self.config = config
         self.resume = resume  # an admitted request's prompt tokens already computed (a cached prefix); None: 0
+        self.pads = pads  # a batch's prompt chunks may differ in length (the model pads rows exactly)
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()  # round-robin order
         self.decoding: list[Request] = []
@@ -105,21 +108,31 @@ class Scheduler:
         if not self.prefilling:
             return []
         head = self.prefilling.popleft()
-        # a decimated prompt is one chunk: decimation ranks the positions of the whole prompt
-        length = head.prompt_left if head.decimates else min(head.prompt_left, self.config.chunk)
-        batch = [head]
-        if not head.decimates:
+        if head.decimates:  # one chunk: decimation ranks the positions of the whole prompt
+            chunks = [PrefillChunk(head, head.num_computed, len(head.prompt_ids))]
+        else:
+            length = self._chunk_length(head)
+            chunks = [PrefillChunk(head, head.num_computed, head.num_computed + min(head.prompt_left, length))]
             budget, turns = self.config.prefill_tokens - length, deque[Request]()
             for request in self.prefilling:
-                if budget >= length and request.prompt_left >= length and not request.decimates:
-                    batch.append(request)
+                take = min(request.prompt_left, length)
+                if budget >= length and not request.decimates and (take == length or self.pads and 2 * take >= length):
+                    chunks.append(PrefillChunk(request, request.num_computed, request.num_computed + take))
                     budget -= length
                 else:
                     turns.append(request)
             self.prefilling = turns
-        chunks = [PrefillChunk(r, r.num_computed, r.num_computed + length) for r in batch]
         self.prefilling.extend(chunk.request for chunk in chunks if not chunk.last)
         return chunks
+
+    def _chunk_length(self, head: Request) -> int:
+        """The step's chunk length L: the head's chunk, or where rows may be padded, the longest chunk of another
+        prefilling request within twice the head's (so the head's row is at least half real tokens)."""
+        own = min(head.prompt_left, self.config.chunk)
+        if not self.pads:
+            return own
+        others = (min(r.prompt_left, self.config.chunk) for r in self.prefilling if not r.decimates)
+        return max([own, *(take for take in others if take <= 2 * own)])
 
     def update(self, output: SchedulerOutput, finished: dict[Request, RequestStatus]) -> None:
         """After the step ran: `finished` holds the requests the step ended (stop, length, error)."""

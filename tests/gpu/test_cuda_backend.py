@@ -10,8 +10,10 @@ if not torch.cuda.is_available():
 
 from checkpoints import VOCAB  # noqa: E402
 from scale_sets import delta_and_a_scales  # noqa: E402
+from server.config import EngineConfig  # noqa: E402
+from server.model_runner import ModelRunner  # noqa: E402
 
-from runtime import Decimation, ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
+from runtime import Decimation, Extension, ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
 from runtime.ops.launch_classes import SHORT_CHUNK  # noqa: E402
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}
@@ -130,3 +132,25 @@ def test_kernels_match_transformers_on_cuda(checkpoints, arch):
         expected = reference(tokens, use_cache=False).logits
     got = ours.logits(ours.hidden_states(tokens)[0])
     assert _relative(got, expected) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("lengths", [(SHORT_CHUNK, 40, 33), (300, 200, 151)])  # the short chunks' kernels, the long
+def test_rows_of_different_lengths_padded_on_the_kernels_equal_each_alone(checkpoints, arch, lengths):
+    """A pad position's dt of −∞ is a Δ of 0 in mamba_ssm's scans and the Triton kernels too: each row's hidden
+    states and its states after its last real token are its own, under a Δ set, identity and an A-spectrum set."""
+    model = load_model(checkpoints[arch], device="cuda", dtype="float32", backend="mamba_ssm").model
+    delta, a = delta_and_a_scales(model.config)
+    extensions = {"4k": Extension(scales=delta), "8k": Extension(scales=a)}
+    tokens = torch.randint(0, VOCAB, (3, max(lengths)), generator=torch.Generator().manual_seed(5)).tolist()
+    chunks = [row[:length] for row, length in zip(tokens, lengths)]
+    slots, buckets = [0, 1, 2], ["4k", "none", "8k"]
+    batched, alone = (ModelRunner(model, EngineConfig(max_batch_size=3), extensions) for _ in range(2))
+    for firsts in ([True] * 3, [False] * 3):  # from zero, then continuing the states the first chunks left
+        hidden = batched.prefill(slots, chunks, firsts, buckets)
+        for row, chunk in enumerate(chunks):
+            want = alone.prefill([slots[row]], [chunk], [firsts[row]], [buckets[row]])
+            assert _relative(hidden[row, :len(chunk)], want[0]) < TOLERANCE["float32"]
+        for layer in range(model.config.n_layer):
+            assert _relative(batched.pool.ssm[layer], alone.pool.ssm[layer]) < TOLERANCE["float32"]
+            assert _relative(batched.pool.conv[layer], alone.pool.conv[layer]) < TOLERANCE["float32"]

@@ -59,6 +59,23 @@ def test_prompts_of_one_length_prefill_together_and_complete_as_alone(client, li
     assert [c["text"] for c in body["choices"]] == [text_of(client, prompt=p, scale_bucket="128") for p in prompts]
 
 
+def test_prompts_of_different_lengths_prefill_in_one_step_and_complete_and_score_as_alone(client, live):
+    """Chunks of 16, 12 and 9 tokens share one prefill step, the shorter rows padded (each state left after its
+    last real token): the greedy completions, and the echoed prompts' logprobs, are each prompt's alone."""
+    live.wait_idle()
+    prompts = [[(5 * i + 3 * k) % 90 + 3 for k in range(length)] for i, length in enumerate((16, 12, 9))]
+    body = post(client, prompt=prompts, scale_bucket="128")
+    prefills = [r for r in live.engine.step_log if r.kind == "prefill"
+                and any(i.startswith(body["id"]) for i in r.request_ids)]
+    assert [(len(r.request_ids), r.tokens) for r in prefills] == [(3, 37)]
+    assert [c["text"] for c in body["choices"]] == [text_of(client, prompt=p, scale_bucket="128") for p in prompts]
+    scored = post(client, prompt=prompts, max_tokens=0, echo=True, logprobs=1)
+    for choice, prompt in zip(scored["choices"], prompts):
+        [single] = post(client, prompt=prompt, max_tokens=0, echo=True, logprobs=1)["choices"]
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(single["logprobs"]["token_logprobs"][1:],
+                                                                         rel=1e-5, abs=1e-5)
+
+
 def test_batched_prompts_score_as_single_ones_each_with_its_own_bucket(client):
     """lm-evaluation-harness batches loglikelihood requests: echo + logprobs + max_tokens 0 over a list. The long
     prompt's chunks share prefill steps with the short one's (a batch of two buckets' scales), so its logprobs

@@ -121,3 +121,30 @@ def test_a_batch_of_chunks_gives_each_sequence_what_it_gets_alone(checkpoints, a
     _same_as_alone(batched, alone, slots, [p[-12:] for p in prompts], [n == 0 for n in before], buckets)
     fresh = [1, 2, 5]  # fresh chunks only (no state: the path every first chunk takes)
     _same_as_alone(batched, alone, fresh, [prompts[s][:12] for s in fresh], [True] * 3, [buckets[s] for s in fresh])
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_chunks_of_different_lengths_in_one_batch_equal_each_alone(checkpoints, arch):
+    """Rows padded on the right, each with a Δ of 0 at its pad positions: every sequence's hidden states at its real
+    positions and its states after its last real token are what it gets alone, whether it starts from zero or
+    continues its slot's state, under a Δ set, identity or an A-spectrum set."""
+    model = load_model(checkpoints[arch]).model
+    delta, a = _delta_set(model.config, 1.5), ScaleSet(ScaleMethod.A_SPECTRUM, tuple(
+        torch.tensor(0.7) for _ in range(model.config.n_layer)))
+    extensions = {"4k": Extension(scales=delta), "8k": Extension(scales=a)}
+    slots, buckets = [0, 1, 2, 3], ["4k", "none", "8k", "4k"]
+    first_chunks = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    chunks = [[20, 21, 22, 23, 24, 25, 26], [27, 28], [29, 30, 31, 32, 33], [34]]  # 7, 2, 5 and 1 tokens
+    firsts = [False, True, False, True]  # slots 1 and 3 start again from zero
+    batched, alone = (ModelRunner(model, EngineConfig(max_batch_size=4), extensions) for _ in range(2))
+    for runner in (batched, alone):
+        runner.prefill(slots, [c[:1] for c in first_chunks], [True] * 4, buckets)
+        runner.prefill(slots, [c[1:] or [3] for c in first_chunks], [False] * 4, buckets)  # the carried states
+    hidden = batched.prefill(slots, chunks, firsts, buckets)  # (4, 7, D)
+    assert hidden.shape[:2] == (4, 7)
+    for row, (slot, chunk) in enumerate(zip(slots, chunks)):
+        want = alone.prefill([slot], [chunk], [firsts[row]], [buckets[row]])  # (1, len, D)
+        torch.testing.assert_close(hidden[row, :len(chunk)], want[0], rtol=1e-5, atol=1e-5)
+    for layer in range(model.config.n_layer):
+        torch.testing.assert_close(batched.pool.conv[layer][slots], alone.pool.conv[layer][slots], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched.pool.ssm[layer][slots], alone.pool.ssm[layer][slots], rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The scheduler alone, driven with fake model outputs (no model): chunking, round-robin prefill, batches of
-equal-length chunks under the prefill budget, slots, queue bound, abort and timeout."""
+equal-length chunks (or padded rows, where the model pads exactly) under the prefill budget, slots, queue bound,
+abort and timeout."""
 
 import subprocess
 import sys
@@ -95,6 +96,34 @@ def test_a_request_left_out_of_a_batch_heads_the_next_one():
     assert steps == [[("a", 0, 16), ("c", 0, 16)],
                      [("b", 0, 8), ("a", 16, 24), ("c", 16, 24)],
                      [("a", 24, 40), ("c", 24, 40)]]
+
+
+def test_where_rows_pad_a_burst_of_prompts_of_different_lengths_prefills_in_one_step():
+    """L is the longest chunk within twice the head's; every shorter prompt of at least half of L joins, padded.
+    Without padding the same burst takes a step for each length its rests come to."""
+    lengths = {"a": 48, "b": 64, "c": 80, "d": 56, "e": 72}
+    scheduler = Scheduler(config(max_batch_size=5, prefill_chunk=128, max_prefill_tokens=512), pads=True)
+    for name, length in lengths.items():
+        scheduler.add(make_request(name, length))
+    assert batch(run_step(scheduler)) == [(name, 0, length) for name, length in lengths.items()]
+    assert not scheduler.prefilling and len(scheduler.decoding) == 5
+    unpadded = Scheduler(config(max_batch_size=5, prefill_chunk=128, max_prefill_tokens=512))
+    for name, length in lengths.items():
+        unpadded.add(make_request(name, length))
+    steps = 0
+    while unpadded.prefilling or unpadded.waiting:
+        steps += bool(run_step(unpadded).prefill)
+    assert steps == 4
+
+
+def test_padded_rows_count_against_the_budget_and_a_rest_under_half_of_the_rows_waits():
+    scheduler = Scheduler(config(max_batch_size=4, prefill_chunk=64, max_prefill_tokens=100), pads=True)
+    for name, length in (("a", 30), ("b", 40), ("c", 10), ("d", 35)):
+        scheduler.add(make_request(name, length))
+    # L = 40 (within twice a's 30): a and b fill 80 of the 100 tokens, so d waits though 35 ≥ 20; c is under 20
+    assert batch(run_step(scheduler)) == [("a", 0, 30), ("b", 0, 40)]
+    assert batch(run_step(scheduler)) == [("c", 0, 10), ("d", 0, 10)]  # L = 10: d's 35 is over twice c's
+    assert batch(run_step(scheduler)) == [("d", 10, 35)]
 
 
 def test_a_decimated_prompt_neither_joins_a_batch_nor_heads_one_with_others():
