@@ -4,8 +4,9 @@ The CUDA back-end's `mamba1_scan` (the scan and out_proj) of a batch of equal-le
 Mamba1 layer of the named models with random bf16 inputs in the layouts the back-end hands on (the channels-first
 views of its convolution and projections), both ways in the same run: mamba_ssm's `selective_scan_fn` (with
 `triton_scan_state` after it for a chunk that continues a state: `cuda_ops.long_chunk_scan`) and the short-chunk
-kernel, each followed by out_proj; µs per call in a replayed CUDA graph, for each batch and chunk length. `launch_classes.SHORT_CHUNK` (the longest chunk that takes
-the short kernel) should be the longest length at which the short kernel wins at every batch of the sweep.
+kernel, each followed by out_proj; µs per call in a replayed CUDA graph, for each batch and chunk length.
+`launch_classes.SHORT_CHUNK` (the longest chunk that takes the short kernel) should be the longest length at which
+the short kernel wins at every batch of the sweep.
 `--sweep` also times the short kernel's launch constants at one batch and length.
 
     python -m bench.gpu_short_scan --json $OUT/short_scan.json

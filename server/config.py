@@ -66,6 +66,10 @@ class EngineConfig:
     # launch a decode step before the last one's tokens are taken, so that the host's per-token work (finish rules,
     # detokenising, outputs) runs while the device computes; None: on CUDA (on a CPU the host is the device)
     overlap_decode: bool | None = None
+    # prompt chunks of different lengths share a prefill step, the shorter rows padded (exactly, where the model
+    # `pads_exactly`); None: on CUDA, where a step's fixed cost outweighs the pad positions' work (on a CPU the
+    # padded work is the step's time)
+    prefill_padding: bool | None = None
     # dtype the state slots store SSM states in ("float32", "bfloat16", "float16"); None: the model's dtype, as
     # vLLM's default and mamba_ssm's generate keep them (a bfloat16 GPU model's batch-64 step waits on their traffic)
     ssm_state_dtype: str | None = None
@@ -247,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
                    help="launch each decode step before the last one's tokens are taken, so that the host's "
                         "per-token work overlaps the device's step (auto: on CUDA)")
+    p.add_argument("--prefill-padding", choices=("auto", "on", "off"), default="auto",
+                   help="let prompt chunks of different lengths share a prefill step, the shorter ones padded "
+                        "(exact: the pad positions leave the state as it was; Mamba1, and Mamba2 with a Δ floor of "
+                        "0), so a burst of prompts prefills in a few steps (auto: on CUDA)")
     p.add_argument("--mamba-ssm-cache-dtype", choices=("float32", "bfloat16", "float16", "auto"), default="auto",
                    help="dtype the state slots store the SSM states in (vLLM's flag; the steps compute in float32 "
                         "either way). auto: the model's dtype, as vLLM's default and mamba_ssm's generate keep them; "
@@ -306,6 +314,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.max_prefill_tokens,
                           args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager,
                           overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
+                          prefill_padding={"auto": None, "on": True, "off": False}[args.prefill_padding],
                           ssm_state_dtype=None if args.mamba_ssm_cache_dtype == "auto" else args.mamba_ssm_cache_dtype,
                           prefix_cache_slots=args.prefix_cache_slots if args.enable_prefix_caching else 0)
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None

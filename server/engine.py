@@ -114,7 +114,9 @@ class Engine:
             log.info("prefix cache: %d states (%.1f MB)", config.prefix_rows, config.prefix_rows * state_bytes / 2**20)
         self._overlap = model.device.type == "cuda" if config.overlap_decode is None else config.overlap_decode
         self._in_flight: InFlight | None = None  # the decode step launched and not yet landed (overlap only)
-        self.scheduler = Scheduler(config, None if self.prefixes is None else self._resume, pads_exactly(model.config))
+        padding = model.device.type == "cuda" if config.prefill_padding is None else config.prefill_padding
+        self.scheduler = Scheduler(config, None if self.prefixes is None else self._resume,
+                                   padding and pads_exactly(model.config))
         self.step_log: deque[StepRecord] = deque(maxlen=config.step_log_size)
         self._cond = threading.Condition()
         self._stopping = False

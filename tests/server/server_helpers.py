@@ -25,7 +25,7 @@ TRAINING_LENGTH = 64  # recorded in the test bank: auto requests up to 64 tokens
 # bucket → (method, granularity, scale per layer): "128" is far from 1 so its text differs from identity's
 BUCKETS = {"128": ("delta", "layer", 6.0), "256": ("delta", "per-channel", 0.3), "512": ("decimate", "none", None)}
 SERVER_FLAGS = ["--max-batch-size", "4", "--prefill-chunk", "16", "--max-context", "4096", "--heartbeat", "0.05",
-                "--served-model-name", "tiny"]
+                "--served-model-name", "tiny", "--prefill-padding", "on"]  # padded rows as a GPU server runs them
 
 
 def make_bank(path: Path, model_dir: Path, quantize: str | None = None) -> Bank:

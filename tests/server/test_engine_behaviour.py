@@ -2,7 +2,9 @@
 chunked prefill interleaves with decode, a client that leaves frees its slot, metrics count what was sent."""
 
 import concurrent.futures
+import dataclasses
 import json
+import math
 import threading
 from functools import partial
 
@@ -236,3 +238,17 @@ def test_the_peak_memory_reported_is_never_below_a_current_size_reported_before_
     assert memory.current() == 5e12
     monkeypatch.setattr(metrics, "resident_memory_bytes", lambda: 1.0)
     assert memory.peak() == 5e12
+
+
+def test_prefill_padding_is_on_where_asked_or_on_cuda_and_only_where_the_model_pads_exactly(model_dirs, tmp_path):
+    """auto: on CUDA only (on a CPU the pad positions' work is the step's time); a Mamba2 whose Δ has a floor above
+    0 never pads, whatever is asked."""
+    tokenizer = Tokenizer(train_tokenizer(tmp_path / "tokenizer.json", vocab_size=72))
+    for arch in ("mamba1", "mamba2"):
+        model = load_model(model_dirs[arch]).model
+        for asked, pads in ((None, False), (True, True), (False, False)):
+            config = EngineConfig(max_batch_size=2, prefill_padding=asked)
+            assert Engine(model, tokenizer, config, Metrics(model.device)).scheduler.pads is pads
+    model.config = dataclasses.replace(model.config, dt_limit=(1e-3, math.inf))
+    config = EngineConfig(max_batch_size=2, prefill_padding=True)
+    assert Engine(model, tokenizer, config, Metrics(model.device)).scheduler.pads is False
