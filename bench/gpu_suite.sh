@@ -29,6 +29,10 @@ for temperature in 0 0.8; do  # the engine alone against its runner: what its bo
   python3 -m bench.engine_steps --shape 130m --device cuda --batch 1,64,256 --temperature $temperature --profile \
     --json "$out/engine_steps_t$temperature.json" -- --max-batch-size 256 --max-queue 256 2>&1 | grep -v " INFO " | tail -40
 done
+for lengths in 32-96 100-1000; do  # a burst of prompts of different lengths: padded rows against one length
+  python3 -m bench.prefill_burst --shape 130m --device cuda --requests 64 --prompt-tokens $lengths \
+    --json "$out/prefill_burst_$lengths.json" -- --max-batch-size 256 2>&1 | grep -v " INFO " | tail -6
+done
 python3 -m bench.http_ttft --shape 130m --device cuda --tokens 60000 --race --json "$out/http_ttft.json" 2>&1 \
   | grep -v " INFO " | tail -2
 for shape in ${shapes//,/ }; do
