@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import torch
 
 
-def to_device(host: torch.Tensor | Sequence[int] | Sequence[float], device: torch.device,
+def to_device(host: torch.Tensor | Sequence[int] | Sequence[float] | Sequence[Sequence[int]], device: torch.device,
               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`host` (a tensor, or values made a tensor of `dtype`) on `device`; on CUDA queued rather than waited for."""
+    """`host` (a tensor, or values, rows of values too, made a tensor of `dtype`) on `device`; on CUDA queued rather
+    than waited for."""
     queued = device.type == "cuda"
     if not isinstance(host, torch.Tensor):
         host = torch.tensor(host, dtype=dtype, pin_memory=queued)

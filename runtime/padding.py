@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MAMBA2, ModelConfig
+from .device_copy import to_device
 
 Tensor = torch.Tensor
 
@@ -34,7 +35,7 @@ class Padding:
         longest = max(lengths)
         if min(lengths) == longest:
             return None
-        ends = torch.tensor(lengths, device=device)  # (b,)
+        ends = to_device(lengths, device, torch.long)  # (b,)
         return cls(ends, (torch.arange(longest, device=device)[None, :] >= ends[:, None])[..., None])
 
     def silence(self, dt: Tensor) -> Tensor:

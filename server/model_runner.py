@@ -104,11 +104,11 @@ class ModelRunner:
         device = self.model.device
         extensions = [self.extensions[bucket] for bucket in buckets]
         longest = max(len(chunk) for chunk in tokens)
-        ids = torch.tensor([chunk + [0] * (longest - len(chunk)) for chunk in tokens], device=device)  # (b, c)
+        # queued copies (to_device): the host goes on launching the step while the device finishes the last one
+        ids = to_device([chunk + [0] * (longest - len(chunk)) for chunk in tokens], device, torch.long)  # (b, c)
         padding = Padding.of([len(chunk) for chunk in tokens], device)
-        fresh = None if all(firsts) else torch.tensor([i for i, first in enumerate(firsts) if first],
-                                                      dtype=torch.long, device=device)
-        rows = PoolRows(self.pool, torch.tensor(slots, device=device), fresh)
+        fresh = None if all(firsts) else to_device([i for i, first in enumerate(firsts) if first], device, torch.long)
+        rows = PoolRows(self.pool, to_device(slots, device, torch.long), fresh)
         assert len(extensions) == 1 or all(e.decimation is None for e in extensions), "a decimation prefills alone"
         return self.model.prefill_rows(ids, rows, self._prefill_scales_of(tuple(extensions)),
                                        decimation=extensions[0].decimation, padding=padding)
