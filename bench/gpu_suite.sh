@@ -12,7 +12,7 @@ mkdir -p "$out"
 python3 -c "import torch, mamba_ssm; print(torch.__version__, torch.cuda.get_device_name(), mamba_ssm.__version__)"
 timeout 480 python3 -m pytest -q tests/gpu tests/runtime/test_triton_decode.py tests/runtime/test_triton_channels.py \
   tests/runtime/test_triton_int8.py tests/runtime/test_triton_mamba2.py tests/runtime/test_triton_scan_state.py \
-  tests/runtime/test_triton_short_scan.py \
+  tests/runtime/test_triton_short_scan.py tests/runtime/test_triton_short_conv.py \
   tests/runtime/test_state_dtype.py tests/server/test_overlap_decode.py tests/server/test_engine_on_device.py \
   > "$out/tests.txt" 2>&1; grep -E "FAILED|passed|failed" "$out/tests.txt" | tail -15
 python3 -m bench.gpu_decode --shapes "$shapes,mamba2-780m,mamba2-2.7b" --batch 64 --json "$out/decode.json" 2>&1 \

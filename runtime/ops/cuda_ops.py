@@ -17,7 +17,8 @@ the state update with its per-sequence scales, the gated RMSNorm), between the s
 prefill hands the scan's output to the same gated-norm kernel. Mamba1 prefill from a carried state runs
 `selective_scan_fn` from zero (it takes no initial state) and adds the state's terms after it
 (`triton_scan_state`); a short chunk's (`launch_classes.SHORT_CHUNK`), as a burst of short prompts makes, runs
-`triton_short_scan`, which takes states, an A and a Δ scale per sequence.
+`triton_short_scan`, which takes states, an A and a Δ scale per sequence, after one convolution kernel
+(`triton_short_conv`) for either architecture.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-from . import torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_scan_state, triton_short_scan, triton_ssm
+from . import (torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_scan_state, triton_short_conv,
+               triton_short_scan, triton_ssm)
 from .launch_classes import SHORT_CHUNK, SSD_CHUNK
 
 try:  # the convolution kernels are a separate, optional package; the PyTorch conv is exact too
@@ -62,7 +64,10 @@ def causal_conv1d_scaled(x: Tensor, weight: Tensor, bias: Tensor | None, state: 
 def _convolve(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
               scale: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
     """Both convolutions above: (y, y · scale or None, new state), y (b, l, c) views of dense (b, c, l) storage:
-    mamba_ssm's scan loads its rows in 16-byte vectors, so a row may not start k-1 elements into a buffer."""
+    mamba_ssm's scan loads its rows in 16-byte vectors, so a row may not start k-1 elements into a buffer. A chunk
+    of at most SHORT_CHUNK tokens is one kernel (`triton_short_conv`) unless autograd records it."""
+    if x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, weight, bias, state, scale):
+        return triton_short_conv.short_causal_conv1d(x, weight, bias, state, scale)
     k = weight.shape[-1]
     x = x.transpose(1, 2)  # (b, c, l)
     carried = 0 if state is None else k - 1  # leading positions that are the state's, not outputs

@@ -3,8 +3,8 @@
 PyTorch runs an element-wise op on a strided or broadcast operand through its generic, unvectorised kernel:
 the SiLU after the convolution reads a slice of the padded convolution output, and a per-channel Δ scale
 broadcasts over positions, so each pass moved memory at a third of the bandwidth. Here each program streams
-a contiguous block of one channel's positions (of a short chunk's short rows, several channels' at once).
-Results equal PyTorch's: float32 maths, one rounding to the tensor's dtype per op.
+a contiguous block of one channel's positions. Results equal PyTorch's: float32 maths, one rounding to the
+tensor's dtype per op.
 """
 
 from __future__ import annotations
@@ -17,31 +17,27 @@ import triton.language as tl
 from .triton_jit import jit
 
 from . import torch_ops
-from .launch_classes import SHORT_CHUNK
 
-BLOCK_POSITIONS = 1024  # elements a program streams
+BLOCK_POSITIONS = 1024
 
 
 @jit
 def _channel_rows_kernel(in_ptr: tl.tensor, scale_ptr: tl.tensor, out_ptr: tl.tensor, scaled_ptr: tl.tensor,
-                         channels: tl.tensor, length: tl.tensor, stride_in: tl.tensor, stride_out: tl.tensor,
-                         SILU: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr) -> None:
-    """Rows c (ROWS channels) of batch row b: with SILU out[b, c, :length] = silu(in[b, c, :length]); with a scale
-    scaled[b, c, :length] = that (or in itself) · scale[b, c]. Both outputs have row stride `stride_out`."""
-    b = tl.program_id(1).to(tl.int64)  # batch rows on the second axis, blocks of positions on the third
-    c = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) channels
-    t = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions
-    r = b * channels + c  # (ROWS,) rows of the (b·d, ·) buffers
-    live = (c < channels)[:, None] & (t < length)[None, :]  # (ROWS, BLOCK)
-    v = tl.load(in_ptr + r[:, None] * stride_in + t[None, :], mask=live, other=0.0).to(tl.float32)
+                         length: tl.tensor, stride_in: tl.tensor, stride_out: tl.tensor, SILU: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr) -> None:
+    """Row r (a batch row's channel): with SILU out[r, :length] = silu(in[r, :length]); with a scale
+    scaled[r, :length] = that (or in itself) · scale[r]. Both outputs have row stride `stride_out`."""
+    r = tl.program_id(0).to(tl.int64)  # rows on the grid's first axis: a batch's b·d exceeds the others' 65535
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions
+    live = t < length
+    v = tl.load(in_ptr + r * stride_in + t, mask=live, other=0.0).to(tl.float32)
     if SILU:
         v = (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + r[:, None] * stride_out + t[None, :], v, mask=live)
+        tl.store(out_ptr + r * stride_out + t, v, mask=live)
         v = v.to(tl.float32)
     if HAS_SCALE:  # the scale rounded to the activations' dtype first, as `x * s.to(x.dtype)` rounds it
-        s = tl.load(scale_ptr + r, mask=c < channels, other=1.0).to(scaled_ptr.dtype.element_ty).to(tl.float32)
-        v *= s[:, None]
-        tl.store(scaled_ptr + r[:, None] * stride_out + t[None, :], v.to(scaled_ptr.dtype.element_ty), mask=live)
+        v *= tl.load(scale_ptr + r).to(scaled_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(scaled_ptr + r * stride_out + t, v.to(scaled_ptr.dtype.element_ty), mask=live)
 
 
 def _dense_rows(x: torch.Tensor) -> bool:
@@ -57,11 +53,9 @@ def _rows(x: torch.Tensor, length: int, scale: torch.Tensor | None,
     assert _dense_rows(x)
     out = torch.empty(b, d, length, dtype=x.dtype, device=x.device) if silu else None
     scaled = torch.empty(b, d, length, dtype=x.dtype, device=x.device) if scale is not None else None
-    # a short chunk's rows are short: a program takes several rather than mask most of one block of positions
-    rows, block = (BLOCK_POSITIONS // SHORT_CHUNK, SHORT_CHUNK) if length <= SHORT_CHUNK else (1, BLOCK_POSITIONS)
-    _channel_rows_kernel[(triton.cdiv(d, rows), b, triton.cdiv(length, block))](
-        x, x if scale is None else scale, x if out is None else out, x if scaled is None else scaled, d, length,
-        x.stride(1), length, SILU=silu, HAS_SCALE=scale is not None, ROWS=rows, BLOCK=block)
+    _channel_rows_kernel[(b * d, triton.cdiv(length, BLOCK_POSITIONS))](
+        x, x if scale is None else scale, x if out is None else out, x if scaled is None else scaled, length,
+        x.stride(1), length, SILU=silu, HAS_SCALE=scale is not None, BLOCK=BLOCK_POSITIONS)
     return out, scaled
 
 

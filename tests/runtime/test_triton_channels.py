@@ -8,7 +8,6 @@ pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRIT
 pytestmark = pytest.mark.slow  # Triton's interpreter
 
 from runtime.ops import torch_ops, triton_channels  # noqa: E402
-from runtime.ops.launch_classes import SHORT_CHUNK  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -20,12 +19,10 @@ def _g(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("carried", [0, 3])
-@pytest.mark.parametrize("length", [1500, 37])  # over one program's block of positions; a short chunk's rows
-def test_silu_of_a_padded_convolution_output_and_its_scaled_copy_equal_pytorch(dtype, scaled, carried, length):
+def test_silu_of_a_padded_convolution_output_and_its_scaled_copy_equal_pytorch(dtype, scaled, carried):
     """With `carried`, the positions of a carried convolution state lead the buffer: the SiLU reads past them
-    and writes dense rows (the CUDA scan's vector loads need rows that start aligned). A short chunk's program
-    takes several rows: 21 channels leave the last program's part."""
-    b, d, pad = 2, 5 if length > SHORT_CHUNK else 21, 3
+    and writes dense rows (the CUDA scan's vector loads need rows that start aligned)."""
+    b, d, length, pad = 2, 5, 1500, 3  # positions over one program's block
     buffer = torch.randn(b, d, carried + length + pad, device=DEVICE, generator=_g(0)).to(dtype) * 4
     padded = buffer[..., carried:]  # (b, d, length + pad) view
     scale = torch.rand(b, d, device=DEVICE, generator=_g(5)) + 0.5 if scaled else None
@@ -61,9 +58,8 @@ def test_silu_of_a_one_position_convolution_answered_channels_last(scaled):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length", [1300, SHORT_CHUNK])
-def test_scale_channels_equals_pytorch_and_keeps_the_channels_first_layout(dtype, length):
-    b, d = 2, 6
+def test_scale_channels_equals_pytorch_and_keeps_the_channels_first_layout(dtype):
+    b, length, d = 2, 1300, 6
     x = torch.randn(b, d, length, device=DEVICE, generator=_g(1)).to(dtype).transpose(1, 2)  # (b, l, d) view
     scale = torch.rand(b, d, device=DEVICE, generator=_g(2)) + 0.5
     got = triton_channels.scale_channels(x, scale)
