@@ -26,28 +26,30 @@ def pads_exactly(config: ModelConfig) -> bool:
 
 @dataclass(frozen=True)
 class Padding:
-    lengths: Tensor  # (b,) int64: each row's real tokens
     pad: Tensor  # (b, l, 1) bool: the positions past a row's length
+    state_at: Tensor  # (b, 1, k-1) int64: where each row's convolution state is in its state's inputs and then x's
 
     @classmethod
-    def of(cls, lengths: list[int], device: torch.device) -> Padding | None:
-        """Rows of these lengths padded to the longest; None where they are all that long (nothing to pad)."""
+    def of(cls, lengths: list[int], device: torch.device, conv_width: int) -> Padding | None:
+        """Rows of these lengths padded to the longest, for a convolution of `conv_width` taps; None where they are
+        all that long (nothing to pad). Made once a step: every layer reads it."""
         longest = max(lengths)
         if min(lengths) == longest:
             return None
         ends = to_device(lengths, device, torch.long)  # (b,)
-        return cls(ends, (torch.arange(longest, device=device)[None, :] >= ends[:, None])[..., None])
+        pad = (torch.arange(longest, device=device)[None, :] >= ends[:, None])[..., None]  # (b, l, 1)
+        # row i's last k-1 inputs end at x[lengths[i] - 1], position k-2 + lengths[i] of the state's and x's inputs
+        return cls(pad, (ends[:, None] + torch.arange(conv_width - 1, device=device))[:, None, :])
 
     def silence(self, dt: Tensor) -> Tensor:
         """dt (b, l, c) before the bias and softplus, −∞ at the pad positions: Δ = 0 there."""
         return dt.masked_fill(self.pad, -torch.inf)
 
-    def conv_state(self, x: Tensor, state: Tensor | None, k: int) -> Tensor:
+    def conv_state(self, x: Tensor, state: Tensor | None) -> Tensor:
         """The convolution state after each row's last real input: x (b, l, c) the convolution's input, state
         (b, c, k-1) the one it started from (None: zeros). Returns (b, c, k-1) in x's dtype."""
         b, _, c = x.shape
-        start = torch.zeros(b, c, k - 1, dtype=x.dtype, device=x.device) if state is None else state.to(x.dtype)
+        k1 = self.state_at.shape[-1]  # k-1
+        start = torch.zeros(b, c, k1, dtype=x.dtype, device=x.device) if state is None else state.to(x.dtype)
         inputs = torch.cat((start, x.transpose(1, 2)), dim=-1)  # (b, c, k-1+l): the state's, then x's
-        # row i's last k-1 inputs end at x[lengths[i] - 1], position k-2 + lengths[i] of `inputs`
-        at = self.lengths[:, None] + torch.arange(k - 1, device=x.device)  # (b, k-1)
-        return inputs.gather(-1, at[:, None, :].expand(b, c, k - 1))
+        return inputs.gather(-1, self.state_at.expand(b, c, k1))

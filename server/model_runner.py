@@ -106,7 +106,7 @@ class ModelRunner:
         longest = max(len(chunk) for chunk in tokens)
         # queued copies (to_device): the host goes on launching the step while the device finishes the last one
         ids = to_device([chunk + [0] * (longest - len(chunk)) for chunk in tokens], device, torch.long)  # (b, c)
-        padding = Padding.of([len(chunk) for chunk in tokens], device)
+        padding = Padding.of([len(chunk) for chunk in tokens], device, self.model.config.d_conv)
         fresh = None if all(firsts) else to_device([i for i, first in enumerate(firsts) if first], device, torch.long)
         rows = PoolRows(self.pool, to_device(slots, device, torch.long), fresh)
         assert len(extensions) == 1 or all(e.decimation is None for e in extensions), "a decimation prefills alone"
