@@ -1,15 +1,16 @@
-"""Where the short-chunk Mamba1 scan (`runtime.ops.triton_short_scan`) beats mamba_ssm's, swept on the GPU.
+"""Where the short-chunk scans (`runtime.ops.triton_short_scan`) beat mamba_ssm's, swept on the GPU.
 
-The CUDA back-end's `mamba1_scan` (the scan and out_proj) of a batch of equal-length prompt chunks, shaped as a
-Mamba1 layer of the named models with random bf16 inputs in the layouts the back-end hands on (the channels-first
-views of its convolution and projections), both ways in the same run: mamba_ssm's `selective_scan_fn` (with
-`triton_scan_state` after it for a chunk that continues a state: `cuda_ops.long_chunk_scan`) and the short-chunk
-kernel, each followed by out_proj; µs per call in a replayed CUDA graph, for each batch and chunk length.
-`launch_classes.SHORT_CHUNK` (the longest chunk that takes the short kernel) should be the longest length at which
-the short kernel wins at every batch of the sweep.
-`--sweep` also times the short kernel's launch constants at one batch and length.
+A batch of equal-length prompt chunks through one layer's scan, shaped as the named models' layers with random bf16
+inputs in the layouts the CUDA back-end hands on (channels-first views of its convolution and projections), both
+ways in the same run: for a Mamba1 shape `mamba1_scan`'s scan and out_proj, by mamba_ssm's `selective_scan_fn`
+(with `triton_scan_state` after it for a chunk that continues a state: `cuda_ops.long_chunk_scan`) and by the short
+kernel; for a Mamba2 shape the scan on a discretised Δ, by mamba_ssm's `mamba_chunk_scan_combined`
+(`cuda_ops.long_chunk_ssd_scan`) and by the short kernel. µs per call in a replayed CUDA graph, for each batch and
+chunk length. `launch_classes.SHORT_CHUNK` (the longest chunk that takes the short kernels) should be the longest
+length at which they win at every batch of the sweep. `--sweep` also times Mamba1's short kernel's launch
+constants at one batch and length.
 
-    python -m bench.gpu_short_scan --json $OUT/short_scan.json
+    python -m bench.gpu_short_scan --shapes 130m,1.4b,mamba2-780m,mamba2-2.7b --json $OUT/short_scan.json
     python -m bench.gpu_short_scan --shapes 130m --batch 64 --lengths 64 --sweep
 """
 
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 
 from runtime.ops import cuda_ops, triton_short_scan
 
-from .gpu_kernels import D_STATE, graph_us
-from .gpu_models import SHAPES
+from .gpu_kernels import D_STATE, MAMBA2_D_STATE, MAMBA2_HEAD_DIM, graph_us
+from .gpu_models import MAMBA2_SHAPES, SHAPES
 from .report import print_row, print_table, save_json
 
 CALLS = 8  # calls per graph replay (on the same tensors)
@@ -53,8 +54,28 @@ def scan_inputs(shape: str, batch: int, length: int, from_state: bool, seed: int
                 out_weight=randn(d_model, d, dtype=torch.bfloat16, scale=d ** -0.5))
 
 
+def mamba2_scan_inputs(shape: str, batch: int, length: int, from_state: bool, seed: int = 0) -> dict:
+    """The Mamba2 scan's arguments for a layer of `shape`: x (b, l, h, p) and B, C (b, l, 1, n) as views of the
+    convolution's (b, l, c) output, itself a view of (b, c, l) storage, bf16; Δ (b, l, h), A, D float32; h0 or None."""
+    d = 2 * SHAPES[shape][0]
+    heads, n = d // MAMBA2_HEAD_DIM, MAMBA2_D_STATE
+    g = torch.Generator("cuda").manual_seed(seed)
+    xBC = torch.randn(batch, d + 2 * n, length, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    x, B, C = torch.split(xBC, [d, n, n], dim=-1)
+    return dict(x=x.unflatten(-1, (heads, MAMBA2_HEAD_DIM)), B=B[..., None, :], C=C[..., None, :],
+                delta=torch.rand(batch, length, heads, device="cuda", generator=g) * 0.1,
+                A=-torch.rand(heads, device="cuda", generator=g) - 0.5,
+                D=torch.randn(heads, device="cuda", generator=g),
+                h0=torch.randn(batch, heads, MAMBA2_HEAD_DIM, n, device="cuda", generator=g) if from_state else None)
+
+
 def scan_us(t: dict, short: bool) -> float:
-    """µs per `cuda_ops.mamba1_scan` call on `t` (the scan and out_proj), by the short kernel or by mamba_ssm's."""
+    """µs per call of the scan on `t` (a Mamba1 layer's with out_proj, or a Mamba2 layer's), by the short kernel or
+    by mamba_ssm's."""
+    if "delta" in t:  # Mamba2
+        args2 = (t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["h0"])
+        scan = triton_short_scan.mamba2_short_scan if short else cuda_ops.long_chunk_ssd_scan
+        return graph_us([lambda: scan(*args2)] * CALLS)
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["h0"])
 
     def call():
@@ -68,7 +89,7 @@ def scan_us(t: dict, short: bool) -> float:
 
 
 def sweep_constants(shape: str, batch: int, length: int, from_state: bool) -> list[dict]:
-    """The short kernel's time for each BLOCK_CHANNELS × SCAN_WARPS; the last row names the fastest."""
+    """Mamba1's short kernel's time for each BLOCK_CHANNELS × SCAN_WARPS; the last row names the fastest."""
     t = scan_inputs(shape, batch, length, from_state)
     rows: list[dict] = []
     for block, warps in itertools.product(BLOCKS, WARPS):
@@ -104,7 +125,8 @@ def main(argv=None):
             rows += sweep_constants(shape, batches[0], lengths[0], args.from_state)
     lines = []
     for shape, batch, length in itertools.product(shapes, batches, lengths):
-        t = scan_inputs(shape, batch, length, args.from_state)
+        inputs = mamba2_scan_inputs if shape in MAMBA2_SHAPES else scan_inputs
+        t = inputs(shape, batch, length, args.from_state)
         long_us, short_us = scan_us(t, False), scan_us(t, True)
         del t  # freed before the next batch's inputs are made
         rows.append({"shape": shape, "batch": batch, "length": length, "mamba_ssm_us": long_us, "short_us": short_us,
@@ -118,7 +140,7 @@ def main(argv=None):
         rows.append({"shape": shape, "short_wins_up_to": longest})
         print_row(rows[-1])
     state = "continuing a state" if args.from_state else "from zero"
-    print(f"\n{torch.cuda.get_device_name()}, chunks {state}, µs per mamba1_scan call (scan + out_proj)")
+    print(f"\n{torch.cuda.get_device_name()}, chunks {state}, µs per call (Mamba1: scan + out_proj; Mamba2: scan)")
     print_table(["shape", "batch", "tokens a chunk", "mamba_ssm", "short kernel", "short ÷ mamba_ssm"], lines)
     save_json(rows, args.json)
 

@@ -18,7 +18,7 @@ timeout 480 python3 -m pytest -q tests/gpu tests/runtime/test_triton_decode.py t
 python3 -m bench.gpu_decode --shapes "$shapes,mamba2-780m,mamba2-2.7b" --batch 64 --json "$out/decode.json" 2>&1 \
   | grep -v Warning | tail -8
 python3 -m bench.gpu_kernels --shapes "$shapes" --json "$out/kernels.json" 2>&1 | tail -7
-python3 -m bench.gpu_short_scan --shapes "$shapes" --json "$out/short_scan.json" 2>&1 | tail -24
+python3 -m bench.gpu_short_scan --shapes "$shapes,mamba2-780m,mamba2-2.7b" --json "$out/short_scan.json" 2>&1 | tail -24
 python3 -m bench.gpu_profile --shape 130m --tokens 8192 --json "$out/profile.json" 2>&1 | grep -v -e Warning -e USDT | tail -90
 python3 -m bench.gpu_prefill --shapes "$shapes,mamba2-780m,mamba2-2.7b" --lengths 2048,8192,32768,65536 --rounds 9 \
   --json "$out/prefill.json" | tail -18

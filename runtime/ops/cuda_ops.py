@@ -16,9 +16,9 @@ not take one A per sequence. Mamba2 decode runs `triton_mamba2`'s kernels at any
 the state update with its per-sequence scales, the gated RMSNorm), between the same GEMV projections; its
 prefill hands the scan's output to the same gated-norm kernel. Mamba1 prefill from a carried state runs
 `selective_scan_fn` from zero (it takes no initial state) and adds the state's terms after it
-(`triton_scan_state`); a short chunk's (`launch_classes.SHORT_CHUNK`), as a burst of short prompts makes, runs
-`triton_short_scan`, which takes states, an A and a Δ scale per sequence, after one convolution kernel
-(`triton_short_conv`) for either architecture.
+(`triton_scan_state`). A short chunk (`launch_classes.SHORT_CHUNK`), as a burst of short prompts makes, runs
+one convolution kernel (`triton_short_conv`) and the scan of `triton_short_scan`, which takes states, an A and (for
+Mamba1) a Δ scale per sequence in one launch, for either architecture.
 """
 
 from __future__ import annotations
@@ -169,16 +169,21 @@ def _selective_scan(x: Tensor, dt: Tensor, dt_bias: Tensor, A: Tensor, B: Tensor
 
 def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None, *,
                 dt_bias: Tensor, dt_limit: tuple[float, float], delta_scale: Tensor | None) -> tuple[Tensor, Tensor]:
-    """`contract.Ops.mamba2_scan`: x (b, l, h, p); dt (b, l, h); A (h,) or (b, h); B, C (b, l, g, n)."""
-    return _ssd_scan(x, torch_ops.discretise(dt, dt_bias, delta_scale, dt_limit), A, B, C, D, h0)
+    """`contract.Ops.mamba2_scan`: x (b, l, h, p); dt (b, l, h); A (h,) or (b, h); B, C (b, l, g, n). Δ is
+    discretised here; a chunk of at most SHORT_CHUNK tokens runs `triton_short_scan` (one launch whatever the A's)
+    unless autograd records the scan, a longer one `long_chunk_ssd_scan`."""
+    delta = torch_ops.discretise(dt, dt_bias, delta_scale, dt_limit)  # (b, l, h) float32
+    if x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, delta, A, B, C, D, h0):
+        return triton_short_scan.mamba2_short_scan(x, delta, A, B, C, D, h0)
+    return long_chunk_ssd_scan(x, delta, A, B, C, D, h0)
 
 
-def _ssd_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-              h0: Tensor | None) -> tuple[Tensor, Tensor]:
+def long_chunk_ssd_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                        h0: Tensor | None) -> tuple[Tensor, Tensor]:
     """The SSD kernel on a discretised Δ (b, l, h) float32, one sequence at a time where A is per sequence."""
     if A.dim() == 2:
-        return _stack([_ssd_scan(_row(x, i), _row(delta, i), A[i], _row(B, i), _row(C, i), D, _row_or_none(h0, i))
-                       for i in range(A.shape[0])])
+        return _stack([long_chunk_ssd_scan(_row(x, i), _row(delta, i), A[i], _row(B, i), _row(C, i), D,
+                                           _row_or_none(h0, i)) for i in range(A.shape[0])])
     y, h = mamba_chunk_scan_combined(
         x, delta, A, B, C, SSD_CHUNK, D=D.float(), initial_states=h0, dt_softplus=False, return_final_states=True
     )

@@ -1,16 +1,19 @@
-"""A Mamba1 scan of short prompt chunks in one Triton kernel: each program walks its channels' tokens one by one.
+"""The scans of short prompt chunks in one Triton kernel each: a program walks its channels' tokens one by one.
 
-mamba_ssm's selective scan is built for long sequences: a warp per (sequence, channel) scans a chunk of up to 2,048
-tokens in parallel, once per state. A burst of many short prompts (a server's prefill step of 64 prompts of 64
-tokens) makes that many tiny warps, and the scan then costs several times as much a token as one long prompt's.
-Here a program holds the states of a block of channels of one sequence, (BLOCK_D, n) float32 in registers, and
-steps through the chunk's tokens: the work a token is the decode step's, the programs are b · d / BLOCK_D, and no
-token waits for a parallel scan's passes. It also takes what mamba_ssm's kernel cannot, so a batch is one launch
-whatever it carries: an initial state per sequence (a continued chunk), an A per sequence (an A-spectrum scale)
-and a Δ scale per sequence. It writes y (b, l, d) dense, the layout out_proj multiplies without a copy.
+mamba_ssm's scans are built for long sequences: Mamba1's has a warp per (sequence, channel) scan a chunk of up to
+2,048 tokens in parallel, once per state; Mamba2's SSD runs five kernels over chunks of SSD_CHUNK tokens. A burst
+of many short prompts (a server's prefill step of 64 prompts of 64 tokens) makes many tiny warps or mostly empty
+chunks, and the scan then costs several times as much a token as one long prompt's. Here a program holds the
+states of a block of channels of one sequence (Mamba1: (BLOCK_D, n); Mamba2: (BLOCK_P, n) of one head) float32 in
+registers and steps through the chunk's tokens: the work a token is the decode step's, and no token waits for a
+parallel scan's passes. They also take what mamba_ssm's kernels cannot, so a batch is one launch whatever it
+carries: an initial state per sequence (a continued chunk), an A per sequence (an A-spectrum scale) and, for Mamba1,
+a Δ scale per sequence (Mamba2's Δ comes discretised and scaled). Mamba1's writes y (b, l, d) dense, the layout
+out_proj multiplies without a copy.
 
-Maths as `torch_ops` (Δ = softplus(dt + dt_bias) with softplus's threshold, times the scale; float32 throughout,
-y rounded once to x's dtype). Triton's interpreter (TRITON_INTERPRET=1) runs it on CPU tensors.
+Maths as `torch_ops` (Mamba1: Δ = softplus(dt + dt_bias) with softplus's threshold, times the scale; float32
+throughout, y rounded once to x's dtype; Mamba2: y float32, as the contract allows). Triton's interpreter
+(TRITON_INTERPRET=1) runs them on CPU tensors.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ Tensor = torch.Tensor
 
 BLOCK_CHANNELS = 32  # channels per program
 SCAN_WARPS = 4
+BLOCK_HEAD_CHANNELS = 16  # Mamba2: a head's channels per program, a (16, n) state tile (n = 128 at published shapes)
 
 
 @jit
@@ -99,4 +103,68 @@ def mamba1_short_scan(x: Tensor, dt: Tensor, dt_bias: Tensor, A: Tensor, B: Tens
         *(h0.stride()[:2] if h0 is not None else (0, 0)),
         HAS_SCALE=delta_scale is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, THRESHOLD=SOFTPLUS_THRESHOLD,
         BLOCK_D=BLOCK_CHANNELS, BLOCK_N=triton.next_power_of_2(n), num_warps=SCAN_WARPS)
+    return y, h
+
+
+@jit
+def _mamba2_short_scan_kernel(
+        # tensors
+        x_ptr: tl.tensor, delta_ptr: tl.tensor, A_ptr: tl.tensor, B_ptr: tl.tensor, C_ptr: tl.tensor, D_ptr: tl.tensor,
+        h0_ptr: tl.tensor, y_ptr: tl.tensor, h_ptr: tl.tensor,
+        # sizes and strides (batch, token, head and channel ones of x; batch, token, group ones of B, C)
+        length: tl.tensor, heads: tl.tensor, head_dim: tl.tensor, states: tl.tensor, heads_per_group: tl.tensor,
+        stride_xb: tl.tensor, stride_xt: tl.tensor, stride_xh: tl.tensor, stride_xp: tl.tensor,
+        stride_Bb: tl.tensor, stride_Bt: tl.tensor, stride_Bg: tl.tensor, stride_Bn: tl.tensor, stride_Cb: tl.tensor,
+        stride_Ct: tl.tensor, stride_Cg: tl.tensor, stride_Cn: tl.tensor, stride_Ab: tl.tensor, stride_h0b: tl.tensor,
+        stride_h0h: tl.tensor, stride_h0p: tl.tensor,
+        HAS_H0: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr) -> None:
+    """Channels i (BLOCK_P,) of head `head` of sequence b, token by token: h_t = exp(Δ_t a) h_{t-1} + Δ_t x_t ⊗ B_t,
+    y_t = h_t C_t + D x_t; then the last state. Δ (b, l, h) and y (b, l, h, p) and h (b, h, p, n) dense."""
+    b = tl.program_id(2).to(tl.int64)
+    head = tl.program_id(1)
+    i = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+    n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    live_p, live_n = i < head_dim, n < states
+    pn = live_p[:, None] & live_n[None, :]  # (BLOCK_P, BLOCK_N)
+    A = tl.load(A_ptr + b * stride_Ab + head).to(tl.float32)
+    skip = tl.load(D_ptr + head).to(tl.float32)
+    group = head // heads_per_group
+    if HAS_H0:
+        h = tl.load(h0_ptr + b * stride_h0b + head * stride_h0h + i[:, None] * stride_h0p + n[None, :], mask=pn,
+                    other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + b * stride_xb + head * stride_xh
+    B_row, C_row = B_ptr + b * stride_Bb + group * stride_Bg, C_ptr + b * stride_Cb + group * stride_Cg
+    delta_row = delta_ptr + b * length * heads + head
+    y_row = y_ptr + (b * length * heads + head) * head_dim
+    for t in range(length):
+        delta = tl.load(delta_row + t * heads)
+        x = tl.load(x_row + t * stride_xt + i * stride_xp, mask=live_p, other=0.0).to(tl.float32)
+        B = tl.load(B_row + t * stride_Bt + n * stride_Bn, mask=live_n, other=0.0).to(tl.float32)
+        C = tl.load(C_row + t * stride_Ct + n * stride_Cn, mask=live_n, other=0.0).to(tl.float32)
+        h = h * tl.exp(delta * A) + (delta * x)[:, None] * B[None, :]
+        y = tl.sum(h * C[None, :], axis=1) + skip * x
+        tl.store(y_row + t * heads * head_dim + i, y, mask=live_p)
+    h_row = h_ptr + (b * heads + head) * head_dim * states
+    tl.store(h_row + i[:, None] * states + n[None, :], h, mask=pn)
+
+
+def mamba2_short_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                      h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mamba2's scan of a batch of equal-length chunks on a discretised Δ: x (b, l, h, p) and B, C (b, l, g, n) with
+    any strides (views of the convolution's output); delta (b, l, h) float32; A (h,) or,
+    per sequence, (b, h); D (h,); h0 (b, h, p, n) or None for zeros. Returns y (b, l, h, p) float32 with the D skip,
+    and the last state (b, h, p, n) float32, both dense."""
+    b, l, heads, p = x.shape
+    groups, n = B.shape[-2:]
+    assert h0 is None or h0.stride(-1) == 1
+    delta = delta.float().contiguous()
+    y = torch.empty(b, l, heads, p, dtype=torch.float32, device=x.device)
+    h = torch.empty(b, heads, p, n, dtype=torch.float32, device=x.device)
+    _mamba2_short_scan_kernel[(triton.cdiv(p, BLOCK_HEAD_CHANNELS), heads, b)](
+        x, delta, A, B, C, D, h0 if h0 is not None else x, y, h, l, heads, p, n, heads // groups,
+        *x.stride(), *B.stride(), *C.stride(), 0 if A.dim() == 1 else A.stride(0),
+        *(h0.stride()[:3] if h0 is not None else (0, 0, 0)),
+        HAS_H0=h0 is not None, BLOCK_P=BLOCK_HEAD_CHANNELS, BLOCK_N=triton.next_power_of_2(n), num_warps=SCAN_WARPS)
     return y, h

@@ -1,5 +1,8 @@
-"""The short-chunk Mamba1 scan against the float64 reference scan (on CPU through Triton's interpreter; compiled on
-a GPU), with every input it takes: initial states, an A per sequence, Δ scales, the z gate, channels-first views."""
+"""The short-chunk scans against the float64 reference scans (on CPU through Triton's interpreter; compiled on a GPU),
+with every input they take: initial states, an A per sequence, Δ scales, Mamba1's z gate, Mamba2's groups,
+channels-first views."""
+
+import math
 
 import pytest
 import torch
@@ -95,3 +98,59 @@ def test_a_model_on_the_short_scan_equals_its_pytorch_scan(checkpoints, monkeypa
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for mine, theirs in zip(got_state.ssm, want_state.ssm):
             torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _mamba2_inputs(b: int, l: int, heads: int, p: int, groups: int, n: int, seed: int) -> dict:
+    """Mamba2's scan inputs as the CUDA back-end hands them: x, B and C views of the convolution's (b, l, c) output,
+    itself a view of (b, c, l) storage."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    d = heads * p
+    xBC = torch.randn(b, d + 2 * groups * n, l, device=DEVICE, generator=g).transpose(1, 2)  # (b, l, c) view
+    x, B, C = torch.split(xBC, [d, groups * n, groups * n], dim=-1)
+    return dict(x=x.unflatten(-1, (heads, p)), B=B.unflatten(-1, (groups, n)), C=C.unflatten(-1, (groups, n)),
+                dt=torch.randn(b, l, heads, device=DEVICE, generator=g) * 0.5 - 1.0,
+                dt_bias=torch.randn(heads, device=DEVICE, generator=g) * 0.1,
+                A=-torch.exp(torch.randn(heads, device=DEVICE, generator=g) * 0.5),
+                A_per_sequence=-torch.exp(torch.randn(b, heads, device=DEVICE, generator=g) * 0.5),
+                D=torch.randn(heads, device=DEVICE, generator=g),
+                h0=torch.randn(b, heads, p, n, device=DEVICE, generator=g),
+                delta_scale=torch.rand(b, heads, device=DEVICE, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("from_state", [False, True])
+@pytest.mark.parametrize("per_sequence", [False, True])  # an A-spectrum scale: an A per sequence
+@pytest.mark.parametrize("length", [1, 19])
+def test_the_mamba2_short_scan_equals_the_reference_scan(from_state, per_sequence, length):
+    b, heads, p, groups, n = 2, 4, 24, 2, 40  # head channels and states not multiples of the kernel's blocks
+    t = _mamba2_inputs(b, length, heads, p, groups, n, seed=length + 2 * from_state + 4 * per_sequence)
+    A, h0 = t["A_per_sequence"] if per_sequence else t["A"], t["h0"] if from_state else None
+    limit = (0.0, math.inf)
+    delta = torch_ops.discretise(t["dt"], t["dt_bias"], t["delta_scale"], limit)  # (b, l, h): the back-end's Δ
+    y, h = triton_short_scan.mamba2_short_scan(t["x"], delta, A, t["B"], t["C"], t["D"], h0)
+    want_y, want_h = reference.mamba2_scan(t["x"], t["dt"], A, t["B"], t["C"], t["D"], h0, dt_bias=t["dt_bias"],
+                                           dt_limit=limit, delta_scale=t["delta_scale"])
+    assert y.shape == (b, length, heads, p) and y.dtype == torch.float32 and y.is_contiguous()
+    assert h.shape == (b, heads, p, n) and h.is_contiguous()
+    torch.testing.assert_close(y, want_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, want_h, rtol=3e-5, atol=3e-5)
+
+
+def test_a_mamba2_models_chunked_prefill_on_the_short_scan_equals_its_pytorch_scan(checkpoints, monkeypatch):
+    """Mamba2's mixer hands the scan what the CUDA back-end's short path takes (its Δ discretised and scaled there): a
+    chunked prefill of a batch holding a Δ set, identity and an A-spectrum set, every chunk from the last one's
+    state."""
+    model = load_model(checkpoints["mamba2"], dtype="float32", backend="torch").model
+    delta, a = delta_and_a_scales(model.config)
+    tokens = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    scales = batch_scales([delta, None, a], model.config, DEVICE)
+    want, want_state = model.prefill(tokens, scales=scales, chunk_len=8)
+
+    def short_scan(x, dt, A, B, C, D, h0, *, dt_bias, dt_limit, delta_scale):  # as cuda_ops runs it
+        discretised = torch_ops.discretise(dt, dt_bias, delta_scale, dt_limit)
+        return triton_short_scan.mamba2_short_scan(x, discretised, A, B, C, D, h0)
+
+    monkeypatch.setattr(torch_ops, "mamba2_scan", short_scan)
+    got, got_state = model.prefill(tokens, scales=scales, chunk_len=8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(got_state.ssm, want_state.ssm):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
