@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from runtime import load_model
+from runtime import load_model, pads_exactly
 from runtime.tokenizer import find_tokenizer
 from server.config import DEFAULT_MODEL_DIR, parse_args
 from server.detokenizer import OutputText
@@ -75,6 +75,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as directory:  # the model's, read again by the engine (its tokenizer)
         serve_shape(args, Path(directory))
         loaded = load_model(args.model or DEFAULT_MODEL_DIR, args.device, args.dtype)
+        if not pads_exactly(loaded.config):
+            raise SystemExit(f"{loaded.path}: a Mamba2 whose Δ floor (dt_limit) is above 0 does not pad rows exactly")
         engine = Engine(loaded.model, find_tokenizer(loaded.path, args.tokenizer), config,
                         Metrics(loaded.model.device))
         engine.warm_up()
