@@ -6,14 +6,14 @@ batched decode step for every DECODING request. Waiting requests take free state
 The prefill batch: rows of L tokens. The requests that are prefilling take turns round-robin: the first in turn,
 the head, fixes L (≤ `prefill_chunk` tokens of its prompt), and runs even alone past the budget. The others
 join, in turn order, while the step's rows of L stay within `max_prefill_tokens`, each with a chunk of L tokens
-where at least L of its prompt remain. Where the model pads rows exactly (`runtime.pads_exactly`: a pad position
-with Δ = 0 leaves the state as it was), a shorter rest of a prompt joins too, padded, when it is at least half of
-L, and L is the longest chunk of a prefilling request within twice the head's: a burst of prompts of different
-lengths prefills in a step or a few, not in one step per length. A request whose prompt is not done goes to the
-back of the turns, so a short prompt that arrives during a long prefill starts decoding after one chunk of the
-long one, not after all of them (and the long one advances in the short one's batch meanwhile). A decimated
-request's prompt is one chunk, whatever its length, in a batch of its own: decimation ranks the positions of the
-whole prompt at once, one sequence at a time.
+where at least L of its prompt remain. Where rows may be padded (`pads`: `--prefill-padding`, for a model that
+`runtime.pads_exactly`, as a pad position with Δ = 0 leaves the state as it was), a shorter rest of a prompt joins
+too, padded, when it is at least half of L, and L is the longest chunk of a prefilling request within twice the
+head's: a burst of prompts of different lengths prefills in a step or a few, not in one step per length. A
+request whose prompt is not done goes to the back of the turns, so a short prompt that arrives during a long
+prefill starts decoding after one chunk of the long one, not after all of them (and the long one advances in the
+short one's batch meanwhile). A decimated request's prompt is one chunk, whatever its length, in a batch of its
+own: decimation ranks the positions of the whole prompt at once, one sequence at a time.
 
 A request with forks (n samples of one prompt) is admitted with all of them at once, each into its own slot;
 only the request prefills, and the engine copies its state into the forks' slots when the prompt is done.
