@@ -48,7 +48,9 @@ def _assembled(kernel, pointers: dict[str, str], constants: dict, tmp_path) -> s
     signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
     source = ASTSource(fn=jitted, signature=signature,
                        constexprs={(names.index(n),): value for n, value in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    # fused multiply-adds, as a launch compiles them by default
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "enable_fp_fusion": True})
     ptx = tmp_path / "kernel.ptx"
     ptx.write_text(compiled.asm["ptx"])
     report = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(tmp_path / "kernel.cubin")],
