@@ -95,5 +95,6 @@ def short_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: T
         scale.contiguous() if scale is not None else unused, y, scaled if scaled is not None else y, new_state,
         l, c, *x.stride(), *(state.stride()[:2] if state is not None else (0, 0)),
         K=k, HAS_STATE=state is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        BLOCK_D=BLOCK_CHANNELS, BLOCK_T=SHORT_CHUNK, BLOCK_K=triton.next_power_of_2(k - 1), num_warps=CONV_WARPS)
+        BLOCK_D=BLOCK_CHANNELS, BLOCK_T=triton.next_power_of_2(SHORT_CHUNK), BLOCK_K=triton.next_power_of_2(k - 1),
+        num_warps=CONV_WARPS)
     return y.transpose(1, 2), None if scaled is None else scaled.transpose(1, 2), new_state

@@ -17,6 +17,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from runtime.ops import triton_short_conv, triton_short_scan  # noqa: E402
+from runtime.ops.launch_classes import SHORT_CHUNK  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 if not os.path.exists(PTXAS):
@@ -77,5 +78,6 @@ def test_the_mamba2_short_scan_compiles(state, tmp_path):
 def test_the_short_convolution_compiles(state, bias, scale, tmp_path):
     report = _assembled(triton_short_conv._short_conv_kernel, CONV,
                         dict(K=4, HAS_STATE=state, HAS_BIAS=bias, HAS_SCALE=scale,
-                             BLOCK_D=triton_short_conv.BLOCK_CHANNELS, BLOCK_T=64, BLOCK_K=4), tmp_path)
+                             BLOCK_D=triton_short_conv.BLOCK_CHANNELS, BLOCK_T=triton.next_power_of_2(SHORT_CHUNK),
+                             BLOCK_K=4), tmp_path)
     assert "0 bytes spill stores" in report
