@@ -38,9 +38,10 @@ MAMBA2_D_STATE, MAMBA2_HEAD_DIM = 128, 64
 
 
 @contextlib.contextmanager
-def constants(values: dict):
-    """The kernel modules' constants set to `values` for the duration."""
-    owner = {name: next(m for m in (triton_gemv, triton_ssm, triton_mamba2) if hasattr(m, name)) for name in values}
+def constants(values: dict, modules: tuple = (triton_gemv, triton_ssm, triton_mamba2)):
+    """The kernel modules' constants set to `values` for the duration (each name in the first of `modules` that has
+    it)."""
+    owner = {name: next(m for m in modules if hasattr(m, name)) for name in values}
     old = {name: getattr(owner[name], name) for name in values}
     for name, value in values.items():
         setattr(owner[name], name, value)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from runtime.ops import cuda_ops, triton_short_scan
 
-from .gpu_kernels import D_STATE, MAMBA2_D_STATE, MAMBA2_HEAD_DIM, graph_us
+from .gpu_kernels import D_STATE, MAMBA2_D_STATE, MAMBA2_HEAD_DIM, constants, graph_us
 from .gpu_models import MAMBA2_SHAPES, SHAPES
 from .report import print_row, print_table, save_json
 
@@ -93,13 +93,9 @@ def sweep_constants(shape: str, batch: int, length: int, from_state: bool) -> li
     t = scan_inputs(shape, batch, length, from_state)
     rows: list[dict] = []
     for block, warps in itertools.product(BLOCKS, WARPS):
-        old = triton_short_scan.BLOCK_CHANNELS, triton_short_scan.SCAN_WARPS
-        triton_short_scan.BLOCK_CHANNELS, triton_short_scan.SCAN_WARPS = block, warps
-        try:
+        with constants({"BLOCK_CHANNELS": block, "SCAN_WARPS": warps}, (triton_short_scan,)):
             rows.append({"shape": shape, "batch": batch, "length": length, "BLOCK_CHANNELS": block,
                          "SCAN_WARPS": warps, "short_us": scan_us(t, True)})
-        finally:
-            triton_short_scan.BLOCK_CHANNELS, triton_short_scan.SCAN_WARPS = old
         print_row(rows[-1])
     best = min(rows, key=lambda row: row["short_us"])
     rows.append({"shape": shape, "best": {k: best[k] for k in ("BLOCK_CHANNELS", "SCAN_WARPS")}})
@@ -133,10 +129,9 @@ def main(argv=None):
                      "ratio": short_us / long_us})
         print_row(rows[-1])
         lines.append([shape, str(batch), str(length), f"{long_us:.1f}", f"{short_us:.1f}", f"{short_us / long_us:.2f}"])
-    for shape in shapes:  # the longest length at which the short kernel wins at every batch
-        wins = [length for length in lengths
-                if all(r["ratio"] < 1 for r in rows if r.get("shape") == shape and r.get("length") == length)]
-        longest = max((n for n in lengths if all(w in wins for w in lengths if w <= n)), default=0)
+    for shape in shapes:  # the longest length up to which the short kernel wins at every batch and length
+        timed = [r for r in rows if r.get("shape") == shape and "ratio" in r]
+        longest = max((n for n in lengths if all(r["ratio"] < 1 for r in timed if r["length"] <= n)), default=0)
         rows.append({"shape": shape, "short_wins_up_to": longest})
         print_row(rows[-1])
     state = "continuing a state" if args.from_state else "from zero"

@@ -163,7 +163,7 @@ class MambaLM(nn.Module):
             state = None if read is None else read(i)
             if checkpoint:
                 residual, conv, ssm = torch.utils.checkpoint.checkpoint(
-                    self._layer, i, residual, state, scales, decimating, use_reentrant=False)
+                    self._layer, i, residual, state, scales, decimating, padding, use_reentrant=False)
             else:
                 residual, conv, ssm = self._layer(i, residual, state, scales, decimating, padding)
             write(i, conv, ssm)

@@ -103,10 +103,11 @@ class ModelRunner:
         positions; a decimated sequence's, alone, (1, k, D) at the kept positions, ending with the prompt's last."""
         device = self.model.device
         extensions = [self.extensions[bucket] for bucket in buckets]
-        longest = max(len(chunk) for chunk in tokens)
+        lengths = [len(chunk) for chunk in tokens]
+        longest = max(lengths)
         # queued copies (to_device): the host goes on launching the step while the device finishes the last one
         ids = to_device([chunk + [0] * (longest - len(chunk)) for chunk in tokens], device, torch.long)  # (b, c)
-        padding = Padding.of([len(chunk) for chunk in tokens], device, self.model.config.d_conv)
+        padding = Padding.of(lengths, device, self.model.config.d_conv)
         fresh = None if all(firsts) else to_device([i for i, first in enumerate(firsts) if first], device, torch.long)
         rows = PoolRows(self.pool, to_device(slots, device, torch.long), fresh)
         assert len(extensions) == 1 or all(e.decimation is None for e in extensions), "a decimation prefills alone"

@@ -11,9 +11,9 @@ from __future__ import annotations
 from ..config import MAMBA2
 
 SSD_CHUNK = 256  # chunk length of mamba_chunk_scan_combined; the result does not depend on it
-# A chunk of at most SHORT_CHUNK tokens takes the short-chunk kernels (the convolution in `triton_short_conv`,
-# Mamba1's scan in `triton_short_scan`), a longer one the long-sequence ones; `python -m bench.gpu_short_scan`
-# finds the lengths at which the short scan wins
+# A chunk of at most SHORT_CHUNK tokens takes the short-chunk kernels (the convolution in `triton_short_conv`, the
+# Mamba1 and Mamba2 scans in `triton_short_scan`), a longer one the long-sequence ones; `python -m
+# bench.gpu_short_scan` finds the lengths at which the short scans win; 0 turns the short kernels off
 SHORT_CHUNK = 64
 RESIDUES = range(1, 18)  # 1 to 17: every residue by 16, with 1 (a constant) and 17 apart
 SSD_CHUNK_COUNTS = (1, 2, 16)  # one of each class: a constant 1, other, a multiple of 16
