@@ -66,8 +66,8 @@ def served_prefill(model: MambaLM, chunk: int, batch: int) -> dict:
     prompts = [workload_prompt(chunk)] * batch
 
     def step() -> list[int]:
-        hidden = runner.prefill(list(range(batch)), prompts, [True] * batch, [NONE] * batch)  # (b, c, D)
-        chosen: list[int] = greedy(model.logits(hidden[:, -1])).tolist()
+        last = runner.prefill(list(range(batch)), prompts, [True] * batch, [NONE] * batch, whole=False).last  # (b, D)
+        chosen: list[int] = greedy(model.logits(last)).tolist()
         return chosen
 
     step()  # compiles this chunk length's kernels

@@ -160,10 +160,10 @@ def prefill_seconds(runner: ModelRunner, batch: int, prompt: list[int], chunk: i
     for begin in range(0, len(prompt), length):
         for first in range(0, batch, rows):
             group = slots[first:first + rows]
-            hidden = runner.prefill(group, [prompt[begin:begin + length]] * len(group), [begin == 0] * len(group),
-                                    [NONE] * len(group))  # (g, c, D)
+            last = runner.prefill(group, [prompt[begin:begin + length]] * len(group), [begin == 0] * len(group),
+                                  [NONE] * len(group), whole=False).last  # (g, D)
             if begin + length >= len(prompt):
-                greedy(runner.model.logits(hidden[:, -1])).tolist()
+                greedy(runner.model.logits(last)).tolist()
     return time.perf_counter() - start
 
 

@@ -36,10 +36,15 @@ class Padding:
         longest = max(lengths)
         if min(lengths) == longest:
             return None
-        ends = to_device(lengths, device, torch.long)  # (b,)
-        pad = (torch.arange(longest, device=device)[None, :] >= ends[:, None])[..., None]  # (b, l, 1)
-        # row i's last k-1 inputs end at x[lengths[i] - 1], position k-2 + lengths[i] of the state's and x's inputs
-        return cls(pad, (ends[:, None] + torch.arange(conv_width - 1, device=device))[:, None, :])
+        return cls.at(to_device(lengths, device, torch.long), longest, conv_width)
+
+    @classmethod
+    def at(cls, ends: Tensor, width: int, conv_width: int) -> Padding:
+        """Rows of lengths `ends` (b,) on the device, each at most `width`, padded to `width`: made on the device
+        from the lengths alone (a captured graph's prefill makes it from its static lengths)."""
+        pad = (torch.arange(width, device=ends.device)[None, :] >= ends[:, None])[..., None]  # (b, l, 1)
+        # row i's last k-1 inputs end at x[ends[i] - 1], position k-2 + ends[i] of the state's and x's inputs
+        return cls(pad, (ends[:, None] + torch.arange(conv_width - 1, device=ends.device))[:, None, :])
 
     def silence(self, dt: Tensor) -> Tensor:
         """dt (b, l, c) before the bias and softplus, −∞ at the pad positions: Δ = 0 there."""

@@ -72,17 +72,18 @@ class PoolRows:
 
     pool: InferenceState
     rows: torch.Tensor  # (b,) the pool rows of the batch's sequences
-    fresh: torch.Tensor | None  # batch positions that start from a zero state; None: every one does
+    fresh: torch.Tensor | None  # (b,) bool: the sequences that start from a zero state; None: every one does
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The layer's (conv, ssm) states of the batch, a copy (the fresh positions zeroed), or None when every
+        """The layer's (conv, ssm) states of the batch, a copy (the fresh sequences' zeroed), or None when every
         sequence starts from zero: no state rather than a zero one, since a scan from a state does more work."""
         if self.fresh is None:
             return None
         conv = self.pool.conv[layer].index_select(0, self.rows)
         ssm = self.pool.ssm[layer].index_select(0, self.rows).float()  # the scans start from float32 states
+        # a mask rather than the fresh rows' indices: its shape is the batch's, whatever the count (captured graphs)
         for t in (conv, ssm):
-            t.index_fill_(0, self.fresh, 0)
+            t.masked_fill_(self.fresh.view(-1, *[1] * (t.dim() - 1)), 0)
         return conv, ssm
 
     def write(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:

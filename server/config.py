@@ -63,6 +63,7 @@ class EngineConfig:
     step_log_size: int = 4096  # engine steps kept in the step log (tests and debugging read it)
     threads: int | None = None  # intra-op threads of the engine thread; None: what torch uses by default
     cuda_graphs: bool = True  # on CUDA, decode through captured graphs (runtime.decode_graph); False: eager
+    prefill_graphs: bool = True  # and with them, prefill steps of short chunks (runtime.prefill_graph)
     # launch a decode step before the last one's tokens are taken, so that the host's per-token work (finish rules,
     # detokenising, outputs) runs while the device computes; None: on CUDA (on a CPU the host is the device)
     overlap_decode: bool | None = None
@@ -247,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP processes, sharing the port and the engines: HTTP, JSON and server-sent events on "
                         "several cores, for many streams at once (--max-connections is per process)")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="on CUDA, launch each decode step's kernels one by one instead of replaying a CUDA graph")
+                   help="on CUDA, launch each step's kernels one by one instead of replaying CUDA graphs (decode "
+                        "steps, and prefill steps of short chunks)")
+    p.add_argument("--eager-prefill", action="store_true",
+                   help="on CUDA, launch the kernels of prefill steps of short chunks one by one (decode steps keep "
+                        "their graphs)")
     p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
                    help="launch each decode step before the last one's tokens are taken, so that the host's "
                         "per-token work overlaps the device's step (auto: on CUDA)")
@@ -313,6 +318,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                      args.override_generation_config)
     engine = EngineConfig(args.max_batch_size, args.max_queue, args.prefill_chunk, args.max_prefill_tokens,
                           args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager,
+                          prefill_graphs=not args.eager_prefill,
                           overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
                           prefill_padding={"auto": None, "on": True, "off": False}[args.prefill_padding],
                           ssm_state_dtype=None if args.mamba_ssm_cache_dtype == "auto" else args.mamba_ssm_cache_dtype,

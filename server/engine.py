@@ -343,26 +343,24 @@ class Engine:
     def _prefill(self, chunks: list[PrefillChunk], finished: Finished, outputs: Outputs) -> None:
         requests = [c.request for c in chunks]
         slots = held_slots(requests)
-        # (b, c, D); decimated (alone): (1, k, D), the kept positions, ending with the prompt's last
-        hidden = self.runner.prefill(slots, [c.request.prompt_ids[c.start:c.end] for c in chunks],
-                                     [c.start == 0 for c in chunks], [r.scale_bucket for r in requests])
+        scoring = [row for row, r in enumerate(requests) if r.params.prompt_logprobs is not None]
+        # every position's hidden states only for prompts scored; each row's last for its first token
+        hidden, last = self.runner.prefill(slots, [c.request.prompt_ids[c.start:c.end] for c in chunks],
+                                           [c.start == 0 for c in chunks], [r.scale_bucket for r in requests],
+                                           whole=bool(scoring))
         self.metrics.prompt_tokens.inc(sum(c.end - c.start for c in chunks))
         if self.prefixes is not None:
             self._store_prefixes(chunks)
-        for row, chunk in enumerate(chunks):
-            if chunk.request.params.prompt_logprobs is not None:
-                self._score_prompt(chunk.request, chunk, hidden[row:row + 1])
+        for row in scoring:
+            assert hidden is not None, "kept whole for the prompts scored"
+            self._score_prompt(requests[row], chunks[row], hidden[row:row + 1])
         now = time.monotonic()
         sampling: dict[int, list[Request]] = {}  # batch row of a finished prompt → its members that sample now
         for row, chunk in enumerate(chunks):
             if chunk.last and (group := self._prompt_done(chunk.request, now, finished, outputs)):
                 sampling[row] = group
         if sampling:  # one batched sampling for them all, each request with its own generator
-            # each prompt's last position: a shorter chunk's row is padded after it (a decimated one's kept
-            # positions end with it)
-            longest = max(c.end - c.start for c in chunks)
-            last = [hidden.shape[1] - 1 - longest + chunks[row].end - chunks[row].start for row in sampling]
-            logits = self.model.logits(hidden[list(sampling), last])  # (p, V)
+            logits = self.model.logits(last[list(sampling)])  # (p, V)
             members = torch.tensor([len(group) for group in sampling.values()], device=logits.device)  # (p,)
             self._take_tokens([m for group in sampling.values() for m in group],
                               logits.repeat_interleave(members, dim=0), finished, outputs)  # (t, V)

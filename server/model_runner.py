@@ -1,11 +1,11 @@
 """The model runner: runs the model for the engine thread, and owns what that needs between steps.
 
-It owns the pool of recurrent states (one row per slot, plus on CUDA the decode graphs' scratch row), the
-CUDA decode graphs (runtime.decode_graph), the bank's extensions by bucket name (what a request's `scale_bucket`
-applies: "none" is identity), and the scales prepared from them: a one-request prefill's per extension (one per
-bank entry, so its folded constants are made once), a batch's (several requests' prompt chunks, or a decode
-step) per batch composition, kept while it repeats (so the graphs' static buffers are refilled only when it
-changes, and chunks that advance together reuse theirs).
+It owns the pool of recurrent states (one row per slot, plus on CUDA the graphs' scratch row), the CUDA graphs
+of decode and of short prefill steps (runtime.decode_graph, runtime.prefill_graph), the bank's extensions by
+bucket name (what a request's `scale_bucket` applies: "none" is identity), and the scales prepared from them: a
+one-request prefill's per extension (one per bank entry, so its folded constants are made once), a batch's
+(several requests' prompt chunks, or a decode step) per batch composition, kept while it repeats (so the graphs'
+static buffers are refilled only when it changes, and chunks that advance together reuse theirs).
 
 Shapes: b sequences, c chunk tokens, k kept positions, D d_model, V vocabulary.
 """
@@ -15,20 +15,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
 from runtime import IDENTITY, BatchScales, Extension, MambaLM, Padding, PoolRows, batch_scales
-from runtime.decode_graph import DecodeGraphs, fields_of_batches
+from runtime.decode_graph import DecodeGraphs
+from runtime.graph_capture import StaticScales, fields_of_batches
+from runtime.prefill_graph import PrefillGraphs, prefills_in_graphs
 from runtime.device_copy import to_device
 from runtime.ops.launch_classes import chunk_length_classes
 from scale_bank import NONE
 
 from .config import EngineConfig
-from .slots import default_prefill_chunk, ssm_state_dtype
+from .slots import default_prefill_chunk, default_prefill_tokens, ssm_state_dtype
 
 log = logging.getLogger(__name__)
 WARM_UP_TOKENS = 8  # the start-up prefill: enough to run every kernel a prompt runs
+
+
+class Prefilled(NamedTuple):
+    """A prefill step's final-normed hidden states, float32."""
+
+    hidden: torch.Tensor | None  # (b, c, D), a row's chunk at its first positions (decimated: (1, k, D)); None
+    # unless asked for `whole`
+    last: torch.Tensor  # (b, D): each row's at its chunk's last token
 
 
 class ModelRunner:
@@ -46,7 +57,14 @@ class ModelRunner:
         self.pool = model.new_state(config.slots + graphed, ssm_dtype)
         # the prefix cache's rows (server.prefix_cache): states of prompt prefixes, copied from and into slots
         self.prefix_pool = model.new_state(config.prefix_rows, ssm_dtype) if config.prefix_rows else None
-        self.graphs = DecodeGraphs(model, self.pool) if graphed else None
+        self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        if graphed:  # one graph replays at a time: the two kinds share the scale rows and the memory pool
+            scales, memory = StaticScales(model.config, config.slots, model.device), torch.cuda.graph_pool_handle()
+            self.graphs = DecodeGraphs(model, self.pool, scales, memory)
+            if config.prefill_graphs and prefills_in_graphs(model):
+                budget = config.max_prefill_tokens or default_prefill_tokens(model.device, self.longest_chunk)
+                self.prefill_graphs = PrefillGraphs(model, self.pool, scales, memory, budget)
         self._prefill_scales: dict[Extension, BatchScales | None] = {}  # an extension's scales, batch of one
         self._prefill_batch = LastBatch(model)  # a prefill batch's scales, batches of several
         self._decode_batch = LastBatch(model)
@@ -55,8 +73,8 @@ class ModelRunner:
         """What a first request would otherwise wait for, done before the server takes requests (as vLLM
         captures its graphs at start): a short prefill through the served path (kernel loading, the BLAS and
         convolution libraries' set-up; on CUDA a chunk of every length class, `_warm_up_prefill_shapes`) and, on
-        CUDA, the decode graph of every batch size for every combination of scale fields that batches of the
-        extensions' scales (and identity) make."""
+        CUDA, the decode graph of every batch size, and the prefill graph of every batch size and short chunk
+        length, for every combination of scale fields that batches of the extensions' scales (and identity) make."""
         with torch.no_grad():
             if self.model.device.type == "cuda":
                 started = time.monotonic()
@@ -71,6 +89,12 @@ class ModelRunner:
         self.graphs.capture(fields)
         log.info("decode graphs captured: %d (batch sizes %s × scale fields %s) in %.1f s", len(self.graphs.graphs),
                  self.graphs.sizes, fields, time.monotonic() - started)
+        if self.prefill_graphs is not None:
+            started = time.monotonic()
+            self.prefill_graphs.capture(fields)
+            log.info("prefill graphs captured: %d (batch sizes %s × chunk lengths %s × scale fields %s within %d "
+                     "tokens) in %.1f s", len(self.prefill_graphs.graphs), self.prefill_graphs.sizes,
+                     self.prefill_graphs.lengths, fields, self.prefill_graphs.max_tokens, time.monotonic() - started)
 
     def _warm_up_prefill_shapes(self) -> None:
         """Triton compiles a kernel anew for each class of its integer arguments (1, divisible by 16, other) and
@@ -94,25 +118,31 @@ class ModelRunner:
                     for firsts in [[True] * b, [False] * b] + ([[True, False]] if b == 2 else []):
                         self.prefill(slots[:b], [[0] * length] * b, firsts, buckets)
 
-    def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool],
-                buckets: list[str]) -> torch.Tensor:
+    def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool], buckets: list[str],
+                whole: bool = True) -> Prefilled:
         """One prompt chunk for each of b sequences, as one batch: slots, firsts and scale buckets (b each), tokens
         b lists of at most c tokens, of one length or (where the model `pads_exactly`) of several: the shorter
         ones padded on the right, each state left at its chunk's end. A sequence starts from a zero state where
-        `first`, else continues its slot's. Returns the hidden states (b, c, D), a row's chunk at its first
-        positions; a decimated sequence's, alone, (1, k, D) at the kept positions, ending with the prompt's last."""
-        device = self.model.device
+        `first`, else continues its slot's. Unless `whole` (every position's hidden state wanted: prompt
+        logprobs), only each row's last is kept, and a step of short chunks runs as a captured graph."""
         extensions = [self.extensions[bucket] for bucket in buckets]
         lengths = [len(chunk) for chunk in tokens]
+        assert len(extensions) == 1 or all(e.decimation is None for e in extensions), "a decimation prefills alone"
+        scales = self._prefill_scales_of(tuple(extensions))
+        if (not whole and self.prefill_graphs is not None and extensions[0].decimation is None
+                and self.prefill_graphs.takes(len(tokens), max(lengths))):
+            return Prefilled(None, self.prefill_graphs.run(tokens, slots, firsts, scales))
+        device = self.model.device
         longest = max(lengths)
         # queued copies (to_device): the host goes on launching the step while the device finishes the last one
         ids = to_device([chunk + [0] * (longest - len(chunk)) for chunk in tokens], device, torch.long)  # (b, c)
         padding = Padding.of(lengths, device, self.model.config.d_conv)
-        fresh = None if all(firsts) else to_device([i for i, first in enumerate(firsts) if first], device, torch.long)
+        fresh = None if all(firsts) else to_device(firsts, device, torch.bool)  # (b,)
         rows = PoolRows(self.pool, to_device(slots, device, torch.long), fresh)
-        assert len(extensions) == 1 or all(e.decimation is None for e in extensions), "a decimation prefills alone"
-        return self.model.prefill_rows(ids, rows, self._prefill_scales_of(tuple(extensions)),
-                                       decimation=extensions[0].decimation, padding=padding)
+        hidden = self.model.prefill_rows(ids, rows, scales, decimation=extensions[0].decimation, padding=padding)
+        # a row's last token: a shorter chunk's row is padded after it, a decimated one's kept positions end with it
+        last = to_device([hidden.shape[1] - longest + n - 1 for n in lengths], device, torch.long)  # (b,)
+        return Prefilled(hidden, hidden[torch.arange(len(lengths), device=device), last])
 
     def copy_state(self, slot: int, to: list[int]) -> None:
         """The state of `slot` copied into the slots `to` (the samples of one prompt)."""

@@ -10,7 +10,8 @@ from checkpoints import VOCAB  # noqa: E402
 from scale_sets import delta_and_a_scales  # noqa: E402
 
 from runtime import ScaleMethod, ScaleSet, batch_scales, load_model  # noqa: E402
-from runtime.decode_graph import DecodeGraphs, graph_sizes  # noqa: E402
+from runtime.decode_graph import DecodeGraphs  # noqa: E402
+from runtime.graph_capture import graph_sizes  # noqa: E402
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 

@@ -45,7 +45,8 @@ def test_launching_decode_steps_and_choosing_their_tokens_waits_for_nothing(chec
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 @pytest.mark.parametrize("longest", [SHORT_CHUNK, 300])  # the short chunks' kernels and the long ones'
-def test_launching_a_prefill_step_waits_for_nothing(checkpoints, arch, longest):
+@pytest.mark.parametrize("whole", [True, False])  # every position kept (eager), or the last (short: a graph)
+def test_launching_a_prefill_step_waits_for_nothing(checkpoints, arch, longest, whole):
     """A prefill step queued behind the device's work (its token ids, slots and row lengths copied from pinned
     memory): rows of different lengths, a first chunk beside continued ones, under two buckets' scales."""
     model = load_model(checkpoints[arch], device="cuda", dtype="bfloat16").model
@@ -55,11 +56,11 @@ def test_launching_a_prefill_step_waits_for_nothing(checkpoints, arch, longest):
     chunks = [[5] * longest, [6] * (longest // 2 + 1), [7] * (longest - 3)]
     step = ([0, 1, 2], chunks, [True, False, False], [NONE, "4k", "4k"])
     with torch.no_grad():
-        runner.prefill(*step)  # the batch's scales prepared
+        runner.prefill(*step, whole=whole)  # the batch's scales prepared
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            hidden = runner.prefill(*step)
+            hidden, last = runner.prefill(*step, whole=whole)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert hidden.shape[:2] == (3, longest)
+    assert last.shape[0] == 3 and (hidden is None) == (not whole and longest <= SHORT_CHUNK)

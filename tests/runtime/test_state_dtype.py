@@ -93,8 +93,8 @@ def test_a_model_on_a_bfloat16_state_pool_stays_close_to_float32(checkpoints, ar
         half = prompt.shape[1] // 2
         for start in (0, half):  # the second chunk continues the state the first stored
             model.prefill_rows(prompt[:, start:start + half], PoolRows(pool, slots, None if start == 0 else
-                                                                       torch.tensor([], dtype=torch.long,
-                                                                                    device=device)))
+                                                                       torch.zeros(2, dtype=torch.bool,
+                                                                                   device=device)))
         graphs = DecodeGraphs(model, pool) if device == "cuda" else None
         tokens, steps = prompt[:, -1], []
         for _ in range(8):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from runtime import IDENTITY, Decimation, Extension, ScaleMethod, ScaleSet, batch_scales, load_model
-from runtime.decode_graph import fields_of_batches
+from runtime.graph_capture import fields_of_batches
 from server.config import EngineConfig
 from server.model_runner import ModelRunner
 
@@ -58,8 +58,9 @@ def test_scales_are_prepared_once_per_extension_and_per_batch(checkpoints):
 def test_a_decimating_extension_drops_prompt_positions(checkpoints):
     model = load_model(checkpoints["mamba1"]).model
     runner = ModelRunner(model, EngineConfig(max_batch_size=1), {"1k": Extension(decimation=Decimation(1, l_base=8))})
-    hidden = runner.prefill([0], [list(range(1, 40))], [True], ["1k"])
-    assert hidden.shape[1] == 9  # l_base + the last token
+    hidden, last = runner.prefill([0], [list(range(1, 40))], [True], ["1k"])
+    assert hidden is not None and hidden.shape[1] == 9  # l_base + the last token
+    assert torch.equal(last, hidden[:, -1])  # the prompt's last token
 
 
 def test_graph_scale_fields_cover_every_batch_of_the_banks_sets(checkpoints):
@@ -85,9 +86,9 @@ def _extensions(config) -> dict[str, Extension]:
 def _same_as_alone(batched: ModelRunner, alone: ModelRunner, slots: list[int], chunks: list[list[int]],
                    firsts: list[bool], buckets: list[str]) -> None:
     """One batched prefill against each sequence's alone: hidden states, states, and 4 greedy decode steps."""
-    got = batched.prefill(slots, chunks, firsts, buckets)  # (b, c, D)
+    got = batched.prefill(slots, chunks, firsts, buckets).hidden  # (b, c, D)
     for row, slot in enumerate(slots):
-        want = alone.prefill([slot], [chunks[row]], [firsts[row]], [buckets[row]])  # (1, c, D)
+        want = alone.prefill([slot], [chunks[row]], [firsts[row]], [buckets[row]]).hidden  # (1, c, D)
         torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-5)
         for mine, theirs in zip(batched.pool.rows([slot]).ssm, alone.pool.rows([slot]).ssm):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
@@ -140,11 +141,12 @@ def test_chunks_of_different_lengths_in_one_batch_equal_each_alone(checkpoints, 
     for runner in (batched, alone):
         runner.prefill(slots, [c[:1] for c in first_chunks], [True] * 4, buckets)
         runner.prefill(slots, [c[1:] or [3] for c in first_chunks], [False] * 4, buckets)  # the carried states
-    hidden = batched.prefill(slots, chunks, firsts, buckets)  # (4, 7, D)
-    assert hidden.shape[:2] == (4, 7)
+    hidden, last = batched.prefill(slots, chunks, firsts, buckets)  # (4, 7, D), (4, D)
+    assert hidden is not None and hidden.shape[:2] == (4, 7)
     for row, (slot, chunk) in enumerate(zip(slots, chunks)):
-        want = alone.prefill([slot], [chunk], [firsts[row]], [buckets[row]])  # (1, len, D)
+        want = alone.prefill([slot], [chunk], [firsts[row]], [buckets[row]]).hidden  # (1, len, D)
         torch.testing.assert_close(hidden[row, :len(chunk)], want[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(last[row], hidden[row, len(chunk) - 1])  # each row's last real token
     for layer in range(model.config.n_layer):
         torch.testing.assert_close(batched.pool.conv[layer][slots], alone.pool.conv[layer][slots], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched.pool.ssm[layer][slots], alone.pool.ssm[layer][slots], rtol=1e-5, atol=1e-5)
