@@ -172,7 +172,7 @@ def test_a_prefill_into_pool_rows_is_a_prefill_then_a_write(checkpoints, arch):
     expected_hidden, state = model.hidden_states(tokens, start, scales)
     expected_pool.write_rows(rows, state)
 
-    hidden = model.prefill_rows(tokens, PoolRows(pool, rows, fresh=torch.tensor([1])), scales)
+    hidden = model.prefill_rows(tokens, PoolRows(pool, rows, fresh=torch.tensor([False, True])), scales)
     torch.testing.assert_close(hidden, expected_hidden)
     for mine, theirs in zip(pool.conv + pool.ssm, expected_pool.conv + expected_pool.ssm):
         torch.testing.assert_close(mine, theirs)
