@@ -79,8 +79,7 @@ class Mamba1Mixer(nn.Module):
             scan_x, scan_A, scan_D, scan_scale = x, A, self.D, delta_scale
         dt, B, C = self._ssm_inputs(x)
         if padding is not None:
-            dt = padding.silence(dt)
-            conv_state = padding.conv_state(conv_input, conv_start)
+            dt, conv_state = padding.apply(dt, conv_input, conv_start)
         out, ssm_state = ops.mamba1_scan(scan_x, dt, scan_A, B, C, scan_D, z, ssm_state, dt_bias=self.dt_bias,
                                          delta_scale=scan_scale, out_weight=self.out_proj.weight,
                                          out_bias=self.out_proj.bias)  # (b, l, D), (b, d, n)

@@ -72,8 +72,7 @@ class Mamba2Mixer(nn.Module):
         conv_input, conv_start = xBC, conv_state
         xBC, conv_state = ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
         if padding is not None:
-            dt = padding.silence(dt)
-            conv_state = padding.conv_state(conv_input, conv_start)
+            dt, conv_state = padding.apply(dt, conv_input, conv_start)
         x, B, C = self._ssm_inputs(xBC)
         y, ssm_state = ops.mamba2_scan(x, dt, ssm_A(self.A_log, a_scale), B, C, self.D, ssm_state,
                                        dt_bias=self.dt_bias, dt_limit=c.dt_limit,

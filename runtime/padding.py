@@ -46,6 +46,11 @@ class Padding:
         # row i's last k-1 inputs end at x[ends[i] - 1], position k-2 + ends[i] of the state's and x's inputs
         return cls(pad, (ends[:, None] + torch.arange(conv_width - 1, device=ends.device))[:, None, :])
 
+    def apply(self, dt: Tensor, conv_input: Tensor, conv_start: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A mixer's padded rows: dt (b, l, c) silenced at the pads (`silence`) and the convolution state after each
+        row's last real input (`conv_state`; conv_input (b, l, c') the convolution's input, conv_start its state)."""
+        return self.silence(dt), self.conv_state(conv_input, conv_start)
+
     def silence(self, dt: Tensor) -> Tensor:
         """dt (b, l, c) before the bias and softplus, −∞ at the pad positions: Δ = 0 there."""
         return dt.masked_fill(self.pad, -torch.inf)
