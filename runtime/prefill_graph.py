@@ -47,6 +47,29 @@ def prefills_in_graphs(model: MambaLM) -> bool:
     return model.device.type == "cuda" and pads_exactly(model.config) and bool(graph_lengths())
 
 
+def input_block(chunks: list[list[int]], slots: list[int], firsts: list[bool], width: int, scratch: int,
+                size: int) -> list[list[int]]:
+    """The rows of a static input block for b ≤ `size` chunks of at most `width` tokens: each chunk padded with
+    zeros to `width`, then its length, its slot and whether it starts from zeros; then size − b pad rows of one
+    token on the `scratch` slot, from zeros."""
+    pad_row = [0] * width + [1, scratch, 1]
+    return [chunk + [0] * (width - len(chunk)) + [len(chunk), slot, first]
+            for chunk, slot, first in zip(chunks, slots, firsts)] + [pad_row] * (size - len(chunks))
+
+
+def prefill_block(model: MambaLM, pool: InferenceState, block: torch.Tensor, length: int,
+                  scales: BatchScales | None) -> torch.Tensor:
+    """The prefill of an input block's rows (`input_block`: block (B, W + 3) int64 on the device), their chunks
+    padded on the right to `length` ≤ W, over the pool's rows. Returns each row's final-normed hidden state at
+    its chunk's last token (B, D) float32. What a graph captures: shapes fixed by B and `length` alone."""
+    width = block.shape[1] - 3
+    tokens, ends = block[:, :length], block[:, width]  # (B, L), (B,)
+    rows = PoolRows(pool, block[:, width + 1], block[:, width + 2] != 0)
+    padding = Padding.at(ends, length, model.config.d_conv)
+    hidden = model.prefill_rows(tokens, rows, scales, padding=padding)  # (B, L, D)
+    return hidden[torch.arange(block.shape[0], device=hidden.device), ends - 1]  # (B, D)
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -94,9 +117,7 @@ class PrefillGraphs:
         shape = self._shape(b, max(len(chunk) for chunk in chunks))
         assert shape is not None, "a step the graphs take"
         size, length = shape
-        pad_row = [0] * self.width + [1, self.scratch, 1]  # one token, on the scratch row, from zeros
-        block = [chunk + [0] * (self.width - len(chunk)) + [len(chunk), slot, first]
-                 for chunk, slot, first in zip(chunks, slots, firsts)] + [pad_row] * (size - b)
+        block = input_block(chunks, slots, firsts, self.width, self.scratch, size)
         self.inputs[:size].copy_(to_device(block, self.model.device, torch.long))  # (B, Lmax + 3)
         self.scales.fill(scales, b, size)
         fields = scale_fields(scales)
@@ -117,17 +138,12 @@ class PrefillGraphs:
 
     def _body(self, size: int, length: int, fields: ScaleFields) -> torch.Tensor:
         """The prefill of the static block's first `size` rows padded to `length`. Returns (size, D)."""
-        block = self.inputs[:size]
-        tokens, ends = block[:, :length], block[:, self.width]  # (B, L), (B,)
-        rows = PoolRows(self.pool, block[:, self.width + 1], block[:, self.width + 2] != 0)
-        padding = Padding.at(ends, length, self.model.config.d_conv)
-        hidden = self.model.prefill_rows(tokens, rows, self.scales.view(size, fields), padding=padding)  # (B, L, D)
-        return hidden[torch.arange(size, device=hidden.device), ends - 1]  # (B, D)
+        return prefill_block(self.model, self.pool, self.inputs[:size], length, self.scales.view(size, fields))
 
     def _capture(self, size: int, length: int, fields: ScaleFields) -> _Graph:
         # The warm-up runs really run: pointed at the scratch row (one token, from zeros), the real rows are untouched
         real = self.inputs[:size].clone()
-        self.inputs[:size] = torch.tensor([0] * self.width + [1, self.scratch, 1], device=self.inputs.device)  # pads
+        self.inputs[:size] = torch.tensor(input_block([], [], [], self.width, self.scratch, size), device=real.device)
         graph, last = capture(lambda: self._body(size, length, fields), self.memory_pool)
         self.inputs[:size].copy_(real)
         return _Graph(graph, last)
