@@ -11,7 +11,8 @@ its turns too, against the prompt in one piece.
 Both sides also run as a server runs them, writing the prompt's final state into a cache allocated beforehand
 (so that decoding can go on from it): the peer into its inference cache (`allocate_inference_cache`, as its
 `generate` prefills), this runtime into a row of a state pool (`prefill_rows`, as the engine prefills). The
-plain forward keeps no state on the peer's side; the "pooled" columns compare like with like.
+plain forward keeps no state on either side (the runtime's `hidden_states_only`, as scoring runs it); the
+chunked variants are `prefill`'s, which returns the state.
 
     python -m bench.gpu_prefill --shapes 130m --lengths 2048,8192,32768,65536 --json $OUT/prefill.json
     python -m bench.gpu_prefill --shapes mamba2-780m,mamba2-2.7b --json $OUT/prefill_mamba2.json
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from runtime import MambaLM, PoolRows
+from runtime import BatchScales, MambaLM, PoolRows
 
 from .gpu_models import SHAPES, peer_and_runtime, random_delta_scales
 from .report import print_row, save_json
@@ -48,8 +49,8 @@ def bench_shape(name: str, lengths: list[int], rounds: int, chunks: list[int]) -
             cache = InferenceParams(max_seqlen=length, max_batch_size=1)
             cache.key_value_memory_dict = peer.allocate_inference_cache(1, length)
             timed = measure_in_turns({"peer": partial(peer, tokens, num_last_tokens=1),
-                                      "ours": partial(ours.prefill, tokens),
-                                      "scaled": partial(ours.prefill, tokens, scales=scales),
+                                      "ours": partial(_forward, ours, tokens),
+                                      "scaled": partial(_forward, ours, tokens, scales),
                                       "peer cached": partial(peer, tokens, inference_params=cache, num_last_tokens=1),
                                       "ours pooled": partial(_prefill_into_pool, ours, tokens, pool_row),
                                       **chunked}, rounds)
@@ -71,6 +72,11 @@ def bench_shape(name: str, lengths: list[int], rounds: int, chunks: list[int]) -
     del peer, ours
     torch.cuda.empty_cache()
     return rows
+
+
+def _forward(model: MambaLM, tokens: torch.Tensor, scales: BatchScales | None = None) -> torch.Tensor:
+    """The plain forward, as the peer's: the last position's logits (1, V), no state kept."""
+    return model.logits(model.hidden_states_only(tokens, scales)[:, -1])
 
 
 def _prefill_into_pool(model: MambaLM, tokens: torch.Tensor, rows: PoolRows) -> torch.Tensor:

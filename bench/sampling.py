@@ -53,7 +53,7 @@ def model_logits(model_dir: Path, text: Path, rows: int, device: str) -> torch.T
     if len(ids) < 100 + rows:
         raise SystemExit(f"{text}: {len(ids)} tokens, {100 + rows} needed")
     with torch.no_grad():
-        hidden, _ = loaded.model.hidden_states(torch.tensor([ids], device=loaded.model.device))  # (1, l, D)
+        hidden = loaded.model.hidden_states_only(torch.tensor([ids], device=loaded.model.device))  # (1, l, D)
         return loaded.model.logits(hidden[0, 100:])[:, :tokenizer.vocab_size].contiguous()  # (rows, V)
 
 

@@ -33,8 +33,8 @@ def _last_hidden(model: MambaLM, inputs: torch.Tensor, scale_set: ScaleSet | Non
                  decimation: Decimation | None, tail: int | None) -> torch.Tensor:
     """inputs: (b, l). Hidden states (b, t, D) of the last t = `tail` positions (None: all of them, or the
     `keep_last` that a decimation which drops positions keeps in place)."""
-    hidden, _ = model.hidden_states(inputs, scales=_scales(model, scale_set, len(inputs)), checkpoint=checkpoint,
-                                    decimation=decimation)  # (b, k ≤ l, D)
+    hidden = model.hidden_states_only(inputs, scales=_scales(model, scale_set, len(inputs)), checkpoint=checkpoint,
+                                      decimation=decimation)  # (b, k ≤ l, D)
     if decimation is not None and hidden.shape[1] < inputs.shape[1]:  # the positions before keep_last moved
         tail = decimation.keep_last if tail is None else tail
         if tail > decimation.keep_last:

@@ -147,9 +147,9 @@ def train(args) -> tuple[MambaLM, list[float]]:
                              templates)
         tokens, answer_mask = to_device(passkey.tokens, device), to_device(passkey.answer_mask, device)  # (half, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            text_loss = F.cross_entropy(model.logits(model.hidden_states(windows[:, :-1])[0]).flatten(0, 1),
+            text_loss = F.cross_entropy(model.logits(model.hidden_states_only(windows[:, :-1])).flatten(0, 1),
                                         windows[:, 1:].flatten())
-            logits = model.logits(model.hidden_states(tokens[:, :-1])[0])  # (half, L-1, V)
+            logits = model.logits(model.hidden_states_only(tokens[:, :-1]))  # (half, L-1, V)
             targets, answer = tokens[:, 1:], answer_mask[:, 1:]
             all_ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
             # the answer tokens' mean, as a masked sum: indexing by the mask would wait for the device

@@ -7,8 +7,9 @@ The model holds no per-request state. Callers say what they do:
   token's logits and a new state; `chunk_len` bounds memory on long prompts;
 - `step(tokens, state, scales)`: one token per sequence, the state updated in place;
 - `hidden_states(...)` + `logits(...)` / `token_logprobs(...)`: every position's output, its logits taken in
-  slices so a 64k prompt's full (l, V) logits never exist at once; `prefill_rows(...)` the same for a batch
-  whose states are rows of a pool, written layer by layer (what a server's prefill runs).
+  slices so a 64k prompt's full (l, V) logits never exist at once; `hidden_states_only(...)` the outputs without
+  the new state; `prefill_rows(...)` the same for a batch whose states are rows of a pool, written layer by layer
+  (what a server's prefill runs).
 `scales` is a `BatchScales` (one `LayerScales` per layer, each sequence its own row) or None for identity.
 `decimation` (runtime.decimation) drops prompt positions after one layer in `hidden_states` and `prefill`;
 None, or a prompt short enough that it drops nothing, is exactly the base model.
@@ -139,6 +140,12 @@ class MambaLM(nn.Module):
         hidden = self._layers(tokens, None if state is None else lambda i: (state.conv[i], state.ssm[i]), keep,
                               scales, checkpoint, decimation)
         return hidden, InferenceState(conv_states, ssm_states)
+
+    def hidden_states_only(self, tokens: torch.Tensor, scales: BatchScales | None = None, checkpoint: bool = False,
+                           decimation: Decimation | None = None) -> torch.Tensor:
+        """`hidden_states` from zero states, without the new state: each layer's is dropped as soon as it is made
+        rather than held to the end (what scoring and training read: the outputs)."""
+        return self._layers(tokens, None, lambda i, conv, ssm: None, scales, checkpoint, decimation)
 
     def prefill_rows(self, tokens: torch.Tensor, rows: PoolRows, scales: BatchScales | None = None,
                      decimation: Decimation | None = None, padding: Padding | None = None) -> torch.Tensor:

@@ -41,6 +41,9 @@ def test_prefill_split_equals_whole_equals_steps(checkpoints, arch, scaled):
     for t in range(b.shape[1]):
         step_logits = model.step(b[:, t], stepped, scales)
     torch.testing.assert_close(step_logits, whole_logits, rtol=1e-4, atol=1e-4)
+    outputs_only = model.hidden_states_only(tokens, scales)  # the same outputs, no state kept
+    assert torch.equal(outputs_only, model.hidden_states(tokens, scales=scales)[0])
+    torch.testing.assert_close(model.logits(outputs_only[:, -1]), whole_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
