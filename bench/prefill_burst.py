@@ -1,13 +1,17 @@
-"""A burst of prompts of different lengths: padded prefill rows against chunks of one length, in one run.
+"""A burst of prompts of different lengths: padded prefill rows against chunks of one length, or short prefill steps
+replayed as CUDA graphs against launched one by one, in one run.
 
 N requests whose prompts have lengths drawn (seeded) from a range are submitted at once to an in-process `Engine`
 (the server's settings, flags after `--`), each generating `--max-tokens` tokens (greedy, `ignore_eos`); the rounds
-alternate the scheduler's two rules: rows of different lengths padded into one batch (`--prefill-padding on`) and
-chunks of one length only (`off`). Reported per rule: the prefill steps of a round, time to first token p50 / max
-(from submission), the round's wall time, and the ratio of the rounds' times, padded ÷ one length.
+alternate two ways of prefilling them. `--compare padding` (the default): rows of different lengths padded into one
+batch (`--prefill-padding on`) against chunks of one length only (`off`). `--compare graphs` (CUDA): padded rows
+with the short steps' graphs (runtime.prefill_graph) against the same steps launched eagerly (`--eager-prefill`).
+Reported per way: the prefill steps of a round, time to first token p50 / max (from submission), the round's wall
+time, and the ratio of the rounds' times, the first way ÷ the second.
 
     python -m bench.prefill_burst --requests 64 --prompt-tokens 48-80            # the embedded model on CPU
     python -m bench.prefill_burst --shape 130m --device cuda --requests 64 --prompt-tokens 32-96 -- --max-batch-size 256
+    python -m bench.prefill_burst --shape 130m --device cuda --compare graphs -- --max-batch-size 256
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-tokens", default="48-80", help="the range prompt lengths are drawn from")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each rule, alternating; medians reported")
+    parser.add_argument("--compare", choices=("padding", "graphs"), default="padding")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     shortest, longest = (int(n) for n in args.prompt_tokens.split("-"))
@@ -81,29 +86,34 @@ def main(argv=None) -> None:
                         Metrics(loaded.model.device))
         engine.warm_up()
         engine.start()
+        graphs = engine.runner.prefill_graphs
+        if args.compare == "graphs" and graphs is None:
+            raise SystemExit("--compare graphs: this engine has no prefill graphs (CUDA, exact padding, not eager)")
+        ways = {"padded": (True, graphs), "one length": (False, graphs)} if args.compare == "padding" else \
+            {"graphs": (True, graphs), "eager": (True, None)}  # (rows padded, the runner's prefill graphs)
         try:
-            runs: dict[bool, list[dict]] = {True: [], False: []}
-            for _ in range(args.rounds + 1):  # the first round of each rule warms its shapes and is dropped
-                for pads in (True, False):
-                    engine.scheduler.pads = pads
-                    runs[pads].append(burst(engine, prompts, params))
+            runs: dict[str, list[dict]] = {way: [] for way in ways}
+            for _ in range(args.rounds + 1):  # the first round of each way warms its shapes and is dropped
+                for way, (pads, prefill_graphs) in ways.items():  # between bursts: the engine thread is idle
+                    engine.scheduler.pads, engine.runner.prefill_graphs = pads, prefill_graphs
+                    runs[way].append(burst(engine, prompts, params))
         finally:
             engine.stop()
     rows = []
-    for pads, rounds in runs.items():
+    for way, rounds in runs.items():
         kept = rounds[1:]
         ttft = [statistics.median(r["ttft"]) for r in kept]
-        rows.append({"padded": pads, "requests": args.requests, "prompt_tokens": args.prompt_tokens,
+        rows.append({"way": way, "requests": args.requests, "prompt_tokens": args.prompt_tokens,
                      "prefill_steps": statistics.median(r["prefill_steps"] for r in kept),
                      "ttft_p50_ms": 1e3 * statistics.median(ttft),
                      "ttft_max_ms": 1e3 * statistics.median(r["ttft"][-1] for r in kept),
                      "round_s": statistics.median(r["seconds"] for r in kept)})
         print_row(rows[-1])
     ratio = rows[0]["round_s"] / rows[1]["round_s"]
-    print_table(["rows", "prefill steps", "TTFT p50 ms", "TTFT max ms", "round s"],
-                [["padded" if r["padded"] else "one length", f"{r['prefill_steps']:.0f}", f"{r['ttft_p50_ms']:.1f}",
-                  f"{r['ttft_max_ms']:.1f}", f"{r['round_s']:.3f}"] for r in rows])
-    print(f"round time, padded ÷ one length: {ratio:.2f}")
+    print_table(["prefill", "prefill steps", "TTFT p50 ms", "TTFT max ms", "round s"],
+                [[r["way"], f"{r['prefill_steps']:.0f}", f"{r['ttft_p50_ms']:.1f}", f"{r['ttft_max_ms']:.1f}",
+                  f"{r['round_s']:.3f}"] for r in rows])
+    print(f"round time, {rows[0]['way']} ÷ {rows[1]['way']}: {ratio:.2f}")
     save_json(rows, args.json)
 
 
