@@ -91,7 +91,13 @@ class ModelRunner:
                  self.graphs.sizes, fields, time.monotonic() - started)
         if self.prefill_graphs is not None:
             started = time.monotonic()
-            self.prefill_graphs.capture(fields)
+            try:
+                self.prefill_graphs.capture(fields)
+            except RuntimeError as failed:  # an operation of this model's prefill that a graph cannot hold: serve
+                log.warning("prefill graphs not captured (%s); short prefill steps launch their kernels one by one",
+                            failed)  # on without them, as --eager-prefill would
+                self.prefill_graphs = None
+                return
             log.info("prefill graphs captured: %d (batch sizes %s × chunk lengths %s × scale fields %s within %d "
                      "tokens) in %.1f s", len(self.prefill_graphs.graphs), self.prefill_graphs.sizes,
                      self.prefill_graphs.lengths, fields, self.prefill_graphs.max_tokens, time.monotonic() - started)
