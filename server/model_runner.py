@@ -38,7 +38,7 @@ class Prefilled(NamedTuple):
     """A prefill step's final-normed hidden states, float32."""
 
     hidden: torch.Tensor | None  # (b, c, D), a row's chunk at its first positions (decimated: (1, k, D)); None
-    # unless asked for `whole`
+    # where a graph ran the step (never when asked for `whole`)
     last: torch.Tensor  # (b, D): each row's at its chunk's last token
 
 
