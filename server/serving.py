@@ -363,6 +363,7 @@ class CompletionService:
         started: set[int] = set()  # choices whose first chunk was sent
         results = [ChoiceResult(choice) for choice in submission.choices]
         model = self.http.served_model_name
+        frame = ChunkFrame(envelope(submission, kind, model, [ChunkFrame.MARK]))
         try:
             async for taken in self.outputs(submission):
                 events = []
@@ -370,6 +371,9 @@ class CompletionService:
                     results[choice.index].add(output)
                     chunk = choice_json(submission, results[choice.index], output, choice.index not in started)
                     started.add(choice.index)
+                    if opening is None and not usage_chunks.continuous:  # a chunk of the choice alone
+                        events.append(frame.event(chunk))
+                        continue
                     body = {**envelope(submission, kind, model, [chunk]), **(opening or {})}
                     opening = None
                     if usage_chunks.continuous:  # the choice's own, as vLLM counts it
@@ -490,9 +494,10 @@ def finish_fields(output: RequestOutput) -> dict:
             "stop_reason": output.stop_reason if finished else None}
 
 
-def envelope(submission: Submission, kind: str, model: str, choices: list[dict]) -> dict:
-    """A response object (or stream chunk) of `kind` around `choices`, with the scale bucket of its prompts (null
-    when they were served by different ones: each choice then names its own)."""
+def envelope(submission: Submission, kind: str, model: str, choices: Sequence[dict | str]) -> dict:
+    """A response object (or stream chunk) of `kind` around `choices` (or `ChunkFrame.MARK` in place of a chunk's
+    choice), with the scale bucket of its prompts (null when they were served by different ones: each choice then
+    names its own)."""
     body = {"id": submission.id, "object": kind, "created": submission.created, "model": model, "choices": choices}
     return {**body, **shared_scale_fields(submission)}
 
@@ -527,6 +532,22 @@ def token_counts(prompt: int, completion: int) -> dict:
 def sse(body: dict) -> bytes:
     """The server-sent event of `body`: one data line, as JSON escapes every line break."""
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+
+class ChunkFrame:
+    """A stream's chunks of one choice each, as `sse` writes them, with their envelope encoded once a stream: a
+    chunk then encodes its choice alone (a stream's every token goes through here)."""
+
+    MARK = "\x00choice"  # stands for the choice while the envelope is encoded (JSON writes it as \u0000choice)
+
+    def __init__(self, body: dict) -> None:
+        """`body`: the chunks' envelope, whose one choice is MARK."""
+        before, after = json.dumps(body, ensure_ascii=False).split(json.dumps(self.MARK))
+        self._before, self._after = b"data: " + before.encode(), after.encode() + b"\n\n"
+
+    def event(self, choice: dict) -> bytes:
+        """What `sse` makes of the envelope around `choice`."""
+        return self._before + json.dumps(choice, ensure_ascii=False).encode() + self._after
 
 
 async def until_disconnected(work: Awaitable[T], http_request: HttpRequest) -> T | None:
