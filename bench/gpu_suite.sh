@@ -33,6 +33,10 @@ for lengths in 32-96 100-1000; do  # a burst of prompts of different lengths: pa
   python3 -m bench.prefill_burst --shape 130m --device cuda --requests 64 --prompt-tokens $lengths \
     --json "$out/prefill_burst_$lengths.json" -- --max-batch-size 256 2>&1 | grep -v " INFO " | tail -6
 done
+for shape in ${shapes//,/ }; do  # short prefill steps replayed as CUDA graphs against launched one by one
+  python3 -m bench.prefill_burst --shape "$shape" --device cuda --compare graphs --requests 64 --prompt-tokens 32-96 \
+    --json "$out/prefill_graphs_$shape.json" -- --max-batch-size 256 2>&1 | grep -v " INFO " | tail -6
+done
 python3 -m bench.http_ttft --shape 130m --device cuda --tokens 60000 --race --json "$out/http_ttft.json" 2>&1 \
   | grep -v " INFO " | tail -2
 for shape in ${shapes//,/ }; do
@@ -40,6 +44,11 @@ for shape in ${shapes//,/ }; do
     python3 -m bench.http_throughput --shape "$shape" --device cuda --prompt-tokens 1000 --streams 1,8,32,64,256 \
       --json "$out/http_${shape}_${setting// /_}.json" -- --max-batch-size 256 --max-queue 256 \
       --${setting% *} "${setting#* }" 2>&1 | grep -v " INFO " | tail -8
+  done
+  for prefill in "" --eager-prefill; do  # issue 22's bars: 64-token prompts, with and without the prefill graphs
+    python3 -m bench.http_throughput --shape "$shape" --device cuda --prompt-tokens 64 --streams 1,64,256 --rounds 2 \
+      --json "$out/http_${shape}_64${prefill}.json" -- --max-batch-size 256 --max-queue 256 $prefill 2>&1 \
+      | grep -v " INFO " | tail -8
   done
 done
 # Several GPUs (a multi-GPU machine only): the same streams over --data-parallel-size engines, one per GPU; the
