@@ -128,6 +128,8 @@ class HttpConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any); empty: no CORS headers
     ssl_keyfile: Path | None = None  # with ssl_certfile: HTTPS (PEM files); None: plain HTTP
     ssl_certfile: Path | None = None
+    access_log: bool = True  # uvicorn's line per HTTP request
+    log_requests: bool = True  # the server's line per completion request (its id, prompts, n, max_tokens)
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections; past it, requests get 503")
     p.add_argument("--shutdown-timeout", type=_positive_float, default=HttpConfig.shutdown_timeout,
                    help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true",
+                   help="no log line per HTTP request (uvicorn's access log; vLLM's flag)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no log line per completion request (vLLM's flag)")
     p.add_argument("--ssl-keyfile", type=Path, help="with --ssl-certfile: serve HTTPS with this PEM private key")
     p.add_argument("--ssl-certfile", type=Path, help="with --ssl-keyfile: the PEM certificate (chain) to present")
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
@@ -327,7 +333,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     http = HttpConfig(args.host, args.port, api_key, args.served_model_name or model.resolve().name,
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
                       args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins),
-                      *_tls_files(args.ssl_keyfile, args.ssl_certfile))
+                      *_tls_files(args.ssl_keyfile, args.ssl_certfile), access_log=not args.disable_uvicorn_access_log,
+                      log_requests=not args.disable_log_requests)
     config = ServerConfig(spec, engine, http, args.data_parallel_size, args.api_server_count)
     engine_ranks(config)  # refuses a device kind that engines cannot share out
     return config, args.log_level

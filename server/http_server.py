@@ -74,5 +74,5 @@ def build_server(app: FastAPI, http: HttpConfig, log_level: str = "info", follow
                             # task send a ping after a stream's [DONE] (2 runs in 6 with a 2 ms heartbeat)
                             http=protocol, loop="asyncio",  # type: ignore[arg-type]
                             limit_concurrency=http.max_connections, timeout_graceful_shutdown=FLUSH_SECONDS,
-                            ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile)
+                            ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile, access_log=http.access_log)
     return GracefulServer(config, app.state.engine, http.shutdown_timeout, follower)

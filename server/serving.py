@@ -154,7 +154,8 @@ class CompletionService:
                 fork.arrival_time = group[0].arrival_time
             requests.append(group[0])
         await self.engine.submit(requests, sinks)
-        log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
+        if self.http.log_requests:
+            log.info("%s: %d prompt(s), n=%d, max_tokens %d", completion_id, len(prompts), body.n, params.max_tokens)
         return Submission(completion_id, prompts, choices, outputs, echo, int(time.time()),
                           tokens_as_ids=body.return_tokens_as_token_ids, token_ids=bool(body.return_token_ids),
                           prompt_logprobs=prompt_logprobs)
