@@ -364,7 +364,8 @@ class CompletionService:
         started: set[int] = set()  # choices whose first chunk was sent
         results = [ChoiceResult(choice) for choice in submission.choices]
         model = self.http.served_model_name
-        frame = ChunkFrame(envelope(submission, kind, model, [ChunkFrame.MARK]))
+        # chunks of one choice without per-chunk usage are written into the stream's frame
+        frame = None if usage_chunks.continuous else ChunkFrame(envelope(submission, kind, model, [ChunkFrame.MARK]))
         try:
             async for taken in self.outputs(submission):
                 events = []
@@ -372,7 +373,7 @@ class CompletionService:
                     results[choice.index].add(output)
                     chunk = choice_json(submission, results[choice.index], output, choice.index not in started)
                     started.add(choice.index)
-                    if opening is None and not usage_chunks.continuous:  # a chunk of the choice alone
+                    if frame is not None and opening is None:  # a chunk of the choice alone
                         events.append(frame.event(chunk))
                         continue
                     body = {**envelope(submission, kind, model, [chunk]), **(opening or {})}
