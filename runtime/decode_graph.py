@@ -84,10 +84,7 @@ class DecodeGraphs:
         return self.model.step(self.tokens[:size], self.pool, scales, self.slots[:size])  # (size, V)
 
     def _capture(self, size: int, fields: ScaleFields) -> _Graph:
-        # Warm-up steps really run, so they step the scratch row only; the real rows advance once, in the
-        # replay. Capturing itself runs nothing: the graph reads `slots` and the other inputs when replayed.
-        real_slots = self.slots.clone()
-        self.slots.fill_(self.scratch)
-        graph, logits = capture(lambda: self._body(size, fields), self.memory_pool)
-        self.slots.copy_(real_slots)
+        # Warm-up steps step the scratch row only; the real rows advance once, in the replay
+        idle = torch.full_like(self.slots, self.scratch)
+        graph, logits = capture(lambda: self._body(size, fields), self.memory_pool, self.slots, idle)
         return _Graph(graph, logits)

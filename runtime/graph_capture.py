@@ -85,9 +85,13 @@ class StaticScales:
                 for delta, a in zip(self.delta, self.a)]
 
 
-def capture(body: Callable[[], torch.Tensor], memory_pool: MemoryPool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """A CUDA graph of `body` (after WARMUP_STEPS eager runs on a side stream, which really run: the caller points
-    them at scratch rows) and the output tensor its replays overwrite."""
+def capture(body: Callable[[], torch.Tensor], memory_pool: MemoryPool, inputs: torch.Tensor,
+            idle: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A CUDA graph of `body` and the output tensor its replays overwrite. The WARMUP_STEPS eager runs before
+    capture really run, so the static `inputs` hold `idle` (values that point every row at the scratch row) while
+    they run, and get their values back after; capturing itself runs nothing."""
+    real = inputs.clone()
+    inputs.copy_(idle)
     side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
@@ -97,4 +101,5 @@ def capture(body: Callable[[], torch.Tensor], memory_pool: MemoryPool) -> tuple[
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=memory_pool), torch.no_grad():
         output = body()
+    inputs.copy_(real)
     return graph, output

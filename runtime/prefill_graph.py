@@ -141,9 +141,7 @@ class PrefillGraphs:
         return prefill_block(self.model, self.pool, self.inputs[:size], length, self.scales.view(size, fields))
 
     def _capture(self, size: int, length: int, fields: ScaleFields) -> _Graph:
-        # The warm-up runs really run: pointed at the scratch row (one token, from zeros), the real rows are untouched
-        real = self.inputs[:size].clone()
-        self.inputs[:size] = torch.tensor(input_block([], [], [], self.width, self.scratch, size), device=real.device)
-        graph, last = capture(lambda: self._body(size, length, fields), self.memory_pool)
-        self.inputs[:size].copy_(real)
+        # Warm-up runs prefill pad rows (one token on the scratch row, from zeros): the real rows are untouched
+        idle = torch.tensor(input_block([], [], [], self.width, self.scratch, size), device=self.inputs.device)
+        graph, last = capture(lambda: self._body(size, length, fields), self.memory_pool, self.inputs[:size], idle)
         return _Graph(graph, last)
