@@ -136,27 +136,37 @@ def json_objects(text: str) -> list[dict]:
     return objects
 
 
+# .ci/run makes a fresh venv with the README's install command (test_readme_test_command_is_what_ci_runs holds them
+# to the same words) and names it here, so that CI does not install everything twice
+INSTALLED_VENV = "README_INSTALLED_VENV"
+
+
 @pytest.mark.slow  # pip installs into a fresh virtual environment
 def test_readme_cpu_commands_run_verbatim_in_a_fresh_venv(tmp_path):
-    """About a minute: a fresh venv takes the local torch wheel and the rest from the package index."""
+    """About two minutes: a fresh venv takes the local torch wheel and the rest from the package index (under CI,
+    the serve block runs in CI's own fresh venv, which the README's install command has just made)."""
     if shutil.which("curl") is None or shutil.which("git") is None:
         pytest.skip("the README's commands need curl, and copying the working tree needs git")
     repo = copy_working_tree(tmp_path / "repo")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    installed = os.environ.get(INSTALLED_VENV)
+    venv = Path(installed) if installed else tmp_path / "venv"
+    if not installed:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     try:
         env = venv_environment(venv)
-        if not package_index_reachable(venv, env, tmp_path / "probe"):
-            pytest.skip("the package index is unreachable: pip cannot fetch what the README's install needs")
-        readme = (repo / "README.md").read_text(encoding="utf-8")
-        install, _test = marked_block(readme, "install")
-        run_bash(install, repo, env, timeout=300)
+        if not installed:
+            if not package_index_reachable(venv, env, tmp_path / "probe"):
+                pytest.skip("the package index is unreachable: pip cannot fetch what the README's install needs")
+            install, _test = marked_block(readme, "install")
+            run_bash(install, repo, env, timeout=300)
 
         serve = "\n".join(marked_block(readme, "serve"))
         assert "8000" in serve
         health, completion = json_objects(run_bash(serve.replace("8000", str(free_port())), repo, env, timeout=120))
     finally:
-        shutil.rmtree(venv, ignore_errors=True)  # over a GiB
+        if not installed:
+            shutil.rmtree(venv, ignore_errors=True)  # over a GiB
     assert health == {"status": "ok"}
     assert completion["object"] == "text_completion" and completion["scale_bucket"] == "none"
     assert completion["choices"][0]["text"].strip() == QUICK_START_KEY and QUICK_START_KEY in serve

@@ -100,12 +100,15 @@ def test_mamba1_step_writes_y_in_the_input_dtype():
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b, scaled, pooled, conv_bias", [
-    # every pair of the three switches both ways (half of their eight combinations: each case is slow in the
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("b, dtype, scaled, pooled, conv_bias", [
+    # every pair of the four switches both ways, in five of their sixteen combinations (each case is slow in the
     # interpreter)
-    (3, False, False, False), (3, True, True, False), (3, True, False, True), (3, False, True, True),
-    (6, True, True, True),  # past the fused kernels' sequences: the matrix products
+    (3, F32, False, False, False), (3, F32, True, True, True), (3, BF16, False, True, True),
+    (3, BF16, True, False, True), (3, BF16, True, True, False),
+    (6, F32, True, True, True), (6, BF16, True, True, True),  # past the fused kernels' sequences: the matrix products
 ])
 def test_mamba1_decode_equals_pytorch_and_updates_both_states(b, dtype, scaled, pooled, conv_bias):
     d, n, rank, k = 1100, 16, 12, 4  # channels over three x_proj channel blocks, a rank no power of two
