@@ -59,6 +59,7 @@ from .server_process import (add_server_arguments, add_workload_arguments, free_
 
 STEPS = 32  # timed engine steps per measurement
 WARMUP = 4
+CLIENT_LEAD = 0.5  # seconds from handing the streams to the client processes to their first sends
 
 
 @dataclass
@@ -89,18 +90,20 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> Stream:
     return record
 
 
-async def run_streams(url: str, n: int, body: dict) -> tuple[list[Stream], float, float]:
-    """n concurrent streams of `body`. Returns them, the wall time and the client's CPU seconds."""
+async def run_streams(url: str, n: int, body: dict, start_at: float = 0.0) -> tuple[list[Stream], float, float]:
+    """n concurrent streams of `body`, sent from `start_at` (time.perf_counter's clock, which every process on the
+    machine shares; by default at once). Returns them, the wall time and the client's CPU seconds."""
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        await asyncio.sleep(start_at - time.perf_counter())
         cpu, start = time.process_time(), time.perf_counter()
         streams = await asyncio.gather(*(stream_one(client, body) for _ in range(n)))
         return list(streams), time.perf_counter() - start, time.process_time() - cpu
 
 
-def client_share(url: str, n: int, body: dict) -> tuple[list[Stream], float]:
+def client_share(url: str, n: int, body: dict, start_at: float) -> tuple[list[Stream], float]:
     """A client process's share of the streams: its streams and its CPU seconds."""
-    streams, _, cpu = asyncio.run(run_streams(url, n, body))
+    streams, _, cpu = asyncio.run(run_streams(url, n, body, start_at))
     return streams, cpu
 
 
@@ -109,10 +112,14 @@ def run_clients(pool: ProcessPoolExecutor | None, workers: int, url: str, n: int
     """n concurrent streams of `body`, shared among the pool's `workers` processes (no pool: this process),
     which start together. Returns them, the wall time from the first sent to the last ended, and the CPU seconds
     of the busiest client process."""
+    # Every process sends from one moment, after its hand-over and its client's making (an SSL context each),
+    # which would otherwise stagger the processes' first sends by up to a few hundred ms
+    start_at = time.perf_counter() + CLIENT_LEAD
     if pool is None:
-        return asyncio.run(run_streams(url, n, body))
+        return asyncio.run(run_streams(url, n, body, start_at))
     shares = [n // workers + (i < n % workers) for i in range(workers)]
-    results = [future.result() for future in [pool.submit(client_share, url, s, body) for s in shares if s]]
+    results = [future.result() for future in [pool.submit(client_share, url, s, body, start_at)
+                                              for s in shares if s]]
     streams = [s for share, _ in results for s in share]
     wall = max(s.ended for s in streams) - min(s.sent for s in streams)
     return streams, wall, max(cpu for _, cpu in results)
