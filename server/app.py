@@ -19,7 +19,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
@@ -32,6 +31,7 @@ from .components import Components
 from .config import ServerConfig
 from .engine_pool import Engines
 from .errors import AuthenticationError, InvalidRequestError, ResponseNotFoundError, ServerError, UnavailableError
+from .event_stream import EventStream
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, InvocationRequest, ResponsesRequest,
                        SamplingFields, TokenizeRequest, parse_body)
 from .request_id import RequestIdMiddleware
@@ -124,7 +124,7 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
                       request: HttpRequest) -> Response:
         """The stream of `submission` as server-sent events, or its whole object (499: the client left first)."""
         if body.stream:
-            return EventSourceResponse(shaper.stream(submission, usage_chunks(body)), ping=http.heartbeat, sep="\n")
+            return EventStream(shaper.stream(submission, usage_chunks(body)), ping=http.heartbeat, sep="\n")
         completion = await shaper.complete(submission, request)
         return JSONResponse(completion) if completion is not None else Response(status_code=499)
 
@@ -161,7 +161,7 @@ def build_app(config: ServerConfig, components: Components, engine: Engines) -> 
         body = parse_body(ResponsesRequest, await request.body())
         submission = await responses.submit(body, request.state.request_id)
         if body.stream:
-            return EventSourceResponse(responses.stream(body, submission), ping=http.heartbeat, sep="\n")
+            return EventStream(responses.stream(body, submission), ping=http.heartbeat, sep="\n")
         response = await responses.complete(body, submission, request)
         return JSONResponse(response) if response is not None else Response(status_code=499)
 
