@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,26 @@ def json_objects(text: str) -> list[dict]:
 INSTALLED_VENV = "README_INSTALLED_VENV"
 
 
+@contextmanager
+def venv_installed_as_the_readme_says(tmp_path: Path, repo: Path, readme: str) -> Iterator[dict[str, str]]:
+    """The environment of a venv in which the README's install command ran in `repo`: CI's own (INSTALLED_VENV),
+    or else a fresh one made here, removed after."""
+    if installed := os.environ.get(INSTALLED_VENV):
+        yield venv_environment(Path(installed))
+        return
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    try:
+        env = venv_environment(venv)
+        if not package_index_reachable(venv, env, tmp_path / "probe"):
+            pytest.skip("the package index is unreachable: pip cannot fetch what the README's install needs")
+        install, _test = marked_block(readme, "install")
+        run_bash(install, repo, env, timeout=300)
+        yield env
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)  # over a GiB
+
+
 @pytest.mark.slow  # pip installs into a fresh virtual environment
 def test_readme_cpu_commands_run_verbatim_in_a_fresh_venv(tmp_path):
     """About two minutes: a fresh venv takes the local torch wheel and the rest from the package index (under CI,
@@ -149,24 +171,10 @@ def test_readme_cpu_commands_run_verbatim_in_a_fresh_venv(tmp_path):
         pytest.skip("the README's commands need curl, and copying the working tree needs git")
     repo = copy_working_tree(tmp_path / "repo")
     readme = (repo / "README.md").read_text(encoding="utf-8")
-    installed = os.environ.get(INSTALLED_VENV)
-    venv = Path(installed) if installed else tmp_path / "venv"
-    if not installed:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    try:
-        env = venv_environment(venv)
-        if not installed:
-            if not package_index_reachable(venv, env, tmp_path / "probe"):
-                pytest.skip("the package index is unreachable: pip cannot fetch what the README's install needs")
-            install, _test = marked_block(readme, "install")
-            run_bash(install, repo, env, timeout=300)
-
-        serve = "\n".join(marked_block(readme, "serve"))
-        assert "8000" in serve
+    serve = "\n".join(marked_block(readme, "serve"))
+    assert "8000" in serve
+    with venv_installed_as_the_readme_says(tmp_path, repo, readme) as env:
         health, completion = json_objects(run_bash(serve.replace("8000", str(free_port())), repo, env, timeout=120))
-    finally:
-        if not installed:
-            shutil.rmtree(venv, ignore_errors=True)  # over a GiB
     assert health == {"status": "ok"}
     assert completion["object"] == "text_completion" and completion["scale_bucket"] == "none"
     assert completion["choices"][0]["text"].strip() == QUICK_START_KEY and QUICK_START_KEY in serve
