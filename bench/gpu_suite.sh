@@ -45,9 +45,11 @@ for shape in ${shapes//,/ }; do
       --json "$out/http_${shape}_${setting// /_}.json" -- --max-batch-size 256 --max-queue 256 \
       --${setting% *} "${setting#* }" 2>&1 | grep -v " INFO " | tail -8
   done
-  for prefill in "" --eager-prefill; do  # issue 22's bars: 64-token prompts, with and without the prefill graphs
+  # issue 22's bars: 64-token prompts, with and without the prefill graphs, and a burst's requests taken in by two
+  # HTTP processes
+  for setting in "" --eager-prefill "--api-server-count 2"; do
     python3 -m bench.http_throughput --shape "$shape" --device cuda --prompt-tokens 64 --streams 1,64,256 --rounds 2 \
-      --json "$out/http_${shape}_64${prefill}.json" -- --max-batch-size 256 --max-queue 256 $prefill 2>&1 \
+      --json "$out/http_${shape}_64${setting// /_}.json" -- --max-batch-size 256 --max-queue 256 $setting 2>&1 \
       | grep -v " INFO " | tail -8
   done
 done
