@@ -544,8 +544,7 @@ class ChunkFrame:
 
     def __init__(self, body: dict) -> None:
         """`body`: the chunks' envelope, whose one choice is MARK."""
-        before, after = json.dumps(body, ensure_ascii=False).split(json.dumps(self.MARK))
-        self._before, self._after = b"data: " + before.encode(), after.encode() + b"\n\n"
+        self._before, self._after = sse(body).split(json.dumps(self.MARK).encode())  # `sse`'s framing, split
 
     def event(self, choice: dict) -> bytes:
         """What `sse` makes of the envelope around `choice`."""
