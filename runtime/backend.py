@@ -34,9 +34,15 @@ class Backend:
     name: str
     ops: Ops
     conv_kernels: bool  # causal_conv1d's kernels are in use (else a PyTorch convolution)
-    # Mamba1 prefill tensors laid out (b, channels, l) in memory, as the CUDA scan reads them: projections
-    # then write that layout directly instead of the scan copying (l, d) tensors at 64k tokens.
-    channels_first: bool
+    # Mamba1 prefill tensors of chunks longer than this laid out (b, channels, l) in memory, as the CUDA long scan
+    # reads them: projections then write that layout directly instead of the scan copying (l, d) tensors at 64k
+    # tokens. Shorter chunks (the short-chunk kernels' bursts of prompts) stay token-major: one GEMM for the
+    # batch's tokens rather than a small one per sequence, and a token's channels loaded at once. None: never.
+    channels_first_past: int | None
+
+    def channels_first(self, length: int) -> bool:
+        """Whether a Mamba1 prefill chunk of `length` tokens is laid out channels-first."""
+        return self.channels_first_past is not None and length > self.channels_first_past
 
 
 def _load_cuda_ops() -> ModuleType:
@@ -59,8 +65,8 @@ def select_backend(name: str, device: torch.device | str) -> Backend:
                 ) from None
             log.warning("mamba_ssm is not installed (%s): using the PyTorch back-end on %s", missing, device)
         else:
-            backend = Backend("mamba_ssm", cast(Ops, ops), ops.HAS_CONV_KERNELS, channels_first=True)
+            backend = Backend("mamba_ssm", cast(Ops, ops), ops.HAS_CONV_KERNELS, channels_first_past=ops.SHORT_CHUNK)
             log.info("back-end: mamba_ssm kernels, causal_conv1d kernels %s", "on" if backend.conv_kernels else "off")
             return backend
     log.info("back-end: PyTorch on %s", device)
-    return Backend("torch", torch_ops, False, channels_first=False)
+    return Backend("torch", torch_ops, False, channels_first_past=None)

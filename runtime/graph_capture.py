@@ -1,5 +1,6 @@
 """What the captured CUDA graphs of decode (runtime.decode_graph) and of short prefill steps (runtime.prefill_graph)
-share: the batch sizes they are captured for, a batch's scales at fixed addresses, and the capture itself.
+share: the batch they are captured for padded to a captured size, a batch's scales at fixed addresses, and the
+capture itself.
 
 A graph reads its inputs from the addresses it was captured with, so a batch's scales are copied into static rows
 before a replay: per layer delta (B, channels) and a (B, d, n) Mamba1 / (B, h) Mamba2, float32, the rows a batch
@@ -42,7 +43,7 @@ def fields_of_batches(scale_sets: Iterable[ScaleSet]) -> list[ScaleFields]:
 
 
 def graph_sizes(max_batch: int) -> list[int]:
-    """The batch sizes a graph is captured for: powers of two up to max_batch, and max_batch itself."""
+    """The batch sizes a decode graph is captured for: powers of two up to max_batch, and max_batch itself."""
     sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
     return sizes + [max_batch]
 

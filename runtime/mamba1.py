@@ -44,8 +44,8 @@ class Mamba1Mixer(nn.Module):
     def _project(self, x: Tensor, layer: Projection, bias: Tensor | None = None) -> Tensor:
         """x @ W.T (+ bias) for x (b, l, in) -> (b, l, out), `layer` an nn.Linear or a quantised one. With a
         channels-first back-end the result is a (b, l, out) view of (b, out, l) storage, the layout its scan
-        reads without copying."""
-        if not self.backend.channels_first or x.dim() != 3:
+        reads without copying; a short chunk's stays token-major (`Backend.channels_first`)."""
+        if x.dim() != 3 or not self.backend.channels_first(x.shape[1]):
             return linear(x, layer, bias)
         out = torch.matmul(layer.weight, x.transpose(1, 2))  # (b, out, l)
         return (out if bias is None else out + bias[:, None]).transpose(1, 2)
@@ -63,7 +63,6 @@ class Mamba1Mixer(nn.Module):
         new state is its row's after its last real token."""
         ops = self.backend.ops
         x, z = self._project(hidden, self.in_proj, self.in_proj.bias).chunk(2, dim=-1)  # (b, l, d) each
-        conv_input, conv_start = x, conv_state
         one_set = scales is not None and (x.shape[0] == 1 or scales.shared)  # every sequence scaled alike
         a_scale = None if scales is None or scales.a is None else scales.a[0] if one_set else scales.a
         A = ssm_A(self.A_log, a_scale)  # (d, n), or (b, d, n) for sets that differ
@@ -72,17 +71,16 @@ class Mamba1Mixer(nn.Module):
         if scales is not None and delta_scale is not None and one_set:
             # One set: Δ' = s·Δ is exactly A' = s·A with input x' = s·x and skip D' = D/s (the state stays
             # h), so the scan runs unscaled, the kernels' fastest path; x' comes out of the convolution.
-            x, scan_x, conv_state = ops.causal_conv1d_scaled(x, conv_weight, conv_bias, conv_state, delta_scale)
+            x, scan_x, conv_state = ops.causal_conv1d_scaled(x, conv_weight, conv_bias, conv_state, delta_scale,
+                                                             padding)
             (scan_A, scan_D), scan_scale = scales.folded(A, self.D), None
         else:
-            x, conv_state = ops.causal_conv1d(x, conv_weight, conv_bias, conv_state)  # (b, l, d)
+            x, conv_state = ops.causal_conv1d(x, conv_weight, conv_bias, conv_state, padding)  # (b, l, d)
             scan_x, scan_A, scan_D, scan_scale = x, A, self.D, delta_scale
         dt, B, C = self._ssm_inputs(x)
-        if padding is not None:
-            dt, conv_state = padding.apply(dt, conv_input, conv_start)
         out, ssm_state = ops.mamba1_scan(scan_x, dt, scan_A, B, C, scan_D, z, ssm_state, dt_bias=self.dt_bias,
                                          delta_scale=scan_scale, out_weight=self.out_proj.weight,
-                                         out_bias=self.out_proj.bias)  # (b, l, D), (b, d, n)
+                                         out_bias=self.out_proj.bias, padding=padding)  # (b, l, D), (b, d, n)
         # the scan kernels discretise Δ internally and do not return it: recomputed when asked for
         delta = discretise(dt, self.dt_bias, delta_scale) if return_delta else None  # (b, l, d)
         return MixerOutput(out, (conv_state, ssm_state), delta)

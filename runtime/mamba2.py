@@ -69,14 +69,11 @@ class Mamba2Mixer(nn.Module):
         c, ops = self.config, self.backend.ops
         delta_scale, a_scale = (None, None) if scales is None else (scales.delta, scales.a)  # (b, h) each
         z, xBC, dt = self._split(self.in_proj(hidden))  # (b, l, d), (b, l, conv_dim), (b, l, h)
-        conv_input, conv_start = xBC, conv_state
-        xBC, conv_state = ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-        if padding is not None:
-            dt, conv_state = padding.apply(dt, conv_input, conv_start)
+        xBC, conv_state = ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, padding)
         x, B, C = self._ssm_inputs(xBC)
         y, ssm_state = ops.mamba2_scan(x, dt, ssm_A(self.A_log, a_scale), B, C, self.D, ssm_state,
-                                       dt_bias=self.dt_bias, dt_limit=c.dt_limit,
-                                       delta_scale=delta_scale)  # (b, l, h, p), (b, h, p, n)
+                                       dt_bias=self.dt_bias, dt_limit=c.dt_limit, delta_scale=delta_scale,
+                                       padding=padding)  # (b, l, h, p), (b, h, p, n)
         # one pass from the scan's output to out_proj's input, in the model's dtype (z's)
         y = ops.gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.norm.groups, self.norm.eps)  # (b, l, d)
         out: Tensor = self.out_proj(y)  # (b, l, D)

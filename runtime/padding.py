@@ -5,6 +5,8 @@ ends in the state of its last real token when its dt is −∞ at the pad positi
 back-end's discretisation (PyTorch's, mamba_ssm's kernel, the Triton kernels), and a Δ scale or an A-spectrum scale
 keeps it 0. Mamba2 clamps Δ to `dt_limit` before any scale, so it pads exactly only where the limit's floor is 0.
 The row's convolution state is the k−1 inputs before its end, gathered. Outputs at pad positions are never read.
+Every back-end's convolution and scans take a `Padding` and honour it (`silence`, `conv_state`; the CUDA short-chunk
+kernels stop each row at its end instead).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def pads_exactly(config: ModelConfig) -> bool:
 
 @dataclass(frozen=True)
 class Padding:
+    ends: Tensor  # (b,) int64: each row's length, its real tokens (for kernels that stop each row at its own)
     pad: Tensor  # (b, l, 1) bool: the positions past a row's length
     state_at: Tensor  # (b, 1, k-1) int64: where each row's convolution state is in its state's inputs and then x's
 
@@ -44,12 +47,8 @@ class Padding:
         from the lengths alone (a captured graph's prefill makes it from its static lengths)."""
         pad = (torch.arange(width, device=ends.device)[None, :] >= ends[:, None])[..., None]  # (b, l, 1)
         # row i's last k-1 inputs end at x[ends[i] - 1], position k-2 + ends[i] of the state's and x's inputs
-        return cls(pad, (ends[:, None] + torch.arange(conv_width - 1, device=ends.device))[:, None, :])
-
-    def apply(self, dt: Tensor, conv_input: Tensor, conv_start: Tensor | None) -> tuple[Tensor, Tensor]:
-        """A mixer's padded rows: dt (b, l, c) silenced at the pads (`silence`) and the convolution state after each
-        row's last real input (`conv_state`; conv_input (b, l, c') the convolution's input, conv_start its state)."""
-        return self.silence(dt), self.conv_state(conv_input, conv_start)
+        state_at = (ends[:, None] + torch.arange(conv_width - 1, device=ends.device))[:, None, :]
+        return cls(ends.contiguous(), pad, state_at)
 
     def silence(self, dt: Tensor) -> Tensor:
         """dt (b, l, c) before the bias and softplus, −∞ at the pad positions: Δ = 0 there."""

@@ -15,7 +15,9 @@ pool's rows (MambaLM.prefill_rows), and leaves each row's final-normed hidden st
 
 A batch of b chunks of at most c tokens runs in the graph of the smallest captured B ≥ b and L ≥ c; its B − b
 padding rows read and write the pool's scratch row (the decode graphs' too) with one token, from a zero state and
-identity scales, and their outputs are ignored. Chunks of up to SHORT_CHUNK tokens only: the short-chunk kernels
+identity scales, and their outputs are ignored. The scans stop each row at its own end, but the projections
+multiply every padded position: the batch sizes lie closer than decode's powers of two (`prefill_graph_sizes`).
+Chunks of up to SHORT_CHUNK tokens only: the short-chunk kernels
 take every sequence's state and scales in one launch, where the long-chunk path launches once per scale set, a
 count a graph cannot follow.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .device_copy import to_device
-from .graph_capture import MemoryPool, ScaleFields, StaticScales, capture, graph_sizes, scale_fields, size_for
+from .graph_capture import MemoryPool, ScaleFields, StaticScales, capture, scale_fields, size_for
 from .model import MambaLM
 from .ops.launch_classes import SHORT_CHUNK
 from .padding import Padding, pads_exactly
@@ -35,11 +37,20 @@ from .scales import BatchScales
 from .state import InferenceState, PoolRows
 
 LENGTH_STEP = 16  # the captured chunk lengths: multiples of it up to SHORT_CHUNK (Triton's kernels specialise on it)
+# The captured batch sizes: 1, 2, 4, then every FINE_ROWS rows up to FINE_PAST (a burst of requests arriving over a
+# few milliseconds splits into steps of any size there), every COARSE_ROWS past it
+FINE_ROWS, FINE_PAST, COARSE_ROWS = 8, 64, 32
 
 
 def graph_lengths() -> list[int]:
     """The padded chunk lengths prefill graphs are captured for (none when the short-chunk kernels are off)."""
     return list(range(LENGTH_STEP, SHORT_CHUNK + 1, LENGTH_STEP))
+
+
+def prefill_graph_sizes(max_batch: int) -> list[int]:
+    """The batch sizes prefill graphs are captured for, up to max_batch and max_batch itself."""
+    steps = (*range(FINE_ROWS, FINE_PAST + 1, FINE_ROWS), *range(FINE_PAST + COARSE_ROWS, max_batch, COARSE_ROWS))
+    return [size for size in (1, 2, 4, *steps) if size < max_batch] + [max_batch]
 
 
 def prefills_in_graphs(model: MambaLM) -> bool:
@@ -87,7 +98,7 @@ class PrefillGraphs:
         self.pool = pool
         self.scratch = pool.batch - 1
         self.lengths = graph_lengths()
-        self.sizes = graph_sizes(min(pool.batch - 1, max_tokens // LENGTH_STEP))
+        self.sizes = prefill_graph_sizes(min(pool.batch - 1, max_tokens // LENGTH_STEP))
         self.max_tokens = max_tokens
         self.width = self.lengths[-1]  # Lmax: the block's columns of tokens
         self.inputs = torch.zeros(self.sizes[-1], self.width + 3, dtype=torch.long, device=model.device)

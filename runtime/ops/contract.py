@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..padding import Padding
+
 Tensor = torch.Tensor
 
 
@@ -74,13 +76,15 @@ class Mamba2Weights:
 class Ops(Protocol):
     """The operators of a back-end. Each docstring is the contract; `reference` is its literal reading."""
 
-    def causal_conv1d(self, x: Tensor, weight: Tensor, bias: Tensor | None,
-                      state: Tensor | None) -> tuple[Tensor, Tensor]:
+    def causal_conv1d(self, x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
+                      padding: Padding | None = None) -> tuple[Tensor, Tensor]:
         """Depth-wise causal convolution then SiLU. x (b, l, c); weight (c, k); bias (c,); state (b, c, k-1),
-        the inputs before x, or None for zeros. Returns y (b, l, c) in x's dtype and the new state (b, c, k-1)."""
+        the inputs before x, or None for zeros. Returns y (b, l, c) in x's dtype and the new state (b, c, k-1).
+        With `padding` (rows padded on the right, `runtime.padding`) each row's new state is the k-1 inputs before
+        its own end."""
 
     def causal_conv1d_scaled(self, x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
-                             scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                             scale: Tensor, padding: Padding | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """`causal_conv1d` and its output times a per-sequence channel scale (b, c) float32 (`scale_channels`):
         (y, y · scale, new state). The scan's input where one sequence's Δ scale is folded into it."""
 
@@ -94,11 +98,12 @@ class Ops(Protocol):
 
     def mamba1_scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
                     h0: Tensor | None, *, dt_bias: Tensor, delta_scale: Tensor | None, out_weight: Tensor,
-                    out_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+                    out_bias: Tensor | None, padding: Padding | None = None) -> tuple[Tensor, Tensor]:
         """Mamba1's selective scan and its output projection. x, dt, z (b, l, d); A (d, n) or (b, d, n); B, C
         (b, l, n); D, dt_bias (d,); h0 (b, d, n) or None; delta_scale (b, d); out_weight (D, d).
         h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = (C_t h_t + D x_t) · SiLU(z_t). Returns out_proj(y)
-        (b, l, D) in out_weight's dtype and the last state (b, d, n) float32."""
+        (b, l, D) in out_weight's dtype and the last state (b, d, n) float32: with `padding`, each row's state
+        after its last real token (the outputs at its pad positions are any finite values)."""
 
     def mamba1_step(self, h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None, *,
                     dt_bias: Tensor, A_log: Tensor, delta_scale: Tensor | None, a_scale: Tensor | None,
@@ -114,12 +119,12 @@ class Ops(Protocol):
         pools, updated in place. Returns y (b, d) in the convolution state's dtype."""
 
     def mamba2_scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None, *,
-                    dt_bias: Tensor, dt_limit: tuple[float, float],
-                    delta_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+                    dt_bias: Tensor, dt_limit: tuple[float, float], delta_scale: Tensor | None,
+                    padding: Padding | None = None) -> tuple[Tensor, Tensor]:
         """Mamba2's SSD scan. x (b, l, h, p); dt (b, l, h); A (h,) or (b, h); B, C (b, l, g, n); D, dt_bias (h,);
         h0 (b, h, p, n) or None; delta_scale (b, h). Per head h_t = exp(Δ_t a) h_{t-1} + Δ_t x_t ⊗ B_t,
         y_t = h_t C_t + D x_t. Returns y (b, l, h, p), float32 or (from a kernel that writes it so) in x's dtype,
-        and the last state (b, h, p, n) float32."""
+        and the last state (b, h, p, n) float32; with `padding`, as `mamba1_scan`'s."""
 
     def mamba2_step(self, h: Tensor, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, D: Tensor, *, dt_bias: Tensor,
                     dt_limit: tuple[float, float], A_log: Tensor, delta_scale: Tensor | None,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
+from ..padding import Padding
 from . import (torch_ops, triton_channels, triton_gemv, triton_mamba2, triton_scan_state, triton_short_conv,
                triton_short_scan, triton_ssm)
 from .launch_classes import SHORT_CHUNK, SSD_CHUNK
@@ -42,32 +43,38 @@ except ImportError:
 Tensor = torch.Tensor
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
+                  padding: Padding | None = None) -> tuple[Tensor, Tensor]:
     """`contract.Ops.causal_conv1d`. x: (b, l, c); state: (b, c, k-1) or None.
-    Runs on the channels-first layout the projections produce and returns that layout's (b, l, c) view,
-    which the scan reads without a copy; without `causal_conv1d`, as cuDNN's grouped convolution (what raw
+    Runs on the channels-first layout the projections produce for a long chunk and returns that layout's (b, l, c)
+    view, which the scan reads without a copy; without `causal_conv1d`, as cuDNN's grouped convolution (what raw
     mamba_ssm runs then too) rather than the PyTorch ops' shifted multiply-adds, which suit CPUs, and its SiLU
     as a Triton kernel (PyTorch's reads the slice of the padded output unvectorised)."""
-    y, _, new_state = _convolve(x, weight, bias, state, None)
+    y, _, new_state = _convolve(x, weight, bias, state, None, padding)
     return y, new_state
 
 
 def causal_conv1d_scaled(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
-                         scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                         scale: Tensor, padding: Padding | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """`contract.Ops.causal_conv1d_scaled`, in `causal_conv1d`'s layout. Without `causal_conv1d` the scaled
     copy comes out of the SiLU's kernel; with it, from a pass of its own."""
-    y, scaled, new_state = _convolve(x, weight, bias, state, scale)
+    y, scaled, new_state = _convolve(x, weight, bias, state, scale, padding)
     assert scaled is not None
     return y, scaled, new_state
 
 
-def _convolve(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
-              scale: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+def _convolve(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None, scale: Tensor | None,
+              padding: Padding | None) -> tuple[Tensor, Tensor | None, Tensor]:
     """Both convolutions above: (y, y · scale or None, new state), y (b, l, c) views of dense (b, c, l) storage:
     mamba_ssm's scan loads its rows in 16-byte vectors, so a row may not start k-1 elements into a buffer. A chunk
-    of at most SHORT_CHUNK tokens is one kernel (`triton_short_conv`) unless autograd records it."""
+    of at most SHORT_CHUNK tokens is one kernel (`triton_short_conv`, its output token-major, each row's state at
+    its own end) unless autograd records it."""
     if x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, weight, bias, state, scale):
-        return triton_short_conv.short_causal_conv1d(x, weight, bias, state, scale)
+        return triton_short_conv.short_causal_conv1d(x, weight, bias, state, scale,
+                                                     None if padding is None else padding.ends)
+    if padding is not None:
+        y, scaled, _ = _convolve(x, weight, bias, state, scale, None)
+        return y, scaled, padding.conv_state(x, state)
     k = weight.shape[-1]
     x = x.transpose(1, 2)  # (b, c, l)
     carried = 0 if state is None else k - 1  # leading positions that are the state's, not outputs
@@ -112,14 +119,17 @@ def _stack(outs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
                 h0: Tensor | None, *, dt_bias: Tensor, delta_scale: Tensor | None, out_weight: Tensor,
-                out_bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """`contract.Ops.mamba1_scan`; inputs are (b, l, ·) views of (b, ·, l) storage. A chunk of at most
-    SHORT_CHUNK tokens, for which mamba_ssm's kernel is built poorly, runs `triton_short_scan` (one launch for the
-    batch, its states, A's and Δ scales whatever they are) unless autograd records the scan (that kernel has no
-    backward); a longer one `long_chunk_scan`."""
+                out_bias: Tensor | None, padding: Padding | None = None) -> tuple[Tensor, Tensor]:
+    """`contract.Ops.mamba1_scan`; a long chunk's inputs are (b, l, ·) views of (b, ·, l) storage, a short one's
+    token-major. A chunk of at most SHORT_CHUNK tokens, for which mamba_ssm's kernel is built poorly, runs
+    `triton_short_scan` (one launch for the batch, its states, A's and Δ scales whatever they are, each row
+    stopping at its own end) unless autograd records the scan (that kernel has no backward); a longer one
+    `long_chunk_scan`."""
     if x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, dt, A, B, C, D, z, h0, dt_bias, delta_scale):
-        y, h = triton_short_scan.mamba1_short_scan(x, dt, dt_bias, A, B, C, D, z, h0, delta_scale)
+        y, h = triton_short_scan.mamba1_short_scan(x, dt, dt_bias, A, B, C, D, z, h0, delta_scale,
+                                                   None if padding is None else padding.ends)
     else:
+        dt = dt if padding is None else padding.silence(dt)
         y, h = long_chunk_scan(x, dt, A, B, C, D, z, h0, dt_bias=dt_bias, delta_scale=delta_scale)
     return F.linear(y, out_weight, out_bias), h  # (b, l, D), (b, d, n)
 
@@ -168,13 +178,17 @@ def _selective_scan(x: Tensor, dt: Tensor, dt_bias: Tensor, A: Tensor, B: Tensor
 
 
 def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None, *,
-                dt_bias: Tensor, dt_limit: tuple[float, float], delta_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+                dt_bias: Tensor, dt_limit: tuple[float, float], delta_scale: Tensor | None,
+                padding: Padding | None = None) -> tuple[Tensor, Tensor]:
     """`contract.Ops.mamba2_scan`: x (b, l, h, p); dt (b, l, h); A (h,) or (b, h); B, C (b, l, g, n). Δ is
-    discretised here; a chunk of at most SHORT_CHUNK tokens runs `triton_short_scan` (one launch whatever the A's)
-    unless autograd records the scan, a longer one `long_chunk_ssd_scan`."""
+    discretised here; a chunk of at most SHORT_CHUNK tokens runs `triton_short_scan` (one launch whatever the A's,
+    each row stopping at its own end) unless autograd records the scan, a longer one `long_chunk_ssd_scan`."""
+    short = x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, dt, A, B, C, D, h0, dt_bias, delta_scale)
+    if padding is not None and not short:
+        dt = padding.silence(dt)
     delta = torch_ops.discretise(dt, dt_bias, delta_scale, dt_limit)  # (b, l, h) float32
-    if x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, delta, A, B, C, D, h0):
-        return triton_short_scan.mamba2_short_scan(x, delta, A, B, C, D, h0)
+    if short:
+        return triton_short_scan.mamba2_short_scan(x, delta, A, B, C, D, h0, None if padding is None else padding.ends)
     return long_chunk_ssd_scan(x, delta, A, B, C, D, h0)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..padding import Padding
 from .contract import Mamba1Weights, Mamba2Weights
 
 Tensor = torch.Tensor
@@ -36,20 +37,22 @@ def _delta(dt: Tensor, dt_bias: Tensor, delta_scale: Tensor | None, limit: tuple
     return delta * (delta_scale.double() if delta.dim() == 2 else delta_scale.double()[:, None, :])
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
+                  padding: Padding | None = None) -> tuple[Tensor, Tensor]:
     b, l, c = x.shape
     k = weight.shape[-1]
-    past = torch.zeros(b, c, k - 1, dtype=torch.float64) if state is None else state.double()
+    past = torch.zeros(b, c, k - 1, dtype=torch.float64, device=x.device) if state is None else state.double()
     window = torch.cat((past, x.transpose(1, 2).double()), dim=-1)  # (b, c, k-1+l)
     y = torch.stack([(window[..., t:t + k] * weight.double()).sum(-1) for t in range(l)], dim=1)  # (b, l, c)
     if bias is not None:
         y = y + bias.double()
-    return F.silu(y).to(x.dtype), window[..., l:].to(x.dtype)
+    new_state = window[..., l:] if padding is None else padding.conv_state(x.double(), past)
+    return F.silu(y).to(x.dtype), new_state.to(x.dtype)
 
 
 def causal_conv1d_scaled(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
-                         scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    y, new_state = causal_conv1d(x, weight, bias, state)
+                         scale: Tensor, padding: Padding | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    y, new_state = causal_conv1d(x, weight, bias, state, padding)
     return y, scale_channels(y, scale), new_state
 
 
@@ -82,9 +85,10 @@ def _mamba1_recurrence(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
                 h0: Tensor | None, *, dt_bias: Tensor, delta_scale: Tensor | None, out_weight: Tensor,
-                out_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+                out_bias: Tensor | None, padding: Padding | None = None) -> tuple[Tensor, Tensor]:
     b, _, d = x.shape
-    h = torch.zeros(b, d, A.shape[-1], dtype=torch.float64) if h0 is None else h0.double()
+    h = torch.zeros(b, d, A.shape[-1], dtype=torch.float64, device=x.device) if h0 is None else h0.double()
+    dt = dt if padding is None else padding.silence(dt)
     y, h = _mamba1_recurrence(x, _delta(dt, dt_bias, delta_scale, None), A, B, C, D, z, h)
     return F.linear(y.to(out_weight.dtype), out_weight, out_bias), h.float()
 
@@ -133,9 +137,11 @@ def _mamba2_recurrence(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 
 def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None, *,
-                dt_bias: Tensor, dt_limit: tuple[float, float], delta_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+                dt_bias: Tensor, dt_limit: tuple[float, float], delta_scale: Tensor | None,
+                padding: Padding | None = None) -> tuple[Tensor, Tensor]:
     b, _, heads, p = x.shape
-    h = torch.zeros(b, heads, p, B.shape[-1], dtype=torch.float64) if h0 is None else h0.double()
+    h = torch.zeros(b, heads, p, B.shape[-1], dtype=torch.float64, device=x.device) if h0 is None else h0.double()
+    dt = dt if padding is None else padding.silence(dt)
     y, h = _mamba2_recurrence(x, _delta(dt, dt_bias, delta_scale, dt_limit), A, B, C, D, h)
     return y.float(), h.float()
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from runtime.ops import cpu_decode, cpu_scan, cpu_scan_grad
 from runtime.ops.contract import Mamba1Weights, Mamba2Weights
+from runtime.padding import Padding
 
 Tensor = torch.Tensor
 
@@ -43,11 +44,12 @@ def records_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None) -> tuple[Tensor, Tensor]:
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
+                  padding: Padding | None = None) -> tuple[Tensor, Tensor]:
     """Depth-wise causal convolution then SiLU, in the (b, l, c) layout the projections produce.
 
     x: (b, l, c); weight: (c, k); bias: (c,); state: (b, c, k-1), the inputs before x, or None for zeros.
-    Returns y (b, l, c) and the new state (b, c, k-1).
+    Returns y (b, l, c) and the new state (b, c, k-1), with `padding` each row's before its own end.
     """
     b, l, c = x.shape
     k = weight.shape[-1]
@@ -59,15 +61,16 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor 
         y = y.addcmul(padded[:, j:j + l], weight[:, j])
     if bias is not None:
         y = y + bias
-    return F.silu(y), padded[:, l:].transpose(1, 2).contiguous()
+    new_state = padded[:, l:].transpose(1, 2).contiguous() if padding is None else padding.conv_state(x, state)
+    return F.silu(y), new_state
 
 
 def causal_conv1d_scaled(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
-                         scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                         scale: Tensor, padding: Padding | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """`causal_conv1d` and its output times a per-sequence channel scale (b, c) float32 (`scale_channels`):
     (y, y · scale, new state), y and y · scale (b, l, c). The scaled copy is the scan's input where one
     sequence's Δ scale is folded into it (Mamba1 prefill); a GPU back-end makes it in the convolution's pass."""
-    y, state = causal_conv1d(x, weight, bias, state)
+    y, state = causal_conv1d(x, weight, bias, state, padding)
     return y, scale_channels(y, scale), state
 
 
@@ -184,12 +187,13 @@ def _mamba1_superblock_inplace(dx: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
 
 def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
                 h0: Tensor | None, *, dt_bias: Tensor, delta_scale: Tensor | None, out_weight: Tensor,
-                out_bias: Tensor | None, block: int = SCAN_BLOCK) -> tuple[Tensor, Tensor]:
+                out_bias: Tensor | None, padding: Padding | None = None,
+                block: int = SCAN_BLOCK) -> tuple[Tensor, Tensor]:
     """`contract.Ops.mamba1_scan` in blocks of `block` tokens. (The projection is part of the op so that
     kernels may fold a Δ scale into it.)"""
     b, l, d = x.shape
     n = A.shape[-1]
-    delta = discretise(dt, dt_bias, delta_scale)  # (b, l, d)
+    delta = discretise(dt if padding is None else padding.silence(dt), dt_bias, delta_scale)  # (b, l, d)
     x, B, C = x.float(), B.float(), C.float()
     A = A.expand(b, d, n)  # (b, d, n)
     h = x.new_zeros(b, d, n) if h0 is None else h0.float()
@@ -323,11 +327,11 @@ def _ssd_block(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor
 
 def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None, *,
                 dt_bias: Tensor, dt_limit: tuple[float, float], delta_scale: Tensor | None,
-                block: int = SSD_BLOCK) -> tuple[Tensor, Tensor]:
+                padding: Padding | None = None, block: int = SSD_BLOCK) -> tuple[Tensor, Tensor]:
     """`contract.Ops.mamba2_scan` in blocks of `block` tokens."""
     b, l, heads, p = x.shape
     n = B.shape[-1]
-    delta = discretise(dt, dt_bias, delta_scale, dt_limit)  # (b, l, h)
+    delta = discretise(dt if padding is None else padding.silence(dt), dt_bias, delta_scale, dt_limit)  # (b, l, h)
     x = x.float()
     B, C = _per_head(B.float(), heads), _per_head(C.float(), heads)  # (b, l, h, n)
     A = A.expand(b, heads)  # (b, h)

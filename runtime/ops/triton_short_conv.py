@@ -40,14 +40,14 @@ def _tap(x_ptr: tl.tensor, state_ptr: tl.tensor, d: tl.tensor, at: tl.tensor, li
 @jit
 def _short_conv_kernel(
         x_ptr: tl.tensor, state_ptr: tl.tensor, weight_ptr: tl.tensor, bias_ptr: tl.tensor, scale_ptr: tl.tensor,
-        y_ptr: tl.tensor, scaled_ptr: tl.tensor, new_state_ptr: tl.tensor,
+        lengths_ptr: tl.tensor, y_ptr: tl.tensor, scaled_ptr: tl.tensor, new_state_ptr: tl.tensor,
         length: tl.tensor, channels: tl.tensor, stride_xb: tl.tensor, stride_xt: tl.tensor, stride_xd: tl.tensor,
         stride_sb: tl.tensor, stride_sd: tl.tensor,
         K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr) -> None:
-    """Channels d (BLOCK_D,) of sequence b over the chunk's positions t (BLOCK_T,): y[b, d, t] = silu(bias +
-    Σ_j w[d, j] · input[t − (K−1−j)]), y and its scaled copy (b, d, l) dense; new_state[b, d, :] the last K−1
-    inputs, (b, d, K−1) dense."""
+        HAS_LENGTHS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr) -> None:
+    """Channels d (BLOCK_D,) of sequence b over the chunk's positions t (BLOCK_T,): y[b, t, d] = silu(bias +
+    Σ_j w[d, j] · input[t − (K−1−j)]), y and its scaled copy (b, l, d) dense; new_state[b, d, :] the last K−1
+    inputs, (b, d, K−1) dense: before the row's own length where lengths are given (rows padded on the right)."""
     b = tl.program_id(1).to(tl.int64)
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     t = tl.arange(0, BLOCK_T)  # (BLOCK_T,)
@@ -62,7 +62,7 @@ def _short_conv_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=live_d, other=0.0).to(tl.float32)[:, None]
     y = (acc / (1.0 + tl.exp(-acc))).to(y_ptr.dtype.element_ty)  # SiLU
-    out_at = b * channels * length + d[:, None] * length + t[None, :]
+    out_at = b * length * channels + t[None, :] * channels + d[:, None]
     tl.store(y_ptr + out_at, y, mask=live)
     if HAS_SCALE:  # the scale rounded to the activations' dtype first, as `x * s.to(x.dtype)` rounds it
         s = tl.load(scale_ptr + b * channels + d, mask=live_d, other=1.0).to(scaled_ptr.dtype.element_ty)
@@ -70,31 +70,38 @@ def _short_conv_kernel(
         tl.store(scaled_ptr + out_at, scaled.to(scaled_ptr.dtype.element_ty), mask=live)
     i = tl.arange(0, BLOCK_K)  # the new state's K−1 inputs: positions length−(K−1)+i
     keep = live_d[:, None] & (i < K - 1)[None, :]
-    at = length - (K - 1) + i[None, :]
+    if HAS_LENGTHS:
+        end = tl.load(lengths_ptr + b).to(tl.int32)
+    else:
+        end = length
+    at = end - (K - 1) + i[None, :]
     last = _tap(x_row, state_row, d[:, None], at, keep, stride_xt, stride_xd, stride_sd, K, HAS_STATE)
     tl.store(new_state_ptr + b * channels * (K - 1) + d[:, None] * (K - 1) + i[None, :],
              last.to(new_state_ptr.dtype.element_ty), mask=keep)
 
 
-def short_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
-                        scale: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+def short_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None, scale: Tensor | None,
+                        lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
     """`contract.Ops.causal_conv1d` (and its scaled copy, with `scale` (b, c) float32) of a chunk of at most
     SHORT_CHUNK tokens: x (b, l, c) any strides; weight (c, k); bias (c,) or None; state (b, c, k-1) or None for
-    zeros. Returns y and y · scale (or None), each the (b, l, c) view of dense (b, c, l) storage (the layout the
-    CUDA back-end's projections and scans read), and the new state (b, c, k-1) in x's dtype."""
+    zeros; lengths (b,) integer, each row's real tokens (rows padded on the right), or None: all l. Returns y and
+    y · scale (or None), each (b, l, c) dense (token-major: the layout the short scans load a token's channels
+    from at once, and out of which the projections multiply without a copy), and the new state (b, c, k-1) in x's
+    dtype, each row's after its last real input."""
     b, l, c = x.shape
     k = weight.shape[-1]
     assert l <= SHORT_CHUNK and weight.is_contiguous() and k >= 2
-    assert state is None or state.stride(-1) == 1
-    y = torch.empty(b, c, l, dtype=x.dtype, device=x.device)
+    assert (state is None or state.stride(-1) == 1) and (lengths is None or lengths.is_contiguous())
+    y = torch.empty(b, l, c, dtype=x.dtype, device=x.device)
     scaled = torch.empty_like(y) if scale is not None else None
     new_state = torch.empty(b, c, k - 1, dtype=x.dtype, device=x.device)
     unused = x  # a placeholder pointer where an optional input is absent (its constexpr flag is off)
     _short_conv_kernel[(triton.cdiv(c, BLOCK_CHANNELS), b)](
         x, state if state is not None else unused, weight, bias if bias is not None else unused,
-        scale.contiguous() if scale is not None else unused, y, scaled if scaled is not None else y, new_state,
-        l, c, *x.stride(), *(state.stride()[:2] if state is not None else (0, 0)),
+        scale.contiguous() if scale is not None else unused, lengths if lengths is not None else unused, y,
+        scaled if scaled is not None else y, new_state, l, c, *x.stride(),
+        *(state.stride()[:2] if state is not None else (0, 0)),
         K=k, HAS_STATE=state is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        BLOCK_D=BLOCK_CHANNELS, BLOCK_T=triton.next_power_of_2(SHORT_CHUNK), BLOCK_K=triton.next_power_of_2(k - 1),
-        num_warps=CONV_WARPS)
-    return y.transpose(1, 2), None if scaled is None else scaled.transpose(1, 2), new_state
+        HAS_LENGTHS=lengths is not None, BLOCK_D=BLOCK_CHANNELS, BLOCK_T=triton.next_power_of_2(SHORT_CHUNK),
+        BLOCK_K=triton.next_power_of_2(k - 1), num_warps=CONV_WARPS)
+    return y, scaled, new_state

@@ -151,7 +151,7 @@ def test_channels_first_projections_change_nothing(checkpoints):
     tokens = _tokens(30, seed=10)
     scales = batch_scales([_random_set(loaded.config, "delta", "channel", 3)], loaded.config, "cpu")
     expected = loaded.model.logits(loaded.model.hidden_states(tokens, scales=scales)[0])
-    backend = dataclasses.replace(loaded.model.backend, channels_first=True)
+    backend = dataclasses.replace(loaded.model.backend, channels_first_past=0)  # every chunk channels-first
     for layer in loaded.model.layers:
         layer.mixer.backend = backend
     got = loaded.model.logits(loaded.model.hidden_states(tokens, scales=scales)[0])

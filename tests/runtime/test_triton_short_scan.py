@@ -10,11 +10,11 @@ import torch
 pytest.importorskip("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET)
 pytestmark = pytest.mark.slow  # Triton's interpreter
 
-import torch.nn.functional as F  # noqa: E402
 from checkpoints import VOCAB  # noqa: E402
 from scale_sets import delta_and_a_scales  # noqa: E402
+from short_kernels import use_short_scans  # noqa: E402
 
-from runtime import batch_scales, load_model  # noqa: E402
+from runtime import Padding, batch_scales, load_model  # noqa: E402
 from runtime.ops import reference, torch_ops, triton_short_scan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,22 +77,57 @@ def test_one_token_is_a_decode_step():
     _check(t, A=t["A"], z=t["z"], h0=t["h0"], delta_scale=None, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("from_state", [False, True])
+def test_padded_rows_stop_at_their_own_ends(from_state):
+    """Rows of 7, 1 and 4 real tokens padded to 7, token-major: each row's state is its own after its last real
+    token, its outputs there as without padding, and zeros past its end."""
+    b, l, d, n = 3, 7, 40, 16
+    t = _inputs(b, l, d, n, torch.float32, seed=21 + from_state)
+    x, dt, z, B, C = (t[k].contiguous() for k in ("x", "dt", "z", "B", "C"))  # token-major
+    h0 = t["h0"] if from_state else None
+    lengths = [7, 1, 4]
+    padding = Padding.of(lengths, torch.device(DEVICE), 4)
+    y, h = triton_short_scan.mamba1_short_scan(x, dt, t["dt_bias"], t["A"], B, C, t["D"], z, h0, t["delta_scale"],
+                                               padding.ends)
+    for row, end in enumerate(lengths):
+        alone = slice(row, row + 1)
+        want_y, want_h = triton_short_scan.mamba1_short_scan(
+            x[alone, :end], dt[alone, :end], t["dt_bias"], t["A"], B[alone, :end], C[alone, :end], t["D"],
+            z[alone, :end], None if h0 is None else h0[alone], t["delta_scale"][alone])
+        torch.testing.assert_close(h[alone], want_h, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y[alone, :end], want_y, rtol=1e-6, atol=1e-6)
+        assert not y[alone, end:].any()
+
+
+def test_padded_mamba2_rows_stop_at_their_own_ends():
+    b, l, heads, p, groups, n = 3, 6, 4, 24, 2, 40
+    t = _mamba2_inputs(b, l, heads, p, groups, n, seed=31)
+    delta = torch_ops.discretise(t["dt"], t["dt_bias"], None, (0.0, math.inf))  # (b, l, h)
+    lengths = [2, 6, 1]
+    padding = Padding.of(lengths, torch.device(DEVICE), 4)
+    y, h = triton_short_scan.mamba2_short_scan(t["x"], delta, t["A"], t["B"], t["C"], t["D"], t["h0"], padding.ends)
+    for row, end in enumerate(lengths):
+        alone = slice(row, row + 1)
+        want_y, want_h = triton_short_scan.mamba2_short_scan(t["x"][alone, :end], delta[alone, :end], t["A"],
+                                                             t["B"][alone, :end], t["C"][alone, :end], t["D"],
+                                                             t["h0"][alone])
+        torch.testing.assert_close(h[alone], want_h, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y[alone, :end], want_y, rtol=1e-6, atol=1e-6)
+        assert not y[alone, end:].any()
+
+
 def test_a_model_on_the_short_scan_equals_its_pytorch_scan(checkpoints, monkeypatch):
     """The mixer hands the scan what the CUDA back-end's short path takes: a chunked prefill of a batch holding a Δ
     set, identity and an A-spectrum set (each sequence its own A and Δ scale), every chunk from the last one's state,
     and a batch of one whose Δ set the mixer folds into A, D and the input."""
-    model = load_model(checkpoints["mamba1"], dtype="float32", backend="torch").model
+    model = load_model(checkpoints["mamba1"], device=DEVICE, dtype="float32", backend="torch").model
     delta, a = delta_and_a_scales(model.config)
     tokens = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     cases = [(tokens, batch_scales([delta, None, a], model.config, DEVICE)),
              (tokens[:1], batch_scales([delta], model.config, DEVICE))]
     wanted = [model.prefill(ids, scales=scales, chunk_len=8) for ids, scales in cases]
 
-    def short_scan(x, dt, A, B, C, D, z, h0, *, dt_bias, delta_scale, out_weight, out_bias):  # as cuda_ops runs it
-        y, h = triton_short_scan.mamba1_short_scan(x, dt, dt_bias, A, B, C, D, z, h0, delta_scale)
-        return F.linear(y, out_weight, out_bias), h
-
-    monkeypatch.setattr(torch_ops, "mamba1_scan", short_scan)
+    use_short_scans(monkeypatch)
     for (ids, scales), (want, want_state) in zip(cases, wanted):
         got, got_state = model.prefill(ids, scales=scales, chunk_len=8)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -139,17 +174,13 @@ def test_a_mamba2_models_chunked_prefill_on_the_short_scan_equals_its_pytorch_sc
     """Mamba2's mixer hands the scan what the CUDA back-end's short path takes (its Δ discretised and scaled there): a
     chunked prefill of a batch holding a Δ set, identity and an A-spectrum set, every chunk from the last one's
     state."""
-    model = load_model(checkpoints["mamba2"], dtype="float32", backend="torch").model
+    model = load_model(checkpoints["mamba2"], device=DEVICE, dtype="float32", backend="torch").model
     delta, a = delta_and_a_scales(model.config)
     tokens = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     scales = batch_scales([delta, None, a], model.config, DEVICE)
     want, want_state = model.prefill(tokens, scales=scales, chunk_len=8)
 
-    def short_scan(x, dt, A, B, C, D, h0, *, dt_bias, dt_limit, delta_scale):  # as cuda_ops runs it
-        discretised = torch_ops.discretise(dt, dt_bias, delta_scale, dt_limit)
-        return triton_short_scan.mamba2_short_scan(x, discretised, A, B, C, D, h0)
-
-    monkeypatch.setattr(torch_ops, "mamba2_scan", short_scan)
+    use_short_scans(monkeypatch)
     got, got_state = model.prefill(tokens, scales=scales, chunk_len=8)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for mine, theirs in zip(got_state.ssm, want_state.ssm):
