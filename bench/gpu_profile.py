@@ -18,6 +18,7 @@ import argparse
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,30 +59,44 @@ def kernel_table(fn, repeats: int) -> dict:
             "kernels": [{"name": name, "count": count, "us": round(us, 2)} for name, count, us in kernels]}
 
 
-def served_prefill(model: MambaLM, chunk: int, batch: int) -> dict:
-    """The engine's prefill step of `batch` prompts' first chunks of `chunk` tokens: its median wall time over 15
-    steps (ms), its kernels (kernel_table), and the host operations by their own CPU time per step."""
-    config = sized(EngineConfig(max_batch_size=batch), model.device, slot_bytes(model, ssm_state_dtype(model, None)))
-    runner = ModelRunner(model, config)
+def served_step(runner: ModelRunner, chunk: int, batch: int) -> Callable[[], list[int]]:
+    """The engine's prefill step of `batch` prompts' first chunks of `chunk` tokens in `runner`'s first slots: the
+    runner's prefill (replayed from a prefill graph where the runner has them), the last position's logits, a
+    greedy choice read back."""
     prompts = [workload_prompt(chunk)] * batch
 
     def step() -> list[int]:
         last = runner.prefill(list(range(batch)), prompts, [True] * batch, [NONE] * batch, whole=False).last  # (b, D)
-        chosen: list[int] = greedy(model.logits(last)).tolist()
+        chosen: list[int] = greedy(runner.model.logits(last)).tolist()
         return chosen
 
-    step()  # compiles this chunk length's kernels
-    times = []
-    for _ in range(15):
+    return step
+
+
+def median_ms(step: Callable[[], object], times: int = 15) -> float:
+    """`step`'s median wall time (ms) over `times` calls, after two (compiles, captures)."""
+    step()
+    step()
+    walls = []
+    for _ in range(times):
         started = time.perf_counter()
         step()
-        times.append(time.perf_counter() - started)
+        walls.append(time.perf_counter() - started)
+    return statistics.median(walls) * 1e3
+
+
+def served_prefill(model: MambaLM, chunk: int, batch: int) -> dict:
+    """The engine's prefill step of `batch` prompts' first chunks of `chunk` tokens: its median wall time over 15
+    steps (ms), its kernels (kernel_table), and the host operations by their own CPU time per step."""
+    config = sized(EngineConfig(max_batch_size=batch), model.device, slot_bytes(model, ssm_state_dtype(model, None)))
+    step = served_step(ModelRunner(model, config), chunk, batch)
+    wall_ms = median_ms(step)
     table = kernel_table(step, repeats=5)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             step()
     host = sorted(prof.key_averages(), key=lambda event: -event.self_cpu_time_total)[:TOP]
-    return {"wall_ms": round(statistics.median(times) * 1e3, 3), **table,
+    return {"wall_ms": round(wall_ms, 3), **table,
             "host": [{"name": e.key, "count": e.count / 5, "self_us": round(e.self_cpu_time_total / 5, 1)}
                      for e in host]}
 

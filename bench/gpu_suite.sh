@@ -33,6 +33,9 @@ for lengths in 32-96 100-1000; do  # a burst of prompts of different lengths: pa
   python3 -m bench.prefill_burst --shape 130m --device cuda --requests 64 --prompt-tokens $lengths \
     --json "$out/prefill_burst_$lengths.json" -- --max-batch-size 256 2>&1 | grep -v " INFO " | tail -6
 done
+for shape in ${shapes//,/ }; do  # a served prefill step of B short prompts, graph and eager, by B
+  python3 -m bench.prefill_steps --shape "$shape" --json "$out/prefill_steps_$shape.json" 2>&1 | tail -16
+done
 for shape in ${shapes//,/ }; do  # short prefill steps replayed as CUDA graphs against launched one by one
   python3 -m bench.prefill_burst --shape "$shape" --device cuda --compare graphs --requests 64 --prompt-tokens 32-96 \
     --json "$out/prefill_graphs_$shape.json" -- --max-batch-size 256 2>&1 | grep -v " INFO " | tail -6
