@@ -8,8 +8,11 @@ states of a block of channels of one sequence (Mamba1: (BLOCK_D, n); Mamba2: (BL
 registers and steps through the chunk's tokens: the work a token is the decode step's, and no token waits for a
 parallel scan's passes. They also take what mamba_ssm's kernels cannot, so a batch is one launch whatever it
 carries: an initial state per sequence (a continued chunk), an A per sequence (an A-spectrum scale) and, for Mamba1,
-a Δ scale per sequence (Mamba2's Δ comes discretised and scaled). Mamba1's writes y (b, l, d) dense, the layout
-out_proj multiplies without a copy.
+a Δ scale per sequence (Mamba2's Δ comes discretised and scaled), and each row's own length where a step's rows are
+padded on the right (`runtime.padding`): a row's walk stops at its end, its state the one after its last real token.
+A step loads the next token's inputs before computing with this one's, so that it waits on arithmetic rather than on
+memory, and each load is one token's channels (the CUDA back-end hands a short chunk's tensors on token-major).
+Mamba1's writes y (b, l, d) dense, the layout out_proj multiplies without a copy.
 
 Maths as `torch_ops` (Mamba1: Δ = softplus(dt + dt_bias) with softplus's threshold, times the scale; float32
 throughout, y rounded once to x's dtype; Mamba2: y float32, as the contract allows). Triton's interpreter
