@@ -129,7 +129,7 @@ class HttpConfig:
     ssl_keyfile: Path | None = None  # with ssl_certfile: HTTPS (PEM files); None: plain HTTP
     ssl_certfile: Path | None = None
     access_log: bool = True  # uvicorn's line per HTTP request
-    log_requests: bool = True  # the server's line per completion request (its id, prompts, n, max_tokens)
+    log_requests: bool = False  # the server's line per completion request (its id, prompts, n, max_tokens)
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error")
     p.add_argument("--disable-uvicorn-access-log", action="store_true",
                    help="no log line per HTTP request (uvicorn's access log; vLLM's flag)")
+    p.add_argument("--enable-log-requests", action="store_true",
+                   help="a log line per completion request: its id, prompts, n, max_tokens (vLLM's flag)")
     p.add_argument("--disable-log-requests", action="store_true",
-                   help="no log line per completion request (vLLM's flag)")
+                   help="no log line per completion request, the default (vLLM's former flag, kept for its scripts)")
     p.add_argument("--ssl-keyfile", type=Path, help="with --ssl-certfile: serve HTTPS with this PEM private key")
     p.add_argument("--ssl-certfile", type=Path, help="with --ssl-keyfile: the PEM certificate (chain) to present")
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
@@ -307,6 +309,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     args = build_parser().parse_args(argv)
     if args.prefix_cache_slots is not None and not args.enable_prefix_caching:
         raise ConfigError("--prefix-cache-slots sizes the prefix cache of --enable-prefix-caching, which is off")
+    if args.enable_log_requests and args.disable_log_requests:
+        raise ConfigError("--enable-log-requests and --disable-log-requests contradict each other")
     if args.tensor_parallel_size != 1:
         raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size}: this server runs a model on one "
                           "device; serve on several with --data-parallel-size, one engine a device")
@@ -334,7 +338,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                       args.max_context, args.heartbeat, args.max_body_bytes, args.body_timeout, args.header_timeout,
                       args.max_connections, args.shutdown_timeout, tuple(args.allowed_origins),
                       *_tls_files(args.ssl_keyfile, args.ssl_certfile), access_log=not args.disable_uvicorn_access_log,
-                      log_requests=not args.disable_log_requests)
+                      log_requests=args.enable_log_requests)
     config = ServerConfig(spec, engine, http, args.data_parallel_size, args.api_server_count)
     engine_ranks(config)  # refuses a device kind that engines cannot share out
     return config, args.log_level

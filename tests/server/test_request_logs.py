@@ -1,12 +1,14 @@
-"""The log lines per request, and vLLM's flags that turn them off: the server's line per completion request
-(`--disable-log-requests`) and uvicorn's access log (`--disable-uvicorn-access-log`)."""
+"""The log lines per request and vLLM's flags for them: the server's line per completion request, off unless
+`--enable-log-requests` (vLLM's default since it replaced `--disable-log-requests`, which is still taken), and
+uvicorn's access log, on unless `--disable-uvicorn-access-log`."""
 
 import logging
 
 import httpx
+import pytest
 from server_helpers import SERVER_FLAGS, LiveServer
 
-QUIET = ["--disable-log-requests", "--disable-uvicorn-access-log"]
+from server.config import ConfigError, parse_args
 
 
 def _logged_a_completion(url: str, caplog) -> bool:
@@ -16,12 +18,16 @@ def _logged_a_completion(url: str, caplog) -> bool:
     return any("1 prompt(s), n=1, max_tokens 2" in r.getMessage() for r in caplog.records if r.name == "server.serving")
 
 
-def test_a_completion_is_logged_by_default(live, caplog):
+def test_by_default_uvicorn_logs_each_request_and_the_server_no_completion(live, caplog):
     assert live._server.config.access_log
-    assert _logged_a_completion(live.url, caplog)
+    assert not _logged_a_completion(live.url, caplog)
 
 
-def test_the_flags_turn_the_lines_off(model_dirs, caplog):
-    with LiveServer(["--model", str(model_dirs["mamba1"]), *SERVER_FLAGS, *QUIET]) as quiet:
-        assert not quiet._server.config.access_log
-        assert not _logged_a_completion(quiet.url, caplog)
+def test_the_flags_turn_the_completion_line_on_and_the_access_log_off(model_dirs, caplog):
+    flags = ["--model", str(model_dirs["mamba1"]), *SERVER_FLAGS]
+    with LiveServer([*flags, "--enable-log-requests", "--disable-uvicorn-access-log"]) as server:
+        assert not server._server.config.access_log
+        assert _logged_a_completion(server.url, caplog)
+    assert not parse_args([*flags, "--disable-log-requests"])[0].http.log_requests  # vLLM's former flag
+    with pytest.raises(ConfigError, match="contradict"):
+        parse_args([*flags, "--enable-log-requests", "--disable-log-requests"])
