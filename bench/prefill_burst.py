@@ -2,8 +2,8 @@
 replayed as CUDA graphs against launched one by one, in one run.
 
 N requests whose prompts have lengths drawn (seeded) from a range are submitted at once to an in-process `Engine`
-(the server's settings, flags after `--`), each generating `--max-tokens` tokens (greedy, `ignore_eos`); the rounds
-alternate two ways of prefilling them. `--compare padding` (the default): rows of different lengths padded into one
+(the server's settings, flags after `--`; one engine a way, on the one model), each generating `--max-tokens` tokens
+(greedy, `ignore_eos`); the rounds alternate two ways of prefilling them. `--compare padding` (the default): rows of different lengths padded into one
 batch (`--prefill-padding on`) against chunks of one length only (`off`). `--compare graphs` (CUDA): padded rows
 with the short steps' graphs (runtime.prefill_graph) against the same steps launched eagerly (`--eager-prefill`).
 Reported per way: the prefill steps of a round, time to first token p50 / max (from submission), the round's wall
@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from runtime import load_model, pads_exactly
@@ -82,23 +83,26 @@ def main(argv=None) -> None:
         loaded = load_model(args.model or DEFAULT_MODEL_DIR, args.device, args.dtype)
         if not pads_exactly(loaded.config):
             raise SystemExit(f"{loaded.path}: a Mamba2 whose Δ floor (dt_limit) is above 0 does not pad rows exactly")
-        engine = Engine(loaded.model, find_tokenizer(loaded.path, args.tokenizer), config,
-                        Metrics(loaded.model.device))
-        engine.warm_up()
-        engine.start()
-        graphs = engine.runner.prefill_graphs
-        if args.compare == "graphs" and graphs is None:
-            raise SystemExit("--compare graphs: this engine has no prefill graphs (CUDA, exact padding, not eager)")
-        ways = {"padded": (True, graphs), "one length": (False, graphs)} if args.compare == "padding" else \
-            {"graphs": (True, graphs), "eager": (True, None)}  # (rows padded, the runner's prefill graphs)
+        tokenizer = find_tokenizer(loaded.path, args.tokenizer)
+        settings = {"padded": replace(config, prefill_padding=True),
+                    "one length": replace(config, prefill_padding=False)} if args.compare == "padding" else \
+            {"graphs": replace(config, prefill_padding=True, prefill_graphs=True),
+             "eager": replace(config, prefill_padding=True, prefill_graphs=False)}
+        engines = {}  # one engine a way, on the one model: each its own state pool (and graphs)
         try:
-            runs: dict[str, list[dict]] = {way: [] for way in ways}
+            for way, setting in settings.items():
+                engines[way] = Engine(loaded.model, tokenizer, setting, Metrics(loaded.model.device))
+                engines[way].warm_up()
+                engines[way].start()
+            if args.compare == "graphs" and engines["graphs"].runner.prefill_graphs is None:
+                raise SystemExit("--compare graphs: this engine has no prefill graphs (CUDA, exact padding, not eager)")
+            runs: dict[str, list[dict]] = {way: [] for way in settings}
             for _ in range(args.rounds + 1):  # the first round of each way warms its shapes and is dropped
-                for way, (pads, prefill_graphs) in ways.items():  # between bursts: the engine thread is idle
-                    engine.scheduler.pads, engine.runner.prefill_graphs = pads, prefill_graphs
+                for way, engine in engines.items():
                     runs[way].append(burst(engine, prompts, params))
         finally:
-            engine.stop()
+            for engine in engines.values():
+                engine.stop()
     rows = []
     for way, rounds in runs.items():
         kept = rounds[1:]
