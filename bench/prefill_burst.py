@@ -1,13 +1,13 @@
 """A burst of prompts of different lengths: padded prefill rows against chunks of one length, or short prefill steps
 replayed as CUDA graphs against launched one by one, in one run.
 
-N requests whose prompts have lengths drawn (seeded) from a range are submitted at once to an in-process `Engine`
-(the server's settings, flags after `--`; one engine a way, on the one model), each generating `--max-tokens` tokens
-(greedy, `ignore_eos`); the rounds alternate two ways of prefilling them. `--compare padding` (the default): rows of different lengths padded into one
-batch (`--prefill-padding on`) against chunks of one length only (`off`). `--compare graphs` (CUDA): padded rows
-with the short steps' graphs (runtime.prefill_graph) against the same steps launched eagerly (`--eager-prefill`).
-Reported per way: the prefill steps of a round, time to first token p50 / max (from submission), the round's wall
-time, and the ratio of the rounds' times, the first way ÷ the second.
+N requests whose prompts have lengths drawn (seeded) from a range are submitted at once to an in-process `Engine` (the
+server's settings, flags after `--`; one engine a way, on the one model), each generating `--max-tokens` tokens (greedy,
+`ignore_eos`); the rounds alternate two ways of prefilling them. `--compare padding` (the default): rows of different
+lengths padded into one batch (`--prefill-padding on`) against chunks of one length only (`off`). `--compare graphs`
+(CUDA): padded rows with the short steps' graphs (runtime.prefill_graph) against the same steps launched eagerly
+(`--eager-prefill`). Reported per way: the prefill steps of a round, time to first token p50 / max (from submission),
+the round's wall time, and the ratio of the rounds' times, the first way ÷ the second.
 
     python -m bench.prefill_burst --requests 64 --prompt-tokens 48-80            # the embedded model on CPU
     python -m bench.prefill_burst --shape 130m --device cuda --requests 64 --prompt-tokens 32-96 -- --max-batch-size 256
