@@ -21,12 +21,14 @@ BODY = {"prompt": "the river ran past the old mill", "max_tokens": 12, "temperat
 
 @pytest.fixture
 def two_processes(model_dirs, tmp_path):
-    """The server with --api-server-count 2 in a session of its own: (url, its process, the log's path)."""
+    """The server with --api-server-count 2 in a session of its own: (url, its process, the log's path). Its log has
+    a line per completion request (--enable-log-requests), which names the HTTP process that took it."""
     port = free_port()
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model_dirs["mamba1"]), *SERVER_FLAGS,
-                                    "--port", str(port), "--api-server-count", "2", "--threads", "1"],
+                                    "--port", str(port), "--api-server-count", "2", "--threads", "1",
+                                    "--enable-log-requests"],
                                    cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
