@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime.ops import cuda_ops, triton_short_scan
+from runtime.ops import cuda_ops, launch_classes, triton_short_scan
 
 from .gpu_kernels import D_STATE, MAMBA2_D_STATE, MAMBA2_HEAD_DIM, constants, graph_us
 from .gpu_models import MAMBA2_SHAPES, SHAPES
@@ -102,7 +102,7 @@ def sweep_constants(shape: str, batch: int, length: int, from_state: bool) -> li
     rows: list[dict] = []
     for block, warps in itertools.product(BLOCKS, WARPS):
         widths = {"NARROW_CHANNELS": block, "WIDE_CHANNELS": block, "SCAN_WARPS": warps}
-        with constants(widths, (triton_short_scan,)):
+        with constants(widths, (launch_classes, triton_short_scan)):
             rows.append({"shape": shape, "batch": batch, "length": length, "channels": block,
                          "SCAN_WARPS": warps, "short_us": scan_us(t, True)})
         print_row(rows[-1])

@@ -19,12 +19,12 @@ from typing import NamedTuple
 
 import torch
 
-from runtime import IDENTITY, BatchScales, Extension, MambaLM, Padding, PoolRows, batch_scales
+from runtime import IDENTITY, BatchScales, Extension, MambaLM, Padding, PoolRows, batch_scales, pads_exactly
 from runtime.decode_graph import DecodeGraphs
 from runtime.graph_capture import StaticScales, fields_of_batches
 from runtime.prefill_graph import PrefillGraphs, prefills_in_graphs
 from runtime.device_copy import to_device
-from runtime.ops.launch_classes import chunk_length_classes
+from runtime.ops.launch_classes import SHORT_CHUNK, chunk_length_classes, wide_batch
 from scale_bank import NONE
 
 from .config import EngineConfig
@@ -109,20 +109,30 @@ class ModelRunner:
         of chunk length up to the longest chunk (`chunk_length_classes`) runs here through the served path: alone
         and in a batch of two, as a first chunk, a continuing one and both in one batch, with identity, with each
         scale method of the bank, and with a batch holding both methods where the bank has both (as the decode
-        graphs are captured for each field combination). The rows used are free slots: a request's first chunk
-        starts from a zero state."""
-        slots = list(range(min(2, self.slot_count)))
+        graphs are captured for each field combination). A short chunk's kernels also compile apart for rows padded
+        on the right (each row's length passed) and for a batch large enough to take Mamba1's wide scan programs
+        (`launch_classes.wide_batch`): those run too. The rows used are free slots: a request's first chunk starts
+        from a zero state."""
+        config = self.model.config
+        wide = wide_batch(config.arch, config.d_inner, self.slot_count)
         by_method = {e.scales.method: bucket for bucket, e in self.extensions.items()
                      if e.scales is not None and e.decimation is None}
         groups = [[NONE], *([bucket] for bucket in by_method.values())]
         if len(by_method) > 1:
             groups.append(list(by_method.values()))  # a batch carrying both methods' fields
         for group in groups:
-            for length in chunk_length_classes(self.model.config.arch, self.longest_chunk):
-                for b in range(len(group), len(slots) + 1):
+            for length in chunk_length_classes(config.arch, self.longest_chunk):
+                short = length <= SHORT_CHUNK
+                sizes = set(range(len(group), min(2, self.slot_count) + 1))  # alone and in a batch of two
+                if short and wide is not None and wide >= len(group):
+                    sizes.add(wide)
+                for b in sorted(sizes):
                     buckets = [group[i % len(group)] for i in range(b)]
-                    for firsts in [[True] * b, [False] * b] + ([[True, False]] if b == 2 else []):
-                        self.prefill(slots[:b], [[0] * length] * b, firsts, buckets)
+                    pads = [False, True] if short and b >= 2 and length >= 2 and pads_exactly(config) else [False]
+                    for firsts in [[True] * b, [False] * b] + ([[True] + [False] * (b - 1)] if b >= 2 else []):
+                        for padded in pads:  # the last row half as long (rounded up), as the scheduler pads rows
+                            chunks = [[0] * length] * (b - 1) + [[0] * ((length + 1) // 2 if padded else length)]
+                            self.prefill(list(range(b)), chunks, firsts, buckets)
 
     def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool], buckets: list[str],
                 whole: bool = True) -> Prefilled:

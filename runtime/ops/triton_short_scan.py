@@ -25,16 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_classes
 from .triton_jit import jit
 from .triton_ssm import SOFTPLUS_THRESHOLD, softplus
 
 Tensor = torch.Tensor
 
-# Mamba1's launch shape: a program's channels. A program's walk through the chunk is a chain of dependent steps, so a
-# step-by-step scan is bound by the latency of a step, and a batch with fewer programs than the GPU holds at once
-# takes narrow programs (more of them, each step shorter); a batch of many takes wide ones (fewer steps in all)
-NARROW_CHANNELS, WIDE_CHANNELS = 32, 64
-WIDE_PAST = 32 * 1024  # sequences × channels past which a program takes WIDE_CHANNELS
 SCAN_WARPS = 4
 BLOCK_HEAD_CHANNELS = 16  # Mamba2: a head's channels per program, a (16, n) state tile (n = 128 at published shapes)
 
@@ -128,7 +124,7 @@ def mamba1_short_scan(x: Tensor, dt: Tensor, dt_bias: Tensor, A: Tensor, B: Tens
     y = torch.empty(b, l, d, dtype=x.dtype, device=x.device)
     h = torch.empty(b, d, n, dtype=torch.float32, device=x.device)
     unused = x  # a placeholder pointer where an optional input is absent (its constexpr flag is off)
-    block = WIDE_CHANNELS if b * d >= WIDE_PAST else NARROW_CHANNELS
+    block = launch_classes.scan_channels(b, d)  # a program's channels (the kernel's launch shape)
     _short_scan_kernel[(triton.cdiv(d, block), b)](
         x, dt, dt_bias, delta_scale if delta_scale is not None else unused, A, B, C, D, z if z is not None else unused,
         h0 if h0 is not None else unused, lengths if lengths is not None else unused, y, h, l, d, n, *x.stride(),

@@ -18,7 +18,7 @@ import pytest
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.slow  # compiles
 
-from runtime.ops import triton_short_scan  # noqa: E402
+from runtime.ops import launch_classes, triton_short_scan  # noqa: E402
 from runtime.ops.launch_classes import SHORT_CHUNK  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
@@ -39,7 +39,7 @@ def _cases() -> dict[str, tuple[str, str, dict, dict]]:
     """Every compiled case: its name -> (module, kernel, pointer types, constexpr values)."""
     cases = {}
     for scale, gate, state, lengths in FLAGS:
-        block = triton_short_scan.WIDE_CHANNELS if scale == gate else triton_short_scan.NARROW_CHANNELS  # both widths
+        block = launch_classes.WIDE_CHANNELS if scale == gate else launch_classes.NARROW_CHANNELS  # both widths
         cases[f"mamba1-{scale}-{gate}-{state}-{lengths}"] = (
             "runtime.ops.triton_short_scan", "_short_scan_kernel", MAMBA1_SCAN,
             dict(HAS_SCALE=scale, HAS_Z=gate, HAS_H0=state, HAS_LENGTHS=lengths, THRESHOLD=20.0, BLOCK_D=block,
