@@ -68,12 +68,12 @@ def _short_conv_kernel(
         s = tl.load(scale_ptr + b * channels + d, mask=live_d, other=1.0).to(scaled_ptr.dtype.element_ty)
         scaled = y.to(tl.float32) * s.to(tl.float32)[:, None]
         tl.store(scaled_ptr + out_at, scaled.to(scaled_ptr.dtype.element_ty), mask=live)
-    i = tl.arange(0, BLOCK_K)  # the new state's K−1 inputs: positions length−(K−1)+i
-    keep = live_d[:, None] & (i < K - 1)[None, :]
-    if HAS_LENGTHS:
+    if HAS_LENGTHS:  # the row's own end: its padding's positions are not its inputs
         end = tl.load(lengths_ptr + b).to(tl.int32)
     else:
         end = length
+    i = tl.arange(0, BLOCK_K)  # the new state's K−1 inputs: positions end−(K−1)+i
+    keep = live_d[:, None] & (i < K - 1)[None, :]
     at = end - (K - 1) + i[None, :]
     last = _tap(x_row, state_row, d[:, None], at, keep, stride_xt, stride_xd, stride_sd, K, HAS_STATE)
     tl.store(new_state_ptr + b * channels * (K - 1) + d[:, None] * (K - 1) + i[None, :],
