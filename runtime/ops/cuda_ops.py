@@ -70,8 +70,7 @@ def _convolve(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | No
     of at most SHORT_CHUNK tokens is one kernel (`triton_short_conv`, its output token-major, each row's state at
     its own end) unless autograd records it."""
     if x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, weight, bias, state, scale):
-        return triton_short_conv.short_causal_conv1d(x, weight, bias, state, scale,
-                                                     None if padding is None else padding.ends)
+        return triton_short_conv.short_causal_conv1d(x, weight, bias, state, scale, _lengths(padding))
     if padding is not None:
         y, scaled, _ = _convolve(x, weight, bias, state, scale, None)
         return y, scaled, padding.conv_state(x, state)
@@ -103,6 +102,11 @@ mamba2_decode = triton_mamba2.mamba2_decode  # convolution step, state update an
 gated_rms_norm = triton_mamba2.gated_rms_norm  # one pass where PyTorch writes (l, d) float32 intermediates
 
 
+def _lengths(padding: Padding | None) -> Tensor | None:
+    """Each padded row's length (b,), as the short-chunk kernels take it; None for rows of one length."""
+    return None if padding is None else padding.ends
+
+
 def _row(t: Tensor, i: int) -> Tensor:
     return t[i:i + 1]
 
@@ -126,8 +130,7 @@ def mamba1_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     stopping at its own end) unless autograd records the scan (that kernel has no backward); a longer one
     `long_chunk_scan`."""
     if x.shape[1] <= SHORT_CHUNK and not torch_ops.records_autograd(x, dt, A, B, C, D, z, h0, dt_bias, delta_scale):
-        y, h = triton_short_scan.mamba1_short_scan(x, dt, dt_bias, A, B, C, D, z, h0, delta_scale,
-                                                   None if padding is None else padding.ends)
+        y, h = triton_short_scan.mamba1_short_scan(x, dt, dt_bias, A, B, C, D, z, h0, delta_scale, _lengths(padding))
     else:
         dt = dt if padding is None else padding.silence(dt)
         y, h = long_chunk_scan(x, dt, A, B, C, D, z, h0, dt_bias=dt_bias, delta_scale=delta_scale)
@@ -188,7 +191,7 @@ def mamba2_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         dt = padding.silence(dt)
     delta = torch_ops.discretise(dt, dt_bias, delta_scale, dt_limit)  # (b, l, h) float32
     if short:
-        return triton_short_scan.mamba2_short_scan(x, delta, A, B, C, D, h0, None if padding is None else padding.ends)
+        return triton_short_scan.mamba2_short_scan(x, delta, A, B, C, D, h0, _lengths(padding))
     return long_chunk_ssd_scan(x, delta, A, B, C, D, h0)
 
 

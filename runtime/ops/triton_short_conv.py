@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .launch_classes import SHORT_CHUNK
 from .triton_jit import jit
+from .triton_short_scan import row_length
 
 Tensor = torch.Tensor
 
@@ -68,10 +69,7 @@ def _short_conv_kernel(
         s = tl.load(scale_ptr + b * channels + d, mask=live_d, other=1.0).to(scaled_ptr.dtype.element_ty)
         scaled = y.to(tl.float32) * s.to(tl.float32)[:, None]
         tl.store(scaled_ptr + out_at, scaled.to(scaled_ptr.dtype.element_ty), mask=live)
-    if HAS_LENGTHS:  # the row's own end: its padding's positions are not its inputs
-        end = tl.load(lengths_ptr + b).to(tl.int32)
-    else:
-        end = length
+    end = row_length(lengths_ptr, b, length, HAS_LENGTHS)  # its padding's positions are not the row's inputs
     i = tl.arange(0, BLOCK_K)  # the new state's K−1 inputs: positions end−(K−1)+i
     keep = live_d[:, None] & (i < K - 1)[None, :]
     at = end - (K - 1) + i[None, :]

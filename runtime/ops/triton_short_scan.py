@@ -36,7 +36,7 @@ BLOCK_HEAD_CHANNELS = 16  # Mamba2: a head's channels per program, a (16, n) sta
 
 
 @jit
-def _row_length(lengths_ptr: tl.tensor, b: tl.tensor, length: tl.tensor, HAS_LENGTHS: tl.constexpr) -> tl.tensor:
+def row_length(lengths_ptr: tl.tensor, b: tl.tensor, length: tl.tensor, HAS_LENGTHS: tl.constexpr) -> tl.tensor:
     """Row b's own length: its real tokens, the rest of the chunk's `length` being right padding."""
     if HAS_LENGTHS:
         return tl.load(lengths_ptr + b).to(tl.int32)
@@ -77,7 +77,7 @@ def _short_scan_kernel(
     x_row, dt_row, z_row = x_ptr + b * stride_xb, dt_ptr + b * stride_dtb, z_ptr + b * stride_zb
     B_row, C_row = B_ptr + b * stride_Bb, C_ptr + b * stride_Cb
     y_row = y_ptr + b * length * channels
-    real = _row_length(lengths_ptr, b, length, HAS_LENGTHS)
+    real = row_length(lengths_ptr, b, length, HAS_LENGTHS)
     # Each step loads the next token's inputs before it computes with this one's (the last token's loads repeat,
     # unread): a step waits on the arithmetic, not on memory
     x_next = tl.load(x_row + d * stride_xd, mask=live_d, other=0.0)
@@ -169,7 +169,7 @@ def _mamba2_short_scan_kernel(
     B_row, C_row = B_ptr + b * stride_Bb + group * stride_Bg, C_ptr + b * stride_Cb + group * stride_Cg
     delta_row = delta_ptr + b * length * heads + head
     y_row = y_ptr + (b * length * heads + head) * head_dim
-    real = _row_length(lengths_ptr, b, length, HAS_LENGTHS)
+    real = row_length(lengths_ptr, b, length, HAS_LENGTHS)
     delta_next = tl.load(delta_row)  # the next token's inputs loaded a step ahead, as in Mamba1's kernel
     x_next = tl.load(x_row + i * stride_xp, mask=live_p, other=0.0)
     B_next = tl.load(B_row + n * stride_Bn, mask=live_n, other=0.0)
