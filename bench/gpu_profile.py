@@ -59,6 +59,12 @@ def kernel_table(fn, repeats: int) -> dict:
             "kernels": [{"name": name, "count": count, "us": round(us, 2)} for name, count, us in kernels]}
 
 
+def served_runner(model: MambaLM, slots: int, prefill_graphs: bool = True) -> ModelRunner:
+    """A model runner of `slots` sequences, sized as the server sizes it on the model's device."""
+    config = EngineConfig(max_batch_size=slots, prefill_graphs=prefill_graphs)
+    return ModelRunner(model, sized(config, model.device, slot_bytes(model, ssm_state_dtype(model, None))))
+
+
 def served_step(runner: ModelRunner, chunk: int, batch: int) -> Callable[[], list[int]]:
     """The engine's prefill step of `batch` prompts' first chunks of `chunk` tokens in `runner`'s first slots: the
     runner's prefill (replayed from a prefill graph where the runner has them), the last position's logits, a
@@ -88,8 +94,7 @@ def median_ms(step: Callable[[], object], times: int = 15) -> float:
 def served_prefill(model: MambaLM, chunk: int, batch: int) -> dict:
     """The engine's prefill step of `batch` prompts' first chunks of `chunk` tokens: its median wall time over 15
     steps (ms), its kernels (kernel_table), and the host operations by their own CPU time per step."""
-    config = sized(EngineConfig(max_batch_size=batch), model.device, slot_bytes(model, ssm_state_dtype(model, None)))
-    step = served_step(ModelRunner(model, config), chunk, batch)
+    step = served_step(served_runner(model, batch), chunk, batch)
     wall_ms = median_ms(step)
     table = kernel_table(step, repeats=5)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -16,12 +16,8 @@ from pathlib import Path
 
 import torch
 
-from server.config import EngineConfig
-from server.model_runner import ModelRunner
-from server.slots import sized, slot_bytes, ssm_state_dtype
-
 from .gpu_models import SHAPES, peer_and_runtime
-from .gpu_profile import median_ms, served_step
+from .gpu_profile import median_ms, served_runner, served_step
 from .report import print_table, save_json
 
 
@@ -38,9 +34,7 @@ def main(argv=None):
     rows = []
     with torch.no_grad():
         for graphs in (True, False):
-            config = sized(EngineConfig(max_batch_size=max(batches), prefill_graphs=graphs), model.device,
-                           slot_bytes(model, ssm_state_dtype(model, None)))
-            runner = ModelRunner(model, config)
+            runner = served_runner(model, max(batches), prefill_graphs=graphs)
             for batch in batches:
                 rows.append({"graphs": graphs, "batch": batch,
                              "step_ms": round(median_ms(served_step(runner, args.tokens, batch)), 3)})

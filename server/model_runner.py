@@ -12,6 +12,7 @@ Shapes: b sequences, c chunk tokens, k kept positions, D d_model, V vocabulary.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Mapping
@@ -129,10 +130,11 @@ class ModelRunner:
                 for b in sorted(sizes):
                     buckets = [group[i % len(group)] for i in range(b)]
                     pads = [False, True] if short and b >= 2 and length >= 2 and pads_exactly(config) else [False]
-                    for firsts in [[True] * b, [False] * b] + ([[True] + [False] * (b - 1)] if b >= 2 else []):
-                        for padded in pads:  # the last row half as long (rounded up), as the scheduler pads rows
-                            chunks = [[0] * length] * (b - 1) + [[0] * ((length + 1) // 2 if padded else length)]
-                            self.prefill(list(range(b)), chunks, firsts, buckets)
+                    starts = [[True] * b, [False] * b] + ([[True] + [False] * (b - 1)] if b >= 2 else [])
+                    for firsts, padded in itertools.product(starts, pads):
+                        # padded: the last row half as long (rounded up), as the scheduler pads rows
+                        chunks = [[0] * length] * (b - 1) + [[0] * ((length + 1) // 2 if padded else length)]
+                        self.prefill(list(range(b)), chunks, firsts, buckets)
 
     def prefill(self, slots: list[int], tokens: list[list[int]], firsts: list[bool], buckets: list[str],
                 whole: bool = True) -> Prefilled:
