@@ -132,9 +132,8 @@ def ops(t: dict) -> dict:
 
 
 SWEEPS = {  # op -> its launch constants and the values tried
-    "in_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_NORM_MIN_ROWS": [0, 4], "GEMV_WARPS": [4, 8],
-                "GEMV_PIECES": [False, True]},
-    "out_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_WARPS": [4, 8], "GEMV_PIECES": [False, True]},
+    "in_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_NORM_MIN_ROWS": [1, 2, 4, 8], "GEMV_WARPS": [4, 8]},
+    "out_proj": {"GEMV_TILE": [4096, 8192, 16384], "GEMV_MIN_ROWS": [1, 2, 4], "GEMV_WARPS": [4, 8]},
     "conv_step": {"CONV_BATCH_CHANNELS": [16, 64, 128, 256, 512], "CONV_BATCH_WARPS": [1, 2, 4]},
     "mamba2_step": {"BLOCK_HEAD_CHANNELS": [16, 32, 64], "STEP_WARPS": [4, 8]},
     "mamba1_decode": {"X_PROJ_ROWS": [8, 16, 32], "X_PROJ_CHANNELS": [256, 512, 1024], "X_PROJ_WARPS": [4],

@@ -165,7 +165,8 @@ def test_add_rms_norm_equals_pytorch(residual_dtype):
 @pytest.mark.parametrize("batch", [1, 3, 6])  # 6: past the fused kernel's rows, the norm then cuBLAS
 @pytest.mark.parametrize("with_update", [True, False])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("width", [200, 256, 2100])  # 2100: too wide for GEMV_NORM_MIN_ROWS rows a program
+# 2100: fewer than GEMV_NORM_MIN_ROWS rows in GEMV_TILE; 4100: too wide for them in GEMV_MAX_TILE, the norm then cuBLAS
+@pytest.mark.parametrize("width", [200, 256, 2100, 4100])
 def test_add_rms_norm_linear_equals_pytorch(residual_dtype, batch, with_update, with_bias, width):
     rows = 90  # neither it nor the width a power of two; rows not a multiple of a program's
     residual = torch.randn(batch, width, device=DEVICE, generator=_g(0)).to(residual_dtype)
@@ -183,7 +184,7 @@ def test_add_rms_norm_linear_equals_pytorch(residual_dtype, batch, with_update, 
 
 @pytest.mark.parametrize("batch", [1, 3, 6])  # 6: past the GEMV's rows, cuBLAS
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("width", [300, 256, 384])  # one piece a row, two with the second rounded up, two exact
+@pytest.mark.parametrize("width", [300, 256, 8200])  # 8200: too wide for GEMV_MIN_ROWS rows a program, cuBLAS
 def test_linear_equals_pytorch(batch, with_bias, width):
     rows = 70  # not a multiple of a program's
     x = torch.randn(batch, 2 * width, device=DEVICE, generator=_g(0)).bfloat16()[:, :width]  # a strided view
