@@ -110,9 +110,10 @@ class ModelRunner:
         of chunk length up to the longest chunk (`chunk_length_classes`) runs here through the served path: alone
         and in a batch of two, as a first chunk, a continuing one and both in one batch, with identity, with each
         scale method of the bank, and with a batch holding both methods where the bank has both (as the decode
-        graphs are captured for each field combination). A short chunk's kernels also compile apart for rows padded
-        on the right (each row's length passed) and for a batch large enough to take Mamba1's wide scan programs
-        (`launch_classes.wide_batch`): those run too. The rows used are free slots: a request's first chunk starts
+        graphs are captured for each field combination). A chunk's kernels also compile apart for rows padded on the
+        right (a short chunk's kernels take each row's length, a long chunk's Δ is silenced past each row's end, a
+        tensor of its own strides), and a short chunk's for a batch large enough to take Mamba1's wide scan
+        programs (`launch_classes.wide_batch`): those run too. The rows used are free slots: a request's first chunk starts
         from a zero state."""
         config = self.model.config
         wide = wide_batch(config.arch, config.d_inner, self.slot_count)
@@ -129,7 +130,7 @@ class ModelRunner:
                     sizes.add(wide)
                 for b in sorted(sizes):
                     buckets = [group[i % len(group)] for i in range(b)]
-                    pads = [False, True] if short and b >= 2 and length >= 2 and pads_exactly(config) else [False]
+                    pads = [False, True] if b >= 2 and length >= 2 and pads_exactly(config) else [False]
                     starts = [[True] * b, [False] * b] + ([[True] + [False] * (b - 1)] if b >= 2 else [])
                     for firsts, padded in itertools.product(starts, pads):
                         # padded: the last row half as long (rounded up), as the scheduler pads rows
