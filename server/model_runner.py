@@ -113,8 +113,8 @@ class ModelRunner:
         graphs are captured for each field combination). A chunk's kernels also compile apart for rows padded on the
         right (a short chunk's kernels take each row's length, a long chunk's Δ is silenced past each row's end, a
         tensor of its own strides), and a short chunk's for a batch large enough to take Mamba1's wide scan
-        programs (`launch_classes.wide_batch`): those run too. The rows used are free slots: a request's first chunk starts
-        from a zero state."""
+        programs (`launch_classes.wide_batch`): those run too. The rows used are free slots: a request's first
+        chunk starts from a zero state."""
         config = self.model.config
         wide = wide_batch(config.arch, config.d_inner, self.slot_count)
         by_method = {e.scales.method: bucket for bucket, e in self.extensions.items()
