@@ -42,8 +42,10 @@ class OutputText:
         self._ids: list[int] = []
         self._prefix = 0  # without `_pieces`: ids[prefix:read] decode to text taken into `text`; kept as context
         self._read = 0
-        self.text = ""  # decoded so far (complete characters), up to a stop string
-        self._emitted = 0  # characters of `text` handed out
+        # decoded (complete characters) and not yet handed out: the text since the last release, and a held tail
+        # that could begin a stop string. Only this is kept: a stop string cannot begin in text already handed out
+        # (it would have been held), and a string that grew with each token would be copied whole each time.
+        self._pending = ""
         self.stopped = False  # a stop string was found
         self.stop_string: str | None = None  # which one
 
@@ -52,7 +54,7 @@ class OutputText:
         assert not self.stopped, "no tokens after a stop string"
         self._ids.append(token_id)
         if self._pieces is not None:
-            self.text += self._utf8.decode(self._pieces[token_id])
+            self._pending += self._utf8.decode(self._pieces[token_id])
         elif not self._decode_ids():
             return ""  # an incomplete character: wait for its next bytes
         return self._release()
@@ -69,7 +71,7 @@ class OutputText:
             end = next((k for k in range(end - 1, self._read + 1, -1) if not self._decoded(k).endswith(REPLACEMENT)),
                        self._read + 1)
             full = self._decoded(end)
-        self.text += full[len(self._decoded(self._read)):]
+        self._pending += full[len(self._decoded(self._read)):]
         self._prefix, self._read = self._read, end
         return True
 
@@ -81,38 +83,34 @@ class OutputText:
         """The request ends (length, end of text, timeout): hand out whatever is held, broken characters too."""
         if not self.stopped:
             if self._pieces is not None:
-                self.text += self._utf8.decode(b"", final=True)
+                self._pending += self._utf8.decode(b"", final=True)
             else:
-                self.text += self._decoded(len(self._ids))[len(self._decoded(self._read)):]
+                self._pending += self._decoded(len(self._ids))[len(self._decoded(self._read)):]
                 self._read = len(self._ids)
-        out = self.text[self._emitted:]
-        self._emitted = len(self.text)
+        out, self._pending = self._pending, ""
         return out
 
     def _release(self) -> str:
         if not self._stop:  # every decoded character is final: the common case, once per token
-            out = self.text[self._emitted:]
-            self._emitted = len(self.text)
+            out, self._pending = self._pending, ""
             return out
-        start = max(0, self._emitted - max(len(s) for s in self._stop))
         searched = self._stop if len(self._ids) > self._min_tokens else ()
-        hits = [(i, s) for i, s in ((self.text.find(s, start), s) for s in searched) if i >= 0]
+        hits = [(i, s) for i, s in ((self._pending.find(s), s) for s in searched) if i >= 0]
         if hits:
             at, self.stop_string = min(hits, key=lambda hit: hit[0])
-            self.text = self.text[:at + len(self.stop_string) if self._include_stop else at]
+            self._pending = self._pending[:at + len(self.stop_string) if self._include_stop else at]
             self.stopped = True
             return self.finish()
-        end = len(self.text) - self._partial_stop_len()
-        out = self.text[self._emitted:end]
-        self._emitted = max(self._emitted, end)
+        end = len(self._pending) - self._partial_stop_len()
+        out, self._pending = self._pending[:end], self._pending[end:]
         return out
 
     def _partial_stop_len(self) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        """Length of the longest tail of the pending text that is a proper prefix of a stop string."""
         best = 0
         for stop in self._stop:
-            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
-                if self.text.endswith(stop[:n]):
+            for n in range(min(len(stop) - 1, len(self._pending)), best, -1):
+                if self._pending.endswith(stop[:n]):
                     best = n
                     break
         return best
