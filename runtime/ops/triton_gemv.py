@@ -18,15 +18,14 @@ from .triton_jit import jit
 Tensor = torch.Tensor
 
 GEMV_MAX_ROWS = 4  # sequences up to which a projection (with its RMSNorm) runs as one GEMV kernel
-GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of bfloat16), unless too few rows
+GEMV_TILE = 8192  # weight elements a GEMV program loads, in one tile (16 KiB of bfloat16); more for the rows below
 GEMV_WARPS = 8
-# Weight rows a GEMV program takes at least, plain and with the norm fused: one wide row a program leaves the
-# loads too short to keep the memory busy (bench.gpu_kernels: the Mamba2 2.7b out_proj, rows 5,120 wide), and
-# with the norm fused each program recomputes its sequences' norm, whose reads rival a program's weights' where
-# it takes fewer than four rows (the 2.7b in_proj).
+# Weight rows a GEMV program takes at least, plain and with the norm fused (bench.gpu_kernels): one row a program
+# was slower for the Mamba2 2.7b out_proj's 5,120-wide rows than two, and with the norm fused each program
+# recomputes its sequences' norm, whose reads rival the weights' where it takes two rows (the 2.7b in_proj).
 GEMV_MIN_ROWS = 2
 GEMV_NORM_MIN_ROWS = 4
-GEMV_MAX_TILE = 16384  # weight elements past which a program's tile would spill its registers: cuBLAS instead
+GEMV_MAX_TILE = 16384  # the largest tile bench.gpu_kernels sweeps: a row too wide for the rows above, cuBLAS
 
 
 @jit
