@@ -7,6 +7,11 @@ with the synthetic passkey task at 64-512 tokens, written in the Hugging Face la
 Runs on CUDA with the mamba_ssm kernels (bf16 autocast, float32 master weights); on CPU for tests.
 The weights are stored in bfloat16 (`model.safetensors`) with `config.json` (recording
 `training_context_length`) and a copy of the tokenizer.
+
+With `--state-dir DIR --time-limit SECONDS`, a run that reaches the time limit writes its whole training state
+(weights, optimiser, every random generator, the early-stopping books, the losses so far) to DIR and exits with
+status 75; the same command run again continues from it, exactly as if it had not stopped (a machine that runs
+a command for at most a few minutes can train for longer). A finished run deletes the state.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ from .training_text import TrainingText
 PASSKEY_MIN_LENGTH = 64
 VALIDATION_FRACTION = 0.02  # of the token stream, held out for the early-stopping check's haystacks
 VALIDATION_SAMPLES = 32  # passkey samples per early-stopping check, depths spread over 0-100%
+STATE_FILE = "training-state.pt"  # in --state-dir
+TIME_LIMIT_EXIT = 75  # EX_TEMPFAIL: the time limit stopped the run; the same command continues it
+# flags that say where a run writes, logs or runs, not what it trains: a resumed run may change them
+NOT_RECIPE = ("out", "state_dir", "time_limit", "log_every", "device", "backend")
+
+
+class TimeLimitReached(Exception):
+    """The run stopped at --time-limit, its state written to --state-dir."""
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -120,12 +133,15 @@ def train(args) -> tuple[MambaLM, list[float]]:
     rng = random.Random(args.seed)
 
     optimiser = make_optimiser(model, args.lr, args.ssm_weight_decay)
+    generators = {"text": text.generator, **({"validation": validation.generator} if early_stop else {})}
+    state = TrainingState(args, model, optimiser, rng, generators, early_stop)
+    first_step, losses_before = state.load() if state.path is not None and state.path.exists() else (0, [])
     half = args.batch_size // 2
     # some haystack in every sample, in every template
     shortest = max(PASSKEY_MIN_LENGTH, max(minimum_length(tokenizer, t) for t in templates) + 8)
     start = time.perf_counter()
-    losses = []
-    for step in range(args.steps):
+    losses: list[torch.Tensor] = []
+    for step in range(first_step, args.steps):
         lr = _lr(step, args.steps, args.lr, args.warmup)
         if early_stop is not None:
             if early_stop.stop_step is None and step >= args.warmup and step % args.check_every == 0:
@@ -167,9 +183,69 @@ def train(args) -> tuple[MambaLM, list[float]]:
             print(f"step {step:5d}  lm {text_loss.item():.3f}  passkey answer ce {answer_ce.item():.3f}  "
                   f"retrieved {hits.float().mean().item():.2f} at {length} tokens  {time.perf_counter() - start:.0f}s",
                   flush=True)
+        if not last and args.time_limit is not None and time.perf_counter() - start >= args.time_limit:
+            state.save(step + 1, losses_before + _floats(losses))
+            raise TimeLimitReached(f"stopped after step {step} at the time limit ({args.time_limit:g} s); the state "
+                                   f"is in {state.path}: the same command continues from it")
     model.eval()
     save_hf(model, Path(args.tokenizer), tokenizer.eos_token_id, args.out)
-    return model, torch.stack(losses).tolist()
+    if state.path is not None:
+        state.path.unlink(missing_ok=True)
+    return model, losses_before + _floats(losses)
+
+
+def _floats(losses: list[torch.Tensor]) -> list[float]:
+    return torch.stack(losses).tolist() if losses else []
+
+
+@dataclass
+class TrainingState:
+    """Everything a run's next step depends on, written to and read from --state-dir (None: no state)."""
+    args: argparse.Namespace
+    model: MambaLM
+    optimiser: torch.optim.Optimizer
+    rng: random.Random  # the passkey samples' draws
+    generators: dict[str, torch.Generator]  # the training text's draws, and the validation haystacks'
+    early_stop: EarlyStop | None
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.args.state_dir is None else self.args.state_dir / STATE_FILE
+
+    def save(self, next_step: int, losses: list[float]) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        written = self.path.with_suffix(".partial")  # renamed once whole: a run killed while writing loses nothing
+        torch.save({"recipe": _recipe(self.args), "next_step": next_step, "losses": losses,
+                    "model": self.model.state_dict(), "optimiser": self.optimiser.state_dict(),
+                    "rng": self.rng.getstate(), "generators": {k: g.get_state() for k, g in self.generators.items()},
+                    "early_stop": None if self.early_stop is None else vars(self.early_stop)}, written)
+        written.replace(self.path)
+
+    def load(self) -> tuple[int, list[float]]:
+        """Restores the saved state; returns the step to run next and the losses of the steps before it."""
+        assert self.path is not None
+        # our own file (weights_only=False: it holds the generators' states)
+        saved = torch.load(self.path, map_location=next(self.model.parameters()).device, weights_only=False)
+        changed = {k: (v, saved["recipe"].get(k)) for k, v in _recipe(self.args).items() if saved["recipe"].get(k) != v}
+        if changed:
+            raise ValueError(f"{self.path} was written by a run with other flags: "
+                             + ", ".join(f"--{k.replace('_', '-')} {old} (now {new})"
+                                         for k, (new, old) in changed.items()))
+        self.model.load_state_dict(saved["model"])
+        self.optimiser.load_state_dict(saved["optimiser"])
+        self.rng.setstate(saved["rng"])
+        for name, generator in self.generators.items():
+            generator.set_state(saved["generators"][name])
+        if self.early_stop is not None:
+            vars(self.early_stop).update(saved["early_stop"])
+        print(f"resumed from {self.path} at step {saved['next_step']}", flush=True)
+        return saved["next_step"], saved["losses"]
+
+
+def _recipe(args: argparse.Namespace) -> dict[str, str]:
+    """The flags that make the run what it is, as text."""
+    return {k: str(v) for k, v in vars(args).items() if k not in NOT_RECIPE}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -210,7 +286,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto")
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--state-dir", type=Path,
+                   help="where a run stopped by --time-limit writes its training state, and a run continues from it")
+    p.add_argument("--time-limit", type=float,
+                   help="seconds after which the run writes its state to --state-dir and exits with status "
+                        f"{TIME_LIMIT_EXIT}, to be continued by the same command")
     args = p.parse_args(argv)
+    if args.time_limit is not None and (args.state_dir is None or args.time_limit < 0):
+        p.error(f"--time-limit {args.time_limit} needs --state-dir and must not be negative")
     if not 0 <= args.stop_at_retrieval <= 1 or args.stop_patience < 1 or args.anneal_steps < 1:
         p.error(f"--stop-at-retrieval {args.stop_at_retrieval} must lie in [0, 1], --stop-patience "
                 f"{args.stop_patience} and --anneal-steps {args.anneal_steps} must be at least 1")
@@ -222,4 +305,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    try:
+        train(parse_args())
+    except TimeLimitReached as stopped:
+        print(stopped, flush=True)
+        raise SystemExit(TIME_LIMIT_EXIT) from None

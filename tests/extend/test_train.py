@@ -164,3 +164,68 @@ def test_train_on_a_mixture_of_sources_and_templates(tmp_path):
     _, losses = train(args)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert load_model(tmp_path / "model").config.training_context_length == 200
+
+
+def test_a_run_stopped_by_its_time_limit_continues_exactly_where_it_stopped(tmp_path, capsys):
+    """Stopped after every step and continued by the same command, a run with early-stopping checks ends with the
+    weights and losses of the run that was never stopped, and deletes its state; other flags are refused."""
+    from safetensors.torch import load_file
+
+    from extend.train import STATE_FILE, TimeLimitReached
+
+    tokenizer = tiny_tokenizer(tmp_path / "tok.json")
+    books = tmp_path / "books.jsonl"
+    books.write_text("".join(json.dumps({"id": i, "text": BOOK_TEXT * 8}) + "\n" for i in range(3)))
+
+    def flags(out, *more):
+        return ["--tokenizer", str(tokenizer), "--data", str(books), "--out", str(out), "--d-model", "16",
+                "--n-layer", "2", "--d-state", "4", "--length", "80", "--steps", "7", "--batch-size", "4",
+                "--warmup", "2", "--device", "cpu", "--stop-at-retrieval", "0.5", "--check-every", "3",
+                "--templates", "line,inline", "--log-every", "1000", *more]
+
+    _, straight = train(parse_args(flags(tmp_path / "straight")))
+    state_dir = tmp_path / "state"
+    stopped = flags(tmp_path / "stopped", "--state-dir", str(state_dir), "--time-limit", "0")
+    for step in range(6):  # the time limit passes at once: each run takes one step
+        with pytest.raises(TimeLimitReached, match=f"after step {step} "):
+            train(parse_args(stopped))
+        assert (state_dir / STATE_FILE).exists() and not (tmp_path / "stopped").exists()
+    with pytest.raises(ValueError, match=r"--lr 0\.002 \(now 0\.001\)"):
+        train(parse_args([*stopped, "--lr", "1e-3"]))
+    _, continued = train(parse_args(stopped))
+    assert continued == straight and len(continued) == 7
+    assert not (state_dir / STATE_FILE).exists()
+    want, got = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "stopped"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert capsys.readouterr().out.count("resumed from") == 6  # runs 2-6 and the last
+    with pytest.raises(SystemExit):
+        parse_args(["--tokenizer", "t", "--data", "d", "--out", "o", "--time-limit", "60"])  # no --state-dir
+
+
+def test_training_state_restores_the_early_stopping_books_and_every_generator(tmp_path):
+    import random
+
+    from extend.train import TrainingState
+
+    args = parse_args(["--tokenizer", "t", "--data", "d", "--out", "o", "--state-dir", str(tmp_path)])
+
+    def fresh(seed):
+        model = MambaLM(ModelConfig(arch=MAMBA1, d_model=16, n_layer=1, vocab_size=32, d_state=4),
+                        select_backend("torch", "cpu"))
+        init_weights(model, seed, 0.001, 0.1)
+        generators = {"text": torch.Generator().manual_seed(seed), "validation": torch.Generator().manual_seed(seed)}
+        return TrainingState(args, model, make_optimiser(model, 1e-3, 0.1), random.Random(seed), generators,
+                             EarlyStop(0.9, 2, 100))
+
+    saved = fresh(0)
+    saved.early_stop.check(step=300, retrieved=0.95, lr=1e-3)  # one pass of two
+    torch.randn(3, generator=saved.generators["validation"])  # a generator moved on from its seed
+    saved.save(301, [1.5, 1.25])
+    loaded = fresh(1)
+    assert loaded.load() == (301, [1.5, 1.25])
+    assert vars(loaded.early_stop) == vars(saved.early_stop) and loaded.early_stop.passes == 1
+    assert loaded.rng.random() == saved.rng.random()
+    for name in ("text", "validation"):
+        assert torch.equal(torch.randn(4, generator=loaded.generators[name]),
+                           torch.randn(4, generator=saved.generators[name]))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.parameters(), saved.model.parameters()))
