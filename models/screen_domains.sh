@@ -15,7 +15,9 @@
 #              given the mixed per-channel bank and evaluated on every domain; then, for the seeds in
 #              TRANSFER_SEEDS (default none), the transfer stage on that base, its mixed bank serving as `all`.
 #              A base already in OUT_DIR/mixed-sSEED/model is not trained again, and TRAIN_ONLY=1 stops after
-#              training: a GPU session can train, hand the models back, and a later one bank and evaluate them
+#              training: a GPU session can train, hand the models back, and a later one bank and evaluate them;
+#              with TRAIN_TIME_LIMIT (models/train_embedded.sh) a seed stops training at the limit and the same
+#              command continues it
 # MODEL defaults to the shipped model; STEPS, SAMPLES, EVAL_SAMPLES, BUCKETS, LENGTHS and TRAIN_STEPS shrink a
 # smoke run; TRANSFER_BUCKETS and TRANSFER_LENGTHS (default BUCKETS and LENGTHS) narrow the transfer experiment,
 # e.g. to 4k, the 8x the bar asks of a domain left out; BANK_BUCKETS (default BUCKETS) widens the mixed
