@@ -67,6 +67,10 @@ class EngineConfig:
     # launch a decode step before the last one's tokens are taken, so that the host's per-token work (finish rules,
     # detokenising, outputs) runs while the device computes; None: on CUDA (on a CPU the host is the device)
     overlap_decode: bool | None = None
+    # decode steps an overlapped launch runs back to back, each from the last one's tokens on the device (vLLM's
+    # --num-scheduler-steps): the host's books of a step are paid once for them all, and a request finished by one
+    # of them drops the later ones' tokens
+    num_scheduler_steps: int = 1
     # prompt chunks of different lengths share a prefill step, the shorter rows padded (exactly, where the model
     # `pads_exactly`); None: on CUDA, where a step's fixed cost outweighs the pad positions' work (on a CPU the
     # padded work is the step's time)
@@ -264,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
                    help="launch each decode step before the last one's tokens are taken, so that the host's "
                         "per-token work overlaps the device's step (auto: on CUDA)")
+    p.add_argument("--num-scheduler-steps", type=_positive_int, default=1,
+                   help="decode steps an overlapped launch runs back to back, each from the last one's tokens on "
+                        "the device, their tokens taken and streamed together (vLLM's flag): the host's work of a "
+                        "step is paid once for them all")
     p.add_argument("--prefill-padding", choices=("auto", "on", "off"), default="auto",
                    help="let prompt chunks of different lengths share a prefill step, the shorter ones padded "
                         "(exact: the pad positions leave the state as it was; Mamba1, and Mamba2 with a Δ floor of "
@@ -330,6 +338,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                           args.request_timeout, threads=args.threads, cuda_graphs=not args.enforce_eager,
                           prefill_graphs=not args.eager_prefill,
                           overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode],
+                          num_scheduler_steps=args.num_scheduler_steps,
                           prefill_padding={"auto": None, "on": True, "off": False}[args.prefill_padding],
                           ssm_state_dtype=None if args.mamba_ssm_cache_dtype == "auto" else args.mamba_ssm_cache_dtype,
                           prefix_cache_slots=args.prefix_cache_slots if args.enable_prefix_caching else 0)

@@ -5,7 +5,10 @@ Threads: the caller (the engine process's main thread) calls `submit` and `abort
 under `_cond`, and raise QueueFullError at once when the queue is full); the engine thread loops schedule → run
 the model → update → hand each request's output to its `sink`. The model runs outside the lock, so submitting
 never waits on it. With `overlap_decode` (on CUDA), a decode step is launched before the last one's tokens are
-taken, which then land while the device computes it (`_overlaps` says when a step may).
+taken, which then land while the device computes it (`_overlaps` says when a step may); with
+`num_scheduler_steps` k, such a launch is k decode steps, each from the tokens the one before chose on the device,
+whose tokens land together: the host's books of a step (scheduling, the hand-over of outputs, and on the HTTP side
+a streamed chunk) are paid once for k tokens a request.
 
 Each request owns one row (slot) of the runner's state pool from admission to finish. A prefill step runs
 several requests' prompt chunks of one length as one batch, each continuing its slot's state (or starting from
@@ -61,16 +64,17 @@ class StepRecord:
     request_ids: tuple[str, ...]
     tokens: int  # prompt tokens of all the batch's chunks, or sequences in the decode batch
     prompts_done: tuple[str, ...] = ()  # prefill only: the requests whose prompt the step finished
+    steps: int = 1  # decode steps launched together (num_scheduler_steps); their time is shared among them
 
 
 @dataclass
 class InFlight:
-    """A decode step launched whose tokens are not yet taken: its batch, and its tokens on the device, with a copy
-    to the host started behind them (read at landing, when the device has gone on to the next step)."""
+    """Decode steps launched whose tokens are not yet taken: their batch, and their tokens on the device, with a
+    copy to the host started behind them (read at landing, when the device has gone on to the next step)."""
 
     output: SchedulerOutput
     requests: list[Request]
-    tokens: torch.Tensor  # (b,) int64 on the model's device
+    tokens: torch.Tensor  # (k, b) int64 on the model's device: each step's, the last one's the next step's input
     record: StepRecord
     started: float  # perf_counter at launch
     host: torch.Tensor = field(init=False)  # (b,) int64, pinned on CUDA
@@ -84,7 +88,8 @@ class InFlight:
         if self.ready is not None:
             self.ready.record()
 
-    def read(self) -> list[int]:
+    def read(self) -> list[list[int]]:
+        """Each step's tokens, k lists of b."""
         if self.ready is not None:
             self.ready.synchronize()
         return self.host.tolist()
@@ -240,15 +245,21 @@ class Engine:
             not r.params.adjusts_logits and r.params.logprobs is None for r in output.decode)
 
     def _launch(self, output: SchedulerOutput, finished: Finished, outputs: Outputs) -> InFlight | None:
-        """Launches `output`'s decode step, its tokens chosen on the device; None if it failed (its requests are
-        then in `finished` with an error)."""
+        """Launches `output`'s decode steps (num_scheduler_steps), their tokens chosen on the device, each step from
+        the one before; None if they failed (their requests are then in `finished` with an error)."""
         requests = output.decode
-        record = StepRecord(output.step, "decode", tuple(r.request_id for r in requests), len(requests))
+        steps = self.config.num_scheduler_steps
+        record = StepRecord(output.step, "decode", tuple(r.request_id for r in requests), len(requests), steps=steps)
         launched: list[InFlight] = []
         started = time.perf_counter()
 
         def launch(work: list[Request], _finished: Finished, _outputs: Outputs) -> None:
-            tokens = self._choose(work, self._decode_logits(work)[:, :self.tokenizer.vocab_size])  # (b,) on the device
+            chosen = []  # each step's tokens, (b,) on the device
+            inputs = self._decode_inputs(work)
+            for _ in range(steps):
+                inputs = self._choose(work, self._decode_logits(work, inputs)[:, :self.tokenizer.vocab_size])
+                chosen.append(inputs)
+            tokens = chosen[0][None] if steps == 1 else torch.stack(chosen)  # (k, b)
             launched.append(InFlight(output, work, tokens, record, started))
 
         self._guarded(record, requests, finished, outputs, launch, requests, log_step=False)
@@ -260,28 +271,32 @@ class Engine:
         flying = self._in_flight
         if flying is None:
             return [r.output_ids[-1] for r in requests]
+        last = flying.tokens[-1]  # (b',) the last step's
         if flying.requests == requests:
-            return flying.tokens
+            return last
         rows = {r: i for i, r in enumerate(flying.requests)}
-        device = flying.tokens.device
+        device = last.device
         inputs = to_device([0 if r in rows else r.output_ids[-1] for r in requests], device)  # (b,)
         taken = [(i, rows[r]) for i, r in enumerate(requests) if r in rows]
         if taken:
             into, source = zip(*taken)
-            inputs[to_device(into, device)] = flying.tokens[to_device(source, device)]
+            inputs[to_device(into, device)] = last[to_device(source, device)]
         return inputs
 
     def _land(self, flying: InFlight) -> tuple[Finished, Outputs]:
-        """Takes the tokens of a launched decode step: the finish rules and outputs of its requests that were not
-        finished meanwhile (those whose previous step finished them, or aborted)."""
+        """Takes the tokens of launched decode steps, step by step: the finish rules and outputs of their requests
+        that were not finished meanwhile (those whose previous step finished them, or aborted); a request that one
+        of the steps finishes takes none of the later steps' tokens."""
         finished: Finished = {}
         outputs: Outputs = {}
         rows = [i for i, r in enumerate(flying.requests) if not r.status.finished]
         live = [flying.requests[i] for i in rows]
 
-        def take(work: list[Request], done: Finished, out: Outputs) -> None:
-            tokens = flying.read()
-            self._take(work, [tokens[i] for i in rows], None, done, out)
+        def take(_work: list[Request], done: Finished, out: Outputs) -> None:
+            for tokens in flying.read():
+                going = [i for i in rows if flying.requests[i] not in done]
+                if going:
+                    self._take([flying.requests[i] for i in going], [tokens[i] for i in going], None, done, out)
 
         self._guarded(flying.record, live, finished, outputs, take, live, started=flying.started)
         return finished, outputs
@@ -337,7 +352,9 @@ class Engine:
                 finished[request] = RequestStatus.FINISHED_ERROR
                 outputs.setdefault(request, self._new_output(request)).error = f"{type(bad).__name__}: {bad}"
         if log_step:
-            self.metrics.step_time.labels(record.kind).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            for _ in range(record.steps):  # decode steps launched together share their time
+                self.metrics.step_time.labels(record.kind).observe(elapsed / record.steps)
             self.step_log.append(record)
 
     def _prefill(self, chunks: list[PrefillChunk], finished: Finished, outputs: Outputs) -> None:
@@ -432,12 +449,11 @@ class Engine:
                                                        targets[start:start + logits.shape[1]], top)
 
     def _decode(self, requests: list[Request], finished: Finished, outputs: Outputs) -> None:
-        self._take_tokens(requests, self._decode_logits(requests), finished, outputs)
+        self._take_tokens(requests, self._decode_logits(requests, self._decode_inputs(requests)), finished, outputs)
 
-    def _decode_logits(self, requests: list[Request]) -> torch.Tensor:
-        """The batch's decode step on the runner, each request from its last token: logits (b, V)."""
-        return self.runner.decode(held_slots(requests), self._decode_inputs(requests),
-                                  [r.scale_bucket for r in requests])
+    def _decode_logits(self, requests: list[Request], inputs: torch.Tensor | list[int]) -> torch.Tensor:
+        """The batch's decode step on the runner from `inputs`, each request's last token (b,): logits (b, V)."""
+        return self.runner.decode(held_slots(requests), inputs, [r.scale_bucket for r in requests])
 
     def _take_tokens(self, requests: list[Request], logits: torch.Tensor, finished: Finished,
                      outputs: Outputs) -> None:

@@ -1,7 +1,8 @@
 """Decode steps launched before the last one's tokens are taken (`overlap_decode`, the default on CUDA, forced
-here on the CPU) give every request the tokens and text it gets without: greedy and seeded sampling, requests
-finishing at different steps (lengths, stop strings, end of text), requests that arrive while others decode,
-an abort, and requests whose steps cannot overlap (logprobs, penalties) batched with the others."""
+here on the CPU), one at a time or several back to back (`num_scheduler_steps`), give every request the tokens
+and text it gets without: greedy and seeded sampling, requests finishing at different steps (lengths, stop
+strings, end of text), requests that arrive while others decode, an abort, and requests whose steps cannot
+overlap (logprobs, penalties) batched with the others."""
 
 import threading
 
@@ -31,17 +32,22 @@ LATE = {  # submitted once the early ones decode
 }
 
 
-def _serve(model, tokenizer, overlap: bool) -> tuple[dict[str, tuple[list[int], str]], int]:
-    """Every request's (token ids, text), and how many steps landed while the next was in flight."""
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, overlap_decode=overlap), Metrics(model.device))
+def _serve(model, tokenizer, overlap: bool, steps: int = 1) -> tuple[dict[str, tuple[list[int], str]], int, int]:
+    """Every request's (token ids, text), how many launches landed while the next was in flight, and how many
+    outputs the greedy request got."""
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, overlap_decode=overlap, num_scheduler_steps=steps),
+                    Metrics(model.device))
     landings = []
     land = engine._land
     engine._land = lambda flying: landings.append(flying) or land(flying)
     results: dict[str, tuple[list[int], str]] = {}
+    greedy_outputs = []
     finished = threading.Event()
 
     def sink(name):
         def take(out):
+            if name == "greedy":
+                greedy_outputs.append(out)
             ids, text = results.get(name, ([], ""))
             results[name] = (ids + out.token_ids, text + out.text)
             if out.finished and len(results) == len(EARLY) + len(LATE) and all(
@@ -63,7 +69,7 @@ def _serve(model, tokenizer, overlap: bool) -> tuple[dict[str, tuple[list[int], 
     finally:
         engine.stop()
     results.pop("aborted")  # where it stopped depends on timing; that it stopped is checked above
-    return results, len(landings)
+    return results, len(landings), len(greedy_outputs)
 
 
 @pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -72,11 +78,19 @@ def served(request, model_dirs, live):
     """On the CPU the overlap is forced; on CUDA it is the default, with the pinned copy and event it uses there,
     and the decode graphs."""
     model, tokenizer = load_model(model_dirs["mamba1"], device=request.param).model, live.components.tokenizer
-    return _serve(model, tokenizer, overlap=False), _serve(model, tokenizer, overlap=True)
+    return (_serve(model, tokenizer, overlap=False), _serve(model, tokenizer, overlap=True),
+            _serve(model, tokenizer, overlap=True, steps=3))
 
 
 def test_overlapped_steps_give_the_same_tokens_and_text(served):
-    (plain, plain_landings), (overlapped, landings) = served
+    (plain, plain_landings, _), (overlapped, landings, _), _ = served
     assert plain_landings == 0 and landings > 10, "the overlapped run launched steps before landing the last"
     assert overlapped == plain
     assert len(plain["greedy"][0]) == 20 and len(plain["late"][0]) == 25
+
+
+def test_steps_launched_three_at_a_time_give_the_same_tokens_and_text_in_fewer_outputs(served):
+    (plain, _, plain_outputs), _, (stepped, launches, stepped_outputs) = served
+    assert stepped == plain
+    # the greedy request's 20 tokens: one output each one step at a time, about a third as many three at a time
+    assert launches > 3 and stepped_outputs <= plain_outputs // 2, "three tokens a request landed together"
