@@ -77,7 +77,7 @@ class InFlight:
     tokens: torch.Tensor  # (k, b) int64 on the model's device: each step's, the last one's the next step's input
     record: StepRecord
     started: float  # perf_counter at launch
-    host: torch.Tensor = field(init=False)  # (b,) int64, pinned on CUDA
+    host: torch.Tensor = field(init=False)  # (k, b) int64, pinned on CUDA
     ready: torch.cuda.Event | None = field(init=False)
 
     def __post_init__(self) -> None:
