@@ -5,7 +5,7 @@
 # the wheels that bench/server_wheels.sh downloads). Runs the GPU tests first; each step is independent and the
 # run goes on if one fails. SHAPES are Mamba1 shapes; decode and prefill also run the Mamba2 ones, and the HTTP
 # streams run with the decode overlap on and off, with SSM states in float32 (not the model's dtype), over four HTTP
-# processes, and (on a machine with several GPUs) over one engine per GPU.
+# processes, four decode steps a launch, and (on a machine with several GPUs) over one engine per GPU.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT [SHAPES]} shapes=${2:-130m,1.4b}
 mkdir -p "$out"
@@ -48,9 +48,9 @@ for shape in ${shapes//,/ }; do
       --json "$out/http_${shape}_${setting// /_}.json" -- --max-batch-size 256 --max-queue 256 \
       --${setting% *} "${setting#* }" 2>&1 | grep -v " INFO " | tail -8
   done
-  # issue 22's bars: 64-token prompts, with and without the prefill graphs, and a burst's requests taken in by two
-  # HTTP processes
-  for setting in "" --eager-prefill "--api-server-count 2"; do
+  # issue 22's bars: 64-token prompts, with and without the prefill graphs, a burst's requests taken in by two
+  # HTTP processes, and four decode steps a launch
+  for setting in "" --eager-prefill "--api-server-count 2" "--num-scheduler-steps 4"; do
     python3 -m bench.http_throughput --shape "$shape" --device cuda --prompt-tokens 64 --streams 1,64,256 --rounds 2 \
       --json "$out/http_${shape}_64${setting// /_}.json" -- --max-batch-size 256 --max-queue 256 $setting 2>&1 \
       | grep -v " INFO " | tail -8
