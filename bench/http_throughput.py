@@ -54,7 +54,8 @@ from server.sampling import greedy
 from server.slots import sized, slot_bytes, ssm_state_dtype
 
 from .report import print_row, print_table, save_json
-from .server_process import (add_server_arguments, add_workload_arguments, free_port, serve_shape, start_server,
+from .server_process import (add_server_arguments, add_workload_arguments, cpu_seconds, free_port, serve_shape,
+                             start_server,
                              workload_prompt)
 
 STEPS = 32  # timed engine steps per measurement
@@ -135,7 +136,8 @@ def http_row(streams: list[Stream], wall: float, client_cpu: float) -> dict:
     gaps = [b - a for s in streams for a, b in zip(s.chunks, s.chunks[1:])]
     tokens = sum(s.tokens for s in streams)
     lasted = [s.ended - s.sent for s in streams]
-    return {"http_tokens_per_s": tokens / wall, "tokens_per_chunk": tokens / sum(len(s.chunks) for s in streams),
+    return {"tokens": tokens, "http_tokens_per_s": tokens / wall,
+            "tokens_per_chunk": tokens / sum(len(s.chunks) for s in streams),
             # the wall is the spread of the sends plus the streams' own time: which of them made it
             "send_spread_ms": 1e3 * (max(s.sent for s in streams) - min(s.sent for s in streams)),
             "stream_p50_ms": 1e3 * percentile(lasted, 50), "stream_max_ms": 1e3 * max(lasted),
@@ -204,13 +206,13 @@ def main(argv=None):
         port = free_port()
         server = start_server(args, port)
         try:
-            rows = measure(args, served, counts, body, f"http://127.0.0.1:{port}")
+            rows = measure(args, served, counts, body, f"http://127.0.0.1:{port}", server.pid)
         finally:
             server.terminate()
             server.wait(timeout=60)
     print_table(["streams", "engine batch", "HTTP tokens/s", "engine decode tokens/s", "ratio",
                  "engine round with prefill tokens/s", "ratio", "TTFT p50 / p99 / max ms", "gap p50 / p99 ms",
-                 "tokens/chunk", "sends' spread / stream p50 / max ms", "client CPU",
+                 "tokens/chunk", "sends' spread / stream p50 / max ms", "client CPU", "HTTP process CPU µs a token",
                  "server: TTFT / queue / prefill ms a request",
                  "engine steps: prefill n × ms, decode n × ms"],
                 [[str(r["streams"]), str(r["engine_batch"]), f"{r['http_tokens_per_s']:,.0f}",
@@ -219,7 +221,7 @@ def main(argv=None):
                   f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} / {r['ttft_max_ms']:.1f}",
                   f"{r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f}", f"{r['tokens_per_chunk']:.2f}",
                   f"{r['send_spread_ms']:.1f} / {r['stream_p50_ms']:.1f} / {r['stream_max_ms']:.1f}",
-                  f"{r['client_cpu']:.2f}",
+                  f"{r['client_cpu']:.2f}", f"{r.get('http_cpu_us_per_token', 0):.1f}",
                   f"{r.get('server_ttft_ms', 0):.1f} / {r.get('queue_ms', 0):.1f} / {r.get('prefill_ms', 0):.1f}",
                   f"{r.get('step_prefill_count', 0):.0f} × {r.get('step_prefill_ms', 0):.2f}, "
                   f"{r.get('step_decode_count', 0):.0f} × {r.get('step_decode_ms', 0):.2f}"] for r in rows])
@@ -274,8 +276,10 @@ def served_slots(url: str) -> int:
     raise RuntimeError(f"{url}/metrics has no mamba_server_state_slots")
 
 
-def measure(args, served: EngineConfig, counts: list[int], body: dict, url: str) -> list[dict]:
-    """Rounds of (HTTP at N streams, then the engine at the server's batch) for every N; the medians per N."""
+def measure(args, served: EngineConfig, counts: list[int], body: dict, url: str, server_pid: int) -> list[dict]:
+    """Rounds of (HTTP at N streams, then the engine at the server's batch) for every N; the medians per N. With
+    them, the CPU time of the server's first HTTP process (`server_pid`; with --api-server-count the others' is not
+    counted) per streamed token."""
     model = load_model(args.model or DEFAULT_MODEL_DIR, device=args.device, dtype=args.dtype).model
     slots = served_slots(url)
     if served.threads:
@@ -294,9 +298,12 @@ def measure(args, served: EngineConfig, counts: list[int], body: dict, url: str)
     with torch.no_grad():
         for _ in range(args.rounds):
             for n in counts:
-                before = server_books(url)
+                before, cpu_before = server_books(url), cpu_seconds(server_pid)
                 row = http_row(*run_clients(pool, workers, url, n, body))
+                cpu_after = cpu_seconds(server_pid)
                 row.update(books_row(before, server_books(url)))
+                if cpu_before is not None and cpu_after is not None:
+                    row["http_cpu_us_per_token"] = 1e6 * (cpu_after - cpu_before) / row["tokens"]
                 row["engine_tokens_per_s"] = engine_tokens_per_s(runner, min(n, slots))
                 row["round_tokens_per_s"] = round_tokens_per_s(runner, min(n, slots), body["prompt"],
                                                                body["max_tokens"], chunk, step_tokens,

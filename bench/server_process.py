@@ -4,6 +4,7 @@ http_throughput): the model flags they share, a random model of a published shap
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -77,3 +78,12 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]
         time.sleep(0.2)
     server.kill()
     raise SystemExit("the server did not come up in 300 s")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User and system CPU seconds a process has used so far (Linux's /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
