@@ -55,8 +55,7 @@ from server.slots import sized, slot_bytes, ssm_state_dtype
 
 from .report import print_row, print_table, save_json
 from .server_process import (add_server_arguments, add_workload_arguments, cpu_seconds, free_port, serve_shape,
-                             start_server,
-                             workload_prompt)
+                             start_server, workload_prompt)
 
 STEPS = 32  # timed engine steps per measurement
 WARMUP = 4
