@@ -117,6 +117,7 @@ class ModelRunner:
         chunk starts from a zero state."""
         config = self.model.config
         wide = wide_batch(config.arch, config.d_inner, self.slot_count)
+        pads_rows = pads_exactly(config)  # rows of different lengths may share a step, padded
         by_method = {e.scales.method: bucket for bucket, e in self.extensions.items()
                      if e.scales is not None and e.decimation is None}
         groups = [[NONE], *([bucket] for bucket in by_method.values())]
@@ -130,7 +131,7 @@ class ModelRunner:
                     sizes.add(wide)
                 for b in sorted(sizes):
                     buckets = [group[i % len(group)] for i in range(b)]
-                    pads = [False, True] if b >= 2 and length >= 2 and pads_exactly(config) else [False]
+                    pads = [False, True] if pads_rows and b >= 2 and length >= 2 else [False]
                     starts = [[True] * b, [False] * b] + ([[True] + [False] * (b - 1)] if b >= 2 else [])
                     for firsts, padded in itertools.product(starts, pads):
                         # padded: the last row half as long (rounded up), as the scheduler pads rows
