@@ -49,8 +49,8 @@ for shape in ${shapes//,/ }; do
       --${setting% *} "${setting#* }" 2>&1 | grep -v " INFO " | tail -8
   done
   # issue 22's bars: 64-token prompts, with and without the prefill graphs, a burst's requests taken in by two
-  # HTTP processes, and four decode steps a launch
-  for setting in "" --eager-prefill "--api-server-count 2" "--num-scheduler-steps 4"; do
+  # HTTP processes, and one decode step a launch (against the default's adapted count)
+  for setting in "" --eager-prefill "--api-server-count 2" "--num-scheduler-steps 1"; do
     python3 -m bench.http_throughput --shape "$shape" --device cuda --prompt-tokens 64 --streams 1,64,256 --rounds 2 \
       --json "$out/http_${shape}_64${setting// /_}.json" -- --max-batch-size 256 --max-queue 256 $setting 2>&1 \
       | grep -v " INFO " | tail -8

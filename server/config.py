@@ -69,8 +69,8 @@ class EngineConfig:
     overlap_decode: bool | None = None
     # decode steps an overlapped launch runs back to back, each from the last one's tokens on the device (vLLM's
     # --num-scheduler-steps): the host's books of a step are paid once for them all, and a request finished by one
-    # of them drops the later ones' tokens
-    num_scheduler_steps: int = 1
+    # of them drops the later ones' tokens; None: adapted to whether the device waits on the host (server.multi_step)
+    num_scheduler_steps: int | None = None
     # prompt chunks of different lengths share a prefill step, the shorter rows padded (exactly, where the model
     # `pads_exactly`); None: on CUDA, where a step's fixed cost outweighs the pad positions' work (on a CPU the
     # padded work is the step's time)
@@ -166,6 +166,15 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _steps(text: str) -> int | None:
+    """--num-scheduler-steps: a positive count, or `auto` (None)."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text}")
+    return int(text)
 
 
 def _positive_float(text: str) -> float:
@@ -268,10 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap-decode", choices=("auto", "on", "off"), default="auto",
                    help="launch each decode step before the last one's tokens are taken, so that the host's "
                         "per-token work overlaps the device's step (auto: on CUDA)")
-    p.add_argument("--num-scheduler-steps", type=_positive_int, default=1,
+    p.add_argument("--num-scheduler-steps", type=_steps, default=None, metavar="{K,auto}",
                    help="decode steps an overlapped launch runs back to back, each from the last one's tokens on "
                         "the device, their tokens taken and streamed together (vLLM's flag): the host's work of a "
-                        "step is paid once for them all")
+                        "step is paid once for them all (auto: one more while the device waits on the host, one "
+                        "fewer while the host waits on it, 1 to 4)")
     p.add_argument("--prefill-padding", choices=("auto", "on", "off"), default="auto",
                    help="let prompt chunks of different lengths share a prefill step, the shorter ones padded "
                         "(exact: the pad positions leave the state as it was; Mamba1, and Mamba2 with a Δ floor of "

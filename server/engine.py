@@ -8,7 +8,7 @@ never waits on it. With `overlap_decode` (on CUDA), a decode step is launched be
 taken, which then land while the device computes it (`_overlaps` says when a step may); with
 `num_scheduler_steps` k, such a launch is k decode steps, each from the tokens the one before chose on the device,
 whose tokens land together: the host's books of a step (scheduling, the hand-over of outputs, and on the HTTP side
-a streamed chunk) are paid once for k tokens a request.
+a streamed chunk) are paid once for k tokens a request (`auto`, the default, adapts k: server.multi_step).
 
 Each request owns one row (slot) of the runner's state pool from admission to finish. A prefill step runs
 several requests' prompt chunks of one length as one batch, each continuing its slot's state (or starting from
@@ -46,6 +46,7 @@ from .logits_adjustment import adjusted
 from .prefix_cache import PrefixCache
 from .metrics import Metrics
 from .model_runner import ModelRunner
+from .multi_step import StepCount
 from .request import FINISH_REASON, Request, RequestOutput, RequestStatus
 from .sampling import choose, logprob_entries
 from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
@@ -88,6 +89,10 @@ class InFlight:
         if self.ready is not None:
             self.ready.record()
 
+    def done(self) -> bool:
+        """Whether the device has finished these steps (on a CPU they ran as they were launched)."""
+        return self.ready is None or self.ready.query()
+
     def read(self) -> list[list[int]]:
         """Each step's tokens, k lists of b."""
         if self.ready is not None:
@@ -119,6 +124,7 @@ class Engine:
             log.info("prefix cache: %d states (%.1f MB)", config.prefix_rows, config.prefix_rows * state_bytes / 2**20)
         self._overlap = model.device.type == "cuda" if config.overlap_decode is None else config.overlap_decode
         self._in_flight: InFlight | None = None  # the decode step launched and not yet landed (overlap only)
+        self._step_count = StepCount(config.num_scheduler_steps)
         padding = model.device.type == "cuda" if config.prefill_padding is None else config.prefill_padding
         self.scheduler = Scheduler(config, None if self.prefixes is None else self._resume,
                                    padding and pads_exactly(model.config))
@@ -248,7 +254,8 @@ class Engine:
         """Launches `output`'s decode steps (num_scheduler_steps), their tokens chosen on the device, each step from
         the one before; None if they failed (their requests are then in `finished` with an error)."""
         requests = output.decode
-        steps = self.config.num_scheduler_steps
+        flying = self._in_flight
+        steps = self._step_count.next(None if flying is None else flying.done())
         record = StepRecord(output.step, "decode", tuple(r.request_id for r in requests), len(requests), steps=steps)
         launched: list[InFlight] = []
         started = time.perf_counter()
