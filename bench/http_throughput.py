@@ -49,6 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime import load_model
 from scale_bank import NONE
 from server.config import DEFAULT_MODEL_DIR, EngineConfig, parse_args
+from server.gc_heap import freeze_startup_heap
 from server.model_runner import ModelRunner
 from server.sampling import greedy
 from server.slots import sized, slot_bytes, ssm_state_dtype
@@ -103,6 +104,7 @@ async def run_streams(url: str, n: int, body: dict, start_at: float = 0.0) -> tu
 
 def client_share(url: str, n: int, body: dict, start_at: float) -> tuple[list[Stream], float]:
     """A client process's share of the streams: its streams and its CPU seconds."""
+    freeze_startup_heap()  # a full collection of the imports' objects would stall its streams (server.gc_heap)
     streams, _, cpu = asyncio.run(run_streams(url, n, body, start_at))
     return streams, cpu
 
@@ -289,6 +291,7 @@ def measure(args, served: EngineConfig, counts: list[int], body: dict, url: str,
     runner = ModelRunner(model, served)
     chunk, step_tokens = served.chunk, served.prefill_tokens
     runner.warm_up()
+    freeze_startup_heap()  # as the server's processes: no full collection of the model's objects mid-round
     workers = args.client_processes
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     # the server's first request, and the client processes' start and imports, before any timing

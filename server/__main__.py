@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         from .components import load_components
         from .engine_client import EngineStartError
         from .engine_pool import connect
+        from .gc_heap import freeze_startup_heap
         from .http_server import build_server
     except BaseException:
         for process, _ in launched:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, RuntimeErrorBase, BankError, EngineStartError) as bad:
         _exit_with(bad)
     server = build_server(build_app(config, components, engine), config.http, log_level)
+    freeze_startup_heap()
     if config.api_server_count == 1:
         server.run()
         return

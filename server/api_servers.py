@@ -58,8 +58,11 @@ def _serve(config: ServerConfig, log_level: str, connections: list[Connection], 
     from .app import build_app  # in this process only: the launcher imports nothing heavy
     from .components import load_components
     from .engine_pool import connect
+    from .gc_heap import freeze_startup_heap
     from .http_server import build_server
 
     engine = connect([(None, connection) for connection in connections])
     components = load_components(config.model, engine.model)
-    build_server(build_app(config, components, engine), config.http, log_level, follower=True).run(sockets=[sock])
+    server = build_server(build_app(config, components, engine), config.http, log_level, follower=True)
+    freeze_startup_heap()
+    server.run(sockets=[sock])

@@ -37,6 +37,7 @@ from .engine_launch import NAMED_PROCESS_LOG_FORMAT
 from .engine_protocol import (Abort, Close, EngineRequest, HandOver, HttpMessage, Query, Ready, Reply, StartFailed,
                               Stop, Stopped, Submit)
 from .errors import ServerError
+from .gc_heap import freeze_startup_heap
 from .metrics import Metrics
 from .request import Request, RequestOutput
 
@@ -90,6 +91,7 @@ class EngineHost:
         engine = Engine(loaded.model, components.tokenizer, replace(config.engine, threads=threads), metrics,
                         components.extensions)
         engine.warm_up()
+        freeze_startup_heap()
         engine.start()
         return cls(engine, components, metrics)
 
