@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any
@@ -56,6 +57,11 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.follower and self.started:  # uvicorn's own lines do not name the process
+            log.info("accepting connections")
 
     async def on_tick(self, counter: int) -> bool:
         if self.follower and not self.engine.alive:  # stopped by the first HTTP process's shutdown, or lost

@@ -33,7 +33,8 @@ def two_processes(model_dirs, tmp_path):
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: healthy(url) and "[mamba-api-1]" in log_path.read_text(), timeout=120,
+        ready = "[mamba-api-1] server.shutdown: accepting connections"
+        wait_for(lambda: healthy(url) and ready in log_path.read_text(), timeout=120,
                  what="both HTTP processes to start")
         yield url, process, log_path
     finally:
@@ -71,13 +72,21 @@ def _text(events: list[str]) -> str:
 def test_both_http_processes_serve_one_engine_and_exit_on_sigterm(two_processes):
     url, process, log_path = two_processes
     alone = httpx.post(url + "/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
-    streams = _concurrently(url, 24)
-    assert all(_text(events) == alone for events in streams)
-    log = log_path.read_text()
-    assert re.search(r"\[mamba-api-1\] server\.serving: cmpl-", log), "the second HTTP process served no request"
-    assert re.search(r"^\S+ \S+ INFO server\.serving: cmpl-", log, re.MULTILINE), "the first served none"
+    served_by_both = False
+    waves = 0
+    # the kernel hands each connection to whichever process accepts first: on a loaded machine one process can
+    # take a whole wave, so waves follow until both have served (8 waves of one process only would be a fault)
+    while not served_by_both and waves < 8:
+        streams = _concurrently(url, 24)
+        waves += 1
+        assert all(_text(events) == alone for events in streams)
+        log = log_path.read_text()
+        served_by_both = bool(re.search(r"\[mamba-api-1\] server\.serving: cmpl-", log)
+                              and re.search(r"^\S+ \S+ INFO server\.serving: cmpl-", log, re.MULTILINE))
+    assert served_by_both, f"after {waves} waves of 24 streams, one HTTP process had served every request"
     metrics = httpx.get(url + "/metrics").text  # the engine's books, whichever process asks: every request
-    assert re.search(r'mamba_server_requests_total\{[^}]*finish_reason="length"[^}]*\} 25\.0', metrics), metrics[:2000]
+    finished = re.search(r'mamba_server_requests_total\{[^}]*finish_reason="length"[^}]*\} (\d+)\.0', metrics)
+    assert finished and int(finished.group(1)) == 1 + 24 * waves, metrics[:2000]
 
     running = threading.Thread(target=lambda: results.append(_stream(url, {**BODY, "max_tokens": 400})))
     results: list[list[str]] = []
