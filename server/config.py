@@ -133,7 +133,7 @@ class HttpConfig:
     ssl_keyfile: Path | None = None  # with ssl_certfile: HTTPS (PEM files); None: plain HTTP
     ssl_certfile: Path | None = None
     access_log: bool = True  # uvicorn's line per HTTP request
-    log_requests: bool = False  # the server's line per completion request (its id, prompts, n, max_tokens)
+    log_requests: bool = False  # the server's lines per completion request: its id, prompts, n, max_tokens; its end
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-uvicorn-access-log", action="store_true",
                    help="no log line per HTTP request (uvicorn's access log; vLLM's flag)")
     p.add_argument("--enable-log-requests", action="store_true",
-                   help="a log line per completion request: its id, prompts, n, max_tokens (vLLM's flag)")
+                   help="log lines per completion request: its id, prompts, n, max_tokens; each choice's end "
+                        "(vLLM's flag)")
     p.add_argument("--disable-log-requests", action="store_true",
                    help="no log line per completion request, the default (vLLM's former flag, kept for its scripts)")
     p.add_argument("--ssl-keyfile", type=Path, help="with --ssl-certfile: serve HTTPS with this PEM private key")

@@ -27,7 +27,7 @@ from .engine import StepRecord
 from .engine_protocol import (Abort, Close, EngineRequest, EngineStatus, HandOver, HttpMessage, ModelInfo, Query,
                               Ready, Reply, StartFailed, Stop, Stopped, Submit)
 from .errors import UnavailableError
-from .request import FINISH_REASON, RequestOutput, RequestStatus
+from .request import RequestOutput, RequestStatus
 
 log = logging.getLogger(__name__)
 Sink = Callable[[RequestOutput], None]
@@ -229,9 +229,6 @@ class EngineClient:
             assert isinstance(message, HandOver), f"unexpected message {message!r}"
             self.status = message.status  # first: a client told of an output may read the state that came with it
             for key, output in message.outputs:
-                if output.finished:
-                    log.info("%s finished: %s, %d prompt and %d generated tokens", output.request_id,
-                             FINISH_REASON[output.status], output.num_prompt_tokens, output.num_output_tokens)
                 route = self._routes.pop(key, None) if output.finished else self._routes.get(key)
                 if route is not None:
                     _deliver(route[1], output)

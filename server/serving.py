@@ -317,6 +317,9 @@ class CompletionService:
             while pending:
                 taken = await submission.outputs.take()
                 for _, output in taken:
+                    if output.finished and self.http.log_requests:
+                        log.info("%s finished: %s, %d prompt and %d generated tokens", output.request_id,
+                                 FINISH_REASON[output.status], output.num_prompt_tokens, output.num_output_tokens)
                     _raise_for(output)
                     pending -= output.finished
                 yield [(submission.choices[index], output) for index, output in taken]
