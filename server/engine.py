@@ -484,10 +484,14 @@ class Engine:
         """Each request's new token into its books and output, and the finish rules; `logits` (b, V') for the
         requests that want logprobs."""
         now = time.monotonic()
-        self.metrics.generation_tokens.inc(len(tokens))
+        self.metrics.generation_tokens.inc(sum(request.fault is None for request in requests))
         gaps = []  # inter-token latencies, observed together
         for i, (request, token) in enumerate(zip(requests, tokens)):
             out = outputs.setdefault(request, self._new_output(request))
+            if request.fault is not None:  # its choice was not its own (server.logits_adjustment): it ends here
+                log.warning("%s ended with an error: %s", request.request_id, request.fault)
+                finished[request], out.error = RequestStatus.FINISHED_ERROR, request.fault
+                continue
             request.output_ids.append(token)
             out.token_ids.append(token)
             if request.params.logprobs is not None:

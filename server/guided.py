@@ -127,7 +127,7 @@ class GuideState:
 
     def accept(self, token: int) -> bool:
         """Takes the chosen token; True when the grammar is over (it took the end of text). Raises RuntimeError
-        for a token it cannot take (the mask did not hold: an engine fault, which ends the request)."""
+        for a token it cannot take (the mask did not hold: an engine fault, which ends the step's requests)."""
         if not self._matcher.accept_token(token):
             raise RuntimeError(f"the grammar cannot take token {token}")
         return bool(self._matcher.is_terminated())

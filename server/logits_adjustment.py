@@ -19,13 +19,17 @@ from .request import Request
 
 def adjusted(logits: torch.Tensor, requests: Sequence[Request], eos_token_id: int | None) -> torch.Tensor:
     """logits: (b, V), one row per request. Returns `logits` itself when no request adjusts its scores, else a
-    copy with each such row adjusted."""
+    copy with each such row adjusted. A request whose own fields fail (its grammar leaves no token) gets its
+    `fault` set and its row unadjusted: the batch's choice goes on, and the engine ends that request alone."""
     rows = [i for i, request in enumerate(requests) if request.params.adjusts_logits]
     if not rows:
         return logits
     out = logits.clone()
     for i in rows:
-        out[i] = _adjusted_row(out[i], requests[i], eos_token_id)
+        try:
+            out[i] = _adjusted_row(out[i], requests[i], eos_token_id)
+        except Exception as bad:
+            requests[i].fault = f"{type(bad).__name__}: {bad}"
     return out
 
 

@@ -156,6 +156,7 @@ class Request:
     resume_row: int | None = None  # admitted onto a stored prefix: its prefix cache row, until the engine loads it
     num_cached: int = 0  # prompt tokens that stored prefix covered
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's stop_reason)
+    fault: str | None = None  # its own fields failed in a step (its grammar at a dead end): it ends with this error
     admitted_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

@@ -87,6 +87,26 @@ def test_a_grammar_the_vocabulary_cannot_spell_ends_with_an_error(client):
     assert complete(client, guided_choice=CHOICES)["choices"][0]["text"] in CHOICES  # and the server goes on
 
 
+@pytest.mark.parametrize("allowed_only_a", [False, True])
+def test_a_grammar_at_a_dead_end_ends_its_own_request_and_no_other(client, live, allowed_only_a):
+    """The dead end comes in a decode step that another stream shares: after "a", a character no token spells, or
+    a digit where allowed_token_ids allows "a" alone. The other stream goes on as alone."""
+    a = client.post("/tokenize", json={"prompt": "a", "add_special_tokens": False}).json()["tokens"]
+    dead_end = ({"guided_regex": "a[0-9]+", "allowed_token_ids": a} if allowed_only_a else {"guided_regex": "a[{}]+"})
+    body = {"prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    alone = complete(client, **body)["choices"][0]["text"]
+    with httpx.Client(base_url=live.url, timeout=60) as other:
+        with other.stream("POST", "/v1/completions", json={**body, "stream": True}) as running:
+            lines = running.iter_lines()
+            events = [next(line for line in lines if line.startswith("data: {"))]
+            dead = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, **dead_end})
+            events += [line for line in lines if line.startswith("data: {")]
+    assert dead.status_code == 500 and "no token of the vocabulary continues the grammar" in dead.text, dead.text
+    chunks = [json.loads(event[6:]) for event in events]
+    assert "error" not in chunks[-1] and chunks[-1]["choices"][0]["finish_reason"] == "length", chunks[-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == alone
+
+
 @pytest.fixture(scope="module")
 def embedded():
     with LiveServer(["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", "embedded"]) as server:
