@@ -21,6 +21,7 @@ the finish rules (server.finish).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
 import secrets
@@ -183,7 +184,16 @@ class Engine:
             if self._closed:
                 raise UnavailableError("the server is shutting down", code="shutting_down")
             self.scheduler.add(*requests)
+            for member in (m for request in requests for m in request.group):
+                if member.params.guide is not None:
+                    member.grammar = self.guides.compile_soon(member.params.guide)
+                    member.grammar.add_done_callback(self._compiled)
             self.metrics.waiting.set(len(self.scheduler.waiting))
+            self._cond.notify()
+
+    def _compiled(self, _grammar: concurrent.futures.Future) -> None:
+        """A waiting request's grammar is compiled: the engine thread may admit it now."""
+        with self._cond:
             self._cond.notify()
 
     def abort(self, *requests: Request) -> None:
@@ -210,7 +220,7 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self.scheduler.has_work() and self._in_flight is None:
+                    while not self._stopping and not self.scheduler.has_step() and self._in_flight is None:
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -472,8 +482,11 @@ class Engine:
         """logits: (b, V'). Each request's next token by its own sampling fields and generator, (b,) on the
         device."""
         for request in requests:
-            if request.params.guide is not None and request.guide is None:  # its grammar's start
-                request.guide = self.guides.state(request.params.guide)
+            if request.grammar is not None and request.guide is None:  # its grammar's start
+                try:
+                    request.guide = self.guides.state(request.grammar.result())  # compiled before admission
+                except Exception as bad:  # the HTTP side compiled it: only a fault of this process's own
+                    request.fault = f"{type(bad).__name__}: {bad}"
         scores = adjusted(logits, requests, self.tokenizer.eos_token_id)  # (b, V'); logprobs stay the model's
         generators = [g for r in requests if (g := r.generator) is not None]
         assert len(generators) == len(requests), "made at admission"

@@ -139,9 +139,6 @@ class EngineHost:
         if isinstance(message, Submit):
             requests = [self._request(spec, index, outbox) for spec in message.requests]
             try:
-                for spec in message.requests:  # compiled here, not on the engine thread, which would stall every
-                    if spec.params.guide is not None:  # stream for a large schema's compile
-                        self.engine.guides.compiled(spec.params.guide)
                 self.engine.submit(*requests)
                 outbox.reply(Reply(message.call))
             except ServerError as refused:

@@ -4,13 +4,17 @@ against the tokenizer's vocabulary; each step, a request's grammar state masks t
 and takes the token chosen. The completion ends when the grammar takes the end of text (also with ignore_eos).
 
 The HTTP side compiles a request's constraint once to refuse a bad one with its field's name; the engine process
-compiles it again for the grammar states (compiled grammars are cached by constraint on both sides).
+compiles it again for the grammar states (compiled grammars are cached by constraint on both sides), on threads of
+its own while the request waits in the queue: a constraint can take seconds or minutes to compile (xgrammar
+releases the interpreter meanwhile), and the engine thread steps the other requests all the while.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from .errors import InvalidRequestError
 
 INSTALL = "pip install 'mamba-extend-server[guided]' (xgrammar)"
 CACHED = 64  # compiled grammars kept per process
+COMPILING = 2  # the engine process's threads that compile constraints: one slow constraint leaves one free
 ANY_OBJECT = {"type": "object"}  # the schema of any JSON object: response_format json_object's
 XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[00:42:10] /project/cpp/regex_converter.cc:94: "
 
@@ -45,9 +50,10 @@ class Guides:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self._lock = threading.Lock()  # the HTTP side checks on worker threads
+        self._lock = threading.Lock()  # the HTTP side checks on worker threads, the engine process on its pool's
         self._cache: dict[Guide, Any] = {}  # compiled grammars, the oldest dropped past CACHED
         self._made: Any = None  # the compiler, once made
+        self._compiling = threading.BoundedSemaphore(COMPILING)  # held by `compile_soon`'s threads
 
     def _compiler(self) -> Any:
         """xgrammar's compiler for this vocabulary, made at the first call (under the lock)."""
@@ -59,23 +65,46 @@ class Guides:
             eos = self.tokenizer.eos_token_id
             info = xgrammar.TokenizerInfo.from_huggingface(vocab, vocab_size=self.tokenizer.vocab_size,
                                                            stop_token_ids=None if eos is None else [eos])
-            self._made = xgrammar.GrammarCompiler(info)
+            # a quarter of the cores: a long compile leaves the rest to the engine and HTTP threads
+            self._made = xgrammar.GrammarCompiler(info, max_threads=max(1, (os.cpu_count() or 1) // 4))
         return self._made
 
     def compiled(self, guide: Guide) -> Any:
-        """The compiled grammar of `guide`. Raises InvalidRequestError naming its field when it does not compile."""
-        hit = self._cache.get(guide)  # without the lock: the engine thread never waits for another's compile
+        """The compiled grammar of `guide`. Raises InvalidRequestError naming its field when it does not compile.
+        The lock is not held while it compiles: one slow constraint holds up no other."""
+        hit = self._cache.get(guide)
         if hit is not None:
             return hit
         with self._lock:
-            if guide not in self._cache:
-                if len(self._cache) >= CACHED:
-                    del self._cache[next(iter(self._cache))]
-                self._cache[guide] = self._compile(guide)
-            return self._cache[guide]
+            compiler = self._compiler()
+        grammar = self._compile(compiler, guide)
+        with self._lock:
+            if len(self._cache) >= CACHED:
+                del self._cache[next(iter(self._cache))]
+            self._cache[guide] = grammar
+        return grammar
 
-    def _compile(self, guide: Guide) -> Any:
-        compiler = self._compiler()
+    def compile_soon(self, guide: Guide) -> concurrent.futures.Future:
+        """The future of `compiled(guide)`, done at once when cached, else compiled on a thread of its own, COMPILING
+        at a time. Daemon threads, not a pool's: a process that exits does not wait for a compile to end."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        hit = self._cache.get(guide)
+        if hit is not None:
+            future.set_result(hit)
+            return future
+
+        def compile_() -> None:
+            with self._compiling:
+                try:
+                    future.set_result(self.compiled(guide))
+                except Exception as bad:
+                    future.set_exception(bad)
+
+        threading.Thread(target=compile_, name="grammar-compile", daemon=True).start()
+        return future
+
+    @staticmethod
+    def _compile(compiler: Any, guide: Guide) -> Any:
         try:
             if guide.kind in ("json_object", "json_schema"):
                 # whitespace only as json.dumps writes it: a grammar that allows any lets a small model pad for ever
@@ -101,9 +130,10 @@ class Guides:
         except InvalidRequestError:  # not installed: guided requests are refused by the HTTP side
             pass
 
-    def state(self, guide: Guide) -> GuideState:
-        """A new grammar state of `guide` (one a sequence: n samples each have their own)."""
-        return GuideState(_xgrammar().GrammarMatcher(self.compiled(guide)))
+    @staticmethod
+    def state(compiled: Any) -> GuideState:
+        """A new state of a compiled grammar (one a sequence: n samples each have their own)."""
+        return GuideState(_xgrammar().GrammarMatcher(compiled))
 
 
 class GuideState:
@@ -121,8 +151,9 @@ class GuideState:
         self._matcher.fill_next_token_bitmask(self._bitmask)
         masked = scores.float().cpu().clone()[None]  # (1, V) on the CPU, where the bitmask is
         xgrammar.apply_token_bitmask_inplace(masked, self._bitmask)
-        if torch.isneginf(masked).all():  # e.g. a character the vocabulary cannot spell
-            raise RuntimeError("no token of the vocabulary continues the grammar here")
+        if torch.isneginf(masked).all():
+            raise RuntimeError("no token continues the grammar here: no token of the vocabulary spells what it takes "
+                               "next, or allowed_token_ids allows none that does")
         return masked[0].to(scores.device, scores.dtype)
 
     def accept(self, token: int) -> bool:

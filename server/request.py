@@ -6,6 +6,7 @@ request after it is submitted, except `abort_requested`, which the engine's call
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import random
 import time
@@ -152,7 +153,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # filled chunk by chunk when asked
     generator: random.Random | None = None  # per-request sampling randomness, made at admission
-    guide: GuideState | None = None  # its place in params.guide's grammar, made at its first choice
+    grammar: concurrent.futures.Future | None = None  # params.guide's compiled grammar, compiling from submission
+    guide: GuideState | None = None  # its place in that grammar, made at its first choice
     resume_row: int | None = None  # admitted onto a stored prefix: its prefix cache row, until the engine loads it
     num_cached: int = 0  # prompt tokens that stored prefix covered
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's stop_reason)
@@ -177,3 +179,8 @@ class Request:
     def group(self) -> list[Request]:
         """This request and its forks: what is admitted together."""
         return [self, *self.forks]
+
+    @property
+    def compiling(self) -> bool:
+        """Its grammar is still being compiled (server.guided): it waits in the queue, holding up no other."""
+        return self.grammar is not None and not self.grammar.done()

@@ -74,6 +74,11 @@ class Scheduler:
         is in none of the running lists, but it holds its slot."""
         return bool(self.waiting or self.prefilling or self.decoding) or len(self.free_slots) < self.config.slots
 
+    def has_step(self) -> bool:
+        """`has_work` that a step can move now: not only requests waiting for their grammar's compile."""
+        return (bool(self.prefilling or self.decoding) or len(self.free_slots) < self.config.slots
+                or any(not r.compiling for r in self.waiting))
+
     def add(self, *requests: Request) -> None:
         """Queues all of `requests` or, when the queue has no room for all of them, none."""
         if len(self.waiting) + len(requests) > self.config.max_queue:
@@ -88,9 +93,12 @@ class Scheduler:
                 finished += self.finish(request, RequestStatus.FINISHED_ABORTED)
             elif request.deadline is not None and now >= request.deadline:
                 finished += self.finish(request, RequestStatus.FINISHED_TIMEOUT)
-        admitted = []
+        admitted, compiling = [], []
         while self.waiting and len(self.free_slots) >= len(self.waiting[0].group):
             request = self.waiting.popleft()
+            if request.compiling:  # the next come first meanwhile; it keeps its place ahead of those left
+                compiling.append(request)
+                continue
             for member in request.group:
                 member.slot = self.free_slots.pop()
                 member.status = RequestStatus.PREFILLING
@@ -98,6 +106,7 @@ class Scheduler:
                 request.num_computed = self.resume(request)
             self.prefilling.append(request)
             admitted += request.group
+        self.waiting.extendleft(reversed(compiling))
         output = SchedulerOutput(self.step, admitted, self._prefill_batch(), list(self.decoding), finished)
         self.step += 1
         return output

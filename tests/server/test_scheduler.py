@@ -2,6 +2,7 @@
 equal-length chunks (or padded rows, where the model pads exactly) under the prefill budget, slots, queue bound,
 abort and timeout."""
 
+import concurrent.futures
 import subprocess
 import sys
 from pathlib import Path
@@ -274,3 +275,20 @@ def test_python_dash_m_server_launches_the_engine_before_it_imports_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False False", result.stderr
+
+
+def test_a_request_whose_grammar_compiles_lets_later_ones_in_and_keeps_its_place():
+    scheduler = Scheduler(config(max_batch_size=2, prefill_chunk=8))
+    compiling, later, last = make_request("compiling", 4), make_request("later", 4), make_request("last", 4)
+    compiling.grammar = concurrent.futures.Future()  # its grammar's compile, not yet done
+    scheduler.add(compiling, later, last)
+    assert scheduler.has_step()  # the later ones can be stepped
+    output = run_step(scheduler)
+    assert [r.request_id for r in output.admitted] == ["later", "last"]
+    assert list(scheduler.waiting) == [compiling] and compiling.status is RequestStatus.WAITING
+    while scheduler.decoding or scheduler.prefilling:
+        run_step(scheduler)
+    assert scheduler.has_work() and not scheduler.has_step()  # only the compile to wait for: the engine sleeps
+    compiling.grammar.set_result(object())
+    assert scheduler.has_step()
+    assert [r.request_id for r in run_step(scheduler).admitted] == ["compiling"]
