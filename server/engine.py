@@ -497,13 +497,14 @@ class Engine:
         """Each request's new token into its books and output, and the finish rules; `logits` (b, V') for the
         requests that want logprobs."""
         now = time.monotonic()
-        self.metrics.generation_tokens.inc(sum(request.fault is None for request in requests))
         gaps = []  # inter-token latencies, observed together
+        faults = 0
         for i, (request, token) in enumerate(zip(requests, tokens)):
             out = outputs.setdefault(request, self._new_output(request))
             if request.fault is not None:  # its choice was not its own (server.logits_adjustment): it ends here
                 log.warning("%s ended with an error: %s", request.request_id, request.fault)
                 finished[request], out.error = RequestStatus.FINISHED_ERROR, request.fault
+                faults += 1
                 continue
             request.output_ids.append(token)
             out.token_ids.append(token)
@@ -521,6 +522,7 @@ class Engine:
             out.text += text
             if status is not None:
                 finished[request] = status
+        self.metrics.generation_tokens.inc(len(tokens) - faults)
         self.metrics.inter_token_latency.observe_many(gaps)
 
     def _new_output(self, request: Request, error: str | None = None) -> RequestOutput:

@@ -50,7 +50,7 @@ class Guides:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self._lock = threading.Lock()  # the HTTP side checks on worker threads, the engine process on its pool's
+        self._lock = threading.Lock()  # the HTTP side checks on worker threads, the engine process on compile threads
         self._cache: dict[Guide, Any] = {}  # compiled grammars, the oldest dropped past CACHED
         self._made: Any = None  # the compiler, once made
         self._compiling = threading.BoundedSemaphore(COMPILING)  # held by `compile_soon`'s threads

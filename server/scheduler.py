@@ -75,7 +75,8 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.decoding) or len(self.free_slots) < self.config.slots
 
     def has_step(self) -> bool:
-        """`has_work` that a step can move now: not only requests waiting for their grammar's compile."""
+        """`has_work` that a step can move now: not only requests waiting for their grammar's compile (whose abort
+        or deadline is then seen once a compile ends or another request comes)."""
         return (bool(self.prefilling or self.decoding) or len(self.free_slots) < self.config.slots
                 or any(not r.compiling for r in self.waiting))
 
