@@ -28,7 +28,7 @@ from .errors import InvalidRequestError
 
 INSTALL = "pip install 'mamba-extend-server[guided]' (xgrammar)"
 CACHED = 64  # compiled grammars kept per process
-COMPILING = 2  # the engine process's threads that compile constraints: one slow constraint leaves one free
+COMPILING = 2  # threads that compile constraints at once, in each process: one slow constraint leaves one free
 ANY_OBJECT = {"type": "object"}  # the schema of any JSON object: response_format json_object's
 XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[00:42:10] /project/cpp/regex_converter.cc:94: "
 
@@ -54,6 +54,7 @@ class Guides:
         self._cache: dict[Guide, Any] = {}  # compiled grammars, the oldest dropped past CACHED
         self._made: Any = None  # the compiler, once made
         self._compiling = threading.BoundedSemaphore(COMPILING)  # held by `compile_soon`'s threads
+        self._pending: dict[Guide, concurrent.futures.Future] = {}  # `compile_soon`'s compiles not yet done
 
     def _compiler(self) -> Any:
         """xgrammar's compiler for this vocabulary, made at the first call (under the lock)."""
@@ -85,13 +86,20 @@ class Guides:
         return grammar
 
     def compile_soon(self, guide: Guide) -> concurrent.futures.Future:
-        """The future of `compiled(guide)`, done at once when cached, else compiled on a thread of its own, COMPILING
-        at a time. Daemon threads, not a pool's: a process that exits does not wait for a compile to end."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        hit = self._cache.get(guide)
-        if hit is not None:
-            future.set_result(hit)
-            return future
+        """The future of `compiled(guide)`: done at once when cached, the same future for a constraint already
+        compiling (n samples, requests that share a schema), else compiled on a thread of its own, COMPILING at a
+        time. Neither the event loop's executor, which tokenises every request, nor a pool, which a process that
+        exits would wait for, runs them: slow constraints wait for each other only."""
+        with self._lock:
+            future = self._pending.get(guide)
+            if future is not None:
+                return future
+            future = concurrent.futures.Future()
+            hit = self._cache.get(guide)
+            if hit is not None:
+                future.set_result(hit)
+                return future
+            self._pending[guide] = future
 
         def compile_() -> None:
             with self._compiling:
@@ -99,6 +107,9 @@ class Guides:
                     future.set_result(self.compiled(guide))
                 except Exception as bad:
                     future.set_exception(bad)
+                finally:
+                    with self._lock:
+                        del self._pending[guide]
 
         threading.Thread(target=compile_, name="grammar-compile", daemon=True).start()
         return future

@@ -134,7 +134,7 @@ class CompletionService:
         params = replace(self._params(body, logprobs, echo, default_max_tokens, prompt_logprobs), guide=guide)
         selections = [self._bucket(prompt.ids, params, body.scale_bucket) for prompt in prompts]
         if guide is not None:  # once the rest holds; compiled (and cached) off the event loop: a schema takes a while
-            await asyncio.to_thread(self.guides.compiled, guide)
+            await asyncio.wrap_future(self.guides.compile_soon(guide))
         outputs = Mailbox(self._doorbell())
         completion_id = f"{id_prefix}-{request_id}"
         several = len(prompts) * body.n > 1

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from runtime.tokenizer import Tokenizer
 from server.config import DEFAULT_MODEL_DIR
 from server.errors import InvalidRequestError
 from server.guided import Guide, Guides, _xgrammar
@@ -158,7 +159,7 @@ def test_without_xgrammar_a_constraint_is_refused_saying_what_to_install(live, m
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar now raises ImportError
     try:
         with pytest.raises(InvalidRequestError, match=re.escape("pip install 'mamba-extend-server[guided]'")) as bad:
-            Guides(live.components.tokenizer).compiled(Guide("regex", "[0-9]", "guided_regex"))
+            Guides(live.components.tokenizer).compile_soon(Guide("regex", "[0-9]", "guided_regex")).result()
         assert bad.value.code == "guided_decoding_unavailable"
     finally:
         _xgrammar.cache_clear()
@@ -188,3 +189,17 @@ def test_a_grammar_that_takes_seconds_to_compile_holds_up_no_other_request(embed
     response = guided["response"]
     assert response.status_code == 200 and re.fullmatch("[ab]*", response.json()["choices"][0]["text"]), response.text
     assert len(latencies) > 10 and max(latencies) < 3.0, sorted(latencies)[-3:]
+
+
+def test_a_constraint_compiling_is_compiled_once_for_every_request_that_asks_for_it():
+    guides = Guides(Tokenizer(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    slow = Guide("regex", "(a|b)*" * 120, "guided_regex")  # about a second against its 8,192 tokens
+    other = Guide("regex", "[0-9]+", "guided_regex")
+    first = guides.compile_soon(slow)
+    assert guides.compile_soon(slow) is first  # asked again while it compiles: the same compile
+    assert guides.compile_soon(other).result() is not None  # another constraint does not wait for it
+    assert first.result() is guides.compile_soon(slow).result()  # then the cached grammar
+    bad = guides.compile_soon(Guide("regex", "(", "guided_regex"))
+    with pytest.raises(InvalidRequestError, match="guided_regex: cannot be compiled"):
+        bad.result()
+    assert guides.compile_soon(Guide("regex", "(", "guided_regex")) is not bad  # a failure is not kept
