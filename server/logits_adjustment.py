@@ -33,17 +33,53 @@ def adjusted(logits: torch.Tensor, requests: Sequence[Request], eos_token_id: in
     return out
 
 
+class LogitBooks:
+    """One request's tensors for its adjustments, made at its first adjusted choice and brought up to date with the
+    tokens it generated since, so that a step's work does not grow with its prompt, its output or the length of its
+    lists: a long prompt under a repetition penalty, or an allowed_token_ids of a million entries, would otherwise
+    be rebuilt into a tensor at every step, on the engine thread, in the step every other request shares."""
+
+    def __init__(self, request: Request, scores: torch.Tensor):
+        params, vocab, device = request.params, scores.shape[-1], scores.device
+        self.device = device
+        self.seen: torch.Tensor | None = None  # (V,) bool: tokens of the prompt and output (repetition penalty)
+        self.counts: torch.Tensor | None = None  # (V,) of scores' dtype: each token's count in the output
+        self.allowed: torch.Tensor | None = None  # (V,) bool: allowed_token_ids
+        self.outputs = 0  # the output tokens counted so far
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(request.prompt_ids, device=device)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab, dtype=scores.dtype, device=device)
+        if params.allowed_token_ids:
+            self.allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.allowed[torch.tensor(params.allowed_token_ids, device=device)] = True
+
+    def update(self, output_ids: Sequence[int]) -> None:
+        """Counts the output tokens generated since the last update."""
+        if len(output_ids) == self.outputs or (self.seen is None and self.counts is None):
+            return
+        new = torch.tensor(output_ids[self.outputs:], device=self.device)
+        if self.seen is not None:
+            self.seen[new] = True
+        if self.counts is not None:
+            self.counts.index_add_(0, new, torch.ones(len(new), dtype=self.counts.dtype, device=self.device))
+        self.outputs = len(output_ids)
+
+
 def _adjusted_row(scores: torch.Tensor, request: Request, eos_token_id: int | None) -> torch.Tensor:
     """scores: (V,) of one request, changed by its own fields."""
-    params, vocab, device = request.params, scores.shape[-1], scores.device
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        seen[torch.tensor(request.prompt_ids + request.output_ids, device=device)] = True
+    params, device = request.params, scores.device
+    if request.logit_books is None:
+        request.logit_books = LogitBooks(request, scores)
+    books = request.logit_books
+    books.update(request.output_ids)
+    if books.seen is not None:
         penalised = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
-        scores = torch.where(seen, penalised, scores)
-    if (params.presence_penalty or params.frequency_penalty) and request.output_ids:
-        counts = torch.bincount(torch.tensor(request.output_ids, device=device), minlength=vocab).to(scores.dtype)
-        scores = scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(scores.dtype)
+        scores = torch.where(books.seen, penalised, scores)
+    if books.counts is not None and books.outputs:
+        scores = (scores - params.frequency_penalty * books.counts
+                  - params.presence_penalty * (books.counts > 0).to(scores.dtype))
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
         scores = scores.index_add(0, torch.tensor(ids, device=device),
@@ -52,9 +88,8 @@ def _adjusted_row(scores: torch.Tensor, request: Request, eos_token_id: int | No
     # largest float keeps such tokens the likeliest
     scores = scores.clamp(max=torch.finfo(scores.dtype).max)
     allowed = scores
-    if params.allowed_token_ids:
-        allowed_ids = torch.tensor(params.allowed_token_ids, device=device)
-        allowed = torch.full_like(scores, float("-inf")).index_copy(0, allowed_ids, scores[allowed_ids])
+    if books.allowed is not None:
+        allowed = scores.masked_fill(~books.allowed, float("-inf"))
     if request.guide is not None:  # what its grammar can take next
         allowed = request.guide.mask(allowed)
     banned = bad_word_ends(params.bad_words, request.output_ids)

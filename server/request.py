@@ -19,6 +19,7 @@ from .detokenizer import OutputText
 
 if TYPE_CHECKING:
     from .guided import Guide, GuideState
+    from .logits_adjustment import LogitBooks
 
 
 class RequestStatus(enum.Enum):
@@ -155,6 +156,7 @@ class Request:
     generator: random.Random | None = None  # per-request sampling randomness, made at admission
     grammar: concurrent.futures.Future | None = None  # params.guide's compiled grammar, compiling from submission
     guide: GuideState | None = None  # its place in that grammar, made at its first choice
+    logit_books: LogitBooks | None = None  # its adjustments' tensors, made at its first adjusted choice
     resume_row: int | None = None  # admitted onto a stored prefix: its prefix cache row, until the engine loads it
     num_cached: int = 0  # prompt tokens that stored prefix covered
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's stop_reason)

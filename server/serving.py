@@ -210,7 +210,7 @@ class CompletionService:
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if given["repetition_penalty"] is None else given["repetition_penalty"],
-            allowed_token_ids=tuple(body.allowed_token_ids or ()),
+            allowed_token_ids=tuple(dict.fromkeys(body.allowed_token_ids or ())),  # each once: at most the vocabulary
             bad_words=bad_words,
         )
 

@@ -74,11 +74,27 @@ def test_penalties_and_bias_follow_vllms_arithmetic(tokenizer):
     # token 1 (prompt): 2 / 2; token 2 (prompt and once generated): -2 × 2 - 0.5 - 0.25; token 3 (twice): 4 / 2 - 0.5
     # - 0.5; token 4: + 3
     assert out.tolist() == pytest.approx([1.0, 1.0, -4.75, 1.0, 3.5, 1.0, 1.0])
+    request = Request("r", [1, 2], params, "none", OutputText(tokenizer), lambda _: None)
     request.output_ids = [2]
     banned = adjusted(logits, [request], eos_token_id=0)[0]
     assert banned[0] == float("-inf") and banned[5] == float("-inf") and torch.isfinite(banned[1:5]).all()
     assert adjusted(logits, [Request("p", [1], SamplingParams(8), "none", OutputText(tokenizer),
                                      lambda _: None)], 0) is logits  # no field set: the model's own scores
+
+
+def test_a_requests_adjustments_step_by_step_equal_those_made_afresh(tokenizer):
+    """The penalties' books are kept from step to step and brought up to date with each new token (not rebuilt
+    from the prompt and output every step): at every step they adjust as books made from scratch would."""
+    params = SamplingParams(8, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.25,
+                            allowed_token_ids=(1, 2, 3, 5, 6, 3, 1))
+    kept = Request("r", [1, 4], params, "none", OutputText(tokenizer), lambda _: None)
+    logits = torch.tensor([[1.0, 2.0, -2.0, 4.0, 0.5, 1.0, -1.0]])
+    for step, token in enumerate([3, 3, 5, 1, 3]):
+        afresh = Request("r", [1, 4], params, "none", OutputText(tokenizer), lambda _: None)
+        afresh.output_ids = list(kept.output_ids)
+        assert adjusted(logits, [kept], 0)[0].tolist() == adjusted(logits, [afresh], 0)[0].tolist(), step
+        kept.output_ids += [token] * (step % 2 + 1)  # one token a step, or two (multi-step decode)
+    assert adjusted(logits, [kept], 0)[0][[0, 4]].isneginf().all()  # outside allowed_token_ids
 
 
 def test_allowed_token_ids_are_the_only_tokens_chosen(client, tokenizer):
