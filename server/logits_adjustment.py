@@ -36,24 +36,29 @@ def adjusted(logits: torch.Tensor, requests: Sequence[Request], eos_token_id: in
 class LogitBooks:
     """One request's tensors for its adjustments, made at its first adjusted choice and brought up to date with the
     tokens it generated since, so that a step's work does not grow with its prompt, its output or the length of its
-    lists: a long prompt under a repetition penalty, or an allowed_token_ids of a million entries, would otherwise
-    be rebuilt into a tensor at every step, on the engine thread, in the step every other request shares."""
+    lists: a long prompt under a repetition penalty, or an allowed_token_ids or logit_bias of the whole vocabulary,
+    would otherwise be rebuilt into a tensor at every step, on the engine thread, in the step others share."""
 
     def __init__(self, request: Request, scores: torch.Tensor):
         params, vocab, device = request.params, scores.shape[-1], scores.device
         self.device = device
         self.seen: torch.Tensor | None = None  # (V,) bool: tokens of the prompt and output (repetition penalty)
-        self.counts: torch.Tensor | None = None  # (V,) of scores' dtype: each token's count in the output
+        self.counts: torch.Tensor | None = None  # (V,) float32: each token's count in the output
         self.allowed: torch.Tensor | None = None  # (V,) bool: allowed_token_ids
+        self.bias: torch.Tensor | None = None  # (V,) float32: logit_bias, 0 for the tokens it does not name
         self.outputs = 0  # the output tokens counted so far
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.seen[torch.tensor(request.prompt_ids, device=device)] = True
         if params.presence_penalty or params.frequency_penalty:
-            self.counts = torch.zeros(vocab, dtype=scores.dtype, device=device)
+            self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)  # counted exactly past 256
         if params.allowed_token_ids:
             self.allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.allowed[torch.tensor(params.allowed_token_ids, device=device)] = True
+        if params.logit_bias:
+            ids, biases = zip(*params.logit_bias)
+            self.bias = torch.zeros(vocab, dtype=torch.float32, device=device)
+            self.bias.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, device=device))  # "5", "05"
 
     def update(self, output_ids: Sequence[int]) -> None:
         """Counts the output tokens generated since the last update."""
@@ -78,12 +83,10 @@ def _adjusted_row(scores: torch.Tensor, request: Request, eos_token_id: int | No
         penalised = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
         scores = torch.where(books.seen, penalised, scores)
     if books.counts is not None and books.outputs:
-        scores = (scores - params.frequency_penalty * books.counts
-                  - params.presence_penalty * (books.counts > 0).to(scores.dtype))
-    if params.logit_bias:
-        ids, biases = zip(*params.logit_bias)
-        scores = scores.index_add(0, torch.tensor(ids, device=device),
-                                  torch.tensor(biases, dtype=scores.dtype, device=device))
+        counts = books.counts.to(scores.dtype)
+        scores = scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(scores.dtype)
+    if books.bias is not None:
+        scores = scores + books.bias.to(scores.dtype)
     # a penalty can overflow to +inf (a repetition penalty of 1e-30), which sampling would turn into NaN: the
     # largest float keeps such tokens the likeliest
     scores = scores.clamp(max=torch.finfo(scores.dtype).max)
