@@ -72,13 +72,15 @@ class Scheduler:
     def has_work(self) -> bool:
         """Some request is queued or holds a slot: from its prefill's last chunk until the step's update, a request
         is in none of the running lists, but it holds its slot."""
-        return bool(self.waiting or self.prefilling or self.decoding) or len(self.free_slots) < self.config.slots
+        return bool(self.waiting) or self._holds_slots()
 
     def has_step(self) -> bool:
         """`has_work` that a step can move now: not only requests waiting for their grammar's compile (whose abort
         or deadline is then seen once a compile ends or another request comes)."""
-        return (bool(self.prefilling or self.decoding) or len(self.free_slots) < self.config.slots
-                or any(not r.compiling for r in self.waiting))
+        return self._holds_slots() or any(not r.compiling for r in self.waiting)
+
+    def _holds_slots(self) -> bool:
+        return bool(self.prefilling or self.decoding) or len(self.free_slots) < self.config.slots
 
     def add(self, *requests: Request) -> None:
         """Queues all of `requests` or, when the queue has no room for all of them, none."""
