@@ -481,12 +481,6 @@ class Engine:
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """logits: (b, V'). Each request's next token by its own sampling fields and generator, (b,) on the
         device."""
-        for request in requests:
-            if request.grammar is not None and request.guide is None:  # its grammar's start
-                try:
-                    request.guide = self.guides.state(request.grammar.result())  # compiled before admission
-                except Exception as bad:  # the HTTP side compiled it: only a fault of this process's own
-                    request.fault = f"{type(bad).__name__}: {bad}"
         scores = adjusted(logits, requests, self.tokenizer.eos_token_id)  # (b, V'); logprobs stay the model's
         generators = [g for r in requests if (g := r.generator) is not None]
         assert len(generators) == len(requests), "made at admission"

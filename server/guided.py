@@ -70,12 +70,9 @@ class Guides:
             self._made = xgrammar.GrammarCompiler(info, max_threads=max(1, (os.cpu_count() or 1) // 4))
         return self._made
 
-    def compiled(self, guide: Guide) -> Any:
-        """The compiled grammar of `guide`. Raises InvalidRequestError naming its field when it does not compile.
-        The lock is not held while it compiles: one slow constraint holds up no other."""
-        hit = self._cache.get(guide)
-        if hit is not None:
-            return hit
+    def _compiled(self, guide: Guide) -> Any:
+        """`compile_soon`'s compile of `guide`, cached. Raises InvalidRequestError naming its field when it does not
+        compile. The lock is not held while it compiles: one slow constraint holds up no other."""
         with self._lock:
             compiler = self._compiler()
         grammar = self._compile(compiler, guide)
@@ -86,7 +83,7 @@ class Guides:
         return grammar
 
     def compile_soon(self, guide: Guide) -> concurrent.futures.Future:
-        """The future of `compiled(guide)`: done at once when cached, the same future for a constraint already
+        """The future of `guide`'s compiled grammar: done at once when cached, the same future for a constraint already
         compiling (n samples, requests that share a schema), else compiled on a thread of its own, COMPILING at a
         time. Neither the event loop's executor, which tokenises every request, nor a pool, which a process that
         exits would wait for, runs them: slow constraints wait for each other only."""
@@ -104,7 +101,7 @@ class Guides:
         def compile_() -> None:
             with self._compiling:
                 try:
-                    future.set_result(self.compiled(guide))
+                    future.set_result(self._compiled(guide))
                 except Exception as bad:
                     future.set_exception(bad)
                 finally:

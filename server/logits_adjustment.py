@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .guided import Guides
 from .request import Request
 
 
@@ -93,7 +94,9 @@ def _adjusted_row(scores: torch.Tensor, request: Request, eos_token_id: int | No
     allowed = scores
     if books.allowed is not None:
         allowed = scores.masked_fill(~books.allowed, float("-inf"))
-    if request.guide is not None:  # what its grammar can take next
+    if request.grammar is not None:  # what its grammar can take next
+        if request.guide is None:  # its first choice: the grammar, compiled before admission, starts
+            request.guide = Guides.state(request.grammar.result())
         allowed = request.guide.mask(allowed)
     banned = bad_word_ends(params.bad_words, request.output_ids)
     if len(request.output_ids) < params.min_tokens:
